@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_DIR ?= out/demo
+
+.PHONY: install test demo lint format clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[all,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: $(STAMP)
+	$(PY) -m meswitch.demo.main --out $(DEMO_DIR)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check meswitch tests benchmarks
+	$(VENV)/bin/ruff format --check meswitch tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format meswitch tests benchmarks
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,169 @@
+"""The one artifact format: a folder with ``manifest.json`` beside the files it lists by sha256.
+
+Compressed experts, routers and registered bases all use it. A folder is written under a
+temporary name and renamed into place, so a crash never leaves a half-written artifact that
+looks whole; loading verifies every checksum (and the base fingerprint, when given) before
+any tensor is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+KINDS = ("expert-delta", "router", "base")
+
+
+class ArtifactError(Exception):
+    """An artifact folder is missing, malformed, tampered with, or for another base."""
+
+
+@dataclass
+class LayerRecord:
+    """Per-matrix figures of a compressed delta."""
+
+    name: str
+    shape: list[int]
+    bits: int
+    salient: int
+    bits_per_param: float
+    rel_error: float  # ||Δ - Δ̂||_F / ||Δ||_F
+    act_rel_error: float | None = None  # same, weighted by calibration second moments
+
+
+@dataclass
+class Manifest:
+    """What an artifact is, how it was made and how to check it. Written as ``manifest.json``."""
+
+    kind: str
+    name: str
+    domain: str | None = None
+    description: str | None = None
+    base_fingerprint: str | None = None
+    source_fingerprint: str | None = None
+    method: dict[str, Any] = field(default_factory=dict)
+    layers: list[LayerRecord] = field(default_factory=list)
+    tensors: dict[str, Any] = field(default_factory=dict)  # handling of everything that is not a linear
+    metrics: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    layout_version: int = 1
+    schema_version: int = SCHEMA_VERSION
+    created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "manifest") -> Manifest:
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{source}: expected a JSON object")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ArtifactError(f"{source}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        if data.get("kind") not in KINDS:
+            raise ArtifactError(f"{source}: kind {data.get('kind')!r} is not one of {KINDS}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ArtifactError(f"{source}: unknown fields {sorted(unknown)}")
+        data = dict(data)
+        data["layers"] = [LayerRecord(**rec) for rec in data.get("layers", [])]
+        return cls(**data)
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.metrics.get("delta_bytes", 0))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _listed_files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+@contextmanager
+def staging_dir(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out``; on success it replaces ``out``, on failure it is removed.
+
+    The rename is atomic on one filesystem, so readers see the old folder or the new one, never
+    a partial write.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def seal(folder: Path, manifest: Manifest) -> Manifest:
+    """Hash every file in ``folder`` into the manifest and write ``manifest.json``."""
+    folder = Path(folder)
+    manifest.files = {rel: sha256_file(folder / rel) for rel in _listed_files(folder)}
+    (folder / MANIFEST).write_text(manifest.to_json() + "\n")
+    return manifest
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Parse ``manifest.json`` without checking files (cheap; for listings)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: no {MANIFEST}; not a meswitch artifact")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: invalid JSON ({e})") from e
+    return Manifest.from_dict(data, source=str(path))
+
+
+def verify(folder: Path, base_fingerprint: str | None = None) -> Manifest:
+    """Read the manifest and check every file's sha256, and the base fingerprint when given.
+
+    Raises ArtifactError naming the first file that is missing, extra or altered.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    present = set(_listed_files(folder))
+    listed = set(manifest.files)
+    if missing := sorted(listed - present):
+        raise ArtifactError(f"{folder}: files listed in the manifest are missing: {missing}")
+    if extra := sorted(present - listed):
+        raise ArtifactError(f"{folder}: files not listed in the manifest: {extra}")
+    for rel, digest in sorted(manifest.files.items()):
+        actual = sha256_file(folder / rel)
+        if actual != digest:
+            raise ArtifactError(f"{folder / rel}: sha256 {actual[:12]}… does not match the manifest's {digest[:12]}…")
+    if base_fingerprint is not None and manifest.base_fingerprint != base_fingerprint:
+        raise ArtifactError(
+            f"{folder}: made for base {str(manifest.base_fingerprint)[:16]}…, "
+            f"but the base given is {base_fingerprint[:16]}…"
+        )
+    return manifest

@@ -1,0 +1,60 @@
+"""The ``meswitch`` command. Each sub-command lives in its own module with a ``register`` function."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Modules under meswitch.cli, each defining register(subparsers) -> None.
+COMMAND_MODULES = ["compress", "demo"]
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meswitch",
+        description="Compress fine-tuned experts into salient-aware low-bit deltas of one base, "
+        "route queries to them, and serve many at once.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"meswitch.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        known = _user_errors()
+        if isinstance(e, known):
+            print(f"meswitch: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from meswitch.artifacts import ArtifactError
+    from meswitch.checkpoints import CheckpointError
+
+    return (CommandError, ArtifactError, CheckpointError, FileNotFoundError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

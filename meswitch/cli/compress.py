@@ -1,0 +1,205 @@
+"""`meswitch compress | inspect | reconstruct | evaluate | report`: the core library's commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from meswitch.cli import CommandError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "compress",
+        help="compress a fine-tuned expert into a salient-aware low-bit delta of its base",
+        description="Split EXPERT into BASE + delta, pick salient input channels by reconstruction error on "
+        "calibration text, keep them in fp16 and quantize the rest; write a verified artifact folder.",
+    )
+    p.add_argument("--base", type=Path, required=True, help="base model folder (Hugging Face layout, safetensors)")
+    p.add_argument("--expert", type=Path, required=True, help="fine-tuned expert folder of the same architecture")
+    p.add_argument("--calib", type=Path, help="calibration texts (.jsonl with a 'text' field, or .txt one per line)")
+    p.add_argument("--out", type=Path, required=True, help="artifact folder to write (replaced atomically)")
+    _add_method_args(p)
+    p.add_argument("--name", help="expert name recorded in the manifest (default: the expert folder's name)")
+    p.add_argument("--domain", help="domain recorded in the manifest")
+    p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--refine", action="store_true", help="refit step sizes to the calibration-weighted error")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    p.add_argument("--json", action="store_true", help="print the manifest's metrics as JSON")
+    p.set_defaults(func=_compress)
+
+    p = sub.add_parser("inspect", help="show an artifact's manifest, per-layer figures and checksum status")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("reconstruct", help="write base + compressed delta as a full Hugging Face model folder")
+    p.add_argument("--base", type=Path, required=True)
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_reconstruct)
+
+    p = sub.add_parser("evaluate", help="KL, perplexity and task score of a compressed expert against the full one")
+    p.add_argument("--base", type=Path, required=True)
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--expert", type=Path, required=True, help="the full expert the artifact was made from")
+    p.add_argument("--data", type=Path, required=True, help="held-out .jsonl ('text'; 'prompt'+'answer' for tasks)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many lines")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", type=Path, help="also write the result as JSON here")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser(
+        "report",
+        help="compare methods x bits on a demo family: Markdown table, JSON and quality-vs-size plot",
+        description="Compress every expert of FAMILY with each method and bit width, evaluate each, and write "
+        "report.md, report.json and quality_vs_size.png to --out.",
+    )
+    p.add_argument("family", type=Path, help="a folder made by `meswitch demo-family`")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--methods", default="meswitch,fixed,magnitude,bitdelta")
+    p.add_argument("--bits", default="2,3,4", help="comma-separated bit widths for meswitch/fixed/magnitude")
+    p.add_argument("--salient", type=float, default=0.01)
+    p.add_argument("--limit", type=int, default=64, help="evaluation texts per expert")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_report)
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--method",
+        default="meswitch",
+        choices=["meswitch", "fixed", "magnitude", "bitdelta"],
+        help="meswitch: salience by reconstruction error (default); fixed: no salient channels; "
+        "magnitude: salient by delta column norm; bitdelta: 1-bit sign with one scale per matrix",
+    )
+    p.add_argument("--bits", type=int, default=2, choices=[1, 2, 3, 4, 8], help="bits of the non-salient part")
+    p.add_argument(
+        "--salient",
+        type=float,
+        default=0.01,
+        help="salient input channels per layer: a fraction if < 1 (default 0.01), else a count",
+    )
+    p.add_argument("--group", type=int, default=0, help="group size along the input dim (0: per output channel)")
+    p.add_argument("--symmetric", action="store_true", help="symmetric grid (no zero point stored)")
+
+
+def _compress(args) -> int:
+    from meswitch.compression.api import CompressJob, run_compress
+    from meswitch.compression.calibration import CalibConfig
+    from meswitch.compression.delta import DeltaConfig
+    from meswitch.compression.expert import ExpertInfo
+
+    try:
+        delta = DeltaConfig(
+            method=args.method, bits=args.bits, salient=args.salient, group_size=args.group, symmetric=args.symmetric
+        )
+    except ValueError as e:
+        raise CommandError(str(e)) from e
+    if args.method == "meswitch" and args.calib is None:
+        raise CommandError("--calib is required for --method meswitch (salience is measured on calibration text)")
+    job = CompressJob(
+        base=args.base,
+        expert=args.expert,
+        calib=args.calib,
+        out=args.out,
+        info=ExpertInfo(name=args.name or args.expert.resolve().name, domain=args.domain),
+        delta=delta,
+        calib_cfg=CalibConfig(samples=args.samples, seq_len=args.seq_len),
+        device=args.device,
+        refine=args.refine,
+    )
+    try:
+        manifest = run_compress(job)
+    except ValueError as e:
+        raise CommandError(str(e)) from e
+    m = manifest.metrics
+    if args.json:
+        print(json.dumps(m, indent=2))
+    else:
+        print(
+            f"{args.out}: {m['bits_per_param']:.3f} bits/param, {m['delta_bytes']:,} bytes "
+            f"({m['fp16_delta_bytes'] / m['delta_bytes']:.1f}x smaller than the fp16 delta), "
+            f"{m['compress_seconds']:.1f} s on {m['device']}"
+        )
+    return 0
+
+
+def _inspect(args) -> int:
+    from meswitch.artifacts import ArtifactError, read_manifest, verify
+
+    manifest = read_manifest(args.artifact)
+    try:
+        verify(args.artifact)
+        status = "ok"
+    except ArtifactError as e:
+        status = f"FAILED: {e}"
+    if args.json:
+        print(json.dumps({**json.loads(manifest.to_json()), "checksums": status}, indent=2))
+        return 0 if status == "ok" else 1
+    print(
+        f"{manifest.kind} {manifest.name!r} (domain {manifest.domain}), schema v{manifest.schema_version}, "
+        f"layout v{manifest.layout_version}, created {manifest.created_at}"
+    )
+    print(f"base fingerprint   {manifest.base_fingerprint}")
+    print(f"source fingerprint {manifest.source_fingerprint}")
+    print(f"method  {json.dumps(manifest.method, sort_keys=True)}")
+    print(f"metrics {json.dumps(manifest.metrics, sort_keys=True)}")
+    print(f"checksums: {status} ({len(manifest.files)} files)")
+    if manifest.layers:
+        print(f"\n{'layer':<44} {'shape':>12} {'bits':>4} {'k':>5} {'bits/p':>7} {'rel.err':>8} {'act.err':>8}")
+        for r in manifest.layers:
+            act = "-" if r.act_rel_error is None else f"{r.act_rel_error:.4f}"
+            print(
+                f"{r.name:<44} {'x'.join(map(str, r.shape)):>12} {r.bits:>4} {r.salient:>5} "
+                f"{r.bits_per_param:>7.3f} {r.rel_error:>8.4f} {act:>8}"
+            )
+    return 0 if status == "ok" else 1
+
+
+def _reconstruct(args) -> int:
+    from meswitch.checkpoints import Checkpoint
+    from meswitch.compression.reconstruct import reconstruct
+
+    out = reconstruct(Checkpoint(args.base), args.artifact, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from meswitch.evaluation.evaluate import evaluate_artifact
+    from meswitch.evaluation.metrics import EvalData
+
+    try:
+        data = EvalData.from_jsonl(args.data, limit=args.limit)
+    except ValueError as e:
+        raise CommandError(str(e)) from e
+    result = evaluate_artifact(args.base, args.artifact, args.expert, data, device=args.device).to_dict()
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:<22} {v}")
+    return 0
+
+
+def _report(args) -> int:
+    from meswitch.evaluation.report import ReportConfig, run_report
+
+    cfg = ReportConfig(
+        methods=tuple(args.methods.split(",")),
+        bits=tuple(int(b) for b in args.bits.split(",")),
+        salient=args.salient,
+        limit=args.limit,
+        device=args.device,
+    )
+    paths = run_report(args.family, args.out, cfg)
+    for p in paths:
+        print(f"wrote {p}")
+    return 0

@@ -1,0 +1,46 @@
+"""One call from folders to an artifact: validate, calibrate, compress. What the CLI and flows use."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meswitch.artifacts import Manifest
+from meswitch.checkpoints import Checkpoint, check_expert
+from meswitch.compression.calibration import CalibConfig, calibrate, read_texts, resolve_device
+from meswitch.compression.delta import DeltaConfig
+from meswitch.compression.expert import ExpertInfo, compress_expert
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompressJob:
+    base: Path
+    expert: Path
+    calib: Path | None
+    out: Path
+    info: ExpertInfo
+    delta: DeltaConfig = field(default_factory=DeltaConfig)
+    calib_cfg: CalibConfig = field(default_factory=CalibConfig)
+    device: str = "auto"
+    refine: bool = False
+
+
+def run_compress(job: CompressJob) -> Manifest:
+    """Check the expert against the base before any work, then calibrate and compress it.
+
+    Methods that use no activation statistics (fixed, bitdelta) and jobs without calibration
+    data skip calibration.
+    """
+    device = resolve_device(job.device)
+    base, expert = Checkpoint(job.base), Checkpoint(job.expert)
+    pairing = check_expert(base, expert)
+    needs_stats = job.delta.method in ("meswitch", "fixed", "magnitude") or job.refine
+    stats = None
+    if job.calib is not None and needs_stats:
+        stats = calibrate(expert, read_texts(job.calib), job.calib_cfg, device)
+    elif job.delta.method == "meswitch":
+        raise ValueError("method 'meswitch' scores channels on calibration data: pass a calibration file")
+    return compress_expert(base, expert, pairing, stats, job.delta, job.out, job.info, device, job.refine)

@@ -1,0 +1,194 @@
+"""Per-input-channel second moments of every linear's input, gathered block by block.
+
+As GPTQ does: the model is built on the meta device, the inputs of block 0 are captured,
+then each block is loaded alone from the checkpoint, run over the captured inputs with hooks
+on its linears, and its outputs become the next block's inputs. Peak memory is one block's
+weights plus the calibration activations, never the whole model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from meswitch.checkpoints import Checkpoint, CheckpointError
+
+log = logging.getLogger(__name__)
+
+LM_HEAD = "lm_head"
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    samples: int = 64
+    seq_len: int = 256
+    batch_size: int = 8
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def read_texts(path: Path) -> list[str]:
+    """Texts from a JSONL file with a ``text`` field per line (or a plain text file, one text per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: calibration file not found")
+    texts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field ({e})") from e
+        else:
+            texts.append(line)
+    if not texts:
+        raise ValueError(f"{path}: no texts")
+    return texts
+
+
+def token_chunks(tokenizer, texts: Sequence[str], cfg: CalibConfig) -> torch.Tensor:
+    """Concatenate the texts (eos between them) and cut ``cfg.samples`` chunks of ``cfg.seq_len`` tokens.
+
+    No padding, so every position is real text and contributes to the statistics.
+    """
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= cfg.samples * cfg.seq_len:
+            break
+    n = min(cfg.samples, len(ids) // cfg.seq_len)
+    if n == 0:
+        raise ValueError(f"calibration texts hold {len(ids)} tokens, fewer than one sequence of {cfg.seq_len}")
+    if n < cfg.samples:
+        log.warning(
+            "calibration texts give %d sequences of %d tokens, fewer than the %d asked for", n, cfg.seq_len, cfg.samples
+        )
+    return torch.tensor(ids[: n * cfg.seq_len]).view(n, cfg.seq_len)
+
+
+class _Captured(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0: records its inputs and stops the forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+        self.kwargs: dict = {}
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.inputs.append(hidden_states)
+        self.kwargs = kwargs
+        raise _Captured
+
+
+def skeleton(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The model on the meta device with only embeddings, final norm, lm_head and rotary tables real."""
+    config = AutoConfig.from_pretrained(ckpt.path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    spec = ckpt.spec
+    inner = model.get_decoder()
+    _materialize(inner.embed_tokens, {"weight": ckpt.get(spec.embed)}, device, dtype)
+    _materialize(inner.norm, {"weight": ckpt.get(spec.final_norm)}, device, dtype)
+    head = ckpt.get(spec.embed if ckpt.tied_embeddings else spec.lm_head)
+    _materialize(model.lm_head, {"weight": head}, device, dtype)
+    if hasattr(inner, "rotary_emb"):
+        inner.rotary_emb = type(inner.rotary_emb)(config).to(device)
+    return model
+
+
+def _materialize(module: nn.Module, tensors: dict[str, torch.Tensor], device, dtype) -> None:
+    module.to_empty(device=device)
+    module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=True, assign=True)
+
+
+def calibrate(
+    expert: Checkpoint,
+    texts: Sequence[str],
+    cfg: CalibConfig = CalibConfig(),
+    device: str | torch.device = "auto",
+) -> dict[str, torch.Tensor]:
+    """``{module name: s}`` with ``s_i = Σ_t x_{t,i}²`` over the calibration tokens, for every linear.
+
+    Keys are the full module names (``model.layers.3.mlp.down_proj``) plus ``lm_head``;
+    values are fp32 on the CPU. Runs on the GPU when one is present (``device="auto"``).
+    """
+    device = resolve_device(device) if isinstance(device, str) else device
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    tokenizer = AutoTokenizer.from_pretrained(expert.path)
+    ids = token_chunks(tokenizer, texts, cfg)
+    spec = expert.spec
+    model = skeleton(expert, device, dtype)
+    inner = model.get_decoder()
+    layers = inner.layers
+
+    catcher = _Catcher()
+    first = layers[0]
+    layers[0] = catcher
+    with torch.no_grad():
+        for batch in ids.split(cfg.batch_size):
+            with contextlib.suppress(_Captured):
+                model(input_ids=batch.to(device), use_cache=False)
+    layers[0] = first
+    hidden, kwargs = catcher.inputs, catcher.kwargs
+
+    stats: dict[str, torch.Tensor] = {}
+    for i in tqdm(range(expert.num_layers), desc=f"calibrate {expert.path.name}", unit="block"):
+        block = layers[i]
+        _materialize(block, expert.block_tensors(i), device, dtype)
+        hooks = []
+        for rel in spec.linears:
+            name = f"{spec.block_prefix(i)}{rel}"
+            stats[name] = torch.zeros(block.get_submodule(rel).in_features, dtype=torch.float32, device=device)
+            hooks.append(block.get_submodule(rel).register_forward_pre_hook(_accumulate(stats[name])))
+        with torch.no_grad():
+            outs = []
+            for h in hidden:
+                out = block(h, **kwargs)
+                outs.append(out[0] if isinstance(out, tuple) else out)
+        for hook in hooks:
+            hook.remove()
+        hidden = outs
+        block.to_empty(device="meta")  # drop this block's weights before loading the next
+
+    s = torch.zeros(model.lm_head.in_features, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        for h in hidden:
+            x = inner.norm(h).float()
+            s += (x * x).sum(dim=tuple(range(x.dim() - 1)))
+    stats[LM_HEAD] = s
+    for name, v in stats.items():
+        if not torch.isfinite(v).all():
+            raise CheckpointError(f"{expert.path}: calibration produced non-finite activations at {name}")
+    return {k: v.cpu() for k, v in stats.items()}
+
+
+def _accumulate(acc: torch.Tensor):
+    def hook(_module, args):
+        x = args[0].float()
+        acc.add_((x * x).sum(dim=tuple(range(x.dim() - 1))))
+
+    return hook

@@ -1,0 +1,187 @@
+"""Low-bit quantization of a matrix with step sizes per output channel (or per group along K).
+
+Pure tensor functions: weights in, codes and step sizes out. Every code dequantizes as
+``w = code * scale + offset`` (one FMA in a kernel); a symmetric grid fixes
+``offset = -scale * (2**bits - 1) / 2`` and stores no offset. Step sizes are rounded to fp16
+*before* the codes are computed, so the stored artifact dequantizes exactly to what was
+measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (1, 2, 3, 4, 8)
+PER_TENSOR = -1  # group_size value: one step size for the whole matrix (BitDelta)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How the non-salient part is quantized."""
+
+    bits: int = 2
+    symmetric: bool = False
+    group_size: int = 0  # 0: per output channel; >0: groups of this many input channels; -1: per tensor
+    clip_search: bool = True  # search a clipping ratio per row that minimises the (weighted) error
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size < PER_TENSOR:
+            raise ValueError(f"group_size must be -1 (per tensor), 0 (per channel) or positive, got {self.group_size}")
+
+    @property
+    def levels(self) -> int:
+        return (1 << self.bits) - 1
+
+
+@dataclass
+class Quantized:
+    """Codes ``[N, K]`` (uint8) and step sizes ``[Ns, G]`` with Ns in {N, 1} and G groups along K."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor  # fp16
+    offset: torch.Tensor | None  # fp16; None for a symmetric grid
+    spec: QuantSpec
+
+    def step_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, offset) as fp32, offset derived for a symmetric grid."""
+        scale = self.scale.float()
+        offset = self.offset.float() if self.offset is not None else -scale * (self.spec.levels / 2)
+        return scale, offset
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.codes.shape
+        scale, offset = self.step_params()
+        g = scale.shape[1]
+        codes = self.codes.float().view(n, g, k // g) if g > 1 else self.codes.float().view(n, 1, k)
+        w = codes * scale.unsqueeze(-1) + offset.unsqueeze(-1)
+        return w.reshape(n, k)
+
+
+def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """View [N, K] as [N', G, K/G]: per-tensor folds everything into one row and one group."""
+    n, k = w.shape
+    if group_size == PER_TENSOR:
+        return w.reshape(1, 1, n * k)
+    if group_size == 0:
+        return w.reshape(n, 1, k)
+    if k % group_size:
+        raise ValueError(f"input dimension {k} is not a multiple of group_size {group_size}")
+    return w.reshape(n, k // group_size, group_size)
+
+
+_CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(20))  # 1.0 down to 0.05
+
+
+def quantize(
+    w: torch.Tensor,
+    spec: QuantSpec,
+    weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> Quantized:
+    """Quantize ``w`` [N, K] to ``spec.bits`` with step sizes fitted to the masked-in columns.
+
+    ``weight`` [K] (calibration second moments) makes the clip search minimise the
+    activation-weighted error; ``mask`` [K] (bool) leaves columns out of the fit (salient
+    columns, which are stored separately), though they still get codes.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {tuple(w.shape)}")
+    w = w.float()
+    n, k = w.shape
+    col_w = torch.ones(k, device=w.device) if weight is None else weight.float().clamp_min(0).to(w.device)
+    if mask is not None:
+        col_w = col_w * mask.to(w.device).float()
+    wg = grouped(w, spec.group_size)
+    cw = grouped(col_w.expand(n, k), spec.group_size)
+    fit = cw > 0
+    big = torch.finfo(torch.float32).max
+    if spec.symmetric:
+        if spec.bits == 1:
+            # Levels ±c: the weighted least-squares c is the weighted mean of |w| (BitDelta's scale).
+            c = (wg.abs() * cw).sum(-1) / cw.sum(-1).clamp_min(1e-12)
+            candidates = [c]
+        else:
+            amax = torch.where(fit, wg.abs(), torch.zeros_like(wg)).amax(-1)
+            candidates = [amax * r for r in (_CLIP_RATIOS if spec.clip_search else (1.0,))]
+        best = None
+        for half_range in candidates:
+            scale = (2 * half_range / spec.levels).clamp_min(1e-8).half().float()
+            offset = -scale * (spec.levels / 2)
+            err = _error(wg, cw, scale, offset, spec.levels)
+            best = _keep_best(best, err, scale, None)
+        _, scale, _ = best
+        return Quantized(_codes(wg, scale, -scale * (spec.levels / 2), spec.levels, w.shape), scale.half(), None, spec)
+    lo = torch.where(fit, wg, torch.full_like(wg, big)).amin(-1)
+    hi = torch.where(fit, wg, torch.full_like(wg, -big)).amax(-1)
+    empty = ~fit.any(-1)
+    lo = torch.where(empty, torch.zeros_like(lo), lo)
+    hi = torch.where(empty, torch.zeros_like(hi), hi)
+    best = None
+    for r in _CLIP_RATIOS if spec.clip_search else (1.0,):
+        scale = ((hi - lo) * r / spec.levels).clamp_min(1e-8).half().float()
+        mid = (hi + lo) / 2
+        offset = (mid - scale * spec.levels / 2).half().float()
+        err = _error(wg, cw, scale, offset, spec.levels)
+        best = _keep_best(best, err, scale, offset)
+    _, scale, offset = best
+    return Quantized(_codes(wg, scale, offset, spec.levels, w.shape), scale.half(), offset.half(), spec)
+
+
+def _codes(wg, scale, offset, levels, shape) -> torch.Tensor:
+    q = torch.round((wg - offset.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, levels)
+    return q.to(torch.uint8).reshape(shape)
+
+
+def _error(wg, cw, scale, offset, levels) -> torch.Tensor:
+    q = torch.round((wg - offset.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, levels)
+    return (((q * scale.unsqueeze(-1) + offset.unsqueeze(-1)) - wg) ** 2 * cw).sum(-1)
+
+
+def _keep_best(best, err, scale, offset):
+    """Elementwise pick, per row/group, the candidate with the lowest error so far."""
+    if best is None:
+        return err, scale, offset
+    b_err, b_scale, b_offset = best
+    better = err < b_err
+    return (
+        torch.where(better, err, b_err),
+        torch.where(better, scale, b_scale),
+        None if offset is None else torch.where(better, offset, b_offset),
+    )
+
+
+def values_per_word(bits: int) -> int:
+    """Codes per int32 word: 32, 16, 10, 8, 4 for 1, 2, 3, 4, 8 bits (3-bit words waste 2 bits)."""
+    return 32 // bits
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes [N, K] along K into int32 words [N, ceil(K / vpw)], little end first.
+
+    Code j of a word sits at bits ``[j*bits, (j+1)*bits)``. This is layout version 1.
+    """
+    n, k = codes.shape
+    vpw = values_per_word(bits)
+    words = -(-k // vpw)
+    padded = torch.zeros(n, words * vpw, dtype=torch.int64, device=codes.device)
+    padded[:, :k] = codes.to(torch.int64)
+    shifts = torch.arange(vpw, device=codes.device, dtype=torch.int64) * bits
+    packed = (padded.view(n, words, vpw) << shifts).sum(-1)
+    # Reinterpret the low 32 bits as int32 (two's complement).
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32)
+
+
+def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: int32 [N, W] -> uint8 codes [N, K]."""
+    n, words = packed.shape
+    vpw = values_per_word(bits)
+    if words * vpw < k:
+        raise ValueError(f"{words} words of {bits}-bit codes hold {words * vpw} values, fewer than K={k}")
+    shifts = torch.arange(vpw, device=packed.device, dtype=torch.int64) * bits
+    vals = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return vals.reshape(n, words * vpw)[:, :k].to(torch.uint8)

@@ -1,0 +1,134 @@
+"""Apply a compressed artifact to its base: the expert's weights, tensor by tensor.
+
+The reference path for everything downstream: `meswitch reconstruct` writes these tensors as
+an HF folder, evaluation loads them into a model, and serving's fused kernels are checked
+against the same dequantization.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from meswitch.artifacts import Manifest, staging_dir, verify
+from meswitch.checkpoints import Checkpoint, scan
+from meswitch.compression.delta import CompressedDelta
+from meswitch.compression.expert import SHARD_BYTES, SOURCE_DIR
+from meswitch.compression.quantize import QuantSpec
+
+
+class DeltaReader:
+    """Random access to the tensors of a verified artifact's delta files."""
+
+    def __init__(self, folder: Path, manifest: Manifest):
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self._where: dict[str, Path] = {}
+        for rel in manifest.files:
+            if rel.endswith(".safetensors") and "/" not in rel:
+                with safe_open(self.folder / rel, framework="pt") as f:
+                    for key in f.keys():
+                        self._where[key] = self.folder / rel
+
+    def get(self, key: str, device="cpu") -> torch.Tensor:
+        with safe_open(self._where[key], framework="pt", device=str(device)) as f:
+            return f.get_tensor(key)
+
+    def has(self, key: str) -> bool:
+        return key in self._where
+
+    def compressed(self, name: str, device="cpu") -> CompressedDelta:
+        """The packed delta of a quantized tensor."""
+        h = self.manifest.tensors[name]
+        spec = QuantSpec(bits=h["bits"], symmetric=h["symmetric"], group_size=h["group_size"])
+        keys = ("packed", "scale", "offset", "salient_idx", "salient_val")
+        tensors = {f"{name}.{k}": self.get(f"{name}.{k}", device) for k in keys if self.has(f"{name}.{k}")}
+        return CompressedDelta.from_tensors(tensors, name, h["shape"], spec)
+
+    def delta(self, name: str, device="cpu") -> torch.Tensor:
+        """Δ̂ of any tensor, fp32."""
+        h = self.manifest.tensors[name]
+        if h["kind"] == "quantized":
+            return self.compressed(name, device).dequantize()
+        return self.get(f"{name}.delta", device).float()
+
+
+def open_artifact(folder: Path, base: Checkpoint, base_fingerprint: str | None = None) -> DeltaReader:
+    """Verify the artifact's checksums and that it was made for ``base``, then open it."""
+    manifest = verify(folder, base_fingerprint or scan(base).fingerprint)
+    return DeltaReader(folder, manifest)
+
+
+def expert_tensors(base: Checkpoint, reader: DeltaReader, device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the reconstructed expert's tensors (base + Δ̂, extra vocabulary rows appended), in base dtype."""
+    for name in reader.manifest.tensors:
+        b = base.get(name, device)
+        w = b.float() + reader.delta(name, device)
+        if reader.has(f"{name}.extra_rows"):
+            w = torch.cat([w, reader.get(f"{name}.extra_rows", device).float()])
+        yield name, w.to(b.dtype)
+
+
+def reconstruct(base: Checkpoint, artifact: Path, out: Path) -> Path:
+    """Write the compressed expert as a full HF folder (config, tokenizer, safetensors shards)."""
+    reader = open_artifact(artifact, base)
+    with staging_dir(out) as tmp:
+        shard: dict[str, torch.Tensor] = {}
+        size, index, weight_map = 0, 0, {}
+
+        def flush():
+            nonlocal shard, size, index
+            if shard:
+                index += 1
+                fname = f"model-{index:05d}.safetensors"
+                save_file(shard, tmp / fname, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, fname))
+                shard, size = {}, 0
+
+        for name, w in tqdm(expert_tensors(base, reader), total=len(reader.manifest.tensors), desc="reconstruct"):
+            shard[name] = w.contiguous()
+            size += w.numel() * w.element_size()
+            if size >= SHARD_BYTES:
+                flush()
+        flush()
+        if index == 1:
+            (tmp / "model-00001.safetensors").rename(tmp / "model.safetensors")
+        else:
+            total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+            index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
+        for f in (Path(artifact) / SOURCE_DIR).iterdir():
+            shutil.copy2(f, tmp / f.name)
+    return Path(out)
+
+
+def load_expert_model(base: Checkpoint, reader: DeltaReader, device="cpu", dtype=torch.float32):
+    """The compressed expert as a transformers model in memory (for evaluation)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(Path(reader.folder) / SOURCE_DIR)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {name: w.to(dtype) for name, w in expert_tensors(base, reader, device)}
+    if reader.manifest.metadata.get("tied_embeddings") and base.spec.lm_head not in state:
+        state[base.spec.lm_head] = state[base.spec.embed]
+    model.load_state_dict(state, strict=False, assign=True)
+    _rebuild_buffers(model, config, device)
+    model.tie_weights()
+    return model.eval()
+
+
+def _rebuild_buffers(model, config, device) -> None:
+    inner = model.get_decoder()
+    if hasattr(inner, "rotary_emb"):
+        inner.rotary_emb = type(inner.rotary_emb)(config).to(device)
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise RuntimeError(f"parameters not restored from the artifact: {leftover[:5]}")

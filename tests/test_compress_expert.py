@@ -1,0 +1,288 @@
+"""Whole-expert compression on tiny random-config checkpoints: validation, artifacts, reconstruction."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import calib_file, make_base, make_expert, save_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from meswitch.artifacts import ArtifactError, read_manifest, verify
+from meswitch.checkpoints import Checkpoint, CheckpointError, check_expert, scan
+from meswitch.cli import main
+from meswitch.compression.api import CompressJob, run_compress
+from meswitch.compression.calibration import CalibConfig, calibrate, read_texts, token_chunks
+from meswitch.compression.delta import DeltaConfig
+from meswitch.compression.expert import ExpertInfo
+from meswitch.compression.reconstruct import load_expert_model, open_artifact, reconstruct
+
+CALIB = CalibConfig(samples=8, seq_len=64, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    base = make_base(root / "base")
+    expert = make_expert(base, root / "expert")
+    return root, base, expert, calib_file(root / "calib.jsonl")
+
+
+def _job(base, expert, calib, out, **delta):
+    return CompressJob(
+        base=base,
+        expert=expert,
+        calib=calib,
+        out=out,
+        info=ExpertInfo("e", "demo"),
+        delta=DeltaConfig(**delta),
+        calib_cfg=CALIB,
+        device="cpu",
+    )
+
+
+def test_streamed_calibration_equals_full_model_hooks(family):
+    _, _, expert, calib = family
+    stats = calibrate(Checkpoint(expert), read_texts(calib), CALIB, "cpu")
+    model = AutoModelForCausalLM.from_pretrained(expert).eval()
+    ids = token_chunks(AutoTokenizer.from_pretrained(expert), read_texts(calib), CALIB)
+    ref: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        return lambda _m, a: ref.__setitem__(name, ref.get(name, 0) + (a[0].float() ** 2).sum((0, 1)))
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.register_forward_pre_hook(hook(name))
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert sorted(ref) == sorted(stats)
+    for name in ref:
+        torch.testing.assert_close(stats[name], ref[name], rtol=1e-4, atol=1e-4)
+
+
+def _logit_error(base, artifact, expert, ids):
+    model = load_expert_model(Checkpoint(base), open_artifact(artifact, Checkpoint(base)))
+    full = AutoModelForCausalLM.from_pretrained(expert).eval()
+    with torch.no_grad():
+        return float(
+            (model(input_ids=ids).logits - full(input_ids=ids).logits).norm() / full(input_ids=ids).logits.norm()
+        )
+
+
+def test_compressed_logits_close_and_salient_channels_matter(family, tmp_path):
+    _, base, expert, calib = family
+    manifest = run_compress(_job(base, expert, calib, tmp_path / "art", bits=2, salient=4))
+    assert manifest.metrics["delta_bytes"] * 4 < manifest.metrics["fp16_delta_bytes"]
+    ids = token_chunks(AutoTokenizer.from_pretrained(expert), read_texts(calib), CALIB)[:2]
+    err = _logit_error(base, tmp_path / "art", expert, ids)
+
+    # The same artifact with the salient corrections dropped (zeroed, re-sealed).
+    dropped = tmp_path / "dropped"
+    shutil.copytree(tmp_path / "art", dropped)
+    for f in dropped.glob("delta-*.safetensors"):
+        t = load_file(f)
+        save_file({k: torch.zeros_like(v) if k.endswith("salient_val") else v for k, v in t.items()}, f)
+    m = read_manifest(dropped)
+    from meswitch.artifacts import seal
+
+    seal(dropped, m)
+    err_dropped = _logit_error(base, dropped, expert, ids)
+    base_err = _logit_error_base(base, expert, ids)
+    assert err < 0.25 * base_err  # the compressed expert is far closer to the expert than the base is
+    assert err < 0.6 * err_dropped  # and the salient channels carry a large share of that
+
+
+def _logit_error_base(base, expert, ids):
+    b = AutoModelForCausalLM.from_pretrained(base).eval()
+    e = AutoModelForCausalLM.from_pretrained(expert).eval()
+    with torch.no_grad():
+        return float((b(input_ids=ids).logits - e(input_ids=ids).logits).norm() / e(input_ids=ids).logits.norm())
+
+
+def test_reconstruct_writes_a_loadable_model_equal_to_the_reference(family, tmp_path):
+    _, base, expert, calib = family
+    run_compress(_job(base, expert, calib, tmp_path / "art"))
+    out = reconstruct(Checkpoint(base), tmp_path / "art", tmp_path / "recon")
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ref = load_expert_model(Checkpoint(base), open_artifact(tmp_path / "art", Checkpoint(base)))
+    ids = torch.randint(0, 250, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+    assert AutoTokenizer.from_pretrained(out) is not None
+
+
+def test_sharded_checkpoints_read_tensor_by_tensor(family, tmp_path):
+    _, base, _, _ = family
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="20KB")
+    sharded = Checkpoint(tmp_path / "sharded")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len({sharded.file_of(k) for k in sharded.keys()}) > 1
+    # The fingerprint is of the tensors, not of how they are sharded.
+    assert scan(sharded).fingerprint == scan(Checkpoint(base)).fingerprint
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"]}))
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        Checkpoint(folder)
+
+
+def test_nan_expert_is_refused_and_nothing_is_written(family, tmp_path):
+    _, base, expert, calib = family
+    bad = tmp_path / "nan-expert"
+    shutil.copytree(expert, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*non-finite.*up_proj"):
+        run_compress(_job(base, bad, calib, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.*"))  # no staging leftovers
+
+
+def test_other_architecture_or_shape_is_refused(family, tmp_path):
+    _, base, _, _ = family
+    wider = make_base(tmp_path / "wider", hidden_size=96)
+    with pytest.raises(CheckpointError, match="hidden_size"):
+        check_expert(Checkpoint(base), Checkpoint(wider))
+    cfg = json.loads((Path(base) / "config.json").read_text())
+    other = tmp_path / "other-arch"
+    shutil.copytree(base, other)
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="architecture"):
+        check_expert(Checkpoint(base), Checkpoint(other))
+
+
+def test_extended_vocabulary_rows_are_kept_whole(family, tmp_path):
+    _, base, expert, calib = family
+    model = AutoModelForCausalLM.from_pretrained(expert)
+    model.resize_token_embeddings(model.config.vocab_size + 5)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[-5:] = torch.randn(5, model.config.hidden_size)
+        model.get_output_embeddings().weight[-5:] = torch.randn(5, model.config.hidden_size)
+    extended = save_model(model, tmp_path / "extended")
+    manifest = run_compress(_job(base, extended, calib, tmp_path / "art"))
+    assert manifest.tensors["model.embed_tokens.weight"]["extra_rows"] == 5
+    assert manifest.metadata["expert_vocab"] == manifest.metadata["base_vocab"] + 5
+    recon = AutoModelForCausalLM.from_pretrained(reconstruct(Checkpoint(base), tmp_path / "art", tmp_path / "r"))
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        want = getattr(model, get)().weight[-5:]
+        torch.testing.assert_close(getattr(recon, get)().weight[-5:], want.half().float())
+
+
+def test_tampered_artifact_and_mismatched_base_are_refused(family, tmp_path):
+    _, base, expert, calib = family
+    run_compress(_job(base, expert, calib, tmp_path / "art"))
+    verify(tmp_path / "art")
+    other_base = make_base(tmp_path / "other-base", seed=7)
+    with pytest.raises(ArtifactError, match="made for base"):
+        open_artifact(tmp_path / "art", Checkpoint(other_base))
+    shard = next((tmp_path / "art").glob("delta-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        open_artifact(tmp_path / "art", Checkpoint(base))
+    (tmp_path / "art" / "stray.bin").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match="not listed"):
+        verify(tmp_path / "art")
+
+
+def test_cli_compress_inspect_evaluate(family, tmp_path, capsys):
+    _, base, expert, calib = family
+    art = tmp_path / "art"
+    assert (
+        main(
+            [
+                "compress",
+                "--base",
+                str(base),
+                "--expert",
+                str(expert),
+                "--calib",
+                str(calib),
+                "--out",
+                str(art),
+                "--samples",
+                "8",
+                "--seq-len",
+                "64",
+                "--json",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["delta_bytes"] < metrics["fp16_delta_bytes"]
+    assert main(["inspect", str(art), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["checksums"] == "ok" and shown["layers"]
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in read_texts(calib)[:6]))
+    assert (
+        main(
+            [
+                "evaluate",
+                "--base",
+                str(base),
+                "--artifact",
+                str(art),
+                "--expert",
+                str(expert),
+                "--data",
+                str(data),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    for key in (
+        "kl",
+        "ppl_base",
+        "ppl_expert",
+        "ppl_compressed",
+        "ppl_ratio",
+        "task_score_expert",
+        "task_score_compressed",
+        "bits_per_param",
+        "delta_bytes",
+        "fp16_delta_bytes",
+    ):
+        assert key in result
+    assert result["kl"] > 0 and result["task_score_expert"] is None
+    assert 0.5 < result["ppl_ratio"] < 2.0
+
+
+def test_cli_refuses_bad_input_with_a_clear_message(family, tmp_path, capsys):
+    _, base, expert, _ = family
+    assert main(["compress", "--base", str(base), "--expert", str(expert), "--out", str(tmp_path / "x")]) == 2
+    assert "--calib is required" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "compress",
+                "--base",
+                str(base),
+                "--expert",
+                str(tmp_path / "missing"),
+                "--calib",
+                "c",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert "not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
