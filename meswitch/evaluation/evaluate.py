@@ -1,15 +1,16 @@
-"""Evaluate one compressed artifact against its full expert and the base."""
+"""Evaluate compressed artifacts against their full expert and the base."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from meswitch.checkpoints import Checkpoint
+from meswitch.checkpoints import Checkpoint, scan
 from meswitch.compression.reconstruct import load_expert_model, open_artifact
 from meswitch.evaluation.metrics import EvalData, exact_match, mean_kl, perplexity
 
@@ -28,6 +29,7 @@ class EvalResult:
     ppl_expert: float
     ppl_compressed: float
     ppl_ratio: float
+    gain_retained: float  # (ppl_base - ppl_compressed) / (ppl_base - ppl_expert): 1.0 is lossless
     task_score_expert: float | None
     task_score_compressed: float | None
     bits_per_param: float
@@ -38,49 +40,71 @@ class EvalResult:
         return dataclasses.asdict(self)
 
 
+def _tokenizer(folder: Path):
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+class Evaluator:
+    """Holds the full expert and the base figures, so many artifacts of one expert cost one load each."""
+
+    def __init__(self, base_dir: Path, expert_dir: Path, data: EvalData, device="cpu", max_len: int = 256):
+        self.base = Checkpoint(base_dir)
+        self.base_dir, self.expert_dir = Path(base_dir), Path(expert_dir)
+        self.data, self.device, self.max_len = data, torch.device(device), max_len
+        self.tokenizer = _tokenizer(expert_dir)
+        self.expert = AutoModelForCausalLM.from_pretrained(expert_dir, dtype=torch.float32).to(self.device).eval()
+
+    @cached_property
+    def base_fingerprint(self) -> str:
+        return scan(self.base).fingerprint
+
+    @cached_property
+    def ppl_expert(self) -> float:
+        return perplexity(self.expert, self.tokenizer, self.data.texts, self.max_len)
+
+    @cached_property
+    def task_expert(self) -> float | None:
+        return exact_match(self.expert, self.tokenizer, self.data.tasks) if self.data.tasks else None
+
+    @cached_property
+    def ppl_base(self) -> float:
+        model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=torch.float32).to(self.device).eval()
+        return perplexity(model, _tokenizer(self.base_dir), self.data.texts, self.max_len)
+
+    def evaluate(self, artifact: Path) -> EvalResult:
+        reader = open_artifact(artifact, self.base, self.base_fingerprint)
+        m = reader.manifest
+        compressed = load_expert_model(self.base, reader, device=self.device)
+        ppl_c = perplexity(compressed, self.tokenizer, self.data.texts, self.max_len)
+        kl = mean_kl(self.expert, compressed, self.tokenizer, self.data.texts, self.max_len)
+        task_c = exact_match(compressed, self.tokenizer, self.data.tasks) if self.data.tasks else None
+        gain = self.ppl_base - self.ppl_expert
+        return EvalResult(
+            name=m.name,
+            domain=m.domain,
+            method=m.method.get("method", "?"),
+            bits=1 if m.method.get("method") == "bitdelta" else int(m.method.get("bits", 0)),
+            salient=float(m.method.get("salient", 0)),
+            kl=round(kl, 6),
+            ppl_base=round(self.ppl_base, 4),
+            ppl_expert=round(self.ppl_expert, 4),
+            ppl_compressed=round(ppl_c, 4),
+            ppl_ratio=round(ppl_c / self.ppl_expert, 5),
+            gain_retained=round((self.ppl_base - ppl_c) / gain, 4) if abs(gain) > 1e-9 else float("nan"),
+            task_score_expert=self.task_expert,
+            task_score_compressed=task_c,
+            bits_per_param=m.metrics["bits_per_param"],
+            delta_bytes=m.metrics["delta_bytes"],
+            fp16_delta_bytes=m.metrics["fp16_delta_bytes"],
+        )
+
+
 def evaluate_artifact(
-    base_dir: Path,
-    artifact: Path,
-    expert_dir: Path,
-    data: EvalData,
-    device: str | torch.device = "cpu",
-    max_len: int = 256,
+    base_dir: Path, artifact: Path, expert_dir: Path, data: EvalData, device="cpu", max_len: int = 256
 ) -> EvalResult:
     """Perplexity of base, expert and compressed expert; KL(expert || compressed); task scores."""
-    base = Checkpoint(base_dir)
-    reader = open_artifact(artifact, base)
-    m = reader.manifest
-    tokenizer = AutoTokenizer.from_pretrained(expert_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    expert = AutoModelForCausalLM.from_pretrained(expert_dir, dtype=torch.float32).to(device).eval()
-    compressed = load_expert_model(base, reader, device=device)
-    ppl_expert = perplexity(expert, tokenizer, data.texts, max_len)
-    ppl_compressed = perplexity(compressed, tokenizer, data.texts, max_len)
-    kl = mean_kl(expert, compressed, tokenizer, data.texts, max_len)
-    task_expert = exact_match(expert, tokenizer, data.tasks) if data.tasks else None
-    task_compressed = exact_match(compressed, tokenizer, data.tasks) if data.tasks else None
-    del expert, compressed
-    base_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device).eval()
-    base_tok = AutoTokenizer.from_pretrained(base_dir)
-    if base_tok.pad_token is None:
-        base_tok.pad_token = base_tok.eos_token
-    ppl_base = perplexity(base_model, base_tok, data.texts, max_len)
-    return EvalResult(
-        name=m.name,
-        domain=m.domain,
-        method=m.method.get("method", "?"),
-        bits=int(m.method.get("bits", 0)) if m.method.get("method") != "bitdelta" else 1,
-        salient=float(m.method.get("salient", 0)),
-        kl=round(kl, 6),
-        ppl_base=round(ppl_base, 4),
-        ppl_expert=round(ppl_expert, 4),
-        ppl_compressed=round(ppl_compressed, 4),
-        ppl_ratio=round(ppl_compressed / ppl_expert, 5),
-        task_score_expert=task_expert,
-        task_score_compressed=task_compressed,
-        bits_per_param=m.metrics["bits_per_param"],
-        delta_bytes=m.metrics["delta_bytes"],
-        fp16_delta_bytes=m.metrics["fp16_delta_bytes"],
-    )
+    return Evaluator(base_dir, expert_dir, data, device, max_len).evaluate(artifact)

@@ -1,0 +1,155 @@
+"""Methods x bits x experts on a demo family: Markdown table, JSON, and quality-against-size plot.
+
+Each expert is calibrated once; every method and bit width reuses those statistics, so the
+comparison differs only in the method. This is the paper's Figure 4 for our family.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from meswitch.checkpoints import Checkpoint, check_expert
+from meswitch.compression.calibration import CalibConfig, calibrate, read_texts, resolve_device
+from meswitch.compression.delta import DeltaConfig
+from meswitch.compression.expert import ExpertInfo, compress_expert
+from meswitch.evaluation.evaluate import EvalResult, Evaluator
+from meswitch.evaluation.metrics import EvalData
+from meswitch.expert_card import load_card
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    methods: tuple[str, ...] = ("meswitch", "fixed", "magnitude", "bitdelta")
+    bits: tuple[int, ...] = (2, 3, 4)
+    salient: float = 0.01
+    limit: int = 64
+    device: str = "auto"
+    calib: CalibConfig = field(default_factory=CalibConfig)
+
+
+def variants(cfg: ReportConfig) -> list[DeltaConfig]:
+    out = []
+    for method in cfg.methods:
+        if method == "bitdelta":
+            out.append(DeltaConfig(method="bitdelta", bits=1, salient=0))
+            continue
+        for bits in cfg.bits:
+            out.append(DeltaConfig(method=method, bits=bits, salient=0 if method == "fixed" else cfg.salient))
+    return out
+
+
+def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list[Path]:
+    """Compress and evaluate every expert of ``family`` under every variant; write report files to ``out``."""
+    family, out, cfg = Path(family), Path(out), cfg or ReportConfig()
+    device = resolve_device(cfg.device)
+    base_dir = family / "base"
+    base = Checkpoint(base_dir)
+    expert_dirs = sorted(p for p in (family / "experts").iterdir() if p.is_dir())
+    if not expert_dirs:
+        raise FileNotFoundError(f"{family / 'experts'}: no expert folders")
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    for expert_dir in expert_dirs:
+        card = load_card(expert_dir)
+        expert = Checkpoint(expert_dir)
+        pairing = check_expert(base, expert)
+        stats = calibrate(expert, read_texts(card.calibration_path), cfg.calib, device)
+        evaluator = Evaluator(base_dir, expert_dir, EvalData.from_jsonl(card.evaluation_path, cfg.limit), device)
+        for variant in variants(cfg):
+            with tempfile.TemporaryDirectory() as tmp:
+                art = Path(tmp) / "artifact"
+                use_stats = None if variant.method == "bitdelta" else stats
+                info = ExpertInfo(card.name, card.domain, card.description)
+                compress_expert(base, expert, pairing, use_stats, variant, art, info, device)
+                result: EvalResult = evaluator.evaluate(art)
+            rows.append(result.to_dict())
+            log.info(
+                "%s %s %d-bit: %.3f bpp, KL %.4f",
+                card.name,
+                variant.method,
+                result.bits,
+                result.bits_per_param,
+                result.kl,
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "family": str(family),
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "command": " ".join(["meswitch", *sys.argv[1:]]) if sys.argv and "meswitch" in sys.argv[0] else None,
+        "salient": cfg.salient,
+        "calibration": {"samples": cfg.calib.samples, "seq_len": cfg.calib.seq_len},
+        "eval_texts_per_expert": cfg.limit,
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
+    report_json = out / "report.json"
+    report_json.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    report_md = out / "report.md"
+    report_md.write_text(markdown_table(rows))
+    plot = out / "quality_vs_size.png"
+    plot_quality_vs_size(rows, plot)
+    return [report_md, report_json, plot]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = (
+        "| expert | method | bits | bits/param | delta MB | x smaller than fp16 | KL | ppl ratio | gain kept | task |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = []
+    for r in rows:
+        task = "-" if r["task_score_compressed"] is None else f"{r['task_score_compressed']:.2f}"
+        if r["task_score_expert"] is not None:
+            task += f" / {r['task_score_expert']:.2f}"
+        lines.append(
+            f"| {r['name']} | {r['method']} | {r['bits']} | {r['bits_per_param']:.3f} | "
+            f"{r['delta_bytes'] / 1e6:.3f} | {r['fp16_delta_bytes'] / r['delta_bytes']:.1f} | {r['kl']:.4f} | "
+            f"{r['ppl_ratio']:.4f} | {r['gain_retained']:.3f} | {task} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_quality_vs_size(rows: list[dict], path: Path) -> None:
+    """One panel per expert: fraction of the fine-tuning gain kept against delta bits per parameter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    experts = sorted({r["name"] for r in rows})
+    cols = min(len(experts), 3)
+    nrows = math.ceil(len(experts) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.6 * nrows), squeeze=False)
+    styles = {"meswitch": "o-", "fixed": "s--", "magnitude": "^:", "bitdelta": "D"}
+    for ax, name in zip(axes.flat, experts, strict=False):
+        for method in styles:
+            pts = sorted(
+                (r["bits_per_param"], r["gain_retained"]) for r in rows if r["name"] == name and r["method"] == method
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), styles[method], label=method)
+        domain = next(r["domain"] for r in rows if r["name"] == name)
+        ax.set_title(f"{name} ({domain})")
+        ax.set_xlabel("delta bits per parameter")
+        ax.set_ylabel("fine-tuning gain kept")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(experts) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("Quality against delta size (higher is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

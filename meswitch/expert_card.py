@@ -1,0 +1,65 @@
+"""`expert.yaml`: what an expert folder says about itself (name, domain, examples, data files)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CARD = "expert.yaml"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+class CardError(ValueError):
+    """An expert folder's expert.yaml is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class ExpertCard:
+    folder: Path
+    name: str
+    domain: str
+    description: str
+    examples: list[str] = field(default_factory=list)
+    calibration: str = "calib.jsonl"
+    evaluation: str = "eval.jsonl"
+    task: str | None = None
+
+    @property
+    def calibration_path(self) -> Path:
+        return self.folder / self.calibration
+
+    @property
+    def evaluation_path(self) -> Path:
+        return self.folder / self.evaluation
+
+
+def load_card(folder: Path) -> ExpertCard:
+    """Parse and check ``folder/expert.yaml``; every problem is a CardError naming the file."""
+    folder = Path(folder)
+    path = folder / CARD
+    if not path.is_file():
+        raise CardError(f"{path}: missing; every expert folder needs an expert.yaml (name, domain, description)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise CardError(f"{path}: invalid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise CardError(f"{path}: expected a mapping")
+    missing = [k for k in ("name", "domain", "description") if not data.get(k)]
+    if missing:
+        raise CardError(f"{path}: missing fields {missing}")
+    for key in ("name", "domain"):
+        if not isinstance(data[key], str) or not NAME_RE.match(data[key]):
+            raise CardError(f"{path}: {key} {data[key]!r} must be lowercase letters, digits, '.', '_' or '-'")
+    examples = data.get("examples") or []
+    if not isinstance(examples, list) or not all(isinstance(e, str) for e in examples):
+        raise CardError(f"{path}: examples must be a list of strings")
+    known = {"name", "domain", "description", "examples", "calibration", "evaluation", "task"}
+    card = ExpertCard(folder=folder, **{k: v for k, v in data.items() if k in known and v is not None})
+    for rel in (card.calibration, card.evaluation):
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CardError(f"{path}: data file {rel!r} must be a relative path inside the expert folder")
+    return card
