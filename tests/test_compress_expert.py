@@ -286,3 +286,24 @@ def test_cli_refuses_bad_input_with_a_clear_message(family, tmp_path, capsys):
     )
     assert "not a directory" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_synthetic_sharded_pair_compresses_at_small_geometry(tmp_path):
+    """The generator behind the 7B-geometry benchmark, at a size CI can run."""
+    from meswitch.synthetic import mistral_7b_config, write_synthetic_pair
+
+    cfg = mistral_7b_config(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    base, expert = write_synthetic_pair(tmp_path, cfg)
+    assert len(list(base.glob("*.safetensors"))) == 3  # embeddings + one shard per block
+    calib = calib_file(tmp_path / "calib.jsonl")
+    manifest = run_compress(_job(base, expert, calib, tmp_path / "art", salient=2))
+    assert manifest.metadata["architecture"] == "MistralForCausalLM"
+    assert len(manifest.layers) == 2 * 7 + 2  # every block linear, the embedding and lm_head
+    assert all(r.rel_error < 0.6 for r in manifest.layers)

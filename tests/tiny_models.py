@@ -5,21 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, MistralConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, MistralConfig
+
+from meswitch.synthetic import byte_tokenizer
 
 VOCAB = 300
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with no merges (259 tokens): no training, no download."""
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
 
 
 def tiny_config(**overrides) -> MistralConfig:
@@ -40,7 +30,7 @@ def tiny_config(**overrides) -> MistralConfig:
 def save_model(model, folder: Path, tokenizer=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
-    (tokenizer or make_tokenizer()).save_pretrained(folder)
+    (tokenizer or byte_tokenizer()).save_pretrained(folder)
     return folder
 
 

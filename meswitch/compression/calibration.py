@@ -120,6 +120,12 @@ def skeleton(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> nn.M
     return model
 
 
+def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The dtype the checkpoint was saved in (fp32 when it does not say): compute in it on the GPU."""
+    name = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype") or "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
+
+
 def _materialize(module: nn.Module, tensors: dict[str, torch.Tensor], device, dtype) -> None:
     module.to_empty(device=device)
     module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=True, assign=True)
@@ -137,7 +143,7 @@ def calibrate(
     values are fp32 on the CPU. Runs on the GPU when one is present (``device="auto"``).
     """
     device = resolve_device(device) if isinstance(device, str) else device
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = torch.float32 if device.type == "cpu" else checkpoint_dtype(expert)
     tokenizer = AutoTokenizer.from_pretrained(expert.path)
     ids = token_chunks(tokenizer, texts, cfg)
     spec = expert.spec
