@@ -1,0 +1,606 @@
+"""The model registry: MLflow registered models and versions over artifact folders in an object store.
+
+A version is created only after its files are stored and every stored checksum has been read back
+and checked, so no version ever points at missing or partial files. Publishing is idempotent by the
+artifact's content hash: a retry, or a second publisher of the same bytes, gets the same version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meswitch.artifacts import ArtifactError, Manifest, read_manifest, staging_dir, verify
+from meswitch.registry.config import RegistryConfig
+from meswitch.registry.errors import IntegrityError, InvalidName, NotFound, RegistryError
+from meswitch.registry.names import (
+    PREFIX,
+    Ref,
+    check_kind,
+    parse_ref,
+    validate_alias,
+    validate_name,
+    validate_version,
+)
+from meswitch.registry.retry import chain, with_retries
+from meswitch.registry.store import (
+    ObjectStore,
+    content_hash,
+    open_store,
+    store_for_location,
+)
+
+# MLflow reports anonymous usage over the network unless told not to; a registry client on a GPU
+# worker or in CI should not. Set MLFLOW_DISABLE_TELEMETRY=false to opt back in.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+log = logging.getLogger(__name__)
+
+TAG_CONTENT_HASH = "content_hash"
+TAG_REJECTED = "rejected"
+RESERVED_TAGS = frozenset({TAG_CONTENT_HASH})
+HISTORY_TAG = "meswitch.alias_history.{alias}"
+HISTORY_KEEP = 50
+MAX_TAG_CHARS = 5000
+
+
+@dataclass
+class VersionInfo:
+    """One registered version: where its files are, what its manifest says (as tags), its aliases."""
+
+    name: str
+    version: int
+    source: str
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)
+    created_ms: int = 0
+    description: str = ""
+
+    @property
+    def content_hash(self) -> str | None:
+        return self.tags.get(TAG_CONTENT_HASH)
+
+    @property
+    def rejected(self) -> str | None:
+        """The reasons the version was rejected, or None."""
+        return self.tags.get(TAG_REJECTED) or None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    aliases: dict[str, int] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    versions: list[VersionInfo] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "aliases": dict(sorted(self.aliases.items())),
+            "tags": self.tags,
+            "versions": [v.to_dict() for v in self.versions],
+        }
+
+
+@dataclass
+class Resolved:
+    """A version resolved to a local folder whose checksums (and base fingerprint, if asked) were verified."""
+
+    name: str
+    version: int
+    path: Path
+    manifest: Manifest
+    content_hash: str
+    alias: str | None = None
+
+
+def manifest_tags(manifest: Manifest, digest: str) -> dict[str, str]:
+    """The tags every version carries, taken from its manifest (DESIGN.md, "Registry conventions")."""
+    tags = {
+        TAG_CONTENT_HASH: digest,
+        "kind": manifest.kind,
+        "artifact_name": manifest.name,
+        "schema_version": str(manifest.schema_version),
+    }
+    if manifest.domain:
+        tags["domain"] = manifest.domain
+    if manifest.base_fingerprint:
+        tags["base_fingerprint"] = manifest.base_fingerprint
+    if manifest.source_fingerprint:
+        tags["source_fingerprint"] = manifest.source_fingerprint
+    if (bpp := manifest.metrics.get("bits_per_param")) is not None:
+        tags["bits_per_param"] = str(bpp)
+    if (gates := manifest.metrics.get("gates")) is not None:
+        tags["gates"] = json.dumps(gates, sort_keys=True)[:MAX_TAG_CHARS]
+    passed = manifest.metrics.get("gates_passed", _gates_passed(gates))
+    if passed is not None:
+        tags["gates_passed"] = "true" if passed else "false"
+    return tags
+
+
+def _gates_passed(gates: Any) -> bool | None:
+    """``{"passed": bool}``, ``{gate: bool}`` or ``{gate: {"passed": bool, ...}}``; else unknown."""
+    if not isinstance(gates, dict) or not gates:
+        return None
+    if isinstance(gates.get("passed"), bool):
+        return gates["passed"]
+    values = list(gates.values())
+    if all(isinstance(v, bool) for v in values):
+        return all(values)
+    if all(isinstance(v, dict) and isinstance(v.get("passed"), bool) for v in values):
+        return all(v["passed"] for v in values)
+    return None
+
+
+def _mlflow_transient(exc: BaseException) -> bool:
+    """A lost connection, a timeout, a 5xx/429 after MLflow's own retries, or a locked SQLite file."""
+    import requests
+
+    for e in chain(exc):
+        if isinstance(e, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
+            return True
+        if type(e).__name__ == "OperationalError" and "locked" in str(e):
+            return True
+    if isinstance(exc, MlflowException):
+        if exc.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
+            return True
+        return str(exc.message).startswith("API request to") and " failed with " in str(exc.message)
+    return False
+
+
+def _history(tags: dict[str, str], alias: str) -> list[int]:
+    raw = tags.get(HISTORY_TAG.format(alias=alias), "")
+    return [int(v) for v in raw.split(",") if v.strip().isdigit()]
+
+
+class Registry:
+    """Publish, version, alias, resolve and roll back meswitch artifacts in MLflow + an object store."""
+
+    def __init__(self, config: RegistryConfig | None = None):
+        self.config = config or RegistryConfig.from_env()
+        if self.config.is_remote_tracking:
+            # We retry with our own backoff and a clear final error; MLflow's default (7 retries,
+            # backoff up to 2 minutes, per request) would hide an outage for minutes.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+        self._client: MlflowClient | None = None
+        self._store: ObjectStore | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            for uri in (self.config.tracking_uri, self.config.registry_uri):
+                if uri.startswith("sqlite:///"):  # the embedded default: create $MESWITCH_HOME on first use
+                    Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            self._client = MlflowClient(tracking_uri=self.config.tracking_uri, registry_uri=self.config.registry_uri)
+        return self._client
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = open_store(self.config.artifact_uri, self.config)
+        return self._store
+
+    # -- MLflow calls, with retries and clear errors -------------------------------------------------
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, passthrough: tuple[str, ...] = (), **kw: Any):
+        where = self.config.describe()["registry_uri"]
+        try:
+            return with_retries(
+                lambda: fn(*args, **kw),
+                what=f"MLflow registry at {where}: {what}",
+                retries=self.config.retries,
+                backoff_s=self.config.backoff_s,
+                is_transient=_mlflow_transient,
+            )
+        except MlflowException as e:
+            if e.error_code in passthrough:
+                raise
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+                e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e.message)
+            ):
+                raise NotFound(f"{what}: {e.message}") from e
+            raise RegistryError(f"MLflow registry at {where}: {what} failed: {e.message}") from e
+
+    def _paged(self, what: str, fn: Callable[..., Any], **kw: Any) -> list[Any]:
+        items: list[Any] = []
+        token = None
+        while True:
+            page = self._call(what, fn, page_token=token, **kw)
+            items.extend(page)
+            token = getattr(page, "token", None)
+            if not token:
+                return items
+
+    # -- reading --------------------------------------------------------------------------------------
+    def aliases(self, name: str) -> dict[str, int]:
+        """``{alias: version}`` of one model in one cheap call; serving polls this to notice changes."""
+        rm = self._call(f"get model {name}", self.client.get_registered_model, validate_name(name))
+        return {a: int(v) for a, v in rm.aliases.items()}
+
+    def get_version(self, name: str, version: int | None = None, alias: str | None = None) -> VersionInfo:
+        """One version, by number or by alias."""
+        validate_name(name)
+        if (version is None) == (alias is None):
+            raise InvalidName("give exactly one of a version or an alias")
+        if alias is not None:
+            validate_alias(alias)
+            mv = self._call(f"get {name}@{alias}", self.client.get_model_version_by_alias, name, alias)
+        else:
+            version = validate_version(version)
+            mv = self._call(f"get {name}/{version}", self.client.get_model_version, name, str(version))
+        rm = self._call(f"get model {name}", self.client.get_registered_model, name)
+        return self._info(mv, {a: int(v) for a, v in rm.aliases.items()})
+
+    def get(self, ref: str | Ref) -> VersionInfo | ModelInfo:
+        """``NAME@ALIAS`` or ``NAME/VERSION``: that version; ``NAME``: the model with all its versions."""
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        if ref.alias or ref.version:
+            return self.get_version(ref.name, version=ref.version, alias=ref.alias)
+        return self.get_model(ref.name)
+
+    def get_model(self, name: str) -> ModelInfo:
+        rm = self._call(f"get model {name}", self.client.get_registered_model, validate_name(name))
+        return self._model_info(rm)
+
+    def list_models(self) -> list[ModelInfo]:
+        """Every meswitch model (name starting ``meswitch-``) with its versions and aliases."""
+        models = self._paged(
+            "list models",
+            self.client.search_registered_models,
+            filter_string=f"name LIKE '{PREFIX}%'",
+            max_results=200,
+        )
+        return [self._model_info(rm) for rm in sorted(models, key=lambda m: m.name)]
+
+    def _model_info(self, rm: Any) -> ModelInfo:
+        aliases = {a: int(v) for a, v in rm.aliases.items()}
+        versions = self._paged(
+            f"list versions of {rm.name}",
+            self.client.search_model_versions,
+            filter_string=f"name = '{rm.name}'",
+            max_results=1000,
+        )
+        infos = sorted((self._info(mv, aliases) for mv in versions), key=lambda v: v.version)
+        return ModelInfo(name=rm.name, aliases=aliases, tags=dict(rm.tags), versions=infos)
+
+    @staticmethod
+    def _info(mv: Any, aliases: dict[str, int]) -> VersionInfo:
+        version = int(mv.version)
+        return VersionInfo(
+            name=mv.name,
+            version=version,
+            source=mv.source,
+            tags=dict(mv.tags),
+            aliases=sorted(a for a, v in aliases.items() if v == version),
+            created_ms=int(mv.creation_timestamp or 0),
+            description=mv.description or "",
+        )
+
+    def _find(self, name: str, digest: str) -> list[int]:
+        """Versions of ``name`` holding exactly this content, oldest first."""
+        found = self._paged(
+            f"find {name} by content hash",
+            self.client.search_model_versions,
+            filter_string=f"name = '{name}' and tags.{TAG_CONTENT_HASH} = '{digest}'",
+        )
+        return sorted(int(mv.version) for mv in found)
+
+    # -- publishing -----------------------------------------------------------------------------------
+    def publish(
+        self,
+        folder: Path | str,
+        name: str,
+        *,
+        alias: str | None = None,
+        tags: dict[str, Any] | None = None,
+        rejected: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Store a sealed artifact folder and register it as a version of ``name``; return the version.
+
+        The files are uploaded under their content hash, read back and checked, and only then is the
+        version created, with the manifest's tags (kind, domain, base fingerprint, bits per parameter,
+        gates) plus ``tags``. Publishing content that is already registered returns that version
+        (adding any new tags). ``rejected`` records why the artifact failed its gates; a rejected
+        version never takes an alias. ``progress`` is called with byte counts as files are stored.
+        """
+        validate_name(name)
+        if alias is not None:
+            validate_alias(alias)
+            if rejected:
+                raise RegistryError("a rejected version cannot take an alias; publish it without one")
+        extra = {str(k): str(v) for k, v in (tags or {}).items()}
+        if bad := RESERVED_TAGS & set(extra):
+            raise InvalidName(f"tags {sorted(bad)} are set by the registry itself")
+        folder = Path(folder)
+        manifest = verify(folder)  # ArtifactError if the folder is damaged: nothing is written
+        check_kind(name, manifest.kind)
+        digest = content_hash(folder)
+        version_tags = {**manifest_tags(manifest, digest), **extra}
+        if rejected:
+            version_tags[TAG_REJECTED] = rejected[:MAX_TAG_CHARS]
+
+        existing = self._find(name, digest)
+        if existing:
+            version = existing[0]
+            current = self.get_version(name, version=version)
+            # Cheap repair: re-store any file that went missing (one HEAD per file on S3).
+            self._store_verified(folder, current.source, digest, progress, check=False)
+            for key, value in version_tags.items():
+                if current.tags.get(key) != value:
+                    self._call(
+                        f"tag {name}/{version}", self.client.set_model_version_tag, name, str(version), key, value
+                    )
+            log.info("%s: content %s… is already version %d", name, digest[:12], version)
+        else:
+            location = self.store.location(name, digest)
+            self._store_verified(folder, location, digest, progress)
+            self._ensure_model(name, manifest)
+            mv = self._call(
+                f"create a version of {name}",
+                self.client.create_model_version,
+                name=name,
+                source=location,
+                tags=version_tags,
+                description=f"{manifest.kind} {manifest.name}" + (f" ({manifest.domain})" if manifest.domain else ""),
+            )
+            version = self._dedupe(name, digest, int(mv.version))
+            log.info("%s: published version %d from %s (%s…)", name, version, folder, digest[:12])
+        if alias is not None:
+            self.set_alias(name, alias, version)
+        return version
+
+    def _ensure_model(self, name: str, manifest: Manifest) -> None:
+        try:
+            self._call(f"get model {name}", self.client.get_registered_model, name)
+            return
+        except NotFound:
+            pass
+        with contextlib.suppress(MlflowException):  # RESOURCE_ALREADY_EXISTS: a concurrent publisher made it
+            self._call(
+                f"create model {name}",
+                self.client.create_registered_model,
+                name,
+                tags={"kind": manifest.kind},
+                description=f"meswitch {manifest.kind} artifacts",
+                passthrough=("RESOURCE_ALREADY_EXISTS",),
+            )
+
+    def _store_verified(self, folder: Path, location: str, digest: str, progress, check: bool = True) -> None:
+        """Upload, then read every stored file back and check it; retried while the store is unreachable.
+
+        Any failure is raised saying that nothing was registered (no version is created before this returns).
+        """
+        store = store_for_location(location, self.config)
+
+        def attempt() -> None:
+            store.put(folder, location, progress)
+            if not check:
+                return
+            try:
+                store.check(location, digest)
+            except IntegrityError as e:
+                # A stored object that claims the right checksum but holds other bytes: rewrite it.
+                log.warning("stored copy failed its check (%s); uploading it again", e)
+                store.put(folder, location, progress, force=True)
+                store.check(location, digest)
+
+        try:
+            with_retries(
+                attempt,
+                what=f"storing {folder} at {location}",
+                retries=self.config.retries,
+                backoff_s=self.config.backoff_s,
+                is_transient=store.is_transient,
+            )
+        except RegistryError as e:
+            raise type(e)(f"publish failed, nothing was registered: {e}") from e
+
+    def _dedupe(self, name: str, digest: str, mine: int) -> int:
+        """Two publishers of the same content may both create a version: the oldest one wins."""
+        versions = self._find(name, digest) or [mine]
+        winner = versions[0]
+        if winner != mine:
+            log.info("%s: version %d duplicates version %d (same content); removing it", name, mine, winner)
+            with contextlib.suppress(NotFound):  # a retried delete finds it gone
+                self._call(f"delete duplicate {name}/{mine}", self.client.delete_model_version, name, str(mine))
+        return winner
+
+    def reject(self, name: str, version: int, reasons: str) -> None:
+        """Mark a version rejected (it then cannot take an alias); ``reasons`` says why, for people."""
+        info = self.get_version(name, version=version)
+        if not reasons or not reasons.strip():
+            raise InvalidName("give the reasons for rejecting a version")
+        self._call(
+            f"reject {name}/{version}", self.client.set_model_version_tag, name, str(version), TAG_REJECTED, reasons
+        )
+        if info.aliases:
+            log.warning("%s/%d is rejected but still holds %s; roll back to move them", name, version, info.aliases)
+
+    # -- aliases ---------------------------------------------------------------------------------------
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        """Point ``name@alias`` at ``version`` and remember the previous holder for ``rollback``."""
+        validate_alias(alias)
+        info = self.get_version(name, version=validate_version(version))
+        if info.rejected:
+            raise RegistryError(f"{name}/{version} is rejected ({info.rejected}); it cannot become {alias!r}")
+        rm = self._call(f"get model {name}", self.client.get_registered_model, name)
+        history = _history(dict(rm.tags), alias)
+        current = rm.aliases.get(alias)
+        if current is not None and (not history or history[-1] != int(current)):
+            history.append(int(current))  # set outside meswitch: remember it anyway
+        if not history or history[-1] != info.version:
+            history.append(info.version)
+        self._call(f"set {name}@{alias}", self.client.set_registered_model_alias, name, alias, str(info.version))
+        self._write_history(name, alias, history)
+        log.info("%s@%s -> version %d", name, alias, info.version)
+
+    def promote(self, name: str, version: int, alias: str = "production") -> None:
+        """Move ``alias`` (``production`` by default) to ``version``."""
+        self.set_alias(name, alias, version)
+
+    def rollback(self, name: str, alias: str = "production") -> int:
+        """Point ``name@alias`` back at the version it held before; return that version."""
+        validate_alias(alias)
+        rm = self._call(f"get model {validate_name(name)}", self.client.get_registered_model, name)
+        current = rm.aliases.get(alias)
+        if current is None:
+            raise NotFound(f"{name}@{alias} is not set; nothing to roll back")
+        current = int(current)
+        history = _history(dict(rm.tags), alias)
+        while history and history[-1] == current:
+            history.pop()
+        while history:
+            try:
+                candidate = self.get_version(name, version=history[-1])
+            except NotFound:
+                history.pop()
+                continue
+            if candidate.rejected or candidate.version == current:
+                history.pop()
+                continue
+            break
+        if not history:
+            raise RegistryError(f"{name}@{alias} is version {current} and has no earlier version to roll back to")
+        target = history[-1]
+        self._call(f"set {name}@{alias}", self.client.set_registered_model_alias, name, alias, str(target))
+        self._write_history(name, alias, history)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self._call(
+            f"tag {name}/{current}",
+            self.client.set_model_version_tag,
+            name,
+            str(current),
+            f"rolled_back.{alias}",
+            stamp,
+        )
+        log.info("%s@%s rolled back from version %d to %d", name, alias, current, target)
+        return target
+
+    def _write_history(self, name: str, alias: str, history: list[int]) -> None:
+        value = ",".join(str(v) for v in history[-HISTORY_KEEP:])
+        key = HISTORY_TAG.format(alias=alias)
+        self._call(f"record {name}@{alias} history", self.client.set_registered_model_tag, name, key, value)
+
+    # -- fetching --------------------------------------------------------------------------------------
+    def resolve(
+        self,
+        name: str,
+        alias: str | None = "production",
+        *,
+        version: int | None = None,
+        base_fingerprint: str | None = None,
+        verify_cached: bool = True,
+    ) -> Resolved:
+        """``name@alias`` (or ``name/version``) as a verified local folder in the cache.
+
+        Downloads go to a temporary folder, are checked (content hash, every file's sha256, base
+        fingerprint) and only then renamed into ``$cache/<content hash>``: a failed download never
+        leaves anything in the cache. A cached copy is re-verified unless ``verify_cached`` is False.
+        """
+        info = self.get_version(name, version=version) if version is not None else self.get_version(name, alias=alias)
+        digest = info.content_hash
+        if not digest:
+            raise RegistryError(f"{name}/{info.version} has no {TAG_CONTENT_HASH} tag: not published by meswitch")
+        tagged_base = info.tags.get("base_fingerprint")
+        if base_fingerprint is not None and tagged_base is not None and tagged_base != base_fingerprint:
+            raise IntegrityError(
+                f"{name}/{info.version} was made for base {tagged_base[:16]}…, not {base_fingerprint[:16]}…"
+            )
+        path = self._cached(info, digest, verify_cached)
+        manifest = verify(path) if verify_cached else read_manifest(path)
+        if base_fingerprint is not None and manifest.base_fingerprint != base_fingerprint:
+            raise IntegrityError(
+                f"{name}/{info.version} was made for base {str(manifest.base_fingerprint)[:16]}…, "
+                f"not {base_fingerprint[:16]}…"
+            )
+        return Resolved(name, info.version, path, manifest, digest, alias if version is None else None)
+
+    def _cached(self, info: VersionInfo, digest: str, verify_cached: bool) -> Path:
+        cache = self.config.cache_dir
+        final = cache / digest
+        if final.is_dir():
+            try:
+                if verify_cached:
+                    verify(final)
+                if content_hash(final) != digest:
+                    raise ArtifactError(f"{final}: content hash differs from its folder name")
+                return final
+            except ArtifactError as e:
+                log.warning("cached copy is damaged (%s); fetching it again", e)
+                aside = final.with_name(f".{digest}.damaged-{os.getpid()}.part")
+                with contextlib.suppress(OSError):  # another process may be replacing it too
+                    final.rename(aside)
+                shutil.rmtree(aside, ignore_errors=True)
+        cache.mkdir(parents=True, exist_ok=True)
+        _remove_stale_parts(cache)
+        store = store_for_location(info.source, self.config)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", suffix=".part", dir=cache))
+        what = f"{info.name}/{info.version} from {info.source}"
+        try:
+
+            def fetch() -> None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                store.fetch(info.source, tmp)
+
+            try:
+                with_retries(
+                    fetch,
+                    what=f"download of {what}",
+                    retries=self.config.retries,
+                    backoff_s=self.config.backoff_s,
+                    is_transient=store.is_transient,
+                )
+                got = content_hash(tmp)
+                if got != digest:
+                    raise IntegrityError(f"content hash {got[:16]}… is not the registered {digest[:16]}…")
+                verify(tmp)
+            except ArtifactError as e:
+                raise IntegrityError(f"download of {what} failed verification; nothing was cached: {e}") from e
+            except RegistryError as e:
+                raise type(e)(f"download of {what} failed; nothing was cached: {e}") from e
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not final.is_dir():  # else a concurrent resolver put the same content there first
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+    def pull(self, ref: str | Ref, out: Path | str, *, base_fingerprint: str | None = None) -> Resolved:
+        """Resolve ``NAME@ALIAS`` or ``NAME/VERSION`` and copy the verified folder to ``out`` (atomically)."""
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        if not (ref.alias or ref.version):
+            raise InvalidName(f"{ref}: say which version, as NAME@ALIAS or NAME/VERSION")
+        resolved = self.resolve(ref.name, ref.alias, version=ref.version, base_fingerprint=base_fingerprint)
+        out = Path(out)
+        with staging_dir(out) as tmp:
+            shutil.copytree(resolved.path, tmp, dirs_exist_ok=True)
+            manifest = verify(tmp)
+        return Resolved(resolved.name, resolved.version, out, manifest, resolved.content_hash, resolved.alias)
+
+
+def _remove_stale_parts(cache: Path, older_than_s: float = 24 * 3600) -> None:
+    """Downloads interrupted by a crash leave ``.<hash>.*.part`` folders behind; clear old ones."""
+    cutoff = time.time() - older_than_s
+    for part in cache.glob(".*.part"):
+        with contextlib.suppress(OSError):
+            if part.stat().st_mtime < cutoff:
+                shutil.rmtree(part, ignore_errors=True)

@@ -1,0 +1,389 @@
+"""Object storage for artifact folders: a local folder, or any S3-compatible server through boto3.
+
+Artifacts are stored by content: ``<root>/<model name>/<content hash>/<files>``. Writing the same
+artifact twice writes the same keys, so a retried upload completes the first instead of
+duplicating it, and a model version is only created once every stored checksum has been checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+from meswitch.artifacts import MANIFEST, ArtifactError, Manifest, sha256_file, verify
+from meswitch.registry.config import RegistryConfig
+from meswitch.registry.errors import AccessDenied, IntegrityError, NotFound, RegistryError
+from meswitch.registry.retry import chain
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int], None]
+
+
+def content_hash_of_manifest(manifest_bytes: bytes) -> str:
+    """The artifact's identity: sha256 over ``"<sha256>  <path>\\n"`` lines, sorted by path, of every
+    file in the folder, ``manifest.json`` included (its own sha256 over its bytes).
+
+    The manifest lists every other file's sha256, so this covers every byte of the artifact.
+    """
+    try:
+        files = dict(json.loads(manifest_bytes)["files"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{MANIFEST}: cannot read its file list ({e})") from e
+    files[MANIFEST] = hashlib.sha256(manifest_bytes).hexdigest()
+    listing = "".join(f"{digest}  {path}\n" for path, digest in sorted(files.items()))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def content_hash(folder: Path) -> str:
+    """Content hash of an artifact folder (from its manifest; ``verify`` checks the files themselves)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: no {MANIFEST}; not a meswitch artifact")
+    return content_hash_of_manifest(path.read_bytes())
+
+
+def artifact_files(manifest: Manifest) -> list[str]:
+    """Relative paths of an artifact's files, manifest last, each checked to stay inside the folder."""
+    for rel in manifest.files:
+        p = PurePosixPath(rel)
+        if not rel or p.is_absolute() or ".." in p.parts or "\\" in rel or rel == MANIFEST:
+            raise IntegrityError(f"{MANIFEST} lists an unsafe file path {rel!r}")
+    return [*sorted(manifest.files), MANIFEST]
+
+
+def _manifest_from_bytes(data: bytes, source: str) -> Manifest:
+    try:
+        return Manifest.from_dict(json.loads(data), source=source)
+    except ValueError as e:
+        raise IntegrityError(f"{source}: invalid JSON ({e})") from e
+
+
+class ObjectStore:
+    """Where artifact folders live. ``location`` URIs are what model versions record as ``source``."""
+
+    uri: str
+
+    def location(self, name: str, digest: str) -> str:
+        raise NotImplementedError
+
+    def put(self, folder: Path, location: str, progress: Progress | None = None, force: bool = False) -> None:
+        """Store the files of ``folder`` (already verified locally) at ``location``.
+
+        Files already stored with the right size and checksum are skipped unless ``force``.
+        """
+        raise NotImplementedError
+
+    def check(self, location: str, digest: str) -> Manifest:
+        """Read back every stored file and compare its sha256 with the manifest; return the manifest."""
+        raise NotImplementedError
+
+    def fetch(self, location: str, dest: Path) -> None:
+        """Copy the stored artifact into the empty folder ``dest`` (the caller verifies it)."""
+        raise NotImplementedError
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return False
+
+
+class LocalStore(ObjectStore):
+    """A folder on this machine (or a shared mount). The embedded default: ``$MESWITCH_HOME/artifacts``."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = self.root.as_uri()
+
+    def location(self, name: str, digest: str) -> str:
+        return (self.root / name / digest).as_uri()
+
+    @staticmethod
+    def path(location: str) -> Path:
+        parsed = urllib.parse.urlparse(location)
+        if parsed.scheme not in ("", "file"):
+            raise RegistryError(f"{location}: not a local file location")
+        return Path(urllib.parse.unquote(parsed.path) if parsed.scheme else location)
+
+    def put(self, folder: Path, location: str, progress: Progress | None = None, force: bool = False) -> None:
+        dest = self.path(location)
+        if dest.is_dir():
+            try:
+                if force:
+                    raise ArtifactError(f"{dest}: rewriting on request")
+                verify(dest)
+                return
+            except ArtifactError as e:
+                log.warning("replacing a stored copy: %s", e)
+                aside = dest.with_name(f".{dest.name}.damaged-{os.getpid()}")
+                dest.rename(aside)
+                shutil.rmtree(aside, ignore_errors=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
+        try:
+            manifest = _manifest_from_bytes((Path(folder) / MANIFEST).read_bytes(), str(folder))
+            for rel in artifact_files(manifest):
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(folder) / rel, target)
+                if progress:
+                    progress(target.stat().st_size)
+            _rename_unless_present(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def check(self, location: str, digest: str) -> Manifest:
+        dest = self.path(location)
+        if not dest.is_dir():
+            raise NotFound(f"{location}: the stored artifact is missing")
+        try:
+            manifest = verify(dest)
+        except ArtifactError as e:
+            raise IntegrityError(f"stored artifact failed verification: {e}") from e
+        if content_hash(dest) != digest:
+            raise IntegrityError(f"{location}: content hash differs from {digest[:16]}…")
+        return manifest
+
+    def fetch(self, location: str, dest: Path) -> None:
+        src = self.path(location)
+        if not (src / MANIFEST).is_file():
+            raise NotFound(f"{location}: the stored artifact is missing (no {MANIFEST})")
+        manifest = _manifest_from_bytes((src / MANIFEST).read_bytes(), location)
+        for rel in artifact_files(manifest):
+            if not (src / rel).is_file():
+                raise NotFound(f"{location}: stored file {rel} is missing")
+            target = Path(dest) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / rel, target)
+
+
+def _rename_unless_present(tmp: Path, dest: Path) -> None:
+    """Move ``tmp`` to ``dest`` atomically; if another writer got there first, keep theirs."""
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        if not dest.is_dir():
+            raise
+
+
+# Error codes an S3 server returns for refused credentials, for missing things, and for "try later".
+_DENIED = {
+    "403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+    "AuthorizationHeaderMalformed", "InvalidClientTokenId", "AllAccessDisabled",
+}  # fmt: skip
+_MISSING = {"404", "NoSuchKey", "NoSuchBucket", "NotFound", "NoSuchUpload"}
+_TRANSIENT = {"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed", "503"}
+
+
+def s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code carried by ``exc`` or anything in its chain, e.g. ``NoSuchKey``."""
+    from botocore.exceptions import ClientError
+
+    for e in chain(exc):
+        if isinstance(e, ClientError):
+            err = e.response.get("Error", {})
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = str(err.get("Code") or status or "")
+            if status and int(status) >= 500 and code not in _TRANSIENT:
+                return "InternalError"
+            return code
+    return None
+
+
+class S3Store(ObjectStore):
+    """An S3 bucket (AWS or any S3-compatible server such as SeaweedFS or MinIO) through boto3."""
+
+    def __init__(self, uri: str, config: RegistryConfig):
+        parsed = urllib.parse.urlparse(uri)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise RegistryError(f"{uri}: expected s3://bucket[/prefix]")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.config = config
+        self._client = None
+        self._transfer = None
+
+    # -- boto3 -------------------------------------------------------------------------------
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            cfg = self.config
+            session = boto3.session.Session(
+                aws_access_key_id=cfg.aws_access_key_id,
+                aws_secret_access_key=cfg.aws_secret_access_key,
+                aws_session_token=cfg.aws_session_token,
+                region_name=cfg.aws_region,
+            )
+            self._client = session.client(
+                "s3",
+                endpoint_url=cfg.s3_endpoint_url,
+                config=Config(
+                    s3={"addressing_style": "path" if cfg.s3_endpoint_url else "auto"},
+                    retries={"max_attempts": 3, "mode": "standard"},
+                    connect_timeout=5,
+                    read_timeout=60,
+                    max_pool_connections=max(10, 2 * cfg.s3_concurrency),
+                ),
+            )
+        return self._client
+
+    @property
+    def transfer(self):
+        if self._transfer is None:
+            from boto3.s3.transfer import TransferConfig
+
+            part = self.config.s3_part_bytes
+            self._transfer = TransferConfig(
+                multipart_threshold=part, multipart_chunksize=part, max_concurrency=self.config.s3_concurrency
+            )
+        return self._transfer
+
+    def where(self) -> str:
+        return f"{self.uri} at {self.config.s3_endpoint_url or 'AWS S3'}"
+
+    def is_transient(self, exc: BaseException) -> bool:
+        from botocore.exceptions import (
+            ConnectionError as BotoConnectionError,
+        )
+        from botocore.exceptions import (
+            HTTPClientError,
+            IncompleteReadError,
+            ResponseStreamingError,
+        )
+
+        code = s3_error_code(exc)
+        if code is not None:
+            return code in _TRANSIENT
+        transient = (
+            BotoConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError,
+            ConnectionError, TimeoutError,
+        )  # fmt: skip
+        return any(isinstance(e, transient) for e in chain(exc))
+
+    def _translate(self, exc: BaseException, what: str) -> BaseException:
+        """Turn a refused credential or a missing object into this module's errors; else keep it."""
+        code = s3_error_code(exc)
+        if code in _DENIED:
+            key = self.config.aws_access_key_id or "(from the default credential chain)"
+            return AccessDenied(
+                f"{what}: the object store {self.where()} refused the credentials ({code}; access key "
+                f"{key[:6]}…). Check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's permissions."
+            )
+        if code in _MISSING:
+            return NotFound(f"{what}: not found in {self.where()} ({code})")
+        return exc
+
+    def _split(self, location: str) -> tuple[str, str]:
+        parsed = urllib.parse.urlparse(location)
+        if parsed.scheme != "s3":
+            raise RegistryError(f"{location}: not an s3:// location")
+        return parsed.netloc, parsed.path.strip("/")
+
+    # -- ObjectStore ---------------------------------------------------------------------------
+    def location(self, name: str, digest: str) -> str:
+        return f"{self.uri}/{name}/{digest}"
+
+    def ping(self) -> None:
+        """Check that the bucket exists and the credentials are accepted."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as e:
+            raise self._translate(e, f"bucket {self.bucket}") from e
+
+    def put(self, folder: Path, location: str, progress: Progress | None = None, force: bool = False) -> None:
+        self.ping()
+        bucket, prefix = self._split(location)
+        folder = Path(folder)
+        manifest = _manifest_from_bytes((folder / MANIFEST).read_bytes(), str(folder))
+        for rel in artifact_files(manifest):  # manifest.json goes last
+            path = folder / rel
+            digest = manifest.files.get(rel) or sha256_file(path)
+            key = f"{prefix}/{rel}"
+            size = path.stat().st_size
+            if not force and self._stored(bucket, key, size, digest):
+                log.debug("s3://%s/%s is already stored", bucket, key)
+                continue
+            try:
+                self.client.upload_file(
+                    str(path), bucket, key,
+                    ExtraArgs={"Metadata": {"sha256": digest}},
+                    Config=self.transfer,
+                    Callback=progress,
+                )  # fmt: skip
+            except Exception as e:
+                raise self._translate(e, f"upload of s3://{bucket}/{key}") from e
+
+    def _stored(self, bucket: str, key: str, size: int, digest: str) -> bool:
+        try:
+            head = self.client.head_object(Bucket=bucket, Key=key)
+        except Exception as e:
+            if s3_error_code(e) in _MISSING:
+                return False
+            raise self._translate(e, f"s3://{bucket}/{key}") from e
+        return head.get("ContentLength") == size and head.get("Metadata", {}).get("sha256") == digest
+
+    def _read(self, bucket: str, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as e:
+            raise self._translate(e, f"s3://{bucket}/{key}") from e
+
+    def check(self, location: str, digest: str) -> Manifest:
+        bucket, prefix = self._split(location)
+        manifest_bytes = self._read(bucket, f"{prefix}/{MANIFEST}")
+        if content_hash_of_manifest(manifest_bytes) != digest:
+            raise IntegrityError(f"{location}/{MANIFEST}: content hash differs from {digest[:16]}…")
+        manifest = _manifest_from_bytes(manifest_bytes, f"{location}/{MANIFEST}")
+        for rel in artifact_files(manifest)[:-1]:
+            key = f"{prefix}/{rel}"
+            h = hashlib.sha256()
+            try:
+                body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+                for block in body.iter_chunks(1 << 20):
+                    h.update(block)
+            except Exception as e:
+                raise self._translate(e, f"s3://{bucket}/{key}") from e
+            if h.hexdigest() != manifest.files[rel]:
+                raise IntegrityError(
+                    f"s3://{bucket}/{key}: stored bytes have sha256 {h.hexdigest()[:12]}…, "
+                    f"the manifest says {manifest.files[rel][:12]}…"
+                )
+        return manifest
+
+    def fetch(self, location: str, dest: Path) -> None:
+        bucket, prefix = self._split(location)
+        manifest_bytes = self._read(bucket, f"{prefix}/{MANIFEST}")
+        manifest = _manifest_from_bytes(manifest_bytes, f"{location}/{MANIFEST}")
+        for rel in artifact_files(manifest)[:-1]:
+            target = Path(dest) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.client.download_file(bucket, f"{prefix}/{rel}", str(target), Config=self.transfer)
+            except Exception as e:
+                raise self._translate(e, f"s3://{bucket}/{prefix}/{rel}") from e
+        (Path(dest) / MANIFEST).write_bytes(manifest_bytes)
+
+
+def open_store(uri: str, config: RegistryConfig) -> ObjectStore:
+    """The store for a root URI (``s3://bucket/prefix``, ``file:///path`` or a plain path)."""
+    if uri.startswith("s3://"):
+        return S3Store(uri, config)
+    if "://" in uri and not uri.startswith("file://"):
+        raise RegistryError(f"artifact location {uri!r}: only s3:// and local folders are supported")
+    return LocalStore(LocalStore.path(uri))
+
+
+def store_for_location(location: str, config: RegistryConfig) -> ObjectStore:
+    """The store that holds a model version's ``source`` (it may differ from today's configured root)."""
+    if location.startswith("s3://"):
+        bucket = urllib.parse.urlparse(location).netloc
+        return S3Store(f"s3://{bucket}", config)
+    return LocalStore(LocalStore.path(location).parent)
