@@ -1,0 +1,248 @@
+"""Bounded load test of `meswitch serve` on loopback: concurrent OpenAI clients against a demo family on CPU.
+
+Builds (or reuses) the demo family, compresses its experts and trains an embedding router (both
+reused when present), starts `meswitch serve` as a subprocess on a free loopback port, runs
+``--clients`` concurrent clients for ``--seconds`` (a mix of every pinned expert and ``auto``,
+chat and text completions, streamed and not), then writes latencies (p50/p90/p99), time to first
+token, throughput and failures as JSON.
+
+    .venv/bin/python benchmarks/load_test.py --family out/demo-tiny --size tiny \
+        --clients 32 --seconds 30 --out benchmarks/results/serving-load-2026-11-22.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+
+def prepare(family: Path, size: str, work: Path) -> tuple[Path, list[Path], Path, list[str]]:
+    """The family, its compressed experts and a router; returns (base, artifacts, router, prompts)."""
+    from meswitch.artifacts import ArtifactError, verify
+    from meswitch.compression.api import CompressJob, run_compress
+    from meswitch.compression.calibration import CalibConfig
+    from meswitch.compression.expert import ExpertInfo
+    from meswitch.demo import build_family
+    from meswitch.expert_card import load_card
+    from meswitch.routing import RouterJob, train_router
+
+    root = build_family(family, size=size, seed=0)
+    artifacts = []
+    for folder in sorted((root / "experts").iterdir()):
+        card = load_card(folder)
+        out = work / "artifacts" / card.name
+        try:
+            verify(out)
+        except ArtifactError:
+            run_compress(CompressJob(base=root / "base", expert=folder, calib=card.calibration_path, out=out,
+                                     info=ExpertInfo(card.name, card.domain), calib_cfg=CalibConfig(samples=32),
+                                     device="cpu"))  # fmt: skip
+        artifacts.append(out)
+    router = work / "router"
+    try:
+        verify(router)
+    except ArtifactError:
+        experts = sorted((root / "experts").iterdir())
+        train_router(RouterJob(experts=experts, out=router, backend="embedding", device="cpu"))
+    prompts = [json.loads(line)["text"] for line in (root / "routing" / "test.jsonl").read_text().splitlines()]
+    return root / "base", artifacts, router, prompts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(base: Path, artifacts: list[Path], router: Path, port: int, threads: int, log: Path):
+    cmd = [sys.executable, "-c", "import sys; from meswitch.cli import main; sys.exit(main())", "serve",
+           "--base", str(base), "--experts", *map(str, artifacts), "--router", str(router),
+           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--threads", str(threads),
+           "--reload-interval", "0", "--max-concurrent", "128", "--max-batch", "32"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return proc, url, cmd
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError(f"server did not become healthy; see {log}")
+
+
+async def client_loop(i: int, url: str, models: list[str], prompts: list[str], deadline: float, records: list):
+    rng = random.Random(i)
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="load-test", max_retries=0, timeout=120)
+    k = 0
+    while time.monotonic() < deadline:
+        model = models[(i + k) % len(models)]
+        k += 1
+        chat, stream = rng.random() < 0.5, rng.random() < 0.5
+        text = rng.choice(prompts)
+        max_tokens = rng.randint(8, 32)
+        rec = {"client": i, "model": model, "chat": chat, "stream": stream, "max_tokens": max_tokens}
+        t0 = time.perf_counter()
+        try:
+            common = dict(model=model, max_tokens=max_tokens, temperature=0.7, seed=rng.randrange(1 << 30))
+            if chat:
+                call = client.chat.completions.create(messages=[{"role": "user", "content": text}], stream=stream,
+                                                      **common)  # fmt: skip
+            else:
+                call = client.completions.create(prompt=text, stream=stream, **common)
+            if stream:
+                first, n, answered = None, 0, None
+                async for chunk in await call:
+                    answered = chunk.model
+                    if chunk.choices:
+                        piece = chunk.choices[0].delta.content if chat else chunk.choices[0].text
+                        if piece and first is None:
+                            first = time.perf_counter() - t0
+                        n += 1 if piece else 0
+                rec.update(ttft_s=first, chunks=n, answered=answered)
+            else:
+                r = await call
+                rec.update(completion_tokens=r.usage.completion_tokens, answered=r.model)
+            rec["ok"] = True
+        except Exception as e:  # every failure is recorded, none stops the test
+            rec.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
+        rec["latency_s"] = time.perf_counter() - t0
+        records.append(rec)
+    await client.close()
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))], 4)
+
+
+def scrape(metrics: str, name: str) -> float:
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", type=Path, default=Path("out/demo-tiny"))
+    p.add_argument("--size", default="tiny")
+    p.add_argument("--work", type=Path, default=None, help="artifacts and router (default: FAMILY-serving)")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--threads", type=int, default=1, help="server torch threads")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/serving-load-2026-11-22.json"))
+    args = p.parse_args(argv)
+    work = args.work or args.family.with_name(args.family.name + "-serving")
+    base, artifacts, router, prompts = prepare(args.family, args.size, work)
+    port = free_port()
+    proc, url, cmd = start_server(base, artifacts, router, port, args.threads, work / "server.log")
+    try:
+        models = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"] if m["id"] != "base"]
+        load_before = os.getloadavg()
+        records: list[dict] = []
+        started = time.monotonic()
+        deadline = started + args.seconds
+
+        async def run() -> None:
+            await asyncio.gather(*(client_loop(i, url, models, prompts, deadline, records)
+                                   for i in range(args.clients)))  # fmt: skip
+
+        asyncio.run(run())
+        wall = time.monotonic() - started
+        load_after = os.getloadavg()
+        metrics = httpx.get(f"{url}/metrics").text
+        health = httpx.get(f"{url}/healthz").json()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    ok = [r for r in records if r["ok"]]
+    failed = [r for r in records if not r["ok"]]
+    lat = [r["latency_s"] for r in ok]
+    ttft = [r["ttft_s"] for r in ok if r.get("ttft_s") is not None]
+    tokens = scrape(metrics, "meswitch_completion_tokens_total")
+    steps = scrape(metrics, "meswitch_batch_rows_count")
+    rows = scrape(metrics, "meswitch_batch_rows_sum")
+    import torch
+    import transformers
+
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "what": "bounded load test of meswitch serve on loopback (CPU), demo family",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "server_command": " ".join(cmd[3:]),
+        "machine": {
+            "device": "cpu",
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in load_after],
+            "note": "a shared machine: the load average counts other users' processes too",
+        },
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "meswitch_git": rev},
+        "config": {
+            "family": str(args.family),
+            "size": args.size,
+            "clients": args.clients,
+            "seconds": args.seconds,
+            "server_threads": args.threads,
+            "models": models,
+            "max_tokens": "uniform 8..32",
+            "temperature": 0.7,
+            "mix": "50% chat / 50% completions, 50% streamed; models round-robin incl. auto",
+        },
+        "results": {
+            "requests": len(records),
+            "failed": len(failed),
+            "errors": sorted({r["error"] for r in failed})[:10],
+            "wall_seconds": round(wall, 2),
+            "requests_per_second": round(len(ok) / wall, 3),
+            "completion_tokens": int(tokens),
+            "completion_tokens_per_second": round(tokens / wall, 2),
+            "latency_seconds": {
+                "p50": pct(lat, 50),
+                "p90": pct(lat, 90),
+                "p99": pct(lat, 99),
+                "mean": round(statistics.mean(lat), 4) if lat else None,
+                "max": pct(lat, 100),
+            },
+            "time_to_first_token_seconds": {"p50": pct(ttft, 50), "p90": pct(ttft, 90), "p99": pct(ttft, 99)},
+            "forward_passes": int(steps),
+            "mean_sequences_per_forward": round(rows / steps, 2) if steps else None,
+            "by_model": {m: sum(1 for r in ok if r["model"] == m) for m in models},
+            "expert_switches": int(scrape(metrics, "meswitch_expert_switches_total")),
+            "resident": health["tiers"]["experts"],
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["results"], indent=2))
+    print(f"wrote {args.out}")
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

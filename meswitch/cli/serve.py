@@ -1,0 +1,123 @@
+"""`meswitch serve`: the OpenAI-style HTTP server over the base, every production expert and the router."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from meswitch.cli import CommandError
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve every production expert of one base through an OpenAI-style API (model=auto routes)",
+        description="Load the registry's production base, experts and router (or local folders with --base), "
+        "batch requests for different experts into one forward pass, and serve /v1/models, /v1/chat/completions, "
+        "/v1/completions, /healthz and /metrics. Alias moves are picked up by polling and POST /admin/reload.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    p.add_argument(
+        "--gpu-memory-budget",
+        type=float,
+        metavar="GB",
+        help="bytes of expert deltas kept on the compute device (GiB); the rest wait in host memory or on disk",
+    )
+    p.add_argument("--host-memory-budget", type=float, metavar="GB", help="GiB of packed deltas kept in host memory")
+    src = p.add_argument_group("what to serve (default: the registry's production aliases)")
+    src.add_argument("--alias", default="production", help="registry alias to serve (default production)")
+    src.add_argument("--base-name", help="registered base to serve when the registry holds several")
+    src.add_argument("--base", type=Path, help="serve local folders instead: the base model folder")
+    src.add_argument("--experts", type=Path, nargs="*", default=[], help="expert artifact folders, or folders of them")
+    src.add_argument("--router", type=Path, help="router artifact folder (enables model=auto)")
+    p.add_argument(
+        "--reload-interval", type=float, default=30.0, help="seconds between checks for moved aliases (0: only on POST)"
+    )
+    p.add_argument("--api-key", default=os.environ.get("MESWITCH_API_KEY"), help="bearer token (env MESWITCH_API_KEY)")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the model's context)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask (default 1024)")
+    p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before 429 (default 64)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences per forward pass (default 32)")
+    p.add_argument("--batch-window-ms", type=float, default=5.0, help="when idle, wait this long to batch (default 5)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=_serve)
+
+
+def _gib(value: float | None) -> int | None:
+    return None if value is None else int(value * (1 << 30))
+
+
+def _serve(args) -> int:
+    try:
+        import uvicorn
+
+        from meswitch.serving.api import Server, ServerConfig
+        from meswitch.serving.metrics import ServingMetrics
+    except ImportError as e:
+        raise CommandError(f"serving needs the 'serve' extra (pip install 'meswitch[serve]'): {e}") from e
+    import torch
+
+    from meswitch.serving.batching import SchedulerConfig
+    from meswitch.serving.engine import EngineConfig
+    from meswitch.serving.loader import LoadError, LocalSource, ModelManager, RegistrySource
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.base is not None:
+        source = LocalSource(args.base, args.experts, args.router)
+    else:
+        if args.experts or args.router:
+            raise CommandError("--experts and --router need --base (local folders); without it the registry is used")
+        try:
+            source = RegistrySource(alias=args.alias, base=args.base_name)
+        except ImportError as e:
+            raise CommandError(f"serving from the registry needs the 'registry' extra: {e}") from e
+    metrics = ServingMetrics()
+    manager = ModelManager(
+        source,
+        EngineConfig(
+            device=args.device,
+            dtype=args.dtype,
+            device_budget_bytes=_gib(args.gpu_memory_budget),
+            host_budget_bytes=_gib(args.host_memory_budget),
+        ),
+        SchedulerConfig(max_batch=args.max_batch, window_s=args.batch_window_ms / 1000),
+        router_device="cpu" if args.device == "auto" else args.device,
+        observer=metrics,
+    )
+    try:
+        manager.start()
+    except LoadError as e:
+        raise CommandError(f"nothing to serve from {source.describe()}: {e}") from e
+    manager.start_polling(args.reload_interval)
+    server = Server(
+        manager,
+        ServerConfig(
+            api_key=args.api_key,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_tokens_limit=args.max_tokens,
+            max_concurrent=args.max_concurrent,
+        ),
+        metrics,
+    )
+    dep = manager.current
+    log.info(
+        "serving %s (base %s, %d experts%s) on http://%s:%d",
+        source.describe(),
+        dep.base.name,
+        len(dep.experts),
+        ", router" if dep.router is not None else "",
+        args.host,
+        args.port,
+    )
+    try:
+        uvicorn.run(server.app, host=args.host, port=args.port, log_level="info")
+    finally:
+        manager.close()
+    return 0

@@ -1,0 +1,244 @@
+"""The mixed-expert engine: one base model, many compressed experts, one forward for a mixed batch.
+
+The base model is the stock transformers model (its attention, masks and KV cache untouched)
+with its linears, embedding, LM head and norms replaced by the mixed modules of
+:mod:`meswitch.serving.mixed`. Experts are added from verified artifact folders (checksums and
+base fingerprint checked by :func:`open_artifact`) into :class:`DeltaTiers`, which keeps their
+payloads on the device, in host memory or on disk.
+
+Imports torch, transformers and the core library only, so GPU benchmarks can use it alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from meswitch.artifacts import ArtifactError
+from meswitch.checkpoints import Checkpoint, scan
+from meswitch.compression.delta import CompressedDelta
+from meswitch.compression.quantize import QuantSpec
+from meswitch.compression.reconstruct import open_artifact
+from meswitch.serving.mixed import BatchExperts, Patched, patch_model, row_groups
+from meswitch.serving.tiers import DeltaTiers, ExpertSlot, TierObserver
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EngineError(Exception):
+    """An expert or base the engine cannot serve; the message says which tensor or file and why."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "auto"  # auto: the GPU when present
+    dtype: str = "auto"  # auto: float32 on CPU (exact), bfloat16 on a GPU
+    device_budget_bytes: int | None = None  # device tier; None: unlimited
+    host_budget_bytes: int | None = None  # host tier; None: unlimited
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise EngineError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+class MixedExpertEngine:
+    """The base model loaded once, patched so each batch row computes with its own expert's delta."""
+
+    def __init__(
+        self,
+        base_dir: str | Path,
+        config: EngineConfig | None = None,
+        base_fingerprint: str | None = None,
+        observer: TierObserver | None = None,
+    ):
+        from transformers import AutoModelForCausalLM
+
+        self.config = config or EngineConfig()
+        self.device = resolve_device(self.config.device)
+        self.dtype = resolve_dtype(self.config.dtype, self.device)
+        self.base_dir = Path(base_dir)
+        self.base = Checkpoint(self.base_dir)
+        self.spec = self.base.spec
+        self.fingerprint = base_fingerprint or scan(self.base).fingerprint
+        model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=self.dtype, attn_implementation="sdpa")
+        self.model = model.to(self.device).eval()
+        self.ctx = BatchExperts()
+        self.patched: Patched = patch_model(self.model, self.spec, self.ctx)
+        self.tiers = DeltaTiers(
+            self._build_payload,
+            self.device,
+            device_budget=self.config.device_budget_bytes,
+            host_budget=self.config.host_budget_bytes,
+            observer=observer,
+        )
+        self._forward_lock = threading.Lock()
+        self._index = itertools.count()
+        log.info("base %s on %s as %s (fingerprint %s…)", self.base_dir, self.device, self.dtype, self.fingerprint[:12])
+
+    @property
+    def base_vocab(self) -> int:
+        return self.patched.base_vocab
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    # ---- experts -----------------------------------------------------------------------------
+    def add_expert(self, folder: str | Path, name: str | None = None, version: str = "local") -> ExpertSlot:
+        """Verify an artifact against the loaded base and place its deltas in the tiers.
+
+        Refuses (ArtifactError/EngineError) an artifact with a bad checksum, made for another base,
+        or changing a tensor the engine has no mixed module for.
+        """
+        reader = open_artifact(Path(folder), self.base, self.fingerprint)
+        m = reader.manifest
+        if m.kind != "expert-delta":
+            raise ArtifactError(f"{folder}: artifact kind is {m.kind!r}, expected 'expert-delta'")
+        arch = m.metadata.get("architecture")
+        if arch and arch != self.base.architecture:
+            raise EngineError(f"{folder}: made for architecture {arch!r}, the base is {self.base.architecture!r}")
+        self._check_tensors(Path(folder), reader)
+        name = name or m.name
+        key = f"{name}@{version}"
+        if key in self.tiers.slots:
+            raise EngineError(f"expert {key} is already loaded")
+        vocab = int(m.metadata.get("expert_vocab") or self.base_vocab)
+        slot = ExpertSlot(
+            key=key,
+            name=name,
+            version=str(version),
+            index=next(self._index),
+            reader=reader,
+            vocab=vocab,
+            device_bytes_estimate=self._estimate_bytes(reader),
+            domain=m.domain,
+        )
+        self.tiers.add(slot)
+        return slot
+
+    def remove_expert(self, slot: ExpertSlot) -> None:
+        self.tiers.remove(slot)
+
+    def _check_tensors(self, folder: Path, reader) -> None:
+        roles = self.patched.roles
+        for name, h in reader.manifest.tensors.items():
+            if name in roles:
+                if h.get("extra_rows") and roles[name] not in ("embed", "lm_head"):
+                    raise EngineError(f"{folder}: tensor {name!r} has extra rows; only vocabulary tensors may")
+                continue
+            if h["kind"] == "fp16_delta" and not bool(reader.get(f"{name}.delta").any()):
+                continue  # a zero delta changes nothing
+            raise EngineError(
+                f"{folder}: the expert changes tensor {name!r}, which the serving engine cannot apply per row"
+            )
+        head = self.patched.lm_head
+        if head not in reader.manifest.tensors and not reader.manifest.metadata.get("tied_embeddings"):
+            raise EngineError(f"{folder}: no delta for {head!r} and the expert does not tie it to the embedding")
+
+    def _estimate_bytes(self, reader) -> int:
+        per = torch.finfo(self.dtype).bits // 8
+        total = 0
+        for h in reader.manifest.tensors.values():
+            rows, *rest = h["shape"]
+            cols = rest[0] if rest else 1
+            total += (rows + int(h.get("extra_rows", 0))) * cols * per
+        return total
+
+    def _build_payload(self, slot: ExpertSlot, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The compute-ready deltas of one expert: Δ̂ dequantized once, in the model dtype, on the device.
+
+        This is the dense reference payload (the fast CPU path); roles decide the layout each mixed
+        module expects.
+        """
+        dev, dt = self.device, self.dtype
+        roles = self.patched.roles
+        out: dict[str, torch.Tensor] = {}
+        for name, h in slot.manifest.tensors.items():
+            role = roles.get(name)
+            if role is None:
+                continue  # checked at load: a zero delta
+            if h["kind"] == "quantized":
+                spec = QuantSpec(bits=h["bits"], symmetric=h["symmetric"], group_size=h["group_size"])
+                parts = {k: v.to(dev, non_blocking=True) for k, v in host.items() if k.startswith(name + ".")}
+                delta = CompressedDelta.from_tensors(parts, name, h["shape"], spec).dequantize()
+            else:
+                delta = host[f"{name}.delta"].to(dev, non_blocking=True).float()
+            if role == "norm":
+                # The expert's own weight, rounded as the reconstructed checkpoint rounds it.
+                b = self.base.get(name, dev)
+                out[name] = (b.float() + delta).to(b.dtype).to(dt)
+                continue
+            if h.get("extra_rows"):
+                extra = host[f"{name}.extra_rows"].to(dev, non_blocking=True).float()
+                delta = torch.cat([delta, extra])
+            out[name] = delta.to(dt).contiguous()
+        head, embed = self.patched.lm_head, self.patched.embed
+        if head not in out and embed in out:
+            out[head] = out[embed]  # tied: the LM head is the (mixed) embedding
+        return out
+
+    # ---- compute -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def hold(self):
+        """Hold every forward pass until the block exits (maintenance, and tests that need a request mid-way)."""
+        with self._forward_lock:
+            yield
+
+    def groups(self, row_slots: Sequence[ExpertSlot | None]):
+        slots = {s.key: s for s in row_slots if s is not None}
+        payloads = {k: s.payload for k, s in slots.items()}
+        vocabs = {k: s.vocab for k, s in slots.items()}
+        return row_groups([s.key if s is not None else None for s in row_slots], payloads, vocabs, self.device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        row_slots: Sequence[ExpertSlot | None],
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Logits ``[B, T or logits_to_keep, V]`` where row i uses ``row_slots[i]`` (None: the base model).
+
+        V is the widest vocabulary among the rows; a row's columns past its expert's vocabulary are -inf.
+        """
+        if len(row_slots) != input_ids.shape[0]:
+            raise ValueError(f"{len(row_slots)} row experts for a batch of {input_ids.shape[0]} rows")
+        with self._forward_lock:
+            self.tiers.ensure(row_slots)
+            self.ctx.set(self.groups(row_slots), input_ids.shape[0])
+            try:
+                out = self.model(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                    position_ids=None if position_ids is None else position_ids.to(self.device),
+                    past_key_values=cache,
+                    use_cache=cache is not None,
+                    logits_to_keep=logits_to_keep,
+                )
+            finally:
+                self.ctx.clear()
+        return out.logits

@@ -1,0 +1,262 @@
+"""The base model's modules made mixed-expert: each row of a batch gets its own expert's delta.
+
+Every patched module computes the base output once for the whole batch and then adds, for each
+group of rows that share an expert, that expert's delta: ``y = x·W_bᵀ + x_e·Δ̂_eᵀ`` for linears,
+a per-row lookup for the embedding, a mixed linear with extra-vocabulary columns for the LM head,
+and per-row weights for RMS norms. Which rows belong to which expert is set on the shared
+:class:`BatchExperts` for the duration of one forward, so the stock transformers model code (its
+attention, rotary embeddings, masks and KV cache) runs unchanged.
+
+Only torch is needed here: the GPU benchmark imports this without fastapi or mlflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meswitch.checkpoints import ArchSpec
+
+# Norm classes whose forward MixedRMSNorm reproduces exactly (fp32 variance, cast, then weight *).
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+
+
+@dataclass
+class RowGroup:
+    """Rows ``rows`` (a slice when contiguous, else an index tensor) served by one expert's payload."""
+
+    payload: Mapping[str, torch.Tensor]
+    rows: slice | torch.Tensor
+    vocab: int  # the expert's vocabulary size (base rows plus its extra rows)
+    full: bool = False  # the group is the whole batch
+
+
+@dataclass
+class BatchExperts:
+    """The experts of the rows in the current forward; shared by every mixed module of one model."""
+
+    groups: list[RowGroup] = field(default_factory=list)
+    batch: int = 0
+    base_vocab: int = 0
+
+    def set(self, groups: list[RowGroup], batch: int) -> None:
+        self.groups, self.batch = groups, batch
+
+    def clear(self) -> None:
+        self.groups, self.batch = [], 0
+
+    @property
+    def vocab(self) -> int:
+        """Width of the logits: the largest vocabulary among the rows (never below the base's)."""
+        return max([self.base_vocab, *(g.vocab for g in self.groups)])
+
+
+def row_groups(row_keys: Sequence[object], payloads: Mapping[object, Mapping[str, torch.Tensor]], vocabs, device):
+    """Group batch rows by expert key (``None``: the base model, no delta)."""
+    where: dict[object, list[int]] = {}
+    for i, key in enumerate(row_keys):
+        if key is not None:
+            where.setdefault(key, []).append(i)
+    groups = []
+    for key, rows in where.items():
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        sel = slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, device=device)
+        groups.append(RowGroup(payloads[key], sel, vocabs[key], full=len(rows) == len(row_keys)))
+    return groups
+
+
+def _add_rows(y: torch.Tensor, rows, value: torch.Tensor) -> None:
+    if isinstance(rows, slice):
+        y[rows] += value
+    else:
+        y.index_add_(0, rows, value)
+
+
+def _take(x: torch.Tensor, rows) -> torch.Tensor:
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+class MixedLinear(nn.Module):
+    """``y = base(x) + x_e·Δ̂_eᵀ (+ δb_e)`` per group of rows; the payload holds Δ̂ in the compute dtype."""
+
+    def __init__(self, base: nn.Linear, weight_name: str, bias_name: str | None, ctx: BatchExperts):
+        super().__init__()
+        self.base = base
+        self.weight_name, self.bias_name = weight_name, bias_name
+        self.ctx = ctx
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers reads .weight.dtype/.device in places
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        for g in self.ctx.groups:
+            d = g.payload.get(self.weight_name)
+            b = g.payload.get(self.bias_name) if self.bias_name else None
+            if d is None and b is None:
+                continue
+            if g.full:
+                if d is not None:
+                    y = y + F.linear(x, d)
+                if b is not None:
+                    y = y + b
+                continue
+            part = F.linear(_take(x, g.rows), d) if d is not None else torch.zeros_like(_take(y, g.rows))
+            if b is not None:
+                part = part + b
+            _add_rows(y, g.rows, part)
+        return y
+
+
+class MixedEmbedding(nn.Module):
+    """Per-row lookup: base row plus the expert's delta row; ids past the base vocabulary take the expert's row."""
+
+    def __init__(self, base: nn.Embedding, name: str, ctx: BatchExperts):
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.ctx = ctx
+        self.base_vocab = base.num_embeddings
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        inside = ids < self.base_vocab
+        y = self.base(ids.clamp(max=self.base_vocab - 1))
+        if not bool(inside.all()):
+            y = y * inside.unsqueeze(-1).to(y.dtype)
+        for g in self.ctx.groups:
+            table = g.payload.get(self.name)  # [base_vocab + extra, H]: Δ̂ rows, then the added rows whole
+            if table is None:
+                continue
+            part = F.embedding(_take(ids, g.rows), table)
+            if g.full:
+                y = y + part
+            else:
+                _add_rows(y, g.rows, part)
+        return y
+
+
+class MixedLMHead(nn.Module):
+    """Logits over the widest vocabulary in the batch; columns an expert lacks are -inf for its rows."""
+
+    def __init__(self, base: nn.Linear, name: str, ctx: BatchExperts):
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.ctx = ctx
+        self.base_vocab = base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        y = self.base(h)
+        width = self.ctx.vocab
+        if width > self.base_vocab:
+            pad = torch.full((*y.shape[:-1], width - self.base_vocab), float("-inf"), dtype=y.dtype, device=y.device)
+            y = torch.cat([y, pad], dim=-1)
+        for g in self.ctx.groups:
+            table = g.payload.get(self.name)  # [base_vocab + extra, H]
+            if table is None:
+                continue
+            n = table.shape[0]
+            part = F.linear(_take(h, g.rows), table)
+            if isinstance(g.rows, slice):
+                if n > self.base_vocab:
+                    y[g.rows, ..., self.base_vocab : n] = 0
+                y[g.rows, ..., :n] += part
+            else:
+                if n > self.base_vocab:
+                    y[g.rows, ..., self.base_vocab : n] = 0
+                cur = y.index_select(0, g.rows)
+                cur[..., :n] += part
+                y.index_copy_(0, g.rows, cur)
+        return y
+
+
+class MixedRMSNorm(nn.Module):
+    """RMS norm with a per-row weight: the base weight, or the expert's full weight (base + δ)."""
+
+    def __init__(self, base: nn.Module, name: str, ctx: BatchExperts):
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.ctx = ctx
+        self.eps = base.variance_epsilon
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = h.to(dtype)
+        groups = [g for g in self.ctx.groups if self.name in g.payload]
+        if not groups:
+            return self.base.weight * h
+        if len(groups) == 1 and groups[0].full:
+            return groups[0].payload[self.name] * h
+        w = self.base.weight.expand(x.shape[0], -1).clone()
+        for g in groups:
+            if isinstance(g.rows, slice):
+                w[g.rows] = g.payload[self.name]
+            else:
+                w.index_copy_(0, g.rows, g.payload[self.name].expand(len(g.rows), -1))
+        return w.view(x.shape[0], *([1] * (x.dim() - 2)), -1) * h
+
+
+@dataclass
+class Patched:
+    """What patching found: tensor name -> role, so an expert's manifest can be checked against it."""
+
+    roles: dict[str, str]  # "linear" | "bias" | "embed" | "lm_head" | "norm"
+    base_vocab: int
+    lm_head: str
+    embed: str
+    tied: bool
+
+
+def patch_model(model: nn.Module, spec: ArchSpec, ctx: BatchExperts) -> Patched:
+    """Replace the modules of ``model`` whose tensors experts may change by their mixed versions, in place."""
+    roles: dict[str, str] = {}
+    decoder_linears = set(spec.linears)
+    embed_module = spec.embed.removesuffix(".weight")
+    head_module = spec.lm_head.removesuffix(".weight")
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    replacements: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if name == embed_module and isinstance(module, nn.Embedding):
+            replacements.append((name, MixedEmbedding(module, spec.embed, ctx)))
+            roles[spec.embed] = "embed"
+        elif name == head_module and isinstance(module, nn.Linear):
+            replacements.append((name, MixedLMHead(module, spec.lm_head, ctx)))
+            roles[spec.lm_head] = "lm_head"
+        elif isinstance(module, nn.Linear) and name.startswith(spec.layers + "."):
+            rel = name[len(spec.layers) + 1 :].partition(".")[2]
+            if rel in decoder_linears:
+                bias = f"{name}.bias" if module.bias is not None else None
+                replacements.append((name, MixedLinear(module, f"{name}.weight", bias, ctx)))
+                roles[f"{name}.weight"] = "linear"
+                if bias:
+                    roles[bias] = "bias"
+        elif type(module).__name__ in RMS_NORMS:
+            replacements.append((name, MixedRMSNorm(module, f"{name}.weight", ctx)))
+            roles[f"{name}.weight"] = "norm"
+    for name, new in replacements:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    base_vocab = model.get_input_embeddings().base_vocab
+    ctx.base_vocab = base_vocab
+    return Patched(roles=roles, base_vocab=base_vocab, lm_head=spec.lm_head, embed=spec.embed, tied=tied)

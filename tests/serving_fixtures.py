@@ -1,0 +1,115 @@
+"""Fixtures for the serving tests: the micro demo family, compressed, with a router; servers on loopback.
+
+``served_family`` builds once per session: ``build_family(size="micro")``, every expert compressed
+(2-bit, calibrated), an embedding router over the experts' domains, and a sealed ``base`` artifact
+for the registry test. Import the fixtures into a test module with
+``from serving_fixtures import served_family  # noqa: F401``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from meswitch.artifacts import Manifest, seal, staging_dir
+from meswitch.checkpoints import Checkpoint, scan
+from meswitch.compression.api import CompressJob, run_compress
+from meswitch.compression.calibration import CalibConfig
+from meswitch.compression.delta import DeltaConfig
+from meswitch.compression.expert import ExpertInfo
+from meswitch.expert_card import load_card
+
+CALIB = CalibConfig(samples=8, seq_len=64, batch_size=4)
+
+
+@dataclass
+class ServedFamily:
+    root: Path  # the demo family folder
+    base: Path
+    experts: dict[str, Path]  # expert name -> full expert folder
+    domains: dict[str, str]  # expert name -> domain
+    artifacts: dict[str, Path]  # expert name -> compressed artifact
+    router: Path
+    base_artifact: Path  # the base sealed as a kind="base" artifact (for the registry)
+
+    def artifact_dir(self) -> Path:
+        return next(iter(self.artifacts.values())).parent
+
+
+def compress(base: Path, expert: Path, out: Path, name: str, domain: str | None, **delta) -> Path:
+    """An expert artifact, compressed as the pipeline does (method meswitch, calibrated)."""
+    calib = expert / "calib.jsonl"
+    run_compress(
+        CompressJob(
+            base=base,
+            expert=expert,
+            calib=calib,
+            out=out,
+            info=ExpertInfo(name, domain),
+            delta=DeltaConfig(**delta),
+            calib_cfg=CALIB,
+            device="cpu",
+        )
+    )
+    return out
+
+
+def base_artifact(base: Path, out: Path, name: str = "micro") -> Path:
+    """The base model folder sealed as a ``kind="base"`` artifact (HF files at the top, fingerprint in the manifest)."""
+    fingerprint = scan(Checkpoint(base)).fingerprint
+    with staging_dir(out) as tmp:
+        for f in Path(base).iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        seal(tmp, Manifest(kind="base", name=name, base_fingerprint=fingerprint, source_fingerprint=fingerprint))
+    return out
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Small models on a shared 2-core machine run far faster (and steadier) on one intra-op thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+_lock = threading.Lock()
+
+
+@pytest.fixture(scope="session")
+def served_family(tmp_path_factory) -> ServedFamily:
+    from meswitch.demo import build_family
+    from meswitch.routing import RouterJob, train_router
+
+    with _lock, torch_threads(1):
+        work = tmp_path_factory.mktemp("served")
+        # A prebuilt micro family (same size and seed) may be named to skip the build while developing.
+        root = build_family(Path(os.environ.get("MESWITCH_SERVING_FAMILY", work / "family")), size="micro", seed=0)
+        experts, domains, artifacts = {}, {}, {}
+        for folder in sorted((root / "experts").iterdir()):
+            card = load_card(folder)
+            experts[card.name], domains[card.name] = folder, card.domain
+            artifacts[card.name] = compress(
+                root / "base", folder, work / "artifacts" / card.name, card.name, card.domain
+            )
+        router = work / "router"
+        train_router(RouterJob(experts=list(experts.values()), out=router, backend="embedding", device="cpu"))
+        return ServedFamily(
+            root=root,
+            base=root / "base",
+            experts=experts,
+            domains=domains,
+            artifacts=artifacts,
+            router=router,
+            base_artifact=base_artifact(root / "base", work / "base-artifact"),
+        )

@@ -1,0 +1,218 @@
+"""The mixed-expert engine against the reconstructed experts: logits, generation, tiers, refusals.
+
+Tolerance: on CPU in float32 the served logits equal the reconstructed expert's within
+``atol = rtol = 1e-4`` (measured differences are around 1e-6: the engine adds ``x·Δ̂ᵀ`` to
+``x·W_bᵀ`` where the reference multiplies by ``W_b + Δ̂`` rounded once).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import threading
+
+import pytest
+import torch
+from serving_fixtures import compress, served_family, torch_threads  # noqa: F401
+from tiny_models import calib_file, make_base, make_expert, save_model
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from meswitch.artifacts import ArtifactError
+from meswitch.checkpoints import Checkpoint
+from meswitch.compression.reconstruct import reconstruct
+from meswitch.serving.batching import LENGTH, STOP, GenRequest, Scheduler, SchedulerConfig
+from meswitch.serving.engine import EngineConfig, EngineError, MixedExpertEngine
+from meswitch.serving.tiers import DEVICE, DISK, HOST
+
+TOL = {"atol": 1e-4, "rtol": 1e-4}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def reconstructed(served_family, tmp_path_factory):  # noqa: F811
+    """Each expert as `meswitch reconstruct` writes it, loaded with transformers: the reference."""
+    out = tmp_path_factory.mktemp("reconstructed")
+    base = Checkpoint(served_family.base)
+    models = {}
+    for name, art in served_family.artifacts.items():
+        folder = reconstruct(base, art, out / name)
+        models[name] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    models[None] = AutoModelForCausalLM.from_pretrained(served_family.base, dtype=torch.float32).eval()
+    return models
+
+
+@pytest.fixture(scope="module")
+def engine(served_family):  # noqa: F811
+    eng = MixedExpertEngine(served_family.base, EngineConfig(device="cpu"))
+    slots = {name: eng.add_expert(art) for name, art in served_family.artifacts.items()}
+    return eng, slots
+
+
+def greedy(model, prompt: list[int], n: int, stop: set[int]) -> list[int]:
+    out, cache = [], DynamicCache()
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits
+        for _ in range(n):
+            tok = int(logits[0, -1].argmax())
+            if tok in stop:
+                break
+            out.append(tok)
+            logits = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits
+    return out
+
+
+def test_served_logits_equal_reconstructed_expert_alone_and_mixed(engine, reconstructed):
+    eng, slots = engine
+    names = sorted(slots)
+    ids = torch.randint(3, eng.base_vocab, (2 * len(names) + 1, 24), generator=torch.Generator().manual_seed(0))
+    # Each expert alone (the whole batch is one expert) ...
+    for name in names:
+        got = eng.forward(ids[:2], [slots[name]] * 2)
+        with torch.inference_mode():
+            want = reconstructed[name](input_ids=ids[:2]).logits
+        torch.testing.assert_close(got, want, **TOL)
+    # ... and every expert plus the base sharing one batch, interleaved so no group is contiguous.
+    rows = [slots[n] for n in names] * 2 + [None]
+    got = eng.forward(ids, rows)
+    for i, slot in enumerate(rows):
+        with torch.inference_mode():
+            want = reconstructed[slot.name if slot else None](input_ids=ids[i : i + 1]).logits[0]
+        torch.testing.assert_close(got[i], want, **TOL)
+    # The experts really differ from each other and from the base (the comparison above has teeth).
+    assert (got[0] - got[1]).abs().max() > 1e-2
+    assert (got[0] - got[-1]).abs().max() > 1e-2
+
+
+def test_continuous_batching_generates_what_each_expert_generates_alone(served_family, engine, reconstructed):  # noqa: F811
+    eng, slots = engine
+    sched = Scheduler(eng, SchedulerConfig(max_batch=6, max_prefill_tokens=96, window_s=0.002)).start()
+    rng = random.Random(1)
+    stop = {2}
+    jobs, outputs, finishes = [], {}, {}
+    done = threading.Semaphore(0)
+    for _ in range(16):
+        name = rng.choice([*sorted(slots), None])
+        prompt = [rng.randrange(3, eng.base_vocab) for _ in range(rng.randint(1, 30))]
+        jobs.append((name, prompt, rng.randint(1, 12)))
+    try:
+        for k, (name, prompt, n) in enumerate(jobs):
+            outputs[k] = []
+
+            def on_event(ev, k=k):
+                if ev.token is not None:
+                    outputs[k].append(ev.token)
+                if ev.finish:
+                    finishes[k] = ev.finish
+                    done.release()
+
+            sched.submit(GenRequest(prompt, slots[name] if name else None, n, on_event, stop_ids=frozenset(stop)))
+            if k % 3 == 0:
+                assert done.acquire(timeout=60)  # let some finish while others join: rows come and go
+                done.release()
+        for _ in jobs:
+            assert done.acquire(timeout=120)
+    finally:
+        sched.stop()
+    assert sched.steps < sum(n for *_, n in jobs)  # sequences shared forward passes
+    for k, (name, prompt, n) in enumerate(jobs):
+        want = greedy(reconstructed[name], prompt, n, stop)
+        assert outputs[k] == want, (k, name)
+        assert finishes[k] == (LENGTH if len(want) == n else STOP)
+
+
+def test_tiers_move_experts_by_lru_under_a_budget_and_stay_correct(served_family, reconstructed):  # noqa: F811
+    switches = []
+
+    class Obs:
+        def expert_switch(self, expert, source, seconds, nbytes):
+            switches.append((expert, source))
+
+        def tiers_changed(self, experts, nbytes, overshoot):
+            pass
+
+    probe = MixedExpertEngine(served_family.base, EngineConfig(device="cpu"))
+    one = probe.add_expert(next(iter(served_family.artifacts.values())))
+    budget = int(one.device_bytes * 1.5)  # room for one expert on the "device", none in host memory
+    eng = MixedExpertEngine(served_family.base, EngineConfig(device="cpu", device_budget_bytes=budget,
+                                                             host_budget_bytes=0), observer=Obs())  # fmt: skip
+    slots = [eng.add_expert(art) for art in served_family.artifacts.values()]
+    assert [s.tier for s in slots] == [DEVICE] + [DISK] * (len(slots) - 1)
+    ids = torch.randint(3, eng.base_vocab, (1, 10), generator=torch.Generator().manual_seed(3))
+    for s in [*slots, slots[0]]:
+        got = eng.forward(ids, [s])
+        with torch.inference_mode():
+            torch.testing.assert_close(got, reconstructed[s.name](input_ids=ids).logits, **TOL)
+        assert s.tier == DEVICE
+        assert sum(x.tier == DEVICE for x in slots) == 1
+        assert eng.tiers.used(DEVICE) <= budget
+    assert switches == [(s.name, DISK) for s in [*slots[1:], slots[0]]]
+    # A batch needing two experts overshoots the budget rather than stalling, and says so.
+    eng.forward(ids.expand(2, -1), slots[:2])
+    assert eng.tiers.overshoot > 0
+    # With host memory allowed, demoted experts wait there and come back from it.
+    eng.tiers.host_budget = None
+    eng.forward(ids, [slots[2]])
+    eng.forward(ids, [slots[0]])
+    assert slots[2].tier == HOST
+    eng.forward(ids, [slots[2]])
+    assert switches[-1] == (slots[2].name, HOST)
+
+
+def test_extended_vocabulary_and_base_rows_in_one_batch(tmp_path):
+    base = make_base(tmp_path / "base")
+    calib = calib_file(tmp_path / "calib.jsonl")
+    plain = make_expert(base, tmp_path / "plain", seed=3)
+    model = AutoModelForCausalLM.from_pretrained(plain)
+    model.resize_token_embeddings(model.config.vocab_size + 4)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[-4:] = torch.randn(4, model.config.hidden_size)
+        model.get_output_embeddings().weight[-4:] = 3 * torch.randn(4, model.config.hidden_size)
+    wide = save_model(model, tmp_path / "wide")
+    for name, folder in (("plain", plain), ("wide", wide)):
+        shutil.copy(calib, folder / "calib.jsonl")
+        compress(base, folder, tmp_path / f"art-{name}", name, None)
+    eng = MixedExpertEngine(base, EngineConfig(device="cpu"))
+    p, w = eng.add_expert(tmp_path / "art-plain"), eng.add_expert(tmp_path / "art-wide")
+    assert w.vocab == eng.base_vocab + 4
+    ids = torch.randint(3, eng.base_vocab, (3, 12), generator=torch.Generator().manual_seed(0))
+    ids[1, 5] = eng.base_vocab + 2  # a token only the wide expert has
+    got = eng.forward(ids, [p, w, None])
+    assert got.shape[-1] == eng.base_vocab + 4
+    refs = {}
+    for n in ("plain", "wide"):
+        folder = reconstruct(Checkpoint(base), tmp_path / f"art-{n}", tmp_path / f"rec-{n}")
+        refs[n] = AutoModelForCausalLM.from_pretrained(folder).eval()
+    base_model = AutoModelForCausalLM.from_pretrained(base).eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(got[0, :, : eng.base_vocab], refs["plain"](input_ids=ids[:1]).logits[0], **TOL)
+        torch.testing.assert_close(got[1], refs["wide"](input_ids=ids[1:2]).logits[0], **TOL)
+        torch.testing.assert_close(got[2, :, : eng.base_vocab], base_model(input_ids=ids[2:]).logits[0], **TOL)
+    assert torch.isneginf(got[[0, 2], :, eng.base_vocab :]).all()  # rows without those tokens never sample them
+
+
+def test_artifacts_for_another_base_or_tampered_are_refused(served_family, tmp_path):  # noqa: F811
+    eng = MixedExpertEngine(served_family.base, EngineConfig(device="cpu"))
+    other = make_base(tmp_path / "other-base")
+    shutil.copy(next(iter(served_family.experts.values())) / "calib.jsonl", tmp_path / "calib.jsonl")
+    expert = make_expert(other, tmp_path / "other-expert")
+    shutil.copy(tmp_path / "calib.jsonl", expert / "calib.jsonl")
+    foreign = compress(other, expert, tmp_path / "foreign", "foreign", None)
+    with pytest.raises(ArtifactError, match="made for base"):
+        eng.add_expert(foreign)
+    art = shutil.copytree(next(iter(served_family.artifacts.values())), tmp_path / "tampered")
+    shard = next(art.glob("delta-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        eng.add_expert(art)
+    assert not eng.tiers.slots
+    good = next(iter(served_family.artifacts.values()))
+    eng.add_expert(good)
+    with pytest.raises(EngineError, match="already loaded"):
+        eng.add_expert(good)
