@@ -46,9 +46,10 @@ def reconstructed(served_family, tmp_path_factory):  # noqa: F811
     return models
 
 
-@pytest.fixture(scope="module")
-def engine(served_family):  # noqa: F811
-    eng = MixedExpertEngine(served_family.base, EngineConfig(device="cpu"))
+@pytest.fixture(scope="module", params=["dense", "packed"])
+def engine(served_family, request):  # noqa: F811
+    """Dense: Δ̂ dequantized once per expert; packed: banked codes through mixed_delta (its reference on CPU)."""
+    eng = MixedExpertEngine(served_family.base, EngineConfig(device="cpu", payload=request.param))
     slots = {name: eng.add_expert(art) for name, art in served_family.artifacts.items()}
     return eng, slots
 
@@ -163,7 +164,8 @@ def test_tiers_move_experts_by_lru_under_a_budget_and_stay_correct(served_family
     assert switches[-1] == (slots[2].name, HOST)
 
 
-def test_extended_vocabulary_and_base_rows_in_one_batch(tmp_path):
+@pytest.mark.parametrize("payload", ["dense", "packed"])
+def test_extended_vocabulary_and_base_rows_in_one_batch(tmp_path, payload):
     base = make_base(tmp_path / "base")
     calib = calib_file(tmp_path / "calib.jsonl")
     plain = make_expert(base, tmp_path / "plain", seed=3)
@@ -176,7 +178,7 @@ def test_extended_vocabulary_and_base_rows_in_one_batch(tmp_path):
     for name, folder in (("plain", plain), ("wide", wide)):
         shutil.copy(calib, folder / "calib.jsonl")
         compress(base, folder, tmp_path / f"art-{name}", name, None)
-    eng = MixedExpertEngine(base, EngineConfig(device="cpu"))
+    eng = MixedExpertEngine(base, EngineConfig(device="cpu", payload=payload))
     p, w = eng.add_expert(tmp_path / "art-plain"), eng.add_expert(tmp_path / "art-wide")
     assert w.vocab == eng.base_vocab + 4
     ids = torch.randint(3, eng.base_vocab, (3, 12), generator=torch.Generator().manual_seed(0))

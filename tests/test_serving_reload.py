@@ -141,3 +141,25 @@ def test_registry_production_aliases_are_served_and_followed(served_family, s3_s
             ModelManager(LocalSource(other, [])).start()
     finally:
         manager.close()
+
+
+def test_a_new_base_without_loadable_experts_is_refused(tmp_path):
+    from tiny_models import calib_file, make_base, make_expert
+
+    old_base = make_base(tmp_path / "base-a")
+    expert = make_expert(old_base, tmp_path / "expert")
+    calib_file(expert / "calib.jsonl")
+    compress(old_base, expert, tmp_path / "arts" / "e", "e", "d")
+    live_base = tmp_path / "live-base"
+    _install(old_base, live_base)
+    manager = ModelManager(LocalSource(live_base, [tmp_path / "arts"]), EngineConfig(device="cpu"))
+    manager.start()
+    try:
+        before = manager.current
+        _install(make_base(tmp_path / "base-b", seed=7), live_base)  # the base moves; its experts are not there yet
+        report = manager.reload()
+        assert not report.changed and "no expert that loads" in report.error and "made for base" in report.error
+        assert manager.current is before and "e" in before.experts  # the old base and its expert keep serving
+        assert not manager.reload().changed  # and the refused base is not reloaded at every poll
+    finally:
+        manager.close()

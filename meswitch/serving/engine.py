@@ -18,6 +18,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,8 +27,9 @@ from meswitch.checkpoints import Checkpoint, scan
 from meswitch.compression.delta import CompressedDelta
 from meswitch.compression.quantize import QuantSpec
 from meswitch.compression.reconstruct import open_artifact
-from meswitch.serving.mixed import BatchExperts, Patched, patch_model, row_groups
-from meswitch.serving.tiers import DeltaTiers, ExpertSlot, TierObserver
+from meswitch.serving.banked import RowTable
+from meswitch.serving.mixed import EXTRA, BatchExperts, Patched, patch_model, row_groups
+from meswitch.serving.tiers import DeltaTiers, ExpertSlot, TierObserver, nbytes, stored_keys
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,10 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU (exact), bfloat16 on a GPU
     device_budget_bytes: int | None = None  # device tier; None: unlimited
     host_budget_bytes: int | None = None  # host tier; None: unlimited
+    # How resident deltas are held and applied: "dense" dequantizes each expert once (the fast CPU
+    # path); "packed" keeps the codes and calls meswitch.kernels.mixed_delta (Triton on a GPU, its
+    # PyTorch reference elsewhere); "auto": packed on CUDA, dense on CPU.
+    payload: str = "auto"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -52,6 +58,14 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EngineError(f"device {device!r} requested but CUDA is not available")
     return torch.device(device)
+
+
+def resolve_payload(kind: str, device: torch.device) -> str:
+    if kind == "auto":
+        return "packed" if device.type == "cuda" else "dense"
+    if kind not in ("dense", "packed"):
+        raise EngineError(f"payload must be auto, dense or packed, got {kind!r}")
+    return kind
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -85,12 +99,19 @@ class MixedExpertEngine:
         self.model = model.to(self.device).eval()
         self.ctx = BatchExperts()
         self.patched: Patched = patch_model(self.model, self.spec, self.ctx)
+        self.payload_kind = resolve_payload(self.config.payload, self.device)
+        self.banks = None
+        if self.payload_kind == "packed":
+            from meswitch.serving.banked import BankSet
+
+            self.banks = self.ctx.banks = BankSet()
         self.tiers = DeltaTiers(
             self._build_payload,
             self.device,
             device_budget=self.config.device_budget_bytes,
             host_budget=self.config.host_budget_bytes,
             observer=observer,
+            drop_payload=self._drop_payload,
         )
         self._forward_lock = threading.Lock()
         self._index = itertools.count()
@@ -157,6 +178,9 @@ class MixedExpertEngine:
             raise EngineError(f"{folder}: no delta for {head!r} and the expert does not tie it to the embedding")
 
     def _estimate_bytes(self, reader) -> int:
+        """Device bytes an expert's payload will take (before building it, to evict ahead of time)."""
+        if self.payload_kind == "packed":
+            return sum(v.numel() * v.element_size() for v in (reader.get(k) for k in stored_keys(reader)))
         per = torch.finfo(self.dtype).bits // 8
         total = 0
         for h in reader.manifest.tensors.values():
@@ -165,23 +189,42 @@ class MixedExpertEngine:
             total += (rows + int(h.get("extra_rows", 0))) * cols * per
         return total
 
-    def _build_payload(self, slot: ExpertSlot, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The compute-ready deltas of one expert: Δ̂ dequantized once, in the model dtype, on the device.
+    def _build_payload(self, slot: ExpertSlot, host: dict[str, torch.Tensor]) -> tuple[dict[str, Any], int]:
+        """The compute-ready deltas of one expert on the device, and the bytes they hold there.
 
-        This is the dense reference payload (the fast CPU path); roles decide the layout each mixed
-        module expects.
+        Dense: Δ̂ dequantized once in the model dtype. Packed: every quantized linear's codes join the
+        banks (one per linear and grid) that ``mixed_delta`` reads, and the embedding stays packed.
+        Norms, biases and added vocabulary rows are small and always dense.
         """
         dev, dt = self.device, self.dtype
         roles = self.patched.roles
-        out: dict[str, torch.Tensor] = {}
+        head, embed = self.patched.lm_head, self.patched.embed
+        out: dict[str, Any] = {}
+        banked: dict[str, CompressedDelta] = {}
         for name, h in slot.manifest.tensors.items():
             role = roles.get(name)
             if role is None:
                 continue  # checked at load: a zero delta
+            extra = None
+            if h.get("extra_rows"):
+                extra = host[f"{name}.extra_rows"].to(dev, non_blocking=True)
             if h["kind"] == "quantized":
                 spec = QuantSpec(bits=h["bits"], symmetric=h["symmetric"], group_size=h["group_size"])
                 parts = {k: v.to(dev, non_blocking=True) for k, v in host.items() if k.startswith(name + ".")}
-                delta = CompressedDelta.from_tensors(parts, name, h["shape"], spec).dequantize()
+                cd = CompressedDelta.from_tensors(parts, name, h["shape"], spec)
+                if self.banks is not None and role in ("linear", "lm_head", "embed"):
+                    if role == "embed":
+                        out[name] = RowTable(cd, None if extra is None else extra.to(dt), dt)
+                        if head not in slot.manifest.tensors:  # tied: the LM head is this delta
+                            banked[head] = cd
+                            if extra is not None:
+                                out[head + EXTRA] = extra.to(dt).contiguous()
+                    else:
+                        banked[name] = cd
+                        if extra is not None:
+                            out[name + EXTRA] = extra.to(dt).contiguous()
+                    continue
+                delta = cd.dequantize()
             else:
                 delta = host[f"{name}.delta"].to(dev, non_blocking=True).float()
             if role == "norm":
@@ -189,14 +232,19 @@ class MixedExpertEngine:
                 b = self.base.get(name, dev)
                 out[name] = (b.float() + delta).to(b.dtype).to(dt)
                 continue
-            if h.get("extra_rows"):
-                extra = host[f"{name}.extra_rows"].to(dev, non_blocking=True).float()
-                delta = torch.cat([delta, extra])
+            if extra is not None:
+                delta = torch.cat([delta, extra.float()])
             out[name] = delta.to(dt).contiguous()
-        head, embed = self.patched.lm_head, self.patched.embed
-        if head not in out and embed in out:
-            out[head] = out[embed]  # tied: the LM head is the (mixed) embedding
-        return out
+        if head not in out and head + EXTRA not in out and head not in banked and embed in out:
+            out[head] = out[embed]  # tied (dense): the LM head is the embedding's table
+        size = nbytes(out)
+        if banked:
+            size += self.banks.add(slot.key, banked)
+        return out, size
+
+    def _drop_payload(self, slot: ExpertSlot) -> None:
+        if self.banks is not None:
+            self.banks.remove(slot.key)
 
     # ---- compute -----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -229,7 +277,10 @@ class MixedExpertEngine:
             raise ValueError(f"{len(row_slots)} row experts for a batch of {input_ids.shape[0]} rows")
         with self._forward_lock:
             self.tiers.ensure(row_slots)
-            self.ctx.set(self.groups(row_slots), input_ids.shape[0])
+            row_banks = None
+            if self.banks is not None:
+                row_banks = [None if s is None else self.banks.index(s.key) for s in row_slots]
+            self.ctx.set(self.groups(row_slots), input_ids.shape[0], row_banks)
             try:
                 out = self.model(
                     input_ids=input_ids.to(self.device),

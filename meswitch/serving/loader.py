@@ -359,8 +359,7 @@ class ModelManager:
         if same_base:
             engine, scheduler, base = prev.engine, prev.scheduler, prev.base
         else:
-            engine = self._engine(res.base)
-            scheduler = Scheduler(engine, self.scheduler_config, observer=self._step_observer()).start()
+            engine, scheduler = self._engine(res.base), None
             tok = _tokenizer(res.base.path)
             base = ModelEntry(res.base.name, res.base.version, "base", None, tok, stop_ids_of(tok, engine.model.config))
             report.loaded.append(f"base {res.base.name}@{res.base.version}")
@@ -382,6 +381,12 @@ class ModelManager:
                     report.kept.append(name)
         if prev is not None:
             report.removed = sorted(set(prev.experts) - set(experts))
+            if not same_base and prev.experts and not experts:
+                raise LoadError(
+                    f"new base {res.base.name}@{res.base.version} has no expert that loads "
+                    f"({'; '.join(f'{k}: {v}' for k, v in sorted(report.refused.items())) or 'none registered'}); "
+                    f"keeping base {prev.base.name}@{prev.base.version} and its experts"
+                )
         router, router_ref = None, None
         if res.router is not None:
             old_ok = same_base and prev.router_ref is not None
@@ -396,6 +401,8 @@ class ModelManager:
                     report.refused["router"] = f"version {res.router.version} refused: {type(e).__name__}: {e}"
                     if old_ok:
                         router, router_ref = prev.router, prev.router_ref
+        if scheduler is None:
+            scheduler = Scheduler(engine, self.scheduler_config, observer=self._step_observer()).start()
         # The resolution is recorded as seen (refused versions included), so a refused version is
         # not retried at every poll, only when its alias moves again.
         self._generation += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from meswitch.checkpoints import ArchSpec
 
 # Norm classes whose forward MixedRMSNorm reproduces exactly (fp32 variance, cast, then weight *).
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+EXTRA = "#extra_rows"  # payload key suffix: an LM head's added rows, kept dense beside a banked delta
 
 
 @dataclass
@@ -37,17 +39,47 @@ class RowGroup:
 
 @dataclass
 class BatchExperts:
-    """The experts of the rows in the current forward; shared by every mixed module of one model."""
+    """The experts of the rows in the current forward; shared by every mixed module of one model.
+
+    ``groups`` drive the dense path (one matmul per expert group); ``row_banks`` (per row: the
+    grid and index of its expert in the packed banks, or None) drive ``mixed_delta``, one launch
+    per linear and grid for all the batch's banked experts.
+    """
 
     groups: list[RowGroup] = field(default_factory=list)
     batch: int = 0
     base_vocab: int = 0
+    banks: Any = None  # meswitch.serving.banked.BankSet when the packed payload is used
+    row_banks: list[tuple[Any, int] | None] = field(default_factory=list)
+    _rows: dict = field(default_factory=dict)
 
-    def set(self, groups: list[RowGroup], batch: int) -> None:
+    def set(self, groups: list[RowGroup], batch: int, row_banks: list | None = None) -> None:
         self.groups, self.batch = groups, batch
+        self.row_banks = row_banks or []
+        self._rows = {}
 
     def clear(self) -> None:
-        self.groups, self.batch = [], 0
+        self.groups, self.batch, self.row_banks, self._rows = [], 0, [], {}
+
+    def banked(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """``y += x·Δ̂ᵀ`` in place for every row whose expert is banked (``x`` [B, T, K], ``y`` [B, T, N])."""
+        if not self.row_banks or not any(self.row_banks):
+            return
+        from meswitch.kernels import ExpertRows, mixed_delta
+
+        tokens = x.shape[1] if x.dim() == 3 else 1
+        grids = {rb[0] for rb in self.row_banks if rb is not None}
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        for grid in grids:
+            bank = self.banks.grids[grid].banks.get(name)
+            if bank is None:
+                continue
+            rows = self._rows.get((grid, tokens))
+            if rows is None:
+                ids = [rb[1] if rb is not None and rb[0] == grid else -1 for rb in self.row_banks]
+                ids = torch.tensor(ids).repeat_interleave(tokens)
+                rows = self._rows[(grid, tokens)] = ExpertRows.from_ids(ids)
+            mixed_delta(x2, bank, rows, y2)
 
     @property
     def vocab(self) -> int:
@@ -95,6 +127,7 @@ class MixedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        self.ctx.banked(self.weight_name, x, y)
         for g in self.ctx.groups:
             d = g.payload.get(self.weight_name)
             b = g.payload.get(self.bias_name) if self.bias_name else None
@@ -136,7 +169,8 @@ class MixedEmbedding(nn.Module):
             table = g.payload.get(self.name)  # [base_vocab + extra, H]: Δ̂ rows, then the added rows whole
             if table is None:
                 continue
-            part = F.embedding(_take(ids, g.rows), table)
+            rows = _take(ids, g.rows)
+            part = F.embedding(rows, table) if isinstance(table, torch.Tensor) else table.lookup(rows)
             if g.full:
                 y = y + part
             else:
@@ -160,6 +194,7 @@ class MixedLMHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         y = self.base(h)
+        self.ctx.banked(self.name, h, y)
         width = self.ctx.vocab
         if width > self.base_vocab:
             pad = torch.full((*y.shape[:-1], width - self.base_vocab), float("-inf"), dtype=y.dtype, device=y.device)
@@ -167,6 +202,16 @@ class MixedLMHead(nn.Module):
         for g in self.ctx.groups:
             table = g.payload.get(self.name)  # [base_vocab + extra, H]
             if table is None:
+                extra = g.payload.get(self.name + EXTRA)  # banked experts: only their added rows are dense
+                if extra is not None:
+                    n = self.base_vocab + extra.shape[0]
+                    cols = F.linear(_take(h, g.rows), extra)
+                    if isinstance(g.rows, slice):
+                        y[g.rows, ..., self.base_vocab : n] = cols
+                    else:
+                        cur = y.index_select(0, g.rows)
+                        cur[..., self.base_vocab : n] = cols
+                        y.index_copy_(0, g.rows, cur)
                 continue
             n = table.shape[0]
             part = F.linear(_take(h, g.rows), table)

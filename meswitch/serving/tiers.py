@@ -92,15 +92,17 @@ def stored_keys(reader: DeltaReader) -> list[str]:
     return keys
 
 
-def nbytes(tensors: dict[str, torch.Tensor] | None) -> int:
+def nbytes(tensors: dict[str, Any] | None) -> int:
+    """Bytes held by a payload's tensors (objects with ``tensors()`` count theirs); aliases count once."""
     if not tensors:
         return 0
     seen, total = set(), 0
-    for t in tensors.values():
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:  # aliased entries (a tied lm_head) count once
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
+    for value in tensors.values():
+        for t in value.tensors() if hasattr(value, "tensors") else [value]:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:  # aliased entries (a tied lm_head) count once
+                seen.add(ptr)
+                total += t.untyped_storage().nbytes()
     return total
 
 
@@ -109,13 +111,15 @@ class DeltaTiers:
 
     def __init__(
         self,
-        build_payload: Callable[[ExpertSlot, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+        build_payload: Callable[[ExpertSlot, dict[str, torch.Tensor]], tuple[dict[str, Any], int]],
         device: torch.device,
         device_budget: int | None = None,
         host_budget: int | None = None,
         observer: TierObserver | None = None,
+        drop_payload: Callable[[ExpertSlot], None] | None = None,
     ):
-        self.build_payload = build_payload
+        self.build_payload = build_payload  # -> (payload, bytes it holds on the device)
+        self.drop_payload = drop_payload  # called when a payload leaves the device
         self.device = torch.device(device)
         self.device_budget = device_budget
         self.host_budget = host_budget
@@ -174,9 +178,14 @@ class DeltaTiers:
     def remove(self, slot: ExpertSlot) -> None:
         with self._lock:
             self.slots.pop(slot.key, None)
-            slot.payload, slot.host = None, None
-            slot.device_bytes = slot.host_bytes = 0
+            self._drop(slot)
+            slot.host, slot.host_bytes = None, 0
             self._report()
+
+    def _drop(self, slot: ExpertSlot) -> None:
+        if slot.payload is not None and self.drop_payload is not None:
+            self.drop_payload(slot)
+        slot.payload, slot.device_bytes = None, 0
 
     def _promote(self, slot: ExpertSlot, host: dict[str, torch.Tensor] | None, timed: bool = True) -> None:
         source = slot.tier
@@ -186,8 +195,7 @@ class DeltaTiers:
             size = nbytes(host)
             if self._fits(HOST, size) or self._evict(HOST, size, protect={slot.key}):
                 slot.host, slot.host_bytes = host, size
-        slot.payload = self.build_payload(slot, host)
-        slot.device_bytes = nbytes(slot.payload)
+        slot.payload, slot.device_bytes = self.build_payload(slot, host)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
@@ -205,7 +213,7 @@ class DeltaTiers:
             if self._fits(tier, need):
                 break
             if tier == DEVICE:
-                s.payload, s.device_bytes = None, 0
+                self._drop(s)
                 log.info("expert %s demoted to %s", s.key, s.tier)
             else:
                 s.host, s.host_bytes = None, 0
