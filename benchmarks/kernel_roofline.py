@@ -1,0 +1,278 @@
+"""Mixed-expert 2-bit delta kernel against its bytes floor, on Mistral-7B linear shapes (GPU).
+
+SYNTHETIC deltas (random codes, steps and corrections; 2-bit, per-channel, 1% salient columns):
+the bytes and shapes of real experts, not their values. Rows are grouped by expert (segments),
+spread evenly over the batch's experts.
+
+For each linear shape, row count and number of distinct experts in the batch it reports the
+median time of one launch (triton.testing.do_bench, input sets rotated so that a set's bytes are
+not in L2 from the previous call), the bytes moved (each active expert's packed delta with its
+steps and salient columns read once, x read, y read and written), the achieved bandwidth and its
+fraction of the device-to-device copy bandwidth measured in the same run, and speed-ups over (a)
+the naive PyTorch path (dequantize each expert's delta to bf16, then matmul) and (b) a dense bf16
+delta matmul per expert. ``ms`` times the delta op alone; ``base_plus_delta_ms`` adds the bf16
+base GEMM (torch) before it, with bytes counting the base weight too.
+
+    python benchmarks/kernel_roofline.py --out benchmarks/results/kernel_roofline-DATE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from meswitch.kernels import DeltaBank, ExpertRows
+from meswitch.kernels.layout import LAYOUT_V1
+from meswitch.kernels.triton_delta import choose_config, mixed_delta_triton
+
+SHAPES = {"q/o 4096x4096": (4096, 4096), "k/v 1024x4096": (1024, 4096), "gate/up 14336x4096": (14336, 4096),
+          "down 4096x14336": (4096, 14336)}  # fmt: skip
+ROWS = (1, 8, 32, 64, 256, 2048)
+EXPERTS = (1, 4, 8, 16)
+L2_BYTES = 50 * 2**20
+ROTATE_BYTES = 4 * L2_BYTES  # each timed call touches fresh bytes: rotate sets until this much
+
+
+def copy_bandwidth(nbytes: int = 2 * 2**30) -> float:
+    """Device-to-device copy, bytes read + written per second (GB/s)."""
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * nbytes / ms / 1e6
+
+
+def rows_for(rows: int, experts: int, first_expert: int) -> tuple[ExpertRows, list[tuple[int, int, int]]]:
+    """Rows grouped by expert, as even as possible: segments [(expert, start, end)]."""
+    per = [rows // experts + (1 if i < rows % experts else 0) for i in range(experts)]
+    starts = [0]
+    for c in per:
+        starts.append(starts[-1] + c)
+    segs = [(first_expert + i, starts[i], starts[i + 1]) for i in range(experts)]
+    return ExpertRows.from_segments(starts, [first_expert + i for i in range(experts)], device="cuda"), segs
+
+
+def naive_dequant_bf16(bank: DeltaBank, e: int) -> torch.Tensor:
+    """What one writes without a kernel (layout 1, int32 shifts): codes -> bf16 weights, salient added."""
+    n, k = bank.shape
+    vpw = 32 // bank.bits
+    shifts = torch.arange(vpw, device=bank.device, dtype=torch.int32) * bank.bits
+    codes = ((bank.packed[e].unsqueeze(-1) >> shifts) & ((1 << bank.bits) - 1)).view(n, -1)[:, :k]
+    scale, offset = bank.step_params(e)
+    g = scale.shape[1]
+    w = codes.to(torch.bfloat16).view(n, g, k // g) * scale.to(torch.bfloat16).unsqueeze(-1)
+    w = (w + offset.to(torch.bfloat16).unsqueeze(-1)).view(n, k)
+    w.index_add_(1, bank.salient_idx[e].long(), bank.salient_val[e].to(torch.bfloat16))
+    return w
+
+
+def graph_ms(launch, sets) -> float:
+    """GPU time per launch with no host overhead: one CUDA graph holds a launch on each input set
+    (so consecutive launches touch different memory), replayed under do_bench (median) / sets."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for s in sets:
+            launch(s)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for s in sets:
+            launch(s)
+    return do_bench(graph.replay, warmup=10, rep=100, return_mode="median") / len(sets)
+
+
+class Rotation:
+    """Callables over several input sets, one set per call, so timing never reads warm L2."""
+
+    def __init__(self, sets):
+        self.sets = sets
+        self.i = 0
+
+    def __call__(self, fn):
+        s = self.sets[self.i]
+        self.i = (self.i + 1) % len(self.sets)
+        fn(*s)
+
+
+def bench_case(bank, naive_bank, dense, base_ws, n, k, rows, experts, config, with_baselines=True):
+    per_expert = bank.nbytes_per_expert()
+    active = experts * per_expert
+    io_bytes = rows * k * 2 + 2 * rows * n * 2
+    sets_needed = max(1, math.ceil(ROTATE_BYTES / max(active + io_bytes, 1)))
+    nsets = max(1, min(sets_needed, bank.num_experts // experts, 16))
+    sets = []
+    for s in range(nsets):
+        er, segs = rows_for(rows, experts, s * experts)
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        y = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16) * 0.01
+        er.tiles((config or choose_config(bank, er, x.device)).block_m, x.device)
+        sets.append((x, y, er, segs))
+    rot = Rotation(sets)
+
+    def run_kernel(x, y, er, segs):
+        mixed_delta_triton(x, bank, er, y, config)
+
+    ms = do_bench(lambda: rot(run_kernel), warmup=25, rep=200, return_mode="median")
+    used = config or choose_config(bank, sets[0][2], sets[0][0].device)
+    out = {"ms": ms, "bytes": active + io_bytes, "rotation_sets": nsets, "config": used.__dict__}
+    out["graph_ms"] = graph_ms(lambda s: run_kernel(*s), sets)
+    if not with_baselines:
+        return out
+
+    def run_naive(x, y, er, segs):
+        for e, a, b in segs:
+            w = naive_dequant_bf16(naive_bank, e % naive_bank.num_experts)
+            y[a:b].addmm_(x[a:b], w.T)
+
+    def run_dense(x, y, er, segs):
+        for e, a, b in segs:
+            y[a:b].addmm_(x[a:b], dense[e % dense.shape[0]].T)
+
+    out["naive_ms"] = do_bench(lambda: rot(run_naive), warmup=10, rep=100, return_mode="median")
+    out["dense_ms"] = do_bench(lambda: rot(run_dense), warmup=10, rep=100, return_mode="median")
+
+    def run_base_delta(x, y, er, segs, wb):
+        torch.mm(x, wb.T, out=y)
+        mixed_delta_triton(x, bank, er, y, config)
+
+    def run_base(x, y, er, segs, wb):
+        torch.mm(x, wb.T, out=y)
+
+    rot_b = Rotation([(*s, base_ws[i % len(base_ws)]) for i, s in enumerate(sets)])
+    out["base_ms"] = do_bench(lambda: rot_b(run_base), warmup=10, rep=100, return_mode="median")
+    out["base_plus_delta_ms"] = do_bench(lambda: rot_b(run_base_delta), warmup=10, rep=100, return_mode="median")
+    out["base_bytes"] = n * k * 2
+    return out
+
+
+def check_once(bank, n, k):
+    """A quick kernel-vs-reference check on this bank before timing it."""
+    from meswitch.kernels import mixed_delta_reference
+
+    er, _ = rows_for(16, 4, 0)
+    x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(16, n, device="cuda", dtype=torch.bfloat16) * 0.01
+    ref = mixed_delta_reference(x, bank, er, y.clone()).float() - y.float()
+    got = mixed_delta_triton(x, bank, er, y.clone()).float() - y.float()
+    err = float((got - ref).norm() / ref.norm())
+    if not err < 1e-2:
+        raise RuntimeError(f"kernel disagrees with the reference: relative error {err:.2e}")
+    return err
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--rows", type=int, nargs="*", default=list(ROWS))
+    ap.add_argument("--experts", type=int, nargs="*", default=list(EXPERTS))
+    ap.add_argument("--no-baselines", action="store_true", help="time the kernel only")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    copy_gbps = copy_bandwidth()
+    print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)", flush=True)
+    results = []
+    for name in args.shapes:
+        n, k = SHAPES[name]
+        salient = round(0.01 * k)
+        probe = DeltaBank.random(1, (n, k), bits=2, salient=salient, device="cuda")
+        per_expert = probe.nbytes_per_expert()
+        del probe
+        pool = min(128, max(max(args.experts), math.ceil(ROTATE_BYTES / per_expert) * max(args.experts) // 4))
+        pool = max(pool, max(args.experts))
+        bank = DeltaBank.random(pool, (n, k), bits=2, salient=salient, device="cuda")
+        err = check_once(bank, n, k)
+        dense_count = max(args.experts) if n * k * 2 * max(args.experts) > ROTATE_BYTES else 16
+        naive_bank = DeltaBank.random(dense_count, (n, k), salient=salient, layout_version=LAYOUT_V1, device="cuda")
+        dense = torch.randn(dense_count, n, k, device="cuda", dtype=torch.bfloat16) * 0.01
+        base_ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+                   for _ in range(max(1, math.ceil(ROTATE_BYTES / (n * k * 2))))]  # fmt: skip
+        print(f"{name}: {pool} synthetic experts of {per_expert / 1e6:.2f} MB, check err {err:.1e}", flush=True)
+        for rows in args.rows:
+            for experts in args.experts:
+                if experts > rows:
+                    continue
+                r = bench_case(bank, naive_bank, dense, base_ws, n, k, rows, experts, None, not args.no_baselines)
+                gbps = r["bytes"] / r["ms"] / 1e6
+                row = {
+                    "shape": name,
+                    "n": n,
+                    "k": k,
+                    "rows": rows,
+                    "experts": experts,
+                    "ms": round(r["ms"], 5),
+                    "bytes": r["bytes"],
+                    "gbps": round(gbps, 1),
+                    "fraction_of_copy_bandwidth": round(gbps / copy_gbps, 3),
+                    "tflops": round(2 * rows * n * k / r["ms"] / 1e9, 1),
+                    "graph_ms": round(r["graph_ms"], 5),
+                    "graph_fraction_of_copy_bandwidth": round(r["bytes"] / r["graph_ms"] / 1e6 / copy_gbps, 3),
+                    "rotation_sets": r["rotation_sets"],
+                    "launch": r["config"],
+                }
+                if "naive_ms" in r:
+                    both = r["bytes"] + r["base_bytes"]
+                    row.update(
+                        speedup_vs_naive=round(r["naive_ms"] / r["ms"], 2),
+                        speedup_vs_dense_bf16=round(r["dense_ms"] / r["ms"], 2),
+                        naive_ms=round(r["naive_ms"], 4),
+                        dense_bf16_ms=round(r["dense_ms"], 4),
+                        base_ms=round(r["base_ms"], 5),
+                        base_plus_delta_ms=round(r["base_plus_delta_ms"], 5),
+                        base_plus_delta_gbps=round(both / r["base_plus_delta_ms"] / 1e6, 1),
+                        base_plus_delta_fraction=round(both / r["base_plus_delta_ms"] / 1e6 / copy_gbps, 3),
+                    )
+                results.append(row)
+                print(
+                    f"{name:20s} rows={rows:5d} experts={experts:2d} {r['ms'] * 1e3:8.1f} us "
+                    f"{gbps:7.0f} GB/s {gbps / copy_gbps:5.1%} graph {r['graph_ms'] * 1e3:7.1f} us "
+                    f"{row['graph_fraction_of_copy_bandwidth']:5.1%}"
+                    + (
+                        f"  naive x{row['speedup_vs_naive']:.1f} dense x{row['speedup_vs_dense_bf16']:.2f}"
+                        f"  base {row['base_ms'] * 1e3:.1f} us base+delta {row['base_plus_delta_ms'] * 1e3:.1f} us"
+                        if "naive_ms" in r
+                        else ""
+                    ),
+                    flush=True,
+                )
+        del bank, naive_bank, dense, base_ws
+        torch.cuda.empty_cache()
+        write_report(args.out, copy_gbps, results)  # after each shape: a cut-short run keeps its rows
+    print(f"wrote {args.out}")
+
+
+def write_report(out: Path, copy_gbps: float, results: list[dict]) -> None:
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "date": dt.date.today().isoformat(),
+        "command": " ".join(["python", *sys.argv]),
+        "data": "SYNTHETIC random 2-bit per-channel deltas, 1% salient columns (shapes and bytes of real experts)",
+        "timing": "ms: triton.testing.do_bench median of single launches (L2 flushed, input sets rotated), host "
+        "launch overhead included where it exceeds the flush; graph_ms: the same launches in one CUDA graph over "
+        "the rotated sets, per launch (GPU time only); both time the delta op alone",
+        "bytes_counted": "each active expert's packed codes + steps + salient idx/values once, x read, y read+write; "
+        "base_plus_delta adds the bf16 base weight",
+        "copy_bandwidth_gbps": round(copy_gbps, 1),
+        "rows": results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Launch-parameter sweep for the mixed-expert delta kernel (GPU), to set choose_config's rules.
+
+SYNTHETIC 2-bit per-channel deltas, 1% salient. Prints one line per (case, config) and writes
+JSON; the kernel alone is timed (do_bench median, L2 flushed and input sets rotated).
+
+    python benchmarks/kernel_sweep.py --out sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernel_roofline import SHAPES, bench_case, copy_bandwidth
+
+from meswitch.kernels import DeltaBank
+from meswitch.kernels.triton_delta import LaunchConfig
+
+CASES = [  # (shape, rows, experts)
+    ("q/o 4096x4096", 1, 1),
+    ("q/o 4096x4096", 16, 16),
+    ("q/o 4096x4096", 32, 4),
+    ("gate/up 14336x4096", 64, 16),
+    ("gate/up 14336x4096", 64, 1),
+    ("down 4096x14336", 8, 8),
+    ("q/o 4096x4096", 2048, 16),
+    ("gate/up 14336x4096", 2048, 1),
+]
+
+
+def configs_for(rows: int, experts: int) -> list[LaunchConfig]:
+    seg = -(-rows // experts)
+    out = []
+    if seg <= 64:
+        bm = 16 if seg <= 16 else 32 if seg <= 32 else 64
+        for bn, nw in ((64, 4), (128, 4), (256, 8)):
+            for st in (3, 4, 6):
+                out.append(LaunchConfig(block_n=bn, block_m=bm, num_warps=nw, num_stages=st, epilogue_scale=True))
+        out.append(LaunchConfig(block_m=bm, num_stages=4, epilogue_scale=False))
+        for sk in (2, 4, 8):
+            out.append(LaunchConfig(block_m=bm, num_stages=4, split_k=sk))
+    else:
+        for bm in (64, 128):
+            for bn, nw in ((128, 4), (128, 8), (256, 8)):
+                for st in (2, 3):
+                    out.append(LaunchConfig(block_n=bn, block_m=bm, num_warps=nw, num_stages=st, epilogue_scale=False))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--configs", help="JSON list of LaunchConfig fields, used for every decode case")
+    ap.add_argument("--decode-only", action="store_true")
+    ap.add_argument("--tag", default="", help="label written with each result (e.g. the environment)")
+    args = ap.parse_args(argv)
+    fixed = [LaunchConfig(**c) for c in json.loads(args.configs)] if args.configs else None
+    copy_gbps = copy_bandwidth()
+    print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
+    results = []
+    banks = {}
+    for shape, rows, experts in CASES:
+        if args.decode_only and rows > 64:
+            continue
+        n, k = SHAPES[shape]
+        if shape not in banks:
+            banks.clear()
+            torch.cuda.empty_cache()
+            banks[shape] = DeltaBank.random(64, (n, k), bits=2, salient=round(0.01 * k), device="cuda")
+        bank = banks[shape]
+        seg = -(-rows // experts)
+        bm = 16 if seg <= 16 else 32 if seg <= 32 else 64 if seg <= 64 else 128
+        todo = [LaunchConfig(**{**c.__dict__, "block_m": bm}) for c in fixed] if fixed else configs_for(rows, experts)
+        for cfg in todo:
+            try:
+                r = bench_case(bank, None, None, None, n, k, rows, experts, cfg, with_baselines=False)
+            except Exception as exc:  # a config the compiler or the device refuses: record and go on
+                print(f"{shape} rows={rows} E={experts} {cfg}: FAILED {type(exc).__name__}: {exc}"[:300], flush=True)
+                results.append({"shape": shape, "rows": rows, "experts": experts, "config": cfg.__dict__,
+                                "error": f"{type(exc).__name__}: {exc}"[:500]})  # fmt: skip
+                continue
+            gbps = r["bytes"] / r["ms"] / 1e6
+            results.append({"shape": shape, "rows": rows, "experts": experts, "config": cfg.__dict__, "tag": args.tag,
+                            "ms": r["ms"], "gbps": gbps, "fraction": gbps / copy_gbps})  # fmt: skip
+            print(
+                f"{shape:20s} rows={rows:5d} E={experts:2d} bn={cfg.block_n:3d} bm={cfg.block_m:3d} w={cfg.num_warps} "
+                f"st={cfg.num_stages} sk={cfg.split_k} epi={int(cfg.epilogue_scale)}: {r['ms'] * 1e3:8.1f} us "
+                f"{gbps:6.0f} GB/s {gbps / copy_gbps:5.1%}",
+                flush=True,
+            )
+    args.out.write_text(json.dumps({"copy_bandwidth_gbps": copy_gbps, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,455 @@
+"""Fused Triton kernels for the mixed-expert delta op (see :mod:`meswitch.kernels.reference`).
+
+One launch serves every expert of a batch. The grid is (N blocks, row tiles, K splits): a row tile
+is up to ``BLOCK_M`` rows of one expert (an :class:`ExpertRows` segment), so each program streams
+one expert's packed codes for ``BLOCK_N`` output channels once and applies them to all its rows.
+
+The product is computed transposed, ``accᵀ[BLOCK_N, BLOCK_M] = Δ̂_tile · x_tileᵀ``, so the dequantized
+weights are the tensor-core A operand and stay in registers (Hopper wgmma takes A from registers;
+x, the small operand, goes through shared memory). Codes are layout 2 (:mod:`.layout`): per K chunk
+one ``[BLOCK_N, 16]`` int32 tile, read as int16 pairs, copied asynchronously into shared memory and
+loaded once in the MMA operand layout; each of the chunk's planes is then one ``lop3`` per register
+(mask the two codes of a word's half-words and or in a bf16/fp16 exponent: ``bias + code`` in both
+halves, Marlin's trick) plus at most one shift per three planes. Two ways to finish:
+
+* ``EPILOGUE_SCALE`` (per-channel steps, decode): the MMA runs on ``bias + code`` as it is; the
+  epilogue removes the bias and applies ``scale`` and ``offset`` from row sums of x, so the loop
+  holds no per-weight float work at all:  ``y += s·(acc − Σ bias·x) + o·Σx``.
+* register scale (per-group steps, prefill): two packed FMAs per register give ``code·s + o`` in
+  bf16/fp16 before the MMA.
+
+Salient columns: ``x[:, idx]`` gathered by index times the fp16 corrections, one tf32 MMA per 32
+columns, added before the single rounded read-modify-write of y (or a bf16/fp16 atomic add when K
+is split). A generic kernel reads layout 1 for any bits (3 and 8 included) with per-value shifts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import constexpr_function
+
+from meswitch.kernels.bank import DeltaBank, ExpertRows
+from meswitch.kernels.layout import LAYOUT_V1, LAYOUT_V2, v2_chunk
+
+SALIENT_BLOCK = 32
+
+
+# ---------------------------------------------------------------------------------------------
+# compile-time helpers: the inline PTX of one plane
+
+
+@constexpr_function
+def _plane_consts(bits: int, p: int, is_bf16: bool) -> tuple[int, int, int, float]:
+    """(mask2, magic2, neg_bias2, bias) for plane p: the code pair sits at bits bits*q of each
+    half-word after a right shift by :func:`_shift_of`; or-ing in an exponent makes it bias + code."""
+    per_shift = 7 // bits  # codes that fit the 7 mantissa bits of bf16 (fp16 has 10)
+    q = p % per_shift
+    mask = ((1 << bits) - 1) << (bits * q)
+    exp = (127 + 7 - bits * q) if is_bf16 else (15 + 10 - bits * q)
+    magic = exp << (7 if is_bf16 else 10)
+    bias = float(2 ** (7 - bits * q)) if is_bf16 else float(2 ** (10 - bits * q))
+    neg = magic | 0x8000
+    return mask | (mask << 16), magic | (magic << 16), neg | (neg << 16), bias
+
+
+@constexpr_function
+def _shift_of(bits: int, p: int) -> int:
+    per_shift = 7 // bits
+    return bits * per_shift * (p // per_shift)
+
+
+@constexpr_function
+def _shift(bits, p):
+    return _shift_of(bits, p)
+
+
+@constexpr_function
+def _shift_asm(bits, p):
+    return f"shr.u32 $0, $1, {_shift_of(bits, p)};"
+
+
+@constexpr_function
+def _bias(bits, p, is_bf16):
+    return _plane_consts(bits, p, is_bf16)[3]
+
+
+@constexpr_function
+def _biased_asm(bits, p, is_bf16):
+    mask2, magic2, _, _ = _plane_consts(bits, p, is_bf16)
+    return f"lop3.b32 $0, $1, {mask2:#x}, {magic2:#x}, 0xEA;"
+
+
+@constexpr_function
+def _scaled_asm(bits, p, is_bf16):
+    mask2, magic2, neg2, _ = _plane_consts(bits, p, is_bf16)
+    one2 = 0x3F803F80 if is_bf16 else 0x3C003C00
+    op = "bf16x2" if is_bf16 else "f16x2"
+    return (
+        "{ .reg .b32 t, one, nb; "
+        f"lop3.b32 t, $1, {mask2:#x}, {magic2:#x}, 0xEA; "
+        f"mov.b32 one, {one2:#x}; mov.b32 nb, {neg2:#x}; "
+        f"fma.rn.{op} t, t, one, nb; "
+        f"fma.rn.{op} $0, t, $2, $3; }}"
+    )
+
+
+@triton.jit
+def _plane_source(words, BITS: tl.constexpr, p: tl.constexpr):
+    if _shift(BITS, p) > 0:
+        src = tl.inline_asm_elementwise(_shift_asm(BITS, p), "=r,r", [words], dtype=tl.int16, is_pure=True, pack=2)
+    else:
+        src = words
+    return src
+
+
+@triton.jit
+def _plane_biased(src, BITS: tl.constexpr, p: tl.constexpr, IS_BF16: tl.constexpr):
+    if IS_BF16:
+        w = tl.inline_asm_elementwise(
+            _biased_asm(BITS, p, True), "=r,r", [src], dtype=tl.bfloat16, is_pure=True, pack=2
+        )
+    else:
+        w = tl.inline_asm_elementwise(
+            _biased_asm(BITS, p, False), "=r,r", [src], dtype=tl.float16, is_pure=True, pack=2
+        )
+    return w
+
+
+@triton.jit
+def _plane_scaled(src, s, o, BITS: tl.constexpr, p: tl.constexpr, IS_BF16: tl.constexpr):
+    if IS_BF16:
+        w = tl.inline_asm_elementwise(
+            _scaled_asm(BITS, p, True), "=r,r,r,r", [src, s, o], dtype=tl.bfloat16, is_pure=True, pack=2
+        )
+    else:
+        w = tl.inline_asm_elementwise(
+            _scaled_asm(BITS, p, False), "=r,r,r,r", [src, s, o], dtype=tl.float16, is_pure=True, pack=2
+        )
+    return w
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _tile_rows(tiles_ptr, BLOCK_M: tl.constexpr):
+    """(expert, rows, row mask) of this program's row tile: three independent loads."""
+    base = tiles_ptr + tl.program_id(1) * (2 + BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    e = tl.load(base).to(tl.int64)
+    count = tl.load(base + 1)
+    rows = tl.load(base + 2 + offs_m).to(tl.int64)
+    return e, rows, offs_m < count
+
+
+@triton.jit
+def _prefetch(y_ptr, rows, stride_ym, offs_n, nmask, mmask, e, sidx_ptr, KMAX, SPLIT_K: tl.constexpr,
+              SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr):  # fmt: skip
+    """Loads the epilogue needs, issued before the main loop so their latency hides behind it."""
+    y_ptrs = y_ptr + rows[None, :] * stride_ym + offs_n[:, None]
+    ymask = nmask[:, None] & mmask[None, :]
+    if SPLIT_K == 1 and PREFETCH_Y:  # costs registers through the loop
+        yv = tl.load(y_ptrs, mask=ymask, other=0.0)
+    else:
+        yv = tl.zeros(y_ptrs.shape, dtype=y_ptr.dtype.element_ty)
+    so = tl.arange(0, SAL_BLOCK)
+    idx = tl.load(sidx_ptr + e * KMAX + so, mask=so < KMAX, other=0)
+    return y_ptrs, ymask, yv, idx
+
+
+@triton.jit
+def _salient_and_store(
+    out, x_rows, mmask, y_ptrs, ymask, yv, idx, offs_n, nmask, e, N, sidx_ptr, sval_ptr, KMAX,
+    SPLIT_K: tl.constexpr, SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr,
+):  # fmt: skip
+    """Add x[:, idx] · corrections (tf32 MMA; K split 0 only), then y += out, rounded once."""
+    if tl.program_id(2) == 0:
+        for s0 in range(0, KMAX, SAL_BLOCK):
+            so = s0 + tl.arange(0, SAL_BLOCK)
+            smask = so < KMAX
+            xs = tl.load(x_rows + idx[:, None], mask=smask[:, None] & mmask[None, :], other=0.0)
+            sv = tl.load(
+                sval_ptr + (e * N + offs_n[:, None]) * KMAX + so[None, :],
+                mask=nmask[:, None] & smask[None, :],
+                other=0.0,
+            )
+            nxt = so + SAL_BLOCK
+            idx = tl.load(sidx_ptr + e * KMAX + nxt, mask=nxt < KMAX, other=0)
+            out = tl.dot(sv.to(tl.float32), xs.to(tl.float32), out, input_precision="tf32")
+    if SPLIT_K == 1:
+        if not PREFETCH_Y:
+            yv = tl.load(y_ptrs, mask=ymask, other=0.0)
+        tl.store(y_ptrs, (yv.to(tl.float32) + out).to(yv.dtype), mask=ymask)
+    else:
+        tl.atomic_add(y_ptrs, out.to(yv.dtype), mask=ymask, sem="relaxed")
+
+
+@triton.jit
+def _steps_2d(
+    srow, orow, g, nmask, SYMMETRIC: tl.constexpr, HALF_LEVELS: tl.constexpr, DT: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """Step sizes of group g as [BLOCK_N, 32] tiles of x's dtype, for the packed FMA."""
+    s = tl.load(srow + g, mask=nmask, other=0.0).to(tl.float32)
+    if SYMMETRIC:  # noqa: SIM108 (Triton: a constexpr branch)
+        o = -s * HALF_LEVELS
+    else:
+        o = tl.load(orow + g, mask=nmask, other=0.0).to(tl.float32)
+    s2 = tl.broadcast_to(s.to(DT)[:, None], (BLOCK_N, 32))
+    o2 = tl.broadcast_to(o.to(DT)[:, None], (BLOCK_N, 32))
+    return s2, o2
+
+
+@triton.jit
+def _delta_v2_kernel(
+    x_ptr, y_ptr, w_ptr, scale_ptr, offset_ptr, sidx_ptr, sval_ptr, tiles_ptr,
+    N, K, G, KMAX, n_chunks, chunks_per_split, stride_xm, stride_ym,
+    BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, EPILOGUE_SCALE: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr,
+):  # fmt: skip
+    """Layout-2 codes (bits 1, 2, 4). w_ptr is the packed tensor viewed as int16."""
+    P: tl.constexpr = 16 // BITS
+    CHUNK: tl.constexpr = 32 * P
+    HALF_LEVELS: tl.constexpr = ((1 << BITS) - 1) / 2
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    IS_BF16: tl.constexpr = tl.bfloat16 == DT
+
+    e, rows, mmask = _tile_rows(tiles_ptr, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_t = tl.arange(0, 32)
+    w_tile = w_ptr + e * n_chunks * N * 32 + offs_n[:, None] * 32 + offs_t[None, :]
+    x_rows = x_ptr + rows[None, :] * stride_xm
+    srow = scale_ptr + (e * N + offs_n) * G
+    orow = offset_ptr + (e * N + offs_n) * G
+    y_ptrs, ymask, yv, idx = _prefetch(y_ptr, rows, stride_ym, offs_n, nmask, mmask, e, sidx_ptr, KMAX, SPLIT_K,
+                                       SAL_BLOCK, PREFETCH_Y)  # fmt: skip
+    if EPILOGUE_SCALE:
+        s = tl.load(srow, mask=nmask, other=0.0).to(tl.float32)
+        if SYMMETRIC:  # noqa: SIM108 (Triton: a constexpr branch)
+            o = -s * HALF_LEVELS
+        else:
+            o = tl.load(orow, mask=nmask, other=0.0).to(tl.float32)
+
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    xs = tl.zeros([32, BLOCK_M], dtype=tl.float32)
+    xb = tl.zeros([32, BLOCK_M], dtype=tl.float32)
+    if not EPILOGUE_SCALE and GROUP == 0:
+        s2, o2 = _steps_2d(srow, orow, 0, nmask, SYMMETRIC, HALF_LEVELS, DT, BLOCK_N)
+    c_begin = tl.program_id(2) * chunks_per_split
+    c_end = tl.minimum(c_begin + chunks_per_split, n_chunks)
+    for c in range(c_begin, c_end):
+        words = tl.load(w_tile + c * N * 32, mask=nmask[:, None], other=0)
+        for p in tl.static_range(P):
+            kk = c * CHUNK + p * 32 + offs_t
+            if EVEN_K:
+                xp = tl.load(x_rows + kk[:, None], mask=mmask[None, :], other=0.0)
+            else:
+                xp = tl.load(x_rows + kk[:, None], mask=mmask[None, :] & (kk[:, None] < K), other=0.0)
+            src = _plane_source(words, BITS, p)
+            if EPILOGUE_SCALE:
+                wp = _plane_biased(src, BITS, p, IS_BF16)
+                acc = tl.dot(wp, xp, acc)
+                xf = xp.to(tl.float32)
+                xs += xf
+                xb += xf * _bias(BITS, p, IS_BF16)
+            else:
+                if GROUP > 0 and (p == 0 or (p * 32) % GROUP == 0):  # a new step-size group starts here
+                    g = (c * CHUNK + p * 32) // GROUP
+                    s2, o2 = _steps_2d(srow, orow, g, nmask, SYMMETRIC, HALF_LEVELS, DT, BLOCK_N)
+                wp = _plane_scaled(src, s2, o2, BITS, p, IS_BF16)
+                acc = tl.dot(wp, xp, acc)
+
+    if EPILOGUE_SCALE:
+        sum_x = tl.sum(xs, axis=0)
+        sum_bx = tl.sum(xb, axis=0)
+        out = s[:, None] * (acc - sum_bx[None, :]) + o[:, None] * sum_x[None, :]
+    else:
+        out = acc
+    _salient_and_store(
+        out, x_rows, mmask, y_ptrs, ymask, yv, idx, offs_n, nmask, e, N, sidx_ptr, sval_ptr, KMAX,
+        SPLIT_K, SAL_BLOCK, PREFETCH_Y,
+    )  # fmt: skip
+
+
+@triton.jit
+def _delta_v1_kernel(
+    x_ptr, y_ptr, w_ptr, scale_ptr, offset_ptr, sidx_ptr, sval_ptr, tiles_ptr,
+    N, K, W, G, KMAX, stride_xm, stride_ym,
+    BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SAL_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Layout-1 codes, any bits and group size: per-value shift and convert (the generic path)."""
+    VPW: tl.constexpr = 32 // BITS
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    HALF_LEVELS: tl.constexpr = ((1 << BITS) - 1) / 2
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+
+    e, rows, mmask = _tile_rows(tiles_ptr, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + (e * N + offs_n) * W
+    x_rows = x_ptr + rows[None, :] * stride_xm
+    srow = scale_ptr + (e * N + offs_n) * G
+    orow = offset_ptr + (e * N + offs_n) * G
+    y_ptrs, ymask, yv, idx = _prefetch(
+        y_ptr, rows, stride_ym, offs_n, nmask, mmask, e, sidx_ptr, KMAX, 1, SAL_BLOCK, False
+    )
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        kmask = kk < K
+        wmask = nmask[:, None] & kmask[None, :]
+        words = tl.load(w_rows[:, None] + (kk // VPW)[None, :], mask=wmask, other=0)
+        codes = (words >> ((kk % VPW) * BITS)[None, :]) & LEVELS
+        if GROUP == 0:  # noqa: SIM108 (Triton: a constexpr branch)
+            g = tl.zeros([BLOCK_K], dtype=tl.int32)
+        else:
+            g = kk // GROUP
+        s = tl.load(srow[:, None] + g[None, :], mask=wmask, other=0.0).to(tl.float32)
+        if SYMMETRIC:  # noqa: SIM108 (Triton: a constexpr branch)
+            o = -s * HALF_LEVELS
+        else:
+            o = tl.load(orow[:, None] + g[None, :], mask=wmask, other=0.0).to(tl.float32)
+        w = (codes.to(tl.float32) * s + o).to(DT)
+        xk = tl.load(x_rows + kk[:, None], mask=kmask[:, None] & mmask[None, :], other=0.0)
+        acc = tl.dot(w, xk, acc)
+    _salient_and_store(
+        acc, x_rows, mmask, y_ptrs, ymask, yv, idx, offs_n, nmask, e, N, sidx_ptr, sval_ptr, KMAX,
+        1, SAL_BLOCK, False,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# wrapper
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Launch parameters; :func:`choose_config` picks them, benchmarks may pass their own."""
+
+    block_n: int = 128
+    block_m: int = 16
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+    epilogue_scale: bool = True
+    prefetch_y: bool = False
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _row_block(max_segment: int) -> int:
+    for bm in (16, 32, 64):
+        if max_segment <= bm:
+            return bm
+    return 128
+
+
+def choose_config(bank: DeltaBank, rows: ExpertRows, device: torch.device) -> LaunchConfig:
+    """Launch parameters from the sweeps on an H100 (benchmarks/kernel_sweep.py, NOTES-kernels.md).
+
+    Row block: the longest segment, 16 to 128. Decode (<= 64 rows per expert): 128 output channels
+    per program, 4 warps, 3 stages; steps in the epilogue up to 32 rows (per-channel grids), in
+    registers beyond. Prefill: 256 x 128 tiles and 8 warps, 128 x 128 when that leaves SMs idle.
+    K is split 2-4 ways when the grid is under about one program per SM: each program's serial
+    chain of per-plane MMAs, not bandwidth, bounds small grids. Cached per batch and bank shape.
+    """
+    key = ("config", bank.shape, bank.bits, bank.group_size, bank.layout_version, str(device))
+    cached = rows._tiles.get(key)
+    if cached is not None:
+        return cached
+    n, k = bank.shape
+    block_m = _row_block(rows.max_segment)
+    tiles = sum(-(-(b - a) // block_m) for a, b in itertools.pairwise(rows.seg_starts))
+    chunks = -(-k // v2_chunk(bank.bits)) if bank.layout_version == LAYOUT_V2 else 0
+    sms = _sm_count(device)
+    if bank.layout_version != LAYOUT_V2:
+        cfg = LaunchConfig(block_n=64, block_m=block_m, num_stages=2, epilogue_scale=False)
+    elif block_m > 64:
+        block_n = 256 if -(-n // 256) * tiles >= sms else 128
+        programs = -(-n // block_n) * max(tiles, 1)
+        split = max(1, min(4, -(-3 * sms // (2 * programs)), chunks // 4)) if programs < sms else 1
+        cfg = LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=8, num_stages=3,
+                           epilogue_scale=False)  # fmt: skip
+    else:
+        programs = -(-n // 128) * max(tiles, 1)
+        split = 4 if programs * 2 <= sms else 2 if programs <= 1.25 * sms else 1
+        split = max(1, min(split, chunks // 4))
+        cfg = LaunchConfig(block_n=128, block_m=block_m, split_k=split, num_warps=4, num_stages=3,
+                           epilogue_scale=block_m <= 32 and bank.group_size == 0)  # fmt: skip
+    rows._tiles[key] = cfg
+    return cfg
+
+
+def check_device_inputs(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor) -> None:
+    if not x.is_cuda:
+        raise ValueError("the Triton delta kernel needs CUDA tensors; use the reference on the CPU")
+    if y.device != x.device or bank.device != x.device:
+        raise ValueError(f"x ({x.device}), y ({y.device}) and the bank ({bank.device}) must be on one device")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the Triton delta kernel takes bf16 or fp16 activations, got {x.dtype}")
+    if x.stride(1) != 1 or y.stride(1) != 1:
+        raise ValueError("x and y must be contiguous along their last dimension")
+
+
+def mixed_delta_triton(
+    x: torch.Tensor,
+    bank: DeltaBank,
+    rows: ExpertRows,
+    y: torch.Tensor,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """``y[m] += x[m] · Δ̂_{e(m)}ᵀ`` in one launch; returns y. Inputs are checked by the caller
+    (:func:`meswitch.kernels.mixed_delta`) for shape, plus here for device and dtype."""
+    check_device_inputs(x, bank, y)
+    if rows.num_segments == 0 or x.shape[0] == 0:
+        return y
+    device = x.device
+    cfg = config or choose_config(bank, rows, device)
+    n, k = bank.shape
+    tiles = rows.tiles(cfg.block_m, device)
+    offset = bank.offset if bank.offset is not None else bank.scale  # never read when symmetric
+    sidx, sval = (bank.salient_idx, bank.salient_val) if bank.kmax else (tiles, bank.scale)  # never read
+    if bank.layout_version == LAYOUT_V2:
+        chunks = bank.packed.shape[1]
+        if cfg.epilogue_scale and bank.group_size != 0:
+            raise ValueError("epilogue scaling needs per-channel steps")
+        per_split = -(-chunks // cfg.split_k)
+        grid = (triton.cdiv(n, cfg.block_n), tiles.shape[0], -(-chunks // per_split))
+        _delta_v2_kernel[grid](
+            x, y, bank.packed.view(torch.int16), bank.scale, offset, sidx, sval, tiles,
+            n, k, bank.groups, bank.kmax, chunks, per_split, x.stride(0), y.stride(0),
+            BITS=bank.bits, GROUP=bank.group_size, SYMMETRIC=bank.offset is None,
+            EPILOGUE_SCALE=cfg.epilogue_scale, EVEN_K=k % v2_chunk(bank.bits) == 0,
+            SPLIT_K=grid[2], BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SAL_BLOCK=SALIENT_BLOCK,
+            PREFETCH_Y=cfg.prefetch_y,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    elif bank.layout_version == LAYOUT_V1:
+        grid = (triton.cdiv(n, cfg.block_n), tiles.shape[0], 1)
+        _delta_v1_kernel[grid](
+            x, y, bank.packed, bank.scale, offset, sidx, sval, tiles,
+            n, k, bank.packed.shape[2], bank.groups, bank.kmax, x.stride(0), y.stride(0),
+            BITS=bank.bits, GROUP=bank.group_size, SYMMETRIC=bank.offset is None,
+            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=64, SAL_BLOCK=SALIENT_BLOCK,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"unknown layout_version {bank.layout_version}")
+    return y

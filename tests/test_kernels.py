@@ -1,0 +1,359 @@
+"""The mixed-expert delta op: layouts, bank, reference (CPU) and the Triton kernel (CUDA only).
+
+CPU: the reference against a dense per-row dequantize-then-matmul built straight from
+``compress_delta``, for several bits, group sizes and expert mixes with base-only rows; layout
+round trips. GPU (skipped without CUDA): the kernel against the reference on fresh random inputs,
+decode and prefill shapes, 1-16 experts, base-only rows left bit-identical.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meswitch.compression.delta import DeltaConfig, compress_delta
+from meswitch.compression.quantize import pack
+from meswitch.kernels import (
+    LAYOUT_V1,
+    LAYOUT_V2,
+    DeltaBank,
+    ExpertRows,
+    mixed_delta,
+    mixed_delta_reference,
+    repack_v1_to_v2,
+    repack_v2_to_v1,
+)
+from meswitch.kernels.layout import pack_v2, unpack_codes, unpack_v2, v2_chunk
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA (runs on the GPU machine)")
+
+
+def _experts(num, n, k, config, seed):
+    g = torch.Generator().manual_seed(seed)
+    deltas = [torch.randn(n, k, generator=g) * 0.01 for _ in range(num)]
+    s = torch.rand(k, generator=g) + 0.1
+    return [compress_delta(d, s, config) for d in deltas]
+
+
+def _dense_per_row(x, y0, deltas, ids):
+    """float64 y0 + x[m] · Δ̂_{ids[m]}ᵀ from each CompressedDelta's own dequantize()."""
+    out = y0.double().clone()
+    for m, e in enumerate(ids):
+        if e >= 0:
+            out[m] += x[m].double() @ deltas[e].dequantize().double().T
+    return out
+
+
+# --------------------------------------------------------------------------------------- layout
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("k", [64, 256, 1000, 1024])
+def test_layout_v2_round_trip(bits, k):
+    g = torch.Generator().manual_seed(bits * 1000 + k)
+    codes = torch.randint(0, 1 << bits, (7, k), generator=g, dtype=torch.uint8)
+    v2 = pack_v2(codes, bits)
+    assert v2.shape == (-(-k // v2_chunk(bits)), 7, 16) and v2.dtype == torch.int32
+    assert torch.equal(unpack_v2(v2, bits, k), codes)
+    v1 = pack(codes, bits)
+    assert torch.equal(repack_v1_to_v2(v1, bits, k), v2)
+    assert torch.equal(repack_v2_to_v1(v2, bits, k), v1)
+
+
+def test_layout_v2_bit_positions():
+    """Word i of a chunk holds plane p's codes for positions p*32+2i (low half) and p*32+2i+1 (high)."""
+    bits, k = 2, 256
+    codes = torch.zeros(1, k, dtype=torch.uint8)
+    codes[0, 3 * 32 + 2 * 5] = 1  # plane 3, word 5, low half
+    codes[0, 6 * 32 + 2 * 9 + 1] = 2  # plane 6, word 9, high half
+    w = pack_v2(codes, bits)[0, 0]
+    assert int(w[5]) == 1 << (3 * bits)
+    assert int(w[9]) == 2 << (16 + 6 * bits)
+    assert int(w.count_nonzero()) == 2
+
+
+def test_layout_errors():
+    with pytest.raises(ValueError, match="layout 2 packs"):
+        pack_v2(torch.zeros(2, 64, dtype=torch.uint8), 3)
+    with pytest.raises(ValueError, match="unknown layout_version"):
+        unpack_codes(torch.zeros(2, 4, dtype=torch.int32), 2, 64, 7)
+
+
+# ----------------------------------------------------------------------------------------- bank
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        DeltaConfig(bits=2),
+        DeltaConfig(bits=2, group_size=32),
+        DeltaConfig(bits=4, symmetric=True),
+        DeltaConfig(bits=3, group_size=64),
+        DeltaConfig(bits=8),
+        DeltaConfig(method="bitdelta"),
+        DeltaConfig(bits=1, salient=0),
+    ],
+    ids=lambda c: f"{c.method}-b{c.bits}-g{c.group_size}-{'sym' if c.symmetric else 'asym'}",
+)
+def test_bank_dequantize_matches_compressed_delta(config):
+    deltas = _experts(3, 24, 128, config, seed=config.bits)
+    for version in (None, LAYOUT_V1):
+        bank = DeltaBank.from_compressed(deltas, layout_version=version)
+        for e, d in enumerate(deltas):
+            torch.testing.assert_close(bank.dequantize(e), d.dequantize(), rtol=0, atol=0)
+
+
+def test_bank_pads_salient_columns_and_picks_layout():
+    a = _experts(1, 16, 128, DeltaConfig(bits=2, salient=5), seed=1)[0]
+    b = _experts(1, 16, 128, DeltaConfig(bits=2, salient=0), seed=2)[0]
+    bank = DeltaBank.from_compressed([a, b])
+    assert bank.layout_version == LAYOUT_V2 and bank.kmax == 5
+    assert torch.equal(bank.salient_val[1], torch.zeros(16, 5, dtype=torch.float16))
+    torch.testing.assert_close(bank.dequantize(1), b.dequantize(), rtol=0, atol=0)
+    odd = _experts(1, 8, 96, DeltaConfig(bits=2, group_size=48), seed=3)
+    assert DeltaBank.from_compressed(odd).layout_version == LAYOUT_V1  # groups must cover whole planes
+    assert DeltaBank.from_compressed(_experts(1, 8, 64, DeltaConfig(bits=3), seed=4)).layout_version == LAYOUT_V1
+    v1 = bank.with_layout(LAYOUT_V1)
+    assert torch.equal(v1.with_layout(LAYOUT_V2).packed, bank.packed)
+
+
+def test_bank_rejects_mixed_experts():
+    a = _experts(1, 8, 64, DeltaConfig(bits=2), seed=1)[0]
+    with pytest.raises(ValueError, match="shape"):
+        DeltaBank.from_compressed([a, _experts(1, 8, 128, DeltaConfig(bits=2), seed=2)[0]])
+    with pytest.raises(ValueError, match="one quantization grid"):
+        DeltaBank.from_compressed([a, _experts(1, 8, 64, DeltaConfig(bits=4), seed=2)[0]])
+    with pytest.raises(ValueError, match="group_size"):
+        DeltaBank.from_compressed([a, _experts(1, 8, 64, DeltaConfig(bits=2, group_size=32), seed=2)[0]])
+    with pytest.raises(ValueError, match="at least one"):
+        DeltaBank.from_compressed([])
+
+
+def test_random_bank_is_consistent():
+    for bits, gs, k in [(2, 0, 512), (2, 128, 384), (4, 0, 200), (3, 0, 100)]:
+        bank = DeltaBank.random(
+            3, (16, k), bits=bits, group_size=gs, salient=4, generator=torch.Generator().manual_seed(0)
+        )
+        assert bank.dequantize(2).shape == (16, k)
+        if bank.layout_version == LAYOUT_V2:
+            v1 = bank.with_layout(LAYOUT_V1)
+            torch.testing.assert_close(v1.dequantize(1), bank.dequantize(1), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------ expert rows
+
+
+def test_expert_rows_from_ids_and_segments():
+    rows = ExpertRows.from_ids(torch.tensor([2, -1, 0, 2, 0, -1, 1]))
+    assert rows.num_rows == 7 and rows.seg_experts == [0, 1, 2] and rows.seg_starts == [0, 2, 3, 5]
+    assert rows.order.tolist() == [2, 4, 6, 0, 3]
+    assert rows.tiles(1, torch.device("cpu")).tolist() == [[0, 1, 2], [0, 1, 4], [1, 1, 6], [2, 1, 0], [2, 1, 3]]
+    assert rows.tiles(4, torch.device("cpu")).tolist() == [[0, 2, 2, 4, 0, 0], [1, 1, 6, 0, 0, 0], [2, 2, 0, 3, 0, 0]]
+    assert rows.max_segment == 2
+    seg = ExpertRows.from_segments([0, 3, 3, 5, 9], [1, 0, -1, 4], num_rows=10)
+    assert seg.seg_experts == [1, 4] and seg.order.tolist() == [0, 1, 2, 5, 6, 7, 8]
+    assert ExpertRows.from_ids([-1, -1]).num_segments == 0
+
+
+def test_expert_rows_errors():
+    with pytest.raises(ValueError, match=">= -1"):
+        ExpertRows.from_ids([0, -2])
+    with pytest.raises(ValueError, match="1-D"):
+        ExpertRows.from_ids(torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="integers"):
+        ExpertRows.from_ids(torch.zeros(3))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ExpertRows.from_segments([0, 4, 2], [0, 1])
+    with pytest.raises(ValueError, match="len"):
+        ExpertRows.from_segments([0, 4], [0, 1])
+
+
+# -------------------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        DeltaConfig(bits=2),
+        DeltaConfig(bits=2, group_size=32, salient=3),
+        DeltaConfig(bits=1, symmetric=True),
+        DeltaConfig(bits=3),
+        DeltaConfig(bits=4, group_size=64),
+        DeltaConfig(bits=8, salient=0),
+        DeltaConfig(method="bitdelta"),
+    ],
+    ids=lambda c: f"{c.method}-b{c.bits}-g{c.group_size}",
+)
+@pytest.mark.parametrize("ids", [[0], [1, -1, 0, 2, 2, -1, 1, 0], [-1, -1, -1], [3, 3, 3, 0]])
+def test_reference_matches_dense_per_row(config, ids):
+    n, k = 40, 128
+    deltas = _experts(4, n, k, config, seed=len(ids) + config.bits)
+    bank = DeltaBank.from_compressed(deltas)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(len(ids), k, generator=g)
+    y0 = torch.randn(len(ids), n, generator=g)
+    want = _dense_per_row(x, y0, deltas, ids)
+    got = mixed_delta_reference(x, bank, torch.tensor(ids), y0.clone())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    base_only = torch.tensor(ids) < 0
+    assert torch.equal(got[base_only], y0[base_only])
+
+
+def test_mixed_delta_on_cpu_uses_reference_and_checks_inputs():
+    deltas = _experts(2, 16, 64, DeltaConfig(bits=2), seed=5)
+    bank = DeltaBank.from_compressed(deltas)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    y = torch.zeros(3, 16, dtype=torch.bfloat16)
+    out = mixed_delta(x, bank, [0, 1, -1], y)
+    assert out is y and torch.equal(y[2], torch.zeros(16, dtype=torch.bfloat16))
+    want = _dense_per_row(x.float(), torch.zeros(3, 16), deltas, [0, 1, -1])
+    torch.testing.assert_close(y.double(), want, rtol=1e-2, atol=1e-3)
+    with pytest.raises(ValueError, match=r"x must be \[M, K=64\]"):
+        mixed_delta(torch.randn(3, 32, dtype=torch.bfloat16), bank, [0, 1, -1], y)
+    with pytest.raises(ValueError, match="y must be"):
+        mixed_delta(x, bank, [0, 1, -1], torch.zeros(3, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="dtype"):
+        mixed_delta(x, bank, [0, 1, -1], torch.zeros(3, 16))
+    with pytest.raises(ValueError, match="out of range"):
+        mixed_delta(x, bank, [0, 2, -1], y)
+    with pytest.raises(ValueError, match="describe 2 rows"):
+        mixed_delta(x, bank, [0, 1], y)
+    with pytest.raises(ValueError, match="backend"):
+        mixed_delta(x, bank, [0, 1, -1], y, backend="cuda")
+
+
+# -------------------------------------------------------------------------------------------- GPU
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _check_kernel(bank, ids, dtype=torch.bfloat16, config=None, seed=0):
+    """Kernel vs reference on fresh random x; base-only rows must stay bit-identical (NaN there)."""
+    from meswitch.kernels.triton_delta import mixed_delta_triton
+
+    n, k = bank.shape
+    m = len(ids)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+    y0 = (torch.randn(m, n, device="cuda", generator=g) * 0.01).to(dtype)
+    base_only = torch.tensor(ids, device="cuda") < 0
+    y0[base_only] = float("nan")  # poison: a write there shows up as a non-NaN
+    rows = ExpertRows.from_ids(torch.tensor(ids, device="cuda"))
+    ref = mixed_delta_reference(x, bank, rows, y0.clone())
+    got = mixed_delta_triton(x, bank, rows, y0.clone(), config)
+    torch.cuda.synchronize()
+    assert torch.isnan(got[base_only]).all(), "a base-only row was written"
+    live = ~base_only
+    if live.any():
+        assert torch.isfinite(got[live]).all(), "non-finite output"
+        # compare the deltas themselves (y0 is small), so an unwritten element fails
+        err = _rel(got[live].float() - y0[live].float(), ref[live].float() - y0[live].float())
+        assert err < 1e-2, f"relative error {err:.2e}"
+    return got
+
+
+def _ids(m, experts, base_only_every=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, experts, (m,), generator=g)
+    if base_only_every:
+        ids[::base_only_every] = -1
+    return ids.tolist()
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 5, 16, 33, 64])
+@pytest.mark.parametrize("experts", [1, 4, 8, 16])
+def test_kernel_decode_2bit_per_channel(m, experts):
+    bank = DeltaBank.random(16, (512, 1024), bits=2, salient=11, device="cuda")
+    _check_kernel(bank, _ids(m, experts, base_only_every=3 if m > 2 else 0, seed=m), seed=m * 31 + experts)
+
+
+@gpu
+@pytest.mark.parametrize("m", [300, 1024])
+@pytest.mark.parametrize("experts", [1, 4, 16])
+def test_kernel_prefill_2bit(m, experts):
+    bank = DeltaBank.random(16, (384, 768), bits=2, salient=8, device="cuda")
+    _check_kernel(bank, _ids(m, experts, base_only_every=7, seed=m), seed=m + experts)
+
+
+@gpu
+@pytest.mark.parametrize(
+    "bits,group_size,symmetric,k",
+    [
+        (2, 128, False, 1024),
+        (2, 64, True, 512),
+        (2, 512, False, 1024),
+        (2, 0, False, 1000),  # K not a multiple of the chunk
+        (4, 0, False, 512),
+        (4, 128, True, 512),
+        (1, 0, True, 1024),
+        (3, 0, False, 600),  # generic layout-1 path
+        (8, 64, False, 256),
+        (2, 48, False, 480),  # groups that do not cover whole planes: layout 1
+    ],
+)
+@pytest.mark.parametrize("m", [3, 40, 200])
+def test_kernel_bits_and_groups(bits, group_size, symmetric, k, m):
+    bank = DeltaBank.random(
+        4, (200, k), bits=bits, group_size=group_size, salient=5, symmetric=symmetric, device="cuda"
+    )
+    _check_kernel(bank, _ids(m, 4, base_only_every=4, seed=bits + m), seed=k + m)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_on_compressed_experts(dtype):
+    deltas = _experts(4, 256, 512, DeltaConfig(bits=2, salient=0.02), seed=11)
+    bank = DeltaBank.from_compressed(deltas, device="cuda")
+    ids = _ids(24, 4, base_only_every=5, seed=3)
+    got = _check_kernel(bank, ids, dtype=dtype, seed=5)
+    # and against the dense per-row product of the compressed experts themselves
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(24, 512, device="cuda", generator=g).to(dtype)
+    y0 = (torch.randn(24, 256, device="cuda", generator=g) * 0.01).to(dtype)
+    want = _dense_per_row(x.float().cpu(), y0.float().cpu(), deltas, ids)
+    live = torch.tensor(ids) >= 0
+    assert _rel(got[live].float().cpu() - y0[live].float().cpu(), want[live] - y0[live].double().cpu()) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("split_k", [2, 5])
+@pytest.mark.parametrize("block_m,epilogue", [(16, True), (32, True), (64, False), (128, False)])
+def test_kernel_launch_variants(split_k, block_m, epilogue):
+    from meswitch.kernels.triton_delta import LaunchConfig
+
+    bank = DeltaBank.random(8, (256, 2048), bits=2, salient=9, device="cuda")
+    cfg = LaunchConfig(block_m=block_m, split_k=split_k, epilogue_scale=epilogue, num_stages=3)
+    _check_kernel(bank, _ids(min(block_m, 40), 8, base_only_every=6, seed=block_m), config=cfg, seed=split_k)
+
+
+@gpu
+def test_kernel_rejects_bad_inputs():
+    from meswitch.kernels.triton_delta import mixed_delta_triton
+
+    bank = DeltaBank.random(2, (64, 256), device="cuda")
+    rows = ExpertRows.from_ids([0, 1])
+    x = torch.randn(2, 256, device="cuda", dtype=torch.bfloat16)
+    y = torch.zeros(2, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="CUDA"):
+        mixed_delta_triton(x.cpu(), bank, rows, y.cpu())
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        mixed_delta_triton(x.float(), bank, rows, y.float())
+    with pytest.raises(ValueError, match="one device"):
+        mixed_delta_triton(x, bank.to("cpu"), rows, y)
+    with pytest.raises(ValueError, match="contiguous"):
+        mixed_delta_triton(x.t().contiguous().t(), bank, rows, y)
+
+
+@gpu
+def test_mixed_delta_dispatches_to_triton():
+    bank = DeltaBank.random(3, (128, 512), salient=4, device="cuda")
+    x = torch.randn(6, 512, device="cuda", dtype=torch.bfloat16)
+    y = torch.zeros(6, 128, device="cuda", dtype=torch.bfloat16)
+    ids = torch.tensor([0, 2, -1, 1, 1, 0], device="cuda")
+    ref = mixed_delta(x, bank, ids, y.clone(), backend="reference")
+    got = mixed_delta(x, bank, ids, y.clone())
+    assert _rel(got.float(), ref.float()) < 1e-2
