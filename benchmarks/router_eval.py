@@ -1,0 +1,161 @@
+"""Router accuracy and latency on a demo family: both backends, fine-tuned vs un-fine-tuned MCQ, 4 then 5 domains.
+
+    .venv/bin/python benchmarks/router_eval.py --family out/demo-family-tiny \\
+        --out benchmarks/results/router-2026-11-22.json
+
+Trains (on the family's routing/train.jsonl lines and the experts' examples) and evaluates on the
+family's held-out routing/test.jsonl:
+
+- ``embedding``: the packaged all-MiniLM-L6-v2 + logistic regression;
+- ``mcq-finetuned``: the family's base LM fine-tuned as the multiple-choice router;
+- ``mcq-zero-shot``: the same base LM, not fine-tuned, on the same split (the paper's Figure 5);
+- with ``--extra`` (the family has ``extra/``): both backends retrained over five domains.
+
+Latency is per query (one query per call, as a serving request), p50/p99 over the test queries, on
+the device given (and on the GPU too where one is present and ``--gpu`` is set). The JSON records the
+device, torch threads, load average, versions and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from meswitch.routing import RouterJob, evaluate_router, load_router, read_labelled, train_router
+from meswitch.routing.dataset import routing_files
+from meswitch.routing.mcq import MCQConfig
+
+log = logging.getLogger("router_eval")
+
+
+def _versions() -> dict:
+    import sentence_transformers
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "sentence_transformers": sentence_transformers.__version__,
+    }
+
+
+def _queries(family: Path, out: Path) -> Path:
+    out.write_text("".join(p.read_text(encoding="utf-8") for p in routing_files(family, "test")), encoding="utf-8")
+    return out
+
+
+def _run(name: str, job: RouterJob, queries: list, devices: list[str], latency_limit: int) -> dict:
+    t0 = time.perf_counter()
+    manifest = train_router(job)
+    wall = time.perf_counter() - t0
+    entry = {
+        "backend": job.backend,
+        "domains": [d["domain"] for d in manifest.metadata["domains"]],
+        "train_seconds": manifest.metrics["train_seconds"],
+        "train_wall_seconds": round(wall, 2),
+        "train_examples": manifest.metrics["train_examples"],
+        "method": manifest.method,
+        "train_metrics": {k: v for k, v in manifest.metrics.items() if k != "heldout"},
+        "eval": {},
+    }
+    for device in devices:
+        router = load_router(job.out, device=device)
+        acc = evaluate_router(router, queries, latency=False)
+        lat = evaluate_router(router, queries[:latency_limit], latency=True)
+        entry["eval"][device] = {
+            **{k: v for k, v in acc.to_dict().items() if k != "latency_ms"},
+            "latency_ms": lat.latency_ms,
+            "latency_queries": lat.n,
+            "device_name": lat.device,
+        }
+        log.info("%s on %s: accuracy %.4f, p50 %.2f ms, p99 %.2f ms", name, device, acc.accuracy,
+                 lat.latency_ms["p50"], lat.latency_ms["p99"])  # fmt: skip
+    return entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", type=Path, required=True, help="a demo family folder (build_family)")
+    p.add_argument("--out", type=Path, required=True, help="result JSON")
+    p.add_argument("--work", type=Path, help="where router artifacts go (default: beside --out, in .router-work)")
+    p.add_argument("--epochs", type=int, default=None, help="MCQ SFT epochs (default: MCQConfig's)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--gpu", action="store_true", help="also measure on cuda when present")
+    p.add_argument("--extra", action="store_true", help="retrain over five domains (the family's extra/)")
+    p.add_argument("--latency-queries", type=int, default=200, help="queries timed one by one (default 200)")
+    p.add_argument("--only", default="embedding,mcq-finetuned,mcq-zero-shot", help="comma-separated runs")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = args.work or args.out.parent / ".router-work"
+    work.mkdir(parents=True, exist_ok=True)
+    queries = read_labelled(_queries(args.family, work / "test.jsonl"))
+    devices = ["cpu"] + (["cuda"] if args.gpu and torch.cuda.is_available() else [])
+    sft = {k: v for k, v in {"epochs": args.epochs, "lr": args.lr}.items() if v is not None}
+    runs = set(args.only.split(","))
+    four = [args.family / "experts"]
+    five = [*four, args.family / "extra"]
+    results: dict = {}
+    plan = [
+        ("embedding", RouterJob(four, work / "embedding-4", backend="embedding")),
+        ("mcq-finetuned", RouterJob(four, work / "mcq-ft-4", mcq=MCQConfig(**sft))),
+        ("mcq-zero-shot", RouterJob(four, work / "mcq-zs-4", mcq=MCQConfig(finetune="none"))),
+    ]
+    if args.extra:
+        plan += [
+            ("embedding-5-domains", RouterJob(five, work / "embedding-5", backend="embedding")),
+            ("mcq-finetuned-5-domains", RouterJob(five, work / "mcq-ft-5", mcq=MCQConfig(**sft))),
+        ]
+    for name, job in plan:
+        if name.replace("-5-domains", "") not in runs:
+            continue
+        log.info("run %s", name)
+        results[name] = _run(name, job, queries, devices, args.latency_queries)
+    family = json.loads((args.family / "family.json").read_text()) if (args.family / "family.json").is_file() else {}
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "family": {
+            "path": str(args.family),
+            "size": family.get("size"),
+            "seed": family.get("seed"),
+            "parameters": family.get("parameters"),
+        },
+        "test_queries": len(queries),
+        "host": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_at_end": os.getloadavg(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "versions": _versions(),
+        "results": results,
+    }
+    if "mcq-finetuned" in results and "mcq-zero-shot" in results:
+        report["finetuned_vs_zero_shot"] = {
+            dev: {
+                "finetuned": results["mcq-finetuned"]["eval"][dev]["accuracy"],
+                "zero_shot": results["mcq-zero-shot"]["eval"][dev]["accuracy"],
+            }
+            for dev in devices
+        }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

