@@ -84,14 +84,23 @@ def torch_threads(n: int):
 
 
 _lock = threading.Lock()
+_built: dict[str, ServedFamily] = {}
 
 
 @pytest.fixture(scope="session")
 def served_family(tmp_path_factory) -> ServedFamily:
+    """Built once per test session, however many modules import it (each import is its own fixture to pytest)."""
+    with _lock:
+        if "family" not in _built:
+            _built["family"] = _build(tmp_path_factory)
+        return _built["family"]
+
+
+def _build(tmp_path_factory) -> ServedFamily:
     from meswitch.demo import build_family
     from meswitch.routing import RouterJob, train_router
 
-    with _lock, torch_threads(1):
+    with torch_threads(1):
         work = tmp_path_factory.mktemp("served")
         # A prebuilt micro family (same size and seed) may be named to skip the build while developing.
         root = build_family(Path(os.environ.get("MESWITCH_SERVING_FAMILY", work / "family")), size="micro", seed=0)

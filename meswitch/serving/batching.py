@@ -82,6 +82,10 @@ class SchedulerConfig:
     max_batch: int = 32  # sequences in one forward
     max_prefill_tokens: int = 4096  # padded prompt tokens in one prefill forward
     window_s: float = 0.005  # when idle, wait this long for more requests before a prefill
+    # While sequences are decoding, waiting requests join (one prefill forward for all of them) once
+    # the oldest has waited this long, or at once when at least half as many wait as run: fewer,
+    # fuller prefills instead of one forward per arrival.
+    join_wait_s: float = 0.02
     idle_wait_s: float = 0.25
 
 
@@ -232,9 +236,21 @@ class Scheduler:
                 log.exception("batch step failed")
                 self._fail_all(f"{type(e).__name__}: {e}")
 
+    def _should_prefill(self) -> bool:
+        if not self._waiting:
+            return False
+        if self._batch is None:
+            return True
+        running = len(self._batch)
+        if running >= self.config.max_batch:
+            return False
+        if len(self._waiting) >= max(1, running // 2):
+            return True
+        return time.perf_counter() - self._waiting[0].created >= self.config.join_wait_s
+
     def _step(self) -> None:
         self._drop_cancelled()
-        if self._waiting and (self._batch is None or len(self._batch) < self.config.max_batch):
+        if self._should_prefill():
             if self._batch is None and self.config.window_s > 0 and len(self._waiting) < self.config.max_batch:
                 time.sleep(self.config.window_s)  # micro-batching window: let a burst arrive together
                 with self._cond:
