@@ -1,0 +1,181 @@
+"""Fixtures and helpers for the pipeline tests: a Prefect API, the micro demo family, inboxes, bad experts.
+
+``prefect_api`` starts Prefect's ephemeral API server once per session (PREFECT_HOME in a temporary
+folder) and exports PREFECT_API_URL, so Dask workers and served deployments in child processes reach
+the same server. ``pipeline_family`` is the micro family with its fifth (extra) domain; set
+MESWITCH_PIPELINE_FAMILY to a prebuilt one (same size and seed) to skip the build while developing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from meswitch.flows.runtime import QUIET
+
+FAST_CONFIG = {
+    "calibration": {"samples": 8, "seq_len": 64, "batch_size": 4},
+    "evaluation": {"limit": 12, "max_len": 128},
+    "io_retries": 1,
+    "io_retry_delay_s": 0.5,
+}
+# The tests are about the pipeline, not about how well 2-bit deltas of a 160k-parameter model do.
+LOOSE_GATES = {"max_kl": 0.5, "max_ppl_ratio": 1.5, "min_task_ratio": 0.0, "min_router_accuracy": 0.5}
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """Prefect's ephemeral API on loopback for the whole session; yields its URL."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = {**QUIET, "PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        from prefect.server.api.server import SubprocessASGIServer
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_HOME,
+            PREFECT_SERVER_ANALYTICS_ENABLED,
+            temporary_settings,
+        )
+
+        with temporary_settings(updates={PREFECT_HOME: home, PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+            server = SubprocessASGIServer()
+            server.start(timeout=180)
+            try:
+                mp.setenv("PREFECT_API_URL", server.api_url)
+                with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+                    yield server.api_url
+            finally:
+                server.stop()
+
+
+@pytest.fixture(scope="session")
+def pipeline_family(tmp_path_factory) -> Path:
+    from meswitch.demo import build_family
+
+    where = os.environ.get("MESWITCH_PIPELINE_FAMILY") or tmp_path_factory.mktemp("pipeline") / "family"
+    return build_family(Path(where), size="micro", seed=0, extra_domain=True)
+
+
+def write_config(folder: Path, gates: dict | None = None, **overrides) -> tuple[Path, Path]:
+    """A fast pipeline config and a gates file in ``folder``; returns (config, gates)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config, gates_file = folder / "pipeline.yaml", folder / "gates.yaml"
+    config.write_text(yaml.safe_dump({**FAST_CONFIG, **overrides}))
+    gates_file.write_text(yaml.safe_dump({**LOOSE_GATES, **(gates or {})}))
+    return config, gates_file
+
+
+def router_queries(family: Path, out: Path) -> Path:
+    """Held-out routing queries of all five domains in one file."""
+    lines = (family / "routing" / "test.jsonl").read_text().splitlines()
+    lines += (family / "routing" / "extra" / "test.jsonl").read_text().splitlines()
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def make_inbox(family: Path, inbox: Path, names: list[str]) -> Path:
+    inbox.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        src = family / "experts" / name
+        if not src.is_dir():
+            src = family / "extra" / name
+        shutil.copytree(src, inbox / name)
+    return inbox
+
+
+def _rename(folder: Path, name: str, domain: str | None = None) -> None:
+    card = yaml.safe_load((folder / "expert.yaml").read_text())
+    card["name"] = name
+    card["domain"] = domain or name
+    (folder / "expert.yaml").write_text(yaml.safe_dump(card, allow_unicode=True))
+
+
+def add_bad_experts(family: Path, inbox: Path) -> dict[str, str]:
+    """Five bad experts in ``inbox``; returns {inbox entry: a phrase its rejection reason must contain}."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    experts = family / "experts"
+    # A shard cut in half: not a readable safetensors file.
+    corrupt = inbox / "corrupt-shard"
+    shutil.copytree(experts / "math", corrupt)
+    _rename(corrupt, "corrupt-shard")
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    # Another architecture (Llama, not the base's Mistral).
+    wrong = inbox / "wrong-arch"
+    torch.manual_seed(3)
+    cfg = json.loads((family / "base" / "config.json").read_text())
+    llama = LlamaConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg["num_key_value_heads"], tie_word_embeddings=False,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(llama).save_pretrained(wrong)
+    for f in ("expert.yaml", "calib.jsonl", "eval.jsonl", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(experts / "code" / f, wrong / f)
+    _rename(wrong, "wrong-arch")
+    # No expert.yaml.
+    shutil.copytree(experts / "code", inbox / "no-card")
+    (inbox / "no-card" / "expert.yaml").unlink()
+    # NaN weights.
+    nan = inbox / "nan-weights"
+    shutil.copytree(experts / "english", nan)
+    _rename(nan, "nan-weights")
+    tensors = load_file(nan / "model.safetensors")
+    name = next(n for n in sorted(tensors) if n.endswith("mlp.down_proj.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, nan / "model.safetensors", metadata={"format": "pt"})
+    # Same shapes, but trained from another base: independent weights with the base's norms.
+    other = inbox / "other-base"
+    shutil.copytree(experts / "chinese", other)
+    _rename(other, "other-base")
+    tensors = load_file(other / "model.safetensors")
+    gen = torch.Generator().manual_seed(7)
+    for n, t in tensors.items():
+        if t.dim() == 2:
+            r = torch.randn(t.shape, generator=gen, dtype=torch.float32)
+            tensors[n] = (r * (t.float().norm() / r.norm())).to(t.dtype)
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    return {
+        "corrupt-shard": "not a readable safetensors file",
+        "wrong-arch": "architecture 'LlamaForCausalLM' differs",
+        "no-card": "no expert.yaml",
+        "nan-weights": "non-finite",
+        "other-base": "not a fine-tune of the base",
+    }
+
+
+def task_runs_since(t0: float) -> list[tuple[str, str]]:
+    """(task name, state name) of every task run that finished after ``t0`` (a time.time()), cached ones too."""
+    from datetime import UTC, datetime
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterEndTime
+
+    after = datetime.fromtimestamp(t0, tz=UTC)
+    flt = TaskRunFilter(end_time=TaskRunFilterEndTime(after_=after))
+    runs = []
+    with get_client(sync_client=True) as client:
+        while page := client.read_task_runs(task_run_filter=flt, limit=200, offset=len(runs)):
+            runs.extend(page)
+    return [(r.name.rsplit("-", 1)[0], r.state.name if r.state else "?") for r in runs]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what}: not after {timeout:.0f}s")

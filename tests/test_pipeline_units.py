@@ -1,0 +1,203 @@
+"""The pipeline's parts without a flow run: gates, config, the inbox (local and S3), the base check,
+the GPU concurrency limit, the deployments, and the CLI's argument checks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from pipeline_fixtures import prefect_api  # noqa: F401
+from tiny_models import calib_file, make_base, make_expert
+
+from meswitch.flows.config import load_config
+from meswitch.flows.gates import Gates, check_expert_gates, check_router_gates, load_gates
+
+# -- gates and config -----------------------------------------------------------------------------------
+
+
+def test_default_gates_come_from_the_packaged_file_which_matches_the_dataclass():
+    from meswitch.flows.gates import DEFAULT_GATES_FILE
+
+    assert load_gates() == Gates(**yaml.safe_load(DEFAULT_GATES_FILE.read_text())) == Gates()
+
+
+def test_gates_file_overrides_some_and_rejects_unknown_keys(tmp_path):
+    f = tmp_path / "g.yaml"
+    f.write_text("max_kl: 0.2\n")
+    gates = load_gates(f)
+    assert gates.max_kl == 0.2 and gates.max_ppl_ratio == load_gates().max_ppl_ratio
+    f.write_text("max_kll: 0.2\n")
+    with pytest.raises(ValueError, match="unknown gates \\['max_kll'\\]"):
+        load_gates(f)
+    f.write_text("max_kl: -1\n")
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        load_gates(f)
+
+
+def test_expert_gates_say_which_failed_and_why():
+    gates = Gates(max_kl=0.05, max_ppl_ratio=1.05, min_task_ratio=0.9)
+    ok = {"kl": 0.01, "ppl_ratio": 1.01, "task_score_expert": 0.5, "task_score_compressed": 0.5}
+    assert check_expert_gates(ok, gates).passed
+    bad = {"kl": 0.2, "ppl_ratio": 1.01, "task_score_expert": 0.5, "task_score_compressed": 0.25}
+    report = check_expert_gates(bad, gates)
+    assert not report.passed
+    assert report.reasons == ["max_kl: 0.2 is not <= 0.05", "min_task_ratio: 0.5 is not >= 0.9"]
+    assert report.to_dict()["max_kl"] == {"passed": False, "value": 0.2, "limit": 0.05}
+    # no task data, or a full expert that scores 0: the task gate is not applied, and says so
+    for scores in ({"task_score_expert": None, "task_score_compressed": None},
+                   {"task_score_expert": 0.0, "task_score_compressed": 0.0}):  # fmt: skip
+        r = check_expert_gates({"kl": 0.01, "ppl_ratio": 1.0, **scores}, gates)
+        assert r.passed and "not applied" in r.to_dict()["min_task_ratio"]["note"]
+    assert not check_expert_gates({"kl": float("nan"), "ppl_ratio": 1.0}, gates).passed
+    assert not check_router_gates(0.4, Gates(min_router_accuracy=0.6)).passed
+
+
+def test_config_sections_gates_and_unknown_keys(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump({"compression": {"bits": 3}, "gates": {"max_kl": 0.3}, "gpu_slots": 2}))
+    gates = tmp_path / "g.yaml"
+    gates.write_text("max_kl: 0.4\n")
+    cfg = load_config(f)
+    assert (cfg.compression.bits, cfg.compression.method, cfg.gates.max_kl, cfg.gpu_slots) == (3, "meswitch", 0.3, 2)
+    assert load_config(f, gates).gates.max_kl == 0.4  # the gates file has the last word
+    assert cfg.digest("compression") != load_config().digest("compression")
+    assert cfg.digest("evaluation") == load_config().digest("evaluation")
+    f.write_text(yaml.safe_dump({"compression": {"bitz": 3}}))
+    with pytest.raises(ValueError, match="unknown keys \\['bitz'\\]"):
+        load_config(f)
+
+
+# -- inbox -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_expert(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    base = make_base(root / "base")
+    expert = make_expert(base, root / "math-expert", seed=1, scale=0.002)
+    calib_file(expert / "calib.jsonl")
+    (expert / "expert.yaml").write_text(yaml.safe_dump({"name": "math-expert", "domain": "math", "description": "m"}))
+    return base, expert
+
+
+def test_local_inbox_submit_is_whole_and_the_stamp_follows_changes(tiny_expert, tmp_path):
+    from meswitch.flows.inbox import scan_inbox, submit
+
+    _, expert = tiny_expert
+    inbox = tmp_path / "inbox"
+    (inbox / ".half-copied.part-1").mkdir(parents=True)  # hidden: still arriving
+    (inbox / "no-card").mkdir()
+    (inbox / "no-card" / "config.json").write_text("{}")
+    uri = submit(expert, inbox)
+    assert uri == str(inbox / "math-expert") and not list(inbox.glob(".math-expert*"))
+    entries = {e.name: e for e in scan_inbox(inbox)}
+    assert set(entries) == {"math-expert", "no-card"}
+    assert entries["math-expert"].has_card and not entries["no-card"].has_card
+    stamp = entries["math-expert"].stamp
+    assert scan_inbox(inbox)[0].stamp == stamp
+    (inbox / "math-expert" / "calib.jsonl").write_text('{"text": "changed"}\n')
+    assert {e.name: e for e in scan_inbox(inbox)}["math-expert"].stamp != stamp
+    with pytest.raises(FileNotFoundError, match=r"expert\.yaml"):
+        submit(inbox / "no-card", inbox)
+
+
+def test_s3_inbox_scan_and_fetch(tiny_expert, s3_server, tmp_path, monkeypatch):
+    from meswitch.flows.inbox import InboxEntry, fetch_entry, scan_inbox, submit
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    _, expert = tiny_expert
+    inbox = f"s3://{s3_server.bucket}/inbox-{time.time_ns()}"
+    uri = submit(expert, inbox)
+    s3_server.client().put_object(
+        Bucket=s3_server.bucket, Key=inbox.split("/", 3)[3] + "/partial/config.json", Body=b"{}"
+    )
+    entries = {e.name: e for e in scan_inbox(inbox)}
+    assert entries["math-expert"] == InboxEntry("math-expert", uri, True, entries["math-expert"].stamp)
+    assert not entries["partial"].has_card  # no expert.yaml yet: its upload is not finished
+    local = fetch_entry(entries["math-expert"], tmp_path / "cache")
+    assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in expert.iterdir())
+    assert (local / "model.safetensors").read_bytes() == (expert / "model.safetensors").read_bytes()
+    assert fetch_entry(entries["math-expert"], tmp_path / "cache") == local  # downloaded once per stamp
+
+
+def test_an_expert_of_another_base_is_refused_with_a_clear_reason(tiny_expert, tmp_path):
+    from meswitch.checkpoints import Checkpoint, CheckpointError
+    from meswitch.flows.validation import check_same_base, relative_delta
+
+    base, expert = tiny_expert
+    assert max(relative_delta(Checkpoint(base), Checkpoint(expert)).values()) < 0.2
+    assert check_same_base(Checkpoint(base), Checkpoint(expert), 1.0) < 0.2
+    other = make_base(tmp_path / "other-base", seed=5)  # same shapes, independent weights
+    with pytest.raises(CheckpointError, match=r"not a fine-tune of the base .* was it trained from another base"):
+        check_same_base(Checkpoint(base), Checkpoint(other), 1.0)
+
+
+# -- Prefect: the GPU limit and the deployments -------------------------------------------------------------
+
+
+def test_gpu_slots_limit_how_many_gpu_tasks_run_at_once(prefect_api):  # noqa: F811
+    from meswitch.flows.config import PipelineConfig
+    from meswitch.flows.tasks import ensure_gpu_limit, gpu_slot
+
+    def overlapped(cfg) -> bool:
+        spans: list[tuple[float, float]] = []
+
+        def work():
+            with gpu_slot(cfg):
+                start = time.monotonic()
+                time.sleep(1.0)
+                spans.append((start, time.monotonic()))
+
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert len(spans) == 2
+        (_, first_end), (second_start, _) = sorted(spans)
+        return second_start < first_end
+
+    one = PipelineConfig(gpu_slots=1)
+    assert ensure_gpu_limit(one) == 1
+    assert not overlapped(one)
+    two = PipelineConfig(gpu_slots=2)
+    assert ensure_gpu_limit(two) == 2
+    assert overlapped(two)
+    assert PipelineConfig(gpu_slots=None).resolved_gpu_slots() == 0  # no GPU here: no limit by default
+
+
+def test_deployments_schedule_and_arrival_trigger(prefect_api, tmp_path):  # noqa: F811
+    from meswitch.flows.deployments import ARRIVED, build_deployments, inbox_id
+
+    params = {"inbox": str(tmp_path / "inbox" / ".." / "inbox"), "base": "/models/base"}
+    scheduled, on_arrival = build_deployments(params, cron="*/15 * * * *")
+    assert (scheduled.name, on_arrival.name) == ("scheduled-scan", "on-arrival")
+    assert scheduled.schedules[0].schedule.cron == "*/15 * * * *" and not on_arrival.schedules
+    assert scheduled.parameters["inbox"] == str((tmp_path / "inbox").resolve()) == inbox_id(params["inbox"])
+    (trigger,) = on_arrival.triggers
+    assert trigger.expect == {ARRIVED}
+    assert trigger.match.root == {
+        "prefect.resource.id": "meswitch.expert.*",
+        "meswitch.inbox": inbox_id(params["inbox"]),
+    }
+    assert scheduled.entrypoint == "meswitch.flows.expert_pipeline.expert_pipeline"
+    assert [d.name for d in build_deployments(params, cron=None)] == ["on-arrival"]
+    assert inbox_id("s3://bucket/inbox/") == "s3://bucket/inbox"
+
+
+def test_cli_refuses_missing_inputs_before_starting_anything(tmp_path, capsys):
+    from meswitch.cli import main
+
+    (tmp_path / "inbox").mkdir()
+    assert main(["pipeline", "run", "--inbox", str(tmp_path / "inbox"), "--base", str(tmp_path / "nope")]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    assert main(["pipeline", "run", "--inbox", str(tmp_path / "missing"), "--base", str(tmp_path / "base")]) == 2
+    assert "--inbox" in capsys.readouterr().err
+    assert main(["submit", str(tmp_path / "base"), "--inbox", str(tmp_path / "inbox"), "--no-event"]) == 2
+    assert "expert.yaml" in capsys.readouterr().err
