@@ -63,12 +63,12 @@ class Scenario:
     queries: Path
     bad: dict[str, str]
 
-    def run(self, **kw):
+    def run(self, base: str | Path | None = None, **kw):
         from meswitch.flows import run_pipeline
 
         return run_pipeline(
-            self.inbox, self.family / "base", config_file=self.config, gates_file=self.gates, work_dir=self.work,
-            router_test_queries=self.queries, base_name="micro", return_state=True, **kw,
+            self.inbox, base or self.family / "base", config_file=self.config, gates_file=self.gates,
+            work_dir=self.work, router_test_queries=self.queries, base_name="micro", return_state=True, **kw,
         )  # fmt: skip
 
 
@@ -169,9 +169,10 @@ def test_rerun_recomputes_nothing_and_registers_no_duplicate(scenario, first_run
     runs = len(client.search_runs([exp], max_results=1000))
 
     t0 = time.time()
-    state = scenario.run()
+    state = scenario.run(base="meswitch-base-micro@production")  # the base from the registry, this time
     assert state.is_completed(), state.message
     summary = state.result()
+    assert summary["base"] == first_run[0].result()["base"]
     first = _outcomes(first_run[0].result())
     for name in GOOD:
         e = _outcomes(summary)[name]

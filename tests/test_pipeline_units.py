@@ -3,6 +3,7 @@ the GPU concurrency limit, the deployments, and the CLI's argument checks."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -201,3 +202,26 @@ def test_cli_refuses_missing_inputs_before_starting_anything(tmp_path, capsys):
     assert "--inbox" in capsys.readouterr().err
     assert main(["submit", str(tmp_path / "base"), "--inbox", str(tmp_path / "inbox"), "--no-event"]) == 2
     assert "expert.yaml" in capsys.readouterr().err
+
+
+def test_prefect_yaml_declares_both_deployments_for_the_gpu_pool():
+    import importlib
+
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    from meswitch.flows.deployments import ARRIVED
+
+    spec = yaml.safe_load(Path(__file__).parents[1].joinpath("prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert set(deployments) == {"scheduled-scan", "on-arrival"}
+    for d in deployments.values():
+        path, name = d["entrypoint"].split(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        assert getattr(module, name).name == "expert-pipeline"
+        assert d["work_pool"]["name"] == "meswitch-gpu" and d["concurrency_limit"] == 1
+    assert deployments["scheduled-scan"]["schedules"][0]["cron"] == "0 * * * *"
+    (trigger,) = [DeploymentEventTrigger(**t) for t in deployments["on-arrival"]["triggers"]]
+    assert trigger.expect == {ARRIVED}
+    template = json.loads(Path(__file__).parents[1].joinpath("infra/k8s/base-job-template.json").read_text())
+    resources = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == "{{ gpus }}"

@@ -77,7 +77,12 @@ def register(sub) -> None:
 
 def _flow_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inbox", required=True, help="folder or s3://bucket/prefix whose sub-folders are experts")
-    p.add_argument("--base", type=Path, required=True, help="the base model folder the experts were fine-tuned from")
+    p.add_argument(
+        "--base",
+        required=True,
+        help="the base model folder the experts were fine-tuned from, or a "
+        "registered base (meswitch-base-NAME@production)",
+    )
     p.add_argument("--config", type=Path, help="pipeline settings (YAML; see meswitch/flows/config.py)")
     p.add_argument("--gates", type=Path, help="quality gates (YAML; defaults in meswitch/flows/gates.yaml)")
     p.add_argument("--work-dir", type=Path, help="artifacts in progress and cached results ($MESWITCH_HOME/pipeline)")
@@ -87,8 +92,12 @@ def _flow_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check(args) -> None:
-    if not (args.base / "config.json").is_file():
-        raise CommandError(f"{args.base}: not a model folder (no config.json)")
+    from meswitch.flows.config import is_registry_ref
+    from meswitch.flows.runtime import quiet_defaults
+
+    quiet_defaults()  # before Prefect is imported
+    if not is_registry_ref(args.base) and not (Path(args.base) / "config.json").is_file():
+        raise CommandError(f"{args.base}: not a model folder (no config.json) nor a registered base")
     for flag in ("config", "gates", "router_test"):
         path = getattr(args, flag)
         if path is not None and not path.is_file():
@@ -98,12 +107,14 @@ def _check(args) -> None:
 
 
 def _params(args) -> dict:
+    from meswitch.flows.config import is_registry_ref
+
     def opt(p: Path | None) -> str | None:
         return None if p is None else str(p.resolve())
 
     return dict(
         inbox=str(args.inbox),
-        base=str(args.base.resolve()),
+        base=args.base if is_registry_ref(args.base) else str(Path(args.base).resolve()),
         config_file=opt(args.config),
         gates_file=opt(args.gates),
         work_dir=opt(args.work_dir),

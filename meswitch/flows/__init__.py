@@ -32,6 +32,8 @@ def run_pipeline(
 ) -> Any:
     """Run the expert pipeline now and return its summary (a dict), or its final state with ``return_state``.
 
+    ``base`` is a model folder, or a registered base (``meswitch-base-NAME@production``).
+
     With no Prefect server configured, the ephemeral API is used (none is needed); ``dask`` ("local" for
     a local cluster of ``dask_workers`` processes, or a scheduler address) first starts an API that the
     workers can reach.
@@ -41,11 +43,12 @@ def run_pipeline(
     from meswitch.flows.runtime import quiet_defaults, shared_api, task_runner
 
     quiet_defaults()
+    from meswitch.flows.config import is_registry_ref
     from meswitch.flows.expert_pipeline import expert_pipeline
 
     params = dict(
         inbox=str(inbox),
-        base=str(Path(base).resolve()),
+        base=str(base) if is_registry_ref(str(base)) else str(Path(base).resolve()),
         config_file=None if config_file is None else str(config_file),
         gates_file=None if gates_file is None else str(gates_file),
         work_dir=None if work_dir is None else str(Path(work_dir).resolve()),

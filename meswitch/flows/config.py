@@ -26,6 +26,15 @@ import yaml
 from meswitch.flows.gates import Gates, gates_from_dict, load_gates
 
 GPU_LIMIT = "meswitch-gpu"
+BASE_PREFIX = "meswitch-base-"
+
+
+def is_registry_ref(base: str | Path) -> bool:
+    """``meswitch-base-NAME@ALIAS`` or ``meswitch-base-NAME/VERSION`` that is not a local folder."""
+    text = str(base)
+    if Path(text).exists() or not text.startswith(BASE_PREFIX):
+        return False
+    return "@" in text or text.rsplit("/", 1)[-1].isdigit()
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from prefect.logging import get_run_logger
 from prefect.transactions import CommitMode, transaction
 
 from meswitch.flows import tasks as t
-from meswitch.flows.config import PipelineConfig, load_config
+from meswitch.flows.config import PipelineConfig, is_registry_ref, load_config
 from meswitch.flows.gates import check_expert_gates, check_router_gates, task_ratio
 from meswitch.flows.summary import FAILED, PRODUCTION, REJECTED, ExpertOutcome, PipelineSummary, RouterOutcome
 
@@ -274,6 +274,8 @@ def expert_pipeline(
     ``report_dir``: where the summary's JSON and Markdown go (default: the work folder's ``reports/``);
     ``base_name``: the base is registered (and promoted) as ``meswitch-base-<base_name>`` for serving
     (default: the base folder's name, or its parent's when the folder is called ``base``).
+    ``base`` may also name a registered base, ``meswitch-base-NAME@production`` (as on a Kubernetes
+    work pool, where no model folder is at hand); it is then fetched from the registry, not registered again.
     """
     logger = get_run_logger()
     config = load_config(config_file, gates_file)
@@ -285,6 +287,9 @@ def expert_pipeline(
     slots = t.ensure_gpu_limit(config)
     logger.info("inbox %s, base %s, work %s, GPU slots %d", inbox, base, work, slots)
 
+    registered_base = None
+    if is_registry_ref(base):  # e.g. meswitch-base-tiny@production: a verified local copy from the registry
+        registered_base, base = io.resolve_base(base)
     base_print = _stored(t.fingerprint, work)(base, t.folder_stamp(Path(base)))
     if base_print.error or base_print.nonfinite:
         raise ValueError(f"base model {base} is unusable: {base_print.error or base_print.nonfinite}")
@@ -333,15 +338,10 @@ def expert_pipeline(
 
     # What serving loads: the base, then the router over the production experts (either is retried next run).
     name = base_name or default_base_name(base)
-    try:
-        base_dir = str(work / "bases" / f"{name}-{base_fp[:16]}")
-        base_artifact = _stored(t.writing(t.seal_base, base_dir), work)(base, base_fp, name, base_dir)
-        base_version = io.publish(base_artifact, BASE_PREFIX + name, {"pipeline.status": PRODUCTION}, None)
-        io.promote(BASE_PREFIX + name, base_version)
-        summary.base = f"{BASE_PREFIX}{name}/{base_version}"
-    except Exception as e:
-        logger.error("registering the base failed: %s", e)
-        summary.base_error = f"{type(e).__name__}: {e}"
+    if registered_base:
+        summary.base = registered_base
+    else:
+        summary.base, summary.base_error = _register_base(io, base, base_fp, name, work)
     try:
         summary.router = update_router.with_options(result_storage=work / "results")(base, base_fp, config, str(work))
     except Exception as e:
@@ -362,6 +362,19 @@ def expert_pipeline(
     if failed:
         raise PipelineFailed(f"{', '.join(failed)} failed (see the summary in {report}); run again to resume")
     return summary.to_dict()
+
+
+def _register_base(io, base: str, base_fp: str, name: str, work: Path) -> tuple[str | None, str | None]:
+    """Seal the base folder as a ``base`` artifact, publish and promote it: ("NAME/VERSION", None) or (None, error)."""
+    try:
+        out = str(work / "bases" / f"{name}-{base_fp[:16]}")
+        artifact = _stored(t.writing(t.seal_base, out), work)(base, base_fp, name, out)
+        version = io.publish(artifact, BASE_PREFIX + name, {"pipeline.status": PRODUCTION}, None)
+        io.promote(BASE_PREFIX + name, version)
+        return f"{BASE_PREFIX}{name}/{version}", None
+    except Exception as e:
+        get_run_logger().error("registering the base failed: %s", e)
+        return None, f"{type(e).__name__}: {e}"
 
 
 def _error_of(future) -> str:

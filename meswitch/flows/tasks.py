@@ -460,6 +460,16 @@ def registry_lookup(model: str, expert_fp: str, base_fp: str) -> dict | None:
     return None
 
 
+@task(name="resolve-base", **IO)
+def resolve_base(ref: str) -> tuple[str, str]:
+    """A registered base (``meswitch-base-NAME@ALIAS`` or ``/VERSION``) as a verified local folder."""
+    from meswitch.registry import Registry, parse_ref
+
+    r = parse_ref(ref)
+    got = Registry().resolve(r.name, r.alias, version=r.version)
+    return f"{got.name}/{got.version}", str(got.path)
+
+
 @task(name="publish", **IO)
 def publish(artifact: ArtifactRef, model: str, tags: dict, rejected: str | None) -> int:
     """Store and register the artifact (``candidate`` unless rejected); the same content gives the same version."""
@@ -534,7 +544,7 @@ def fetch_cards(experts: list[dict], dest: str) -> list[str]:
 
 IO_TASKS = (
     "scan_inbox", "fetch_expert", "log_expert_run", "log_router_run", "registry_lookup", "publish", "promote",
-    "mark_status", "production_experts", "current_router", "fetch_cards",
+    "mark_status", "production_experts", "current_router", "fetch_cards", "resolve_base",
 )  # fmt: skip
 
 
