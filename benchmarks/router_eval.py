@@ -9,7 +9,8 @@ family's held-out routing/test.jsonl:
 - ``embedding``: the packaged all-MiniLM-L6-v2 + logistic regression;
 - ``mcq-finetuned``: the family's base LM fine-tuned as the multiple-choice router;
 - ``mcq-zero-shot``: the same base LM, not fine-tuned, on the same split (the paper's Figure 5);
-- with ``--extra`` (the family has ``extra/``): both backends retrained over five domains.
+- with ``--extra`` (the family has ``extra/``): both backends retrained over five domains (the MCQ
+  router from the base, or with ``--warm-start`` from the four-domain router through ``init_from``).
 
 Latency is per query (one query per call, as a serving request), p50/p99 over the test queries, on
 the device given (and on the GPU too where one is present and ``--gpu`` is set). The JSON records the
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from meswitch.artifacts import verify
 from meswitch.routing import RouterJob, evaluate_router, load_router, read_labelled, train_router
 from meswitch.routing.dataset import routing_files
 from meswitch.routing.mcq import MCQConfig
@@ -53,22 +55,26 @@ def _queries(family: Path, out: Path) -> Path:
     return out
 
 
-def _run(name: str, job: RouterJob, queries: list, devices: list[str], latency_limit: int) -> dict:
+def _run(
+    name: str, job: RouterJob, queries: list, devices: list[str], latency_limit: int, base: Path, reuse: bool
+) -> dict:
     t0 = time.perf_counter()
-    manifest = train_router(job)
+    reused = reuse and (job.out / "manifest.json").is_file()
+    manifest = verify(job.out) if reused else train_router(job)
     wall = time.perf_counter() - t0
     entry = {
+        "reused_artifact": reused,
         "backend": job.backend,
         "domains": [d["domain"] for d in manifest.metadata["domains"]],
         "train_seconds": manifest.metrics["train_seconds"],
-        "train_wall_seconds": round(wall, 2),
+        "train_wall_seconds": None if reused else round(wall, 2),
         "train_examples": manifest.metrics["train_examples"],
         "method": manifest.method,
         "train_metrics": {k: v for k, v in manifest.metrics.items() if k != "heldout"},
         "eval": {},
     }
     for device in devices:
-        router = load_router(job.out, device=device)
+        router = load_router(job.out, device=device, base_model=base)
         acc = evaluate_router(router, queries, latency=False)
         lat = evaluate_router(router, queries[:latency_limit], latency=True)
         entry["eval"][device] = {
@@ -89,11 +95,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="where router artifacts go (default: beside --out, in .router-work)")
     p.add_argument("--epochs", type=int, default=None, help="MCQ SFT epochs (default: MCQConfig's)")
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None, help="MCQ SFT steps (default: MCQConfig's)")
+    p.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="start the 5-domain MCQ retrain from the 4-domain router (init_from) instead of the base",
+    )
+    p.add_argument("--retrain-steps", type=int, default=None, help="MCQ steps of the 5-domain retrain")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--gpu", action="store_true", help="also measure on cuda when present")
     p.add_argument("--extra", action="store_true", help="retrain over five domains (the family's extra/)")
+    p.add_argument("--reuse", action="store_true", help="evaluate router artifacts already in --work, do not retrain")
+    p.add_argument("--note", default="", help="free text recorded in the JSON")
     p.add_argument("--latency-queries", type=int, default=200, help="queries timed one by one (default 200)")
-    p.add_argument("--only", default="embedding,mcq-finetuned,mcq-zero-shot", help="comma-separated runs")
+    p.add_argument(
+        "--only",
+        default="embedding,mcq-finetuned,mcq-zero-shot,embedding-5-domains,mcq-finetuned-5-domains",
+        help="comma-separated runs (the 5-domain ones need --extra)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
@@ -102,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     queries = read_labelled(_queries(args.family, work / "test.jsonl"))
     devices = ["cpu"] + (["cuda"] if args.gpu and torch.cuda.is_available() else [])
-    sft = {k: v for k, v in {"epochs": args.epochs, "lr": args.lr}.items() if v is not None}
+    sft = {k: v for k, v in {"epochs": args.epochs, "lr": args.lr, "steps": args.steps}.items() if v is not None}
     runs = set(args.only.split(","))
+    retrain = {"steps": args.retrain_steps} if args.retrain_steps else {}
     four = [args.family / "experts"]
     five = [*four, args.family / "extra"]
     results: dict = {}
@@ -115,13 +135,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.extra:
         plan += [
             ("embedding-5-domains", RouterJob(five, work / "embedding-5", backend="embedding")),
-            ("mcq-finetuned-5-domains", RouterJob(five, work / "mcq-ft-5", mcq=MCQConfig(**sft))),
+            (
+                "mcq-finetuned-5-domains",
+                RouterJob(
+                    five,
+                    work / "mcq-ft-5",
+                    mcq=MCQConfig(**{**sft, **retrain}),
+                    init_from=work / "mcq-ft-4" if args.warm_start else None,
+                ),
+            ),
         ]
     for name, job in plan:
-        if name.replace("-5-domains", "") not in runs:
+        if name not in runs:
             continue
         log.info("run %s", name)
-        results[name] = _run(name, job, queries, devices, args.latency_queries)
+        results[name] = _run(name, job, queries, devices, args.latency_queries, args.family / "base", args.reuse)
     family = json.loads((args.family / "family.json").read_text()) if (args.family / "family.json").is_file() else {}
     report = {
         "date": time.strftime("%Y-%m-%d"),
@@ -133,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             "parameters": family.get("parameters"),
         },
         "test_queries": len(queries),
+        "note": args.note,
         "host": {
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),

@@ -1,7 +1,8 @@
 """Small family folders in the demo family's layout, for routing tests that must not wait for a build.
 
 ``make_family`` writes ``base/`` (a tiny random Mistral with a byte-level tokenizer),
-``experts/<name>/expert.yaml`` (+ ``calib.jsonl``), ``routing/{train,test}.jsonl`` and, with
+``experts/<name>/expert.yaml`` (+ ``calib.jsonl``), ``data/<domain>/train.jsonl``,
+``routing/{train,test}.jsonl`` and, with
 ``extra=True``, a fifth expert under ``extra/``. Queries come from per-domain templates, so the
 domains are separable but not by one keyword.
 """
@@ -93,6 +94,7 @@ def make_family(root: Path, extra: bool = True, per_domain: int = 80, seed: int 
     for domain, desc in domains.items():
         parent = "extra" if domain in EXTRA else "experts"
         _expert(root / parent / f"{domain}-expert", domain, desc, rng)
+        _write_jsonl(root / "data" / domain / "train.jsonl", [{"text": _query(domain, rng) * 2} for _ in range(50)])
         train += [{"text": _query(domain, rng), "domain": domain} for _ in range(per_domain)]
         test += [{"text": _query(domain, rng), "domain": domain} for _ in range(per_domain // 4)]
     _write_jsonl(root / "routing" / "train.jsonl", train)

@@ -147,6 +147,10 @@ def test_routing_data_comes_from_family_lines_and_never_from_held_out(fam):
     card_examples = set(yaml.safe_load((fam / "experts" / "math-expert" / "expert.yaml").read_text())["examples"])
     assert card_examples <= {ex.text for ex in data.train if ex.domain == "math"} | {ex.text for ex in data.test}
     assert data.fingerprint() == build_routing_data(find_experts([fam / "experts"]), max_per_domain=30).fingerprint()
+    # a domain with fewer queries than the cap is topped up with snippets of the family's data/<domain>/
+    more = build_routing_data(find_experts([fam / "experts"]), max_per_domain=60, snippet_chars=40)
+    assert more.counts()["math"] == 60 and "data/math/train.jsonl" in more.sources["math"]
+    assert sum(len(ex.text) <= 40 for ex in more.train if ex.domain == "math") >= 60 - 12 - 24
 
 
 def test_expert_outside_a_family_uses_calibration_snippets(tmp_path, fam):

@@ -40,6 +40,12 @@ def register(sub) -> None:
         help="local HF causal LM for the MCQ router (default: the experts' family base/); for the embedding "
         "backend, the model to mean-pool when no sentence encoder is installed",
     )
+    t.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="ROUTER",
+        help="MCQ: continue from an earlier router of the same base (e.g. the production one, when a domain is added)",
+    )
     t.add_argument("--finetune", choices=["full", "lora", "none"], default="full", help="MCQ: SFT mode (default full)")
     t.add_argument("--steps", type=int, help="MCQ: optimizer steps (default 800)")
     t.add_argument("--epochs", type=int, help="MCQ: passes over the training queries (instead of --steps)")
@@ -115,6 +121,7 @@ def _train(args) -> int:
             seed=args.seed,
             name=args.name,
             device=args.device,
+            init_from=args.init_from,
         )
         manifest = train_router(job)
     except ValueError as e:  # CardError and RoutingDataError are ValueErrors

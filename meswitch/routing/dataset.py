@@ -2,15 +2,18 @@
 
 For every expert (a folder with ``expert.yaml``), the queries of its domain are:
 
-1. the card's ``examples`` (always all of them), plus
+1. the card's ``examples`` (always all of them), then
 2. routing-style queries of the domain: the lines of ``<family>/routing/train.jsonl`` (and of
    ``<family>/routing/*/train.jsonl``, where a family keeps added domains apart) whose ``domain``
    is the expert's, when the expert sits in a family folder (``<family>/experts/<name>/`` or
-   ``<family>/extra/<name>/``) that has them; otherwise
-3. short snippets (the first ``snippet_chars`` characters) of the expert's calibration texts.
+   ``<family>/extra/<name>/``);
+3. topped up, while the domain has fewer than ``max_per_domain``, with short snippets (the first
+   ``snippet_chars`` characters) of the domain's texts: ``<family>/data/<domain>/train.jsonl``, or
+   for an expert outside a family, its own calibration texts.
 
-Each domain is capped at ``max_per_domain`` queries (examples first, the rest sampled with the
-seed), so one large domain does not drown the others and training time stays bounded. Held-out
+Each domain is capped at ``max_per_domain`` queries (examples first, then routing lines sampled
+with the seed, then snippets), so one large domain does not drown the others and training time
+stays bounded. Held-out
 queries come from ``<family>/routing/test.jsonl`` (and ``routing/*/test.jsonl``); a training text
 that also appears there is dropped, so the held-out figures are never measured on training queries.
 """
@@ -162,16 +165,22 @@ def _snippets(path: Path, n: int, chars: int) -> list[str]:
     return out
 
 
-def domain_queries(card: ExpertCard, max_n: int, snippet_chars: int = 160) -> tuple[list[str], str]:
-    """Routing queries of the card's domain beyond its examples, and a note of where they came from."""
+def domain_queries(card: ExpertCard) -> tuple[list[str], str]:
+    """Routing queries of the card's domain from its family's ``routing/*train.jsonl`` (none outside a family)."""
     root = family_root(card)
     files = routing_files(root, "train") if root is not None else []
     rows = [ex.text for f in files for ex in read_labelled(f) if ex.domain == card.domain]
-    if rows:
-        names = ", ".join(str(f) for f in files)
-        return rows, f"{names} ({len(rows)} lines of domain {card.domain})"
-    snippets = _snippets(card.calibration_path, max_n, snippet_chars)
-    return snippets, f"{card.calibration_path} ({len(snippets)} snippets of {snippet_chars} chars)"
+    return rows, (f"{len(rows)} lines of {', '.join(str(f) for f in files)}" if rows else "")
+
+
+def domain_snippets(card: ExpertCard, max_n: int, chars: int) -> tuple[list[str], str]:
+    """Short snippets of the domain's texts: ``<family>/data/<domain>/train.jsonl``, else the expert's calibration."""
+    root = family_root(card)
+    path = root / "data" / card.domain / "train.jsonl" if root is not None else None
+    if path is None or not path.is_file():
+        path = card.calibration_path
+    snippets = _snippets(path, max_n, chars)
+    return snippets, (f"{len(snippets)} snippets ({chars} chars) of {path}" if snippets else "")
 
 
 def build_routing_data(
@@ -212,17 +221,25 @@ def build_routing_data(
     for spec in domains:
         card = by_domain[spec.domain]
         examples = [e for e in dict.fromkeys(x.strip() for x in card.examples) if e and e not in held_out]
-        more, source = domain_queries(card, max_per_domain, snippet_chars)
-        more = [q for q in dict.fromkeys(more) if q.strip() and q not in held_out and q not in examples]
-        rng.shuffle(more)
-        queries = (examples + more)[:max_per_domain]
+        lines, source = domain_queries(card)
+        lines = [q for q in dict.fromkeys(lines) if q.strip() and q not in held_out and q not in examples]
+        rng.shuffle(lines)
+        queries = (examples + lines)[:max_per_domain]
+        if len(queries) < max_per_domain:  # top up with snippets of the domain's own texts
+            snips, snip_source = domain_snippets(card, 4 * max_per_domain, snippet_chars)
+            snips = [q for q in dict.fromkeys(snips) if q not in held_out and q not in queries]
+            rng.shuffle(snips)
+            added = snips[: max_per_domain - len(queries)]
+            queries += added
+            if added:
+                source = "; ".join(x for x in (source, f"{len(added)} of {snip_source}") if x)
         if not queries:
             raise RoutingDataError(
                 f"{card.folder}: no training queries for domain {spec.domain!r} "
                 f"(no examples in {CARD}, no routing lines, no calibration texts)"
             )
         train.extend(Example(q, spec.domain) for q in queries)
-        sources[spec.domain] = f"{len(examples)} examples from {CARD} + {source}; {len(queries)} used"
+        sources[spec.domain] = f"{len(examples)} examples from {CARD}; {source}; {len(queries)} used"
     rng.shuffle(train)
     log.info("router data: %d domains, %d training queries, %d held-out", len(domains), len(train), len(test))
     return RoutingData(domains=domains, train=train, test=test, sources=sources)

@@ -221,7 +221,7 @@ def _finetune(model, tokenizer, options: Sequence[Option], train: Sequence[Examp
     rng = random.Random(cfg.seed)
     device = next(model.parameters()).device
     encoder = PromptEncoder(tokenizer, context_length(model, cfg.max_length))
-    letters = torch.tensor(letter_token_ids(tokenizer, len(options)), device=device)
+    letter_ids = torch.tensor(letter_token_ids(tokenizer, len(LETTERS)), device=device)
     pad_id = _pad_id(tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.learning_rate(sum(p.numel() for p in model.parameters()))
@@ -241,19 +241,21 @@ def _finetune(model, tokenizer, options: Sequence[Option], train: Sequence[Examp
             rng.shuffle(more)
             order += more
         batch, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        seqs, targets = [], []
+        seqs, targets, shown = [], [], []
         for ex in batch:
             perm = list(options)
             rng.shuffle(perm)  # a new option order for every query: the letter carries no prior
             ids, _ = encoder.encode(perm, ex.text, max_query=cfg.train_query_tokens)
             seqs.append(ids)
             targets.append([o.domain for o in perm].index(ex.domain))
+            shown.append(letter_ids[: len(perm)])
         logits = last_token_logits(model, seqs, pad_id, device).float()
         target = torch.tensor(targets, device=device)
+        cand = torch.stack(shown)  # [B, n]: the token ids of the letters each query was shown
         if cfg.loss == "letters":
-            loss = F.cross_entropy(logits[:, letters], target)
+            loss = F.cross_entropy(logits.gather(1, cand), target)
         else:
-            loss = F.cross_entropy(logits, letters[target])
+            loss = F.cross_entropy(logits, cand[torch.arange(len(batch)), target])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

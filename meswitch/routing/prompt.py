@@ -37,10 +37,12 @@ class Option:
         return f"{letter}. {self.domain}: {desc}" if desc else f"{letter}. {self.domain}"
 
 
-def render_tail(options: Sequence[Option]) -> str:
+def render_tail(options: Sequence[Option], letters: str | None = None) -> str:
+    """The options under their letters: ``A``, ``B``, ... unless ``letters`` gives others (training varies them)."""
     if len(options) > len(LETTERS):
         raise ValueError(f"the MCQ router lists at most {len(LETTERS)} domains, got {len(options)}")
-    lines = "\n".join(opt.render(LETTERS[i]) for i, opt in enumerate(options))
+    letters = letters or LETTERS[: len(options)]
+    lines = "\n".join(opt.render(letters[i]) for i, opt in enumerate(options))
     return TAIL.format(options=lines)
 
 
@@ -49,20 +51,23 @@ def render_prompt(options: Sequence[Option], query: str) -> str:
     return HEAD + query + render_tail(options)
 
 
-def letter_token_ids(tokenizer, n: int) -> list[int]:
+def letter_token_ids(tokenizer, n: int = len(LETTERS)) -> list[int]:
     """The token id whose next-token logit stands for each of the first ``n`` letters.
 
-    The first token of the answer continuation must differ between letters; the first answer
-    form that gives distinct ids is used.
+    The first token of the answer continuation must differ between letters; the first answer form
+    that gives distinct ids for all 26 letters is used, whatever ``n``, so a router reads the same
+    tokens it was trained on however many domains it has.
     """
+    if n > len(LETTERS):
+        raise ValueError(f"the MCQ router lists at most {len(LETTERS)} domains, got {n}")
     for form in ANSWER_FORMS:
-        ids = [tokenizer.encode(form.format(letter=LETTERS[i]), add_special_tokens=False) for i in range(n)]
+        ids = [tokenizer.encode(form.format(letter=letter), add_special_tokens=False) for letter in LETTERS]
         first = [x[0] for x in ids if x]
-        if len(first) == n and len(set(first)) == n:
-            return first
+        if len(first) == len(LETTERS) and len(set(first)) == len(LETTERS):
+            return first[:n]
     raise ValueError(
         f"tokenizer {type(tokenizer).__name__} gives no distinct first token for the answer letters "
-        f"{LETTERS[:n]!r}; this model cannot be used as an MCQ router"
+        f"{LETTERS!r}; this model cannot be used as an MCQ router"
     )
 
 
@@ -78,8 +83,8 @@ class PromptEncoder:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
-    def tail_ids(self, options: Sequence[Option]) -> list[int]:
-        return self._encode(render_tail(options))
+    def tail_ids(self, options: Sequence[Option], letters: str | None = None) -> list[int]:
+        return self._encode(render_tail(options, letters))
 
     def query_budget(self, tail_len: int) -> int:
         """Tokens left for the query once the head and the tail are placed."""

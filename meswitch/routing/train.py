@@ -39,6 +39,7 @@ class RouterJob:
     name: str = "router"
     device: str = "cpu"
     evaluate: bool = True  # held-out accuracy into the manifest, when the family has routing/test.jsonl
+    init_from: Path | None = None  # MCQ: start from this earlier router's weights (same base and mode)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -110,11 +111,15 @@ def _train_mcq(job: RouterJob, data: RoutingData, base: Path | None, tmp: Path):
         raise FileNotFoundError("the MCQ router needs a causal LM: give --base-model DIR (no family base/ found)")
     cfg = job.mcq
     base_fp = scan(Checkpoint(base)).fingerprint
-    model, tok = load_causal_lm(base, job.device)
     options = options_for(data.domains, cfg.description_words)
     metrics: dict = {}
-    if cfg.finetune == "lora":
-        model = wrap_lora(model, cfg)
+    metadata: dict = {}
+    if job.init_from is not None:
+        model, tok, metadata["init_from"] = _warm_start(job, base, base_fp)
+    else:
+        model, tok = load_causal_lm(base, job.device)
+        if cfg.finetune == "lora":
+            model = wrap_lora(model, cfg)
     if cfg.finetune != "none":
         stats = finetune(model, tok, options, data.train, cfg)
         metrics.update(
@@ -137,12 +142,45 @@ def _train_mcq(job: RouterJob, data: RoutingData, base: Path | None, tmp: Path):
         "template_version": TEMPLATE_VERSION,
         "sft": cfg.to_dict(),
     }
-    metadata = {
+    metadata |= {
         "base_model": str(base.resolve()),
         "letters": LETTERS[: len(options)],
         "prompt_example": render_prompt(options, "<query>"),
     }
     return router, method, metrics, metadata, base_fp
+
+
+def _warm_start(job: RouterJob, base: Path, base_fp: str):
+    """The model of a previous MCQ router of the same base and fine-tuning mode, to train further.
+
+    A router that has learnt to read lettered options keeps that skill, so a retrain over a grown
+    domain set starts past the plateau a fresh fine-tune has to cross.
+    """
+    from meswitch.artifacts import ArtifactError, verify
+    from meswitch.routing.artifact import ADAPTER_DIR, MODEL_DIR
+    from meswitch.routing.mcq import load_causal_lm
+
+    prev = verify(job.init_from)
+    mode = job.mcq.finetune
+    if prev.kind != "router" or prev.method.get("backend") != "mcq" or prev.method.get("finetune") != mode:
+        raise ArtifactError(
+            f"{job.init_from}: not an MCQ router fine-tuned with {mode!r} "
+            f"(backend {prev.method.get('backend')!r}, finetune {prev.method.get('finetune')!r})"
+        )
+    if prev.base_fingerprint != base_fp:
+        raise ArtifactError(f"{job.init_from}: fine-tuned from another base than {base}")
+    if mode == "full":
+        model, tok = load_causal_lm(Path(job.init_from) / MODEL_DIR, job.device)
+    elif mode == "lora":
+        from peft import PeftModel
+
+        model, tok = load_causal_lm(base, job.device)
+        model = PeftModel.from_pretrained(model, Path(job.init_from) / ADAPTER_DIR, is_trainable=True)
+    else:
+        raise ValueError("init_from needs a fine-tuning mode (full or lora), not 'none'")
+    record = {"path": str(Path(job.init_from).resolve()), "source_fingerprint": prev.source_fingerprint,
+              "domains": [d["domain"] for d in prev.metadata.get("domains", [])]}  # fmt: skip
+    return model, tok, record
 
 
 def _train_embedding(job: RouterJob, data: RoutingData, base: Path | None, tmp: Path):
