@@ -136,7 +136,9 @@ def test_auto_routes_each_query_to_its_domains_expert(live, served_family):  # n
     rows = [json.loads(line) for line in (served_family.root / "routing" / "test.jsonl").read_text().splitlines()]
     per_domain: dict[str, list[str]] = {}
     for row in rows:
-        per_domain.setdefault(row["domain"], []).append(row["text"])
+        if len(row["text"]) < 200:  # well inside the server's 200-token prompt limit
+            per_domain.setdefault(row["domain"], []).append(row["text"])
+    assert len(per_domain) == len(served_family.domains) and all(len(t) >= 3 for t in per_domain.values())
     right = total = 0
     for domain, texts in sorted(per_domain.items()):
         for text in texts[:3]:
@@ -258,3 +260,40 @@ def test_health_and_metrics(live, served_family):  # noqa: F811
         "meswitch_inflight_requests 0.0",
     ):
         assert needle in text, needle
+
+
+def test_meswitch_serve_command_serves_on_loopback(served_family, tmp_path):  # noqa: F811
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from meswitch.testing_servers import free_ports
+
+    port = free_ports(1)[0]
+    cli = "import sys; from meswitch.cli import main; sys.exit(main())"
+    cmd = [sys.executable, "-c", cli, "serve", "--base", str(served_family.base),
+           "--experts", str(served_family.artifact_dir()), "--port", str(port), "--device", "cpu",
+           "--threads", "1", "--api-key", KEY, "--reload-interval", "0"]  # fmt: skip
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "meswitch serve did not become healthy"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
+        assert {m.id for m in client.models.list()} == {*served_family.artifacts, "base"}  # no router given: no auto
+        name = sorted(served_family.artifacts)[0]
+        assert client.completions.create(model=name, prompt="Hi", max_tokens=3, temperature=0).model == name
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) is not None

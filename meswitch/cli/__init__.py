@@ -8,7 +8,7 @@ import logging
 import sys
 
 # Modules under meswitch.cli, each defining register(subparsers) -> None.
-COMMAND_MODULES = ["compress", "demo", "registry", "router", "pipeline"]
+COMMAND_MODULES = ["compress", "demo", "registry", "router", "pipeline", "serve"]
 
 
 class CommandError(Exception):
