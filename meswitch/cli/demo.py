@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -22,12 +21,12 @@ def register(sub) -> None:
         "Text comes from the installed Python's standard library and Debian packages (fetched once with "
         "apt-get download and cached under $MESWITCH_CACHE, default ~/.cache/meswitch/corpora). "
         "Re-running with the same size and seed does nothing.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", type=Path, required=True, help="family folder to write (built beside it, then renamed)")
     p.add_argument("--size", choices=_SIZES, default="tiny",
-                   help="micro: seconds, for tests; tiny: under ~10 min on 2 CPU cores; small: for a GPU")
-    p.add_argument("--seed", type=int, default=0, help="seed of data splits, initialisation and batch order")
+                   help="micro: seconds, for tests; tiny (default): minutes on 2 CPU cores; small: for a GPU")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of data splits, initialisation and batch order (default 0)")
     p.add_argument("--extra-domain", action="store_true",
                    help="also build the fifth expert (English dictionary definitions, WordNet) under OUT/extra/; "
                    "can be added later to an existing family without rebuilding it")
