@@ -37,6 +37,15 @@ from meswitch.routing.router import EMPTY_QUERY, Router
 FAST = MCQConfig(epochs=1, batch_size=16, train_query_tokens=32, max_length=512, threads=1)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a small shared CPU two threads per process fight other jobs and run far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory) -> Path:
     return make_family(tmp_path_factory.mktemp("routing") / "fam", per_domain=24)

