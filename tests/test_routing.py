@@ -30,6 +30,7 @@ from meswitch.routing import (
     read_labelled,
     train_router,
 )
+from meswitch.routing.embedding import EmbeddingConfig
 from meswitch.routing.mcq import MCQBackend, MCQConfig, finetune, load_causal_lm
 from meswitch.routing.prompt import LETTERS, Option, PromptEncoder, letter_token_ids, render_prompt
 from meswitch.routing.router import EMPTY_QUERY, Router
@@ -217,6 +218,9 @@ def test_finetuning_shuffles_the_options_so_no_letter_is_memorised(fam, monkeypa
     model, tok = load_causal_lm(fam / "base")
     fixed = finetune(model, tok, opts, train, cfg)
     assert fixed.final_loss < 0.3
+    model, tok = load_causal_lm(fam / "base")  # plain SFT over the whole vocabulary learns it too
+    vocab = finetune(model, tok, opts, train, MCQConfig(**{**cfg.__dict__, "loss": "vocab", "epochs": 6}))
+    assert vocab.final_loss < vocab.first_loss / 2
 
 
 def test_mcq_artifact_round_trip_full_and_lora(fam, tmp_path):
@@ -268,6 +272,20 @@ def test_tampered_router_artifact_is_refused(fam, tmp_path):
     (out / "extra.bin").write_bytes(b"x")
     with pytest.raises(ArtifactError, match="not listed"):
         load_router(out)
+
+
+def test_embedding_router_over_mean_pooled_states_of_a_local_model(fam, tmp_path):
+    """The fallback encoder: a local HF model, mean-pooled; the artifact carries a copy of it."""
+    out = tmp_path / "emb"
+    m = train_router(RouterJob(experts=[fam / "experts"], out=out, backend="embedding", max_per_domain=20,
+                               embedding=EmbeddingConfig(encoder=str(fam / "base"))))  # fmt: skip
+    assert m.metadata["encoder"]["kind"] == "mean-pool" and (out / "encoder" / "config.json").is_file()
+    assert m.metrics["train_accuracy"] > 0.5 and m.metrics["dim"] == 64
+    router = load_router(out)
+    assert router.kind == "embedding"
+    r = router.route("What is 12 times 7?")
+    assert r.domain in router.domain_names and sum(r.scores.values()) == pytest.approx(1.0, abs=1e-4)
+    assert router.route("x " * 1000).truncated
 
 
 # -- CLI ------------------------------------------------------------------------------------------------

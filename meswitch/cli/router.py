@@ -20,7 +20,8 @@ def register(sub) -> None:
         "train",
         help="train a router over the domains of the given experts; write a router artifact",
         description="Build the training set from each expert's expert.yaml (examples) and its domain's queries "
-        "(the family's routing/train.jsonl lines of that domain, else snippets of its calibration texts), "
+        "(the family's routing/train.jsonl lines of that domain, topped up to --max-per-domain with snippets of "
+        "the family's data/<domain>/train.jsonl, or of the expert's calibration texts outside a family), "
         "train the backend, evaluate on the family's routing/test.jsonl when present, and write a sealed "
         "artifact folder. Retrain with a new expert added to route over the expanded domain set.",
     )
@@ -61,6 +62,7 @@ def register(sub) -> None:
     t.add_argument("--max-per-domain", type=int, default=256, help="training queries per domain (default 256)")
     t.add_argument("--name", default="router", help="name recorded in the manifest")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, help="MCQ: torch threads while fine-tuning (default: torch's)")
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     t.add_argument("--json", action="store_true", help="print the manifest's metrics as JSON")
     t.set_defaults(func=_train)
@@ -112,7 +114,12 @@ def _train(args) -> int:
             backend=args.backend,
             base_model=args.base_model,
             mcq=MCQConfig(
-                finetune=args.finetune, lora_r=args.lora_r, max_length=args.max_length, seed=args.seed, **mcq_overrides
+                finetune=args.finetune,
+                lora_r=args.lora_r,
+                max_length=args.max_length,
+                seed=args.seed,
+                threads=args.threads,
+                **mcq_overrides,
             ),
             embedding=EmbeddingConfig(encoder=args.encoder, seed=args.seed),
             threshold=args.threshold,

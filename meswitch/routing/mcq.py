@@ -39,7 +39,8 @@ class MCQConfig:
     The schedule is a short warm-up, a constant rate, and a linear decay over the last ``decay``
     fraction of the steps. A small LM that was never taught multiple-choice questions sits on a
     plateau (loss ln n) for a few hundred steps before it learns to match a query to an option
-    line and copy its letter; the default budget covers that on the micro and tiny demo families.
+    line and copy its letter: 800 steps took the micro and tiny demo families past 95% on their
+    four domains; five domains need more (benchmarks/results/router-2026-11-22.json).
     """
 
     finetune: str = "full"  # full | lora | none (the un-fine-tuned model, zero-shot)
