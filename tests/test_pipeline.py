@@ -253,23 +253,29 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def test_dask_runner_compresses_experts_in_parallel_on_two_workers(
-    prefect_api, pipeline_family, tmp_path, monkeypatch  # noqa: F811
+    prefect_api, pipeline_family, s3_server, tmp_path, monkeypatch  # noqa: F811
 ):  # fmt: skip
-    """A local Dask cluster of two worker processes runs two experts' sub-flows at the same time. The gates
-    here are impossible (KL must be 0), so both are registered as rejected, with the reason, and no alias."""
+    """A local Dask cluster of two worker processes runs two experts' sub-flows at the same time. The inbox
+    is on S3; the gates here are impossible (KL must be 0), so both experts are registered as rejected, with
+    the reason, and take no alias."""
     from datetime import UTC, datetime
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterStartTime
 
     from meswitch.flows import run_pipeline
+    from meswitch.flows.inbox import submit
     from meswitch.registry import Registry
 
     t0 = datetime.now(UTC)
-    for k in ("MLFLOW_TRACKING_URI", "MESWITCH_ARTIFACT_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
+    for k, v in s3_server.env().items():  # the inbox's S3 server
+        monkeypatch.setenv(k, v)
+    for k in ("MLFLOW_TRACKING_URI", "MESWITCH_ARTIFACT_URI"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("MESWITCH_HOME", str(tmp_path / "home"))  # the embedded registry: SQLite + a folder
-    inbox = make_inbox(pipeline_family, tmp_path / "inbox", ["code", "math"])
+    inbox = f"s3://{s3_server.bucket}/dask-inbox-{time.time_ns()}"
+    for name in ("code", "math"):
+        submit(pipeline_family / "experts" / name, inbox)
     config, gates = write_config(tmp_path, gates={"max_kl": 0.0})
     state = run_pipeline(inbox, pipeline_family / "base", config_file=config, gates_file=gates,
                          work_dir=tmp_path / "work", dask="local", dask_workers=2, return_state=True)  # fmt: skip
@@ -294,8 +300,9 @@ def test_dask_runner_compresses_experts_in_parallel_on_two_workers(
 def test_object_store_outage_fails_the_run_and_a_rerun_resumes(
     prefect_api, pipeline_family, s3_server, tmp_path, monkeypatch  # noqa: F811
 ):  # fmt: skip
-    """With the object store unreachable, publishing fails after its retries and nothing is registered;
-    the next run (store back) takes calibration, compression and evaluation from the cache."""
+    """With MLflow unreachable, the run fails at its first registry call, after retries, having computed
+    nothing. With the object store unreachable, publishing fails after its retries and nothing is
+    registered; the next run (store back) takes calibration, compression and evaluation from the cache."""
     from meswitch.flows import run_pipeline
     from meswitch.registry import Registry
     from meswitch.testing_servers import free_ports
@@ -311,6 +318,14 @@ def test_object_store_outage_fails_the_run_and_a_rerun_resumes(
     inbox = make_inbox(pipeline_family, tmp_path / "inbox", ["english"])
     config, gates = write_config(tmp_path)
     args = dict(config_file=config, gates_file=gates, work_dir=tmp_path / "work", return_state=True)
+
+    with monkeypatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_ports(1)[0]}")
+        t = time.time()
+        state = run_pipeline(inbox, pipeline_family / "base", **args)
+        assert state.is_failed() and "MLflow" in state.message, state.message
+        tasks = task_runs_since(t)
+        assert ("registry-lookup", "Failed") in tasks and not {n for n, _ in tasks} & {"calibrate", "compress"}
 
     t0 = time.time()
     state = run_pipeline(inbox, pipeline_family / "base", **args)

@@ -83,14 +83,17 @@ def _prefect_server(home: Path | None) -> Iterator[str]:
     if home is not None:
         env["PREFECT_HOME"] = str(home)
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    log_path = Path(env.get("PREFECT_HOME") or Path.home() / ".prefect") / "server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
-                raise RuntimeError(f"prefect server exited with status {proc.returncode}: {err}")
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"prefect server exited with status {proc.returncode} (log {log_path}): {tail}")
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                     if r.status == 200:
@@ -100,7 +103,7 @@ def _prefect_server(home: Path | None) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"prefect server on port {port} did not answer in 120 s")
             time.sleep(0.5)
-        log.info("Prefect server (UI and API) at http://127.0.0.1:%d", port)
+        log.info("Prefect server (UI and API) at http://127.0.0.1:%d (log %s)", port, log_path)
         yield url
     finally:
         proc.terminate()
