@@ -75,9 +75,11 @@ def write_config(folder: Path, gates: dict | None = None, **overrides) -> tuple[
 
 
 def router_queries(family: Path, out: Path) -> Path:
-    """Held-out routing queries of all five domains in one file."""
+    """Held-out routing queries of all five domains in one file (older families kept the fifth apart)."""
     lines = (family / "routing" / "test.jsonl").read_text().splitlines()
-    lines += (family / "routing" / "extra" / "test.jsonl").read_text().splitlines()
+    extra = family / "routing" / "extra" / "test.jsonl"
+    if extra.is_file():
+        lines += extra.read_text().splitlines()
     out.write_text("\n".join(lines) + "\n")
     return out
 

@@ -325,6 +325,7 @@ def expert_pipeline(
         fresh.append(ExpertInput(entry.name, folder, card, fp.fingerprint))
 
     if fresh:
+        io.mlflow_experiment()  # before the experts' sub-flows run at once
         futures = run_expert.map(fresh, unmapped(base), unmapped(base_fp), unmapped(config), unmapped(str(work)))
         for expert, future in zip(fresh, futures, strict=True):
             future.wait()

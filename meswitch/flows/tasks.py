@@ -443,6 +443,14 @@ def log_router_run(
     )
 
 
+@task(name="mlflow-experiment", **IO)
+def mlflow_experiment() -> str:
+    """The pipeline's MLflow experiment, made once before experts are processed in parallel."""
+    from meswitch.flows.tracking import Tracker
+
+    return Tracker().experiment_id
+
+
 @task(name="registry-lookup", **IO)
 def registry_lookup(model: str, expert_fp: str, base_fp: str) -> dict | None:
     """The version of ``model`` already made from this expert and base by the pipeline, if any."""
@@ -544,7 +552,7 @@ def fetch_cards(experts: list[dict], dest: str) -> list[str]:
 
 IO_TASKS = (
     "scan_inbox", "fetch_expert", "log_expert_run", "log_router_run", "registry_lookup", "publish", "promote",
-    "mark_status", "production_experts", "current_router", "fetch_cards", "resolve_base",
+    "mark_status", "production_experts", "current_router", "fetch_cards", "resolve_base", "mlflow_experiment",
 )  # fmt: skip
 
 

@@ -42,11 +42,18 @@ class Tracker:
     @property
     def experiment_id(self) -> str:
         if self._experiment_id is None:
+            from mlflow.exceptions import MlflowException
+
             exp = self.client.get_experiment_by_name(self.experiment)
             if exp is None:
-                self._experiment_id = self.client.create_experiment(self.experiment, self._artifact_location())
-            else:
-                self._experiment_id = exp.experiment_id
+                try:
+                    self._experiment_id = self.client.create_experiment(self.experiment, self._artifact_location())
+                    return self._experiment_id
+                except MlflowException:  # another worker created it first
+                    exp = self.client.get_experiment_by_name(self.experiment)
+                    if exp is None:
+                        raise
+            self._experiment_id = exp.experiment_id
         return self._experiment_id
 
     def _artifact_location(self) -> str | None:
