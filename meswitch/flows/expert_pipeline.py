@@ -7,13 +7,14 @@
         process-expert (sub-flow)            (threads by default; Dask workers with --dask)
           validate -> calibrate -> compress -> evaluate -> gates -> log to MLflow
           -> publish (candidate | rejected with reasons) -> promote to production -> mark done
+      register the base as meswitch-base-<name> (production), what `meswitch serve` loads
       update-router (sub-flow)               when the production (domain -> expert) set changed:
           fetch cards -> train -> evaluate -> gate -> log -> publish -> promote
       summary (Prefect artifact + JSON/Markdown in the report folder); the run fails if an
       expert's processing failed (an outage after retries), and a re-run resumes from the cache
 
 Wrapping the sub-flow in a task is what lets the task runner (a Dask cluster) run several experts'
-sub-flows at once; every step inside is a cached, named task.
+sub-flows at once; every step inside is a cached, named task, committed as soon as it finishes.
 """
 
 from __future__ import annotations
@@ -34,14 +35,13 @@ from prefect.logging import get_run_logger
 from prefect.transactions import CommitMode, transaction
 
 from meswitch.flows import tasks as t
-from meswitch.flows.config import PipelineConfig, is_registry_ref, load_config
+from meswitch.flows.config import BASE_PREFIX, PipelineConfig, is_registry_ref, load_config
 from meswitch.flows.gates import check_expert_gates, check_router_gates, task_ratio
 from meswitch.flows.summary import FAILED, PRODUCTION, REJECTED, ExpertOutcome, PipelineSummary, RouterOutcome
 
 log = logging.getLogger(__name__)
 
 EXPERT_PREFIX = "meswitch-expert-"
-BASE_PREFIX = "meswitch-base-"
 ROUTER_MODEL = "meswitch-router"
 EVAL_METRICS = ("kl", "ppl_base", "ppl_expert", "ppl_compressed", "ppl_ratio", "gain_retained",
                 "task_score_expert", "task_score_compressed")  # fmt: skip
