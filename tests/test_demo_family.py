@@ -164,8 +164,9 @@ def test_arithmetic_answers_are_right():
 
 def test_splits_are_disjoint(micro_family: Path):
     for d in CORE_DOMAINS:
-        texts = {s: [r["text"] for r in _rows(micro_family / "data" / d / f"{s}.jsonl")]
-                 for s in ("train", "calib", "eval")}
+        texts = {
+            s: [r["text"] for r in _rows(micro_family / "data" / d / f"{s}.jsonl")] for s in ("train", "calib", "eval")
+        }
         for s, rows in texts.items():
             assert all(rows) and len(set(rows)) == len(rows), (d, s)
         assert not set(texts["train"]) & set(texts["eval"]), d
@@ -236,8 +237,12 @@ def test_same_seed_gives_identical_tensors(micro_family: Path, tmp_path: Path):
         assert a.keys() == b.keys()
         for name in a:
             assert torch.equal(a[name], b[name]), (rel, name)
-    for rel in ["base/tokenizer.json", "routing/train.jsonl", "routing/test.jsonl",
-                *(f"data/{d}/{s}.jsonl" for d in CORE_DOMAINS for s in ("train", "calib", "eval"))]:
+    for rel in [
+        "base/tokenizer.json",
+        "routing/train.jsonl",
+        "routing/test.jsonl",
+        *(f"data/{d}/{s}.jsonl" for d in CORE_DOMAINS for s in ("train", "calib", "eval")),
+    ]:
         assert _sha(micro_family / rel) == _sha(again / rel), rel
     assert _family(again)["perplexity"] == _family(micro_family)["perplexity"]
 
@@ -245,8 +250,10 @@ def test_same_seed_gives_identical_tensors(micro_family: Path, tmp_path: Path):
 def test_extra_domain_is_added_without_touching_the_family(micro_family: Path, tmp_path: Path):
     root = tmp_path / "family"
     shutil.copytree(micro_family, root)
-    untouched = {rel: _sha(root / rel) for rel in ["base/model.safetensors", "experts/code/model.safetensors",
-                                                    "data/math/eval.jsonl"]}
+    untouched = {
+        rel: _sha(root / rel)
+        for rel in ["base/model.safetensors", "experts/code/model.safetensors", "data/math/eval.jsonl"]
+    }
     routing_before = _rows(root / "routing" / "train.jsonl")
     build_family(root, size="micro", seed=0, extra_domain=True)
     (extra,) = corpora.EXTRA_DOMAINS

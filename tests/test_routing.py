@@ -264,6 +264,26 @@ def test_long_query_is_truncated_and_reported(fam, tmp_path):
     assert not router.route("x = 1").truncated
 
 
+def test_averaging_option_orders_maps_every_letter_back_to_its_domain(fam):
+    """orders=0 equals routing under every cyclic shift of the options one by one, mapped back and averaged."""
+    model, tok = load_causal_lm(fam / "base")
+    opts = [Option(n, f"the {n} domain") for n in ("chinese", "code", "english", "math")]
+    queries = ["What is 17 plus 3?", "def f(x): return x", "Tell me a saying about love."]
+    both, cut = MCQBackend(model, tok, opts, max_length=512, orders=0).predict(queries)
+    assert both.shape == (3, 4) and not any(cut)
+    assert torch.allclose(both.sum(-1), torch.ones(3), atol=1e-5)
+    expected = torch.zeros(3, 4)
+    for s in range(4):
+        shifted = opts[s:] + opts[:s]
+        p, _ = MCQBackend(model, tok, shifted, max_length=512, orders=1).predict(queries)
+        expected[:, [(j + s) % 4 for j in range(4)]] += p / 4  # letter j showed option (j + s) % 4
+    assert torch.allclose(both, expected, atol=1e-5)
+    # one order is the listed order, and two orders are shifts 0 and 2
+    one, _ = MCQBackend(model, tok, opts, max_length=512, orders=1).predict(queries)
+    assert not torch.allclose(one, both, atol=1e-4)
+    assert MCQBackend(model, tok, opts, max_length=512, orders=2).shifts == [0, 2]
+
+
 def test_tampered_router_artifact_is_refused(fam, tmp_path):
     out = tmp_path / "r"
     train_router(RouterJob(experts=[fam / "experts"], out=out, mcq=MCQConfig(**{**FAST.__dict__, "finetune": "none"})))

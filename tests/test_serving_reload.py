@@ -98,10 +98,24 @@ def test_promotion_during_a_stream_and_a_corrupt_version(served_family, tmp_path
         manager.close()
 
 
-def test_registry_production_aliases_are_served_and_followed(served_family, s3_server, mlflow_server, tmp_path):  # noqa: F811
+@pytest.fixture(scope="module")
+def own_mlflow_server(tmp_path_factory, s3_server):
+    """An MLflow server of this module's own.
+
+    The session's server also holds the pipeline tests' production experts, built from the same micro
+    family (same seed, so the same base fingerprint): on it this test would rightly serve those too.
+    """
+    from meswitch.testing_servers import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-serving"), s3=s3_server).start()
+    yield server
+    server.stop()
+
+
+def test_registry_production_aliases_are_served_and_followed(served_family, s3_server, own_mlflow_server, tmp_path):  # noqa: F811
     from meswitch.registry import Registry, RegistryConfig
 
-    env = {**s3_server.env("serving-test"), "MLFLOW_TRACKING_URI": mlflow_server.url}
+    env = {**s3_server.env("serving-test"), "MLFLOW_TRACKING_URI": own_mlflow_server.url}
     registry = Registry(RegistryConfig.from_env(env, home=tmp_path / "home", backoff_s=0.2))
     registry.publish(served_family.base_artifact, "meswitch-base-servingtest", alias="production")
     names = sorted(served_family.artifacts)

@@ -23,16 +23,28 @@ def register(sub) -> None:
         "Re-running with the same size and seed does nothing.",
     )
     p.add_argument("--out", type=Path, required=True, help="family folder to write (built beside it, then renamed)")
-    p.add_argument("--size", choices=_SIZES, default="tiny",
-                   help="micro: seconds, for tests; tiny (default): minutes on 2 CPU cores; small: for a GPU")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of data splits, initialisation and batch order (default 0)")
-    p.add_argument("--extra-domain", action="store_true",
-                   help="also build the fifth expert (English dictionary definitions, WordNet) under OUT/extra/; "
-                   "can be added later to an existing family without rebuilding it")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for micro, every core otherwise); results are "
-                   "reproducible for the same seed and thread count")
+    p.add_argument(
+        "--size",
+        choices=_SIZES,
+        default="tiny",
+        help="micro: seconds, for tests; tiny (default): minutes on 2 CPU cores; small: for a GPU",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of data splits, initialisation and batch order (default 0)"
+    )
+    p.add_argument(
+        "--extra-domain",
+        action="store_true",
+        help="also build the fifth expert (English dictionary definitions, WordNet) under OUT/extra/; "
+        "can be added later to an existing family without rebuilding it",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 for micro, every core otherwise); results are "
+        "reproducible for the same seed and thread count",
+    )
     p.set_defaults(func=_demo_family)
 
 
@@ -41,8 +53,9 @@ def _demo_family(args) -> int:
 
     start = time.perf_counter()
     try:
-        out = build_family(args.out, size=args.size, seed=args.seed, extra_domain=args.extra_domain,
-                           threads=args.threads)
+        out = build_family(
+            args.out, size=args.size, seed=args.seed, extra_domain=args.extra_domain, threads=args.threads
+        )
     except (CorpusUnavailable, FileExistsError, ValueError) as e:
         raise CommandError(str(e)) from e
     print(f"{out}: demo family ready ({time.perf_counter() - start:.0f} s); see {out / 'family.json'}")

@@ -56,6 +56,12 @@ def register(sub) -> None:
     t.add_argument("--batch-size", type=int, help="MCQ: queries per step")
     t.add_argument("--lora-r", type=int, default=8, help="MCQ LoRA rank (default 8)")
     t.add_argument("--max-length", type=int, default=512, help="router context in tokens (default 512)")
+    t.add_argument(
+        "--orders",
+        type=int,
+        default=0,
+        help="MCQ: option orders averaged per query when routing (default 0: every cyclic shift; 1: listed order)",
+    )
     t.add_argument("--encoder", default="auto", help="embedding: auto, packaged, or a model folder (default auto)")
     t.add_argument("--threshold", type=float, default=0.5, help="confidence below which queries fall back")
     t.add_argument("--default-expert", help="expert that gets fallback queries (default: the base model)")
@@ -73,6 +79,7 @@ def register(sub) -> None:
     e.add_argument("--limit", type=int, help="evaluate at most this many lines")
     e.add_argument("--base-model", type=Path, help="base model for a LoRA / un-fine-tuned MCQ router, if moved")
     e.add_argument("--threshold", type=float, help="override the artifact's confidence threshold")
+    e.add_argument("--orders", type=int, help="MCQ: override how many option orders are averaged (0: all)")
     e.add_argument("--no-latency", action="store_true", help="route in batches; skip per-query timing")
     e.add_argument("--device", default="cpu")
     e.add_argument("--json", action="store_true", help="print one JSON object")
@@ -83,6 +90,7 @@ def register(sub) -> None:
     r.add_argument("query", help="the query text")
     r.add_argument("--base-model", type=Path, help="base model for a LoRA / un-fine-tuned MCQ router, if moved")
     r.add_argument("--threshold", type=float, help="override the artifact's confidence threshold")
+    r.add_argument("--orders", type=int, help="MCQ: override how many option orders are averaged (0: all)")
     r.add_argument("--device", default="cpu")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     r.set_defaults(func=_route)
@@ -92,7 +100,9 @@ def _load(args):
     from meswitch.routing import load_router
 
     try:
-        return load_router(args.router, base_model=args.base_model, device=args.device, threshold=args.threshold)
+        return load_router(
+            args.router, base_model=args.base_model, device=args.device, threshold=args.threshold, orders=args.orders
+        )
     except ValueError as e:
         raise CommandError(str(e)) from e
 
@@ -117,6 +127,7 @@ def _train(args) -> int:
                 finetune=args.finetune,
                 lora_r=args.lora_r,
                 max_length=args.max_length,
+                orders=args.orders,
                 seed=args.seed,
                 threads=args.threads,
                 **mcq_overrides,

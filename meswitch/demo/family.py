@@ -89,38 +89,102 @@ class FamilySpec:
         from transformers import MistralConfig
 
         return MistralConfig(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_kv_heads, max_position_embeddings=4 * self.seq_len,
-            tie_word_embeddings=False, sliding_window=None, rope_theta=10000.0,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            max_position_embeddings=4 * self.seq_len,
+            tie_word_embeddings=False,
+            sliding_window=None,
+            rope_theta=10000.0,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
         )
 
 
 SIZES: dict[str, FamilySpec] = {
     # For tests: about half a minute on 2 CPU cores.
     "micro": FamilySpec(
-        size="micro", hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
-        vocab_size=512, seq_len=128, batch_size=8, base_steps=200, base_lr=3e-3, expert_steps=50,
-        expert_lr=3e-3, warmup_steps=10, max_train_docs=1500, tokenizer_chars=120_000, calib_docs=16,
-        eval_docs=24, routing_train=40, routing_test=20, eval_texts=24, task_prompts=8, math_problems=2000,
+        size="micro",
+        hidden_size=64,
+        intermediate_size=192,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        vocab_size=512,
+        seq_len=128,
+        batch_size=8,
+        base_steps=200,
+        base_lr=3e-3,
+        expert_steps=50,
+        expert_lr=3e-3,
+        warmup_steps=10,
+        max_train_docs=1500,
+        tokenizer_chars=120_000,
+        calib_docs=16,
+        eval_docs=24,
+        routing_train=40,
+        routing_test=20,
+        eval_texts=24,
+        task_prompts=8,
+        math_problems=2000,
         threads=1,  # a model this small runs no faster on two threads, and far slower on a busy machine
     ),
     # The default: under ten minutes on 2 CPU cores, corpus preparation included.
     "tiny": FamilySpec(
-        size="tiny", hidden_size=192, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2,
-        vocab_size=4096, seq_len=256, batch_size=8, base_steps=700, base_lr=2e-3, expert_steps=120,
-        expert_lr=1e-3, warmup_steps=30, max_train_docs=12_000, tokenizer_chars=600_000, calib_docs=128,
-        eval_docs=200, routing_train=400, routing_test=100, eval_texts=96, task_prompts=48,
+        size="tiny",
+        hidden_size=192,
+        intermediate_size=512,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        vocab_size=4096,
+        seq_len=256,
+        batch_size=8,
+        base_steps=700,
+        base_lr=2e-3,
+        expert_steps=120,
+        expert_lr=1e-3,
+        warmup_steps=30,
+        max_train_docs=12_000,
+        tokenizer_chars=600_000,
+        calib_docs=128,
+        eval_docs=200,
+        routing_train=400,
+        routing_test=100,
+        eval_texts=96,
+        task_prompts=48,
         math_problems=14_000,
     ),
     # For a GPU.
     "small": FamilySpec(
-        size="small", hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=4,
-        vocab_size=8192, seq_len=512, batch_size=32, base_steps=4000, base_lr=1e-3, expert_steps=800,
-        expert_lr=3e-4, warmup_steps=200, max_train_docs=200_000, tokenizer_chars=3_000_000, calib_docs=256,
-        eval_docs=400, routing_train=1000, routing_test=250, eval_texts=256, task_prompts=200,
-        math_problems=60_000, device="auto",
+        size="small",
+        hidden_size=512,
+        intermediate_size=1536,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        vocab_size=8192,
+        seq_len=512,
+        batch_size=32,
+        base_steps=4000,
+        base_lr=1e-3,
+        expert_steps=800,
+        expert_lr=3e-4,
+        warmup_steps=200,
+        max_train_docs=200_000,
+        tokenizer_chars=3_000_000,
+        calib_docs=256,
+        eval_docs=400,
+        routing_train=1000,
+        routing_test=250,
+        eval_texts=256,
+        task_prompts=200,
+        math_problems=60_000,
+        device="auto",
     ),
 }
 
@@ -169,11 +233,13 @@ def train(model, streams: list[torch.Tensor], cfg: TrainConfig, seed: int, desc:
     gen = torch.Generator().manual_seed(seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        foreach=True,
+    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     model.train()
     losses: list[float] = []
     log_every = max(1, cfg.steps // 10)
@@ -196,14 +262,28 @@ def train(model, streams: list[torch.Tensor], cfg: TrainConfig, seed: int, desc:
         if (step + 1) % log_every == 0:
             rate = (step + 1) * cfg.batch_size * cfg.seq_len / (time.perf_counter() - t0)
             # INFO where no progress bar is drawn (not a terminal), so a long build still shows progress
-            log.log(logging.INFO if bar.disable else logging.DEBUG, "%s: step %d/%d, loss %.3f, lr %.1e, "
-                    "%.0f tokens/s", desc, step + 1, cfg.steps, losses[-1], group["lr"], rate)
+            log.log(
+                logging.INFO if bar.disable else logging.DEBUG,
+                "%s: step %d/%d, loss %.3f, lr %.1e, %.0f tokens/s",
+                desc,
+                step + 1,
+                cfg.steps,
+                losses[-1],
+                group["lr"],
+                rate,
+            )
     model.eval()
     tail = losses[-max(1, cfg.steps // 10) :]
     final = sum(tail) / len(tail)
     seconds = time.perf_counter() - t0
-    log.info("%s: %d steps in %.0f s (%.0f tokens/s), final loss %.4f", desc, cfg.steps, seconds,
-             cfg.steps * cfg.batch_size * cfg.seq_len / seconds, final)
+    log.info(
+        "%s: %d steps in %.0f s (%.0f tokens/s), final loss %.4f",
+        desc,
+        cfg.steps,
+        seconds,
+        cfg.steps * cfg.batch_size * cfg.seq_len / seconds,
+        final,
+    )
     return final
 
 
@@ -250,8 +330,7 @@ def split_domain(corpus: Corpus, spec: FamilySpec, seed: int) -> DomainData:
     r_train = routing_queries(corpus.domain, train_docs, spec.routing_train, qrng)
     held = set(r_train)
     r_test = [q for q in routing_queries(corpus.domain, eval_docs, 2 * spec.routing_test, qrng) if q not in held]
-    return DomainData(corpus.domain, corpus, train_docs, calib_docs, eval_docs, r_train,
-                      r_test[: spec.routing_test])
+    return DomainData(corpus.domain, corpus, train_docs, calib_docs, eval_docs, r_train, r_test[: spec.routing_test])
 
 
 def train_tokenizer(data: list[DomainData], spec: FamilySpec):
@@ -270,22 +349,29 @@ def train_tokenizer(data: list[DomainData], spec: FamilySpec):
                 yield doc["text"]
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=spec.vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts(), trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 1)])
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 1)]
+    )
     if [tok.token_to_id(t) for t in SPECIAL_TOKENS] != [0, 1, 2]:
         raise RuntimeError("special tokens did not get ids 0, 1, 2")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   model_max_length=4 * spec.seq_len)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", model_max_length=4 * spec.seq_len
+    )
 
 
 def token_stream(tokenizer, docs: list[Doc], min_len: int) -> torch.Tensor:
@@ -305,8 +391,9 @@ def token_stream(tokenizer, docs: list[Doc], min_len: int) -> torch.Tensor:
 # Building
 
 
-def build_family(out: Path, size: str = "tiny", seed: int = 0, extra_domain: bool = False,
-                 threads: int | None = None) -> Path:
+def build_family(
+    out: Path, size: str = "tiny", seed: int = 0, extra_domain: bool = False, threads: int | None = None
+) -> Path:
     """Build (or find already built) the demo family at ``out``; returns ``out``.
 
     Idempotent: when ``out/family.json`` records the same size and seed nothing is rebuilt; asking for
@@ -323,7 +410,8 @@ def build_family(out: Path, size: str = "tiny", seed: int = 0, extra_domain: boo
         if (family.get("size"), family.get("seed")) != (size, seed):
             raise FileExistsError(
                 f"{out} holds a family of size {family.get('size')!r} seed {family.get('seed')}, not "
-                f"{size!r} seed {seed}; choose another --out or remove it")
+                f"{size!r} seed {seed}; choose another --out or remove it"
+            )
         missing = [d for d in EXTRA_DOMAINS if d not in family.get("extra", {})] if extra_domain else []
         if not missing:
             log.info("%s: family (size %s, seed %d) already built; nothing to do", out, size, seed)
@@ -356,8 +444,9 @@ def _build(root: Path, spec: FamilySpec, seed: int, extra: list[str]) -> None:
     t0 = time.perf_counter()
     walls: dict[str, float] = {}
     device = _device(spec)
-    data = {d: split_domain(load_corpus(d, seed=seed, n_generated=spec.math_problems), spec, seed)
-            for d in CORE_DOMAINS}
+    data = {
+        d: split_domain(load_corpus(d, seed=seed, n_generated=spec.math_problems), spec, seed) for d in CORE_DOMAINS
+    }
     walls["corpora"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -407,11 +496,21 @@ def _build(root: Path, spec: FamilySpec, seed: int, extra: list[str]) -> None:
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "domains": list(CORE_DOMAINS),
-        "tokenizer": {"type": "byte-level BPE, digits split individually", "vocab_size": len(tokenizer),
-                      "special_tokens": list(SPECIAL_TOKENS), "trained_on": list(CORE_DOMAINS)},
-        "base": {"path": "base", "train_loss": base_loss, "steps": spec.base_steps,
-                 "tokens_seen": spec.base_steps * spec.batch_size * spec.seq_len, "lr": spec.base_lr,
-                 "trained_on": list(CORE_DOMAINS), "seconds": round(walls["base"], 2)},
+        "tokenizer": {
+            "type": "byte-level BPE, digits split individually",
+            "vocab_size": len(tokenizer),
+            "special_tokens": list(SPECIAL_TOKENS),
+            "trained_on": list(CORE_DOMAINS),
+        },
+        "base": {
+            "path": "base",
+            "train_loss": base_loss,
+            "steps": spec.base_steps,
+            "tokens_seen": spec.base_steps * spec.batch_size * spec.seq_len,
+            "lr": spec.base_lr,
+            "trained_on": list(CORE_DOMAINS),
+            "seconds": round(walls["base"], 2),
+        },
         "experts": experts,
         "extra": {},
         "perplexity": ppl,
@@ -428,8 +527,9 @@ def _build(root: Path, spec: FamilySpec, seed: int, extra: list[str]) -> None:
         _add_extra(root, family, spec, seed, extra, base=base, tokenizer=tokenizer)
 
 
-def _add_extra(root: Path, family: dict, spec: FamilySpec, seed: int, domains: list[str],
-               base=None, tokenizer=None) -> None:
+def _add_extra(
+    root: Path, family: dict, spec: FamilySpec, seed: int, domains: list[str], base=None, tokenizer=None
+) -> None:
     """Fine-tune the base on each extra domain: write extra/<name>/ and data/<domain>/, and add the domain's
     queries to routing/{train,test}.jsonl (routers pick the lines of the domains they serve)."""
     from transformers import AutoTokenizer, MistralForCausalLM
@@ -447,8 +547,9 @@ def _add_extra(root: Path, family: dict, spec: FamilySpec, seed: int, domains: l
             data[d] = split_domain(load_corpus(d, seed=seed), spec, seed)
             _write_data(tmp, data[d])
             stream = token_stream(tokenizer, data[d].train, 4 * spec.batch_size * (spec.seq_len + 1))
-            model, info = _fine_tune(base, data[d], stream, tokenizer, spec,
-                                     seed + 1 + len(CORE_DOMAINS) + EXTRA_DOMAINS.index(d))
+            model, info = _fine_tune(
+                base, data[d], stream, tokenizer, spec, seed + 1 + len(CORE_DOMAINS) + EXTRA_DOMAINS.index(d)
+            )
             _save_expert(model, tokenizer, tmp / "extra" / d, data[d])
             own = _perplexities(model, tokenizer, {d: data[d]}, spec)[d]
             base_own = _perplexities(base, tokenizer, {d: data[d]}, spec)[d]
@@ -476,13 +577,19 @@ def _add_extra(root: Path, family: dict, spec: FamilySpec, seed: int, domains: l
 def _fine_tune(base, data: DomainData, stream: torch.Tensor, tokenizer, spec: FamilySpec, seed: int):
     """Full fine-tuning (every weight) of a copy of the base on one domain."""
     model = copy.deepcopy(base)
-    cfg = TrainConfig(spec.expert_steps, spec.batch_size, spec.seq_len, spec.expert_lr,
-                      max(1, spec.warmup_steps // 3))
+    cfg = TrainConfig(spec.expert_steps, spec.batch_size, spec.seq_len, spec.expert_lr, max(1, spec.warmup_steps // 3))
     t = time.perf_counter()
     loss = train(model, [stream], cfg, seed, f"expert {data.domain}")
-    info = {"domain": data.domain, "train_loss": loss, "steps": cfg.steps, "lr": cfg.lr, "seed": seed,
-            "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len, "seconds": round(time.perf_counter() - t, 2),
-            "task": TASKS.get(data.domain)}
+    info = {
+        "domain": data.domain,
+        "train_loss": loss,
+        "steps": cfg.steps,
+        "lr": cfg.lr,
+        "seed": seed,
+        "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
+        "seconds": round(time.perf_counter() - t, 2),
+        "task": TASKS.get(data.domain),
+    }
     return model, info
 
 
@@ -491,8 +598,10 @@ def _perplexities(model, tokenizer, data: dict[str, DomainData], spec: FamilySpe
     from meswitch.evaluation.metrics import perplexity
 
     model.eval()
-    return {d: round(perplexity(model, tokenizer, [x["text"] for x in dd.eval[: spec.eval_texts]],
-                                max_len=spec.seq_len), 4) for d, dd in data.items()}
+    return {
+        d: round(perplexity(model, tokenizer, [x["text"] for x in dd.eval[: spec.eval_texts]], max_len=spec.seq_len), 4)
+        for d, dd in data.items()
+    }
 
 
 def _task_scores(base, experts: dict, tokenizer, data: dict[str, DomainData], spec: FamilySpec) -> dict:
@@ -503,10 +612,15 @@ def _task_scores(base, experts: dict, tokenizer, data: dict[str, DomainData], sp
         if d not in experts:
             continue
         pairs = [(x["prompt"], x["answer"]) for x in data[d].eval[: spec.task_prompts]]
-        scores[d] = {"metric": task, "prompts": len(pairs), "base": exact_match(base, tokenizer, pairs),
-                     "expert": exact_match(experts[d], tokenizer, pairs)}
-        log.info("%s on %d %s prompts: base %.3f, expert %.3f", task, len(pairs), d, scores[d]["base"],
-                 scores[d]["expert"])
+        scores[d] = {
+            "metric": task,
+            "prompts": len(pairs),
+            "base": exact_match(base, tokenizer, pairs),
+            "expert": exact_match(experts[d], tokenizer, pairs),
+        }
+        log.info(
+            "%s on %d %s prompts: base %.3f, expert %.3f", task, len(pairs), d, scores[d]["base"], scores[d]["expert"]
+        )
     return scores
 
 
@@ -533,8 +647,9 @@ def _save_expert(model, tokenizer, folder: Path, data: DomainData) -> None:
         "evaluation": "eval.jsonl",
         "task": TASKS.get(data.domain),
     }
-    (folder / "expert.yaml").write_text(yaml.safe_dump(card, allow_unicode=True, sort_keys=False, width=1000),
-                                        encoding="utf-8")
+    (folder / "expert.yaml").write_text(
+        yaml.safe_dump(card, allow_unicode=True, sort_keys=False, width=1000), encoding="utf-8"
+    )
 
 
 def _row(domain: str, doc: Doc) -> dict:
@@ -554,8 +669,11 @@ def _write_routing(folder: Path, data: list[DomainData], keep: Path | None = Non
     """Queries of ``data``'s domains in a seeded order, after the lines of other domains in ``keep``."""
     new = {d.domain for d in data}
     for split in ("train", "test"):
-        rows = [{"text": q, "domain": d.domain} for d in data
-                for q in (d.routing_train if split == "train" else d.routing_test)]
+        rows = [
+            {"text": q, "domain": d.domain}
+            for d in data
+            for q in (d.routing_train if split == "train" else d.routing_test)
+        ]
         random.Random(f"meswitch-routing-order-{split}-{'-'.join(sorted(new))}").shuffle(rows)
         if keep is not None:
             rows = [r for r in _read_jsonl(keep / f"{split}.jsonl") if r["domain"] not in new] + rows
@@ -568,8 +686,14 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _data_summary(d: DomainData, stream: torch.Tensor) -> dict:
-    return {"train": len(d.train), "calib": len(d.calib), "eval": len(d.eval), "train_tokens": len(stream),
-            "routing_train": len(d.routing_train), "routing_test": len(d.routing_test)}
+    return {
+        "train": len(d.train),
+        "calib": len(d.calib),
+        "eval": len(d.eval),
+        "train_tokens": len(stream),
+        "routing_train": len(d.routing_train),
+        "routing_test": len(d.routing_test),
+    }
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -631,5 +755,10 @@ def _versions() -> dict:
 
     import meswitch
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__, "meswitch": meswitch.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "meswitch": meswitch.__version__,
+    }

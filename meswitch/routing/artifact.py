@@ -79,8 +79,10 @@ def load_router(
     device: str = "cpu",
     threshold: float | None = None,
     default_expert: str | None = None,
+    orders: int | None = None,
 ) -> Router:
-    """Verify a router artifact's checksums and load it; ``threshold``/``default_expert`` override the manifest's."""
+    """Verify a router artifact's checksums and load it; ``threshold``/``default_expert`` override the
+    manifest's, and so does ``orders`` (how many option orders an MCQ router averages)."""
     folder = Path(folder)
     manifest = verify(folder)
     if manifest.kind != "router":
@@ -103,7 +105,10 @@ def load_router(
         else:
             raise ArtifactError(f"{folder}: unknown MCQ finetune mode {finetune!r}")
         options = options_for(domains, int(method.get("description_words", 12)))
-        backend = MCQBackend(model, tok, options, int(method.get("max_length", 512)))
+        # routers written before option orders were averaged read the listed order only
+        if orders is None:
+            orders = int(method.get("orders", 1))
+        backend = MCQBackend(model, tok, options, int(method.get("max_length", 512)), orders=orders)
     elif backend_kind == "embedding":
         from meswitch.routing.embedding import (
             EmbeddingBackend,

@@ -54,6 +54,7 @@ class MCQConfig:
     max_length: int = 512  # the router's context, capped by the model's max_position_embeddings
     train_query_tokens: int = 48  # queries are cut to this many tokens while training (speed)
     description_words: int = 12  # each option shows its domain and the first words of its description
+    orders: int = 0  # option orders averaged when routing: 0 = every cyclic shift, 1 = the listed order only
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -67,6 +68,8 @@ class MCQConfig:
             raise ValueError(f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
         if self.loss not in ("letters", "vocab"):
             raise ValueError(f"loss must be 'letters' or 'vocab', got {self.loss!r}")
+        if self.orders < 0:
+            raise ValueError(f"orders must be 0 (every cyclic shift) or a positive count, got {self.orders}")
         if self.steps < 1 or self.batch_size < 1 or (self.epochs is not None and self.epochs < 1):
             raise ValueError("steps, epochs and batch_size must be at least 1")
         if not (0 <= self.warmup < 1 and 0 <= self.decay <= 1 and self.warmup + self.decay <= 1):
@@ -130,11 +133,20 @@ def last_token_logits(model, seqs: Sequence[Sequence[int]], pad_id: int, device)
 
 
 class MCQBackend:
-    """Scores a fixed, ordered list of domain options with a causal LM."""
+    """Scores a fixed, ordered list of domain options with a causal LM.
+
+    With ``orders`` > 1 each query is asked under that many cyclic shifts of the option list (0: all
+    of them, so every domain is shown once under every letter) and the per-domain probabilities are
+    averaged: a small LM's preference for a letter or a position cancels out, at ``orders`` times the
+    compute, all in one batched forward pass. The router was trained on shuffled orders, so every
+    shift is a prompt it knows.
+    """
 
     kind = "mcq"
 
-    def __init__(self, model, tokenizer, options: Sequence[Option], max_length: int, batch_size: int = 16):
+    def __init__(
+        self, model, tokenizer, options: Sequence[Option], max_length: int, batch_size: int = 16, orders: int = 1
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.options = list(options)
@@ -142,10 +154,17 @@ class MCQBackend:
         self.batch_size = batch_size
         self.encoder = PromptEncoder(tokenizer, self.max_length)
         self.letter_ids = letter_token_ids(tokenizer, len(self.options))
-        self.tail = self.encoder.tail_ids(self.options)
+        n = len(self.options)
+        count = n if orders == 0 else min(max(1, orders), n)
+        self.shifts = [round(i * n / count) for i in range(count)]
+        # for shift s the letter j shows option (j + s) % n; the tails are tokenized once
+        self.tails = [self.encoder.tail_ids(self.options[s:] + self.options[:s]) for s in self.shifts]
         self.pad_id = _pad_id(tokenizer)
-        if self.encoder.query_budget(len(self.tail)) < 1:
-            self.encoder.encode(self.options, "", self.tail)  # raises the explanatory error
+        longest = max(self.tails, key=len)
+        if self.encoder.query_budget(len(longest)) < 1:
+            self.encoder.encode(self.options, "", longest)  # raises the explanatory error
+        # column j of shift s's letter probabilities belongs to domain (j + s) % n: undo it with a gather
+        self.unshift = torch.tensor([[(d - s) % n for d in range(n)] for s in self.shifts])
 
     @property
     def device(self) -> torch.device:
@@ -155,11 +174,16 @@ class MCQBackend:
     def predict(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
         probs, cut = [], []
         letters = torch.tensor(self.letter_ids, device=self.device)
-        for i in range(0, len(texts), self.batch_size):
-            enc = [self.encoder.encode(self.options, t, self.tail) for t in texts[i : i + self.batch_size]]
+        k = len(self.shifts)
+        per_pass = max(1, self.batch_size // k)
+        for i in range(0, len(texts), per_pass):
+            chunk = texts[i : i + per_pass]
+            enc = [self.encoder.encode(self.options, t, tail) for t in chunk for tail in self.tails]
             logits = last_token_logits(self.model, [e[0] for e in enc], self.pad_id, self.device)
-            probs.append(torch.softmax(logits.float()[:, letters], dim=-1).cpu())
-            cut.extend(e[1] for e in enc)
+            p = torch.softmax(logits.float()[:, letters], dim=-1).cpu().view(len(chunk), k, -1)
+            p = p.gather(2, self.unshift.expand(len(chunk), -1, -1))  # letters -> domains, per shift
+            probs.append(p.mean(dim=1))
+            cut.extend(any(e[1] for e in enc[j * k : (j + 1) * k]) for j in range(len(chunk)))
         return torch.cat(probs), cut
 
 

@@ -134,11 +134,13 @@ def _train_mcq(job: RouterJob, data: RoutingData, base: Path | None, tmp: Path):
     if cfg.finetune == "lora":
         model = model.merge_and_unload()
     max_length = context_length(model, cfg.max_length)
-    router = Router(MCQBackend(model, tok, options, max_length), data.domains, job.threshold, job.default_expert)
+    backend = MCQBackend(model, tok, options, max_length, orders=cfg.orders)
+    router = Router(backend, data.domains, job.threshold, job.default_expert)
     method = {
         "finetune": cfg.finetune,
         "max_length": max_length,
         "description_words": cfg.description_words,
+        "orders": cfg.orders,
         "template_version": TEMPLATE_VERSION,
         "sft": cfg.to_dict(),
     }
