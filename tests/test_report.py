@@ -8,7 +8,7 @@ from tiny_models import calib_file, make_base, make_expert
 
 from meswitch.cli import main
 from meswitch.compression.calibration import CalibConfig
-from meswitch.evaluation.report import ReportConfig, run_report
+from meswitch.evaluation.report import ReportConfig, claims, run_report
 from meswitch.expert_card import CardError, load_card
 
 
@@ -33,7 +33,7 @@ def family(tmp_path_factory):
 def test_report_compares_methods_on_equal_footing(family, tmp_path):
     cfg = ReportConfig(
         methods=("meswitch", "fixed", "magnitude", "bitdelta"),
-        bits=(2,),
+        bits=(2, 3),
         salient=2,
         limit=8,
         device="cpu",
@@ -44,8 +44,8 @@ def test_report_compares_methods_on_equal_footing(family, tmp_path):
     assert all(p.stat().st_size > 0 for p in paths)
     data = json.loads(paths[1].read_text())
     rows = data["rows"]
-    assert len(rows) == 2 * 4
-    by = {(r["name"], r["method"]): r for r in rows}
+    assert len(rows) == 2 * (3 * 2 + 1)
+    by = {(r["name"], r["method"]): r for r in rows if r["bits"] in (1, 2)}
     for name in ("alpha", "beta"):
         ours, fixed, mag = by[name, "meswitch"], by[name, "fixed"], by[name, "magnitude"]
         assert ours["delta_bytes"] == mag["delta_bytes"]  # same salient count, same bytes
@@ -58,6 +58,36 @@ def test_report_compares_methods_on_equal_footing(family, tmp_path):
         assert ours["ppl_ratio"] < fixed["ppl_ratio"]
         assert by[name, "bitdelta"]["bits"] == 1
     assert "| alpha | meswitch | 2 |" in paths[0].read_text()
+    checks = data["claims"]
+    assert checks["bits"] == 2 and set(checks["experts"]) == {"alpha", "beta"}
+    for name, e in checks["experts"].items():
+        assert e["kl_below_fixed"] == (by[name, "meswitch"]["kl"] < by[name, "fixed"]["kl"]) is True
+        assert e["fixed_bytes_ratio"] == pytest.approx(
+            by[name, "fixed"]["delta_bytes"] / by[name, "meswitch"]["delta_bytes"], abs=1e-4
+        )
+        assert e["curve_points"]["kl"], "the 2- and 3-bit curves overlap in size"
+    assert "Claims at 2 bits" in paths[0].read_text()
+
+
+def _row(name, method, bits, bpp, kl, gain):
+    return {"name": name, "method": method, "bits": bits, "bits_per_param": bpp, "kl": kl, "gain_retained": gain,
+            "delta_bytes": bpp * 100, "fp16_delta_bytes": 1600}  # fmt: skip
+
+
+def test_claims_catch_a_curve_that_crosses_below_fixed():
+    rows = [
+        _row("e", "meswitch", 2, 2.2, 0.010, 0.80), _row("e", "meswitch", 3, 3.2, 0.004, 0.90),
+        _row("e", "fixed", 2, 2.0, 0.020, 0.60), _row("e", "fixed", 3, 3.0, 0.002, 0.95),
+        _row("e", "magnitude", 2, 2.2, 0.015, 0.70),
+    ]  # fmt: skip
+    checks = claims(rows, 2)
+    e = checks["experts"]["e"]
+    # at 2 bits meswitch wins, but at 3.0-3.2 bits fixed precision is better: the curve claim fails
+    assert e["kl_below_fixed"] and e["kl_below_magnitude"] and e["at_most_one_sixth_of_fp16"]
+    assert not e["kl_curve_below_fixed"] and not e["gain_curve_above_fixed"]
+    assert not checks["all"]["kl_curve_below_fixed"] and checks["all"]["kl_below_fixed"]
+    # compared only where both curves exist: 2.2 .. 3.0 bits per parameter
+    assert [c["bits_per_param"] for c in e["curve_points"]["kl"]] == [2.2, 3.0]
 
 
 def test_card_errors_name_the_file(tmp_path):

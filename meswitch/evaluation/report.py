@@ -6,6 +6,7 @@ comparison differs only in the method. This is the paper's Figure 4 for our fami
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -95,13 +96,91 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
         "eval_texts_per_expert": cfg.limit,
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
+    checks = claims(rows, cfg.bits[0]) if {"meswitch", "fixed", "magnitude"} <= set(cfg.methods) else {}
     report_json = out / "report.json"
-    report_json.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    report_json.write_text(json.dumps({**meta, "claims": checks, "rows": rows}, indent=2) + "\n")
     report_md = out / "report.md"
-    report_md.write_text(markdown_table(rows))
+    report_md.write_text(markdown_table(rows) + (claims_markdown(checks) if checks else ""))
     plot = out / "quality_vs_size.png"
     plot_quality_vs_size(rows, plot)
     return [report_md, report_json, plot]
+
+
+def _interp(points: list[tuple[float, float]], x: float) -> float | None:
+    """The piecewise-linear curve through ``points`` (sorted by x) at ``x``; None outside its range."""
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[0][1] if len(points) == 1 and points[0][0] == x else None
+
+
+def _above(ours: list[tuple[float, float]], theirs: list[tuple[float, float]], higher_is_better: bool) -> list[dict]:
+    """Where the two curves share sizes, compare them at every measured size of either one."""
+    out = []
+    for x in sorted({x for x, _ in ours} | {x for x, _ in theirs}):
+        a, b = _interp(ours, x), _interp(theirs, x)
+        if a is not None and b is not None:
+            out.append(
+                {"bits_per_param": round(x, 4), "meswitch": a, "fixed": b, "ok": a > b if higher_is_better else a < b}
+            )
+    return out
+
+
+def claims(rows: list[dict], bits: int) -> dict:
+    """The method's claims on this family, checked per expert (issue 2's acceptance, in numbers).
+
+    At ``bits``: meswitch's KL below fixed precision's (which stores fewer bytes) and below magnitude
+    selection's (the same bytes), and the delta at most 1/6 of the fp16 delta's bytes. Over all bit
+    widths: meswitch's quality-against-size curve above fixed precision's wherever their sizes overlap,
+    for KL (lower) and for the share of the fine-tuning gain kept (higher).
+    """
+    per_expert = {}
+    for name in sorted({r["name"] for r in rows}):
+        mine = {(r["method"], r["bits"]): r for r in rows if r["name"] == name}
+        ms, fx, mg = (mine.get((m, bits)) for m in ("meswitch", "fixed", "magnitude"))
+        if not (ms and fx and mg):
+            continue
+
+        def curve(method: str, key: str, name: str = name) -> list[tuple[float, float]]:
+            return sorted((r["bits_per_param"], r[key]) for r in rows if r["name"] == name and r["method"] == method)
+
+        kl_curve = _above(curve("meswitch", "kl"), curve("fixed", "kl"), higher_is_better=False)
+        gain_curve = _above(curve("meswitch", "gain_retained"), curve("fixed", "gain_retained"), higher_is_better=True)
+        per_expert[name] = {
+            "kl": {"meswitch": ms["kl"], "fixed": fx["kl"], "magnitude": mg["kl"]},
+            "bytes": {"meswitch": ms["delta_bytes"], "fixed": fx["delta_bytes"], "magnitude": mg["delta_bytes"]},
+            "kl_below_fixed": ms["kl"] < fx["kl"],
+            "kl_below_magnitude": ms["kl"] < mg["kl"],
+            "fixed_bytes_ratio": round(fx["delta_bytes"] / ms["delta_bytes"], 4),
+            "fraction_of_fp16_bytes": round(ms["delta_bytes"] / ms["fp16_delta_bytes"], 4),
+            "at_most_one_sixth_of_fp16": ms["delta_bytes"] * 6 <= ms["fp16_delta_bytes"],
+            "kl_curve_below_fixed": all(c["ok"] for c in kl_curve) and bool(kl_curve),
+            "gain_curve_above_fixed": all(c["ok"] for c in gain_curve) and bool(gain_curve),
+            "curve_points": {"kl": kl_curve, "gain_retained": gain_curve},
+        }
+    keys = ("kl_below_fixed", "kl_below_magnitude", "at_most_one_sixth_of_fp16", "kl_curve_below_fixed",
+            "gain_curve_above_fixed")  # fmt: skip
+    return {"bits": bits, "experts": per_expert, "all": {k: all(e[k] for e in per_expert.values()) for k in keys}}
+
+
+def claims_markdown(checks: dict) -> str:
+    bits = checks["bits"]
+    lines = [
+        f"\n**Claims at {bits} bits, per expert** (KL: meswitch / fixed / magnitude; fixed stores the bytes "
+        "ratio shown; curves compared wherever the methods' sizes overlap):\n",
+        "| expert | KL meswitch / fixed / magnitude | fixed bytes ratio | of fp16 bytes | KL curve below fixed | "
+        "gain curve above fixed |",
+        "|---|---|---:|---:|---|---|",
+    ]
+    for name, e in checks["experts"].items():
+        kl = e["kl"]
+        lines.append(
+            f"| {name} | {kl['meswitch']:.4f} / {kl['fixed']:.4f} / {kl['magnitude']:.4f} | "
+            f"{e['fixed_bytes_ratio']:.3f} | 1/{1 / e['fraction_of_fp16_bytes']:.1f} | "
+            f"{'yes' if e['kl_curve_below_fixed'] else 'NO'} | {'yes' if e['gain_curve_above_fixed'] else 'NO'} |"
+        )
+    verdict = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks["all"].items())
+    return "\n".join(lines) + f"\n\nAll experts: {verdict}\n"
 
 
 def markdown_table(rows: list[dict]) -> str:
