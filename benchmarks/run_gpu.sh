@@ -18,6 +18,7 @@ for step in $steps; do
                 2>&1 | tee "$OUT/roofline.log" ;;
     capacity) timeout 120 python3 benchmarks/capacity.py --allocate --out "$OUT/capacity.json" 2>&1 | tail -n 30 ;;
     switch) timeout 120 python3 benchmarks/switch_cost.py --out "$OUT/switch_cost.json" 2>&1 | tail -n 30 ;;
+    decode) timeout 480 python3 benchmarks/decode_e2e.py --out "$OUT/decode_e2e.json" 2>&1 | tee "$OUT/decode.log" ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done
