@@ -83,6 +83,11 @@ def _run(
             "latency_queries": lat.n,
             "device_name": lat.device,
         }
+        if job.backend == "mcq" and manifest.method.get("orders", 1) != 1:  # the same router, listed order only
+            listed = evaluate_router(
+                load_router(job.out, device=device, base_model=base, orders=1), queries, latency=False
+            )
+            entry["eval"][device]["listed_order_only"] = {"accuracy": listed.accuracy, "per_domain": listed.per_domain}
         log.info("%s on %s: accuracy %.4f, p50 %.2f ms, p99 %.2f ms", name, device, acc.accuracy,
                  lat.latency_ms["p50"], lat.latency_ms["p99"])  # fmt: skip
     return entry

@@ -1,0 +1,82 @@
+"""How much of a delta's output error its top input channels carry: the room salience has.
+
+ME-Switch keeps the input channels with the largest activation-weighted quantization error in
+fp16. That can only pay when a few channels hold much of the error, as activation outliers make
+them do in large pre-trained LLMs. This measures, per expert and linear, the share of
+``Σ_i s_i Σ_j (Δ_ij - Δ̂_ij)²`` (2-bit, per output channel, all channels in the fit) held by the top
+``--salient`` fraction of channels, and how peaked the input second moments ``s`` are.
+
+    python benchmarks/salience_concentration.py out/demo/family \
+        --out benchmarks/results/salience-concentration-DATE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from meswitch.checkpoints import Checkpoint, check_expert
+from meswitch.compression.calibration import CalibConfig, calibrate, read_texts, resolve_device
+from meswitch.compression.quantize import QuantSpec, quantize
+from meswitch.expert_card import load_card
+
+
+def concentration(delta: torch.Tensor, s: torch.Tensor, bits: int, fraction: float) -> tuple[float, float]:
+    """(share of the weighted error in the top ``fraction`` of channels, max/median of ``s``)."""
+    deq = quantize(delta, QuantSpec(bits), weight=s).dequantize()
+    err = s * ((delta - deq) ** 2).sum(0)
+    k = max(1, round(fraction * delta.shape[1]))
+    return float(err.topk(k).values.sum() / err.sum().clamp_min(1e-30)), float(s.max() / s.median().clamp_min(1e-30))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("family", type=Path, help="a folder made by `meswitch demo-family`")
+    p.add_argument("--out", type=Path, required=True, help="result JSON")
+    p.add_argument("--bits", type=int, default=2)
+    p.add_argument("--salient", type=float, default=0.01, help="fraction of input channels (default 0.01)")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    base = Checkpoint(args.family / "base")
+    experts = {}
+    for folder in sorted(d for d in (args.family / "experts").iterdir() if d.is_dir()):
+        card, expert = load_card(folder), Checkpoint(folder)
+        check_expert(base, expert)
+        stats = calibrate(expert, read_texts(card.calibration_path), CalibConfig(), device)
+        layers = {}
+        for name, s in stats.items():
+            weight = f"{name}.weight"
+            delta = expert.get(weight).float().to(device) - base.get(weight).float().to(device)
+            share, peak = concentration(delta, s.float().to(device), args.bits, args.salient)
+            layers[name] = {"top_share": round(share, 4), "s_max_over_median": round(peak, 1)}
+        shares = [v["top_share"] for v in layers.values()]
+        peaks = [v["s_max_over_median"] for v in layers.values()]
+        experts[card.name] = {
+            "linears": len(layers),
+            "top_share_median": statistics.median(shares),
+            "top_share_max": max(shares),
+            "s_max_over_median_median": statistics.median(peaks),
+            "s_max_over_median_max": max(peaks),
+            "layers": layers,
+        }
+        print(f"{card.name}: top {args.salient:.0%} of channels hold {statistics.median(shares):.1%} of the weighted "
+              f"error (median over {len(layers)} linears; max {max(shares):.1%})")  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python", *sys.argv]),
+        "family": str(args.family), "bits": args.bits, "salient": args.salient, "device": str(device),
+        "torch": torch.__version__, "experts": experts,
+    }, indent=2) + "\n")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
