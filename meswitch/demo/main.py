@@ -8,7 +8,7 @@
    of each domain with model "auto", printing which expert answered
 5. print the table (and write OUT/summary.json), and where the MLflow UI and the report are
 
-python -m meswitch.demo.main --out out/demo [--family DIR] [--size tiny]
+python -m meswitch.demo.main --out out/demo [--family DIR] [--size tiny] [--no-serve]
 """
 
 from __future__ import annotations
