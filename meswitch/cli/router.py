@@ -48,7 +48,7 @@ def register(sub) -> None:
         help="MCQ: continue from an earlier router of the same base (e.g. the production one, when a domain is added)",
     )
     t.add_argument("--finetune", choices=["full", "lora", "none"], default="full", help="MCQ: SFT mode (default full)")
-    t.add_argument("--steps", type=int, help="MCQ: optimizer steps (default 800)")
+    t.add_argument("--steps", type=int, help="MCQ: optimizer steps (default 1600; 800 for a warm start is plenty)")
     t.add_argument("--epochs", type=int, help="MCQ: passes over the training queries (instead of --steps)")
     t.add_argument(
         "--lr", type=float, help="MCQ: peak learning rate (default by model size: 1e-3 under 100M parameters)"

@@ -38,13 +38,15 @@ class MCQConfig:
     family's, under 100M parameters) take 1e-3; larger, pre-trained ones 2e-5 (full) or 2e-4 (LoRA).
     The schedule is a short warm-up, a constant rate, and a linear decay over the last ``decay``
     fraction of the steps. A small LM that was never taught multiple-choice questions sits on a
-    plateau (loss ln n) for a few hundred steps before it learns to match a query to an option
-    line and copy its letter: 800 steps took the micro and tiny demo families past 95% on their
-    four domains; five domains need more (benchmarks/results/router-2026-11-22.json).
+    plateau (loss ln n) for several hundred steps before it learns to match a query to an option
+    line and copy its letter, and when it leaves the plateau varies with the machine's numerics:
+    800 steps were enough on an H100 but left the tiny family's router at 83% on 2 CPU cores,
+    1600 took it to 96% there; a retrain over one more domain, warm-started (``init_from``), needs
+    800 (benchmarks/results/router-2026-11-30.json).
     """
 
     finetune: str = "full"  # full | lora | none (the un-fine-tuned model, zero-shot)
-    steps: int = 800
+    steps: int = 1600
     epochs: int | None = None  # when set, replaces ``steps`` by this many passes over the queries
     batch_size: int = 16
     lr: float | None = None
