@@ -245,10 +245,57 @@ class Pairing:
     expert_fingerprint: str
     base_vocab: int
     expert_vocab: int
+    relative_delta: float | None = None  # the largest ||W_e - W_b|| / ||W_b|| of the sampled matrices
 
 
-def check_expert(base: Checkpoint, expert: Checkpoint, base_scan: Scan | None = None) -> Pairing:
-    """Refuse an expert that is not a fine-tune of ``base``: architecture, shapes, finiteness.
+# Fine-tuning moves weights by a few percent; two independently trained bases differ by about
+# their own norm (about sqrt(2) relative to one of them).
+MAX_RELATIVE_DELTA = 1.0
+
+
+def sample_matrices(base: Checkpoint) -> list[str]:
+    """The 2-D tensors of the first decoder block, and the input embedding: enough to tell a base apart."""
+    prefix = base.spec.block_prefix(0)
+    names = [n for n in base.keys() if n.startswith(prefix) and len(base.shape(n)) == 2]
+    return [*names, base.spec.embed]
+
+
+def relative_delta(base: Checkpoint, expert: Checkpoint, names: list[str] | None = None) -> dict[str, float]:
+    """``||W_expert - W_base||_F / ||W_base||_F`` per sampled matrix (rows the expert added are ignored)."""
+    out: dict[str, float] = {}
+    for name in names or sample_matrices(base):
+        b = base.get(name).float()
+        e = expert.get(name).float()[: b.shape[0]]
+        norm = float(b.norm())
+        out[name] = float((e - b).norm()) / norm if norm > 0 else float((e - b).norm())
+    return out
+
+
+def check_same_base(base: Checkpoint, expert: Checkpoint, max_relative_delta: float = MAX_RELATIVE_DELTA) -> float:
+    """Refuse an expert whose weights are too far from the base's to be its fine-tune; return the largest ratio.
+
+    An expert trained from another base of the same shape passes every shape check and would be
+    compressed into a huge, useless delta. A few matrices tell, so this reads those, not the checkpoint.
+    """
+    ratios = relative_delta(base, expert)
+    name, worst = max(ratios.items(), key=lambda kv: kv[1])
+    if worst > max_relative_delta:
+        raise CheckpointError(
+            f"{expert.path}: not a fine-tune of the base {base.path}: {name} differs from the base's by "
+            f"{worst:.2f} of its norm (fine-tunes move weights by a few percent, independently trained bases by "
+            f"about 1.4; the limit is {max_relative_delta}); was it trained from another base?"
+        )
+    return worst
+
+
+def check_expert(
+    base: Checkpoint,
+    expert: Checkpoint,
+    base_scan: Scan | None = None,
+    max_relative_delta: float | None = MAX_RELATIVE_DELTA,
+) -> Pairing:
+    """Refuse an expert that is not a fine-tune of ``base``: architecture, shapes, distance from the
+    base (``max_relative_delta``, None to skip), finiteness.
 
     Only the embedding and lm_head may have more rows than the base (an extended vocabulary).
     """
@@ -275,6 +322,7 @@ def check_expert(base: Checkpoint, expert: Checkpoint, base_scan: Scan | None = 
         if name in vocab_rows and len(bs) == 2 and es[1] == bs[1] and es[0] > bs[0]:
             continue
         raise CheckpointError(f"{expert.file_of(name)}: tensor {name!r} has shape {list(es)}, the base has {list(bs)}")
+    worst = None if max_relative_delta is None else check_same_base(base, expert, max_relative_delta)
     base_scan = base_scan or scan(base)
     if base_scan.nonfinite:
         raise CheckpointError(f"{base.path}: base has non-finite weights in {list(base_scan.nonfinite[:5])}")
@@ -287,4 +335,5 @@ def check_expert(base: Checkpoint, expert: Checkpoint, base_scan: Scan | None = 
         expert_fingerprint=expert_scan.fingerprint,
         base_vocab=base.shape(spec.embed)[0],
         expert_vocab=expert.shape(spec.embed)[0],
+        relative_delta=worst,
     )

@@ -126,15 +126,15 @@ def test_s3_inbox_scan_and_fetch(tiny_expert, s3_server, tmp_path, monkeypatch):
 
 
 def test_an_expert_of_another_base_is_refused_with_a_clear_reason(tiny_expert, tmp_path):
-    from meswitch.checkpoints import Checkpoint, CheckpointError
-    from meswitch.flows.validation import check_same_base, relative_delta
+    from meswitch.checkpoints import Checkpoint, CheckpointError, check_expert, relative_delta
 
     base, expert = tiny_expert
     assert max(relative_delta(Checkpoint(base), Checkpoint(expert)).values()) < 0.2
-    assert check_same_base(Checkpoint(base), Checkpoint(expert), 1.0) < 0.2
+    assert check_expert(Checkpoint(base), Checkpoint(expert)).relative_delta < 0.2
     other = make_base(tmp_path / "other-base", seed=5)  # same shapes, independent weights
     with pytest.raises(CheckpointError, match=r"not a fine-tune of the base .* was it trained from another base"):
-        check_same_base(Checkpoint(base), Checkpoint(other), 1.0)
+        check_expert(Checkpoint(base), Checkpoint(other))
+    assert check_expert(Checkpoint(base), Checkpoint(other), max_relative_delta=None).relative_delta is None
 
 
 # -- Prefect: the GPU limit and the deployments -------------------------------------------------------------

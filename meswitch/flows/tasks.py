@@ -228,15 +228,13 @@ def _validate_key(ctx: TaskRunContext, a: dict[str, Any]) -> str:
 def validate(base_dir: str, expert_dir: str, base_fp: str, expert_fp: str, max_relative_delta: float) -> Validation:
     """Refuse an expert that is not a fine-tune of this base; bad input is a result here, not a failure."""
     from meswitch.checkpoints import Checkpoint, CheckpointError, check_expert
-    from meswitch.flows.validation import check_same_base
 
     base, expert = Checkpoint(base_dir), Checkpoint(expert_dir)
     try:
-        pairing = check_expert(base, expert)
-        worst = check_same_base(base, expert, max_relative_delta)
+        pairing = check_expert(base, expert, max_relative_delta=max_relative_delta)
     except CheckpointError as e:
         return Validation(False, str(e))
-    return Validation(True, None, pairing, round(worst, 5))
+    return Validation(True, None, pairing, round(pairing.relative_delta, 5))
 
 
 def _base_key(ctx: TaskRunContext, a: dict[str, Any]) -> str:
