@@ -132,6 +132,22 @@ def seal(folder: Path, manifest: Manifest) -> Manifest:
     return manifest
 
 
+def seal_base(base_dir: Path, out: Path, name: str, fingerprint: str) -> Manifest:
+    """The base model folder as a ``kind="base"`` artifact at ``out`` (what serving loads from a registry).
+
+    Its files are hard-linked where the file system allows (a base can be many GB) and copied
+    otherwise; ``fingerprint`` is the base's (``checkpoints.scan``), which the engine re-checks at load.
+    """
+    with staging_dir(Path(out)) as tmp:
+        for f in sorted(Path(base_dir).iterdir()):
+            if f.is_file():
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+        return seal(tmp, Manifest(kind="base", name=name, base_fingerprint=fingerprint, source_fingerprint=fingerprint))
+
+
 def read_manifest(folder: Path) -> Manifest:
     """Parse ``manifest.json`` without checking files (cheap; for listings)."""
     path = Path(folder) / MANIFEST

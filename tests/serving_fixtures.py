@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from meswitch.artifacts import Manifest, seal, staging_dir
+from meswitch.artifacts import seal_base
 from meswitch.checkpoints import Checkpoint, scan
 from meswitch.compression.api import CompressJob, run_compress
 from meswitch.compression.calibration import CalibConfig
@@ -63,12 +62,7 @@ def compress(base: Path, expert: Path, out: Path, name: str, domain: str | None,
 
 def base_artifact(base: Path, out: Path, name: str = "micro") -> Path:
     """The base model folder sealed as a ``kind="base"`` artifact (HF files at the top, fingerprint in the manifest)."""
-    fingerprint = scan(Checkpoint(base)).fingerprint
-    with staging_dir(out) as tmp:
-        for f in Path(base).iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
-        seal(tmp, Manifest(kind="base", name=name, base_fingerprint=fingerprint, source_fingerprint=fingerprint))
+    seal_base(base, out, name, scan(Checkpoint(base)).fingerprint)
     return out
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import calib_file, make_base, make_expert, save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from meswitch.artifacts import ArtifactError, read_manifest, verify
+from meswitch.artifacts import ArtifactError, read_manifest, seal_base, verify
 from meswitch.checkpoints import Checkpoint, CheckpointError, check_expert, scan
 from meswitch.cli import main
 from meswitch.compression.api import CompressJob, run_compress
@@ -159,6 +159,26 @@ def test_other_architecture_or_shape_is_refused(family, tmp_path):
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="architecture"):
         check_expert(Checkpoint(base), Checkpoint(other))
+
+
+def test_an_expert_of_another_base_is_refused_before_any_work(family, tmp_path):
+    _, base, _, calib = family
+    other = make_base(tmp_path / "other", seed=7)  # same shapes, trained from scratch on its own
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="another base"):
+        run_compress(_job(base, other, calib, out))
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_base_sealed_as_an_artifact_verifies_against_its_fingerprint(family, tmp_path):
+    _, base, _, _ = family
+    fp = scan(Checkpoint(base)).fingerprint
+    m = seal_base(base, tmp_path / "base-artifact", "tiny", fp)
+    assert m.kind == "base" and m.base_fingerprint == fp
+    assert verify(tmp_path / "base-artifact", base_fingerprint=fp).name == "tiny"
+    assert scan(Checkpoint(tmp_path / "base-artifact")).fingerprint == fp  # still a loadable HF folder
+    with pytest.raises(ArtifactError):
+        verify(tmp_path / "base-artifact", base_fingerprint="0" * 64)
 
 
 def test_extended_vocabulary_rows_are_kept_whole(family, tmp_path):

@@ -243,25 +243,15 @@ def _base_key(ctx: TaskRunContext, a: dict[str, Any]) -> str:
 
 @task(name="seal-base", cache_key_fn=_base_key, persist_result=True)
 def seal_base(base_dir: str, base_fp: str, name: str, out: str) -> ArtifactRef:
-    """The base model folder as a ``kind="base"`` artifact (what serving loads): its files, hard-linked when
-    possible (a base can be many GB), and a manifest with its fingerprint."""
-    import os
-    import shutil
-
-    from meswitch.artifacts import ArtifactError, Manifest, read_manifest, seal, staging_dir
+    """The base model folder as a ``kind="base"`` artifact (``artifacts.seal_base``), once per fingerprint."""
+    from meswitch.artifacts import ArtifactError, read_manifest
+    from meswitch.artifacts import seal_base as seal_base_folder
 
     with contextlib.suppress(ArtifactError):  # sealed by an earlier run: the same artifact, not a new one
         m = read_manifest(Path(out))
         if m.kind == "base" and m.base_fingerprint == base_fp and m.name == name:
             return artifact_ref(Path(out))
-    with staging_dir(Path(out)) as tmp:
-        for f in sorted(Path(base_dir).iterdir()):
-            if f.is_file():
-                try:
-                    os.link(f, tmp / f.name)
-                except OSError:
-                    shutil.copy2(f, tmp / f.name)
-        seal(tmp, Manifest(kind="base", name=name, base_fingerprint=base_fp, source_fingerprint=base_fp))
+    seal_base_folder(Path(base_dir), Path(out), name, base_fp)
     return artifact_ref(Path(out))
 
 
