@@ -18,7 +18,7 @@ from meswitch.checkpoints import Checkpoint
 from meswitch.compression.reconstruct import load_expert_model, open_artifact
 from meswitch.serving.api import Server, ServerConfig, ServerThread, render_chat
 from meswitch.serving.batching import SchedulerConfig
-from meswitch.serving.engine import EngineConfig
+from meswitch.serving.engine import EngineConfig, _cache_kwarg
 from meswitch.serving.loader import LocalSource, ModelManager
 from meswitch.serving.metrics import ServingMetrics
 
@@ -63,13 +63,13 @@ def _greedy_text(served_family, name: str, ids: list[int], n: int, tokenizer) ->
     out, cache = [], DynamicCache()
     stop = {tokenizer.eos_token_id, model.config.eos_token_id}
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=torch.tensor([ids]), **{_cache_kwarg(type(model)): cache}, use_cache=True).logits
         for _ in range(n):
             tok = int(logits[0, -1].argmax())
             if tok in stop:
                 break
             out.append(tok)
-            logits = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=torch.tensor([[tok]]), **{_cache_kwarg(type(model)): cache}, use_cache=True).logits
     return tokenizer.decode(out, skip_special_tokens=True)
 
 

@@ -21,7 +21,7 @@ from meswitch.artifacts import ArtifactError
 from meswitch.checkpoints import Checkpoint
 from meswitch.compression.reconstruct import reconstruct
 from meswitch.serving.batching import LENGTH, STOP, GenRequest, Scheduler, SchedulerConfig
-from meswitch.serving.engine import EngineConfig, EngineError, MixedExpertEngine
+from meswitch.serving.engine import EngineConfig, EngineError, MixedExpertEngine, _cache_kwarg
 from meswitch.serving.tiers import DEVICE, DISK, HOST
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
@@ -57,13 +57,13 @@ def engine(served_family, request):  # noqa: F811
 def greedy(model, prompt: list[int], n: int, stop: set[int]) -> list[int]:
     out, cache = [], DynamicCache()
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=torch.tensor([prompt]), **{_cache_kwarg(type(model)): cache}, use_cache=True).logits
         for _ in range(n):
             tok = int(logits[0, -1].argmax())
             if tok in stop:
                 break
             out.append(tok)
-            logits = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=torch.tensor([[tok]]), **{_cache_kwarg(type(model)): cache}, use_cache=True).logits
     return out
 
 

@@ -12,6 +12,8 @@ Imports torch, transformers and the core library only, so GPU benchmarks can use
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import itertools
 import logging
 import threading
@@ -286,10 +288,17 @@ class MixedExpertEngine:
                     input_ids=input_ids.to(self.device),
                     attention_mask=None if attention_mask is None else attention_mask.to(self.device),
                     position_ids=None if position_ids is None else position_ids.to(self.device),
-                    past_key_values=cache,
+                    **{_cache_kwarg(type(self.model)): cache},
                     use_cache=cache is not None,
                     logits_to_keep=logits_to_keep,
                 )
             finally:
                 self.ctx.clear()
         return out.logits
+
+
+@functools.cache
+def _cache_kwarg(model_class: type) -> str:
+    """The forward argument that takes the KV cache: ``cache`` from transformers 5.2x on (``past_key_values``
+    is deprecated there and goes in 5.40), ``past_key_values`` before (the GPU machine has 5.17)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
