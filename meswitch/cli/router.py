@@ -81,7 +81,7 @@ def register(sub) -> None:
     e.add_argument("--threshold", type=float, help="override the artifact's confidence threshold")
     e.add_argument("--orders", type=int, help="MCQ: override how many option orders are averaged (0: all)")
     e.add_argument("--no-latency", action="store_true", help="route in batches; skip per-query timing")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=_eval)
 
@@ -91,7 +91,7 @@ def register(sub) -> None:
     r.add_argument("--base-model", type=Path, help="base model for a LoRA / un-fine-tuned MCQ router, if moved")
     r.add_argument("--threshold", type=float, help="override the artifact's confidence threshold")
     r.add_argument("--orders", type=int, help="MCQ: override how many option orders are averaged (0: all)")
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     r.set_defaults(func=_route)
 
