@@ -95,6 +95,16 @@ def test_compressed_logits_close_and_salient_channels_matter(family, tmp_path):
     assert err < 0.6 * err_dropped  # and the salient channels carry a large share of that
 
 
+def test_global_allocation_keeps_the_total_and_moves_channels_between_matrices(family, tmp_path):
+    _, base, expert, calib = family
+    per_layer = run_compress(_job(base, expert, calib, tmp_path / "layer", salient=4, allocation="layer"))
+    spread = run_compress(_job(base, expert, calib, tmp_path / "global", salient=4, allocation="global"))
+    assert {r.salient for r in per_layer.layers} == {4}
+    counts = [r.salient for r in spread.layers]
+    assert sum(counts) == 4 * len(spread.layers) and len(set(counts)) > 1
+    assert spread.method["allocation"] == "global" and per_layer.method["allocation"] == "layer"
+
+
 def _logit_error_base(base, expert, ids):
     b = AutoModelForCausalLM.from_pretrained(base).eval()
     e = AutoModelForCausalLM.from_pretrained(expert).eval()

@@ -6,7 +6,7 @@ import torch
 from meswitch.compression.delta import DeltaConfig, compress_delta, relative_errors
 from meswitch.compression.quantize import SUPPORTED_BITS, QuantSpec, pack, quantize, unpack, values_per_word
 from meswitch.compression.refine import refine_steps
-from meswitch.compression.salience import select_salient
+from meswitch.compression.salience import allocate_salient, error_shares, select_salient
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
@@ -91,6 +91,28 @@ def test_salience_picks_channels_by_output_error_where_magnitude_picks_wrong():
     assert err["ours"] < 0.8 * err["mag"] < 0.8 * err["fixed"]
     # ...even though magnitude selection wins on the plain weight error it optimises.
     assert relative_errors(delta, mag.dequantize(), None)[0] < relative_errors(delta, ours.dequantize(), None)[0]
+
+
+def test_global_allocation_puts_the_budget_where_the_error_is_concentrated():
+    concentrated, s_hot = _constructed_case()  # four hot channels hold most of the weighted error
+    g = torch.Generator().manual_seed(5)
+    flat = 0.01 * torch.randn(64, 128, generator=g)  # the error spread evenly over the channels
+    shares = {
+        "hot": error_shares(concentrated, s_hot, QuantSpec(2)),
+        "flat": error_shares(flat, torch.ones(128), QuantSpec(2)),
+    }
+    assert all(float(v.sum()) == pytest.approx(1.0) for v in shares.values())
+    # a budget of 4 (2 per matrix under per-layer allocation) all goes to the hot channels...
+    assert allocate_salient(shares, 4) == {"hot": 4, "flat": 0}
+    # ...and once those are taken, the evenly spread error of the other matrix is worth more than the rest
+    assert allocate_salient(shares, 8) == {"hot": 4, "flat": 4}
+    # the hot matrix's top channels are exactly its hot ones: what the per-matrix choice would pick too
+    assert torch.topk(shares["hot"], 4).indices.sort().values.tolist() == HOT
+    assert allocate_salient(shares, 0) == {"hot": 0, "flat": 0}
+    with pytest.raises(ValueError, match="allocation"):
+        DeltaConfig(allocation="everywhere")
+    assert not DeltaConfig("fixed").allocates_globally and DeltaConfig("magnitude").allocates_globally
+    assert not DeltaConfig("meswitch", allocation="layer").allocates_globally
 
 
 def test_salient_channels_are_reproduced_to_fp16():

@@ -63,6 +63,7 @@ def register(sub) -> None:
     p.add_argument("--methods", default="meswitch,fixed,magnitude,bitdelta", help="comma-separated (default: all four)")
     p.add_argument("--bits", default="2,3,4", help="comma-separated bit widths for meswitch/fixed/magnitude")
     p.add_argument("--salient", type=float, default=0.01, help="salient channels: a fraction if < 1, else a count")
+    p.add_argument("--allocation", choices=["global", "layer"], default="global", help="as for compress")
     p.add_argument("--limit", type=int, default=64, help="evaluation texts per expert")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
     p.set_defaults(func=_report)
@@ -83,6 +84,13 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
         default=0.01,
         help="salient input channels per layer: a fraction if < 1 (default 0.01), else a count",
     )
+    p.add_argument(
+        "--allocation",
+        choices=["global", "layer"],
+        default="global",
+        help="global (default): the same number of salient channels in all, placed in the matrices where they "
+        "hold the most of their matrix's error; layer: exactly --salient in every matrix",
+    )
     p.add_argument("--group", type=int, default=0, help="group size along the input dim (0: per output channel)")
     p.add_argument("--symmetric", action="store_true", help="symmetric grid (no zero point stored)")
 
@@ -95,7 +103,12 @@ def _compress(args) -> int:
 
     try:
         delta = DeltaConfig(
-            method=args.method, bits=args.bits, salient=args.salient, group_size=args.group, symmetric=args.symmetric
+            method=args.method,
+            bits=args.bits,
+            salient=args.salient,
+            group_size=args.group,
+            symmetric=args.symmetric,
+            allocation=args.allocation,
         )
     except ValueError as e:
         raise CommandError(str(e)) from e
@@ -196,6 +209,7 @@ def _report(args) -> int:
         methods=tuple(args.methods.split(",")),
         bits=tuple(int(b) for b in args.bits.split(",")),
         salient=args.salient,
+        allocation=args.allocation,
         limit=args.limit,
         device=args.device,
     )

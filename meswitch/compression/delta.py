@@ -23,6 +23,9 @@ from meswitch.compression.salience import select_salient
 METHODS = ("meswitch", "fixed", "magnitude", "bitdelta")
 
 
+ALLOCATIONS = ("layer", "global")
+
+
 @dataclass(frozen=True)
 class DeltaConfig:
     """The method and its parameters; what the CLI's flags set."""
@@ -33,6 +36,9 @@ class DeltaConfig:
     group_size: int = 0
     symmetric: bool = False
     clip_search: bool = True
+    # layer: every matrix keeps its own count; global: the same total, spread over the matrices by their
+    # share of their own activation-weighted error (see salience.allocate_salient)
+    allocation: str = "global"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -41,11 +47,17 @@ class DeltaConfig:
             raise ValueError(f"salient must be >= 0, got {self.salient}")
         if self.salient >= 1 and self.salient != int(self.salient):
             raise ValueError(f"salient >= 1 is a channel count and must be whole, got {self.salient}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
 
     def quant_spec(self) -> QuantSpec:
         if self.method == "bitdelta":
             return QuantSpec(bits=1, symmetric=True, group_size=PER_TENSOR, clip_search=False)
         return QuantSpec(self.bits, self.symmetric, self.group_size, self.clip_search)
+
+    @property
+    def allocates_globally(self) -> bool:
+        return self.allocation == "global" and self.method in ("meswitch", "magnitude") and self.salient > 0
 
     def salient_count(self, k: int) -> int:
         if self.method in ("fixed", "bitdelta") or self.salient == 0:

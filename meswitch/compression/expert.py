@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from meswitch.checkpoints import CONFIG, Checkpoint, Pairing
 from meswitch.compression.calibration import LM_HEAD
 from meswitch.compression.delta import DeltaConfig, compress_delta, relative_errors
 from meswitch.compression.refine import refine_steps
+from meswitch.compression.salience import allocate_salient, error_shares
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,38 @@ def stats_key(ckpt: Checkpoint, name: str) -> str:
     return LM_HEAD if name == ckpt.spec.lm_head else name[: -len(".weight")]
 
 
+def _quantized_tensors(base: Checkpoint, names: list[str]) -> list[str]:
+    return [n for n in names if is_linear_weight(base, n) or n == base.spec.embed]
+
+
+def salient_counts(
+    base: Checkpoint,
+    expert: Checkpoint,
+    stats: dict[str, torch.Tensor] | None,
+    config: DeltaConfig,
+    names: list[str],
+    device: torch.device | str,
+) -> dict[str, int]:
+    """Salient channels per matrix under global allocation: as many in all as ``config.salient`` gives
+    matrix by matrix, placed where they hold the largest share of their matrix's error.
+
+    The shares come from the reconstruction error whatever the method, so magnitude selection gets the
+    same counts (and bytes) as ME-Switch and differs only in which channels it keeps.
+    """
+    spec, quant = base.spec, config.quant_spec()
+    shares, total = {}, 0
+    for name in tqdm(_quantized_tensors(base, names), desc="salient budget", unit="tensor"):
+        b = base.get(name, device).float()
+        delta = expert.get(name, device).float()[: b.shape[0]] - b
+        if stats is None or name == spec.embed:  # as compress_delta: channels weigh the same
+            s = torch.ones(delta.shape[1], device=delta.device)
+        else:
+            s = stats[stats_key(base, name)].to(device).float()
+        shares[name] = error_shares(delta, s, quant)
+        total += config.salient_count(delta.shape[1])
+    return allocate_salient(shares, total)
+
+
 def compress_expert(
     base: Checkpoint,
     expert: Checkpoint,
@@ -79,6 +112,7 @@ def compress_expert(
     with staging_dir(out) as tmp:
         writer = _ShardWriter(tmp)
         names = [n for n in base.keys() if not (n == spec.lm_head and expert.tied_embeddings)]
+        counts = salient_counts(base, expert, stats, config, names, device) if config.allocates_globally else {}
         for name in tqdm(names, desc=f"compress {info.name}", unit="tensor"):
             b = base.get(name, device).float()
             e = expert.get(name, device).float()
@@ -87,7 +121,7 @@ def compress_expert(
             delta = e[: b.shape[0]] - b
             if is_linear_weight(base, name) or name == spec.embed:
                 s = None if stats is None or name == spec.embed else stats[stats_key(base, name)].to(device)
-                cd = compress_delta(delta, s, config)
+                cd = compress_delta(delta, s, replace(config, salient=counts[name]) if counts else config)
                 if refine and cd.spec.bits > 1:
                     cd = refine_steps(delta, cd, s)
                 approx = cd.dequantize()

@@ -4,6 +4,12 @@ ME-Switch scores channel i by the output error its quantization causes on calibr
 inputs, ``Σ_j ||x_i Δ_ij - x_i Δ̂_ij||² = s_i · Σ_j (Δ_ij - Δ̂_ij)²`` with ``s_i = Σ_t x_{t,i}²``,
 and keeps the largest. The magnitude baseline keeps the channels whose delta columns are
 largest, which the paper shows is the wrong criterion.
+
+How many channels each matrix keeps: either its own fraction (``layer``), or (``global``, the
+default) the same total spread over all matrices by each channel's share of its own matrix's
+error. The top 1% of a matrix's channels can hold 3% of its error or 30%; salient columns pay off
+where the error is concentrated, and they cost ``N`` fp16 values each, so a 1% column of the
+embedding or the LM head (N = vocabulary) is better spent on the attention projections.
 """
 
 from __future__ import annotations
@@ -35,3 +41,19 @@ def select_salient(delta: torch.Tensor, s: torch.Tensor, spec: QuantSpec, count:
     else:
         raise ValueError(f"method {method!r} selects no salient channels")
     return torch.topk(scores, count).indices.sort().values
+
+
+def error_shares(delta: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Each input channel's share of the matrix's activation-weighted quantization error (sums to 1)."""
+    scores = reconstruction_scores(delta, s, spec)
+    return scores / scores.sum().clamp_min(1e-30)
+
+
+def allocate_salient(shares: dict[str, torch.Tensor], total: int) -> dict[str, int]:
+    """Salient channels per matrix: the ``total`` channels of largest error share over all matrices."""
+    names = list(shares)
+    flat = torch.cat([shares[n].float().cpu() for n in names])
+    owner = torch.cat([torch.full((shares[n].numel(),), i) for i, n in enumerate(names)])
+    picked = owner[torch.topk(flat, min(total, flat.numel())).indices]
+    counts = torch.bincount(picked, minlength=len(names))
+    return {n: int(c) for n, c in zip(names, counts.tolist(), strict=True)}

@@ -35,6 +35,7 @@ class ReportConfig:
     methods: tuple[str, ...] = ("meswitch", "fixed", "magnitude", "bitdelta")
     bits: tuple[int, ...] = (2, 3, 4)
     salient: float = 0.01
+    allocation: str = "global"
     limit: int = 64
     device: str = "auto"
     calib: CalibConfig = field(default_factory=CalibConfig)
@@ -47,7 +48,8 @@ def variants(cfg: ReportConfig) -> list[DeltaConfig]:
             out.append(DeltaConfig(method="bitdelta", bits=1, salient=0))
             continue
         for bits in cfg.bits:
-            out.append(DeltaConfig(method=method, bits=bits, salient=0 if method == "fixed" else cfg.salient))
+            salient = 0 if method == "fixed" else cfg.salient
+            out.append(DeltaConfig(method=method, bits=bits, salient=salient, allocation=cfg.allocation))
     return out
 
 
@@ -92,6 +94,7 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
         "torch": torch.__version__,
         "command": " ".join(["meswitch", *sys.argv[1:]]) if sys.argv and "meswitch" in sys.argv[0] else None,
         "salient": cfg.salient,
+        "allocation": cfg.allocation,
         "calibration": {"samples": cfg.calib.samples, "seq_len": cfg.calib.seq_len},
         "eval_texts_per_expert": cfg.limit,
         "wall_seconds": round(time.perf_counter() - t0, 1),

@@ -45,6 +45,7 @@ class CompressionSettings:
     group_size: int = 0
     symmetric: bool = False
     refine: bool = False
+    allocation: str = "global"
 
     def delta_config(self):
         from meswitch.compression.delta import DeltaConfig
@@ -55,6 +56,7 @@ class CompressionSettings:
             salient=self.salient,
             group_size=self.group_size,
             symmetric=self.symmetric,
+            allocation=self.allocation,
         )
 
 
