@@ -1,6 +1,6 @@
 """How the pipeline compresses, evaluates and routes: one dataclass, defaults in code, overrides in YAML.
 
-    compression: {method: meswitch, bits: 2, salient: 0.01, group_size: 0, refine: false}
+    compression: {method: meswitch, bits: 2, salient: 0.01, allocation: global, group_size: 0, refine: false}
     calibration: {samples: 64, seq_len: 256}
     evaluation:  {limit: 64, max_len: 256}
     router:      {backend: embedding, test_queries: family/routing/test.jsonl}
