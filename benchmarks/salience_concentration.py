@@ -23,16 +23,16 @@ import torch
 
 from meswitch.checkpoints import Checkpoint, check_expert
 from meswitch.compression.calibration import CalibConfig, calibrate, read_texts, resolve_device
-from meswitch.compression.quantize import QuantSpec, quantize
+from meswitch.compression.quantize import QuantSpec
+from meswitch.compression.salience import error_shares
 from meswitch.expert_card import load_card
 
 
 def concentration(delta: torch.Tensor, s: torch.Tensor, bits: int, fraction: float) -> tuple[float, float]:
     """(share of the weighted error in the top ``fraction`` of channels, max/median of ``s``)."""
-    deq = quantize(delta, QuantSpec(bits), weight=s).dequantize()
-    err = s * ((delta - deq) ** 2).sum(0)
+    shares = error_shares(delta, s, QuantSpec(bits))
     k = max(1, round(fraction * delta.shape[1]))
-    return float(err.topk(k).values.sum() / err.sum().clamp_min(1e-30)), float(s.max() / s.median().clamp_min(1e-30))
+    return float(shares.topk(k).values.sum()), float(s.max() / s.median().clamp_min(1e-30))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,7 +122,12 @@ class CompressedDelta:
         )
 
 
-def compress_delta(delta: torch.Tensor, second_moment: torch.Tensor | None, config: DeltaConfig) -> CompressedDelta:
+def compress_delta(
+    delta: torch.Tensor,
+    second_moment: torch.Tensor | None,
+    config: DeltaConfig,
+    scores: torch.Tensor | None = None,
+) -> CompressedDelta:
     """Compress ``delta`` [N, K] given the per-input-channel second moments ``s`` [K] of its inputs.
 
     Without ``s`` (no calibration), channels are weighted equally: salience falls back to the
@@ -133,7 +138,7 @@ def compress_delta(delta: torch.Tensor, second_moment: torch.Tensor | None, conf
     spec = config.quant_spec()
     s = torch.ones(k, device=delta.device) if second_moment is None else second_moment.float().to(delta.device)
     count = config.salient_count(k)
-    idx = select_salient(delta, s, spec, count, config.method)
+    idx = select_salient(delta, s, spec, count, config.method, scores)
     mask = torch.ones(k, dtype=torch.bool, device=delta.device)
     mask[idx] = False
     q = quantize(delta, spec, weight=s, mask=mask)

@@ -24,7 +24,7 @@ from meswitch.checkpoints import CONFIG, Checkpoint, Pairing
 from meswitch.compression.calibration import LM_HEAD
 from meswitch.compression.delta import DeltaConfig, compress_delta, relative_errors
 from meswitch.compression.refine import refine_steps
-from meswitch.compression.salience import allocate_salient, error_shares
+from meswitch.compression.salience import allocate_salient, reconstruction_scores
 
 log = logging.getLogger(__name__)
 
@@ -55,36 +55,43 @@ def stats_key(ckpt: Checkpoint, name: str) -> str:
     return LM_HEAD if name == ckpt.spec.lm_head else name[: -len(".weight")]
 
 
-def _quantized_tensors(base: Checkpoint, names: list[str]) -> list[str]:
-    return [n for n in names if is_linear_weight(base, n) or n == base.spec.embed]
+def is_quantized(ckpt: Checkpoint, name: str) -> bool:
+    """Tensors stored as low-bit codes: every linear's weight, the LM head and the input embedding."""
+    return is_linear_weight(ckpt, name) or name == ckpt.spec.embed
 
 
-def salient_counts(
+def second_moment(
+    ckpt: Checkpoint, name: str, stats: dict[str, torch.Tensor] | None, device: torch.device | str
+) -> torch.Tensor | None:
+    """The calibration statistics of ``name``'s inputs; None (all channels alike) uncalibrated or for the embedding."""
+    return None if stats is None or name == ckpt.spec.embed else stats[stats_key(ckpt, name)].to(device)
+
+
+def salient_budget(
     base: Checkpoint,
     expert: Checkpoint,
     stats: dict[str, torch.Tensor] | None,
     config: DeltaConfig,
     names: list[str],
     device: torch.device | str,
-) -> dict[str, int]:
+) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
     """Salient channels per matrix under global allocation: as many in all as ``config.salient`` gives
-    matrix by matrix, placed where they hold the largest share of their matrix's error.
+    matrix by matrix, placed where they hold the largest share of their matrix's error; and each
+    matrix's reconstruction scores, which the selection then reuses.
 
     The shares come from the reconstruction error whatever the method, so magnitude selection gets the
     same counts (and bytes) as ME-Switch and differs only in which channels it keeps.
     """
-    spec, quant = base.spec, config.quant_spec()
-    shares, total = {}, 0
-    for name in tqdm(_quantized_tensors(base, names), desc="salient budget", unit="tensor"):
+    quant = config.quant_spec()
+    scores, total = {}, 0
+    for name in tqdm([n for n in names if is_quantized(base, n)], desc="salient budget", unit="tensor"):
         b = base.get(name, device).float()
         delta = expert.get(name, device).float()[: b.shape[0]] - b
-        if stats is None or name == spec.embed:  # as compress_delta: channels weigh the same
-            s = torch.ones(delta.shape[1], device=delta.device)
-        else:
-            s = stats[stats_key(base, name)].to(device).float()
-        shares[name] = error_shares(delta, s, quant)
+        s = second_moment(base, name, stats, device)
+        s = torch.ones(delta.shape[1], device=delta.device) if s is None else s.float()  # as compress_delta
+        scores[name] = reconstruction_scores(delta, s, quant)
         total += config.salient_count(delta.shape[1])
-    return allocate_salient(shares, total)
+    return allocate_salient(scores, total), scores
 
 
 def compress_expert(
@@ -112,16 +119,19 @@ def compress_expert(
     with staging_dir(out) as tmp:
         writer = _ShardWriter(tmp)
         names = [n for n in base.keys() if not (n == spec.lm_head and expert.tied_embeddings)]
-        counts = salient_counts(base, expert, stats, config, names, device) if config.allocates_globally else {}
+        counts, scores = {}, {}
+        if config.allocates_globally:
+            counts, scores = salient_budget(base, expert, stats, config, names, device)
         for name in tqdm(names, desc=f"compress {info.name}", unit="tensor"):
             b = base.get(name, device).float()
             e = expert.get(name, device).float()
             num_params += e.numel()
             extra = e[b.shape[0] :] if e.shape != b.shape else None
             delta = e[: b.shape[0]] - b
-            if is_linear_weight(base, name) or name == spec.embed:
-                s = None if stats is None or name == spec.embed else stats[stats_key(base, name)].to(device)
-                cd = compress_delta(delta, s, replace(config, salient=counts[name]) if counts else config)
+            if is_quantized(base, name):
+                s = second_moment(base, name, stats, device)
+                cfg = replace(config, salient=counts[name]) if counts else config
+                cd = compress_delta(delta, s, cfg, scores.get(name))
                 if refine and cd.spec.bits > 1:
                     cd = refine_steps(delta, cd, s)
                 approx = cd.dequantize()

@@ -30,12 +30,22 @@ def magnitude_scores(delta: torch.Tensor) -> torch.Tensor:
     return delta.norm(dim=0)
 
 
-def select_salient(delta: torch.Tensor, s: torch.Tensor, spec: QuantSpec, count: int, method: str) -> torch.Tensor:
-    """Indices (ascending, int64) of the ``count`` salient input channels under ``method``."""
+def select_salient(
+    delta: torch.Tensor,
+    s: torch.Tensor,
+    spec: QuantSpec,
+    count: int,
+    method: str,
+    scores: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Indices (ascending, int64) of the ``count`` salient input channels under ``method``.
+
+    ``scores``: this matrix's :func:`reconstruction_scores`, when already computed (global allocation).
+    """
     if count == 0:
         return torch.empty(0, dtype=torch.long, device=delta.device)
     if method == "meswitch":
-        scores = reconstruction_scores(delta, s, spec)
+        scores = reconstruction_scores(delta, s, spec) if scores is None else scores
     elif method == "magnitude":
         scores = magnitude_scores(delta)
     else:
@@ -43,17 +53,22 @@ def select_salient(delta: torch.Tensor, s: torch.Tensor, spec: QuantSpec, count:
     return torch.topk(scores, count).indices.sort().values
 
 
-def error_shares(delta: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Each input channel's share of the matrix's activation-weighted quantization error (sums to 1)."""
-    scores = reconstruction_scores(delta, s, spec)
+def shares_of(scores: torch.Tensor) -> torch.Tensor:
+    """Per-channel scores as shares of their matrix's total (sums to 1)."""
     return scores / scores.sum().clamp_min(1e-30)
 
 
-def allocate_salient(shares: dict[str, torch.Tensor], total: int) -> dict[str, int]:
-    """Salient channels per matrix: the ``total`` channels of largest error share over all matrices."""
-    names = list(shares)
-    flat = torch.cat([shares[n].float().cpu() for n in names])
-    owner = torch.cat([torch.full((shares[n].numel(),), i) for i, n in enumerate(names)])
+def error_shares(delta: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Each input channel's share of the matrix's activation-weighted quantization error (sums to 1)."""
+    return shares_of(reconstruction_scores(delta, s, spec))
+
+
+def allocate_salient(scores: dict[str, torch.Tensor], total: int) -> dict[str, int]:
+    """Salient channels per matrix: the ``total`` channels of largest share of their own matrix's error,
+    over all matrices (``scores``: each matrix's :func:`reconstruction_scores`, or already its shares)."""
+    names = list(scores)
+    flat = torch.cat([shares_of(scores[n].float()).cpu() for n in names])
+    owner = torch.cat([torch.full((scores[n].numel(),), i) for i, n in enumerate(names)])
     picked = owner[torch.topk(flat, min(total, flat.numel())).indices]
     counts = torch.bincount(picked, minlength=len(names))
     return {n: int(c) for n, c in zip(names, counts.tolist(), strict=True)}
