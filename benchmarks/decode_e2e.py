@@ -11,8 +11,8 @@ per-output-channel steps, 1% salient fp16 columns) with the exact shapes and byt
 nothing is written to disk.
 
 Seam: ``MixedExpertEngine`` reads its base from a folder and experts from verified artifacts (14.5 GB
-plus 16 x 2 GB of files). ``InMemoryEngine`` repeats what its ``__init__`` does (``patch_model``,
-``BatchExperts``, ``BankSet``, ``DeltaTiers``) on a model already in memory, and experts enter as
+plus 16 x 2 GB of files). ``InMemoryEngine`` sets the device and architecture and hands a model already
+in memory to the engine's own ``_attach`` (patching, banks, tiers), and experts enter as
 ``ExpertSlot``s whose device payload (norm weights, packed embedding ``RowTable``) is set directly and
 whose linear and LM-head deltas are one ``DeltaBank.random`` per tensor in the ``BankSet``: what
 ``_build_payload`` would have built. The timed call is the unchanged ``MixedExpertEngine.forward``
@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import itertools
 import json
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -53,10 +51,9 @@ from meswitch.checkpoints import ARCHITECTURES
 from meswitch.compression.delta import CompressedDelta, DeltaConfig
 from meswitch.kernels import DeltaBank, mixed_delta_reference
 from meswitch.kernels.layout import LAYOUT_V1
-from meswitch.serving.banked import BankSet, Grid, GridBanks, RowTable
+from meswitch.serving.banked import Grid, GridBanks, RowTable
 from meswitch.serving.engine import EngineConfig, MixedExpertEngine, resolve_device, resolve_dtype
-from meswitch.serving.mixed import BatchExperts, patch_model
-from meswitch.serving.tiers import DeltaTiers, ExpertSlot, nbytes
+from meswitch.serving.tiers import ExpertSlot, nbytes
 from meswitch.synthetic import mistral_7b_config
 
 DELTA = DeltaConfig(bits=2, salient=0.01)  # the compressor's default grid: per channel, asymmetric
@@ -82,18 +79,13 @@ class InMemoryEngine(MixedExpertEngine):
     """``MixedExpertEngine`` with the packed payload over a model in memory and synthetic experts."""
 
     def __init__(self, model: torch.nn.Module, config: EngineConfig):
+        if config.payload != "packed":
+            raise ValueError("the synthetic experts are banks: the packed payload only")
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.spec = ARCHITECTURES[type(model).__name__]
-        self.model = model.to(self.device).eval()
-        self.ctx = BatchExperts()
-        self.patched = patch_model(self.model, self.spec, self.ctx)
-        self.payload_kind = "packed"
-        self.banks = self.ctx.banks = BankSet()
-        self.tiers = DeltaTiers(self._build_payload, self.device, drop_payload=self._drop_payload)
-        self._forward_lock = threading.Lock()
-        self._index = itertools.count()
+        self._attach(model, observer=None)
 
     def weight(self, name: str) -> torch.Tensor:
         return self.model.get_submodule(name.removesuffix(".weight")).weight

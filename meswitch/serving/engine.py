@@ -98,6 +98,15 @@ class MixedExpertEngine:
         self.spec = self.base.spec
         self.fingerprint = base_fingerprint or scan(self.base).fingerprint
         model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=self.dtype, attn_implementation="sdpa")
+        self._attach(model, observer)
+        log.info("base %s on %s as %s (fingerprint %s…)", self.base_dir, self.device, self.dtype, self.fingerprint[:12])
+
+    def _attach(self, model, observer: TierObserver | None) -> None:
+        """Put ``model`` on the device, patch its mixed modules and set up the delta tiers.
+
+        Needs ``config``, ``device`` and ``spec``; a subclass serving a model built in memory
+        (benchmarks/decode_e2e.py) sets those and calls this instead of loading a folder.
+        """
         self.model = model.to(self.device).eval()
         self.ctx = BatchExperts()
         self.patched: Patched = patch_model(self.model, self.spec, self.ctx)
@@ -117,7 +126,6 @@ class MixedExpertEngine:
         )
         self._forward_lock = threading.Lock()
         self._index = itertools.count()
-        log.info("base %s on %s as %s (fingerprint %s…)", self.base_dir, self.device, self.dtype, self.fingerprint[:12])
 
     @property
     def base_vocab(self) -> int:
