@@ -3,6 +3,7 @@ the GPU concurrency limit, the deployments, and the CLI's argument checks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -144,30 +145,39 @@ def test_gpu_slots_limit_how_many_gpu_tasks_run_at_once(prefect_api):  # noqa: F
     from meswitch.flows.config import PipelineConfig
     from meswitch.flows.tasks import ensure_gpu_limit, gpu_slot
 
-    def overlapped(cfg) -> bool:
-        spans: list[tuple[float, float]] = []
+    def most_inside(cfg, wait_s: float) -> int:
+        """Two threads each take a slot, then wait (up to ``wait_s``) for the other to be inside too.
+
+        A barrier rather than overlapping sleeps: on a loaded 2-core machine the second thread's
+        acquisition can take longer than any fixed sleep, which is not what this test is about.
+        """
+        lock, inside, most = threading.Lock(), [0], [0]
+        both = threading.Barrier(2)
 
         def work():
             with gpu_slot(cfg):
-                start = time.monotonic()
-                time.sleep(1.0)
-                spans.append((start, time.monotonic()))
+                with lock:
+                    inside[0] += 1
+                    most[0] = max(most[0], inside[0])
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    both.wait(timeout=wait_s)
+                with lock:
+                    inside[0] -= 1
 
         threads = [threading.Thread(target=work) for _ in range(2)]
         for th in threads:
             th.start()
         for th in threads:
-            th.join(60)
-        assert len(spans) == 2
-        (_, first_end), (second_start, _) = sorted(spans)
-        return second_start < first_end
+            th.join(120)
+        assert not any(th.is_alive() for th in threads)
+        return most[0]
 
     one = PipelineConfig(gpu_slots=1)
     assert ensure_gpu_limit(one) == 1
-    assert not overlapped(one)
+    assert most_inside(one, wait_s=2.0) == 1  # the second waits for the first to let go
     two = PipelineConfig(gpu_slots=2)
     assert ensure_gpu_limit(two) == 2
-    assert overlapped(two)
+    assert most_inside(two, wait_s=60.0) == 2
     assert PipelineConfig(gpu_slots=None).resolved_gpu_slots() == 0  # no GPU here: no limit by default
 
 
