@@ -66,14 +66,17 @@ def compress_all(family: Path, experts: list[str], device: str) -> dict:
     return out
 
 
+def _overlap(x: list[int], y: list[int]) -> float:
+    """Shared salient channels over the larger set; two empty sets (no salient channel) agree fully."""
+    return len(set(x) & set(y)) / max(len(x), len(y)) if x or y else 1.0
+
+
 def compare(a: dict, b: dict) -> dict:
     """Per expert: exact agreement of sizes, overlap of salient sets, largest relative-error difference."""
     report = {}
     for name in sorted(set(a) & set(b)):
         la, lb = a[name]["layers"], b[name]["layers"]
-        overlaps = [
-            len(set(la[k]["salient_idx"]) & set(lb[k]["salient_idx"])) / max(1, len(la[k]["salient_idx"])) for k in la
-        ]
+        overlaps = [_overlap(la[k]["salient_idx"], lb[k]["salient_idx"]) for k in la]
         report[name] = {
             "same_bytes": a[name]["delta_bytes"] == b[name]["delta_bytes"],
             "same_bits_per_param": a[name]["bits_per_param"] == b[name]["bits_per_param"],

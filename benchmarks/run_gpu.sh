@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # GPU run: kernel tests, then the kernel benchmarks, writing logs and JSON under $OUT.
-#   bash benchmarks/run_gpu.sh [tests] [sweep] [roofline] [capacity] [switch]   (default: all)
+#   bash benchmarks/run_gpu.sh [tests] [sweep] [roofline] [capacity] [switch]   (default: these five)
+#   bash benchmarks/run_gpu.sh decode | speed | parity                          (one 10-minute call each)
+# parity builds the tiny demo family on the GPU machine's CPU (it cannot download: carry the corpus
+# cache, `bash benchmarks/stage_corpora.sh` then carry out/corpora), compresses it on the GPU and on
+# the CPU and compares the artifact figures (issue 2).
 set -o pipefail
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the tree as is: the GPU machine has no pip install of it
+[ -d out/corpora ] && export MESWITCH_CACHE=${MESWITCH_CACHE:-$PWD/out/corpora}
 steps=${*:-tests sweep roofline capacity switch}
 status=0
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
@@ -19,6 +25,13 @@ for step in $steps; do
     capacity) timeout 120 python3 benchmarks/capacity.py --allocate --out "$OUT/capacity.json" 2>&1 | tail -n 30 ;;
     switch) timeout 120 python3 benchmarks/switch_cost.py --out "$OUT/switch_cost.json" 2>&1 | tail -n 30 ;;
     decode) timeout 480 python3 benchmarks/decode_e2e.py --out "$OUT/decode_e2e.json" 2>&1 | tee "$OUT/decode.log" ;;
+    speed) timeout 480 python3 benchmarks/compress_speed.py --work /tmp/meswitch-cs --out "$OUT/compress-speed.json" \
+             2>&1 | tail -n 30 ;;
+    parity) fam=/tmp/meswitch-family-${FAMILY_SIZE:-tiny}
+            { timeout 360 python3 -m meswitch demo-family --out "$fam" --size "${FAMILY_SIZE:-tiny}" 2>&1 | tail -n 5 &&
+              timeout 100 python3 benchmarks/compress_family.py "$fam" --device cuda --out "$OUT/compress-family-gpu.json" &&
+              timeout 120 python3 benchmarks/compress_family.py "$fam" --device cpu --out "$OUT/compress-family-cpu.json" \
+                --compare "$OUT/compress-family-gpu.json"; } 2>&1 | grep -v "it/s\]$" | tail -n 60 || status=1 ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done
