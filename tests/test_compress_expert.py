@@ -292,6 +292,7 @@ def test_cli_compress_inspect_evaluate(family, tmp_path, capsys):
         assert key in result
     assert result["kl"] > 0 and result["task_score_expert"] is None
     assert 0.5 < result["ppl_ratio"] < 2.0
+    assert "kl_text_sums" not in result  # one figure per key; the per-text sums are the report's
 
 
 def test_cli_refuses_bad_input_with_a_clear_message(family, tmp_path, capsys):

@@ -3,12 +3,14 @@
 import json
 
 import pytest
+import torch
 import yaml
 from tiny_models import calib_file, make_base, make_expert
 
 from meswitch.cli import main
 from meswitch.compression.calibration import CalibConfig
-from meswitch.evaluation.report import ReportConfig, claims, run_report
+from meswitch.evaluation.metrics import paired_ratio_ci
+from meswitch.evaluation.report import ReportConfig, claims, claims_markdown, run_report
 from meswitch.expert_card import CardError, load_card
 
 
@@ -66,7 +68,13 @@ def test_report_compares_methods_on_equal_footing(family, tmp_path):
             by[name, "fixed"]["delta_bytes"] / by[name, "meswitch"]["delta_bytes"], abs=1e-4
         )
         assert e["curve_points"]["kl"], "the 2- and 3-bit curves overlap in size"
+        ours_sums, fixed_sums = by[name, "meswitch"]["kl_text_sums"], by[name, "fixed"]["kl_text_sums"]
+        assert len(ours_sums) == len(fixed_sums) == 8  # one per evaluation text
+        lo, hi = e["kl_vs_fixed"]["ci95"]
+        assert e["kl_vs_fixed"]["ratio"] == pytest.approx(sum(ours_sums) / sum(fixed_sums), abs=1e-3)
+        assert lo <= e["kl_vs_fixed"]["ratio"] <= hi < 1, "outlier channels in fp16: clearly better than fixed"
     assert "Claims at 2 bits" in paths[0].read_text()
+    assert "| vs fixed | vs magnitude |" in paths[0].read_text()
 
 
 def _row(name, method, bits, bpp, kl, gain):
@@ -88,6 +96,30 @@ def test_claims_catch_a_curve_that_crosses_below_fixed():
     assert not checks["all"]["kl_curve_below_fixed"] and checks["all"]["kl_below_fixed"]
     # compared only where both curves exist: 2.2 .. 3.0 bits per parameter
     assert [c["bits_per_param"] for c in e["curve_points"]["kl"]] == [2.2, 3.0]
+
+
+def test_paired_interval_separates_a_method_from_the_sample():
+    gen = torch.Generator().manual_seed(1)
+    texts = torch.rand(64, generator=gen, dtype=torch.float64) * 10  # texts differ 10x from one another
+    noise = 1 + 0.02 * torch.randn(64, generator=gen, dtype=torch.float64)
+    better = (0.9 * texts * noise).tolist()
+    ratio, lo, hi = paired_ratio_ci(better, texts.tolist())
+    assert ratio == pytest.approx(0.9, abs=0.01) and lo < ratio < hi < 0.95  # 10% better: the pairing shows it
+    same = (texts * noise).tolist()
+    _, lo, hi = paired_ratio_ci(same, texts.tolist())
+    assert lo < 1 < hi  # no difference but noise: the interval says the sample cannot tell them apart
+    unpaired = torch.rand(64, generator=gen, dtype=torch.float64).mul(10).tolist()
+    _, lo_u, hi_u = paired_ratio_ci(unpaired, texts.tolist())
+    assert hi_u - lo_u > 5 * (hi - lo)  # unrelated samples: far wider than the paired one
+    with pytest.raises(ValueError, match="equally long"):
+        paired_ratio_ci([1.0, 2.0], [1.0])
+
+
+def test_claims_without_per_text_figures_have_no_interval():
+    rows = [_row("e", m, 2, 2.2, kl, 0.9) for m, kl in (("meswitch", 0.01), ("fixed", 0.02), ("magnitude", 0.015))]
+    e = claims(rows, 2)["experts"]["e"]
+    assert e["kl_vs_fixed"] is None and e["kl_below_fixed"]
+    assert "| e | 0.0100 / 0.0200 / 0.0150 | - | - |" in claims_markdown(claims(rows, 2))
 
 
 def test_card_errors_name_the_file(tmp_path):

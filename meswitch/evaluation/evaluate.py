@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from meswitch.checkpoints import Checkpoint, scan
 from meswitch.compression.reconstruct import load_expert_model, open_artifact
-from meswitch.evaluation.metrics import EvalData, exact_match, mean_kl, perplexity
+from meswitch.evaluation.metrics import EvalData, exact_match, kl_per_text, perplexity
 
 
 @dataclass
@@ -35,9 +35,14 @@ class EvalResult:
     bits_per_param: float
     delta_bytes: int
     fp16_delta_bytes: int
+    kl_text_sums: list[float] = field(default_factory=list, repr=False)  # per eval text: KL summed over its tokens
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def to_dict(self, per_text: bool = False) -> dict:
+        """The figures; with ``per_text`` also ``kl_text_sums`` (what the report's paired intervals resample)."""
+        out = dataclasses.asdict(self)
+        if not per_text:
+            del out["kl_text_sums"]
+        return out
 
 
 def _tokenizer(folder: Path):
@@ -80,7 +85,7 @@ class Evaluator:
         m = reader.manifest
         compressed = load_expert_model(self.base, reader, device=self.device)
         ppl_c = perplexity(compressed, self.tokenizer, self.data.texts, self.max_len)
-        kl = mean_kl(self.expert, compressed, self.tokenizer, self.data.texts, self.max_len)
+        kl_sums, tokens = kl_per_text(self.expert, compressed, self.tokenizer, self.data.texts, self.max_len)
         task_c = exact_match(compressed, self.tokenizer, self.data.tasks) if self.data.tasks else None
         gain = self.ppl_base - self.ppl_expert
         return EvalResult(
@@ -89,7 +94,7 @@ class Evaluator:
             method=m.method.get("method", "?"),
             bits=1 if m.method.get("method") == "bitdelta" else int(m.method.get("bits", 0)),
             salient=float(m.method.get("salient", 0)),
-            kl=round(kl, 6),
+            kl=round(sum(kl_sums) / max(sum(tokens), 1), 6),
             ppl_base=round(self.ppl_base, 4),
             ppl_expert=round(self.ppl_expert, 4),
             ppl_compressed=round(ppl_c, 4),
@@ -100,6 +105,7 @@ class Evaluator:
             bits_per_param=m.metrics["bits_per_param"],
             delta_bytes=m.metrics["delta_bytes"],
             fp16_delta_bytes=m.metrics["fp16_delta_bytes"],
+            kl_text_sums=[float(f"{v:.6g}") for v in kl_sums],
         )
 
 

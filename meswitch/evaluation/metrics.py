@@ -68,18 +68,41 @@ def perplexity(model, tokenizer, texts: Sequence[str], max_len: int = 256, batch
 
 
 @torch.no_grad()
-def mean_kl(reference, candidate, tokenizer, texts: Sequence[str], max_len: int = 256, batch_size: int = 8) -> float:
-    """Mean over tokens of KL(reference || candidate) of the next-token distributions."""
+def kl_per_text(
+    reference, candidate, tokenizer, texts: Sequence[str], max_len: int = 256, batch_size: int = 8
+) -> tuple[list[float], list[int]]:
+    """Per text, KL(reference || candidate) of the next-token distributions summed over its tokens, and
+    its token count: the mean KL is ``sum(sums) / sum(counts)``; the per-text sums are what a paired
+    comparison of two candidates resamples (:func:`paired_ratio_ci`)."""
     device = next(reference.parameters()).device
-    total, count = 0.0, 0
+    sums: list[float] = []
+    counts: list[int] = []
     for ids, mask in _batches(tokenizer, texts, max_len, batch_size, device):
         p = F.log_softmax(reference(input_ids=ids, attention_mask=mask).logits.float(), -1)
         q = F.log_softmax(candidate(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        kl = (p.exp() * (p - q)).sum(-1)
-        valid = mask.bool()
-        total += float(kl[valid].sum())
-        count += int(valid.sum())
-    return total / max(count, 1)
+        kl = (p.exp() * (p - q)).sum(-1) * mask
+        sums += kl.sum(-1).double().tolist()
+        counts += mask.sum(-1).tolist()
+    return sums, counts
+
+
+def paired_ratio_ci(
+    a: Sequence[float], b: Sequence[float], resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """``sum(a) / sum(b)`` and its percentile-bootstrap interval, resampling the paired items (texts).
+
+    Two methods scored on the same texts differ far less than the texts do; resampling the pairs keeps
+    that pairing, so the interval says whether a 1% difference of mean KL is the method or the sample.
+    """
+    x, y = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    if x.shape != y.shape or x.numel() == 0:
+        raise ValueError(f"need two equally long, non-empty samples, got {x.numel()} and {y.numel()}")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, x.numel(), (resamples, x.numel()), generator=gen)
+    ratios = x[idx].sum(1) / y[idx].sum(1).clamp_min(1e-300)
+    tail = (1 - level) / 2
+    lo, hi = torch.quantile(ratios, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return float(x.sum() / y.sum().clamp_min(1e-300)), lo, hi
 
 
 @torch.no_grad()
