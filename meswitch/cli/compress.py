@@ -64,7 +64,7 @@ def register(sub) -> None:
     p.add_argument("--bits", default="2,3,4", help="comma-separated bit widths for meswitch/fixed/magnitude")
     p.add_argument("--salient", type=float, default=0.01, help="salient channels: a fraction if < 1, else a count")
     p.add_argument("--allocation", choices=["global", "layer"], default="global", help="as for compress")
-    p.add_argument("--limit", type=int, default=64, help="evaluation texts per expert")
+    p.add_argument("--limit", type=int, default=200, help="evaluation texts per expert (default 200)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
     p.set_defaults(func=_report)
 

@@ -36,7 +36,7 @@ class ReportConfig:
     bits: tuple[int, ...] = (2, 3, 4)
     salient: float = 0.01
     allocation: str = "global"
-    limit: int = 64
+    limit: int = 200  # evaluation texts per expert: enough for the paired intervals to separate 1-2% differences
     device: str = "auto"
     calib: CalibConfig = field(default_factory=CalibConfig)
 
