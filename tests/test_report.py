@@ -122,6 +122,26 @@ def test_claims_without_per_text_figures_have_no_interval():
     assert "| e | 0.0100 / 0.0200 / 0.0150 | - | - |" in claims_markdown(claims(rows, 2))
 
 
+def test_curve_points_carry_a_paired_interval_over_interpolated_texts():
+    def row(method, bits, bpp, sums):
+        return {**_row("e", method, bits, bpp, sum(sums) / 40, 0.9), "kl_text_sums": sums}
+
+    gen = torch.Generator().manual_seed(2)
+    texts = (torch.rand(40, generator=gen, dtype=torch.float64) + 0.5).tolist()
+    f2, f3 = [2 * t for t in texts], [t / 2 for t in texts]  # fixed: 2 bits, then 3
+    ours2, ours3 = [1.5 * t for t in texts], [0.45 * t for t in texts]
+    rows = [row("fixed", 2, 2.0, f2), row("fixed", 3, 3.0, f3), row("magnitude", 2, 2.2, f2),
+            row("meswitch", 2, 2.2, ours2), row("meswitch", 3, 3.2, ours3)]  # fmt: skip
+    points = {c["bits_per_param"]: c for c in claims(rows, 2)["experts"]["e"]["curve_points"]["kl"]}
+    # fixed at 2.2 bits/param: 0.8 of its 2-bit sums + 0.2 of its 3-bit ones = 1.7 x each text's; meswitch 1.5 x
+    assert points[2.2]["ratio"] == pytest.approx(1.5 / 1.7, abs=1e-4)
+    lo, hi = points[2.2]["ci95"]
+    assert lo <= points[2.2]["ratio"] <= hi < 1 and points[2.2]["ok"]
+    # at 3.0: meswitch interpolated between its 2.2 and 3.2 points, 1.5 + 0.8 * (0.45 - 1.5) = 0.66 > 0.5: worse
+    assert points[3.0]["ratio"] > 1 and points[3.0]["ci95"][0] > 1 and not points[3.0]["ok"]
+    assert "2.20 bits/param -11.8%" in claims_markdown(claims(rows, 2))
+
+
 def test_card_errors_name_the_file(tmp_path):
     with pytest.raises(CardError, match=r"expert\.yaml: missing"):
         load_card(tmp_path)

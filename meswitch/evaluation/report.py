@@ -109,23 +109,43 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
     return [report_md, report_json, plot]
 
 
-def _interp(points: list[tuple[float, float]], x: float) -> float | None:
-    """The piecewise-linear curve through ``points`` (sorted by x) at ``x``; None outside its range."""
-    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+# A point of a quality-against-size curve: bits per parameter, the figure, and for KL the per-text sums
+# behind it (None for other figures, or rows from an older report).
+Point = tuple[float, float, list[float] | None]
+
+
+def _interp(points: list[Point], x: float) -> tuple[float, list[float] | None] | None:
+    """The piecewise-linear curve through ``points`` (sorted by x) at ``x``, its per-text sums interpolated
+    alike; None outside its range."""
+    for (x0, y0, s0), (x1, y1, s1) in itertools.pairwise(points):
         if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return points[0][1] if len(points) == 1 and points[0][0] == x else None
+            w = 0.0 if x1 == x0 else (x - x0) / (x1 - x0)
+            sums = [a + w * (b - a) for a, b in zip(s0, s1, strict=True)] if s0 and s1 else None
+            return y0 + w * (y1 - y0), sums
+    if len(points) == 1 and points[0][0] == x:
+        return points[0][1], points[0][2]
+    return None
 
 
-def _above(ours: list[tuple[float, float]], theirs: list[tuple[float, float]], higher_is_better: bool) -> list[dict]:
-    """Where the two curves share sizes, compare them at every measured size of either one."""
+def _above(ours: list[Point], theirs: list[Point], higher_is_better: bool) -> list[dict]:
+    """Where the two curves share sizes, compare them at every measured size of either one (for KL with our
+    value over theirs and its 95% paired interval over the texts)."""
     out = []
-    for x in sorted({x for x, _ in ours} | {x for x, _ in theirs}):
+    for x in sorted({p[0] for p in ours} | {p[0] for p in theirs}):
         a, b = _interp(ours, x), _interp(theirs, x)
-        if a is not None and b is not None:
-            out.append(
-                {"bits_per_param": round(x, 4), "meswitch": a, "fixed": b, "ok": a > b if higher_is_better else a < b}
-            )
+        if a is None or b is None:
+            continue
+        (ya, sa), (yb, sb) = a, b
+        point = {
+            "bits_per_param": round(x, 4),
+            "meswitch": ya,
+            "fixed": yb,
+            "ok": ya > yb if higher_is_better else ya < yb,
+        }
+        if sa and sb and len(sa) == len(sb):
+            ratio, lo, hi = paired_ratio_ci(sa, sb)
+            point |= {"ratio": round(ratio, 4), "ci95": [round(lo, 4), round(hi, 4)]}
+        out.append(point)
     return out
 
 
@@ -156,8 +176,13 @@ def claims(rows: list[dict], bits: int) -> dict:
         if not (ms and fx and mg):
             continue
 
-        def curve(method: str, key: str, name: str = name) -> list[tuple[float, float]]:
-            return sorted((r["bits_per_param"], r[key]) for r in rows if r["name"] == name and r["method"] == method)
+        def curve(method: str, key: str, name: str = name) -> list[Point]:
+            points = [
+                (r["bits_per_param"], r[key], r.get("kl_text_sums") if key == "kl" else None)
+                for r in rows
+                if r["name"] == name and r["method"] == method
+            ]
+            return sorted(points, key=lambda p: p[0])
 
         kl_curve = _above(curve("meswitch", "kl"), curve("fixed", "kl"), higher_is_better=False)
         gain_curve = _above(curve("meswitch", "gain_retained"), curve("fixed", "gain_retained"), higher_is_better=True)
@@ -207,7 +232,19 @@ def claims_markdown(checks: dict) -> str:
             f"{'yes' if e['kl_curve_below_fixed'] else 'NO'} | {'yes' if e['gain_curve_above_fixed'] else 'NO'} |"
         )
     verdict = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks["all"].items())
-    return "\n".join(lines) + f"\n\nAll experts: {verdict}\n"
+    curves = [
+        f"- {name}: "
+        + "; ".join(f"{c['bits_per_param']:.2f} bits/param {_change(c) if 'ratio' in c else '-'}" for c in points)
+        for name, e in checks["experts"].items()
+        if (points := e["curve_points"]["kl"])
+    ]
+    curve_text = (
+        "\n\nKL curve against fixed precision's (linear interpolation between measured sizes), meswitch's change at "
+        "each measured size of either curve:\n\n" + "\n".join(curves)
+        if curves
+        else ""
+    )
+    return "\n".join(lines) + f"\n\nAll experts: {verdict}" + curve_text + "\n"
 
 
 def markdown_table(rows: list[dict]) -> str:
