@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -211,10 +214,35 @@ class Scan:
     num_params: int
 
 
-def scan(ckpt: Checkpoint) -> Scan:
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in ``t``: its min and max are finite (both propagate NaN), a reduction that runs
+    at memory speed where ``isfinite(t).all()`` writes a boolean per element (20x slower on bf16)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    try:
+        lo, hi = torch.aminmax(t)
+    except RuntimeError:  # dtypes without a min/max kernel (fp8)
+        return bool(torch.isfinite(t.float()).all())
+    return bool(torch.isfinite(lo) and torch.isfinite(hi))
+
+
+def _tensor_digest(name: str, t: torch.Tensor) -> tuple[bytes, bool]:
+    """sha256 of a tensor's name, dtype, shape and bytes (hashed in place, no copy), and whether it is finite."""
+    th = hashlib.sha256(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        th.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return th.digest(), all_finite(t)
+
+
+SCAN_INFLIGHT_BYTES = 1 << 30  # tensors read but not yet hashed, at most (plus one)
+
+
+def scan(ckpt: Checkpoint, workers: int | None = None) -> Scan:
     """Fingerprint a checkpoint (sha256 over its config and each tensor's bytes) and find non-finite tensors.
 
-    One read of every tensor does both, so validation costs a single pass over the weights.
+    One read of every tensor does both, so validation costs a single pass over the weights. Tensors are
+    hashed on ``workers`` threads (default: every core, at most 8; sha256 and the reductions release the
+    GIL), with at most ``SCAN_INFLIGHT_BYTES`` read ahead of the hashing.
     """
     h = hashlib.sha256()
     config = {k: v for k, v in ckpt.config.items() if k not in ("_name_or_path", "transformers_version")}
@@ -222,13 +250,28 @@ def scan(ckpt: Checkpoint) -> Scan:
     nonfinite: list[str] = []
     digests: dict[str, bytes] = {}
     total = 0
-    for name, t in ckpt.tensors():
-        th = hashlib.sha256(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        th.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        digests[name] = th.digest()
-        total += t.numel()
-        if t.is_floating_point() and not torch.isfinite(t).all():
+    workers = workers or min(8, os.cpu_count() or 1)
+    pending: deque[tuple[str, int, Future]] = deque()
+    inflight = 0
+
+    def collect() -> None:
+        nonlocal inflight
+        name, nbytes, future = pending.popleft()
+        digests[name], finite = future.result()
+        inflight -= nbytes
+        if not finite:
             nonfinite.append(name)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="scan") as pool:
+        for name, t in ckpt.tensors():
+            total += t.numel()
+            nbytes = t.numel() * t.element_size()
+            pending.append((name, nbytes, pool.submit(_tensor_digest, name, t)))
+            inflight += nbytes
+            while inflight > SCAN_INFLIGHT_BYTES and len(pending) > 1:
+                collect()
+        while pending:
+            collect()
     for name in sorted(digests):  # by name, so the fingerprint does not depend on sharding
         h.update(digests[name])
     return Scan(fingerprint=h.hexdigest(), nonfinite=tuple(sorted(nonfinite)), num_params=total)

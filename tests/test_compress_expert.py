@@ -135,6 +135,38 @@ def test_sharded_checkpoints_read_tensor_by_tensor(family, tmp_path):
     assert scan(sharded).fingerprint == scan(Checkpoint(base)).fingerprint
 
 
+def test_fingerprint_is_sha256_of_config_and_named_tensors_whatever_the_threads(family, tmp_path, monkeypatch):
+    """The fingerprint's definition, spelled out: registries hold fingerprints, so it must never drift."""
+    import hashlib
+
+    import meswitch.checkpoints as checkpoints
+
+    _, base, _, _ = family
+    ckpt = Checkpoint(base)
+    h = hashlib.sha256()
+    config = {k: v for k, v in ckpt.config.items() if k not in ("_name_or_path", "transformers_version")}
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for name in sorted(ckpt.keys()):
+        t = ckpt.get(name)
+        th = hashlib.sha256(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        th.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(th.digest())
+    monkeypatch.setattr(checkpoints, "SCAN_INFLIGHT_BYTES", 1)  # read ahead one tensor at a time
+    assert {scan(ckpt, workers=w).fingerprint for w in (1, 3)} == {h.hexdigest()}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_all_finite_catches_nan_and_both_infinities(dtype):
+    from meswitch.checkpoints import all_finite
+
+    t = torch.randn(64, 48).to(dtype)
+    assert all_finite(t) and all_finite(t[:0]) and all_finite(torch.arange(5))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = t.clone()
+        u[17, 3] = bad
+        assert not all_finite(u), bad
+
+
 def test_pickle_only_checkpoint_is_refused(tmp_path):
     folder = tmp_path / "pickled"
     folder.mkdir()
