@@ -31,7 +31,9 @@ def _commit() -> str | None:
     import meswitch
 
     root = Path(meswitch.__file__).resolve().parents[1]
-    done = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True)
+    done = subprocess.run(
+        ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True
+    )
     return done.stdout.strip() or None
 
 
