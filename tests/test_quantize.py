@@ -6,7 +6,7 @@ import torch
 from meswitch.compression.delta import DeltaConfig, compress_delta, relative_errors
 from meswitch.compression.quantize import SUPPORTED_BITS, QuantSpec, pack, quantize, unpack, values_per_word
 from meswitch.compression.refine import refine_steps
-from meswitch.compression.salience import allocate_salient, error_shares, select_salient
+from meswitch.compression.salience import allocate_salient, reconstruction_scores, select_salient, shares_of
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
@@ -98,8 +98,8 @@ def test_global_allocation_puts_the_budget_where_the_error_is_concentrated():
     g = torch.Generator().manual_seed(5)
     flat = 0.01 * torch.randn(64, 128, generator=g)  # the error spread evenly over the channels
     shares = {
-        "hot": error_shares(concentrated, s_hot, QuantSpec(2)),
-        "flat": error_shares(flat, torch.ones(128), QuantSpec(2)),
+        "hot": shares_of(reconstruction_scores(concentrated, s_hot, QuantSpec(2))),
+        "flat": shares_of(reconstruction_scores(flat, torch.ones(128), QuantSpec(2))),
     }
     assert all(float(v.sum()) == pytest.approx(1.0) for v in shares.values())
     # a budget of 4 (2 per matrix under per-layer allocation) all goes to the hot channels...

@@ -122,6 +122,11 @@ class CompressedDelta:
         )
 
 
+def channel_weights(second_moment: torch.Tensor | None, k: int, device: torch.device | str) -> torch.Tensor:
+    """The per-input-channel weights of the error: the calibration second moments, or all ones without them."""
+    return torch.ones(k, device=device) if second_moment is None else second_moment.float().to(device)
+
+
 def compress_delta(
     delta: torch.Tensor,
     second_moment: torch.Tensor | None,
@@ -136,7 +141,7 @@ def compress_delta(
     delta = delta.float()
     n, k = delta.shape
     spec = config.quant_spec()
-    s = torch.ones(k, device=delta.device) if second_moment is None else second_moment.float().to(delta.device)
+    s = channel_weights(second_moment, k, delta.device)
     count = config.salient_count(k)
     idx = select_salient(delta, s, spec, count, config.method, scores)
     mask = torch.ones(k, dtype=torch.bool, device=delta.device)

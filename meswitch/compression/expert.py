@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from meswitch.artifacts import LayerRecord, Manifest, seal, staging_dir
 from meswitch.checkpoints import CONFIG, Checkpoint, Pairing
 from meswitch.compression.calibration import LM_HEAD
-from meswitch.compression.delta import DeltaConfig, compress_delta, relative_errors
+from meswitch.compression.delta import DeltaConfig, channel_weights, compress_delta, relative_errors
 from meswitch.compression.refine import refine_steps
 from meswitch.compression.salience import allocate_salient, reconstruction_scores
 
@@ -87,8 +87,7 @@ def salient_budget(
     for name in tqdm([n for n in names if is_quantized(base, n)], desc="salient budget", unit="tensor"):
         b = base.get(name, device).float()
         delta = expert.get(name, device).float()[: b.shape[0]] - b
-        s = second_moment(base, name, stats, device)
-        s = torch.ones(delta.shape[1], device=delta.device) if s is None else s.float()  # as compress_delta
+        s = channel_weights(second_moment(base, name, stats, device), delta.shape[1], delta.device)
         scores[name] = reconstruction_scores(delta, s, quant)
         total += config.salient_count(delta.shape[1])
     return allocate_salient(scores, total), scores

@@ -58,11 +58,6 @@ def shares_of(scores: torch.Tensor) -> torch.Tensor:
     return scores / scores.sum().clamp_min(1e-30)
 
 
-def error_shares(delta: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Each input channel's share of the matrix's activation-weighted quantization error (sums to 1)."""
-    return shares_of(reconstruction_scores(delta, s, spec))
-
-
 def allocate_salient(scores: dict[str, torch.Tensor], total: int) -> dict[str, int]:
     """Salient channels per matrix: the ``total`` channels of largest share of their own matrix's error,
     over all matrices (``scores``: each matrix's :func:`reconstruction_scores`, or already its shares)."""

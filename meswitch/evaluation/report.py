@@ -142,20 +142,16 @@ def _above(ours: list[Point], theirs: list[Point], higher_is_better: bool) -> li
             "fixed": yb,
             "ok": ya > yb if higher_is_better else ya < yb,
         }
-        if sa and sb and len(sa) == len(sb):
-            ratio, lo, hi = paired_ratio_ci(sa, sb)
-            point |= {"ratio": round(ratio, 4), "ci95": [round(lo, 4), round(hi, 4)]}
-        out.append(point)
+        out.append(point | (_ratio_ci(sa, sb) or {}))
     return out
 
 
-def _kl_ratio(ours: dict, theirs: dict) -> dict | None:
-    """Our mean KL over theirs on the same texts, with a 95% paired-bootstrap interval; None without
-    per-text figures (rows from an older report)."""
-    a, b = ours.get("kl_text_sums"), theirs.get("kl_text_sums")
-    if not a or not b or len(a) != len(b):
+def _ratio_ci(ours: list[float] | None, theirs: list[float] | None) -> dict | None:
+    """Our summed per-text KL over theirs on the same texts, with a 95% paired-bootstrap interval; None
+    without per-text figures (rows from an older report)."""
+    if not ours or not theirs or len(ours) != len(theirs):
         return None
-    ratio, lo, hi = paired_ratio_ci(a, b)
+    ratio, lo, hi = paired_ratio_ci(ours, theirs)
     return {"ratio": round(ratio, 4), "ci95": [round(lo, 4), round(hi, 4)]}
 
 
@@ -191,8 +187,8 @@ def claims(rows: list[dict], bits: int) -> dict:
             "bytes": {"meswitch": ms["delta_bytes"], "fixed": fx["delta_bytes"], "magnitude": mg["delta_bytes"]},
             "kl_below_fixed": ms["kl"] < fx["kl"],
             "kl_below_magnitude": ms["kl"] < mg["kl"],
-            "kl_vs_fixed": _kl_ratio(ms, fx),
-            "kl_vs_magnitude": _kl_ratio(ms, mg),
+            "kl_vs_fixed": _ratio_ci(ms.get("kl_text_sums"), fx.get("kl_text_sums")),
+            "kl_vs_magnitude": _ratio_ci(ms.get("kl_text_sums"), mg.get("kl_text_sums")),
             "fixed_bytes_ratio": round(fx["delta_bytes"] / ms["delta_bytes"], 4),
             "fraction_of_fp16_bytes": round(ms["delta_bytes"] / ms["fp16_delta_bytes"], 4),
             "at_most_one_sixth_of_fp16": ms["delta_bytes"] * 6 <= ms["fp16_delta_bytes"],
