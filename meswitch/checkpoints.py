@@ -79,6 +79,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
+def config_dtype(config: dict[str, Any]) -> torch.dtype:
+    """The dtype a model was saved in, from its config.json (fp32 when it does not say)."""
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
+
+
 class Checkpoint:
     """A read-only view of an HF model folder; tensors are read one at a time on demand."""
 

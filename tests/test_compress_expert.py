@@ -324,7 +324,10 @@ def test_cli_compress_inspect_evaluate(family, tmp_path, capsys):
         assert key in result
     assert result["kl"] > 0 and result["task_score_expert"] is None
     assert 0.5 < result["ppl_ratio"] < 2.0
-    assert "kl_text_sums" not in result  # one figure per key; the per-text sums are the report's
+    # what a paired interval needs: each text's summed KL and its token count, adding up to the mean
+    sums, tokens = result["kl_text_sums"], result["kl_text_tokens"]
+    assert len(sums) == len(tokens) == 6 and all(n > 0 for n in tokens)
+    assert sum(sums) / sum(tokens) == pytest.approx(result["kl"], rel=1e-3)
 
 
 def test_cli_refuses_bad_input_with_a_clear_message(family, tmp_path, capsys):

@@ -48,7 +48,11 @@ def register(sub) -> None:
     p.add_argument("--data", type=Path, required=True, help="held-out .jsonl ('text'; 'prompt'+'answer' for tasks)")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many lines")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object, with each text's summed KL and token count (kl_text_sums, kl_text_tokens)",
+    )
     p.add_argument("--out", type=Path, help="also write the result as JSON here")
     p.set_defaults(func=_evaluate)
 
@@ -56,12 +60,23 @@ def register(sub) -> None:
         "report",
         help="compare methods x bits on a demo family: Markdown table, JSON and quality-vs-size plot",
         description="Compress every expert of FAMILY with each method and bit width, evaluate each, and write "
-        "report.md, report.json and quality_vs_size.png to --out.",
+        "report.md, report.json and quality_vs_size.png to --out. Each expert's rows are kept under "
+        "OUT/parts/ as they finish: a stopped report run again with the same settings redoes only the rest.",
     )
     p.add_argument("family", type=Path, help="a folder made by `meswitch demo-family`")
     p.add_argument("--out", type=Path, required=True, help="folder for report.md, report.json and the plot")
-    p.add_argument("--methods", default="meswitch,fixed,magnitude,bitdelta", help="comma-separated (default: all four)")
+    p.add_argument(
+        "--methods",
+        default="meswitch,fixed,magnitude,bitdelta",
+        help="comma-separated, of meswitch, fixed, fixed-eqbytes (fixed precision given meswitch's bytes through "
+        "smaller groups), magnitude, bitdelta, bitdelta-distilled (with BitDelta's scale distillation); "
+        "default meswitch,fixed,magnitude,bitdelta",
+    )
     p.add_argument("--bits", default="2,3,4", help="comma-separated bit widths for meswitch/fixed/magnitude")
+    p.add_argument("--experts", default="", help="comma-separated expert folder names (default: every expert)")
+    p.add_argument(
+        "--distill-steps", type=int, default=100, help="scale-distillation steps for bitdelta-distilled (default 100)"
+    )
     p.add_argument("--salient", type=float, default=0.01, help="salient channels: a fraction if < 1, else a count")
     p.add_argument("--allocation", choices=["global", "layer"], default="global", help="as for compress")
     p.add_argument("--limit", type=int, default=200, help="evaluation texts per expert (default 200)")
@@ -190,7 +205,7 @@ def _evaluate(args) -> int:
         data = EvalData.from_jsonl(args.data, limit=args.limit)
     except ValueError as e:
         raise CommandError(str(e)) from e
-    result = evaluate_artifact(args.base, args.artifact, args.expert, data, device=args.device).to_dict()
+    result = evaluate_artifact(args.base, args.artifact, args.expert, data, device=args.device).to_dict(per_text=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -198,21 +213,28 @@ def _evaluate(args) -> int:
         print(json.dumps(result))
     else:
         for k, v in result.items():
-            print(f"{k:<22} {v}")
+            if not k.startswith("kl_text_"):
+                print(f"{k:<22} {v}")
     return 0
 
 
 def _report(args) -> int:
+    from meswitch.compression.distill import DistillConfig
     from meswitch.evaluation.report import ReportConfig, run_report
 
-    cfg = ReportConfig(
-        methods=tuple(args.methods.split(",")),
-        bits=tuple(int(b) for b in args.bits.split(",")),
-        salient=args.salient,
-        allocation=args.allocation,
-        limit=args.limit,
-        device=args.device,
-    )
+    try:
+        cfg = ReportConfig(
+            methods=tuple(args.methods.split(",")),
+            bits=tuple(int(b) for b in args.bits.split(",")),
+            salient=args.salient,
+            allocation=args.allocation,
+            limit=args.limit,
+            device=args.device,
+            distill=DistillConfig(steps=args.distill_steps),
+            experts=tuple(e for e in args.experts.split(",") if e),
+        )
+    except ValueError as e:
+        raise CommandError(str(e)) from e
     paths = run_report(args.family, args.out, cfg)
     for p in paths:
         print(f"wrote {p}")

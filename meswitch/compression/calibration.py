@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from meswitch.checkpoints import Checkpoint, CheckpointError
+from meswitch.checkpoints import Checkpoint, CheckpointError, config_dtype
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,10 @@ class CalibConfig:
     samples: int = 64
     seq_len: int = 256
     batch_size: int = 8
+    # Positions at the start of every sequence left out of the statistics. In pretrained LLMs the first
+    # position is an attention sink whose activations can hold nearly all of a layer's input energy, so it
+    # would decide the salience of every channel alone (benchmarks/attention_sink.py measures it).
+    skip_first: int = 0
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -120,12 +124,6 @@ def skeleton(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> nn.M
     return model
 
 
-def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
-    """The dtype the checkpoint was saved in (fp32 when it does not say): compute in it on the GPU."""
-    name = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype") or "float32"
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
-
-
 def _materialize(module: nn.Module, tensors: dict[str, torch.Tensor], device, dtype) -> None:
     module.to_empty(device=device)
     module.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=True, assign=True)
@@ -143,7 +141,7 @@ def calibrate(
     values are fp32 on the CPU. Runs on the GPU when one is present (``device="auto"``).
     """
     device = resolve_device(device) if isinstance(device, str) else device
-    dtype = torch.float32 if device.type == "cpu" else checkpoint_dtype(expert)
+    dtype = torch.float32 if device.type == "cpu" else config_dtype(expert.config)
     tokenizer = AutoTokenizer.from_pretrained(expert.path)
     ids = token_chunks(tokenizer, texts, cfg)
     spec = expert.spec
@@ -169,7 +167,8 @@ def calibrate(
         for rel in spec.linears:
             name = f"{spec.block_prefix(i)}{rel}"
             stats[name] = torch.zeros(block.get_submodule(rel).in_features, dtype=torch.float32, device=device)
-            hooks.append(block.get_submodule(rel).register_forward_pre_hook(_accumulate(stats[name])))
+            hook = _accumulate(stats[name], cfg.skip_first)
+            hooks.append(block.get_submodule(rel).register_forward_pre_hook(hook))
         with torch.no_grad():
             outs = []
             for h in hidden:
@@ -183,8 +182,8 @@ def calibrate(
     s = torch.zeros(model.lm_head.in_features, dtype=torch.float32, device=device)
     with torch.no_grad():
         for h in hidden:
-            x = inner.norm(h).float()
-            s += (x * x).sum(dim=tuple(range(x.dim() - 1)))
+            x = inner.norm(h)[:, cfg.skip_first :].float()
+            s += (x * x).sum(dim=(0, 1))
     stats[LM_HEAD] = s
     for name, v in stats.items():
         if not torch.isfinite(v).all():
@@ -192,9 +191,9 @@ def calibrate(
     return {k: v.cpu() for k, v in stats.items()}
 
 
-def _accumulate(acc: torch.Tensor):
+def _accumulate(acc: torch.Tensor, skip_first: int = 0):
     def hook(_module, args):
-        x = args[0].float()
-        acc.add_((x * x).sum(dim=tuple(range(x.dim() - 1))))
+        x = args[0][:, skip_first:].float()  # [batch, seq, features]
+        acc.add_((x * x).sum(dim=(0, 1)))
 
     return hook

@@ -63,8 +63,14 @@ def is_quantized(ckpt: Checkpoint, name: str) -> bool:
 def second_moment(
     ckpt: Checkpoint, name: str, stats: dict[str, torch.Tensor] | None, device: torch.device | str
 ) -> torch.Tensor | None:
-    """The calibration statistics of ``name``'s inputs; None (all channels alike) uncalibrated or for the embedding."""
-    return None if stats is None or name == ckpt.spec.embed else stats[stats_key(ckpt, name)].to(device)
+    """The calibration statistics of ``name``'s inputs; None (all channels alike) uncalibrated.
+
+    An untied input embedding's input is a one-hot token: no statistics. A tied one is also the LM head,
+    whose inputs (the final normed hidden states) are calibrated like every other linear's.
+    """
+    if stats is None or (name == ckpt.spec.embed and not ckpt.tied_embeddings):
+        return None
+    return stats[LM_HEAD if name == ckpt.spec.embed else stats_key(ckpt, name)].to(device)
 
 
 def salient_budget(

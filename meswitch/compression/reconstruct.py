@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from meswitch.artifacts import Manifest, staging_dir, verify
-from meswitch.checkpoints import Checkpoint, scan
+from meswitch.checkpoints import CONFIG, Checkpoint, config_dtype, scan
 from meswitch.compression.delta import CompressedDelta
 from meswitch.compression.expert import SHARD_BYTES, SOURCE_DIR
 from meswitch.compression.quantize import QuantSpec
@@ -66,14 +66,21 @@ def open_artifact(folder: Path, base: Checkpoint, base_fingerprint: str | None =
     return DeltaReader(folder, manifest)
 
 
-def expert_tensors(base: Checkpoint, reader: DeltaReader, device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield the reconstructed expert's tensors (base + Δ̂, extra vocabulary rows appended), in base dtype."""
+def expert_tensors(
+    base: Checkpoint, reader: DeltaReader, device="cpu", dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the reconstructed expert's tensors (base + Δ̂, extra vocabulary rows appended) in ``dtype``
+    (default: the base's).
+
+    Evaluation asks for fp32: a small delta added to a bf16 base and rounded back to bf16 loses most of
+    itself, which serving (base and delta applied apart) never does.
+    """
     for name in reader.manifest.tensors:
         b = base.get(name, device)
         w = b.float() + reader.delta(name, device)
         if reader.has(f"{name}.extra_rows"):
             w = torch.cat([w, reader.get(f"{name}.extra_rows", device).float()])
-        yield name, w.to(b.dtype)
+        yield name, w.to(dtype or b.dtype)
 
 
 def reconstruct(base: Checkpoint, artifact: Path, out: Path) -> Path:
@@ -92,7 +99,9 @@ def reconstruct(base: Checkpoint, artifact: Path, out: Path) -> Path:
                 weight_map.update(dict.fromkeys(shard, fname))
                 shard, size = {}, 0
 
-        for name, w in tqdm(expert_tensors(base, reader), total=len(reader.manifest.tensors), desc="reconstruct"):
+        dtype = config_dtype(json.loads((Path(artifact) / SOURCE_DIR / CONFIG).read_text()))
+        tensors = expert_tensors(base, reader, dtype=dtype)
+        for name, w in tqdm(tensors, total=len(reader.manifest.tensors), desc="reconstruct"):
             shard[name] = w.contiguous()
             size += w.numel() * w.element_size()
             if size >= SHARD_BYTES:
@@ -116,7 +125,7 @@ def load_expert_model(base: Checkpoint, reader: DeltaReader, device="cpu", dtype
     config = AutoConfig.from_pretrained(Path(reader.folder) / SOURCE_DIR)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = {name: w.to(dtype) for name, w in expert_tensors(base, reader, device)}
+    state = dict(expert_tensors(base, reader, device, dtype))
     if reader.manifest.metadata.get("tied_embeddings") and base.spec.lm_head not in state:
         state[base.spec.lm_head] = state[base.spec.embed]
     model.load_state_dict(state, strict=False, assign=True)

@@ -526,55 +526,72 @@ def arithmetic_problems(n: int, seed: int) -> list[Doc]:
         attempts += 1
         if attempts > 50 * n + 1000:
             raise RuntimeError(f"could only generate {len(docs)} distinct arithmetic problems of {n}")
-        question, answer = _problem(rng)
+        question, answer, working = _problem(rng)
         if question in seen:
             continue
         seen.add(question)
         prompt = f"Question: {question}\nAnswer: "
-        docs.append({"text": prompt + str(answer), "prompt": prompt, "answer": str(answer), "question": question})
+        docs.append(
+            {
+                "text": prompt + str(answer),
+                "prompt": prompt,
+                "answer": str(answer),
+                "question": question,
+                "working": working,
+            }
+        )
     return docs
 
 
-def _problem(rng: random.Random) -> tuple[str, int]:
+def _problem(rng: random.Random) -> tuple[str, int, str]:
+    """A word problem, its answer and the working that gets there (the chat family's reply)."""
     (name, he), (other, _) = rng.sample(_NAMES, 2)
     obj = rng.choice(_OBJECTS)
     He = he.capitalize()
     kind = rng.randrange(8)
     if kind == 0:
         a, b = rng.randint(2, 60), rng.randint(2, 40)
-        return f"{name} has {a} {obj}. {He} gets {b} more. How many {obj} does {name} have now?", a + b
+        q = f"{name} has {a} {obj}. {He} gets {b} more. How many {obj} does {name} have now?"
+        return q, a + b, f"{a} + {b} = {a + b}."
     if kind == 1:
         a = rng.randint(10, 90)
         b = rng.randint(1, a - 1)
-        return f"{name} had {a} {obj} and gave {b} of them to {other}. How many {obj} does {name} have left?", a - b
+        q = f"{name} had {a} {obj} and gave {b} of them to {other}. How many {obj} does {name} have left?"
+        return q, a - b, f"{a} - {b} = {a - b}."
     if kind == 2:
         a, b = rng.randint(2, 12), rng.randint(2, 12)
-        return (
-            f"{name} buys {a} boxes of {obj}. Each box holds {b} {obj}. How many {obj} does {name} buy in total?"
-        ), a * b
+        q = f"{name} buys {a} boxes of {obj}. Each box holds {b} {obj}. How many {obj} does {name} buy in total?"
+        return q, a * b, f"{a} * {b} = {a * b}."
     if kind == 3:
         q, d = rng.randint(2, 12), rng.randint(2, 9)
-        return (f"{name} shares {q * d} {obj} equally among {d} friends. How many {obj} does each friend get?"), q
+        text = f"{name} shares {q * d} {obj} equally among {d} friends. How many {obj} does each friend get?"
+        return text, q, f"{q * d} / {d} = {q}."
     if kind == 4:
         (item, items) = rng.choice(_ITEMS)
         a, b = rng.randint(2, 15), rng.randint(2, 9)
-        return f"One {item} costs {a} dollars. How many dollars do {b} {items} cost?", a * b
+        return f"One {item} costs {a} dollars. How many dollars do {b} {items} cost?", a * b, f"{b} * {a} = {a * b}."
     if kind == 5:
         a, b = rng.randint(2, 9), rng.randint(2, 9)
         c = rng.randint(1, min(20, a * b - 1))
-        return (
+        q = (
             f"{name} earns {a} dollars a day for {b} days and then spends {c} dollars. "
             f"How many dollars does {name} have left?"
-        ), a * b - c
+        )
+        return q, a * b - c, f"{a} * {b} = {a * b}, and {a * b} - {c} = {a * b - c}."
     if kind == 6:
         a, b = rng.randint(5, 50), rng.randint(2, 30)
-        return f"{name} is {a} years old. {other} is {b} years older. How old is {other}?", a + b
+        return (
+            f"{name} is {a} years old. {other} is {b} years older. How old is {other}?",
+            a + b,
+            f"{a} + {b} = {a + b}.",
+        )
     a, b = rng.randint(5, 40), rng.randint(2, 30)
     c = rng.randint(1, min(20, a + b - 1))
-    return (
+    q = (
         f"There are {a} {obj} in a basket. {name} adds {b} and {other} takes away {c}. "
         f"How many {obj} are in the basket now?"
-    ), a + b - c
+    )
+    return q, a + b - c, f"{a} + {b} - {c} = {a + b - c}."
 
 
 # --------------------------------------------------------------------------------------------------

@@ -205,6 +205,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    autocast: bool = False  # bf16 autocast on the CPU too (on CUDA always): 2-3x faster where the CPU has AMX
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -215,20 +216,32 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def get_batch(streams: list[torch.Tensor], cfg: TrainConfig, gen: torch.Generator, device) -> tuple:
-    """Random windows; each row picks a stream (domain) uniformly, so every domain gets an equal share."""
-    rows = []
+def get_batch(
+    streams: list[torch.Tensor],
+    cfg: TrainConfig,
+    gen: torch.Generator,
+    device,
+    labels: list[torch.Tensor] | None = None,
+) -> tuple:
+    """Random windows; each row picks a stream (domain) uniformly, so every domain gets an equal share.
+
+    ``labels``: per stream, the targets (-100 where a token is read but not learned); default the stream.
+    """
+    rows, targets = [], []
     which = torch.randint(len(streams), (cfg.batch_size,), generator=gen)
     for i in which.tolist():
         s = streams[i]
         start = int(torch.randint(len(s) - cfg.seq_len - 1, (1,), generator=gen))
         rows.append(s[start : start + cfg.seq_len + 1])
+        targets.append((labels or streams)[i][start + 1 : start + cfg.seq_len + 1])
     batch = torch.stack(rows).to(device)
-    return batch[:, :-1], batch[:, 1:]
+    return batch[:, :-1], torch.stack(targets).to(device)
 
 
-def train(model, streams: list[torch.Tensor], cfg: TrainConfig, seed: int, desc: str) -> float:
-    """Train in place; return the mean loss of the last tenth of the steps."""
+def train(
+    model, streams: list[torch.Tensor], cfg: TrainConfig, seed: int, desc: str, labels: list[torch.Tensor] | None = None
+) -> float:
+    """Train in place; return the mean loss of the last tenth of the steps (``labels``: see :func:`get_batch`)."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -239,7 +252,8 @@ def train(model, streams: list[torch.Tensor], cfg: TrainConfig, seed: int, desc:
         betas=(cfg.beta1, cfg.beta2),
         foreach=True,
     )
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    use_autocast = device.type == "cuda" or cfg.autocast
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
     model.train()
     losses: list[float] = []
     log_every = max(1, cfg.steps // 10)
@@ -248,7 +262,7 @@ def train(model, streams: list[torch.Tensor], cfg: TrainConfig, seed: int, desc:
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x, y = get_batch(streams, cfg, gen, device)
+        x, y = get_batch(streams, cfg, gen, device, labels)
         with autocast:
             logits = model(input_ids=x).logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -30,18 +31,24 @@ class EvalResult:
     ppl_compressed: float
     ppl_ratio: float
     gain_retained: float  # (ppl_base - ppl_compressed) / (ppl_base - ppl_expert): 1.0 is lossless
+    task_score_base: float | None
     task_score_expert: float | None
     task_score_compressed: float | None
+    task_gain_retained: float | None  # the same share for the task score; None without a task or a gain
     bits_per_param: float
     delta_bytes: int
     fp16_delta_bytes: int
-    kl_text_sums: list[float] = field(default_factory=list, repr=False)  # per eval text: KL summed over its tokens
+    compress_seconds: float | None = None
+    device: str | None = None  # where the artifact was compressed
+    # per eval text: KL summed over its tokens, and its token count (what paired intervals resample)
+    kl_text_sums: list[float] = field(default_factory=list, repr=False)
+    kl_text_tokens: list[int] = field(default_factory=list, repr=False)
 
     def to_dict(self, per_text: bool = False) -> dict:
-        """The figures; with ``per_text`` also ``kl_text_sums`` (what the report's paired intervals resample)."""
+        """The figures; with ``per_text`` also the per-text KL sums and token counts."""
         out = dataclasses.asdict(self)
         if not per_text:
-            del out["kl_text_sums"]
+            del out["kl_text_sums"], out["kl_text_tokens"]
         return out
 
 
@@ -69,25 +76,56 @@ class Evaluator:
 
     @cached_property
     def ppl_expert(self) -> float:
-        return perplexity(self.expert, self.tokenizer, self.data.texts, self.max_len)
+        return perplexity(self.expert, self.tokenizer, self.data.texts, self.max_len, score_from=self.data.score_from)
 
     @cached_property
     def task_expert(self) -> float | None:
         return exact_match(self.expert, self.tokenizer, self.data.tasks) if self.data.tasks else None
 
     @cached_property
+    def _base_model(self):
+        return AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=torch.float32).to(self.device).eval()
+
+    @cached_property
     def ppl_base(self) -> float:
-        model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=torch.float32).to(self.device).eval()
-        return perplexity(model, _tokenizer(self.base_dir), self.data.texts, self.max_len)
+        return perplexity(
+            self._base_model, _tokenizer(self.base_dir), self.data.texts, self.max_len, score_from=self.data.score_from
+        )
+
+    @cached_property
+    def task_base(self) -> float | None:
+        return exact_match(self._base_model, _tokenizer(self.base_dir), self.data.tasks) if self.data.tasks else None
+
+    def release_base(self) -> None:
+        """Free the base model once its figures are known."""
+        _ = self.ppl_base, self.task_base
+        self.__dict__.pop("_base_model", None)
+
+    def rounded_to_bf16(self) -> dict:
+        """The full expert with its weights rounded to bf16, scored like an artifact: the error a merged bf16
+        copy of the expert carries before any compression (zero for an expert saved in bf16)."""
+        model = copy.deepcopy(self.expert).to(torch.bfloat16).float()
+        sums, tokens = kl_per_text(
+            self.expert, model, self.tokenizer, self.data.texts, self.max_len, score_from=self.data.score_from
+        )
+        ppl = perplexity(model, self.tokenizer, self.data.texts, self.max_len, score_from=self.data.score_from)
+        return {"kl": float(f"{sum(sums) / max(sum(tokens), 1):.6g}"), "ppl": round(ppl, 4), "kl_text_sums": sums,
+                "kl_text_tokens": tokens}  # fmt: skip
 
     def evaluate(self, artifact: Path) -> EvalResult:
         reader = open_artifact(artifact, self.base, self.base_fingerprint)
         m = reader.manifest
         compressed = load_expert_model(self.base, reader, device=self.device)
-        ppl_c = perplexity(compressed, self.tokenizer, self.data.texts, self.max_len)
-        kl_sums, tokens = kl_per_text(self.expert, compressed, self.tokenizer, self.data.texts, self.max_len)
+        ppl_c = perplexity(compressed, self.tokenizer, self.data.texts, self.max_len, score_from=self.data.score_from)
+        kl_sums, tokens = kl_per_text(
+            self.expert, compressed, self.tokenizer, self.data.texts, self.max_len, score_from=self.data.score_from
+        )
         task_c = exact_match(compressed, self.tokenizer, self.data.tasks) if self.data.tasks else None
+        self.release_base()
         gain = self.ppl_base - self.ppl_expert
+        task_gain = None
+        if task_c is not None and self.task_expert != self.task_base:
+            task_gain = round((task_c - self.task_base) / (self.task_expert - self.task_base), 4)
         return EvalResult(
             name=m.name,
             domain=m.domain,
@@ -100,12 +138,17 @@ class Evaluator:
             ppl_compressed=round(ppl_c, 4),
             ppl_ratio=round(ppl_c / self.ppl_expert, 5),
             gain_retained=round((self.ppl_base - ppl_c) / gain, 4) if abs(gain) > 1e-9 else float("nan"),
+            task_score_base=self.task_base,
             task_score_expert=self.task_expert,
             task_score_compressed=task_c,
+            task_gain_retained=task_gain,
             bits_per_param=m.metrics["bits_per_param"],
             delta_bytes=m.metrics["delta_bytes"],
             fp16_delta_bytes=m.metrics["fp16_delta_bytes"],
+            compress_seconds=m.metrics.get("compress_seconds"),
+            device=m.metrics.get("device"),
             kl_text_sums=[float(f"{v:.6g}") for v in kl_sums],
+            kl_text_tokens=[int(n) for n in tokens],
         )
 
 

@@ -4,63 +4,96 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-TASK_EXACT_MATCH = "arithmetic-exact-match"
+# Task metrics: how a greedy continuation of a prompt is checked against the answer (see task_hit).
+TASK_EXACT_MATCH = "arithmetic-exact-match"  # the continuation starts with the number
+FINAL_NUMBER = "final-number-exact-match"  # the reply's "answer is N", else its last number
+NEXT_LINE = "next-line-exact-match"  # the first non-empty line after the prompt's line, stripped
+MAX_NEW_TOKENS = {TASK_EXACT_MATCH: 12, FINAL_NUMBER: 48, NEXT_LINE: 40}
+
+
+class Task(NamedTuple):
+    prompt: str
+    answer: str
+    metric: str = TASK_EXACT_MATCH
 
 
 @dataclass(frozen=True)
 class EvalData:
-    """Held-out texts, and (prompt, answer) pairs where the domain has an exact-match task."""
+    """Held-out texts, and the tasks where the domain has one (evaluation lines with prompt and answer)."""
 
     texts: list[str]
-    tasks: list[tuple[str, str]]
+    tasks: list[Task]
+    # per text, the character offset where scoring starts (a line's ``score_from``; 0: every token): a chat
+    # expert is scored on its replies, not on the template and user turns it only reads
+    score_from: list[int] | None = None
 
     @classmethod
     def from_jsonl(cls, path: Path, limit: int | None = None) -> EvalData:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: evaluation file not found")
-        texts, tasks = [], []
+        texts, tasks, score_from = [], [], []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
                 texts.append(row["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                score_from.append(int(row.get("score_from", 0)))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field ({e})") from e
             if "prompt" in row and "answer" in row:
-                tasks.append((row["prompt"], str(row["answer"])))
+                metric = row.get("metric", TASK_EXACT_MATCH)
+                if metric not in MAX_NEW_TOKENS:
+                    raise ValueError(f"{path}:{n}: unknown task metric {metric!r}; known: {', '.join(MAX_NEW_TOKENS)}")
+                tasks.append(Task(row["prompt"], str(row["answer"]), metric))
         if limit:
-            texts, tasks = texts[:limit], tasks[:limit]
+            texts, tasks, score_from = texts[:limit], tasks[:limit], score_from[:limit]
         if not texts:
             raise ValueError(f"{path}: no texts")
-        return cls(texts, tasks)
+        return cls(texts, tasks, score_from if any(score_from) else None)
 
 
-def _batches(tokenizer, texts: Sequence[str], max_len: int, batch_size: int, device):
+def _batches(tokenizer, texts: Sequence[str], max_len: int, batch_size: int, device, score_from=None):
+    """(ids, attention mask, mask of the scored tokens) per batch; a token is scored when it starts at or
+    after its text's ``score_from`` character (every real token without ``score_from``)."""
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(
-            list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True, max_length=max_len
+            list(texts[i : i + batch_size]),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_len,
+            return_offsets_mapping=score_from is not None,
         )
-        yield enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        mask = enc["attention_mask"]
+        scored = mask
+        if score_from is not None:
+            start = torch.tensor(score_from[i : i + batch_size]).unsqueeze(1)
+            scored = mask * (enc["offset_mapping"][..., 0] >= start)
+        yield enc["input_ids"].to(device), mask.to(device), scored.to(device)
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, texts: Sequence[str], max_len: int = 256, batch_size: int = 8) -> float:
-    """Token-level perplexity over the texts (padding excluded)."""
+def perplexity(
+    model, tokenizer, texts: Sequence[str], max_len: int = 256, batch_size: int = 8, score_from=None
+) -> float:
+    """Token-level perplexity over the texts' scored tokens (padding excluded; see :func:`_batches`)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for ids, mask in _batches(tokenizer, texts, max_len, batch_size, device):
+    for ids, mask, scored in _batches(tokenizer, texts, max_len, batch_size, device, score_from):
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         target = ids[:, 1:]
-        valid = mask[:, 1:].bool()
+        valid = scored[:, 1:].bool()
         nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
         total += float(nll[valid].sum())
         count += int(valid.sum())
@@ -69,20 +102,21 @@ def perplexity(model, tokenizer, texts: Sequence[str], max_len: int = 256, batch
 
 @torch.no_grad()
 def kl_per_text(
-    reference, candidate, tokenizer, texts: Sequence[str], max_len: int = 256, batch_size: int = 8
+    reference, candidate, tokenizer, texts: Sequence[str], max_len: int = 256, batch_size: int = 8, score_from=None
 ) -> tuple[list[float], list[int]]:
-    """Per text, KL(reference || candidate) of the next-token distributions summed over its tokens, and
-    its token count: the mean KL is ``sum(sums) / sum(counts)``; the per-text sums are what a paired
+    """Per text, KL(reference || candidate) of the distributions that predict its scored tokens, summed,
+    and their count: the mean KL is ``sum(sums) / sum(counts)``; the per-text sums are what a paired
     comparison of two candidates resamples (:func:`paired_ratio_ci`)."""
     device = next(reference.parameters()).device
     sums: list[float] = []
     counts: list[int] = []
-    for ids, mask in _batches(tokenizer, texts, max_len, batch_size, device):
-        p = F.log_softmax(reference(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        q = F.log_softmax(candidate(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        kl = (p.exp() * (p - q)).sum(-1) * mask
+    for ids, mask, scored in _batches(tokenizer, texts, max_len, batch_size, device, score_from):
+        p = F.log_softmax(reference(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        q = F.log_softmax(candidate(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        valid = scored[:, 1:]
+        kl = (p.exp() * (p - q)).sum(-1) * valid
         sums += kl.sum(-1).double().tolist()
-        counts += mask.sum(-1).tolist()
+        counts += valid.sum(-1).tolist()
     return sums, counts
 
 
@@ -105,22 +139,43 @@ def paired_ratio_ci(
     return float(x.sum() / y.sum().clamp_min(1e-300)), lo, hi
 
 
+def task_hit(metric: str, continuation: str, answer: str) -> bool:
+    """Whether a greedy ``continuation`` of a task's prompt gives ``answer`` under ``metric``."""
+    if metric == NEXT_LINE:  # the prompt ends at the end of a line: the first non-empty line that follows
+        lines = continuation.split("\n")[1:]
+        return next((line for line in lines if line.strip()), "").strip() == answer.strip()
+    if metric == FINAL_NUMBER:
+        stated = re.search(r"answer is\s*\$?(-?\d+)", continuation)
+        numbers = re.findall(r"-?\d+", continuation)
+        got = stated.group(1) if stated else (numbers[-1] if numbers else None)
+        return got == answer
+    if metric == TASK_EXACT_MATCH:
+        return continuation.startswith(answer) and not continuation[len(answer) : len(answer) + 1].isdigit()
+    raise ValueError(f"unknown task metric {metric!r}")
+
+
 @torch.no_grad()
-def exact_match(model, tokenizer, tasks: Sequence[tuple[str, str]], max_new_tokens: int = 12) -> float:
-    """Fraction of prompts whose greedy continuation starts with the exact answer (then a non-digit)."""
+def exact_match(model, tokenizer, tasks: Sequence[Task | tuple[str, str]], batch_size: int = 64) -> float:
+    """Fraction of tasks whose greedy continuation hits the answer (:func:`task_hit`).
+
+    Prompts of one metric are generated together, left-padded, ``batch_size`` at a time.
+    """
     if not tasks:
         raise ValueError("no (prompt, answer) pairs to score")
+    tasks = [Task(*t) for t in tasks]
     device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     hits = 0
-    for prompt, answer in tasks:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
-        out = model.generate(
-            ids,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-        )
-        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        rest = text[len(answer) :]
-        hits += text.startswith(answer) and not (rest[:1].isdigit())
+    try:
+        for metric in sorted({t.metric for t in tasks}):
+            group = [t for t in tasks if t.metric == metric]
+            for i in range(0, len(group), batch_size):
+                chunk = group[i : i + batch_size]
+                enc = tokenizer([t.prompt for t in chunk], return_tensors="pt", padding=True).to(device)
+                out = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS[metric], do_sample=False, pad_token_id=pad)
+                texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                hits += sum(task_hit(metric, text, t.answer) for text, t in zip(texts, chunk, strict=True))
+    finally:
+        tokenizer.padding_side = side
     return hits / len(tasks)

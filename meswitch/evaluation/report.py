@@ -6,11 +6,14 @@ comparison differs only in the method. This is the paper's Figure 4 for our fami
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
 import json
 import logging
 import math
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -19,15 +22,23 @@ from pathlib import Path
 
 import torch
 
-from meswitch.checkpoints import Checkpoint, check_expert
+from meswitch.checkpoints import Checkpoint, check_expert, config_dtype
 from meswitch.compression.calibration import CalibConfig, calibrate, read_texts, resolve_device
 from meswitch.compression.delta import DeltaConfig
+from meswitch.compression.distill import DistillConfig, distill_artifact
 from meswitch.compression.expert import ExpertInfo, compress_expert
 from meswitch.evaluation.evaluate import EvalResult, Evaluator
 from meswitch.evaluation.metrics import EvalData, paired_ratio_ci
 from meswitch.expert_card import load_card
 
 log = logging.getLogger(__name__)
+
+
+# Report methods beyond the compression methods: fixed precision given meswitch's bytes through smaller groups
+# (the equal-bytes comparison), and BitDelta with its scale distillation.
+EQUAL_BYTES = "fixed-eqbytes"
+BITDELTA_DISTILLED = "bitdelta-distilled"
+REPORT_METHODS = ("meswitch", "fixed", EQUAL_BYTES, "magnitude", "bitdelta", BITDELTA_DISTILLED)
 
 
 @dataclass(frozen=True)
@@ -39,17 +50,46 @@ class ReportConfig:
     limit: int = 200  # evaluation texts per expert: enough for the paired intervals to separate 1-2% differences
     device: str = "auto"
     calib: CalibConfig = field(default_factory=CalibConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    experts: tuple[str, ...] = ()  # expert folder names to report on; empty: every expert of the family
+
+    def __post_init__(self) -> None:
+        unknown = set(self.methods) - set(REPORT_METHODS)
+        if unknown:
+            raise ValueError(f"unknown report methods {sorted(unknown)}; known: {', '.join(REPORT_METHODS)}")
 
 
-def variants(cfg: ReportConfig) -> list[DeltaConfig]:
+def equal_bytes_group(in_features: list[int], salient: float) -> int:
+    """The group size that gives fixed precision about the bytes of ``salient`` fp16 input channels.
+
+    A salient channel costs 16 bits per output row, ``16 · salient`` bits per parameter; a group costs its
+    fp16 step size and offset, 32 bits per ``g`` parameters. Of the group sizes that divide every
+    matrix's input dimension, the one whose ``32 / g`` is nearest ``16 · salient``.
+    """
+    if not 0 < salient < 1:
+        raise ValueError(f"equal-bytes groups need a salient fraction in (0, 1), got {salient}")
+    common = math.gcd(*in_features)
+    sizes = [g for g in range(8, common + 1) if common % g == 0]
+    if not sizes:
+        raise ValueError(f"the input dimensions {sorted(set(in_features))} share no group size of 8 or more")
+    return min(sizes, key=lambda g: abs(32 / g - 16 * salient))
+
+
+def variants(cfg: ReportConfig, in_features: list[int] | None = None) -> list[tuple[str, DeltaConfig]]:
+    """(report method, compression config) pairs; ``in_features`` (every quantized matrix's K) sizes the
+    equal-bytes groups."""
     out = []
     for method in cfg.methods:
-        if method == "bitdelta":
-            out.append(DeltaConfig(method="bitdelta", bits=1, salient=0))
+        if method in ("bitdelta", BITDELTA_DISTILLED):
+            out.append((method, DeltaConfig(method="bitdelta", bits=1, salient=0)))
             continue
         for bits in cfg.bits:
+            if method == EQUAL_BYTES:
+                group = equal_bytes_group(in_features or [], cfg.salient)
+                out.append((method, DeltaConfig(method="fixed", bits=bits, salient=0, group_size=group)))
+                continue
             salient = 0 if method == "fixed" else cfg.salient
-            out.append(DeltaConfig(method=method, bits=bits, salient=salient, allocation=cfg.allocation))
+            out.append((method, DeltaConfig(method=method, bits=bits, salient=salient, allocation=cfg.allocation)))
     return out
 
 
@@ -60,53 +100,149 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
     base_dir = family / "base"
     base = Checkpoint(base_dir)
     expert_dirs = sorted(p for p in (family / "experts").iterdir() if p.is_dir())
+    if cfg.experts:
+        unknown = set(cfg.experts) - {p.name for p in expert_dirs}
+        if unknown:
+            raise FileNotFoundError(f"{family / 'experts'}: no expert folders named {sorted(unknown)}")
+        expert_dirs = [p for p in expert_dirs if p.name in cfg.experts]
     if not expert_dirs:
         raise FileNotFoundError(f"{family / 'experts'}: no expert folders")
     rows: list[dict] = []
+    references: dict[str, dict] = {}
     t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    in_features = [int(k) for k in _in_features(base)]
+    settings = json.dumps(dataclasses.asdict(cfg) | {"experts": None}, sort_keys=True)
     for expert_dir in expert_dirs:
         card = load_card(expert_dir)
+        part = out / "parts" / f"{expert_dir.name}.json"
+        if part.is_file() and (done := json.loads(part.read_text()))["settings"] == settings:
+            log.info("%s: reported already (%s); kept", card.name, part)
+            rows += done["rows"]
+            references[card.name] = done["reference"]
+            continue
         expert = Checkpoint(expert_dir)
         pairing = check_expert(base, expert)
-        stats = calibrate(expert, read_texts(card.calibration_path), cfg.calib, device)
+        texts = read_texts(card.calibration_path)
+        t = time.perf_counter()
+        stats = calibrate(expert, texts, cfg.calib, device)
+        calib_seconds = time.perf_counter() - t
         evaluator = Evaluator(base_dir, expert_dir, EvalData.from_jsonl(card.evaluation_path, cfg.limit), device)
-        for variant in variants(cfg):
+        ref = evaluator.rounded_to_bf16()
+        references[card.name] = {
+            "expert_dtype": str(config_dtype(expert.config)).removeprefix("torch."),
+            "bf16_rounded_kl": ref["kl"],
+            "bf16_rounded_kl_ci": _mean_ci(ref["kl_text_sums"], ref["kl_text_tokens"]),
+            "calibration_seconds": round(calib_seconds, 2),
+        }
+        mine: list[dict] = []
+        for method, variant in variants(cfg, in_features):
             with tempfile.TemporaryDirectory() as tmp:
                 art = Path(tmp) / "artifact"
                 use_stats = None if variant.method == "bitdelta" else stats
                 info = ExpertInfo(card.name, card.domain, card.description)
-                compress_expert(base, expert, pairing, use_stats, variant, art, info, device)
+                with _peak_memory(device) as peak:
+                    compress_expert(base, expert, pairing, use_stats, variant, art, info, device)
+                    if method == BITDELTA_DISTILLED:
+                        distill_artifact(base, expert_dir, art, art, texts, cfg.distill, device)
                 result: EvalResult = evaluator.evaluate(art)
-            rows.append(result.to_dict(per_text=True))
+            mine.append(_row(result, method, peak["mb"]))
             log.info(
-                "%s %s %d-bit: %.3f bpp, KL %.4f",
-                card.name,
-                variant.method,
-                result.bits,
-                result.bits_per_param,
-                result.kl,
+                "%s %s %d-bit: %.3f bpp, KL %.4f", card.name, method, result.bits, result.bits_per_param, result.kl
             )
-    out.mkdir(parents=True, exist_ok=True)
+        # each expert's rows are kept as they are finished: a stopped report run again redoes only the rest
+        part.parent.mkdir(parents=True, exist_ok=True)
+        part.write_text(json.dumps({"settings": settings, "rows": mine, "reference": references[card.name]}))
+        rows += mine
     meta = {
         "family": str(family),
+        **_base_record(family, base_dir),
         "date": time.strftime("%Y-%m-%d"),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "command": " ".join(["meswitch", *sys.argv[1:]]) if sys.argv and "meswitch" in sys.argv[0] else None,
         "salient": cfg.salient,
         "allocation": cfg.allocation,
+        "equal_bytes_group": equal_bytes_group(in_features, cfg.salient) if EQUAL_BYTES in cfg.methods else None,
         "calibration": {"samples": cfg.calib.samples, "seq_len": cfg.calib.seq_len},
+        "distillation": dataclasses.asdict(cfg.distill) if BITDELTA_DISTILLED in cfg.methods else None,
         "eval_texts_per_expert": cfg.limit,
+        "references": references,
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     checks = claims(rows, cfg.bits[0]) if {"meswitch", "fixed", "magnitude"} <= set(cfg.methods) else {}
+    goals = targets(rows) if "meswitch" in cfg.methods else {}
     report_json = out / "report.json"
-    report_json.write_text(json.dumps({**meta, "claims": checks, "rows": rows}, indent=2) + "\n")
+    report_json.write_text(json.dumps({**meta, "claims": checks, "targets": goals, "rows": rows}, indent=2) + "\n")
     report_md = out / "report.md"
-    report_md.write_text(markdown_table(rows) + (claims_markdown(checks) if checks else ""))
+    report_md.write_text(
+        markdown_table(rows, references) + (claims_markdown(checks) if checks else "") + targets_markdown(goals)
+    )
     plot = out / "quality_vs_size.png"
     plot_quality_vs_size(rows, plot)
     return [report_md, report_json, plot]
+
+
+def _in_features(base: Checkpoint) -> list[int]:
+    """Every quantized matrix's input dimension (the base's shapes; the tied embedding counts once)."""
+    from meswitch.compression.expert import is_quantized
+
+    return [base.shape(n)[-1] for n in base.keys() if is_quantized(base, n)]
+
+
+def _base_record(family: Path, base_dir: Path) -> dict:
+    """The base's name and where it came from (family.json or the base's source.json)."""
+    record = {}
+    family_json = family / "family.json"
+    if family_json.is_file():
+        info = json.loads(family_json.read_text(encoding="utf-8")).get("base", {})
+        record = {"base": info.get("name", "base"), "base_source": info.get("source")}
+    source = base_dir / "source.json"
+    if not record.get("base_source") and source.is_file():
+        data = json.loads(source.read_text(encoding="utf-8"))
+        record = {"base": data.get("name", "base"), "base_source": data}
+    return record or {"base": base_dir.name, "base_source": None}
+
+
+@contextlib.contextmanager
+def _peak_memory(device: torch.device):
+    """``{"mb": ...}`` filled on exit: the GPU's peak allocation inside the block, or on the CPU the process's
+    peak resident set so far (the OS keeps no per-block peak)."""
+    peak: dict = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield peak
+    finally:
+        if device.type == "cuda":
+            peak["mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        else:
+            peak["mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _mean_ci(sums: list[float], tokens: list[int], resamples: int = 2000, seed: int = 0) -> list[float] | None:
+    """95% bootstrap interval of the mean KL per token, resampling the texts."""
+    if not sums or len(sums) != len(tokens):
+        return None
+    x, n = torch.tensor(sums, dtype=torch.float64), torch.tensor(tokens, dtype=torch.float64)
+    idx = torch.randint(0, len(sums), (resamples, len(sums)), generator=torch.Generator().manual_seed(seed))
+    means = x[idx].sum(1) / n[idx].sum(1).clamp_min(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [float(f"{lo:.6g}"), float(f"{hi:.6g}")]
+
+
+def _row(result: EvalResult, method: str, peak_mb: float) -> dict:
+    """A report row: the evaluation's figures under the names the report's readers use, per-text sums kept."""
+    row = result.to_dict(per_text=True)
+    return {
+        "expert": result.name,
+        **row,
+        "method": method,
+        "kl_ci": _mean_ci(result.kl_text_sums, result.kl_text_tokens),
+        "gain_kept_ppl": result.gain_retained,
+        "gain_kept_task": result.task_gain_retained,
+        "peak_memory_mb": peak_mb,
+    }
 
 
 # A point of a quality-against-size curve: bits per parameter, the figure, and for KL the per-text sums
@@ -201,6 +337,81 @@ def claims(rows: list[dict], bits: int) -> dict:
     return {"bits": bits, "experts": per_expert, "all": {k: all(e[k] for e in per_expert.values()) for k in keys}}
 
 
+# Issue 11's targets on a real family: quality kept near 2 and near 1 bit per parameter.
+TARGET_2BIT = {"max_bits": 2.3, "min_gain_kept": 0.995}
+TARGET_1BIT = {"max_bits": 1.1, "min_gain_kept": 0.97}
+
+
+def targets(rows: list[dict]) -> dict:
+    """Per expert: the best meswitch row within each size budget and whether it keeps the gain it must (in
+    perplexity, and in task score where there is one), against fixed precision at equal bytes and magnitude
+    selection (KL ratio with its paired interval: a win needs the whole interval below 1), and at the 1-bit
+    budget against BitDelta (distilled when measured)."""
+    out = {}
+    for name in sorted({r["name"] for r in rows}):
+        mine = [r for r in rows if r["name"] == name]
+        by = {(r["method"], r["bits"]): r for r in mine}
+        e = {}
+        for label, goal in (("2bit", TARGET_2BIT), ("1bit", TARGET_1BIT)):
+            fits = [r for r in mine if r["method"] == "meswitch" and r["bits_per_param"] <= goal["max_bits"]]
+            if not fits:
+                e[label] = {"meswitch_row": None, "met": False, "why": f"no meswitch row at <= {goal['max_bits']} bits"}
+                continue
+            best = min(fits, key=lambda r: r["kl"])
+            kept = [best.get("gain_kept_ppl")] + (
+                [best["gain_kept_task"]] if best.get("gain_kept_task") is not None else []
+            )
+            t = {
+                "bits": best["bits"],
+                "bits_per_param": best["bits_per_param"],
+                "kl": best["kl"],
+                "gain_kept_ppl": best.get("gain_kept_ppl"),
+                "gain_kept_task": best.get("gain_kept_task"),
+                "gain_met": all(k is not None and k >= goal["min_gain_kept"] for k in kept),
+            }
+            rivals = (EQUAL_BYTES, "magnitude") if label == "2bit" else (BITDELTA_DISTILLED, "bitdelta")
+            for rival in rivals:
+                other = by.get((rival, best["bits"])) or by.get((rival, 1))
+                if other is None:
+                    continue
+                ci = _ratio_ci(best.get("kl_text_sums"), other.get("kl_text_sums"))
+                t[f"vs_{rival}"] = {"bits_per_param": other["bits_per_param"], "kl": other["kl"], **(ci or {}),
+                                    "won": bool(ci) and ci["ci95"][1] < 1}  # fmt: skip
+                if label == "1bit":
+                    break  # the distilled BitDelta when measured, else the plain one
+            t["met"] = t["gain_met"] and all(v["won"] for k, v in t.items() if k.startswith("vs_"))
+            e[label] = t
+        out[name] = e
+    return out
+
+
+def targets_markdown(goals: dict) -> str:
+    if not goals:
+        return ""
+    lines = [
+        "\n**Targets** (best meswitch row within the budget; gain kept in perplexity / task; KL against each rival "
+        "with its 95% paired interval):\n",
+        "| expert | budget | meswitch bits/param | KL | gain kept ppl / task | against | met |",
+        "|---|---|---:|---:|---|---|---|",
+    ]
+    for name, e in goals.items():
+        for label, goal in (("2bit", TARGET_2BIT), ("1bit", TARGET_1BIT)):
+            t = e[label]
+            if t.get("bits_per_param") is None:
+                lines.append(f"| {name} | <= {goal['max_bits']} | - | - | - | {t.get('why', '')} | NO |")
+                continue
+            task = "-" if t["gain_kept_task"] is None else f"{t['gain_kept_task']:.3f}"
+            rivals = "; ".join(
+                f"{k[3:]} {_change(v) if 'ratio' in v else '-'}" for k, v in t.items() if k.startswith("vs_")
+            )
+            budget = f"<= {goal['max_bits']} bits, >= {100 * goal['min_gain_kept']:.1f}%"
+            lines.append(
+                f"| {name} | {budget} | {t['bits_per_param']:.3f} | {t['kl']:.5f} | {t['gain_kept_ppl']:.4f} / {task} "
+                f"| {rivals} | {'yes' if t['met'] else 'NO'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _change(r: dict | None) -> str:
     """A KL ratio as a signed percentage with its interval: -7.0% [-9.1, -4.8]."""
     if r is None:
@@ -243,20 +454,24 @@ def claims_markdown(checks: dict) -> str:
     return "\n".join(lines) + f"\n\nAll experts: {verdict}" + curve_text + "\n"
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], references: dict | None = None) -> str:
     head = (
         "| expert | method | bits | bits/param | delta MB | x smaller than fp16 | KL | ppl ratio | gain kept | task |\n"
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
-    lines = []
+    lines = [
+        f"| {name} | expert rounded to bf16 (reference) | 16 | - | - | - | {ref['bf16_rounded_kl']:.5f} | - | - | - |"
+        for name, ref in (references or {}).items()
+    ]
     for r in rows:
         task = "-" if r["task_score_compressed"] is None else f"{r['task_score_compressed']:.2f}"
         if r["task_score_expert"] is not None:
             task += f" / {r['task_score_expert']:.2f}"
+        gain = "-" if r["gain_retained"] != r["gain_retained"] else f"{r['gain_retained']:.3f}"
         lines.append(
             f"| {r['name']} | {r['method']} | {r['bits']} | {r['bits_per_param']:.3f} | "
             f"{r['delta_bytes'] / 1e6:.3f} | {r['fp16_delta_bytes'] / r['delta_bytes']:.1f} | {r['kl']:.4f} | "
-            f"{r['ppl_ratio']:.4f} | {r['gain_retained']:.3f} | {task} |"
+            f"{r['ppl_ratio']:.4f} | {gain} | {task} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -276,7 +491,8 @@ def plot_quality_vs_size(rows: list[dict], path: Path) -> None:
     cols = min(len(experts), 4)
     nrows = math.ceil(len(experts) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.6 * nrows), squeeze=False)
-    styles = {"meswitch": "o-", "fixed": "s--", "magnitude": "^:", "bitdelta": "D"}
+    styles = {"meswitch": "o-", "fixed": "s--", EQUAL_BYTES: "s-.", "magnitude": "^:", "bitdelta": "D",
+              BITDELTA_DISTILLED: "P"}  # fmt: skip
     for ax, name in zip(axes.flat, experts, strict=False):
         for method in styles:
             pts = sorted(
