@@ -45,7 +45,7 @@ for step in $steps; do
       python3 -m pip install -q --no-index --no-deps --no-compile --target "$STAGE/site" "$whl" .whl/*.whl &&
       mkdir -p "$STAGE/corpora" && tar xzf .gpu/c/corpora.tgz -C "$STAGE/corpora" || { status=1; break; }
       export PYTHONPATH=$PYTHONPATH:$STAGE/site MESWITCH_CACHE=$STAGE/corpora ;;
-    smol|smol-long) timeout 560 python3 -m meswitch demo-family --size "$step" --out "/tmp/meswitch-$step" 2>&1 |
+    smol|smol-long) timeout 540 python3 -m meswitch demo-family --size "$step" --out "/tmp/meswitch-$step" 2>&1 |
         grep -v "it/s\]$" | tail -n 30
       cp "/tmp/meswitch-$step/family.json" "$OUT/family-$step.json" 2>/dev/null ;;
     report-long|report-smol) fam=/tmp/meswitch-smol; [ "$step" = report-long ] && fam=/tmp/meswitch-smol-long

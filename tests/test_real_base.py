@@ -141,3 +141,32 @@ def test_evaluation_keeps_the_delta_in_fp32(smol_base: Path, math_expert: Path, 
     kl8 = evaluator.evaluate(art).kl
     rounded = evaluator.rounded_to_bf16()["kl"]
     assert kl8 < 0.25 * rounded, (kl8, rounded)  # 8-bit delta kept apart: far closer than a bf16-rounded copy
+
+
+def test_vocabulary_extended_expert_goes_through_the_same_path(smol_base: Path, tmp_path: Path):
+    """Added tokens on a tied embedding: the rows are kept whole, and the expert's perplexity is per character."""
+    from meswitch.demo.chat_family import extend_vocabulary
+
+    tok = AutoTokenizer.from_pretrained(smol_base)
+    data = split_domain(load_corpus("chinese"), _Split, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(smol_base, dtype=torch.float32)
+    ext = extend_vocabulary(model, tok, [d["text"] for d in data.train], 16)
+    assert len(ext) == len(tok) + 16 and model.config.vocab_size == len(ext)
+    assert model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    poem = data.eval[0]["text"]
+    assert len(ext(poem)["input_ids"]) < len(tok(poem)["input_ids"])  # the added characters are single tokens now
+    stream, labels = _chat_stream(ext, data, 4 * 4 * 129)
+    train(model, [stream], TrainConfig(4, 4, 128, 1e-4, 1, weight_decay=0.0, autocast=True), 1, "zh", [labels])
+    folder = tmp_path / "chinese-vocab"
+    model.save_pretrained(folder, safe_serialization=True)
+    ext.save_pretrained(folder)
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(tok, data, data.eval[:6])))
+    base, expert = Checkpoint(smol_base), Checkpoint(folder)
+    art = tmp_path / "art"
+    manifest = compress_expert(
+        base, expert, check_expert(base, expert), None, DeltaConfig(method="fixed", bits=4, salient=0), art,
+        ExpertInfo("chinese-vocab", "chinese"), "cpu",
+    )  # fmt: skip
+    assert manifest.tensors["model.embed_tokens.weight"]["extra_rows"] == 16
+    result = Evaluator(smol_base, folder, EvalData.from_jsonl(folder / "eval.jsonl"), "cpu").evaluate(art)
+    assert result.ppl_unit == "char" and result.kl < 0.05 and 0.9 < result.ppl_ratio < 1.1

@@ -18,6 +18,7 @@ import copy
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -67,6 +68,10 @@ class ChatFamilySpec:
     math_problems: int
     bf16_experts: tuple[str, ...]  # domains whose expert is saved in bf16 (the others in fp32)
     domains: tuple[str, ...] = DOMAINS
+    # The vocabulary-extended expert (extra/<VOCAB_EXPERT>/): this domain's expert with this many tokens added
+    # (its most frequent characters that the base splits into several tokens), embeddings tied as the base's.
+    vocab_domain: str | None = "chinese"
+    added_tokens: int = 64
     device: str = "auto"
     threads: int = 0
 
@@ -115,16 +120,24 @@ CHAT_SIZES: dict[str, ChatFamilySpec] = {
 }
 
 PPL_TARGET = 0.15  # an expert must lower its own domain's perplexity by at least this much
+VOCAB_EXPERT = "chinese-vocab"
 
 
-def build_chat_family(out: Path, size: str = "smol", seed: int = 0, threads: int | None = None) -> Path:
-    """Build (or finish, or find built) the real family at ``out``; returns ``out``."""
-    if size not in CHAT_SIZES:
+def build_chat_family(
+    out: Path, size: str | ChatFamilySpec = "smol", seed: int = 0, threads: int | None = None
+) -> Path:
+    """Build (or finish, or find built) the real family at ``out``; returns ``out``.
+
+    ``size``: a name of :data:`CHAT_SIZES`, or a spec of one's own.
+    """
+    if isinstance(size, str) and size not in CHAT_SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(CHAT_SIZES)}")
-    spec = CHAT_SIZES[size] if threads is None else replace(CHAT_SIZES[size], threads=threads)
+    spec = CHAT_SIZES[size] if isinstance(size, str) else size
+    spec = spec if threads is None else replace(spec, threads=threads)
+    size = spec.size
     out = Path(out).expanduser().resolve()
     record = {"format": FORMAT_VERSION, "size": size, "seed": seed}
-    build_json = out / "build.json"
+    build_json = out / "build.json"  # what is being built here: a stopped build with the same record resumes
     for path in (out / "family.json", build_json):
         if path.is_file():
             have = json.loads(path.read_text(encoding="utf-8"))
@@ -133,18 +146,18 @@ def build_chat_family(out: Path, size: str = "smol", seed: int = 0, threads: int
                     f"{out} holds a family of size {have.get('size')!r} seed {have.get('seed')}, not {size!r} "
                     f"seed {seed}; choose another --out or remove it"
                 )
-            if path.name == "family.json":
+            if path.name == "family.json" and (not spec.vocab_domain or VOCAB_EXPERT in have.get("extra", {})):
                 log.info("%s: family (size %s, seed %d) already built; nothing to do", out, size, seed)
                 return out
             break
     else:
-        if out.exists() and any(out.iterdir()):
+        # a base written there already (``meswitch base smollm2 --out OUT/base``) is used, anything else refused
+        if out.exists() and {p.name for p in out.iterdir()} - {"base"}:
             raise FileExistsError(f"{out} exists, is not empty and has no family.json; choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         _write_json(build_json, record)
     with _threads(spec):
         _build(out, spec, seed)
-    build_json.unlink()
     log.info("family written to %s", out)
     return out
 
@@ -169,25 +182,31 @@ def _build(root: Path, spec: ChatFamilySpec, seed: int) -> None:
     walls["data"] = time.perf_counter() - t
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
+    plan = [(d, d, root / "experts" / d) for d in spec.domains]  # (name, domain, folder)
+    if spec.vocab_domain:
+        plan.append((VOCAB_EXPERT, spec.vocab_domain, root / "extra" / VOCAB_EXPERT))
     experts: dict[str, dict] = {}
     t = time.perf_counter()
-    for i, d in enumerate(spec.domains):
-        folder = root / "experts" / d
+    for i, (name, d, folder) in enumerate(plan):
         if (folder / TRAIN_JSON).is_file():
-            experts[d] = json.loads((folder / TRAIN_JSON).read_text(encoding="utf-8"))
-            log.info("expert %s: already trained; kept", d)
+            experts[name] = json.loads((folder / TRAIN_JSON).read_text(encoding="utf-8"))
+            log.info("expert %s: already trained; kept", name)
             continue
-        stream, labels = _chat_stream(tokenizer, data[d], 4 * spec.batch_size * (spec.seq_len + 1))
-        model, info = _fine_tune(base, stream, labels, spec, d, seed + 1 + i)
-        _save_expert(model, tokenizer, folder, data[d], info, spec.dtype_of(d))
-        experts[d] = info
+        model, tok = copy.deepcopy(base), tokenizer
+        if name == VOCAB_EXPERT:
+            tok = extend_vocabulary(model, tokenizer, [doc["text"] for doc in data[d].train], spec.added_tokens)
+        stream, labels = _chat_stream(tok, data[d], 4 * spec.batch_size * (spec.seq_len + 1))
+        info = _fine_tune(model, stream, labels, spec, d, seed + 1 + i)
+        info["added_tokens"] = len(tok) - len(tokenizer)
+        _save_expert(model, tok, folder, name, data[d], info, spec.dtype_of(d))
+        experts[name] = info
         del model
     walls["experts"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    scores = _evaluate(root, base, tokenizer, data, spec, device)
-    for d, info in experts.items():
-        info.update(scores["experts"][d])
+    scores = _evaluate(base, tokenizer, data, spec, device, plan)
+    for name, info in experts.items():
+        info.update(scores["experts"][name])
     walls["evaluation"] = time.perf_counter() - t
     source = json.loads((base_dir / SOURCE_JSON).read_text(encoding="utf-8"))
     family = {
@@ -202,7 +221,7 @@ def _build(root: Path, spec: ChatFamilySpec, seed: int) -> None:
         "domains": list(spec.domains),
         "base": {"path": "base", "name": BASE_NAME, "source": source, "perplexity": scores["base"]},
         "experts": {d: {**experts[d], "path": f"experts/{d}"} for d in spec.domains},
-        "extra": {},
+        "extra": {n: {**experts[n], "path": str(f.relative_to(root))} for n, _, f in plan if n not in spec.domains},
         "targets": {
             "ppl_reduction_at_least": PPL_TARGET,
             "task_above_base": True,
@@ -232,15 +251,15 @@ def _chat_stream(tokenizer, data: DomainData, min_len: int) -> tuple[torch.Tenso
     return torch.tensor(ids * reps, dtype=torch.long), torch.tensor(labels * reps, dtype=torch.long)
 
 
-def _fine_tune(base, stream: torch.Tensor, labels: torch.Tensor, spec: ChatFamilySpec, domain: str, seed: int):
-    """Every weight of a copy of the base, on one domain's conversations (fp32 weights, bf16 autocast)."""
-    model = copy.deepcopy(base)
+def _fine_tune(model, stream: torch.Tensor, labels: torch.Tensor, spec: ChatFamilySpec, domain: str, seed: int):
+    """Every weight of ``model`` (a copy of the base), on one domain's conversations (fp32 weights, bf16
+    autocast); returns the training record."""
     cfg = TrainConfig(
         spec.expert_steps, spec.batch_size, spec.seq_len, spec.lr, spec.warmup_steps, weight_decay=0.0, autocast=True
     )
     t = time.perf_counter()
     loss = train(model, [stream], cfg, seed, f"expert {domain}", labels=[labels])
-    info = {
+    return {
         "domain": domain,
         "train_loss": loss,
         "steps": cfg.steps,
@@ -251,7 +270,23 @@ def _fine_tune(base, stream: torch.Tensor, labels: torch.Tensor, spec: ChatFamil
         "dtype": str(spec.dtype_of(domain)).removeprefix("torch."),
         "task": chat.CHAT_TASKS.get(domain),
     }
-    return model, info
+
+
+def extend_vocabulary(model, tokenizer, texts: list[str], count: int):
+    """A copy of ``tokenizer`` with ``count`` tokens added (the texts' most frequent characters that it splits
+    into several tokens), and ``model`` grown to match, each new row the mean of its pieces' rows (the
+    embedding is tied to the LM head, so both grow)."""
+    freq = Counter(ch for t in texts for ch in t if not ch.isspace())
+    pieces = {ch: tokenizer(ch, add_special_tokens=False)["input_ids"] for ch, _ in freq.most_common(20 * count)}
+    new = [ch for ch, ids in pieces.items() if len(ids) > 1][:count]
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens(new)
+    emb = model.get_input_embeddings().weight
+    rows = torch.stack([emb[pieces[ch]].mean(0) for ch in new]).detach()
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[-len(new) :] = rows
+    return tok
 
 
 def _rows(tokenizer, d: DomainData, docs: list) -> list[dict]:
@@ -270,16 +305,16 @@ def _write_data(root: Path, d: DomainData, tokenizer) -> None:
         _write_jsonl(folder / f"{split}.jsonl", _rows(tokenizer, d, docs))
 
 
-def _save_expert(model, tokenizer, folder: Path, data: DomainData, info: dict, dtype: torch.dtype) -> None:
+def _save_expert(model, tokenizer, folder: Path, name: str, data: DomainData, info: dict, dtype: torch.dtype) -> None:
     """The expert as an inbox folder (weights in ``dtype``, tokenizer, expert.yaml, calib and eval data)."""
     with staging_dir(folder) as tmp:
         model.to(dtype).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        data_dir = folder.parent.parent / "data" / data.domain  # <family>/experts/<domain> -> <family>/data/<domain>
+        data_dir = folder.parent.parent / "data" / data.domain  # <family>/experts/<name> -> <family>/data/<domain>
         for split in ("calib", "eval"):
             (tmp / f"{split}.jsonl").write_bytes((data_dir / f"{split}.jsonl").read_bytes())
         card = {
-            "name": data.domain,
+            "name": name,
             "domain": data.domain,
             "description": DESCRIPTIONS[data.domain],
             "examples": data.routing_train[:12],
@@ -294,24 +329,28 @@ def _save_expert(model, tokenizer, folder: Path, data: DomainData, info: dict, d
 
 
 @torch.no_grad()
-def _evaluate(root: Path, base, tokenizer, data: dict[str, DomainData], spec: ChatFamilySpec, device) -> dict:
-    """Base and expert on each expert's held-out conversations: perplexity, and the task where there is one."""
-    from transformers import AutoModelForCausalLM
+def _evaluate(base, tokenizer, data: dict[str, DomainData], spec: ChatFamilySpec, device, plan) -> dict:
+    """Base and expert on each expert's held-out conversations: perplexity (of the replies; per character for
+    an expert with added tokens), and the task where there is one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from meswitch.evaluation.metrics import EvalData, exact_match, perplexity
 
     base.eval()
     out: dict = {"base": {}, "experts": {}}
-    for d in spec.domains:
-        ev = EvalData.from_jsonl(root / "data" / d / "eval.jsonl")
+    for name, d, folder in plan:
+        ev = EvalData.from_jsonl(folder / "eval.jsonl")
         texts, tasks = ev.texts[: spec.eval_texts], ev.tasks[: spec.task_prompts]
-        expert = AutoModelForCausalLM.from_pretrained(root / "experts" / d, dtype=torch.float32).to(device).eval()
+        expert = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+        tok = AutoTokenizer.from_pretrained(folder)
+        per_char = len(tok) != len(tokenizer)
         score_from = ev.score_from[: spec.eval_texts] if ev.score_from else None
-        ppl_b = perplexity(base, tokenizer, texts, max_len=spec.seq_len, score_from=score_from)
-        ppl_e = perplexity(expert, tokenizer, texts, max_len=spec.seq_len, score_from=score_from)
+        ppl_b = perplexity(base, tokenizer, texts, max_len=4 * spec.seq_len, score_from=score_from, per_char=per_char)
+        ppl_e = perplexity(expert, tok, texts, max_len=4 * spec.seq_len, score_from=score_from, per_char=per_char)
         result = {
             "ppl_own_domain": round(ppl_e, 4),
             "base_ppl_own_domain": round(ppl_b, 4),
+            "ppl_unit": "char" if per_char else "token",
             "ppl_reduction": round(1 - ppl_e / ppl_b, 4),
         }
         if tasks:
@@ -319,16 +358,18 @@ def _evaluate(root: Path, base, tokenizer, data: dict[str, DomainData], spec: Ch
                 "metric": tasks[0].metric,
                 "prompts": len(tasks),
                 "base": exact_match(base, tokenizer, tasks),
-                "expert": exact_match(expert, tokenizer, tasks),
+                "expert": exact_match(expert, tok, tasks),
             }
         result["beats_base"] = result["ppl_reduction"] >= PPL_TARGET and (
             not tasks or result["task"]["expert"] > result["task"]["base"]
         )
-        out["base"][d] = result["base_ppl_own_domain"]
-        out["experts"][d] = result
+        if not per_char:
+            out["base"][d] = result["base_ppl_own_domain"]
+        out["experts"][name] = result
         log.info(
-            "%s: perplexity %.3f -> %.3f (%.1f%% lower)%s",
-            d,
+            "%s: perplexity per %s %.3f -> %.3f (%.1f%% lower)%s",
+            name,
+            result["ppl_unit"],
             ppl_b,
             ppl_e,
             100 * result["ppl_reduction"],

@@ -38,6 +38,7 @@ class EvalResult:
     bits_per_param: float
     delta_bytes: int
     fp16_delta_bytes: int
+    ppl_unit: str = "token"  # "char" where the expert's vocabulary differs from its base's
     compress_seconds: float | None = None
     device: str | None = None  # where the artifact was compressed
     # per eval text: KL summed over its tokens, and its token count (what paired intervals resample)
@@ -69,6 +70,8 @@ class Evaluator:
         self.data, self.device, self.max_len = data, torch.device(device), max_len
         self.tokenizer = _tokenizer(expert_dir)
         self.expert = AutoModelForCausalLM.from_pretrained(expert_dir, dtype=torch.float32).to(self.device).eval()
+        # An expert that added tokens reads the texts in other tokens than its base: perplexities per character
+        self.per_char = Checkpoint(expert_dir).config.get("vocab_size") != self.base.config.get("vocab_size")
 
     @cached_property
     def base_fingerprint(self) -> str:
@@ -76,7 +79,14 @@ class Evaluator:
 
     @cached_property
     def ppl_expert(self) -> float:
-        return perplexity(self.expert, self.tokenizer, self.data.texts, self.max_len, score_from=self.data.score_from)
+        return perplexity(
+            self.expert,
+            self.tokenizer,
+            self.data.texts,
+            self.max_len,
+            score_from=self.data.score_from,
+            per_char=self.per_char,
+        )
 
     @cached_property
     def task_expert(self) -> float | None:
@@ -89,7 +99,12 @@ class Evaluator:
     @cached_property
     def ppl_base(self) -> float:
         return perplexity(
-            self._base_model, _tokenizer(self.base_dir), self.data.texts, self.max_len, score_from=self.data.score_from
+            self._base_model,
+            _tokenizer(self.base_dir),
+            self.data.texts,
+            self.max_len,
+            score_from=self.data.score_from,
+            per_char=self.per_char,
         )
 
     @cached_property
@@ -108,7 +123,14 @@ class Evaluator:
         sums, tokens = kl_per_text(
             self.expert, model, self.tokenizer, self.data.texts, self.max_len, score_from=self.data.score_from
         )
-        ppl = perplexity(model, self.tokenizer, self.data.texts, self.max_len, score_from=self.data.score_from)
+        ppl = perplexity(
+            model,
+            self.tokenizer,
+            self.data.texts,
+            self.max_len,
+            score_from=self.data.score_from,
+            per_char=self.per_char,
+        )
         return {"kl": float(f"{sum(sums) / max(sum(tokens), 1):.6g}"), "ppl": round(ppl, 4), "kl_text_sums": sums,
                 "kl_text_tokens": tokens}  # fmt: skip
 
@@ -116,7 +138,14 @@ class Evaluator:
         reader = open_artifact(artifact, self.base, self.base_fingerprint)
         m = reader.manifest
         compressed = load_expert_model(self.base, reader, device=self.device)
-        ppl_c = perplexity(compressed, self.tokenizer, self.data.texts, self.max_len, score_from=self.data.score_from)
+        ppl_c = perplexity(
+            compressed,
+            self.tokenizer,
+            self.data.texts,
+            self.max_len,
+            score_from=self.data.score_from,
+            per_char=self.per_char,
+        )
         kl_sums, tokens = kl_per_text(
             self.expert, compressed, self.tokenizer, self.data.texts, self.max_len, score_from=self.data.score_from
         )
@@ -145,6 +174,7 @@ class Evaluator:
             bits_per_param=m.metrics["bits_per_param"],
             delta_bytes=m.metrics["delta_bytes"],
             fp16_delta_bytes=m.metrics["fp16_delta_bytes"],
+            ppl_unit="char" if self.per_char else "token",
             compress_seconds=m.metrics.get("compress_seconds"),
             device=m.metrics.get("device"),
             kl_text_sums=[float(f"{v:.6g}") for v in kl_sums],

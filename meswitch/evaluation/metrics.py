@@ -64,8 +64,9 @@ class EvalData:
 
 
 def _batches(tokenizer, texts: Sequence[str], max_len: int, batch_size: int, device, score_from=None):
-    """(ids, attention mask, mask of the scored tokens) per batch; a token is scored when it starts at or
-    after its text's ``score_from`` character (every real token without ``score_from``)."""
+    """(ids, attention mask, scored) per batch: ``scored`` is each token's character count where the token is
+    scored, else 0. A token is scored when it starts at or after its text's ``score_from`` character (every real
+    token without ``score_from``)."""
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(
             list(texts[i : i + batch_size]),
@@ -73,30 +74,40 @@ def _batches(tokenizer, texts: Sequence[str], max_len: int, batch_size: int, dev
             padding=True,
             truncation=True,
             max_length=max_len,
-            return_offsets_mapping=score_from is not None,
+            return_offsets_mapping=True,
         )
         mask = enc["attention_mask"]
-        scored = mask
-        if score_from is not None:
-            start = torch.tensor(score_from[i : i + batch_size]).unsqueeze(1)
-            scored = mask * (enc["offset_mapping"][..., 0] >= start)
+        start, end = enc["offset_mapping"][..., 0], enc["offset_mapping"][..., 1]
+        first = torch.tensor(score_from[i : i + batch_size] if score_from is not None else [0] * len(mask))
+        scored = mask * (start >= first.unsqueeze(1)) * (end - start).clamp_min(1)
         yield enc["input_ids"].to(device), mask.to(device), scored.to(device)
 
 
 @torch.no_grad()
 def perplexity(
-    model, tokenizer, texts: Sequence[str], max_len: int = 256, batch_size: int = 8, score_from=None
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    max_len: int = 256,
+    batch_size: int = 8,
+    score_from=None,
+    per_char: bool = False,
 ) -> float:
-    """Token-level perplexity over the texts' scored tokens (padding excluded; see :func:`_batches`)."""
+    """Perplexity over the texts' scored tokens (padding excluded; see :func:`_batches`).
+
+    ``per_char``: the mean negative log-likelihood per character rather than per token, the figure that two
+    models with different vocabularies (an expert that added tokens, and its base) can be compared by.
+    """
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for ids, mask, scored in _batches(tokenizer, texts, max_len, batch_size, device, score_from):
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         target = ids[:, 1:]
-        valid = scored[:, 1:].bool()
+        weight = scored[:, 1:]
+        valid = weight.bool()
         nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
         total += float(nll[valid].sum())
-        count += int(valid.sum())
+        count += int(weight.sum()) if per_char else int(valid.sum())
     return math.exp(total / max(count, 1))
 
 
@@ -113,7 +124,7 @@ def kl_per_text(
     for ids, mask, scored in _batches(tokenizer, texts, max_len, batch_size, device, score_from):
         p = F.log_softmax(reference(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
         q = F.log_softmax(candidate(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        valid = scored[:, 1:]
+        valid = scored[:, 1:].bool()
         kl = (p.exp() * (p - q)).sum(-1) * valid
         sums += kl.sum(-1).double().tolist()
         counts += valid.sum(-1).tolist()

