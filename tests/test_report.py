@@ -141,13 +141,15 @@ def test_curve_points_carry_a_paired_interval_over_interpolated_texts():
     rows = [row("fixed", 2, 2.0, f2), row("fixed", 3, 3.0, f3), row("magnitude", 2, 2.2, f2),
             row("meswitch", 2, 2.2, ours2), row("meswitch", 3, 3.2, ours3)]  # fmt: skip
     points = {c["bits_per_param"]: c for c in claims(rows, 2)["experts"]["e"]["curve_points"]["kl"]}
-    # fixed at 2.2 bits/param: 0.8 of its 2-bit sums + 0.2 of its 3-bit ones = 1.7 x each text's; meswitch 1.5 x
-    assert points[2.2]["ratio"] == pytest.approx(1.5 / 1.7, abs=1e-4)
+    # KL is interpolated linearly in its logarithm: fixed at 2.2 bits/param is 2^0.8 * 0.5^0.2 = 2^0.6 x each
+    # text's; meswitch 1.5 x
+    assert points[2.2]["ratio"] == pytest.approx(1.5 / 2**0.6, abs=1e-4)
     lo, hi = points[2.2]["ci95"]
     assert lo <= points[2.2]["ratio"] <= hi < 1 and points[2.2]["ok"]
-    # at 3.0: meswitch interpolated between its 2.2 and 3.2 points, 1.5 + 0.8 * (0.45 - 1.5) = 0.66 > 0.5: worse
-    assert points[3.0]["ratio"] > 1 and points[3.0]["ci95"][0] > 1 and not points[3.0]["ok"]
-    assert "2.20 bits/param -11.8%" in claims_markdown(claims(rows, 2))
+    # at 3.0: meswitch between its 2.2 and 3.2 points, 1.5^0.2 * 0.45^0.8 = 0.57 > fixed's 0.5: worse
+    assert points[3.0]["ratio"] == pytest.approx(1.5**0.2 * 0.45**0.8 / 0.5, abs=1e-4)
+    assert points[3.0]["ci95"][0] > 1 and not points[3.0]["ok"]
+    assert "2.20 bits/param -1.0%" in claims_markdown(claims(rows, 2))
 
 
 def test_card_errors_name_the_file(tmp_path):
