@@ -17,7 +17,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the tree as is: the GPU mac
 STAGE=/tmp/meswitch-stage
 [ -d "$STAGE/site" ] && export PYTHONPATH=$PYTHONPATH:$STAGE/site
 [ -d "$STAGE/corpora" ] && export MESWITCH_CACHE=$STAGE/corpora
-REPORT_ARGS=${REPORT_ARGS:---bits 1,2,3,4 --methods meswitch,fixed,fixed-eqbytes,magnitude,bitdelta,bitdelta-distilled}
+REPORT_ARGS=${REPORT_ARGS:---bits 1,2,3,4 --methods meswitch,meswitch-distilled,fixed,fixed-eqbytes,magnitude,bitdelta,bitdelta-distilled}
 steps=${*:-tests sweep roofline capacity switch}
 status=0
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"

@@ -68,14 +68,17 @@ def register(sub) -> None:
     p.add_argument(
         "--methods",
         default="meswitch,fixed,magnitude,bitdelta",
-        help="comma-separated, of meswitch, fixed, fixed-eqbytes (fixed precision given meswitch's bytes through "
-        "smaller groups), magnitude, bitdelta, bitdelta-distilled (with BitDelta's scale distillation); "
-        "default meswitch,fixed,magnitude,bitdelta",
+        help="comma-separated, of meswitch, meswitch-distilled (then one scale per matrix fitted end to end), "
+        "fixed, fixed-eqbytes (fixed precision given meswitch's bytes through smaller groups), magnitude, "
+        "bitdelta, bitdelta-distilled (with BitDelta's scale distillation); default meswitch,fixed,magnitude,bitdelta",
     )
     p.add_argument("--bits", default="2,3,4", help="comma-separated bit widths for meswitch/fixed/magnitude")
     p.add_argument("--experts", default="", help="comma-separated expert folder names (default: every expert)")
     p.add_argument(
-        "--distill-steps", type=int, default=100, help="scale-distillation steps for bitdelta-distilled (default 100)"
+        "--distill-steps",
+        type=int,
+        default=100,
+        help="scale-distillation steps of the *-distilled methods (default 100)",
     )
     p.add_argument("--salient", type=float, default=0.01, help="salient channels: a fraction if < 1, else a count")
     p.add_argument("--allocation", choices=["global", "layer"], default="global", help="as for compress")

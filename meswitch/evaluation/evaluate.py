@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from meswitch.checkpoints import Checkpoint, scan
 from meswitch.compression.reconstruct import load_expert_model, open_artifact
-from meswitch.evaluation.metrics import EvalData, exact_match, kl_per_text, perplexity
+from meswitch.evaluation.metrics import Comparison, EvalData, compare, exact_match, perplexity
 
 
 @dataclass
@@ -120,35 +120,26 @@ class Evaluator:
         """The full expert with its weights rounded to bf16, scored like an artifact: the error a merged bf16
         copy of the expert carries before any compression (zero for an expert saved in bf16)."""
         model = copy.deepcopy(self.expert).to(torch.bfloat16).float()
-        sums, tokens = kl_per_text(
+        c = self._compare(model)
+        return {
+            "kl": float(f"{sum(c.kl_sums) / max(sum(c.tokens), 1):.6g}"),
+            "ppl": round(c.perplexity(self.per_char), 4),
+            "kl_text_sums": c.kl_sums,
+            "kl_text_tokens": c.tokens,
+        }
+
+    def _compare(self, model) -> Comparison:
+        return compare(
             self.expert, model, self.tokenizer, self.data.texts, self.max_len, score_from=self.data.score_from
         )
-        ppl = perplexity(
-            model,
-            self.tokenizer,
-            self.data.texts,
-            self.max_len,
-            score_from=self.data.score_from,
-            per_char=self.per_char,
-        )
-        return {"kl": float(f"{sum(sums) / max(sum(tokens), 1):.6g}"), "ppl": round(ppl, 4), "kl_text_sums": sums,
-                "kl_text_tokens": tokens}  # fmt: skip
 
     def evaluate(self, artifact: Path) -> EvalResult:
         reader = open_artifact(artifact, self.base, self.base_fingerprint)
         m = reader.manifest
         compressed = load_expert_model(self.base, reader, device=self.device)
-        ppl_c = perplexity(
-            compressed,
-            self.tokenizer,
-            self.data.texts,
-            self.max_len,
-            score_from=self.data.score_from,
-            per_char=self.per_char,
-        )
-        kl_sums, tokens = kl_per_text(
-            self.expert, compressed, self.tokenizer, self.data.texts, self.max_len, score_from=self.data.score_from
-        )
+        c = self._compare(compressed)
+        ppl_c = c.perplexity(self.per_char)
+        kl_sums, tokens = c.kl_sums, c.tokens
         task_c = exact_match(compressed, self.tokenizer, self.data.tasks) if self.data.tasks else None
         self.release_base()
         gain = self.ppl_base - self.ppl_expert

@@ -111,24 +111,42 @@ def perplexity(
     return math.exp(total / max(count, 1))
 
 
+@dataclass
+class Comparison:
+    """Per text, KL(reference || candidate) summed over its scored tokens, their count and characters, and the
+    candidate's summed negative log-likelihood: everything an artifact's evaluation needs, from one forward
+    pass of each model."""
+
+    kl_sums: list[float]
+    tokens: list[int]
+    chars: list[int]
+    nll_sums: list[float]
+
+    def perplexity(self, per_char: bool = False) -> float:
+        return math.exp(sum(self.nll_sums) / max(sum(self.chars if per_char else self.tokens), 1))
+
+
 @torch.no_grad()
-def kl_per_text(
+def compare(
     reference, candidate, tokenizer, texts: Sequence[str], max_len: int = 256, batch_size: int = 8, score_from=None
-) -> tuple[list[float], list[int]]:
-    """Per text, KL(reference || candidate) of the distributions that predict its scored tokens, summed,
-    and their count: the mean KL is ``sum(sums) / sum(counts)``; the per-text sums are what a paired
-    comparison of two candidates resamples (:func:`paired_ratio_ci`)."""
+) -> Comparison:
+    """KL(reference || candidate) and the candidate's likelihood on the texts' scored tokens, per text: the mean
+    KL is ``sum(kl_sums) / sum(tokens)``; the per-text sums are what a paired comparison of two candidates
+    resamples (:func:`paired_ratio_ci`)."""
     device = next(reference.parameters()).device
-    sums: list[float] = []
-    counts: list[int] = []
+    out = Comparison([], [], [], [])
     for ids, mask, scored in _batches(tokenizer, texts, max_len, batch_size, device, score_from):
         p = F.log_softmax(reference(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
         q = F.log_softmax(candidate(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        valid = scored[:, 1:].bool()
+        weight = scored[:, 1:]
+        valid = weight.bool()
         kl = (p.exp() * (p - q)).sum(-1) * valid
-        sums += kl.sum(-1).double().tolist()
-        counts += valid.sum(-1).tolist()
-    return sums, counts
+        nll = -q.gather(-1, ids[:, 1:, None]).squeeze(-1) * valid
+        out.kl_sums += kl.sum(-1).double().tolist()
+        out.tokens += valid.sum(-1).tolist()
+        out.chars += weight.sum(-1).tolist()
+        out.nll_sums += nll.sum(-1).double().tolist()
+    return out
 
 
 def paired_ratio_ci(

@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 # (the equal-bytes comparison), and BitDelta with its scale distillation.
 EQUAL_BYTES = "fixed-eqbytes"
 BITDELTA_DISTILLED = "bitdelta-distilled"
-REPORT_METHODS = ("meswitch", "fixed", EQUAL_BYTES, "magnitude", "bitdelta", BITDELTA_DISTILLED)
+MESWITCH_DISTILLED = "meswitch-distilled"  # meswitch, then the same per-matrix scale distillation
+DISTILLED = {BITDELTA_DISTILLED, MESWITCH_DISTILLED}
+REPORT_METHODS = ("meswitch", MESWITCH_DISTILLED, "fixed", EQUAL_BYTES, "magnitude", "bitdelta", BITDELTA_DISTILLED)
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,8 @@ def variants(cfg: ReportConfig, in_features: list[int] | None = None) -> list[tu
                 out.append((method, DeltaConfig(method="fixed", bits=bits, salient=0, group_size=group)))
                 continue
             salient = 0 if method == "fixed" else cfg.salient
-            out.append((method, DeltaConfig(method=method, bits=bits, salient=salient, allocation=cfg.allocation)))
+            kind = "meswitch" if method == MESWITCH_DISTILLED else method
+            out.append((method, DeltaConfig(method=kind, bits=bits, salient=salient, allocation=cfg.allocation)))
     return out
 
 
@@ -147,7 +150,7 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
                 info = ExpertInfo(card.name, card.domain, card.description)
                 with _peak_memory(device) as peak:
                     compress_expert(base, expert, pairing, use_stats, variant, art, info, device)
-                    if method == BITDELTA_DISTILLED:
+                    if method in DISTILLED:
                         distill_artifact(base, expert_dir, art, art, texts, cfg.distill, device)
                 result: EvalResult = evaluator.evaluate(art)
             mine.append(_row(result, method, peak["mb"]))
@@ -169,7 +172,7 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
         "allocation": cfg.allocation,
         "equal_bytes_group": equal_bytes_group(in_features, cfg.salient) if EQUAL_BYTES in cfg.methods else None,
         "calibration": {"samples": cfg.calib.samples, "seq_len": cfg.calib.seq_len},
-        "distillation": dataclasses.asdict(cfg.distill) if BITDELTA_DISTILLED in cfg.methods else None,
+        "distillation": dataclasses.asdict(cfg.distill) if DISTILLED & set(cfg.methods) else None,
         "eval_texts_per_expert": cfg.limit,
         "references": references,
         "wall_seconds": round(time.perf_counter() - t0, 1),
@@ -377,7 +380,8 @@ def targets(rows: list[dict]) -> dict:
         by = {(r["method"], r["bits"]): r for r in mine}
         e = {}
         for label, goal in (("2bit", TARGET_2BIT), ("1bit", TARGET_1BIT)):
-            fits = [r for r in mine if r["method"] == "meswitch" and r["bits_per_param"] <= goal["max_bits"]]
+            ours = ("meswitch", MESWITCH_DISTILLED)
+            fits = [r for r in mine if r["method"] in ours and r["bits_per_param"] <= goal["max_bits"]]
             if not fits:
                 e[label] = {"meswitch_row": None, "met": False, "why": f"no meswitch row at <= {goal['max_bits']} bits"}
                 continue
@@ -386,6 +390,7 @@ def targets(rows: list[dict]) -> dict:
                 [best["gain_kept_task"]] if best.get("gain_kept_task") is not None else []
             )
             t = {
+                "method": best["method"],
                 "bits": best["bits"],
                 "bits_per_param": best["bits_per_param"],
                 "kl": best["kl"],
@@ -517,7 +522,7 @@ def plot_quality_vs_size(rows: list[dict], path: Path) -> None:
     nrows = math.ceil(len(experts) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.6 * nrows), squeeze=False)
     styles = {"meswitch": "o-", "fixed": "s--", EQUAL_BYTES: "s-.", "magnitude": "^:", "bitdelta": "D",
-              BITDELTA_DISTILLED: "P"}  # fmt: skip
+              BITDELTA_DISTILLED: "P", MESWITCH_DISTILLED: "o--"}  # fmt: skip
     for ax, name in zip(axes.flat, experts, strict=False):
         for method in styles:
             pts = sorted(
