@@ -33,7 +33,10 @@ def register(sub) -> None:
         "folder with expert.yaml, calib.jsonl and eval.jsonl), OUT/data/, OUT/routing/ and OUT/family.json. "
         "Text comes from the installed Python's standard library and Debian packages (fetched once with "
         "apt-get download and cached under $MESWITCH_CACHE, default ~/.cache/meswitch/corpora). "
-        "Re-running with the same size and seed does nothing.",
+        "Re-running with the same size and seed does nothing. Sizes smol and smol-long instead fine-tune the real "
+        "pretrained SmolLM2-135M-Instruct (see `meswitch base`) into five chat experts and a vocabulary-extended "
+        "one (OUT/extra/chinese-vocab), from the same corpora as conversations in its chat template; such a build "
+        "resumes where it stopped and never retrains a finished expert.",
     )
     p.add_argument("--out", type=Path, required=True, help="family folder to write (built beside it, then renamed)")
     p.add_argument(
@@ -41,7 +44,7 @@ def register(sub) -> None:
         choices=_SIZES + _CHAT_SIZES,
         default="tiny",
         help="micro: seconds, for tests; tiny (default): minutes on 2 CPU cores; small: for a GPU; smol: the real "
-        "pretrained SmolLM2-135M-Instruct fine-tuned into five chat experts (about 20 minutes on 2 CPU cores; "
+        "pretrained SmolLM2-135M-Instruct fine-tuned into chat experts (about 13 minutes on 2 idle CPU cores; "
         "resumable); smol-long: the same with 600-step fine-tunes, for a GPU",
     )
     p.add_argument(
