@@ -1,8 +1,9 @@
 """Compress a whole expert against its base into an artifact folder, one tensor at a time.
 
 Every linear of every block and the lm_head get a salient-aware low-bit delta (calibrated);
-the input embedding gets the same treatment with uniform channel weights (its input is a
-one-hot token, so there are no activation statistics); rows the expert added to the
+an untied input embedding gets the same treatment with uniform channel weights (its input is a
+one-hot token, so there are no activation statistics), a tied one the LM head's statistics (it is
+the LM head too); rows the expert added to the
 vocabulary are stored whole in fp16; every other tensor (norms, biases) is an fp16 delta.
 """
 
