@@ -9,7 +9,6 @@ it as it would read any user's base.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from meswitch.artifacts import staging_dir
+from meswitch.artifacts import sha256_file, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +66,6 @@ def gguf_path() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def materialize_base(out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write SmolLM2-135M-Instruct to ``out`` as a Hugging Face folder; a no-op when it is already there.
 
@@ -85,7 +76,7 @@ def materialize_base(out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
 
     out = Path(out).expanduser().resolve()
     src = gguf_path()
-    digest = _sha256(src)
+    digest = sha256_file(src)
     dtype_name = str(dtype).removeprefix("torch.")
     recorded = out / SOURCE_JSON
     if recorded.is_file():
