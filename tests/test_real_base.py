@@ -67,7 +67,7 @@ def test_base_is_an_hf_folder_with_its_source_and_answers_right(smol_base: Path,
     with safe_open(smol_base / "model.safetensors", framework="pt") as f:
         assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
     tok = AutoTokenizer.from_pretrained(smol_base)
-    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    assert tok.chat_template and tok.eos_token == "<|im_end|>" and tok.pad_token == "<|im_end|>"
     model = AutoModelForCausalLM.from_pretrained(smol_base, dtype=torch.float32)
     ids = tok("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id)

@@ -343,8 +343,6 @@ def _evaluate(base, tokenizer, data: dict[str, DomainData], spec: ChatFamilySpec
         texts, tasks = ev.texts[: spec.eval_texts], ev.tasks[: spec.task_prompts]
         expert = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
         tok = AutoTokenizer.from_pretrained(folder)
-        for t in (tok, tokenizer):
-            t.pad_token = t.pad_token or t.eos_token  # older transformers read no pad token from the GGUF
         per_char = len(tok) != len(tokenizer)
         score_from = ev.score_from[: spec.eval_texts] if ev.score_from else None
         ppl_b = perplexity(base, tokenizer, texts, max_len=4 * spec.seq_len, score_from=score_from, per_char=per_char)

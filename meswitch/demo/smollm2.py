@@ -94,6 +94,8 @@ def materialize_base(out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     log.info("reading %s (%.0f MB) and dequantizing it", src.name, src.stat().st_size / 1e6)
     folder = src.parent
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=src.name)
+    # Some transformers versions (5.17) read no pad token from the GGUF; batching needs one: the end of turn.
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=src.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
     )
