@@ -17,7 +17,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the tree as is: the GPU mac
 STAGE=/tmp/meswitch-stage
 [ -d "$STAGE/site" ] && export PYTHONPATH=$PYTHONPATH:$STAGE/site
 [ -d "$STAGE/corpora" ] && export MESWITCH_CACHE=$STAGE/corpora
-REPORT_ARGS=${REPORT_ARGS:---bits 1,2,3,4 --methods meswitch,meswitch-distilled,fixed,fixed-eqbytes,magnitude,bitdelta,bitdelta-distilled}
+REPORT_ARGS=${REPORT_ARGS:---bits 1,2,3,4 --salient-1bit 0.0025 --methods meswitch,meswitch-gptq,fixed,fixed-eqbytes,magnitude,bitdelta,bitdelta-distilled}
 steps=${*:-tests sweep roofline capacity switch}
 status=0
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
@@ -50,8 +50,10 @@ for step in $steps; do
       cp "/tmp/meswitch-$step/family.json" "$OUT/family-$step.json" 2>/dev/null ;;
     report-long|report-smol) fam=/tmp/meswitch-smol; [ "$step" = report-long ] && fam=/tmp/meswitch-smol-long
       rep=$STAGE/$step  # on the machine's disk: a report stopped by the time limit resumes from its parts there
-      timeout 560 python3 -m meswitch report "$fam" --out "$rep" $REPORT_ARGS 2>&1 | grep -v "it/s\]$" | tail -n 40
-      mkdir -p "$OUT/$step" && cp "$rep"/report.json "$rep"/report.md "$rep"/*.png "$OUT/$step"/ 2>/dev/null ;;
+      mkdir -p "$OUT/$step"  # REPORT_TIMEOUT: under the call's limit, so that the parts come back whatever happens
+      timeout "${REPORT_TIMEOUT:-560}" python3 -m meswitch report "$fam" --out "$rep" $REPORT_ARGS 2>&1 |
+        grep -v "it/s\]$" | tee "$OUT/$step/report.log" | tail -n 40
+      cp -r "$rep"/report.json "$rep"/report.md "$rep"/*.png "$rep"/parts "$OUT/$step"/ 2>/dev/null ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -373,3 +374,27 @@ def test_synthetic_sharded_pair_compresses_at_small_geometry(tmp_path):
     assert manifest.metadata["architecture"] == "MistralForCausalLM"
     assert len(manifest.layers) == 2 * 7 + 2  # every block linear, the embedding and lm_head
     assert all(r.rel_error < 0.6 for r in manifest.layers)
+
+
+def test_calibrated_hessians_hold_the_second_moments_on_their_diagonal(family):
+    _, _, expert, calib = family
+    texts = read_texts(calib)
+    stats = calibrate(Checkpoint(expert), texts, CALIB, "cpu")
+    full = calibrate(Checkpoint(expert), texts, replace(CALIB, hessian=True), "cpu")
+    assert sorted(full) == sorted(stats)
+    for name, s in stats.items():
+        k = s.shape[0]
+        assert full[name].shape == (k, k)
+        torch.testing.assert_close(torch.diagonal(full[name]), s, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(full[name], full[name].T)
+
+
+def test_gptq_rounding_compresses_a_whole_expert_closer(family, tmp_path):
+    _, base, expert, calib = family
+    ids = token_chunks(AutoTokenizer.from_pretrained(expert), read_texts(calib), CALIB)[:2]
+    errs = {}
+    for rounding in ("nearest", "gptq"):
+        run_compress(_job(base, expert, calib, tmp_path / rounding, bits=2, salient=4, rounding=rounding))
+        assert read_manifest(tmp_path / rounding).method["rounding"] == rounding
+        errs[rounding] = _logit_error(base, tmp_path / rounding, expert, ids)
+    assert errs["gptq"] < errs["nearest"], errs

@@ -154,3 +154,53 @@ def test_refinement_never_increases_weighted_error():
         assert torch.equal(refined.salient_idx, cd.salient_idx)
     # and without clip search it has room to improve a lot on this skewed matrix
     assert after < before
+
+
+def _correlated_inputs(k: int, t: int = 2048, seed: int = 0) -> torch.Tensor:
+    """Inputs with correlated channels and a few outlier channels, as a pretrained LLM's are."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(k) + 0.5 * torch.randn(k, k, generator=g) / k**0.5
+    x = torch.randn(t, k, generator=g) @ mix
+    x[:, :3] *= 20
+    return x
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+@pytest.mark.parametrize("group_size", [0, 32, -1])
+def test_gptq_rounding_lowers_the_output_error_at_the_same_bytes(bits, group_size):
+    x = _correlated_inputs(128)
+    h = x.T @ x
+    delta = torch.randn(48, 128, generator=torch.Generator().manual_seed(1)) * 0.01
+    out = {}
+    for rounding in ("nearest", "gptq"):
+        cfg = DeltaConfig(bits=bits, salient=4, group_size=group_size, rounding=rounding)
+        cd = compress_delta(delta, torch.diagonal(h), cfg, hessian=h)
+        out[rounding] = cd
+    err = {r: float(((x @ (delta - cd.dequantize()).T) ** 2).sum()) for r, cd in out.items()}
+    assert err["gptq"] < 0.9 * err["nearest"], err
+    assert out["gptq"].nbytes() == out["nearest"].nbytes()
+    # the same salient channels and grid; only the codes and the salient corrections differ
+    assert torch.equal(out["gptq"].salient_idx, out["nearest"].salient_idx)
+    assert torch.equal(out["gptq"].scale, out["nearest"].scale)
+
+
+def test_gptq_without_a_hessian_is_nearest_rounding():
+    delta = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    s = torch.rand(64) + 0.1
+    a = compress_delta(delta, s, DeltaConfig(bits=2, salient=2, rounding="gptq"))
+    b = compress_delta(delta, s, DeltaConfig(bits=2, salient=2))
+    assert torch.equal(a.packed, b.packed) and torch.equal(a.salient_val, b.salient_val)
+
+
+def test_gptq_survives_dead_input_channels():
+    x = _correlated_inputs(64)
+    x[:, 5] = 0  # a channel that never fires: a singular Hessian without the damping and the dead-channel fix
+    h = x.T @ x
+    delta = torch.randn(16, 64, generator=torch.Generator().manual_seed(3)) * 0.01
+    cd = compress_delta(delta, torch.diagonal(h), DeltaConfig(bits=2, salient=2, rounding="gptq"), hessian=h)
+    assert torch.isfinite(cd.dequantize()).all()
+
+
+def test_unknown_rounding_is_refused():
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        DeltaConfig(rounding="stochastic")

@@ -69,6 +69,7 @@ def register(sub) -> None:
         "--methods",
         default="meswitch,fixed,magnitude,bitdelta",
         help="comma-separated, of meswitch, meswitch-distilled (then one scale per matrix fitted end to end), "
+        "meswitch-gptq (error-compensating rounding through the calibration Hessian, salient channels last), "
         "fixed, fixed-eqbytes (fixed precision given meswitch's bytes through smaller groups), magnitude, "
         "bitdelta, bitdelta-distilled (with BitDelta's scale distillation); default meswitch,fixed,magnitude,bitdelta",
     )
@@ -81,6 +82,12 @@ def register(sub) -> None:
         help="scale-distillation steps of the *-distilled methods (default 100)",
     )
     p.add_argument("--salient", type=float, default=0.01, help="salient channels: a fraction if < 1, else a count")
+    p.add_argument(
+        "--salient-1bit",
+        type=float,
+        default=None,
+        help="salient fraction at 1 bit (default: --salient); 0.0025 keeps a 1-bit delta of SmolLM2 under 1.1 bits",
+    )
     p.add_argument("--allocation", choices=["global", "layer"], default="global", help="as for compress")
     p.add_argument("--limit", type=int, default=200, help="evaluation texts per expert (default 200)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
@@ -111,6 +118,13 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--group", type=int, default=0, help="group size along the input dim (0: per output channel)")
     p.add_argument("--symmetric", action="store_true", help="symmetric grid (no zero point stored)")
+    p.add_argument(
+        "--rounding",
+        choices=["nearest", "gptq"],
+        default="nearest",
+        help="nearest (default): each code rounded alone; gptq: error-compensating rounding through the "
+        "calibration inputs' Hessian (needs --calib; about K² floats per linear in memory)",
+    )
 
 
 def _compress(args) -> int:
@@ -127,11 +141,14 @@ def _compress(args) -> int:
             group_size=args.group,
             symmetric=args.symmetric,
             allocation=args.allocation,
+            rounding=args.rounding,
         )
     except ValueError as e:
         raise CommandError(str(e)) from e
     if args.method == "meswitch" and args.calib is None:
         raise CommandError("--calib is required for --method meswitch (salience is measured on calibration text)")
+    if args.rounding == "gptq" and args.calib is None:
+        raise CommandError("--calib is required for --rounding gptq (it rounds against the calibration inputs)")
     job = CompressJob(
         base=args.base,
         expert=args.expert,
@@ -139,7 +156,7 @@ def _compress(args) -> int:
         out=args.out,
         info=ExpertInfo(name=args.name or args.expert.resolve().name, domain=args.domain),
         delta=delta,
-        calib_cfg=CalibConfig(samples=args.samples, seq_len=args.seq_len),
+        calib_cfg=CalibConfig(samples=args.samples, seq_len=args.seq_len, hessian=args.rounding == "gptq"),
         device=args.device,
         refine=args.refine,
     )
@@ -230,6 +247,7 @@ def _report(args) -> int:
             methods=tuple(args.methods.split(",")),
             bits=tuple(int(b) for b in args.bits.split(",")),
             salient=args.salient,
+            salient_1bit=args.salient_1bit,
             allocation=args.allocation,
             limit=args.limit,
             device=args.device,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from meswitch.artifacts import Manifest
@@ -38,6 +38,8 @@ def run_compress(job: CompressJob) -> Manifest:
     base, expert = Checkpoint(job.base), Checkpoint(job.expert)
     pairing = check_expert(base, expert)
     needs_stats = job.delta.method in ("meswitch", "fixed", "magnitude") or job.refine
+    if job.delta.rounding == "gptq" and not job.calib_cfg.hessian:
+        job = replace(job, calib_cfg=replace(job.calib_cfg, hessian=True))
     stats = None
     if job.calib is not None and needs_stats:
         stats = calibrate(expert, read_texts(job.calib), job.calib_cfg, device)

@@ -36,6 +36,9 @@ class CalibConfig:
     # position is an attention sink whose activations can hold nearly all of a layer's input energy, so it
     # would decide the salience of every channel alone (benchmarks/attention_sink.py measures it).
     skip_first: int = 0
+    # Also gather each linear's full input Hessian Σ x xᵀ [K, K] (what GPTQ rounding needs) in place of its diagonal.
+    # Memory: K² floats per linear, kept on the CPU (about 0.5 GB for SmolLM2-135M).
+    hessian: bool = False
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -138,7 +141,8 @@ def calibrate(
     """``{module name: s}`` with ``s_i = Σ_t x_{t,i}²`` over the calibration tokens, for every linear.
 
     Keys are the full module names (``model.layers.3.mlp.down_proj``) plus ``lm_head``;
-    values are fp32 on the CPU. Runs on the GPU when one is present (``device="auto"``).
+    values are fp32 on the CPU. With ``cfg.hessian`` each value is the full ``Σ_t x_t x_tᵀ`` [K, K]
+    instead, whose diagonal is ``s`` (:func:`diagonal`). Runs on the GPU when one is present.
     """
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = torch.float32 if device.type == "cpu" else config_dtype(expert.config)
@@ -166,7 +170,8 @@ def calibrate(
         hooks = []
         for rel in spec.linears:
             name = f"{spec.block_prefix(i)}{rel}"
-            stats[name] = torch.zeros(block.get_submodule(rel).in_features, dtype=torch.float32, device=device)
+            k = block.get_submodule(rel).in_features
+            stats[name] = torch.zeros((k, k) if cfg.hessian else (k,), dtype=torch.float32, device=device)
             hook = _accumulate(stats[name], cfg.skip_first)
             hooks.append(block.get_submodule(rel).register_forward_pre_hook(hook))
         with torch.no_grad():
@@ -176,14 +181,17 @@ def calibrate(
                 outs.append(out[0] if isinstance(out, tuple) else out)
         for hook in hooks:
             hook.remove()
+        for rel in spec.linears:  # the Hessians of a large model do not fit the GPU beside it
+            stats[f"{spec.block_prefix(i)}{rel}"] = stats[f"{spec.block_prefix(i)}{rel}"].cpu()
         hidden = outs
         block.to_empty(device="meta")  # drop this block's weights before loading the next
 
-    s = torch.zeros(model.lm_head.in_features, dtype=torch.float32, device=device)
+    k = model.lm_head.in_features
+    s = torch.zeros((k, k) if cfg.hessian else (k,), dtype=torch.float32, device=device)
+    add = _accumulate(s, cfg.skip_first)
     with torch.no_grad():
         for h in hidden:
-            x = inner.norm(h)[:, cfg.skip_first :].float()
-            s += (x * x).sum(dim=(0, 1))
+            add(None, (inner.norm(h),))
     stats[LM_HEAD] = s
     for name, v in stats.items():
         if not torch.isfinite(v).all():
@@ -191,9 +199,20 @@ def calibrate(
     return {k: v.cpu() for k, v in stats.items()}
 
 
+def diagonal(stat: torch.Tensor) -> torch.Tensor:
+    """The per-channel second moments ``s`` [K] of a statistic, whether ``s`` itself or a Hessian [K, K]."""
+    return torch.diagonal(stat) if stat.dim() == 2 else stat
+
+
 def _accumulate(acc: torch.Tensor, skip_first: int = 0):
+    """A forward pre-hook adding its input's second moments (``acc`` [K]) or Hessian (``acc`` [K, K])."""
+
     def hook(_module, args):
         x = args[0][:, skip_first:].float()  # [batch, seq, features]
-        acc.add_((x * x).sum(dim=(0, 1)))
+        if acc.dim() == 2:
+            x = x.reshape(-1, x.shape[-1])
+            acc.addmm_(x.T, x)
+        else:
+            acc.add_((x * x).sum(dim=(0, 1)))
 
     return hook

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from meswitch.compression.gptq import gptq_round
 from meswitch.compression.quantize import PER_TENSOR, Quantized, QuantSpec, pack, quantize, unpack
 from meswitch.compression.salience import select_salient
 
@@ -24,6 +25,7 @@ METHODS = ("meswitch", "fixed", "magnitude", "bitdelta")
 
 
 ALLOCATIONS = ("layer", "global")
+ROUNDINGS = ("nearest", "gptq")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,9 @@ class DeltaConfig:
     # layer: every matrix keeps its own count; global: the same total, spread over the matrices by their
     # share of their own activation-weighted error (see salience.allocate_salient)
     allocation: str = "global"
+    # nearest: each code rounded alone; gptq: error-compensating rounding through the calibration Hessian
+    # (compression/gptq.py), which needs CalibConfig(hessian=True)
+    rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -49,6 +54,8 @@ class DeltaConfig:
             raise ValueError(f"salient >= 1 is a channel count and must be whole, got {self.salient}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
 
     def quant_spec(self) -> QuantSpec:
         if self.method == "bitdelta":
@@ -132,11 +139,13 @@ def compress_delta(
     second_moment: torch.Tensor | None,
     config: DeltaConfig,
     scores: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
 ) -> CompressedDelta:
     """Compress ``delta`` [N, K] given the per-input-channel second moments ``s`` [K] of its inputs.
 
     Without ``s`` (no calibration), channels are weighted equally: salience falls back to the
-    plain weight error.
+    plain weight error. With ``hessian`` (``Σ x xᵀ``) and ``config.rounding == "gptq"`` the codes are
+    rounded with error compensation on the grid nearest rounding fits.
     """
     delta = delta.float()
     n, k = delta.shape
@@ -147,8 +156,12 @@ def compress_delta(
     mask = torch.ones(k, dtype=torch.bool, device=delta.device)
     mask[idx] = False
     q = quantize(delta, spec, weight=s, mask=mask)
+    exact = delta[:, idx]
+    if hessian is not None and config.rounding == "gptq":
+        codes, exact = gptq_round(delta, hessian, q, idx)
+        q = Quantized(codes, q.scale, q.offset, spec)
     deq = q.dequantize()
-    correction = (delta[:, idx] - deq[:, idx]).half()
+    correction = (exact - deq[:, idx]).half()
     return CompressedDelta(
         shape=(n, k),
         spec=spec,

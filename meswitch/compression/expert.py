@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from meswitch.artifacts import LayerRecord, Manifest, seal, staging_dir
 from meswitch.checkpoints import CONFIG, Checkpoint, Pairing
-from meswitch.compression.calibration import LM_HEAD
+from meswitch.compression.calibration import LM_HEAD, diagonal
 from meswitch.compression.delta import DeltaConfig, channel_weights, compress_delta, relative_errors
 from meswitch.compression.refine import refine_steps
 from meswitch.compression.salience import allocate_salient, reconstruction_scores
@@ -71,7 +71,21 @@ def second_moment(
     """
     if stats is None or (name == ckpt.spec.embed and not ckpt.tied_embeddings):
         return None
-    return stats[LM_HEAD if name == ckpt.spec.embed else stats_key(ckpt, name)].to(device)
+    return diagonal(stats[LM_HEAD if name == ckpt.spec.embed else stats_key(ckpt, name)]).to(device)
+
+
+def input_hessian(
+    ckpt: Checkpoint, name: str, stats: dict[str, torch.Tensor] | None, device: torch.device | str
+) -> torch.Tensor | None:
+    """``Σ x xᵀ`` of ``name``'s inputs where calibration gathered it (``CalibConfig.hessian``), else None.
+
+    Never for the embedding: a tied one is looked up row by row as well, and error compensation tuned to
+    the LM head's inputs would move its rows away from the expert's.
+    """
+    if stats is None or not is_linear_weight(ckpt, name) or name == ckpt.spec.embed:
+        return None
+    stat = stats[stats_key(ckpt, name)]
+    return stat.to(device) if stat.dim() == 2 else None
 
 
 def salient_budget(
@@ -118,6 +132,8 @@ def compress_expert(
     """
     t0 = time.perf_counter()
     spec = base.spec
+    if config.rounding == "gptq" and not (stats and next(iter(stats.values())).dim() == 2):
+        raise ValueError("rounding 'gptq' needs calibration Hessians: calibrate with CalibConfig(hessian=True)")
     layers: list[LayerRecord] = []
     handling: dict[str, dict] = {}
     total_bytes = 0
@@ -137,7 +153,7 @@ def compress_expert(
             if is_quantized(base, name):
                 s = second_moment(base, name, stats, device)
                 cfg = replace(config, salient=counts[name]) if counts else config
-                cd = compress_delta(delta, s, cfg, scores.get(name))
+                cd = compress_delta(delta, s, cfg, scores.get(name), input_hessian(base, name, stats, device))
                 if refine and cd.spec.bits > 1:
                     cd = refine_steps(delta, cd, s)
                 approx = cd.dequantize()

@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 EQUAL_BYTES = "fixed-eqbytes"
 BITDELTA_DISTILLED = "bitdelta-distilled"
 MESWITCH_DISTILLED = "meswitch-distilled"  # meswitch, then the same per-matrix scale distillation
+MESWITCH_GPTQ = "meswitch-gptq"  # meswitch with error-compensating (GPTQ) rounding, salient channels last
 DISTILLED = {BITDELTA_DISTILLED, MESWITCH_DISTILLED}
-REPORT_METHODS = ("meswitch", MESWITCH_DISTILLED, "fixed", EQUAL_BYTES, "magnitude", "bitdelta", BITDELTA_DISTILLED)
+OURS = ("meswitch", MESWITCH_DISTILLED, MESWITCH_GPTQ)
+REPORT_METHODS = (*OURS, "fixed", EQUAL_BYTES, "magnitude", "bitdelta", BITDELTA_DISTILLED)
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class ReportConfig:
     methods: tuple[str, ...] = ("meswitch", "fixed", "magnitude", "bitdelta")
     bits: tuple[int, ...] = (2, 3, 4)
     salient: float = 0.01
+    # salient fraction at 1 bit (None: ``salient``): 1% fp16 columns add 0.16 bits, 16% of a 1-bit delta
+    salient_1bit: float | None = None
     allocation: str = "global"
     limit: int = 200  # evaluation texts per expert: enough for the paired intervals to separate 1-2% differences
     device: str = "auto"
@@ -90,9 +94,11 @@ def variants(cfg: ReportConfig, in_features: list[int] | None = None) -> list[tu
                 group = equal_bytes_group(in_features or [], cfg.salient)
                 out.append((method, DeltaConfig(method="fixed", bits=bits, salient=0, group_size=group)))
                 continue
-            salient = 0 if method == "fixed" else cfg.salient
-            kind = "meswitch" if method == MESWITCH_DISTILLED else method
-            out.append((method, DeltaConfig(method=kind, bits=bits, salient=salient, allocation=cfg.allocation)))
+            salient = cfg.salient_1bit if bits == 1 and cfg.salient_1bit is not None else cfg.salient
+            salient = 0 if method == "fixed" else salient
+            kind = "meswitch" if method in OURS else method
+            rounding = "gptq" if method == MESWITCH_GPTQ else "nearest"
+            out.append((method, DeltaConfig(kind, bits, salient, allocation=cfg.allocation, rounding=rounding)))
     return out
 
 
@@ -132,7 +138,8 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
         pairing = check_expert(base, expert)
         texts = read_texts(card.calibration_path)
         t = time.perf_counter()
-        stats = calibrate(expert, texts, cfg.calib, device)
+        # one calibration for every variant; with the Hessians when GPTQ rounding is among them
+        stats = calibrate(expert, texts, dataclasses.replace(cfg.calib, hessian=MESWITCH_GPTQ in cfg.methods), device)
         calib_seconds = time.perf_counter() - t
         evaluator = Evaluator(base_dir, expert_dir, EvalData.from_jsonl(card.evaluation_path, cfg.limit), device)
         ref = evaluator.rounded_to_bf16()
@@ -169,6 +176,7 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
         "torch": torch.__version__,
         "command": " ".join(["meswitch", *sys.argv[1:]]) if sys.argv and "meswitch" in sys.argv[0] else None,
         "salient": cfg.salient,
+        "salient_1bit": cfg.salient_1bit,
         "allocation": cfg.allocation,
         "equal_bytes_group": equal_bytes_group(in_features, cfg.salient) if EQUAL_BYTES in cfg.methods else None,
         "calibration": {"samples": cfg.calib.samples, "seq_len": cfg.calib.seq_len},
@@ -380,8 +388,7 @@ def targets(rows: list[dict]) -> dict:
         by = {(r["method"], r["bits"]): r for r in mine}
         e = {}
         for label, goal in (("2bit", TARGET_2BIT), ("1bit", TARGET_1BIT)):
-            ours = ("meswitch", MESWITCH_DISTILLED)
-            fits = [r for r in mine if r["method"] in ours and r["bits_per_param"] <= goal["max_bits"]]
+            fits = [r for r in mine if r["method"] in OURS and r["bits_per_param"] <= goal["max_bits"]]
             if not fits:
                 e[label] = {"meswitch_row": None, "met": False, "why": f"no meswitch row at <= {goal['max_bits']} bits"}
                 continue
@@ -522,7 +529,7 @@ def plot_quality_vs_size(rows: list[dict], path: Path) -> None:
     nrows = math.ceil(len(experts) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.6 * nrows), squeeze=False)
     styles = {"meswitch": "o-", "fixed": "s--", EQUAL_BYTES: "s-.", "magnitude": "^:", "bitdelta": "D",
-              BITDELTA_DISTILLED: "P", MESWITCH_DISTILLED: "o--"}  # fmt: skip
+              BITDELTA_DISTILLED: "P", MESWITCH_DISTILLED: "o--", MESWITCH_GPTQ: "*-"}  # fmt: skip
     for ax, name in zip(axes.flat, experts, strict=False):
         for method in styles:
             pts = sorted(
