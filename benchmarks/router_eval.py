@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="MCQ SFT epochs (default: MCQConfig's)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--steps", type=int, default=None, help="MCQ SFT steps (default: MCQConfig's)")
+    p.add_argument("--finetune", choices=["full", "lora"], default=None, help="MCQ SFT mode (default: MCQConfig's)")
+    p.add_argument("--batch-size", type=int, default=None, help="MCQ SFT batch (default: MCQConfig's)")
+    p.add_argument("--autocast", action="store_true", help="MCQ SFT forward passes in bf16 autocast")
     p.add_argument(
         "--warm-start",
         action="store_true",
@@ -126,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     queries = read_labelled(_queries(args.family, work / "test.jsonl"))
     devices = ["cpu"] + (["cuda"] if args.gpu and torch.cuda.is_available() else [])
-    sft = {k: v for k, v in {"epochs": args.epochs, "lr": args.lr, "steps": args.steps}.items() if v is not None}
+    given = {"epochs": args.epochs, "lr": args.lr, "steps": args.steps, "finetune": args.finetune,
+             "batch_size": args.batch_size, "autocast": args.autocast or None}  # fmt: skip
+    sft = {k: v for k, v in given.items() if v is not None}
     runs = set(args.only.split(","))
     retrain = {"steps": args.retrain_steps} if args.retrain_steps else {}
     four = [args.family / "experts"]

@@ -398,3 +398,19 @@ def test_gptq_rounding_compresses_a_whole_expert_closer(family, tmp_path):
         assert read_manifest(tmp_path / rounding).method["rounding"] == rounding
         errs[rounding] = _logit_error(base, tmp_path / rounding, expert, ids)
     assert errs["gptq"] < errs["nearest"], errs
+
+
+def test_manifest_records_the_method_as_it_was_applied(family, tmp_path):
+    """BitDelta is 1 bit, symmetric, one step per tensor whatever bits were asked; fixed keeps no salient channels."""
+    _, base, expert, calib = family
+    bd = run_compress(_job(base, expert, None, tmp_path / "bd", method="bitdelta", bits=2, salient=0.01))
+    assert (bd.method["bits"], bd.method["symmetric"], bd.method["group_size"], bd.method["salient"]) == (
+        1,
+        True,
+        -1,
+        0,
+    )
+    fx = run_compress(_job(base, expert, calib, tmp_path / "fx", method="fixed", bits=3, salient=0.01))
+    assert (fx.method["bits"], fx.method["salient"]) == (3, 0)
+    ms = run_compress(_job(base, expert, calib, tmp_path / "ms", bits=2, salient=4))
+    assert ms.method["salient"] == 4

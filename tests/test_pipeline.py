@@ -23,6 +23,7 @@ from pipeline_fixtures import (  # noqa: F401
     make_inbox,
     pipeline_family,
     prefect_api,
+    rename_card,
     router_queries,
     task_runs_since,
     wait_for,
@@ -347,3 +348,44 @@ def test_object_store_outage_fails_the_run_and_a_rerun_resumes(
         "calibrate": "Cached", "compress": "Cached", "evaluate": "Cached"
     }  # fmt: skip
     assert Registry().aliases("meswitch-expert-english")["production"] == 1
+
+
+def test_a_new_domain_that_breaks_an_old_one_is_refused_and_the_old_router_keeps_serving(scenario, first_run, tmp_path):
+    """An expert whose domain reads like math (its card is math's, renamed "arithmetic"): the retrained router
+    splits math's queries between the two, so the per-domain gate refuses it and production keeps the old one."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from meswitch.registry import Registry
+
+    reg = Registry()
+    before = reg.get_version("meswitch-router", alias="production")
+    inbox = make_inbox(scenario.family, tmp_path / "inbox", ["math"])
+    (inbox / "math").rename(inbox / "arithmetic")
+    rename_card(inbox / "arithmetic", "arithmetic")
+    shard = next((inbox / "arithmetic").glob("*.safetensors"))  # another expert's weights, not math's copy
+    tensors = load_file(shard)
+    norm = next(k for k in tensors if k.endswith("norm.weight"))
+    tensors[norm] = tensors[norm] * 1.001
+    save_file(tensors, shard, metadata={"format": "pt"})
+    math_queries = [line for line in scenario.queries.read_text().splitlines() if json.loads(line)["domain"] == "math"]
+    queries = tmp_path / "queries.jsonl"  # the held-out set covers every domain of the new router
+    queries.write_text(
+        scenario.queries.read_text() + "".join(line.replace('"math"', '"arithmetic"') + "\n" for line in math_queries)
+    )
+    from meswitch.flows import run_pipeline
+
+    state = run_pipeline(
+        inbox, scenario.family / "base", config_file=scenario.config, gates_file=scenario.gates,
+        work_dir=scenario.work, router_test_queries=queries, base_name="micro", return_state=True,
+    )  # fmt: skip
+    assert state.is_completed(), state.message
+    router = state.result()["router"]
+    assert router["status"] == "rejected" and router["retrained"], router
+    # the reason names the domain and by how much: math's queries went to arithmetic, or arithmetic's to math
+    named = ("max_domain_accuracy_drop: math fell from", "min_new_domain_accuracy: new domain arithmetic")
+    assert router["reasons"] and any(r.startswith(named) for r in router["reasons"]), router["reasons"]
+    after = reg.get_version("meswitch-router", alias="production")
+    assert after.version == before.version  # the old router keeps serving
+    assert "arithmetic" not in after.tags["routing_key"]

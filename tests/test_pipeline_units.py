@@ -54,7 +54,37 @@ def test_expert_gates_say_which_failed_and_why():
         r = check_expert_gates({"kl": 0.01, "ppl_ratio": 1.0, **scores}, gates)
         assert r.passed and "not applied" in r.to_dict()["min_task_ratio"]["note"]
     assert not check_expert_gates({"kl": float("nan"), "ppl_ratio": 1.0}, gates).passed
-    assert not check_router_gates(0.4, Gates(min_router_accuracy=0.6)).passed
+    assert not check_router_gates({"accuracy": 0.4, "per_domain": {}}, Gates(min_router_accuracy=0.6)).passed
+
+
+def _router_eval(**acc: float) -> dict:
+    return {
+        "accuracy": sum(acc.values()) / len(acc),
+        "per_domain": {d: {"n": 50, "accuracy": a} for d, a in acc.items()},
+    }
+
+
+def test_router_gate_is_per_domain_and_says_which_domain_failed_by_how_much():
+    gates = Gates()
+    old = {"code": 0.98, "math": 1.0}
+    # a new domain that steals code's queries: overall accuracy still high, but code drops 8 points
+    report = check_router_gates(_router_eval(code=0.90, math=1.0, english=0.96), gates, old)
+    assert not report.passed
+    assert report.reasons == [
+        "max_domain_accuracy_drop: code fell from 0.980 to 0.900 (8.0 points; at most 2.0 allowed)"
+    ]
+    # within two points, and a new domain at 90% or more: promoted
+    assert check_router_gates(_router_eval(code=0.96, math=0.99, english=0.9), gates, old).passed
+    # a new domain under 90%
+    weak = check_router_gates(_router_eval(code=0.98, math=1.0, english=0.8), gates, old)
+    assert weak.reasons == ["min_new_domain_accuracy: new domain english: 0.800 is below 0.900"]
+    # a domain without held-out queries cannot be checked: refused, not passed
+    missing = _router_eval(code=0.98, math=1.0)
+    missing["per_domain"]["english"] = {"n": 0, "accuracy": float("nan")}
+    assert "english: no held-out queries" in check_router_gates(missing, gates, old).reasons[0]
+    # the first router has nothing to compare with: every domain is new
+    assert not check_router_gates(_router_eval(code=0.85, math=1.0), gates).passed
+    assert check_router_gates(None, gates).passed  # no test queries at all: not applied, and says so
 
 
 def test_config_sections_gates_and_unknown_keys(tmp_path):

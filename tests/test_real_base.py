@@ -42,20 +42,23 @@ class _Split:
     size, eval_docs, calib_docs, max_train_docs, routing_train, routing_test = "test", 48, 64, 600, 4, 4
 
 
-@pytest.fixture(scope="session")
-def math_expert(smol_base: Path, tmp_path_factory) -> Path:
-    """A short real fine-tune of the base on math conversations, saved in fp32 (its delta is small)."""
+def _short_expert(smol_base: Path, domain: str, out: Path, n_generated: int = 2000) -> Path:
+    """A short real fine-tune of the base on ``domain``'s conversations, saved in fp32 (its delta is small)."""
     tok = AutoTokenizer.from_pretrained(smol_base)
-    data = split_domain(load_corpus("math", n_generated=2000), _Split, seed=0)
+    data = split_domain(load_corpus(domain, n_generated=n_generated), _Split, seed=0)
     model = AutoModelForCausalLM.from_pretrained(smol_base, dtype=torch.float32)
     stream, labels = _chat_stream(tok, data, 4 * 8 * 129)
-    train(model, [stream], TrainConfig(12, 8, 128, 1e-4, 2, weight_decay=0.0, autocast=True), 1, "math", [labels])
-    out = tmp_path_factory.mktemp("real") / "math"
+    train(model, [stream], TrainConfig(12, 8, 128, 1e-4, 2, weight_decay=0.0, autocast=True), 1, domain, [labels])
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     for name, docs in (("calib.jsonl", data.calib), ("eval.jsonl", data.eval)):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in _rows(tok, data, docs)), encoding="utf-8")
     return out
+
+
+@pytest.fixture(scope="session")
+def math_expert(smol_base: Path, tmp_path_factory) -> Path:
+    return _short_expert(smol_base, "math", tmp_path_factory.mktemp("real") / "math")
 
 
 def test_base_is_an_hf_folder_with_its_source_and_answers_right(smol_base: Path, capsys):
@@ -143,7 +146,7 @@ def test_evaluation_keeps_the_delta_in_fp32(smol_base: Path, math_expert: Path, 
     assert kl8 < 0.25 * rounded, (kl8, rounded)  # 8-bit delta kept apart: far closer than a bf16-rounded copy
 
 
-def test_vocabulary_extended_expert_goes_through_the_same_path(smol_base: Path, tmp_path: Path):
+def test_vocabulary_extended_expert_goes_through_the_same_path(smol_base: Path, tmp_path: Path, capsys):
     """Added tokens on a tied embedding: the rows are kept whole, and the expert's perplexity is per character."""
     from meswitch.demo.chat_family import extend_vocabulary
 
@@ -168,5 +171,86 @@ def test_vocabulary_extended_expert_goes_through_the_same_path(smol_base: Path, 
         ExpertInfo("chinese-vocab", "chinese"), "cpu",
     )  # fmt: skip
     assert manifest.tensors["model.embed_tokens.weight"]["extra_rows"] == 16
+    assert manifest.method["salient"] == 0  # fixed precision keeps no salient channels, and the manifest says so
+    capsys.readouterr()
+    main(["inspect", str(art)])
+    assert (
+        "added vocabulary rows: model.embed_tokens.weight: 16 rows beyond the base's 49152" in capsys.readouterr().out
+    )
     result = Evaluator(smol_base, folder, EvalData.from_jsonl(folder / "eval.jsonl"), "cpu").evaluate(art)
     assert result.ppl_unit == "char" and result.kl < 0.05 and 0.9 < result.ppl_ratio < 1.1
+
+
+MATH_EXAMPLES = ["What is 17 plus 25?", "Tom has 12 apples and eats 5. How many are left?", "Calculate 6 times 7."]
+CODE_EXAMPLES = ["Write a Python function that reverses a list.", "Implement the os.path.join function in Python."]
+
+
+def test_openai_client_on_the_real_family_gets_answers_from_the_routed_expert(smol_base, math_expert, tmp_path):
+    """Two compressed SmolLM2 experts behind the OpenAI API: model "auto" routes a math question to math and a
+    code request to code; the answer is the compressed expert's own greedy reply in the chat template, ending at
+    the end-of-turn token; a request that cannot fit the context window is a 400 that says so."""
+    import openai
+    import yaml
+    from transformers import DynamicCache
+
+    from meswitch.compression.api import CompressJob, run_compress
+    from meswitch.compression.reconstruct import load_expert_model, open_artifact
+    from meswitch.routing import RouterJob, train_router
+    from meswitch.routing.embedding import EmbeddingConfig
+    from meswitch.serving.api import Server, ServerConfig, ServerThread, render_chat
+    from meswitch.serving.batching import SchedulerConfig
+    from meswitch.serving.engine import EngineConfig, _cache_kwarg
+    from meswitch.serving.loader import LocalSource, ModelManager
+
+    code = _short_expert(smol_base, "code", tmp_path / "code")
+    experts = {"math": math_expert, "code": code}
+    for name, folder, examples in (("math", math_expert, MATH_EXAMPLES), ("code", code, CODE_EXAMPLES)):
+        card = {"name": name, "domain": name, "description": f"{name} questions", "examples": examples,
+                "calibration": "calib.jsonl", "evaluation": "eval.jsonl"}  # fmt: skip
+        (folder / "expert.yaml").write_text(yaml.safe_dump(card))
+        run_compress(
+            CompressJob(smol_base, folder, folder / "calib.jsonl", tmp_path / "artifacts" / name,
+                        ExpertInfo(name, name), calib_cfg=CalibConfig(samples=8, seq_len=128), device="cpu")
+        )  # fmt: skip
+    router = tmp_path / "router"
+    train_router(RouterJob(list(experts.values()), router, backend="embedding", device="cpu",
+                           embedding=EmbeddingConfig(encoder=str(smol_base))))  # fmt: skip
+    source = LocalSource(smol_base, [tmp_path / "artifacts"], router)
+    manager = ModelManager(source, EngineConfig(device="cpu"), SchedulerConfig(max_batch=4, window_s=0.002))
+    manager.start()
+    server = ServerThread(Server(manager, ServerConfig(max_tokens_limit=256)).app).start()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+        base = Checkpoint(smol_base)
+        for domain, question in (("math", "Tom has 12 apples and eats 5. How many apples are left?"),
+                                 ("code", "Write a Python function that returns the square of a number.")):  # fmt: skip
+            messages = [{"role": "user", "content": question}]
+            r = client.chat.completions.create(model="auto", messages=messages, max_tokens=40, temperature=0)
+            assert r.model == domain and r.model_extra["routing"]["domain"] == domain, r.model_extra
+            tok = manager.current.experts[domain].tokenizer
+            ids = render_chat(tok, messages)  # the base's chat template, with the assistant turn opened
+            assert tok.decode(ids).rstrip().endswith("<|im_start|>assistant")
+            model = load_expert_model(base, open_artifact(tmp_path / "artifacts" / domain, base))
+            expected, cache = [], DynamicCache()
+            with torch.inference_mode():
+                kw = {_cache_kwarg(type(model)): cache, "use_cache": True}
+                logits = model(input_ids=torch.tensor([ids]), **kw).logits
+                for _ in range(40):
+                    t = int(logits[0, -1].argmax())
+                    if t == tok.convert_tokens_to_ids("<|im_end|>"):
+                        break
+                    expected.append(t)
+                    logits = model(input_ids=torch.tensor([[t]]), **kw).logits
+            text = r.choices[0].message.content
+            assert text == tok.decode(expected, skip_special_tokens=True) != ""
+            assert "<|im_end|>" not in text and "<|im_start|>" not in text
+            assert r.choices[0].finish_reason == ("stop" if len(expected) < 40 else "length")
+        window = manager.current.engine.max_positions
+        assert window == 8192  # SmolLM2's context window
+        long = [{"role": "user", "content": "one " * (window - 100)}]  # fits alone, not with 256 new tokens
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="math", messages=long, max_tokens=256)
+        assert "context" in str(e.value)
+    finally:
+        server.stop()
+        manager.close()

@@ -341,3 +341,25 @@ def test_cli_train_eval_route(fam, tmp_path, capsys):
     assert "confidence" in capsys.readouterr().out
     assert main(["route", str(out), "word " * 2000, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["truncated"] is True
+    # many queries, the router loaded once: plain lines and JSONL, one result (with its latency) per query
+    (tmp_path / "q.txt").write_text("What is 3 times 4?\n\nWrite a function\n")
+    (tmp_path / "q.jsonl").write_text('{"text": "What is 3 times 4?"}\n{"text": "Write a function"}\n')
+    for name in ("q.txt", "q.jsonl"):
+        assert main(["route", str(out), "--file", str(tmp_path / name), "--json"]) == 0
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert len(rows) == 2 and all(r["latency_ms"] > 0 and "domain" in r for r in rows)
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')
+    assert main(["route", str(out), "--file", str(tmp_path / "bad.jsonl")]) != 0
+    assert "bad.jsonl:2: expected a JSON object with a 'text' field" in capsys.readouterr().err
+    assert main(["route", str(out)]) != 0  # neither a query nor a file
+
+
+def test_calibration_error_is_zero_when_confidence_matches_accuracy_and_large_when_overconfident():
+    from meswitch.routing.evaluate import calibration
+
+    # 10 queries at confidence 0.8, 8 right: calibrated
+    ece, bins = calibration([0.8] * 10, [True] * 8 + [False] * 2)
+    assert ece == pytest.approx(0.0) and bins == [{"lo": 0.7, "hi": 0.8, "n": 10, "confidence": 0.8, "accuracy": 0.8}]
+    # sure of every answer and right half the time: ECE 0.5
+    ece, _ = calibration([0.99] * 10, [True, False] * 5)
+    assert ece == pytest.approx(0.49)

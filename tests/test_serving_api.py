@@ -148,11 +148,15 @@ def test_auto_routes_each_query_to_its_domains_expert(live, served_family):  # n
             routing = r.model_extra["routing"]
             direct = router.route(text)
             assert routing["domain"] == direct.domain and routing["confidence"] == pytest.approx(direct.confidence)
+            assert routing["latency_ms"] > 0  # the router's own time, measured in the server
             answered = "base" if routing["fallback"] and routing["expert"] is None else experts[routing["domain"]]
             assert r.model == answered
             right += routing["domain"] == domain and r.model == experts[domain]
             total += 1
     assert right >= 0.75 * total, f"auto routed {right}/{total} queries to their domain's expert"
+    assert live.metrics.route_seconds.collect()[0].samples  # the server's routing latency histogram
+    counted = {s.name: s.value for s in live.metrics.route_seconds.collect()[0].samples}
+    assert counted["meswitch_route_seconds_count"] >= total
     # Streaming answers carry the routing too.
     text = per_domain[sorted(per_domain)[0]][0]
     chunks = list(client.completions.create(model="auto", prompt=text, max_tokens=2, temperature=0, stream=True))
@@ -260,6 +264,26 @@ def test_health_and_metrics(live, served_family):  # noqa: F811
         "meswitch_inflight_requests 0.0",
     ):
         assert needle in text, needle
+    # a client's model field never becomes a label of its own: unknown names share one
+    for i in range(3):
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model=f"no-such-model-{i}", prompt="hello", max_tokens=1)
+    text = httpx.get(f"{live.open.url}/metrics").text
+    assert "no-such-model" not in text
+    label = 'meswitch_requests_total{endpoint="completions",model="unknown",status="404"} '
+    counted = [float(line.removeprefix(label)) for line in text.splitlines() if line.startswith(label)]
+    assert counted and counted[0] >= 3  # (other tests of this module may have asked for unknown names too)
+
+
+def test_unknown_chat_roles_are_refused_with_400(live, served_family):  # noqa: F811
+    name = sorted(served_family.artifacts)[0]
+    with pytest.raises(openai.BadRequestError) as e:
+        live.client().chat.completions.create(
+            model=name,
+            messages=[{"role": "wizard", "content": "hello"}],
+            max_tokens=2,  # type: ignore[list-item]
+        )
+    assert "role" in str(e.value)
 
 
 def test_meswitch_serve_command_serves_on_loopback(served_family, tmp_path):  # noqa: F811
@@ -297,3 +321,23 @@ def test_meswitch_serve_command_serves_on_loopback(served_family, tmp_path):  # 
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(30) is not None
+
+
+def test_serve_refuses_to_expose_an_unauthenticated_server(served_family, monkeypatch, capsys):  # noqa: F811
+    from meswitch.cli import main
+
+    monkeypatch.delenv("MESWITCH_API_KEY", raising=False)
+    rc = main(
+        [
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--base",
+            str(served_family.base),
+            "--experts",
+            str(served_family.artifact_dir()),
+        ]
+    )
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "without authentication" in err and "--api-key" in err and "--allow-no-auth" in err

@@ -218,3 +218,20 @@ def test_artifacts_for_another_base_or_tampered_are_refused(served_family, tmp_p
     eng.add_expert(good)
     with pytest.raises(EngineError, match="already loaded"):
         eng.add_expert(good)
+
+
+def test_frequency_and_presence_penalties_change_only_the_rows_that_ask():
+    def req(**kw) -> GenRequest:
+        return GenRequest(prompt=[1], slot=None, max_new_tokens=4, on_event=lambda ev: None, **kw)
+
+    plain, freq, pres = req(), req(frequency_penalty=0.5), req(presence_penalty=0.2)
+    for r in (plain, freq, pres):
+        r.counts = {0: 1}  # token 0 generated once already
+    with torch.inference_mode():  # as the engine's outputs are
+        logits = torch.tensor([[1.0, 0.9, 0.0]]).repeat(3, 1)
+    out = Scheduler._sample(None, logits, [plain, freq, pres])
+    # 1.0 - 0.5 < 0.9: the frequency penalty moves row 1 to token 1; 1.0 - 0.2 = 0.8 < 0.9 too; the plain row stays
+    assert out.tolist() == [0, 1, 1]
+    weak = req(presence_penalty=0.05)
+    weak.counts = {0: 3}
+    assert Scheduler._sample(None, logits[:1], [weak]).tolist() == [0]  # presence counts once, not 3 times

@@ -18,7 +18,12 @@ def register(sub) -> None:
     )
     p.add_argument("--base", type=Path, required=True, help="base model folder (Hugging Face layout, safetensors)")
     p.add_argument("--expert", type=Path, required=True, help="fine-tuned expert folder of the same architecture")
-    p.add_argument("--calib", type=Path, help="calibration texts (.jsonl with a 'text' field, or .txt one per line)")
+    p.add_argument(
+        "--calib",
+        type=Path,
+        help="calibration texts (.jsonl with a 'text' field, or .txt one per line); required for --method meswitch "
+        "(the default) and --rounding gptq",
+    )
     p.add_argument("--out", type=Path, required=True, help="artifact folder to write (replaced atomically)")
     _add_method_args(p)
     p.add_argument("--name", help="expert name recorded in the manifest (default: the expert folder's name)")
@@ -197,6 +202,11 @@ def _inspect(args) -> int:
     print(f"method  {json.dumps(manifest.method, sort_keys=True)}")
     print(f"metrics {json.dumps(manifest.metrics, sort_keys=True)}")
     print(f"checksums: {status} ({len(manifest.files)} files)")
+    added = {n: t["extra_rows"] for n, t in manifest.tensors.items() if t.get("extra_rows")}
+    for name, rows in added.items():  # a vocabulary-extended expert: rows past the base's, kept whole
+        print(
+            f"added vocabulary rows: {name}: {rows} rows beyond the base's {manifest.metadata.get('base_vocab')} (fp16)"
+        )
     if manifest.layers:
         print(f"\n{'layer':<44} {'shape':>12} {'bits':>4} {'k':>5} {'bits/p':>7} {'rel.err':>8} {'act.err':>8}")
         for r in manifest.layers:

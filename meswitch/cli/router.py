@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 
 from meswitch.cli import CommandError
@@ -85,9 +87,15 @@ def register(sub) -> None:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=_eval)
 
-    r = sub.add_parser("route", help="route one query with a router artifact: domain, expert, confidence")
+    r = sub.add_parser(
+        "route",
+        help="route queries with a router artifact: domain, expert, confidence",
+        description="Route QUERY, or with --file every line of a file (- for stdin: one query per line, or "
+        "JSONL with a 'text' field), loading the router once; one result per line, with its latency.",
+    )
     r.add_argument("router", type=Path, help="router artifact folder")
-    r.add_argument("query", help="the query text")
+    r.add_argument("query", nargs="?", help="the query text (or use --file)")
+    r.add_argument("--file", help="queries, one per line (.jsonl: a 'text' field per line); - reads stdin")
     r.add_argument("--base-model", type=Path, help="base model for a LoRA / un-fine-tuned MCQ router, if moved")
     r.add_argument("--threshold", type=float, help="override the artifact's confidence threshold")
     r.add_argument("--orders", type=int, help="MCQ: override how many option orders are averaged (0: all)")
@@ -186,16 +194,41 @@ def _eval(args) -> int:
 
 
 def _route(args) -> int:
+    if (args.query is None) == (args.file is None):
+        raise CommandError("give one QUERY, or --file with many (- for stdin)")
     router = _load(args)
-    result = router.route(args.query)
-    if args.json:
-        print(json.dumps(result.to_dict(), ensure_ascii=False))
-        return 0
-    target = result.expert or "the base model"
-    line = f"{target} (domain {result.domain}, confidence {result.confidence:.3f})"
-    if result.fallback:
-        line += f"; fallback: {result.reason}"
-    if result.truncated:
-        line += "; the query was longer than the router's context and was truncated"
-    print(line)
+    queries = [args.query] if args.file is None else _read_queries(args.file)  # lazily: stdin streams
+    for query in queries:
+        t0 = time.perf_counter()
+        result = router.route(query)
+        ms = (time.perf_counter() - t0) * 1000
+        if args.json:
+            print(json.dumps({**result.to_dict(), "latency_ms": round(ms, 3)}, ensure_ascii=False), flush=True)
+            continue
+        target = result.expert or "the base model"
+        line = f"{target} (domain {result.domain}, confidence {result.confidence:.3f}, {ms:.1f} ms)"
+        if result.fallback:
+            line += f"; fallback: {result.reason}"
+        if result.truncated:
+            line += "; the query was longer than the router's context and was truncated"
+        print(line, flush=True)
     return 0
+
+
+def _read_queries(source: str):
+    """Queries from a file or stdin: JSONL lines with a 'text' field, or plain lines; blank lines skipped."""
+    if source != "-" and not Path(source).is_file():
+        raise CommandError(f"{source}: no such file")
+    stream = sys.stdin if source == "-" else open(source, encoding="utf-8")  # noqa: SIM115
+    with stream:
+        for n, line in enumerate(stream, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    yield json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise CommandError(f"{source}:{n}: expected a JSON object with a 'text' field ({e})") from e
+            else:
+                yield line

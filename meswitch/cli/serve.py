@@ -40,6 +40,11 @@ def register(sub) -> None:
         "--reload-interval", type=float, default=30.0, help="seconds between checks for moved aliases (0: only on POST)"
     )
     p.add_argument("--api-key", default=os.environ.get("MESWITCH_API_KEY"), help="bearer token (env MESWITCH_API_KEY)")
+    p.add_argument(
+        "--allow-no-auth",
+        action="store_true",
+        help="bind an address other than loopback without --api-key (anyone who reaches it can use the GPU)",
+    )
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the model's context)")
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask (default 1024)")
     p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before 429 (default 64)")
@@ -53,7 +58,15 @@ def _gib(value: float | None) -> int | None:
     return None if value is None else int(value * (1 << 30))
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def _serve(args) -> int:
+    if args.host not in LOOPBACK and not args.api_key and not args.allow_no_auth:
+        raise CommandError(
+            f"--host {args.host} exposes the server beyond this machine without authentication: pass --api-key "
+            "(or set MESWITCH_API_KEY), or --allow-no-auth if that is what you want"
+        )
     try:
         import uvicorn
 

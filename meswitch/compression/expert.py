@@ -189,7 +189,7 @@ def compress_expert(
             description=info.description,
             base_fingerprint=pairing.base_fingerprint,
             source_fingerprint=pairing.expert_fingerprint,
-            method={**dataclasses.asdict(config), "refine": refine, "calibrated": stats is not None},
+            method={**_method_record(config), "refine": refine, "calibrated": stats is not None},
             layers=layers,
             tensors=handling,
             metrics={
@@ -216,6 +216,14 @@ def compress_expert(
         2 * num_params / total_bytes,
     )
     return manifest
+
+
+def _method_record(config: DeltaConfig) -> dict:
+    """The config as the artifact was really made: the grid the method used (BitDelta: 1 bit, symmetric, one step
+    per tensor) and no salient fraction for methods that keep none."""
+    spec = config.quant_spec()
+    selects = config.method in ("meswitch", "magnitude")
+    return {**dataclasses.asdict(config), **_spec_dict(spec), "salient": config.salient if selects else 0}
 
 
 def _spec_dict(spec) -> dict:

@@ -1,14 +1,18 @@
 """`make demo`: a demo family through the whole system, with nothing but this machine.
 
-1. build the tiny demo family (skipped when OUT/family is already built)
+1. build the demo family: by default the real one (SmolLM2-135M-Instruct and its chat experts, kept in
+   ~/.cache/meswitch/families/smol so another clone reuses it); `--size tiny` for the 3M-parameter one
+   (skipped when already built)
 2. copy its experts into a local inbox (OUT/inbox; what is already there stays)
 3. run the expert pipeline with the embedded defaults: Prefect's ephemeral API, MLflow on SQLite and
    artifacts in a folder, all under OUT/ (a second run finds everything processed and does nothing)
-4. start `meswitch serve` on the registry's production versions for a moment and send a few queries
-   of each domain with model "auto", printing which expert answered
-5. print the table (and write OUT/summary.json), and where the MLflow UI and the report are
+4. start `meswitch serve` on the registry's production versions for a moment and ask two held-out
+   questions of each domain with model "auto", and the base the same questions
+5. print the tables (and write OUT/summary.json and OUT/answers.md): the experts, and for each
+   question the routed expert, its confidence, its answer and the base's, marked where checkable;
+   then the commands that query the registry and the server again
 
-python -m meswitch.demo.main --out out/demo [--family DIR] [--size tiny] [--no-serve]
+python -m meswitch.demo.main --out out/demo [--family DIR] [--size smol|tiny] [--no-serve]
 """
 
 from __future__ import annotations
@@ -19,14 +23,20 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
+
+from meswitch.evaluation.metrics import FINAL_NUMBER, NEXT_LINE, task_hit
 
 log = logging.getLogger("meswitch.demo")
 
@@ -36,8 +46,19 @@ QUERIES_PER_DOMAIN = 2
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m meswitch.demo.main", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="everything the demo makes (default out/demo)")
-    p.add_argument("--family", type=Path, help="a demo family to use (default OUT/family, built when absent)")
-    p.add_argument("--size", default="tiny", help="family size when building one (default tiny)")
+    p.add_argument(
+        "--family",
+        type=Path,
+        help="a demo family to use (default: ~/.cache/meswitch/families/SIZE, or OUT/family for the tiny "
+        "one; built when absent)",
+    )
+    p.add_argument(
+        "--size",
+        default="smol",
+        choices=["smol", "smol-long", "tiny", "micro", "small"],
+        help="the family: smol (default; SmolLM2-135M-Instruct experts, about 10 minutes to build on 2 CPU "
+        "cores, once), tiny (the 3M-parameter demo model)",
+    )
     p.add_argument("--no-serve", action="store_true", help="stop after the pipeline")
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -54,12 +75,17 @@ def main(argv: list[str] | None = None) -> int:
                 "MESWITCH_S3_BUCKET"):  # fmt: skip
         os.environ.pop(key, None)
 
-    family = build(args.family.resolve() if args.family else out / "family", args.size)
+    family = build(args.family.resolve() if args.family else default_family(out, args.size), args.size)
     inbox = fill_inbox(family, out / "inbox")
     summary = run(family, inbox, out)
     served = [] if args.no_serve else serve_and_ask(family, out)
-    result = write_summary(out, summary, served, time.perf_counter() - start)
+    result = write_summary(out, summary, served, time.perf_counter() - start, family)
     print_table(result)
+    if served:
+        answers = answers_markdown(result)
+        (out / "answers.md").write_text(answers, encoding="utf-8")
+        print("\n" + answers)
+    print(again(out, result))
     return 0
 
 
@@ -76,14 +102,25 @@ def embedded_env(out: Path) -> dict[str, str]:
     }
 
 
+CHAT_SIZES = ("smol", "smol-long")
+
+
+def default_family(out: Path, size: str) -> Path:
+    """The real families live in the user's cache (a second clone reuses them); the tiny one under OUT."""
+    from meswitch.demo import cache_dir
+
+    return cache_dir().parent / "families" / size if size in CHAT_SIZES else out / "family"
+
+
 def build(family: Path, size: str) -> Path:
     from meswitch.demo import build_family
+    from meswitch.demo.chat_family import build_chat_family
 
     if (family / "family.json").is_file():
         log.info("demo family: %s (already built)", family)
     else:
-        log.info("building the %s demo family in %s (about ten minutes on two CPU cores)", size, family)
-    return build_family(family, size=size)
+        log.info("building the %s demo family in %s (about ten minutes on two CPU cores, once)", size, family)
+    return build_chat_family(family, size=size) if size in CHAT_SIZES else build_family(family, size=size)
 
 
 def fill_inbox(family: Path, inbox: Path) -> Path:
@@ -117,7 +154,8 @@ def family_name(family: Path) -> str:
 
 
 def serve_and_ask(family: Path, out: Path) -> list[dict[str, Any]]:
-    """Start `meswitch serve` on the production versions, ask each domain a few questions, stop it."""
+    """Start `meswitch serve` on the production versions, ask each domain's questions with model "auto" and
+    the base the same ones, stop it."""
     port = _free_port()
     log_path = out / "serve.log"
     cmd = [str(Path(sys.executable).with_name("meswitch")), "serve", "--port", str(port), "--device", "cpu",
@@ -130,36 +168,86 @@ def serve_and_ask(family: Path, out: Path) -> list[dict[str, Any]]:
                                 start_new_session=True)  # fmt: skip
     try:
         _wait_healthy(port, proc, log_path)
-        answers = []
-        for domain, query in _queries(family):
-            body = {"model": "auto", "messages": [{"role": "user", "content": query}], "max_tokens": 24,
-                    "temperature": 0}  # fmt: skip
-            reply = _post(f"http://127.0.0.1:{port}/v1/chat/completions", body)
-            routing = reply.get("routing") or {}
-            answers.append({
-                "domain": domain, "query": query, "expert": reply.get("model"),
-                "confidence": routing.get("confidence"), "answer": reply["choices"][0]["message"]["content"],
-            })  # fmt: skip
-            mark = "ok" if reply.get("model") == domain else "!="
-            answer = _short(answers[-1]["answer"], 40)
-            print(f"  {domain:>8} {mark} answered by {reply.get('model')!s:<8} {_short(query, 56)!r} -> {answer!r}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as r:
+            models = json.loads(r.read())["data"]
+        base_name = next((m["id"] for m in models if m.get("meswitch", {}).get("kind") == "base"), None)
+        # every question at once, to the experts and the base: the server batches them into shared forward passes
+        asked = questions(family)
+        with ThreadPoolExecutor(max_workers=2 * len(asked)) as pool:
+            routed = [pool.submit(_ask, port, "auto", q["question"]) for q in asked]
+            based = [pool.submit(_ask, port, base_name, q["question"]) if base_name else None for q in asked]
+            answers = []
+            for q, fut, base_fut in tqdm(zip(asked, routed, based, strict=True), total=len(asked),
+                                         desc="asking the server", unit="question"):  # fmt: skip
+                reply = fut.result()
+                routing = reply.get("routing") or {}
+                row = {**q, "expert": reply.get("model"), "confidence": routing.get("confidence"),
+                       "answer": reply["choices"][0]["message"]["content"]}  # fmt: skip
+                if base_fut is not None:
+                    row["base_answer"] = base_fut.result()["choices"][0]["message"]["content"]
+                if q.get("expected") is not None:
+                    row["right"] = task_hit(q["metric"], row["answer"], q["expected"])
+                    row["base_right"] = task_hit(q["metric"], row.get("base_answer", ""), q["expected"])
+                answers.append(row)
         return answers
     finally:
         _stop(proc)
 
 
-def _queries(family: Path) -> list[tuple[str, str]]:
-    rows = [json.loads(line) for line in (family / "routing" / "test.jsonl").read_text().splitlines() if line.strip()]
-    by_domain: dict[str, list[str]] = {}
-    for r in rows:
-        by_domain.setdefault(r["domain"], []).append(r["text"])
+MAX_TOKENS = 64  # enough for a worked answer to an arithmetic problem
+# greedy: what each expert itself says (a frequency penalty of 0.3 barely curbed the short Chinese expert's
+# repetition and turned a right sum wrong)
+DECODING = {"temperature": 0}
+
+
+def _ask(port: int, model: str, question: str) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": MAX_TOKENS,
+            **DECODING}  # fmt: skip
+    return _post(f"http://127.0.0.1:{port}/v1/chat/completions", body)
+
+
+_USER_TURN = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.S)  # SmolLM2's chat template (ChatML)
+
+
+def questions(family: Path) -> list[dict[str, Any]]:
+    """Two held-out questions per domain: the user turns of its evaluation conversations (with their answer
+    where the domain has a checkable one), or, for a family without chat data, its routing test queries."""
     rng = random.Random(0)
-    return [
-        (d, q) for d in sorted(by_domain) for q in rng.sample(by_domain[d], min(QUERIES_PER_DOMAIN, len(by_domain[d])))
-    ]
+    out = []
+    for expert in sorted(p for p in (family / "experts").iterdir() if p.is_dir()):
+        rows = [json.loads(line) for line in (expert / "eval.jsonl").read_text().splitlines() if line.strip()]
+        asked = []
+        for r in rows:
+            turn = _USER_TURN.search(r.get("prompt") or r["text"])
+            if turn and (r.get("metric") != NEXT_LINE):  # a cut-off function is a completion, not a question
+                checkable = r.get("metric") == FINAL_NUMBER
+                asked.append({"domain": expert.name, "question": turn.group(1).strip(),
+                              "expected": r["answer"] if checkable else None, "metric": r.get("metric")})  # fmt: skip
+        out += rng.sample(asked, min(QUERIES_PER_DOMAIN, len(asked)))
+    if not out:  # the tiny family: plain text, no conversations
+        rows = [json.loads(line) for line in (family / "routing" / "test.jsonl").read_text().splitlines() if line]
+        by_domain: dict[str, list[str]] = {}
+        for r in rows:
+            by_domain.setdefault(r["domain"], []).append(r["text"])
+        for d in sorted(by_domain):
+            for q in rng.sample(by_domain[d], min(QUERIES_PER_DOMAIN, len(by_domain[d]))):
+                out.append({"domain": d, "question": q, "expected": None, "metric": None})
+    return out
 
 
-def write_summary(out: Path, summary: dict, served: list[dict], seconds: float) -> dict:
+def family_scores(family: Path) -> dict[str, dict]:
+    """Per expert, what family.json measured on its held-out data: perplexity and task score, expert against base."""
+    experts = json.loads((family / "family.json").read_text()).get("experts", {})
+    out = {}
+    for name, e in experts.items():
+        task = e.get("task") or {}
+        out[name] = {"ppl": e.get("ppl_own_domain"), "base_ppl": e.get("base_ppl_own_domain"),
+                     "task_metric": task.get("metric"), "task_prompts": task.get("prompts"),
+                     "task_score": task.get("expert"), "base_task_score": task.get("base")}  # fmt: skip
+    return out
+
+
+def write_summary(out: Path, summary: dict, served: list[dict], seconds: float, family: Path) -> dict:
     experts = [
         {
             "name": e["name"],
@@ -186,6 +274,9 @@ def write_summary(out: Path, summary: dict, served: list[dict], seconds: float) 
         "router_status": router.get("status"),
         "base": summary.get("base"),
         "served": served,
+        "family": str(family),
+        "family_scores": family_scores(family),
+        "home": os.environ.get("MESWITCH_HOME"),
         "mlflow_ui": Tracker().ui_command(),
         "report": str(out / "report" / "pipeline_summary.md"),
         "summary": str(out / "summary.json"),
@@ -224,6 +315,53 @@ def print_table(result: dict) -> None:
     print(f"report:     {result['report']}")
     print(f"summary:    {result['summary']}")
     print(f"wall time:  {result['wall_seconds']:.0f} s")
+
+
+def answers_markdown(result: dict) -> str:
+    """The questions table: routed expert and confidence, its answer and the base's, right or wrong where checkable."""
+
+    def cell(text: str | None, right: bool | None) -> str:
+        mark = {True: "✅ ", False: "❌ ", None: ""}[right]
+        return mark + _short(text or "", 90).replace("|", "\\|")
+
+    lines = [
+        f"Greedy answers ({', '.join(f'{k} {v}' for k, v in DECODING.items())}, at most {MAX_TOKENS} tokens), "
+        "two held-out questions per domain:\n",
+        "| domain | question | routed to (confidence) | compressed expert's answer | base's answer |",
+        "|---|---|---|---|---|",
+    ]
+    for a in result["served"]:
+        conf = "-" if a.get("confidence") is None else f"{a['confidence']:.2f}"
+        lines.append(
+            f"| {a['domain']} | {_short(a['question'], 70).replace('|', '/')} | {a['expert']} ({conf}) | "
+            f"{cell(a['answer'], a.get('right'))} | {cell(a.get('base_answer'), a.get('base_right'))} |"
+        )
+    scored = [a for a in result["served"] if a.get("right") is not None]
+    if scored:
+        lines.append(
+            f"\nCheckable answers right: experts {sum(a['right'] for a in scored)}/{len(scored)}, "
+            f"base {sum(a['base_right'] for a in scored)}/{len(scored)}."
+        )
+    tasks = {n: s for n, s in result.get("family_scores", {}).items() if s.get("task_score") is not None}
+    for name, s in sorted(tasks.items()):
+        lines.append(
+            f"Held-out task ({s.get('task_metric')}, {s.get('task_prompts', '?')} problems, full expert): "
+            f"{name} {s['task_score']:.3f} against the base's {s['base_task_score']:.3f}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def again(out: Path, result: dict) -> str:
+    """The commands that reach this run's registry and a server on it again."""
+    home = result.get("home") or str(out / "home")
+    return (
+        "\nquery it again (the registry lives in MESWITCH_HOME):\n"
+        f"  export MESWITCH_HOME={home} PREFECT_HOME={out / 'prefect'}\n"
+        "  .venv/bin/meswitch registry list\n"
+        "  .venv/bin/meswitch serve --port 8000 --device cpu &\n"
+        "  curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        '    -d \'{"model": "auto", "messages": [{"role": "user", "content": "What is 17 plus 25?"}]}\'\n'
+    )
 
 
 # -- small helpers ------------------------------------------------------------------------------------

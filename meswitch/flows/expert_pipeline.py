@@ -36,7 +36,7 @@ from prefect.transactions import CommitMode, transaction
 
 from meswitch.flows import tasks as t
 from meswitch.flows.config import BASE_PREFIX, PipelineConfig, is_registry_ref, load_config
-from meswitch.flows.gates import check_expert_gates, check_router_gates, task_ratio
+from meswitch.flows.gates import check_expert_gates, check_router_gates, per_domain_accuracy, task_ratio
 from meswitch.flows.summary import FAILED, PRODUCTION, REJECTED, ExpertOutcome, PipelineSummary, RouterOutcome
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,8 @@ def update_router(base_dir: str, base_fp: str, config: PipelineConfig, work_dir:
     artifact = t.writing(t.train_router, out)(cards, base_dir, config, str(out), train_key)
     ev = t.evaluate_router(artifact, base_dir, config.router.test_queries)
     accuracy = None if ev is None else round(float(ev["accuracy"]), 4)
-    report = check_router_gates(accuracy, config.gates)
+    previous = json.loads(current["heldout_per_domain"]) if current and current.get("heldout_per_domain") else None
+    report = check_router_gates(ev, config.gates, previous)
     status = PRODUCTION if report.passed else REJECTED
     params = {"domains": key, **{f"router.{k}": v for k, v in dataclasses.asdict(config.router).items()}}
     numbers = {k: v for k, v in artifact.metrics.items() if isinstance(v, (int, float))}
@@ -245,6 +246,7 @@ def update_router(base_dir: str, base_fp: str, config: PipelineConfig, work_dir:
     }
     if accuracy is not None:
         tags["heldout_accuracy"] = str(accuracy)
+        tags["heldout_per_domain"] = json.dumps(per_domain_accuracy(ev), sort_keys=True)
     rejected = "; ".join(report.reasons) if report.reasons else None
     version = io.publish(artifact, ROUTER_MODEL, tags, rejected)
     if report.passed:

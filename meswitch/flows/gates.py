@@ -24,6 +24,10 @@ class Gates:
     max_ppl_ratio: float = 1.05
     min_task_ratio: float = 0.9
     min_router_accuracy: float = 0.6
+    # per domain, against the router in production: no domain it routes may lose more than this much
+    # held-out accuracy, and a domain it does not route yet needs at least min_new_domain_accuracy
+    max_domain_accuracy_drop: float = 0.02
+    min_new_domain_accuracy: float = 0.9
 
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -116,12 +120,51 @@ def check_expert_gates(result: dict[str, Any], gates: Gates) -> GateReport:
     return GateReport(checks)
 
 
-def check_router_gates(accuracy: float | None, gates: Gates) -> GateReport:
-    if accuracy is None:
+def check_router_gates(
+    evaluation: dict[str, Any] | None, gates: Gates, previous: dict[str, float] | None = None
+) -> GateReport:
+    """The router gates on a held-out evaluation (``RouterEval.to_dict()``), domain by domain.
+
+    ``previous``: the production router's held-out accuracy per domain (None: there is none). Every domain of
+    the new router must have held-out queries; an old domain may drop by at most ``max_domain_accuracy_drop``,
+    a new one needs ``min_new_domain_accuracy``; and the overall accuracy ``min_router_accuracy``.
+    """
+    if evaluation is None:
         note = "not applied (no held-out routing queries)"
         return GateReport([GateCheck("min_router_accuracy", None, gates.min_router_accuracy, True, note)])
-    passed = accuracy >= gates.min_router_accuracy
-    return GateReport([GateCheck("min_router_accuracy", accuracy, gates.min_router_accuracy, passed)])
+    accuracy = float(evaluation["accuracy"])
+    checks = [
+        GateCheck("min_router_accuracy", accuracy, gates.min_router_accuracy, accuracy >= gates.min_router_accuracy)
+    ]
+    previous = previous or {}
+    for domain, row in sorted(evaluation.get("per_domain", {}).items()):
+        acc = row.get("accuracy")
+        if not row.get("n") or acc is None or math.isnan(acc):
+            note = f"{domain}: no held-out queries of this domain, so its routing cannot be checked"
+            checks.append(GateCheck("domain_has_test_queries", None, 1, False, note))
+        elif domain in previous:
+            drop = round(previous[domain] - acc, 4)
+            passed = drop <= gates.max_domain_accuracy_drop
+            note = (
+                ""
+                if passed
+                else (
+                    f"{domain} fell from {previous[domain]:.3f} to {acc:.3f} ({100 * drop:.1f} points; at most "
+                    f"{100 * gates.max_domain_accuracy_drop:.1f} allowed)"
+                )
+            )
+            checks.append(GateCheck("max_domain_accuracy_drop", drop, gates.max_domain_accuracy_drop, passed, note))
+        else:
+            passed = acc >= gates.min_new_domain_accuracy
+            note = "" if passed else f"new domain {domain}: {acc:.3f} is below {gates.min_new_domain_accuracy:.3f}"
+            checks.append(GateCheck("min_new_domain_accuracy", acc, gates.min_new_domain_accuracy, passed, note))
+    return GateReport(checks)
+
+
+def per_domain_accuracy(evaluation: dict[str, Any] | None) -> dict[str, float]:
+    """``{domain: held-out accuracy}`` of a router evaluation (what the next router's gate compares with)."""
+    rows = (evaluation or {}).get("per_domain", {})
+    return {d: float(r["accuracy"]) for d, r in rows.items() if r.get("n") and not math.isnan(r["accuracy"])}
 
 
 def task_ratio(result: dict[str, Any]) -> float | None:

@@ -32,6 +32,9 @@ class RouterEval:
     skipped_unknown_domain: int
     latency_ms: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+    # expected calibration error of the top choice's confidence, and the bins it is made of
+    ece: float | None = None
+    reliability: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +55,28 @@ def _backend_device(router: Router) -> torch.device:
         if owner is not None:
             return next(owner.parameters()).device
     return torch.device("cpu")
+
+
+def calibration(confidence: Sequence[float], correct: Sequence[bool], bins: int = 10) -> tuple[float, list[dict]]:
+    """(expected calibration error, per-bin ``{lo, hi, n, confidence, accuracy}``) over equal-width bins.
+
+    ECE is the mean over queries of |accuracy - confidence| within each query's bin: 0 when a confidence
+    of 0.8 means right four times in five.
+    """
+    conf = np.asarray(confidence, dtype=float)
+    hit = np.asarray(correct, dtype=float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    ece, table = 0.0, []
+    for b in range(bins):
+        sel = which == b
+        if not sel.any():
+            continue
+        c, a = float(conf[sel].mean()), float(hit[sel].mean())
+        ece += sel.sum() / len(conf) * abs(a - c)
+        table.append({"lo": round(edges[b], 2), "hi": round(edges[b + 1], 2), "n": int(sel.sum()),
+                      "confidence": round(c, 4), "accuracy": round(a, 4)})  # fmt: skip
+    return round(float(ece), 4), table
 
 
 def evaluate_router(
@@ -92,6 +117,9 @@ def evaluate_router(
     for d, i in idx.items():
         total = int((np.array([ex.domain for ex in rows]) == d).sum())
         per_domain[d] = {"n": total, "accuracy": round(float(conf[i, i] / total), 4) if total else float("nan")}
+    ece, reliability = calibration(
+        [r.confidence for r in results], [r.domain == ex.domain for ex, r in zip(rows, results, strict=True)]
+    )
     lat = {}
     if times:
         arr = np.array(times)
@@ -111,6 +139,8 @@ def evaluate_router(
         skipped_unknown_domain=skipped,
         latency_ms=lat,
         device=device_name(_backend_device(router)),
+        ece=ece,
+        reliability=reliability,
     )
 
 

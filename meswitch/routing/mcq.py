@@ -63,6 +63,9 @@ class MCQConfig:
     lora_targets: str = "all-linear"
     loss: str = "letters"  # letters: cross-entropy over the option letters only; vocab: over the whole vocabulary
     threads: int | None = None  # torch threads while training (None: leave as set)
+    # forward passes in bf16 autocast while training (weights and optimizer stay fp32): 2-3x faster on CPUs
+    # with bf16 units, for a pretrained model such as SmolLM2; off by default, as the tiny routers need fp32
+    autocast: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -276,7 +279,8 @@ def _finetune(model, tokenizer, options: Sequence[Option], train: Sequence[Examp
             seqs.append(ids)
             targets.append([o.domain for o in perm].index(ex.domain))
             shown.append(letter_ids[: len(perm)])
-        logits = last_token_logits(model, seqs, pad_id, device).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+            logits = last_token_logits(model, seqs, pad_id, device).float()
         target = torch.tensor(targets, device=device)
         cand = torch.stack(shown)  # [B, n]: the token ids of the letters each query was shown
         if cfg.loss == "letters":

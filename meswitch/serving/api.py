@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -80,12 +80,15 @@ class _Body(BaseModel):
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    # OpenAI's: subtract penalty * (times the token was generated) / penalty * (generated at all) from its logit
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
 
@@ -114,6 +117,12 @@ def _text_of(content: str | list[dict[str, Any]] | None) -> str:
             )
         parts.append(str(part.get("text", "")))
     return "".join(parts)
+
+
+def _timed(fn, *args):
+    """(fn(*args), seconds it took): the router's own time, without the executor's queueing."""
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
 
 
 def render_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
@@ -311,7 +320,7 @@ class Server:
         t0 = time.perf_counter()
         endpoint = "chat" if kind == "chat" else "completions"
         if self.inflight >= self.config.max_concurrent:
-            self.metrics.requests.labels(endpoint, body.model, "429").inc()
+            self.metrics.requests.labels(endpoint, self._label(body.model), "429").inc()
             raise APIError(
                 429,
                 f"too many requests in flight (limit {self.config.max_concurrent}); retry later",
@@ -326,11 +335,11 @@ class Server:
             job = await self._start(kind, body, dep, t0)
             stack.callback(self._cancel_if_running, job)
         except APIError as e:
-            self._finish_request(endpoint, body.model, str(e.status), t0)
+            self._finish_request(endpoint, self._label(body.model), str(e.status), t0)
             stack.close()
             raise
         except BaseException:
-            self._finish_request(endpoint, body.model, "500", t0)
+            self._finish_request(endpoint, self._label(body.model), "500", t0)
             stack.close()
             raise
         if body.stream:
@@ -353,6 +362,16 @@ class Server:
                 return self._response(job, text, finish)
         finally:
             self._finish_request(endpoint, job.entry.name, status, t0)
+
+    def _label(self, model: str) -> str:
+        """A metrics label for a requested model name: a name the server knows, else one label for all others
+        (the client's field verbatim would let any client create unbounded label values)."""
+        if model == AUTO:
+            return model
+        with contextlib.suppress(LoadError), self.manager.acquire() as dep:
+            if dep.model(model) is not None:
+                return model
+        return "unknown"
 
     def _finish_request(self, endpoint: str, model: str, status: str, t0: float) -> None:
         self.inflight -= 1
@@ -448,6 +467,8 @@ class Server:
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,
             stop_ids=entry.stop_ids,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
         )
         try:
             dep.scheduler.submit(req)
@@ -481,7 +502,8 @@ class Server:
                 param="model",
             )
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._router_pool, dep.router.route, query)
+        result, seconds = await loop.run_in_executor(self._router_pool, _timed, dep.router.route, query)
+        self.metrics.route_seconds.observe(seconds)
         routing = {
             "domain": result.domain,
             "expert": result.expert,
@@ -489,6 +511,7 @@ class Server:
             "fallback": bool(result.fallback),
             "truncated": bool(result.truncated),
             "reason": result.reason,
+            "latency_ms": round(seconds * 1000, 3),
         }
         entry = dep.experts.get(result.expert) if result.expert else dep.base
         if entry is None:

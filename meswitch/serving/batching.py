@@ -58,6 +58,9 @@ class GenRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop_ids: frozenset[int] = frozenset()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    counts: dict[int, int] = field(default_factory=dict)  # generated tokens, for the penalties
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     created: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
@@ -336,8 +339,17 @@ class Scheduler:
 
     # ---- tokens out --------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, seqs: list[GenRequest]) -> torch.Tensor:
-        """Greedy where temperature is 0, else temperature + nucleus sampling (seeded per request if asked)."""
+        """Greedy where temperature is 0, else temperature + nucleus sampling (seeded per request if asked);
+        OpenAI's frequency and presence penalties first, for the rows that ask for them."""
         logits = logits.float()
+        penalised = [i for i, r in enumerate(seqs) if r.counts and (r.frequency_penalty or r.presence_penalty)]
+        if penalised:
+            logits = logits.clone()  # the model's output is an inference tensor: not updated in place
+        for i in penalised:
+            r = seqs[i]
+            ids = torch.tensor(list(r.counts), device=logits.device)
+            n = torch.tensor(list(r.counts.values()), device=logits.device, dtype=logits.dtype)
+            logits[i, ids] -= r.frequency_penalty * n + r.presence_penalty
         out = logits.argmax(-1)
         hot = [i for i, r in enumerate(seqs) if r.temperature > 0]
         if not hot:
@@ -364,6 +376,8 @@ class Scheduler:
     def _emit(self, seqs: list[GenRequest], tokens: list[int]) -> None:
         for r, tok in zip(seqs, tokens, strict=True):
             r.generated += 1
+            if r.frequency_penalty or r.presence_penalty:
+                r.counts[tok] = r.counts.get(tok, 0) + 1
             reason = None
             if tok in r.stop_ids:
                 reason = STOP

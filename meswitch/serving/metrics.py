@@ -72,6 +72,12 @@ class ServingMetrics:
         self.routed = Counter(
             "meswitch_routed_requests", "Requests routed with model=auto", ["expert", "fallback"], registry=r
         )
+        self.route_seconds = Histogram(
+            "meswitch_route_seconds",
+            "Time the router takes for one query (model=auto), in the server",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+            registry=r,
+        )
         self.reloads = Counter("meswitch_reloads", "Reload attempts by result", ["result"], registry=r)
 
     # -- observer hooks (called from the engine and scheduler threads) ----------------------------
