@@ -414,3 +414,10 @@ def test_manifest_records_the_method_as_it_was_applied(family, tmp_path):
     assert (fx.method["bits"], fx.method["salient"]) == (3, 0)
     ms = run_compress(_job(base, expert, calib, tmp_path / "ms", bits=2, salient=4))
     assert ms.method["salient"] == 4
+
+
+def test_compress_help_says_when_calibration_is_required(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "required for --method meswitch (the default) and --rounding gptq" in text

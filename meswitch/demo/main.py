@@ -181,8 +181,9 @@ def serve_and_ask(family: Path, out: Path) -> list[dict[str, Any]]:
                                          desc="asking the server", unit="question"):  # fmt: skip
                 reply = fut.result()
                 routing = reply.get("routing") or {}
+                answer = reply["choices"][0]["message"]["content"]
                 row = {**q, "expert": reply.get("model"), "confidence": routing.get("confidence"),
-                       "answer": reply["choices"][0]["message"]["content"]}  # fmt: skip
+                       "route_ms": routing.get("latency_ms"), "answer": answer}  # fmt: skip
                 if base_fut is not None:
                     row["base_answer"] = base_fut.result()["choices"][0]["message"]["content"]
                 if q.get("expected") is not None:
@@ -342,6 +343,9 @@ def answers_markdown(result: dict) -> str:
             f"\nCheckable answers right: experts {sum(a['right'] for a in scored)}/{len(scored)}, "
             f"base {sum(a['base_right'] for a in scored)}/{len(scored)}."
         )
+    route = sorted(a["route_ms"] for a in result["served"] if a.get("route_ms") is not None)
+    if route:
+        lines.append(f"Routing in the server: median {route[len(route) // 2]:.1f} ms a question ({len(route)} asked).")
     tasks = {n: s for n, s in result.get("family_scores", {}).items() if s.get("task_score") is not None}
     for name, s in sorted(tasks.items()):
         lines.append(
