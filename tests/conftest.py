@@ -26,7 +26,7 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 def s3_server(tmp_path_factory):
     """SeaweedFS with the S3 API on a free port, one identity (``.access_key``/``.secret_key``), bucket ``meswitch``."""
     pytest.importorskip("boto3")
-    from meswitch.testing_servers import SeaweedS3, weed_binary
+    from servers import SeaweedS3, weed_binary
 
     try:
         weed_binary()
@@ -42,7 +42,7 @@ def s3_server(tmp_path_factory):
 def mlflow_server(tmp_path_factory, s3_server):
     """``mlflow server`` on a free port: SQLite backend, default artifact root ``s3://meswitch/mlflow-artifacts``."""
     pytest.importorskip("mlflow")
-    from meswitch.testing_servers import MlflowServer
+    from servers import MlflowServer
 
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), s3=s3_server).start()
     yield server

@@ -304,9 +304,10 @@ def test_object_store_outage_fails_the_run_and_a_rerun_resumes(
     """With MLflow unreachable, the run fails at its first registry call, after retries, having computed
     nothing. With the object store unreachable, publishing fails after its retries and nothing is
     registered; the next run (store back) takes calibration, compression and evaluation from the cache."""
+    from servers import free_ports
+
     from meswitch.flows import run_pipeline
     from meswitch.registry import Registry
-    from meswitch.testing_servers import free_ports
 
     env = {**s3_server.env(prefix=f"outage-{os.getpid()}"), "MESWITCH_HOME": str(tmp_path / "home"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",

@@ -13,6 +13,8 @@ import pytest
 pytest.importorskip("mlflow")
 pytest.importorskip("boto3")
 
+from servers import free_ports
+
 from meswitch.registry import (
     AccessDenied,
     IntegrityError,
@@ -22,7 +24,6 @@ from meswitch.registry import (
     Unavailable,
     content_hash,
 )
-from meswitch.testing_servers import free_ports
 
 MIB = 1 << 20
 

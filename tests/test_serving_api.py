@@ -292,7 +292,7 @@ def test_meswitch_serve_command_serves_on_loopback(served_family, tmp_path):  # 
     import subprocess
     import sys
 
-    from meswitch.testing_servers import free_ports
+    from servers import free_ports
 
     port = free_ports(1)[0]
     cli = "import sys; from meswitch.cli import main; sys.exit(main())"

