@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 CARD = "expert.yaml"
+MAX_DATA_BYTES = 256 << 20  # the most a calibration or evaluation file may hold: they are read whole
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
@@ -62,4 +63,22 @@ def load_card(folder: Path) -> ExpertCard:
     for rel in (card.calibration, card.evaluation):
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise CardError(f"{path}: data file {rel!r} must be a relative path inside the expert folder")
+        check_data_file(folder, rel)
     return card
+
+
+def check_data_file(folder: Path, rel: str) -> None:
+    """A data file named by the card must stay inside the folder (a symbolic link out of it, say to a system
+    file, is refused, not read) and be of bounded size. A missing one is left to its reader to report."""
+    target = folder / rel
+    if not target.exists() and not target.is_symlink():
+        return
+    inside = folder.resolve()
+    real = target.resolve()
+    if not real.is_relative_to(inside):
+        raise CardError(f"{target}: a link to {real}, outside the expert folder; copy the file in instead")
+    if not real.is_file():
+        raise CardError(f"{target}: not a regular file")
+    size = real.stat().st_size
+    if size > MAX_DATA_BYTES:
+        raise CardError(f"{target}: {size / 2**20:.0f} MiB, over the {MAX_DATA_BYTES >> 20} MiB a data file may hold")

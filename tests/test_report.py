@@ -166,6 +166,26 @@ def test_card_errors_name_the_file(tmp_path):
         load_card(tmp_path)
 
 
+def test_a_data_file_linked_out_of_the_expert_folder_is_refused_not_read(tmp_path, monkeypatch):
+    import meswitch.expert_card as expert_card
+
+    folder, outside = tmp_path / "expert", tmp_path / "secret.txt"
+    folder.mkdir()
+    outside.write_text("root:x:0:0\n")
+    (folder / "expert.yaml").write_text("name: ok\ndomain: x\ndescription: d\n")
+    (folder / "calib.jsonl").symlink_to(outside)
+    with pytest.raises(CardError, match=r"calib\.jsonl: a link to .*secret\.txt, outside the expert folder"):
+        load_card(folder)
+    (folder / "calib.jsonl").unlink()
+    (folder / "data").mkdir()
+    (folder / "data" / "c.jsonl").write_text('{"text": "a"}\n')
+    (folder / "calib.jsonl").symlink_to(folder / "data" / "c.jsonl")  # a link that stays inside is fine
+    assert load_card(folder).calibration_path.read_text() == '{"text": "a"}\n'
+    monkeypatch.setattr(expert_card, "MAX_DATA_BYTES", 4)
+    with pytest.raises(CardError, match="over the 0 MiB a data file may hold"):
+        load_card(folder)
+
+
 def test_report_cli_refuses_an_empty_family(tmp_path, capsys):
     (tmp_path / "base").mkdir()
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
