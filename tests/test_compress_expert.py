@@ -329,6 +329,17 @@ def test_cli_compress_inspect_evaluate(family, tmp_path, capsys):
     sums, tokens = result["kl_text_sums"], result["kl_text_tokens"]
     assert len(sums) == len(tokens) == 6 and all(n > 0 for n in tokens)
     assert sum(sums) / sum(tokens) == pytest.approx(result["kl"], rel=1e-3)
+    # an artifact evaluated against an expert it was not made from: refused, naming both fingerprints
+    other = make_expert(base, tmp_path / "other", seed=7)
+    args = ["evaluate", "--base", str(base), "--artifact", str(art), "--expert", str(other), "--data", str(data)]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "was made from the expert with fingerprint" in err and "would mean nothing" in err
+    # and one made against another base
+    other_base = make_base(tmp_path / "other-base", seed=3)
+    args = ["evaluate", "--base", str(other_base), "--artifact", str(art), "--expert", str(expert), "--data", str(data)]
+    assert main(args) != 0
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_cli_refuses_bad_input_with_a_clear_message(family, tmp_path, capsys):

@@ -235,7 +235,13 @@ def _evaluate(args) -> int:
         data = EvalData.from_jsonl(args.data, limit=args.limit)
     except ValueError as e:
         raise CommandError(str(e)) from e
-    result = evaluate_artifact(args.base, args.artifact, args.expert, data, device=args.device).to_dict(per_text=True)
+    from meswitch.artifacts import ArtifactError
+
+    try:
+        result = evaluate_artifact(args.base, args.artifact, args.expert, data, device=args.device)
+    except (ArtifactError, ValueError) as e:
+        raise CommandError(str(e)) from e
+    result = result.to_dict(per_text=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

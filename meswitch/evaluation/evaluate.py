@@ -79,6 +79,10 @@ class Evaluator:
         return scan(self.base).fingerprint
 
     @cached_property
+    def expert_fingerprint(self) -> str:
+        return scan(Checkpoint(self.expert_dir)).fingerprint
+
+    @cached_property
     def ppl_expert(self) -> float:
         return perplexity(
             self.expert,
@@ -143,6 +147,11 @@ class Evaluator:
     def evaluate(self, artifact: Path) -> EvalResult:
         reader = open_artifact(artifact, self.base, self.base_fingerprint)
         m = reader.manifest
+        if m.source_fingerprint != self.expert_fingerprint:
+            raise ValueError(
+                f"{artifact} was made from the expert with fingerprint {m.source_fingerprint[:16]}…, not from "
+                f"{self.expert_dir} ({self.expert_fingerprint[:16]}…): its KL against this expert would mean nothing"
+            )
         compressed = load_expert_model(self.base, reader, device=self.device)
         c = self._compare(compressed)
         ppl_c = c.perplexity(self.per_char)
