@@ -390,3 +390,24 @@ def test_a_new_domain_that_breaks_an_old_one_is_refused_and_the_old_router_keeps
     after = reg.get_version("meswitch-router", alias="production")
     assert after.version == before.version  # the old router keeps serving
     assert "arithmetic" not in after.tags["routing_key"]
+
+
+def test_the_same_base_under_another_folder_and_no_name_is_the_registered_base(scenario, first_run, tmp_path):
+    """One base is one registered base, identified by its content: a copy under another folder name, run without
+    --base-name, goes to the name it already has, and the registry still serves exactly one base."""
+    import shutil
+
+    from meswitch.flows import run_pipeline
+    from meswitch.registry import Registry
+    from meswitch.serving.loader import RegistrySource
+
+    copy = shutil.copytree(scenario.family / "base", tmp_path / "my-llm")
+    (tmp_path / "empty-inbox").mkdir()
+    state = run_pipeline(
+        tmp_path / "empty-inbox", copy, config_file=scenario.config, gates_file=scenario.gates,
+        work_dir=scenario.work, router_test_queries=scenario.queries, return_state=True,
+    )  # fmt: skip
+    assert state.is_completed(), state.message
+    assert state.result()["base"].startswith("meswitch-base-micro/")
+    assert not [m.name for m in Registry().list_models() if m.name == "meswitch-base-my-llm"]
+    assert RegistrySource().resolve().base.name == "micro"

@@ -341,3 +341,12 @@ def test_serve_refuses_to_expose_an_unauthenticated_server(served_family, monkey
     assert rc != 0
     err = capsys.readouterr().err
     assert "without authentication" in err and "--api-key" in err and "--allow-no-auth" in err
+
+
+def test_serving_no_expert_is_an_error_unless_asked_for(served_family, tmp_path, capsys):  # noqa: F811
+    from meswitch.cli import main
+
+    rc = main(["serve", "--base", str(served_family.base), "--experts", str(tmp_path), "--device", "cpu"])
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "no expert to serve" in err and "--allow-no-experts" in err

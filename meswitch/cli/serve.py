@@ -41,6 +41,11 @@ def register(sub) -> None:
     )
     p.add_argument("--api-key", default=os.environ.get("MESWITCH_API_KEY"), help="bearer token (env MESWITCH_API_KEY)")
     p.add_argument(
+        "--allow-no-experts",
+        action="store_true",
+        help="start even when there is no expert to serve (the base alone); otherwise that is an error",
+    )
+    p.add_argument(
         "--allow-no-auth",
         action="store_true",
         help="bind an address other than loopback without --api-key (anyone who reaches it can use the GPU)",
@@ -108,6 +113,13 @@ def _serve(args) -> int:
         manager.start()
     except LoadError as e:
         raise CommandError(f"nothing to serve from {source.describe()}: {e}") from e
+    if not manager.current.experts and not args.allow_no_experts:
+        manager.close()
+        hint = "--experts DIR..." if args.base else "the registry's experts (meswitch registry list)"
+        raise CommandError(
+            f"no expert to serve from {source.describe()}: check {hint}, or pass --allow-no-experts to serve the "
+            "base alone"
+        )
     manager.start_polling(args.reload_interval)
     server = Server(
         manager,

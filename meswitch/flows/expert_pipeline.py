@@ -340,7 +340,10 @@ def expert_pipeline(
             summary.experts.append(dataclasses.replace(outcome, fingerprint=expert.fingerprint))
 
     # What serving loads: the base, then the router over the production experts (either is retried next run).
-    name = base_name or default_base_name(base)
+    known = None if registered_base else io.registered_base(base_fp)
+    if known and base_name and known != base_name:
+        logger.warning("this base is registered already as %r; --base-name %r is not used", known, base_name)
+    name = known or base_name or default_base_name(base)
     if registered_base:
         summary.base = registered_base
     else:

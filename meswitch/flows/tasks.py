@@ -507,6 +507,20 @@ def production_experts(base_fp: str) -> list[dict]:
     return sorted(out, key=lambda r: r.get("domain", ""))
 
 
+@task(name="registered-base", **IO)
+def registered_base(base_fp: str) -> str | None:
+    """The registered name (without ``meswitch-base-``) of a base with this content fingerprint, if any: one base is
+    one registered base, whatever folder or name it arrives under."""
+    from meswitch.registry import Registry
+
+    for m in Registry().list_models():
+        if m.name.startswith("meswitch-base-") and any(
+            base_fp in (v.tags.get("base_fingerprint"), v.tags.get("source_fingerprint")) for v in m.versions
+        ):
+            return m.name.removeprefix("meswitch-base-")
+    return None
+
+
 @task(name="current-router", **IO)
 def current_router(model: str) -> dict | None:
     from meswitch.registry import NotFound, Registry
@@ -541,6 +555,7 @@ def fetch_cards(experts: list[dict], dest: str) -> list[str]:
 IO_TASKS = (
     "scan_inbox", "fetch_expert", "log_expert_run", "log_router_run", "registry_lookup", "publish", "promote",
     "mark_status", "production_experts", "current_router", "fetch_cards", "resolve_base", "mlflow_experiment",
+    "registered_base",
 )  # fmt: skip
 
 

@@ -148,6 +148,18 @@ class RegistrySource:
     def describe(self) -> str:
         return f"registry @{self.alias}"
 
+    def _bases_of_experts(self, bases: list[str], live: dict) -> list[str]:
+        """Of ``bases``, those whose fingerprint the live experts' versions were made against."""
+
+        def version(m):
+            return next((v for v in m.versions if v.version == m.aliases[self.alias]), None)
+
+        wanted = {
+            v.tags.get("base_fingerprint") for n, m in live.items() if n.startswith(EXPERT_PREFIX) and (v := version(m))
+        }
+        return [b for b in bases if (v := version(live[b])) and
+                {v.tags.get("base_fingerprint"), v.tags.get("source_fingerprint")} & (wanted - {None})]  # fmt: skip
+
     def resolve(self) -> Resolution:
         models = {m.name: m for m in self.registry.list_models()}
         live = {n: m for n, m in models.items() if self.alias in m.aliases}
@@ -155,10 +167,13 @@ class RegistrySource:
         if self.base_name:
             wanted = self.base_name if self.base_name.startswith(BASE_PREFIX) else BASE_PREFIX + self.base_name
             bases = [b for b in bases if b == wanted]
+        elif len(bases) > 1:  # the base the production experts were made from, when that tells them apart
+            bases = self._bases_of_experts(bases, live) or bases
         if len(bases) != 1:
+            names = [b.removeprefix(BASE_PREFIX) for b in bases]
             raise LoadError(
-                f"need exactly one base model with alias {self.alias!r}, found {bases or 'none'}"
-                + ("" if self.base_name else " (choose one with --base)")
+                f"need exactly one base model with alias {self.alias!r}, found {names or 'none'}"
+                + ("" if self.base_name or not names else " (choose one with --base-name NAME)")
             )
         base_res = self.registry.resolve(bases[0], self.alias)
         base = ArtifactRef(bases[0].removeprefix(BASE_PREFIX), str(base_res.version), base_res.path)
