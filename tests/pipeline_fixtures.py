@@ -108,7 +108,7 @@ def rename_card(folder: Path, name: str, domain: str | None = None) -> None:
 
 
 def add_bad_experts(family: Path, inbox: Path) -> dict[str, str]:
-    """Five bad experts in ``inbox``; returns {inbox entry: a phrase its rejection reason must contain}."""
+    """Seven bad experts in ``inbox``; returns {inbox entry: a phrase its rejection reason must contain}."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -154,7 +154,20 @@ def add_bad_experts(family: Path, inbox: Path) -> dict[str, str]:
             r = torch.randn(t.shape, generator=gen, dtype=torch.float32)
             tensors[n] = (r * (t.float().norm() / r.norm())).to(t.dtype)
     save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    # A plain save_pretrained folder with an expert.yaml, but no evaluation data; and one whose calibration
+    # file has a broken line.
+    no_eval = inbox / "no-eval-data"
+    shutil.copytree(experts / "code", no_eval)
+    rename_card(no_eval, "no-eval-data")
+    (no_eval / "eval.jsonl").unlink()
+    bad_calib = inbox / "bad-calib-line"
+    shutil.copytree(experts / "code", bad_calib)
+    rename_card(bad_calib, "bad-calib-line")
+    with open(bad_calib / "calib.jsonl", "a") as f:
+        f.write("{not json\n")
     return {
+        "no-eval-data": "eval.jsonl: missing; expert.yaml names it as the evaluation data",
+        "bad-calib-line": "calib.jsonl:",  # with its line number: "…calib.jsonl:N: expected a JSON object"
         "corrupt-shard": "not a readable safetensors file",
         "wrong-arch": "architecture 'LlamaForCausalLM' differs",
         "no-card": "no expert.yaml",

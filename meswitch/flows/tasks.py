@@ -188,12 +188,25 @@ def fetch_expert(entry, cache_dir: str) -> str:
 
 @task(name="read-card", cache_policy=NO_CACHE)
 def read_card(folder: str) -> CardResult:
+    from meswitch.compression.calibration import read_texts
+    from meswitch.evaluation.metrics import EvalData
     from meswitch.expert_card import CardError, load_card
 
     try:
-        return CardResult(load_card(Path(folder)))
+        card = load_card(Path(folder))
     except CardError as e:
         return CardResult(None, str(e))
+    # the data the expert is calibrated and judged on: checked here, so that a folder without it is rejected once,
+    # with a reason naming the file, before any model is read
+    for what, path, read in (("calibration", card.calibration_path, read_texts),
+                             ("evaluation", card.evaluation_path, EvalData.from_jsonl)):  # fmt: skip
+        if not path.is_file():
+            return CardResult(None, f"{path}: missing; expert.yaml names it as the {what} data ('{what}:' key)")
+        try:
+            read(path)
+        except (ValueError, UnicodeDecodeError) as e:
+            return CardResult(None, f"{what} data: {e}")
+    return CardResult(card)
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
