@@ -82,8 +82,9 @@ def test_router_gate_is_per_domain_and_says_which_domain_failed_by_how_much():
     missing = _router_eval(code=0.98, math=1.0)
     missing["per_domain"]["english"] = {"n": 0, "accuracy": float("nan")}
     assert "english: no held-out queries" in check_router_gates(missing, gates, old).reasons[0]
-    # the first router has nothing to compare with: every domain is new
-    assert not check_router_gates(_router_eval(code=0.85, math=1.0), gates).passed
+    # the first router has no router to keep serving instead: the overall accuracy decides
+    assert check_router_gates(_router_eval(code=0.85, math=1.0), gates).passed
+    assert not check_router_gates(_router_eval(code=0.2, math=0.9), gates).passed
     assert check_router_gates(None, gates).passed  # no test queries at all: not applied, and says so
 
 

@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -202,9 +203,18 @@ DECODING = {"temperature": 0}
 
 
 def _ask(port: int, model: str, question: str) -> dict:
+    """The server's answer; an HTTP error becomes an answer that says what went wrong (the table shows it)."""
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": MAX_TOKENS,
             **DECODING}  # fmt: skip
-    return _post(f"http://127.0.0.1:{port}/v1/chat/completions", body)
+    try:
+        return _post(f"http://127.0.0.1:{port}/v1/chat/completions", body)
+    except urllib.error.HTTPError as e:
+        try:
+            why = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            why = str(e)
+        log.warning("%s for model %r: %s", e.code, model, why)
+        return {"model": None, "choices": [{"message": {"content": f"(HTTP {e.code}: {why})"}}]}
 
 
 _USER_TURN = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.S)  # SmolLM2's chat template (ChatML)

@@ -126,8 +126,9 @@ def check_router_gates(
     """The router gates on a held-out evaluation (``RouterEval.to_dict()``), domain by domain.
 
     ``previous``: the production router's held-out accuracy per domain (None: there is none). Every domain of
-    the new router must have held-out queries; an old domain may drop by at most ``max_domain_accuracy_drop``,
-    a new one needs ``min_new_domain_accuracy``; and the overall accuracy ``min_router_accuracy``.
+    the new router must have held-out queries and the overall accuracy ``min_router_accuracy``; against a router in
+    production, an old domain may drop by at most ``max_domain_accuracy_drop`` and a domain it adds needs
+    ``min_new_domain_accuracy``. The first router has nothing to keep serving instead: the overall gate decides.
     """
     if evaluation is None:
         note = "not applied (no held-out routing queries)"
@@ -154,7 +155,7 @@ def check_router_gates(
                 )
             )
             checks.append(GateCheck("max_domain_accuracy_drop", drop, gates.max_domain_accuracy_drop, passed, note))
-        else:
+        elif previous:
             passed = acc >= gates.min_new_domain_accuracy
             note = "" if passed else f"new domain {domain}: {acc:.3f} is below {gates.min_new_domain_accuracy:.3f}"
             checks.append(GateCheck("min_new_domain_accuracy", acc, gates.min_new_domain_accuracy, passed, note))
