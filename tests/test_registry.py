@@ -121,6 +121,12 @@ def test_rejected_version_never_takes_an_alias(registry, make_artifact, name):
     registry.reject(name, good, "found wanting")
     assert registry.get_version(name, version=good).rejected == "found wanting"
 
+    # the same content judged again (under new gates) and passed: the rejection is lifted and it may be promoted
+    again = registry.publish(bad, name)
+    assert again == version and registry.get_version(name, version=version).rejected is None
+    registry.promote(name, version)
+    assert registry.aliases(name)["production"] == version
+
 
 def test_resolve_refuses_another_base_and_caches_nothing(registry, make_artifact, name):
     registry.publish(make_artifact("e"), name, alias="candidate")

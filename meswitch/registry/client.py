@@ -346,6 +346,11 @@ class Registry:
                     self._call(
                         f"tag {name}/{version}", self.client.set_model_version_tag, name, str(version), key, value
                     )
+            if current.rejected and not rejected:  # judged again (new gates, say) and passed: no longer rejected
+                self._call(
+                    f"untag {name}/{version}", self.client.delete_model_version_tag, name, str(version), TAG_REJECTED
+                )
+                log.info("%s/%d: passed its gates this time; the rejection is lifted", name, version)
             log.info("%s: content %s… is already version %d", name, digest[:12], version)
         else:
             location = self.store.location(name, digest)
