@@ -26,6 +26,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -53,6 +54,16 @@ def _versions() -> dict:
 def _queries(family: Path, out: Path) -> Path:
     out.write_text("".join(p.read_text(encoding="utf-8") for p in routing_files(family, "test")), encoding="utf-8")
     return out
+
+
+def _first_per_domain(queries: list, n: int) -> list:
+    """The first ``n`` held-out queries of each domain, in file order."""
+    kept, count = [], Counter()
+    for q in queries:
+        if count[q.domain] < n:
+            kept.append(q)
+            count[q.domain] += 1
+    return kept
 
 
 def _run(
@@ -104,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune", choices=["full", "lora"], default=None, help="MCQ SFT mode (default: MCQConfig's)")
     p.add_argument("--batch-size", type=int, default=None, help="MCQ SFT batch (default: MCQConfig's)")
     p.add_argument("--autocast", action="store_true", help="MCQ SFT forward passes in bf16 autocast")
+    p.add_argument("--orders", type=int, default=None, help="MCQ option orders averaged when routing (default: all)")
+    p.add_argument("--test-per-domain", type=int, default=None, help="held-out queries per domain (default: all)")
     p.add_argument(
         "--warm-start",
         action="store_true",
@@ -128,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or args.out.parent / ".router-work"
     work.mkdir(parents=True, exist_ok=True)
     queries = read_labelled(_queries(args.family, work / "test.jsonl"))
+    if args.test_per_domain:
+        queries = _first_per_domain(queries, args.test_per_domain)
     devices = ["cpu"] + (["cuda"] if args.gpu and torch.cuda.is_available() else [])
     given = {"epochs": args.epochs, "lr": args.lr, "steps": args.steps, "finetune": args.finetune,
-             "batch_size": args.batch_size, "autocast": args.autocast or None}  # fmt: skip
+             "batch_size": args.batch_size, "autocast": args.autocast or None, "orders": args.orders}  # fmt: skip
     sft = {k: v for k, v in given.items() if v is not None}
     runs = set(args.only.split(","))
     retrain = {"steps": args.retrain_steps} if args.retrain_steps else {}
