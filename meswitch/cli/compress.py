@@ -161,7 +161,7 @@ def _compress(args) -> int:
         out=args.out,
         info=ExpertInfo(name=args.name or args.expert.resolve().name, domain=args.domain),
         delta=delta,
-        calib_cfg=CalibConfig(samples=args.samples, seq_len=args.seq_len, hessian=args.rounding == "gptq"),
+        calib_cfg=CalibConfig(samples=args.samples, seq_len=args.seq_len),  # run_compress adds Hessians for gptq
         device=args.device,
         refine=args.refine,
     )

@@ -37,6 +37,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from meswitch.demo.chat_family import CHAT_SIZES
+from meswitch.demo.family import SIZES
 from meswitch.evaluation.metrics import FINAL_NUMBER, NEXT_LINE, task_hit
 
 log = logging.getLogger("meswitch.demo")
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--size",
         default="smol",
-        choices=["smol", "smol-long", "tiny", "micro", "small"],
+        choices=[*CHAT_SIZES, *SIZES],
         help="the family: smol (default; SmolLM2-135M-Instruct experts, about 10 minutes to build on 2 CPU "
         "cores, once), tiny (the 3M-parameter demo model)",
     )
@@ -101,9 +103,6 @@ def embedded_env(out: Path) -> dict[str, str]:
         "DO_NOT_TRACK": "true",
         "TOKENIZERS_PARALLELISM": "false",
     }
-
-
-CHAT_SIZES = ("smol", "smol-long")
 
 
 def default_family(out: Path, size: str) -> Path:
