@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from meswitch.compression.delta import CompressedDelta
-from meswitch.compression.quantize import PER_TENSOR, QuantSpec, values_per_word
+from meswitch.compression.quantize import PER_TENSOR, QuantSpec, unpack, values_per_word
 from meswitch.kernels.layout import (
     LAYOUT_V1,
     LAYOUT_V2,
@@ -264,6 +264,22 @@ class DeltaBank:
             w.index_add_(1, self.salient_idx[expert].long(), self.salient_val[expert].float())
         return w
 
+    def lookup(self, experts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows[m]`` of ``Δ̂_{experts[m]}`` as fp32 ``[M, K]`` (layout 1): an embedding delta's
+        lookup, on the device and without reading ids on the host (CUDA-graph safe)."""
+        if self.layout_version != LAYOUT_V1:
+            raise ValueError("row lookup reads layout 1")
+        k = self.shape[1]
+        e, r = experts.long(), rows.long()
+        codes = unpack(self.packed[e, r], self.bits, k).float()
+        scale = self.scale[e, r].float()
+        offset = self.offset[e, r].float() if self.offset is not None else -scale * (((1 << self.bits) - 1) / 2)
+        g = scale.shape[1]
+        w = (codes.view(len(e), g, k // g) * scale.unsqueeze(-1) + offset.unsqueeze(-1)).reshape(len(e), k)
+        if self.kmax:
+            w.scatter_add_(1, self.salient_idx[e].long(), self.salient_val[e, r].float())
+        return w
+
     def nbytes_per_expert(self) -> int:
         """Bytes one expert occupies in this bank (codes, steps, salient columns)."""
         parts = [self.packed, self.scale, self.salient_idx, self.salient_val]
@@ -383,3 +399,29 @@ class ExpertRows:
             t = torch.tensor(out, dtype=torch.int32).reshape(-1, 2 + block_m)
             self._tiles[key] = t.to(device)
         return self._tiles[key]
+
+
+def device_tiles(slots: torch.Tensor, block_m: int) -> torch.Tensor:
+    """The kernel's tile table built on the device from per-row bank indices (-1: base only).
+
+    int32 ``[M, 2 + block_m]`` as :meth:`ExpertRows.tiles`, but of fixed shape and without a host
+    read, so a CUDA graph holds it and any mix of experts replays through one capture: rows are
+    sorted by expert, each expert's rows cut into tiles of ``block_m``, and tiles past the last
+    (at most M: every tile holds a row) have a row count of 0, which the kernel skips.
+    """
+    m = slots.numel()
+    big = torch.iinfo(torch.int32).max
+    key = torch.where(slots >= 0, slots, big).to(torch.int32)
+    sorted_key, order = torch.sort(key, stable=True)
+    i = torch.arange(m, device=slots.device)
+    start = torch.ones(m, dtype=torch.bool, device=slots.device)
+    start[1:] = sorted_key[1:] != sorted_key[:-1]
+    first = torch.where(start, i, 0).cummax(0).values
+    pos = i - first
+    tile = torch.cumsum(start | (pos % block_m == 0), 0) - 1
+    tile = torch.where(sorted_key != big, tile, m)  # base rows go to a scratch tile, dropped below
+    tiles = torch.zeros(m + 1, 2 + block_m, dtype=torch.int32, device=slots.device)
+    tiles[tile, 0] = sorted_key
+    tiles[:, 1].index_add_(0, tile, torch.ones(m, dtype=torch.int32, device=slots.device))
+    tiles[tile, 2 + pos % block_m] = order.to(torch.int32)
+    return tiles[:m]

@@ -49,3 +49,75 @@ def mixed_delta(
 
         return mixed_delta_triton(x, bank, rows, y)
     return mixed_delta_reference(x, bank, rows, y)
+
+
+# ---- the device-tile op: what CUDA graphs and torch.compile hold -------------------------------
+
+
+@torch.library.custom_op("meswitch::mixed_delta_tiles", mutates_args=("y",))
+def _mixed_delta_tiles(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    salient_idx: torch.Tensor,
+    salient_val: torch.Tensor,
+    tiles: torch.Tensor,
+    n: int,
+    k: int,
+    bits: int,
+    group_size: int,
+    layout_version: int,
+    symmetric: bool,
+    block_m: int,
+    expected_tiles: int,
+) -> None:
+    bank = DeltaBank((n, k), bits, group_size, symmetric, layout_version, packed, scale, offset, salient_idx,
+                     salient_val)  # fmt: skip
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and triton_available():
+        from meswitch.kernels.triton_delta import check_device_inputs, config_for, launch
+
+        check_device_inputs(x, bank, y)
+        launch(x, bank, tiles, y, config_for(bank, block_m, expected_tiles, x.device))
+        return
+    mixed_delta_reference(x, bank, tile_rows(tiles), y)
+
+
+@_mixed_delta_tiles.register_fake
+def _(x, y, packed, scale, offset, salient_idx, salient_val, tiles, n, k, bits, group_size, layout_version,
+      symmetric, block_m, expected_tiles) -> None:  # fmt: skip
+    return None
+
+
+def tile_rows(tiles: torch.Tensor) -> ExpertRows:
+    """The :class:`ExpertRows` a tile table describes (read on the host: the reference path)."""
+    host = tiles.cpu()
+    ids = torch.full((host.shape[0],), -1, dtype=torch.int64)
+    for e, count, *rows in host.tolist():
+        ids[rows[:count]] = e
+    return ExpertRows.from_ids(ids)
+
+
+def mixed_delta_tiles(
+    x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tensor, *, expected_tiles: int | None = None
+) -> torch.Tensor:
+    """``mixed_delta`` over a device-built tile table (:func:`~meswitch.kernels.bank.device_tiles`).
+
+    The registered op ``torch.ops.meswitch.mixed_delta_tiles``: nothing is read on the host, so a
+    CUDA graph or ``torch.compile`` can hold it and replay any mix of the bank's experts.
+    ``expected_tiles`` (default: one per row, at most one per expert) sizes the launch heuristics.
+    """
+    m = x.shape[0]
+    if tiles.dim() != 2 or tiles.shape[0] != m:
+        raise ValueError(f"tiles must be [M={m}, 2 + block_m], got {tuple(tiles.shape)}")
+    n, k = bank.shape
+    if x.dim() != 2 or x.shape[1] != k or tuple(y.shape) != (m, n):
+        raise ValueError(f"x must be [M, {k}] and y [M, {n}], got {tuple(x.shape)} and {tuple(y.shape)}")
+    expected = expected_tiles or min(m, bank.num_experts)
+    torch.ops.meswitch.mixed_delta_tiles(
+        x, y, bank.packed, bank.scale, bank.offset, bank.salient_idx, bank.salient_val, tiles,
+        bank.shape[0], bank.shape[1], bank.bits, bank.group_size, bank.layout_version, bank.symmetric,
+        tiles.shape[1] - 2, expected,
+    )  # fmt: skip
+    return y

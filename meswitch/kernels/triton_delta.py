@@ -139,13 +139,13 @@ def _plane_scaled(src, s, o, BITS: tl.constexpr, p: tl.constexpr, IS_BF16: tl.co
 
 @triton.jit
 def _tile_rows(tiles_ptr, BLOCK_M: tl.constexpr):
-    """(expert, rows, row mask) of this program's row tile: three independent loads."""
+    """(expert, row count, rows, row mask) of this program's row tile: three independent loads."""
     base = tiles_ptr + tl.program_id(1) * (2 + BLOCK_M)
     offs_m = tl.arange(0, BLOCK_M)
     e = tl.load(base).to(tl.int64)
     count = tl.load(base + 1)
     rows = tl.load(base + 2 + offs_m).to(tl.int64)
-    return e, rows, offs_m < count
+    return e, count, rows, offs_m < count
 
 
 @triton.jit
@@ -220,7 +220,9 @@ def _delta_v2_kernel(
     DT: tl.constexpr = x_ptr.dtype.element_ty
     IS_BF16: tl.constexpr = tl.bfloat16 == DT
 
-    e, rows, mmask = _tile_rows(tiles_ptr, BLOCK_M)
+    e, count, rows, mmask = _tile_rows(tiles_ptr, BLOCK_M)
+    if count == 0:  # an unused tile of a fixed-size (device-built) table: nothing to do
+        return
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     offs_t = tl.arange(0, 32)
@@ -291,7 +293,9 @@ def _delta_v1_kernel(
     HALF_LEVELS: tl.constexpr = ((1 << BITS) - 1) / 2
     DT: tl.constexpr = x_ptr.dtype.element_ty
 
-    e, rows, mmask = _tile_rows(tiles_ptr, BLOCK_M)
+    e, count, rows, mmask = _tile_rows(tiles_ptr, BLOCK_M)
+    if count == 0:  # an unused tile of a fixed-size (device-built) table: nothing to do
+        return
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -362,39 +366,41 @@ def _row_block(max_segment: int) -> int:
 
 
 def choose_config(bank: DeltaBank, rows: ExpertRows, device: torch.device) -> LaunchConfig:
+    """:func:`config_for` the batch's longest segment and tile count; cached per batch and bank shape."""
+    key = ("config", bank.shape, bank.bits, bank.group_size, bank.layout_version, str(device))
+    cached = rows._tiles.get(key)
+    if cached is None:
+        block_m = _row_block(rows.max_segment)
+        tiles = sum(-(-(b - a) // block_m) for a, b in itertools.pairwise(rows.seg_starts))
+        cached = rows._tiles[key] = config_for(bank, block_m, tiles, device)
+    return cached
+
+
+def config_for(bank: DeltaBank, block_m: int, tiles: int, device: torch.device) -> LaunchConfig:
     """Launch parameters from the sweeps on an H100 (benchmarks/kernel_sweep.py, NOTES-kernels.md).
 
     Row block: the longest segment, 16 to 128. Decode (<= 64 rows per expert): 128 output channels
     per program, 4 warps, 3 stages; steps in the epilogue up to 32 rows (per-channel grids), in
     registers beyond. Prefill: 256 x 128 tiles and 8 warps, 128 x 128 when that leaves SMs idle.
     K is split 2-4 ways when the grid is under about one program per SM: each program's serial
-    chain of per-plane MMAs, not bandwidth, bounds small grids. Cached per batch and bank shape.
+    chain of per-plane MMAs, not bandwidth, bounds small grids.
     """
-    key = ("config", bank.shape, bank.bits, bank.group_size, bank.layout_version, str(device))
-    cached = rows._tiles.get(key)
-    if cached is not None:
-        return cached
     n, k = bank.shape
-    block_m = _row_block(rows.max_segment)
-    tiles = sum(-(-(b - a) // block_m) for a, b in itertools.pairwise(rows.seg_starts))
     chunks = -(-k // v2_chunk(bank.bits)) if bank.layout_version == LAYOUT_V2 else 0
     sms = _sm_count(device)
     if bank.layout_version != LAYOUT_V2:
-        cfg = LaunchConfig(block_n=64, block_m=block_m, num_stages=2, epilogue_scale=False)
-    elif block_m > 64:
+        return LaunchConfig(block_n=64, block_m=block_m, num_stages=2, epilogue_scale=False)
+    if block_m > 64:
         block_n = 256 if -(-n // 256) * tiles >= sms else 128
         programs = -(-n // block_n) * max(tiles, 1)
         split = max(1, min(4, -(-3 * sms // (2 * programs)), chunks // 4)) if programs < sms else 1
-        cfg = LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=8, num_stages=3,
-                           epilogue_scale=False)  # fmt: skip
-    else:
-        programs = -(-n // 128) * max(tiles, 1)
-        split = 4 if programs * 2 <= sms else 2 if programs <= 1.25 * sms else 1
-        split = max(1, min(split, chunks // 4))
-        cfg = LaunchConfig(block_n=128, block_m=block_m, split_k=split, num_warps=4, num_stages=3,
-                           epilogue_scale=block_m <= 32 and bank.group_size == 0)  # fmt: skip
-    rows._tiles[key] = cfg
-    return cfg
+        return LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=8, num_stages=3,
+                            epilogue_scale=False)  # fmt: skip
+    programs = -(-n // 128) * max(tiles, 1)
+    split = 4 if programs * 2 <= sms else 2 if programs <= 1.25 * sms else 1
+    split = max(1, min(split, chunks // 4))
+    return LaunchConfig(block_n=128, block_m=block_m, split_k=split, num_warps=4, num_stages=3,
+                        epilogue_scale=block_m <= 32 and bank.group_size == 0)  # fmt: skip
 
 
 def check_device_inputs(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor) -> None:
@@ -420,10 +426,14 @@ def mixed_delta_triton(
     check_device_inputs(x, bank, y)
     if rows.num_segments == 0 or x.shape[0] == 0:
         return y
-    device = x.device
-    cfg = config or choose_config(bank, rows, device)
+    cfg = config or choose_config(bank, rows, x.device)
+    return launch(x, bank, rows.tiles(cfg.block_m, x.device), y, cfg)
+
+
+def launch(x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tensor, cfg: LaunchConfig) -> torch.Tensor:
+    """One launch over a tile table (:meth:`ExpertRows.tiles`, or :func:`~meswitch.kernels.bank.device_tiles`,
+    whose unused tiles exit at once); no host read of the batch, so a CUDA graph can hold it."""
     n, k = bank.shape
-    tiles = rows.tiles(cfg.block_m, device)
     offset = bank.offset if bank.offset is not None else bank.scale  # never read when symmetric
     sidx, sval = (bank.salient_idx, bank.salient_val) if bank.kmax else (tiles, bank.scale)  # never read
     if bank.layout_version == LAYOUT_V2:

@@ -1,22 +1,29 @@
-"""The packed (GPU) payload: device-resident experts' deltas stacked per linear for ``meswitch.kernels.mixed_delta``.
+"""The packed (GPU) payload: device-resident experts stacked in slot tables, one per tensor and grid.
 
 Instead of dequantizing each expert once (the dense CPU path), the device keeps the packed codes:
 for every quantized linear, one :class:`~meswitch.kernels.DeltaBank` per quantization grid stacks
-the resident experts, so one kernel launch per linear serves every expert in the batch. Adding an
-expert repacks only its own codes and appends them; evicting one drops its index from every bank.
-The embedding stays packed too and is dequantized only for the rows a batch looks up.
+the resident experts, so one kernel launch per linear serves every expert in the batch. What an
+expert changes besides its linears sits in tables indexed by the same slot: norm weights, bias
+deltas, added vocabulary rows, and the packed embedding delta (dequantized only for the rows a batch
+looks up). A batch names each row's slot in a device tensor, so the mixed modules read nothing on
+the host and one captured CUDA graph serves any mix of resident experts.
+
+An expert keeps its slot while resident; a new expert takes a free slot in place (the tensors, and
+so any captured graph, stay valid) and only when every slot is taken do the tables grow, which
+bumps :attr:`GridBanks.version` (graphs captured before must be captured again). ``capacity``
+reserves slots up front so that adding experts never reallocates.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from meswitch.compression.delta import CompressedDelta
-from meswitch.compression.quantize import unpack
 from meswitch.kernels import DeltaBank
+from meswitch.kernels.layout import LAYOUT_V1
 
 
 @dataclass(frozen=True)
@@ -32,125 +39,174 @@ class Grid:
         return cls(cd.spec.bits, cd.spec.group_size, cd.spec.symmetric)
 
 
-def _pad_salient(bank: DeltaBank, kmax: int) -> DeltaBank:
-    k = bank.kmax
-    if k == kmax:
-        return bank
-    e, n = bank.num_experts, bank.shape[0]
-    idx = torch.zeros(e, kmax, dtype=torch.int32, device=bank.device)
-    val = torch.zeros(e, n, kmax, dtype=torch.float16, device=bank.device)
-    idx[:, :k], val[:, :, :k] = bank.salient_idx, bank.salient_val
-    return DeltaBank(bank.shape, bank.bits, bank.group_size, bank.symmetric, bank.layout_version,
-                     bank.packed, bank.scale, bank.offset, idx, val)  # fmt: skip
-
-
-def concat_banks(a: DeltaBank, b: DeltaBank) -> DeltaBank:
-    """The experts of ``a`` then those of ``b`` (same grid and layout)."""
-    kmax = max(a.kmax, b.kmax)
-    a, b = _pad_salient(a, kmax), _pad_salient(b, kmax)
-    cat = lambda x, y: None if x is None else torch.cat([x, y])
-    return DeltaBank(a.shape, a.bits, a.group_size, a.symmetric, a.layout_version, cat(a.packed, b.packed),
-                     cat(a.scale, b.scale), cat(a.offset, b.offset), cat(a.salient_idx, b.salient_idx),
-                     cat(a.salient_val, b.salient_val))  # fmt: skip
-
-
-def select_banks(bank: DeltaBank, keep: list[int]) -> DeltaBank:
-    t = torch.tensor(keep, device=bank.device)
-    sel = lambda x: None if x is None else x.index_select(0, t)
-    return DeltaBank(bank.shape, bank.bits, bank.group_size, bank.symmetric, bank.layout_version, sel(bank.packed),
-                     sel(bank.scale), sel(bank.offset), sel(bank.salient_idx), sel(bank.salient_val))  # fmt: skip
+BANK_FIELDS = ("packed", "scale", "offset", "salient_idx", "salient_val")
 
 
 def bank_nbytes(bank: DeltaBank) -> int:
-    parts = [bank.packed, bank.scale, bank.offset, bank.salient_idx, bank.salient_val]
+    parts = [getattr(bank, f) for f in BANK_FIELDS]
     return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+def _resized(bank: DeltaBank, slots: int, kmax: int) -> DeltaBank:
+    """``bank`` with room for ``slots`` experts and ``kmax`` salient columns; new room is zero (no delta)."""
+    if bank.num_experts == slots and bank.kmax == kmax:
+        return bank
+
+    def grow(t: torch.Tensor | None, salient_dim: int | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        shape = list(t.shape)
+        shape[0] = slots
+        if salient_dim is not None:
+            shape[salient_dim] = kmax
+        out = torch.zeros(shape, dtype=t.dtype, device=t.device)
+        index = [slice(0, t.shape[0])] + [slice(0, s) for s in t.shape[1:]]
+        out[tuple(index)] = t
+        return out
+
+    return DeltaBank(bank.shape, bank.bits, bank.group_size, bank.symmetric, bank.layout_version,
+                     grow(bank.packed, None), grow(bank.scale, None), grow(bank.offset, None),
+                     grow(bank.salient_idx, 1), grow(bank.salient_val, 2))  # fmt: skip
+
+
+def _put(bank: DeltaBank, slot: int, one: DeltaBank) -> None:
+    """Write a one-expert bank into ``slot`` in place (its salient columns padded to the bank's)."""
+    k = one.kmax
+    bank.packed[slot] = one.packed[0]
+    bank.scale[slot] = one.scale[0]
+    if bank.offset is not None:
+        bank.offset[slot] = one.offset[0]
+    bank.salient_idx[slot].zero_()
+    bank.salient_val[slot].zero_()
+    bank.salient_idx[slot, :k] = one.salient_idx[0]
+    bank.salient_val[slot, :, :k] = one.salient_val[0]
 
 
 @dataclass
 class GridBanks:
-    """The resident experts of one grid, in bank order, and their bank per tensor name."""
+    """The resident experts of one grid: slot -> expert key, and every table indexed by slot."""
 
-    order: list[str] = field(default_factory=list)
-    banks: dict[str, DeltaBank] = field(default_factory=dict)
+    slots: list[str | None] = field(default_factory=list)  # None: a free slot
+    banks: dict[str, DeltaBank] = field(default_factory=dict)  # linears, LM head: the kernel's layout
+    lookups: dict[str, DeltaBank] = field(default_factory=dict)  # embedding deltas, layout 1, per-row lookup
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)  # [slots, ...]: norms, biases, added rows
+    vocab: torch.Tensor | None = None  # int64 [slots]: each slot's vocabulary (base plus added rows)
+    version: int = 0  # bumped whenever a table is created or reallocated: captured graphs are stale
+
+    @property
+    def capacity(self) -> int:
+        return len(self.slots)
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [getattr(b, f) for b in (*self.banks.values(), *self.lookups.values()) for f in BANK_FIELDS]
+        return [t for t in (*out, *self.dense.values(), self.vocab) if t is not None]
+
+
+@dataclass
+class ExpertTables:
+    """What one expert puts in its grid's tables (built by the engine from its artifact)."""
+
+    banked: dict[str, CompressedDelta]  # quantized linears and LM head
+    lookups: dict[str, CompressedDelta]  # quantized embedding
+    dense: dict[str, torch.Tensor]  # full norm weights, bias deltas, added vocabulary rows [X, H]
+    vocab: int
 
 
 class BankSet:
-    """Every banked tensor's banks, per grid; experts enter and leave all of an expert's banks together."""
+    """Every grid's slot tables; experts enter and leave all of their tables together."""
 
-    def __init__(self) -> None:
+    def __init__(self, default: Callable[[str, torch.Tensor], torch.Tensor], capacity: int = 0) -> None:
+        # default(name, like) -> what a slot without that tensor holds, shaped like `like`: a norm's base weight, else 0
+        self.default = default
+        self.reserve = capacity
         self.grids: dict[Grid, GridBanks] = {}
-        self.where: dict[str, Grid] = {}  # slot key -> its grid
+        self.where: dict[str, tuple[Grid, int]] = {}  # expert key -> (grid, slot)
 
-    def add(self, key: str, deltas: dict[str, CompressedDelta]) -> int:
-        """Append one expert (all its banked tensors on one grid); return the bytes it added."""
-        grids = {Grid.of(cd) for cd in deltas.values()}
+    def add(self, key: str, tables: ExpertTables) -> int:
+        """Place one expert (all its quantized tensors on one grid) in a slot; return the bytes it holds."""
+        grids = {Grid.of(cd) for cd in (*tables.banked.values(), *tables.lookups.values())}
         if len(grids) != 1:
             raise ValueError(f"expert {key} mixes quantization grids {sorted(map(str, grids))}; bank it per grid")
         grid = grids.pop()
+        device = next(iter((*tables.banked.values(), *tables.lookups.values()))).packed.device
         gb = self.grids.setdefault(grid, GridBanks())
+        slot = next((i for i, k in enumerate(gb.slots) if k is None), None)
+        if slot is None:
+            slot = gb.capacity
+            self._grow(gb, max(slot + 1, self.reserve), device)
         added = 0
-        for name, cd in deltas.items():
-            one = DeltaBank.from_compressed([cd], device=cd.packed.device)
-            added += bank_nbytes(one)
-            gb.banks[name] = one if name not in gb.banks else concat_banks(gb.banks[name], one)
-        gb.order.append(key)
-        self.where[key] = grid
+        for store, deltas, layout in ((gb.banks, tables.banked, None), (gb.lookups, tables.lookups, LAYOUT_V1)):
+            for name, cd in deltas.items():
+                one = DeltaBank.from_compressed([cd], layout_version=layout, device=cd.packed.device)
+                added += bank_nbytes(one)
+                bank = store.get(name)
+                if bank is None:  # the first expert with this tensor: the other slots hold no delta
+                    bank = _resized(_zero_one(one), gb.capacity, one.kmax)
+                    gb.version += 1
+                elif bank.kmax < one.kmax:
+                    bank = _resized(bank, gb.capacity, one.kmax)
+                    gb.version += 1
+                store[name] = bank
+                _put(bank, slot, one)
+        for name, value in tables.dense.items():
+            table = gb.dense.get(name)
+            if table is not None and table.shape[1:] != value.shape:  # added rows of another count
+                width = max(table.shape[1], value.shape[0])
+                grown = torch.zeros((gb.capacity, width, *table.shape[2:]), dtype=table.dtype, device=table.device)
+                grown[:, : table.shape[1]] = table
+                table, gb.version = grown, gb.version + 1
+            if table is None:
+                table = self.default(name, value).expand(gb.capacity, *value.shape).clone()
+                gb.version += 1
+            table[slot].copy_(self.default(name, table[slot]))
+            table[slot, : value.shape[0]] = value
+            gb.dense[name] = table
+            added += value.numel() * value.element_size()
+        for name, table in gb.dense.items():  # tensors this expert leaves as the base has them
+            if name not in tables.dense:
+                table[slot].copy_(self.default(name, table[slot]))
+        for store in (gb.banks, gb.lookups):
+            for name, bank in store.items():
+                if name not in tables.banked and name not in tables.lookups:
+                    _put(bank, slot, _zero_one(bank))
+        gb.vocab[slot] = tables.vocab
+        gb.slots[slot] = key
+        self.where[key] = (grid, slot)
         return added
 
+    def _grow(self, gb: GridBanks, slots: int, device: torch.device) -> None:
+        gb.slots.extend([None] * (slots - gb.capacity))
+        for store in (gb.banks, gb.lookups):
+            for name, bank in store.items():
+                store[name] = _resized(bank, slots, bank.kmax)
+        for name, table in gb.dense.items():
+            grown = torch.zeros((slots, *table.shape[1:]), dtype=table.dtype, device=table.device)
+            grown[: table.shape[0]] = table
+            gb.dense[name] = grown
+        vocab = torch.zeros(slots, dtype=torch.int64, device=device)
+        if gb.vocab is not None:
+            vocab[: gb.vocab.shape[0]] = gb.vocab
+        gb.vocab = vocab
+        gb.version += 1
+
     def remove(self, key: str) -> None:
-        grid = self.where.pop(key, None)
-        if grid is None:
-            return
-        gb = self.grids[grid]
-        i = gb.order.index(key)
-        keep = [j for j in range(len(gb.order)) if j != i]
-        gb.order.pop(i)
-        if not keep:
-            del self.grids[grid]
-            return
-        gb.banks = {name: select_banks(b, keep) for name, b in gb.banks.items()}
+        """Free the expert's slot (its rows stay until a new expert overwrites them)."""
+        where = self.where.pop(key, None)
+        if where is not None:
+            grid, slot = where
+            self.grids[grid].slots[slot] = None
 
     def index(self, key: str) -> tuple[Grid, int] | None:
-        grid = self.where.get(key)
-        return None if grid is None else (grid, self.grids[grid].order.index(key))
+        return self.where.get(key)
+
+    def max_vocab(self, base_vocab: int) -> int:
+        """The widest vocabulary among resident experts (never below the base's)."""
+        widths = [int(gb.vocab[i]) for gb in self.grids.values() for i, k in enumerate(gb.slots) if k is not None]
+        return max([base_vocab, *widths])
 
 
-class RowTable:
-    """A packed embedding delta (plus added rows) that dequantizes only the rows looked up."""
-
-    def __init__(self, cd: CompressedDelta, extra: torch.Tensor | None, dtype: torch.dtype):
-        self.cd, self.extra, self.dtype = cd, extra, dtype
-        self.rows = cd.shape[0] + (0 if extra is None else extra.shape[0])
-
-    def tensors(self) -> list[torch.Tensor]:
-        cd = self.cd
-        parts = [cd.packed, cd.scale, cd.offset, cd.salient_idx, cd.salient_val, self.extra]
-        return [t for t in parts if t is not None]
-
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows ``ids`` (any shape) of ``[Δ̂; extra rows]``, as ``[*ids.shape, K]`` in the compute dtype."""
-        cd = self.cd
-        n_base, k = cd.shape
-        flat = ids.reshape(-1)
-        inside = flat < n_base
-        safe = torch.where(inside, flat, torch.zeros_like(flat))
-        codes = unpack(cd.packed.index_select(0, safe), cd.spec.bits, k).float()
-        scale = (
-            cd.scale.index_select(0, safe).float() if cd.scale.shape[0] > 1 else cd.scale.float().expand(len(flat), -1)
-        )
-        if cd.offset is not None:
-            off = (
-                cd.offset.index_select(0, safe).float()
-                if cd.offset.shape[0] > 1
-                else cd.offset.float().expand(len(flat), -1)
-            )
-        else:
-            off = -scale * (((1 << cd.spec.bits) - 1) / 2)
-        g = scale.shape[1]
-        w = (codes.view(len(flat), g, k // g) * scale.unsqueeze(-1) + off.unsqueeze(-1)).reshape(len(flat), k)
-        if cd.salient_idx.numel():
-            w[:, cd.salient_idx.long()] += cd.salient_val.index_select(0, safe).float()
-        if self.extra is not None and not bool(inside.all()):
-            rows = (flat - n_base).clamp(min=0, max=self.extra.shape[0] - 1)
-            w = torch.where(inside.unsqueeze(-1), w, F.embedding(rows, self.extra.float()))
-        return w.to(self.dtype).view(*ids.shape, k)
+def _zero_one(bank: DeltaBank) -> DeltaBank:
+    """A one-expert bank of zero delta (codes, steps and corrections 0) in ``bank``'s shape and grid."""
+    z = lambda t: None if t is None else torch.zeros_like(t[:1])
+    return DeltaBank(bank.shape, bank.bits, bank.group_size, bank.symmetric, bank.layout_version, z(bank.packed),
+                     z(bank.scale), z(bank.offset), z(bank.salient_idx), z(bank.salient_val))  # fmt: skip

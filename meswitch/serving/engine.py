@@ -29,7 +29,7 @@ from meswitch.checkpoints import Checkpoint, scan
 from meswitch.compression.delta import CompressedDelta
 from meswitch.compression.quantize import QuantSpec
 from meswitch.compression.reconstruct import open_artifact
-from meswitch.serving.banked import RowTable
+from meswitch.serving.banked import ExpertTables
 from meswitch.serving.mixed import EXTRA, BatchExperts, Patched, patch_model, row_groups
 from meswitch.serving.tiers import DeltaTiers, ExpertSlot, TierObserver, nbytes, stored_keys
 
@@ -52,6 +52,9 @@ class EngineConfig:
     # path); "packed" keeps the codes and calls meswitch.kernels.mixed_delta (Triton on a GPU, its
     # PyTorch reference elsewhere); "auto": packed on CUDA, dense on CPU.
     payload: str = "auto"
+    # Packed payload: expert slots reserved per quantization grid up front (0: as experts arrive), so
+    # that adding an expert never reallocates the banks (nor stales captured CUDA graphs).
+    bank_capacity: int = 0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -115,7 +118,7 @@ class MixedExpertEngine:
         if self.payload_kind == "packed":
             from meswitch.serving.banked import BankSet
 
-            self.banks = self.ctx.banks = BankSet()
+            self.banks = self.ctx.banks = BankSet(self._table_default, capacity=self.config.bank_capacity)
         self.tiers = DeltaTiers(
             self._build_payload,
             self.device,
@@ -202,37 +205,36 @@ class MixedExpertEngine:
     def _build_payload(self, slot: ExpertSlot, host: dict[str, torch.Tensor]) -> tuple[dict[str, Any], int]:
         """The compute-ready deltas of one expert on the device, and the bytes they hold there.
 
-        Dense: Δ̂ dequantized once in the model dtype. Packed: every quantized linear's codes join the
-        banks (one per linear and grid) that ``mixed_delta`` reads, and the embedding stays packed.
-        Norms, biases and added vocabulary rows are small and always dense.
+        Dense: Δ̂ dequantized once in the model dtype, in the slot's payload. Packed: the quantized
+        linears' codes join the banks ``mixed_delta`` reads, the embedding stays packed for per-row
+        lookup, and norms, biases and added vocabulary rows join the grid's slot tables
+        (:class:`~meswitch.serving.banked.BankSet`); the payload then holds nothing.
         """
         dev, dt = self.device, self.dtype
         roles = self.patched.roles
-        head, embed = self.patched.lm_head, self.patched.embed
+        head = self.patched.lm_head
         out: dict[str, Any] = {}
-        banked: dict[str, CompressedDelta] = {}
+        tables = ExpertTables(banked={}, lookups={}, dense={}, vocab=slot.vocab)
         for name, h in slot.manifest.tensors.items():
             role = roles.get(name)
             if role is None:
                 continue  # checked at load: a zero delta
-            extra = None
-            if h.get("extra_rows"):
-                extra = host[f"{name}.extra_rows"].to(dev, non_blocking=True)
+            extra = host[f"{name}.extra_rows"].to(dev, dt) if h.get("extra_rows") else None
             if h["kind"] == "quantized":
                 spec = QuantSpec(bits=h["bits"], symmetric=h["symmetric"], group_size=h["group_size"])
                 parts = {k: v.to(dev, non_blocking=True) for k, v in host.items() if k.startswith(name + ".")}
                 cd = CompressedDelta.from_tensors(parts, name, h["shape"], spec)
                 if self.banks is not None and role in ("linear", "lm_head", "embed"):
+                    names = [name]
                     if role == "embed":
-                        out[name] = RowTable(cd, None if extra is None else extra.to(dt), dt)
+                        tables.lookups[name] = cd
                         if head not in slot.manifest.tensors:  # tied: the LM head is this delta
-                            banked[head] = cd
-                            if extra is not None:
-                                out[head + EXTRA] = extra.to(dt).contiguous()
+                            tables.banked[head] = cd
+                            names.append(head)
                     else:
-                        banked[name] = cd
-                        if extra is not None:
-                            out[name + EXTRA] = extra.to(dt).contiguous()
+                        tables.banked[name] = cd
+                    if extra is not None:
+                        tables.dense.update({n + EXTRA: extra for n in names})
                     continue
                 delta = cd.dequantize()
             else:
@@ -245,12 +247,20 @@ class MixedExpertEngine:
             if extra is not None:
                 delta = torch.cat([delta, extra.float()])
             out[name] = delta.to(dt).contiguous()
-        if head not in out and head + EXTRA not in out and head not in banked and embed in out:
+        if self.banks is not None and (tables.banked or tables.lookups):
+            for name in [n for n in out if roles[n] in ("norm", "bias")]:
+                tables.dense[name] = out.pop(name)
+            return out, nbytes(out) + self.banks.add(slot.key, tables)
+        embed = self.patched.embed
+        if head not in out and embed in out:
             out[head] = out[embed]  # tied (dense): the LM head is the embedding's table
-        size = nbytes(out)
-        if banked:
-            size += self.banks.add(slot.key, banked)
-        return out, size
+        return out, nbytes(out)
+
+    def _table_default(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """What a slot table holds for an expert without ``name``: a norm's base weight, else no delta."""
+        if self.patched.roles.get(name) == "norm":
+            return self.model.get_submodule(name.removesuffix(".weight")).weight.expand_as(like)
+        return torch.zeros_like(like)
 
     def _drop_payload(self, slot: ExpertSlot) -> None:
         if self.banks is not None:
@@ -285,24 +295,34 @@ class MixedExpertEngine:
         """
         if len(row_slots) != input_ids.shape[0]:
             raise ValueError(f"{len(row_slots)} row experts for a batch of {input_ids.shape[0]} rows")
+        with self.batch(row_slots):
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                position_ids=None if position_ids is None else position_ids.to(self.device),
+                **{_cache_kwarg(type(self.model)): cache},
+                use_cache=cache is not None,
+                logits_to_keep=logits_to_keep,
+            )
+        return out.logits
+
+    @contextlib.contextmanager
+    def batch(self, row_slots: Sequence[ExpertSlot | None], eager: bool = True):
+        """Hold the model for one forward of rows using ``row_slots``: their experts on the device and,
+        when ``eager``, the mixed modules told which rows use which (a captured step sets its own)."""
         with self._forward_lock:
             self.tiers.ensure(row_slots)
+            if not eager:
+                yield
+                return
             row_banks = None
             if self.banks is not None:
                 row_banks = [None if s is None else self.banks.index(s.key) for s in row_slots]
-            self.ctx.set(self.groups(row_slots), input_ids.shape[0], row_banks)
+            self.ctx.set(self.groups(row_slots), len(row_slots), row_banks, self.device)
             try:
-                out = self.model(
-                    input_ids=input_ids.to(self.device),
-                    attention_mask=None if attention_mask is None else attention_mask.to(self.device),
-                    position_ids=None if position_ids is None else position_ids.to(self.device),
-                    **{_cache_kwarg(type(self.model)): cache},
-                    use_cache=cache is not None,
-                    logits_to_keep=logits_to_keep,
-                )
+                yield
             finally:
                 self.ctx.clear()
-        return out.logits
 
 
 @functools.cache

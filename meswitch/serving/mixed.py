@@ -41,50 +41,83 @@ class RowGroup:
 class BatchExperts:
     """The experts of the rows in the current forward; shared by every mixed module of one model.
 
-    ``groups`` drive the dense path (one matmul per expert group); ``row_banks`` (per row: the
-    grid and index of its expert in the packed banks, or None) drive ``mixed_delta``, one launch
-    per linear and grid for all the batch's banked experts.
+    ``groups`` drive the dense path (one matmul per expert group). The packed path reads the
+    :class:`~meswitch.serving.banked.BankSet`'s slot tables through ``slots``: per grid, each row's
+    slot as a device tensor (-1: the row's expert is not in that grid, or it has none). Eagerly,
+    :meth:`set` also groups the rows on the host for the kernel's tightest launch; a captured decode
+    step sets device-built ``tiles`` instead (:meth:`set_slots`), so nothing is read on the host.
     """
 
     groups: list[RowGroup] = field(default_factory=list)
     batch: int = 0
     base_vocab: int = 0
     banks: Any = None  # meswitch.serving.banked.BankSet when the packed payload is used
-    row_banks: list[tuple[Any, int] | None] = field(default_factory=list)
-    _rows: dict = field(default_factory=dict)
+    slots: dict = field(default_factory=dict)  # Grid -> int64 [B] on the device
+    tiles: dict = field(default_factory=dict)  # Grid -> device tile table (graph mode)
+    width: int = 0  # logits width in graph mode (fixed by the capture); 0: the rows' widest vocabulary
+    _host: dict = field(default_factory=dict)  # Grid -> per-row slot list (eager)
+    _rows: dict = field(default_factory=dict)  # (Grid, tokens) -> ExpertRows (eager)
 
-    def set(self, groups: list[RowGroup], batch: int, row_banks: list | None = None) -> None:
+    def set(self, groups: list[RowGroup], batch: int, row_banks: list | None = None, device=None) -> None:
+        """Eager forward: ``row_banks`` per row (grid, slot) or None, read on the host once."""
+        self.clear()
         self.groups, self.batch = groups, batch
-        self.row_banks = row_banks or []
-        self._rows = {}
+        for grid in {rb[0] for rb in row_banks or [] if rb is not None}:
+            ids = [rb[1] if rb is not None and rb[0] == grid else -1 for rb in row_banks]
+            self._host[grid] = ids
+            self.slots[grid] = torch.tensor(ids, dtype=torch.int64, device=device)
+
+    def set_slots(self, slots: dict, tiles: dict, width: int) -> None:
+        """Graph mode: per grid, each row's slot and the tile table built from it, both on the device."""
+        self.clear()
+        self.batch = next(iter(slots.values())).shape[0] if slots else 0
+        self.slots, self.tiles, self.width = slots, tiles, width
 
     def clear(self) -> None:
-        self.groups, self.batch, self.row_banks, self._rows = [], 0, [], {}
+        self.groups, self.batch, self.slots, self.tiles, self.width, self._host, self._rows = [], 0, {}, {}, 0, {}, {}
 
     def banked(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """``y += x·Δ̂ᵀ`` in place for every row whose expert is banked (``x`` [B, T, K], ``y`` [B, T, N])."""
-        if not self.row_banks or not any(self.row_banks):
+        if not self.slots:
             return
         from meswitch.kernels import ExpertRows, mixed_delta
+        from meswitch.kernels.ops import mixed_delta_tiles
 
         tokens = x.shape[1] if x.dim() == 3 else 1
-        grids = {rb[0] for rb in self.row_banks if rb is not None}
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        for grid in grids:
+        for grid in self.slots:
             bank = self.banks.grids[grid].banks.get(name)
             if bank is None:
                 continue
+            if grid in self.tiles:
+                mixed_delta_tiles(x2, bank, self.tiles[grid], y2)
+                continue
             rows = self._rows.get((grid, tokens))
             if rows is None:
-                ids = [rb[1] if rb is not None and rb[0] == grid else -1 for rb in self.row_banks]
-                ids = torch.tensor(ids).repeat_interleave(tokens)
+                ids = torch.tensor(self._host[grid]).repeat_interleave(tokens)
                 rows = self._rows[(grid, tokens)] = ExpertRows.from_ids(ids)
             mixed_delta(x2, bank, rows, y2)
+
+    def tables(self, name: str, kind: str = "dense"):
+        """(row slots [B], the grid's table of ``name``, its vocabulary per slot) for each grid in the
+        batch that has one; ``kind`` "dense" (norms, biases, added rows) or "lookups" (embedding banks)."""
+        for grid, s in self.slots.items():
+            gb = self.banks.grids[grid]
+            table = getattr(gb, kind).get(name)
+            if table is not None:
+                yield s, table, gb.vocab
 
     @property
     def vocab(self) -> int:
         """Width of the logits: the largest vocabulary among the rows (never below the base's)."""
-        return max([self.base_vocab, *(g.vocab for g in self.groups)])
+        return self.width or max([self.base_vocab, *(g.vocab for g in self.groups)])
+
+
+def _rows_of(s: torch.Tensor, table: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's entry of a slot table, shaped to broadcast against ``like`` ``[B, ..., D]``, and
+    whether the row has one (slot >= 0), shaped ``[B, 1, ..., 1]``."""
+    shape = (s.shape[0], *([1] * (like.dim() - 2)), -1)
+    return table[s.clamp(min=0)].view(shape), (s >= 0).view((*shape[:-1], 1))
 
 
 def row_groups(row_keys: Sequence[object], payloads: Mapping[object, Mapping[str, torch.Tensor]], vocabs, device):
@@ -128,6 +161,10 @@ class MixedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         self.ctx.banked(self.weight_name, x, y)
+        if self.bias_name:
+            for s, table, _ in self.ctx.tables(self.bias_name):  # bias deltas [slots, N]
+                rows, has = _rows_of(s, table, y)
+                y = y + rows * has
         for g in self.ctx.groups:
             d = g.payload.get(self.weight_name)
             b = g.payload.get(self.bias_name) if self.bias_name else None
@@ -163,8 +200,17 @@ class MixedEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         inside = ids < self.base_vocab
         y = self.base(ids.clamp(max=self.base_vocab - 1))
-        if not bool(inside.all()):
+        if self.ctx.vocab > self.base_vocab:  # an expert with added tokens is in play: no host read of the ids
             y = y * inside.unsqueeze(-1).to(y.dtype)
+        for s, bank, _ in self.ctx.tables(self.name, "lookups"):  # packed deltas: dequantize the looked-up rows only
+            rows = s.view(-1, *([1] * (ids.dim() - 1))).expand_as(ids)
+            take = (rows >= 0) & inside
+            part = bank.lookup(rows.clamp(min=0).reshape(-1), ids.clamp(max=self.base_vocab - 1).reshape(-1))
+            y = y + (part.view(*ids.shape, -1) * take.unsqueeze(-1)).to(y.dtype)
+        for s, extra, _ in self.ctx.tables(self.name + EXTRA):  # added rows [slots, X, H], whole
+            rows = s.view(-1, *([1] * (ids.dim() - 1))).expand_as(ids)
+            at = (ids - self.base_vocab).clamp(min=0, max=extra.shape[1] - 1)
+            y = torch.where(((rows >= 0) & ~inside).unsqueeze(-1), extra[rows.clamp(min=0), at], y)
         for g in self.ctx.groups:
             table = g.payload.get(self.name)  # [base_vocab + extra, H]: Δ̂ rows, then the added rows whole
             if table is None:
@@ -198,6 +244,14 @@ class MixedLMHead(nn.Module):
         width = self.ctx.vocab
         if width > self.base_vocab:
             pad = torch.full((*y.shape[:-1], width - self.base_vocab), float("-inf"), dtype=y.dtype, device=y.device)
+            for s, extra, vocab in self.ctx.tables(self.name + EXTRA):  # added rows [slots, X, H]
+                n = min(extra.shape[1], pad.shape[-1])
+                slot = s.clamp(min=0)
+                cols = torch.einsum("b...h,bxh->b...x", h, extra[slot, :n])
+                # a row's own added columns only: its slot's vocabulary, and none for rows of other grids
+                own = (self.base_vocab + torch.arange(n, device=y.device) < vocab[slot][:, None]) & (s >= 0)[:, None]
+                own = own.view(own.shape[0], *([1] * (y.dim() - 2)), n)
+                pad[..., :n] = torch.where(own, cols.to(y.dtype), pad[..., :n])
             y = torch.cat([y, pad], dim=-1)
         for g in self.ctx.groups:
             table = g.payload.get(self.name)  # [base_vocab + extra, H]
@@ -247,6 +301,12 @@ class MixedRMSNorm(nn.Module):
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         h = h.to(dtype)
+        w = None
+        for s, table, _ in self.ctx.tables(self.name):  # the experts' full weights [slots, H]
+            rows, has = _rows_of(s, table, h)
+            w = torch.where(has, rows, self.base.weight if w is None else w)
+        if w is not None:
+            return w * h
         groups = [g for g in self.ctx.groups if self.name in g.payload]
         if not groups:
             return self.base.weight * h

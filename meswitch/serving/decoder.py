@@ -1,0 +1,231 @@
+"""Decode steps on a static KV cache, captured as CUDA graphs: the host leaves the decode step.
+
+The engine's eager forward issues some 400 kernels per decode step of a 32-layer model from Python
+and waits on the host for each (benchmarks/decode_e2e.py: over 90% of a step outside the GPU's
+work). Here one step of a batch is captured once per batch-size bucket and context-length bucket
+and replayed: the host copies in the new tokens, positions and row slots and launches one graph.
+
+What changes between steps lives in device tensors the graph reads: each row's token and position,
+and per quantization grid each row's expert slot (:class:`~meswitch.serving.banked.BankSet`), from
+which the captured step builds the delta kernel's tile table itself
+(:func:`~meswitch.kernels.bank.device_tiles`). So one graph serves any mix of resident experts,
+and a new expert taking a free slot needs no recapture; only reallocated tables
+(``GridBanks.version``) or a wider vocabulary do.
+
+The layers are the engine's patched modules (mixed linears, norms, embedding, LM head) wired as a
+Llama-family decoder (Llama, Mistral, Qwen2: pre-norm, rotary, grouped-query attention, gated MLP)
+around a static cache: row ``r`` of the cache is row ``r`` of the batch, so the caller keeps its
+running sequences in rows ``0..B-1``. Decode attention reads the cache up to a power-of-two length
+bucket with a mask on each row's position. Prefill runs eagerly (right-padded, causal) into the
+rows it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from meswitch.kernels.bank import device_tiles
+from meswitch.serving.engine import EngineError, MixedExpertEngine
+from meswitch.serving.tiers import ExpertSlot
+
+log = logging.getLogger(__name__)
+
+DECODER_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    max_rows: int = 64  # sequences in the cache (and the largest batch)
+    max_len: int = 2048  # positions per sequence
+    buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # batch sizes captured; a batch runs in the next one up
+    min_len_bucket: int = 128  # attention reads the cache up to a power of two >= the longest row, at least this
+    block_m: int = 16  # rows per tile of the delta kernel in a captured step
+    graphs: bool = True  # capture CUDA graphs on a GPU; False: every step eager (what graphs are tested against)
+
+
+def length_bucket(longest: int, config: DecoderConfig) -> int:
+    """Cache positions a step's attention reads: the next power of two, within [min_len_bucket, max_len]."""
+    n = config.min_len_bucket
+    while n < longest:
+        n *= 2
+    return min(n, config.max_len)
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor
+
+
+class StaticDecoder:
+    """Prefill and decode for the engine's model on a static KV cache; decode steps as CUDA graphs."""
+
+    def __init__(self, engine: MixedExpertEngine, config: DecoderConfig | None = None):
+        self.engine, self.config = engine, config or DecoderConfig()
+        cfg = engine.model.config
+        arch = type(engine.model).__name__
+        if arch not in DECODER_ARCHITECTURES:
+            raise EngineError(f"the static decoder serves {DECODER_ARCHITECTURES}, not {arch}")
+        if engine.banks is None:
+            raise EngineError("the static decoder needs the packed payload (EngineConfig(payload='packed'))")
+        if max(self.config.buckets) > self.config.max_rows:
+            raise EngineError(f"bucket {max(self.config.buckets)} exceeds max_rows={self.config.max_rows}")
+        inner = engine.model.model
+        self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb
+        self.head = engine.model.lm_head
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        # one row more than max_rows: the padding rows of a bucket write their KV there
+        shape = (self.config.max_rows + 1, self.kv_heads, self.config.max_len, self.head_dim)
+        dev, dt = engine.device, engine.dtype
+        self.k = [torch.zeros(shape, dtype=dt, device=dev) for _ in self.layers]
+        self.v = [torch.zeros(shape, dtype=dt, device=dev) for _ in self.layers]
+        self.use_graphs = self.config.graphs and dev.type == "cuda"
+        self._graphs: dict[tuple, _Captured] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._static: dict[int, dict[str, torch.Tensor]] = {}  # bucket -> its input tensors
+        self.captures = 0
+
+    # ---- the step ------------------------------------------------------------------------------
+    def _layers(self, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, span: int, decode: bool):
+        """Hidden states after every layer. Decode (``x`` [B, 1, H]): batch row b reads cache rows
+        0..B-1 up to ``span`` and writes its KV at ``(rows[b], pos[b])`` (a padding row: the scratch
+        row). Prefill (``x`` [n, T, H]): cache rows ``rows``, positions 0..T-1 (``pos`` [n, T])."""
+        b, t, _ = x.shape
+        group = self.heads // self.kv_heads
+        cos, sin = self.rotary(x, pos[:, None] if decode else pos)
+        if decode:
+            mask = (torch.arange(span, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            if decode:
+                self.k[i][rows, :, pos] = k[:, :, 0]
+                self.v[i][rows, :, pos] = v[:, :, 0]
+                # grouped-query attention without repeating the cache: a KV head's query heads as its queries
+                qg = q.reshape(b, self.kv_heads, group, self.head_dim)
+                o = F.scaled_dot_product_attention(qg, self.k[i][:b, :, :span], self.v[i][:b, :, :span],
+                                                   attn_mask=mask, scale=attn.scaling)  # fmt: skip
+                o = o.reshape(b, self.heads, 1, self.head_dim)
+            else:
+                self.k[i][rows, :, :t] = k
+                self.v[i][rows, :, :t] = v
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=group > 1)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+            h = layer.post_attention_layernorm(x)
+            x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+        return self.norm(x)
+
+    def _decode_step(self, static: dict[str, torch.Tensor], span: int, width: int) -> torch.Tensor:
+        slots = {g: static[f"slots/{i}"] for i, g in enumerate(self._grids())}
+        tiles = {g: device_tiles(s, self.config.block_m) for g, s in slots.items()}
+        self.engine.ctx.set_slots(slots, tiles, width)
+        try:
+            x = self.embed(static["tokens"][:, None])
+            x = self._layers(x, static["pos"], static["rows"], span, decode=True)
+            return self.head(x)[:, 0]
+        finally:
+            self.engine.ctx.clear()
+
+    # ---- public --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]], row_slots: Sequence[ExpertSlot | None]):
+        """Write the prompts' KV into cache ``rows``; return each prompt's next-token logits [n, V] (eager)."""
+        eng, n = self.engine, len(prompts)
+        if not (len(rows) == n == len(row_slots)):
+            raise ValueError(f"{len(rows)} rows, {n} prompts and {len(row_slots)} experts")
+        lens = [len(p) for p in prompts]
+        if min(lens) < 1 or max(lens) > self.config.max_len:
+            raise ValueError(f"prompt lengths must be 1..{self.config.max_len}, got {min(lens)}..{max(lens)}")
+        t = max(lens)
+        ids = torch.zeros(n, t, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        dev = eng.device
+        ids, last = ids.to(dev), torch.tensor(lens, device=dev) - 1
+        pos = torch.arange(t, device=dev).expand(n, -1)
+        with eng.batch(row_slots):
+            x = self._layers(self.embed(ids), pos, torch.tensor(list(rows), device=dev), t, decode=False)
+            return self.head(x[torch.arange(n, device=dev), last][:, None])[:, 0]
+
+    @torch.inference_mode()
+    def decode(
+        self, tokens: torch.Tensor, positions: Sequence[int], row_slots: Sequence[ExpertSlot | None]
+    ) -> torch.Tensor:
+        """One step for cache rows 0..B-1: ``tokens`` [B] (device), row b at position ``positions[b]``
+        (its token's position, on the host). Returns logits [B, V]; replayed from a CUDA graph on a GPU."""
+        eng, b = self.engine, len(positions)
+        if tokens.shape != (b,) or len(row_slots) != b:
+            raise ValueError(f"{tuple(tokens.shape)} tokens, {b} positions and {len(row_slots)} experts")
+        bucket = next((s for s in self.config.buckets if s >= b), None)
+        if bucket is None:
+            raise ValueError(f"batch of {b} rows exceeds the largest bucket {max(self.config.buckets)}")
+        if max(positions) >= self.config.max_len:
+            raise ValueError(f"position {max(positions)} past the cache's max_len={self.config.max_len}")
+        span = length_bucket(max(positions) + 1, self.config)
+        with eng.batch(row_slots, eager=False):
+            static = self._inputs(bucket)
+            static["tokens"][:b].copy_(tokens)
+            static["tokens"][b:].zero_()
+            host = torch.zeros(2, bucket, dtype=torch.long)
+            host[0, :b] = torch.tensor(list(positions))
+            host[1] = torch.arange(bucket)
+            host[1, b:] = self.config.max_rows  # padding rows write to the scratch row
+            static["pos"].copy_(host[0])
+            static["rows"].copy_(host[1])
+            for i, grid in enumerate(self._grids()):
+                ids = torch.full((bucket,), -1, dtype=torch.long)
+                for r, s in enumerate(row_slots):
+                    where = None if s is None else eng.banks.index(s.key)
+                    if where is not None and where[0] == grid:
+                        ids[r] = where[1]
+                static[f"slots/{i}"].copy_(ids)
+            width = eng.banks.max_vocab(eng.base_vocab)
+            if not self.use_graphs:
+                return self._decode_step(static, span, width)[:b].clone()
+            key = (bucket, span, width, tuple((g, gb.version) for g, gb in eng.banks.grids.items()))
+            cap = self._graphs.get(key)
+            if cap is None:
+                cap = self._graphs[key] = self._capture(static, span, width)
+            cap.graph.replay()
+            return cap.logits[:b].clone()
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _grids(self) -> list:
+        return list(self.engine.banks.grids)
+
+    def _inputs(self, bucket: int) -> dict[str, torch.Tensor]:
+        """The bucket's input tensors (fixed addresses: the graphs read them)."""
+        dev = self.engine.device
+        static = self._static.setdefault(bucket, {})
+        static.setdefault("tokens", torch.zeros(bucket, dtype=torch.long, device=dev))
+        static.setdefault("pos", torch.zeros(bucket, dtype=torch.long, device=dev))
+        static.setdefault("rows", torch.arange(bucket, device=dev))
+        for i in range(len(self._grids())):
+            static.setdefault(f"slots/{i}", torch.full((bucket,), -1, dtype=torch.long, device=dev))
+        return static
+
+    def _capture(self, static: dict[str, torch.Tensor], span: int, width: int) -> _Captured:
+        """Warm up on a side stream (Triton compiles there), then capture one step."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._decode_step(static, span, width)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._decode_step(static, span, width)
+        self.captures += 1
+        log.info("captured decode graph: batch %d, span %d (%d graphs)", static["tokens"].shape[0], span, self.captures)
+        return _Captured(graph, logits)

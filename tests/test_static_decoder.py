@@ -1,0 +1,130 @@
+"""The static-cache decoder and the slot tables it reads, against the engine's eager forward.
+
+On the CPU the decoder runs its step eagerly through the same code a CUDA graph captures (device
+tile tables, slot tensors, the registered ``meswitch::mixed_delta_tiles`` op on its reference), so
+these tests check the captured step's arithmetic; tests/test_kernels.py replays it as a graph on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from serving_fixtures import served_family, torch_threads  # noqa: F401
+
+from meswitch.kernels import DeltaBank, ExpertRows, mixed_delta_reference
+from meswitch.kernels.bank import device_tiles
+from meswitch.kernels.ops import mixed_delta_tiles, tile_rows
+from meswitch.serving.decoder import DecoderConfig, StaticDecoder, length_bucket
+from meswitch.serving.engine import EngineConfig, EngineError, MixedExpertEngine
+
+TOL = {"atol": 1e-4, "rtol": 1e-4}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.mark.parametrize("block_m", [1, 4, 16])
+def test_device_tiles_cover_every_expert_row_once(block_m):
+    gen = torch.Generator().manual_seed(0)
+    for m in (1, 5, 33):
+        ids = torch.randint(-1, 4, (m,), generator=gen)
+        tiles = device_tiles(ids, block_m)
+        assert tiles.shape == (m, 2 + block_m)
+        used = tiles[tiles[:, 1] > 0]
+        assert (used[:, 1] <= block_m).all()
+        back = torch.full((m,), -1)
+        for e, count, *rows in used.tolist():
+            assert (back[rows[:count]] == -1).all()  # no row in two tiles
+            back[rows[:count]] = e
+        assert torch.equal(back, ids)
+        # as many tiles as the host-built table of the same rows, so no expert's codes stream twice
+        assert len(used) == len(ExpertRows.from_ids(ids).tiles(block_m, torch.device("cpu")))
+
+
+def test_tiles_op_equals_the_reference_eagerly_and_under_torch_compile():
+    bank = DeltaBank.random(3, (48, 256), bits=2, salient=4, generator=torch.Generator().manual_seed(1))
+    x, y = torch.randn(6, 256), torch.randn(6, 48)
+    ids = torch.tensor([2, -1, 0, 2, 1, -1])
+    want = mixed_delta_reference(x, bank, ids, y.clone())
+    tiles = device_tiles(ids, 16)
+    torch.testing.assert_close(mixed_delta_tiles(x, bank, tiles, y.clone()), want)
+    assert torch.equal(tile_rows(tiles).order, ExpertRows.from_ids(ids).order)
+    compiled = torch.compile(lambda x, y, t: mixed_delta_tiles(x, bank, t, y), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, y.clone(), tiles), want)  # the op traces as one opaque node
+    with pytest.raises(ValueError, match="tiles must be"):
+        mixed_delta_tiles(x, bank, tiles[:3], y.clone())
+
+
+def test_length_buckets_are_powers_of_two_within_the_cache():
+    cfg = DecoderConfig(max_len=1000, min_len_bucket=128)
+    assert [length_bucket(n, cfg) for n in (1, 128, 129, 600, 1000)] == [128, 128, 256, 1000, 1000]
+
+
+@pytest.fixture(scope="module")
+def packed(served_family):  # noqa: F811
+    eng = MixedExpertEngine(served_family.base, EngineConfig(device="cpu", payload="packed"))
+    slots = {name: eng.add_expert(art) for name, art in served_family.artifacts.items()}
+    return eng, slots
+
+
+def test_decoder_steps_equal_the_engine_forward_for_a_mixed_batch(packed):
+    eng, slots = packed
+    names = sorted(slots)
+    rows = [slots[names[0]], None, slots[names[1]], slots[names[0]], slots[names[2]]]
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, eng.base_vocab, (n,), generator=gen).tolist() for n in (5, 9, 1, 7, 3)]
+    dec = StaticDecoder(eng, DecoderConfig(max_rows=8, max_len=64, buckets=(2, 8), min_len_bucket=16))
+    seqs = [list(p) for p in prompts]
+    logits = dec.prefill(range(len(rows)), prompts, rows)
+    for step in range(6):
+        for i, (seq, slot) in enumerate(zip(seqs, rows, strict=True)):
+            want = eng.forward(torch.tensor([seq]), [slot])[0, -1]
+            torch.testing.assert_close(logits[i], want, **TOL)
+        nxt = logits.argmax(-1)
+        for seq, t in zip(seqs, nxt.tolist(), strict=True):
+            seq.append(t)
+        # the batch shrinks to its first rows after three steps: a smaller bucket, other rows untouched
+        live = len(rows) if step < 3 else 2
+        logits = dec.decode(nxt[:live], [len(s) - 1 for s in seqs[:live]], rows[:live])
+        seqs, rows = seqs[:live], rows[:live]
+    assert (logits[0] - logits[1]).abs().max() > 1e-2  # an expert row and a base row differ: the check has teeth
+
+
+def test_slots_are_reused_in_place_and_capacity_avoids_reallocation(served_family):  # noqa: F811
+    arts = sorted(served_family.artifacts.items())
+    eng = MixedExpertEngine(served_family.base, EngineConfig(device="cpu", payload="packed", bank_capacity=2))
+    a = eng.add_expert(arts[0][1])
+    grid = eng.banks.index(a.key)[0]
+    gb = eng.banks.grids[grid]
+    version, name = gb.version, next(iter(gb.banks))
+    storage = gb.banks[name].packed.data_ptr()
+    # the same expert again (same salient counts): the reserved slot, no reallocation
+    b = eng.add_expert(arts[0][1], version="copy")
+    assert (gb.version, gb.banks[name].packed.data_ptr()) == (version, storage)
+    eng.remove_expert(a)
+    c = eng.add_expert(arts[1][1])  # more salient columns in some matrix: those banks widen
+    assert eng.banks.index(c.key) == (grid, 0)  # the freed slot
+    ids = torch.randint(3, eng.base_vocab, (2, 6), generator=torch.Generator().manual_seed(0))
+    want = MixedExpertEngine(served_family.base, EngineConfig(device="cpu", payload="packed"))
+    wc, wb = want.add_expert(arts[1][1]), want.add_expert(arts[0][1])
+    torch.testing.assert_close(eng.forward(ids, [c, b]), want.forward(ids, [wc, wb]), **TOL)
+    version = gb.version
+    eng.add_expert(arts[2][1])
+    assert gb.version > version and gb.capacity == 3  # full: the tables grew, graphs must be captured again
+
+
+def test_the_decoder_refuses_what_it_cannot_serve(served_family):  # noqa: F811
+    dense = MixedExpertEngine(served_family.base, EngineConfig(device="cpu", payload="dense"))
+    with pytest.raises(EngineError, match="packed payload"):
+        StaticDecoder(dense)
+    eng = MixedExpertEngine(served_family.base, EngineConfig(device="cpu", payload="packed"))
+    dec = StaticDecoder(eng, DecoderConfig(max_rows=4, max_len=16, buckets=(4,)))
+    with pytest.raises(ValueError, match="largest bucket"):
+        dec.decode(torch.zeros(5, dtype=torch.long), [0] * 5, [None] * 5)
+    with pytest.raises(ValueError, match="max_len"):
+        dec.decode(torch.zeros(1, dtype=torch.long), [16], [None])
+    with pytest.raises(ValueError, match="prompt lengths"):
+        dec.prefill([0], [list(range(17))], [None])
