@@ -128,3 +128,43 @@ def test_the_decoder_refuses_what_it_cannot_serve(served_family):  # noqa: F811
         dec.decode(torch.zeros(1, dtype=torch.long), [16], [None])
     with pytest.raises(ValueError, match="prompt lengths"):
         dec.prefill([0], [list(range(17))], [None])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="graphs need a GPU; the captured step runs eagerly above")
+def test_graph_replay_gives_the_eager_decoders_tokens_on_the_gpu(tmp_path):
+    import shutil
+
+    from serving_fixtures import compress
+    from tiny_models import calib_file, make_base, make_expert
+
+    base = make_base(tmp_path / "base")
+    calib = calib_file(tmp_path / "calib.jsonl")
+    arts = []
+    for seed in (3, 4, 5):
+        folder = make_expert(base, tmp_path / f"e{seed}", seed=seed, scale=0.05)
+        shutil.copy(calib, folder / "calib.jsonl")
+        arts.append(compress(base, folder, tmp_path / f"art{seed}", f"e{seed}", None))
+    eng = MixedExpertEngine(base, EngineConfig(device="cuda", payload="packed"))
+    slots = [eng.add_expert(a) for a in arts]
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, eng.base_vocab, (n,), generator=gen).tolist() for n in (4, 9, 2, 6, 5)]
+    cfg = DecoderConfig(max_rows=8, max_len=64, buckets=(4, 8), min_len_bucket=16)
+    graph, eager = StaticDecoder(eng, cfg), StaticDecoder(eng, DecoderConfig(**{**cfg.__dict__, "graphs": False}))
+
+    def greedy(dec, rows, steps=10):
+        last = dec.prefill(range(len(rows)), prompts[: len(rows)], rows).argmax(-1)
+        pos, out = [len(p) for p in prompts[: len(rows)]], []
+        for _ in range(steps):
+            last = dec.decode(last, pos, rows).argmax(-1)
+            out.append(last.tolist())
+            pos = [p + 1 for p in pos]
+        return out
+
+    rows = [slots[0], None, slots[1], slots[0], slots[2]]
+    assert greedy(graph, rows) == greedy(eager, rows)
+    captured = graph.captures
+    assert captured >= 1
+    mix = [slots[2], slots[1], None, slots[2], slots[0]]  # another mix of the same experts: replayed, not recaptured
+    assert greedy(graph, mix) == greedy(eager, mix)
+    assert graph.captures == captured
+    assert greedy(graph, mix[:3]) == greedy(eager, mix[:3])  # a smaller bucket
