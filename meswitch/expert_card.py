@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from meswitch.settings import read_yaml_mapping
 
 CARD = "expert.yaml"
 MAX_DATA_BYTES = 256 << 20  # the most a calibration or evaluation file may hold: they are read whole
@@ -43,12 +43,7 @@ def load_card(folder: Path) -> ExpertCard:
     path = folder / CARD
     if not path.is_file():
         raise CardError(f"{path}: missing; every expert folder needs an expert.yaml (name, domain, description)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise CardError(f"{path}: invalid YAML ({e})") from e
-    if not isinstance(data, dict):
-        raise CardError(f"{path}: expected a mapping")
+    data = read_yaml_mapping(path, error=CardError)
     missing = [k for k in ("name", "domain", "description") if not data.get(k)]
     if missing:
         raise CardError(f"{path}: missing fields {missing}")

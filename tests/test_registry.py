@@ -343,3 +343,46 @@ def test_gpu_side_modules_never_import_the_registry():
         files += sorted((root / package).rglob("*.py"))
     offenders = [str(f.relative_to(root)) for f in files if f.exists() and forbidden.search(f.read_text())]
     assert offenders == []
+
+
+def test_one_rule_says_what_is_transient(tmp_path):
+    """``is_transient`` (retried by the registry and by Prefect) against the errors each layer raises."""
+    import requests
+    from botocore.exceptions import ClientError, EndpointConnectionError
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+
+    from meswitch.registry import AccessDenied, Unavailable
+    from meswitch.registry.errors import is_transient
+
+    def s3(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    def wrapped(cause: BaseException) -> RegistryError:
+        try:
+            raise RegistryError("publish failed") from cause
+        except RegistryError as e:
+            return e
+
+    for transient in (
+        Unavailable("down"), ConnectionRefusedError(), TimeoutError(), requests.ConnectionError("lost"),
+        EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), s3("SlowDown", 503), s3("Whatever", 502),
+        MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE), wrapped(s3("InternalError", 500)),
+        MlflowException("API request to http://x failed with exception Max retries exceeded"),
+    ):  # fmt: skip
+        assert is_transient(transient), transient
+    for permanent in (
+        AccessDenied("refused"), InvalidName("bad"), NotFound("gone"), s3("NoSuchKey", 404), s3("AccessDenied", 403),
+        MlflowException("no such model", error_code=RESOURCE_DOES_NOT_EXIST), ValueError("bad input"),
+        wrapped(s3("NoSuchKey", 404)),
+    ):  # fmt: skip
+        assert not is_transient(permanent), permanent
+
+
+def test_registry_environment_is_parsed_with_clear_errors(tmp_path):
+    env = {"AWS_ENDPOINT_URL": "http://b", "MLFLOW_S3_ENDPOINT_URL": "http://c", "MESWITCH_S3_PART_MB": "5.5"}
+    config = RegistryConfig.from_env(env, home=tmp_path)
+    assert config.s3_endpoint_url == "http://b" and config.s3_part_bytes == int(5.5 * (1 << 20))
+    assert (config.retries, config.attempts, config.tracking_uri) == (5, 6, f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(ValueError, match="MESWITCH_REGISTRY_RETRIES='many'"):
+        RegistryConfig.from_env({"MESWITCH_REGISTRY_RETRIES": "many"}, home=tmp_path)

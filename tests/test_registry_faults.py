@@ -4,6 +4,7 @@ half-done is registered or cached and that a retry completes without duplicating
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import urllib.request
@@ -54,9 +55,11 @@ def _versions(registry: Registry, name: str) -> list[int]:
 
 
 def test_s3_restarted_mid_multipart_upload_publish_completes(servers_config, s3_server, make_artifact, name, caplog):
-    """Kill the S3 server after the first part of a multipart upload and start it again: the publish
-    retries, completes, verifies, and registers exactly one version."""
-    config = servers_config(s3_part_bytes=5 * MIB, s3_concurrency=1, retries=8, backoff_s=0.5)
+    """Kill the S3 server after the first part of a multipart upload and start it again: botocore
+    retries the request, the publish completes, verifies, and registers exactly one version."""
+    caplog.set_level(logging.DEBUG, logger="botocore.retries.standard")
+    # botocore waits at most 0.05 s * 2**i between attempts: 13 attempts ride out a restart of ~25 s and more
+    config = servers_config(s3_part_bytes=5 * MIB, s3_concurrency=1, retries=12)
     registry = Registry(config)
     folder = make_artifact("big", size=16 * MIB)
     sent, killed_at, restarted = [0], [], threading.Event()
@@ -76,7 +79,7 @@ def test_s3_restarted_mid_multipart_upload_publish_completes(servers_config, s3_
     version = registry.publish(folder, name, alias="candidate", progress=progress)
     assert killed_at and killed_at[0] < 16 * MIB, "the server must have been killed mid-upload"
     assert restarted.wait(60)
-    assert any("attempt 2 of" in r.getMessage() for r in caplog.records), "the upload must have been retried"
+    assert any("Retry needed" in r.getMessage() for r in caplog.records), "botocore must have retried the upload"
     assert version == 1 and _versions(registry, name) == [1]
     resolved = registry.resolve(name, "candidate")
     assert resolved.content_hash == content_hash(folder)
@@ -104,6 +107,87 @@ def test_s3_down_publish_fails_clearly_then_retry_completes(servers_config, s3_s
     assert Registry(servers_config()).publish(folder, name, alias="candidate") == 1
     assert _versions(registry, name) == [1]
     assert registry.resolve(name, "candidate").content_hash == content_hash(folder)
+
+
+class _Injected:
+    """A botocore ``before-send`` hook: counts the attempts of each operation and answers the first
+    ``fail`` of them with an HTTP 500 ``InternalError`` instead of sending them to the server."""
+
+    def __init__(self, fail: int = 0):
+        self.fail, self.attempts = fail, {}
+
+    def __call__(self, request, **kwargs):
+        from botocore.awsrequest import AWSResponse
+
+        operation = kwargs["event_name"].rsplit(".", 1)[-1]
+        self.attempts[operation] = self.attempts.get(operation, 0) + 1
+        if self.attempts[operation] > self.fail:
+            return None
+        body = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
+        return AWSResponse(request.url, 500, {}, type("Raw", (), {"stream": lambda self, **kw: iter([body])})())
+
+
+def _store(config, hook: _Injected):
+    from meswitch.registry.store import S3Store
+
+    store = S3Store(config.artifact_uri, config)
+    store.client.meta.events.register("before-send.s3", hook)
+    return store
+
+
+def test_s3_retries_are_botocore_s_and_bounded(servers_config, s3_server, make_artifact, name, monkeypatch):
+    """The documented worst case (registry/retry.py): botocore alone retries an S3 request, ``retries + 1``
+    attempts in all, waiting under 0.05 s * (2**retries - 1) when the server fails (not throttling); a
+    permanent error is not retried; what still fails is ``Unavailable``."""
+    config = servers_config(retries=4)
+    assert _store(config, _Injected()).client.meta.config.retries == {"mode": "standard", "total_max_attempts": 5}
+
+    # A transient answer from the real server's address is retried by botocore, then the request succeeds.
+    flaky = _Injected(fail=2)
+    _store(config, flaky).ping()
+    assert flaky.attempts == {"HeadBucket": 3}
+
+    # A permanent one (a missing object, refused credentials) is tried once.
+    once = _Injected()
+    with pytest.raises(NotFound):
+        _store(config, once).check(f"{config.artifact_uri}/{name}/{'0' * 64}", "0" * 64)
+    assert once.attempts == {"GetObject": 1}
+    once = _Injected()
+    with pytest.raises(AccessDenied):
+        _store(config.replace(aws_secret_access_key="wrong-secret"), once).ping()
+    assert once.attempts == {"HeadBucket": 1}
+
+    # Always failing: exactly ``retries + 1`` attempts, then Unavailable, within the documented waits.
+    always = _Injected(fail=99)
+    start = time.monotonic()
+    with pytest.raises(Unavailable, match="5 times"):
+        _store(config, always).ping()
+    assert always.attempts == {"HeadBucket": 5}
+    assert time.monotonic() - start < 0.05 * (2**4 - 1) + 2.0
+    (port,) = free_ports(1)
+    dead = _Injected()
+    start = time.monotonic()
+    with pytest.raises(Unavailable, match="is unavailable"):
+        _store(config.replace(s3_endpoint_url=f"http://127.0.0.1:{port}"), dead).ping()
+    assert dead.attempts == {"HeadBucket": 5}, "a refused connection is retried the same way"
+    assert time.monotonic() - start < 0.05 * (2**4 - 1) + 2.0
+
+    # Publishing through the registry adds no retries of its own around botocore's.
+    from meswitch.registry.store import S3Store
+
+    failing, client = _Injected(fail=99), S3Store.client.fget
+
+    def hooked(store):
+        fresh = store._client is None
+        if fresh:
+            client(store).meta.events.register("before-send.s3", failing)
+        return client(store)
+
+    monkeypatch.setattr(S3Store, "client", property(hooked))
+    with pytest.raises(Unavailable, match="nothing was registered"):
+        Registry(config).publish(make_artifact("e"), name)
+    assert failing.attempts == {"HeadBucket": 5}, "the first request that fails for good ends the publish"
+    assert _versions(Registry(config), name) == []
 
 
 def test_wrong_credentials_are_refused(servers_config, s3_server, make_artifact, name, tmp_path):

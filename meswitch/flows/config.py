@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from meswitch.flows.gates import Gates, gates_from_dict, load_gates
+from meswitch.settings import env_value, read_yaml_mapping
 
 GPU_LIMIT = "meswitch-gpu"
 BASE_PREFIX = "meswitch-base-"
@@ -138,12 +137,7 @@ def load_config(path: Path | str | None = None, gates: Path | str | None = None,
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: pipeline config not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: invalid YAML ({e})") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping")
+        data = read_yaml_mapping(path)
     gates_in_file = data.pop("gates", None)
     config = _build(PipelineConfig, data, str(path or "pipeline config"))
     g = load_gates()
@@ -152,8 +146,8 @@ def load_config(path: Path | str | None = None, gates: Path | str | None = None,
             raise ValueError(f"{path}: gates must be a mapping")
         g = gates_from_dict({**g.to_dict(), **gates_in_file}, f"{path}: gates")
     config = config.replace(gates=load_gates(gates, base=g.to_dict()) if gates is not None else g)
-    if env_slots := os.environ.get("MESWITCH_GPU_SLOTS"):
-        config = config.replace(gpu_slots=int(env_slots))
+    if (slots := env_value(os.environ, "MESWITCH_GPU_SLOTS", int, None)) is not None:
+        config = config.replace(gpu_slots=slots)
     return config.replace(**overrides) if overrides else config
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from meswitch.settings import read_yaml_mapping
 
 DEFAULT_GATES_FILE = Path(__file__).with_name("gates.yaml")
 
@@ -184,13 +184,7 @@ def _at_most(gate: str, value: Any, limit: float) -> GateCheck:
 def read_gates_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: gates file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid YAML ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of gate names to numbers")
-    return data
+    return read_yaml_mapping(path, "a mapping of gate names to numbers")
 
 
 def _fmt(x: float | None) -> str:

@@ -68,7 +68,8 @@ def fetch_entry(entry: InboxEntry, cache_dir: Path) -> Path:
         for key, _etag, _size in _list_files(store, bucket, prefix):
             target = tmp / key[len(prefix) + 1 :]
             target.parent.mkdir(parents=True, exist_ok=True)
-            _s3_call(store, f"download s3://{bucket}/{key}", store.client.download_file, bucket, key, str(target))
+            download = store.client.download_file
+            _s3_call(store, f"download s3://{bucket}/{key}", download, bucket, key, str(target), Config=store.transfer)
         os.rename(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -91,7 +92,8 @@ def submit(expert_dir: Path | str, inbox: str | Path, name: str | None = None) -
         files.sort(key=lambda p: p.name == CARD)  # the card last: it marks the upload complete
         for path in files:
             key = f"{prefix}/{path.relative_to(src).as_posix()}"
-            _s3_call(store, f"upload s3://{bucket}/{key}", store.client.upload_file, str(path), bucket, key)
+            upload = store.client.upload_file
+            _s3_call(store, f"upload s3://{bucket}/{key}", upload, str(path), bucket, key, Config=store.transfer)
         return f"s3://{bucket}/{prefix}"
     inbox = Path(inbox)
     inbox.mkdir(parents=True, exist_ok=True)
@@ -139,17 +141,9 @@ def _s3(uri: str):
 
 
 def _s3_call(store, what: str, fn, *args, **kwargs):
-    from meswitch.registry.retry import with_retries
-
-    cfg = store.config
+    """``fn(*args, **kwargs)`` (botocore retries its requests), its failure in the registry's errors."""
     try:
-        return with_retries(
-            lambda: fn(*args, **kwargs),
-            what=what,
-            retries=cfg.retries,
-            backoff_s=cfg.backoff_s,
-            is_transient=store.is_transient,
-        )
+        return fn(*args, **kwargs)
     except Exception as e:
         raise store._translate(e, what) from e
 

@@ -88,29 +88,10 @@ def key_of(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: a server down or restarting, a lost connection; not bad input."""
-    from meswitch.registry.errors import AccessDenied, InvalidName, Unavailable
-    from meswitch.registry.retry import chain
-
-    errors = chain(exc)
-    if any(isinstance(e, (AccessDenied, InvalidName)) for e in errors):
-        return False
-    if any(isinstance(e, (Unavailable, ConnectionError, TimeoutError)) for e in errors):
-        return True
-    for e in errors:
-        name = type(e).__name__
-        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError"):
-            return True
-        if name in ("ConnectionError", "Timeout", "ConnectTimeout", "ReadTimeout"):  # requests
-            return True
-        if name == "MlflowException" and "API request to" in str(e) and " failed" in str(e):
-            return True
-    return False
-
-
 def retry_on_io(task, task_run, state) -> bool:
-    """Prefect ``retry_condition_fn``: retry only transient I/O failures."""
+    """Prefect ``retry_condition_fn``: retry only transient I/O failures (``registry.errors.is_transient``)."""
+    from meswitch.registry.errors import is_transient
+
     try:
         exc = state.result(raise_on_failure=False)
     except Exception as e:  # the result itself could not be read
@@ -165,7 +146,17 @@ def artifact_ref(path: Path) -> ArtifactRef:
 # -- inbox ------------------------------------------------------------------------------------------
 
 
-@task(name="scan-inbox", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=5, retry_condition_fn=retry_on_io)
+# Flow steps that talk to MLflow or the object store are retried by Prefect, as ``PipelineConfig`` says
+# (``io_tasks``); the worst case of all retry layers together is in ``registry.retry``.
+IO_RETRY = dict(
+    retries=PipelineConfig.io_retries,
+    retry_delay_seconds=PipelineConfig.io_retry_delay_s,
+    retry_condition_fn=retry_on_io,
+)
+IO = dict(cache_policy=NO_CACHE, **IO_RETRY)
+
+
+@task(name="scan-inbox", **IO)
 def scan_inbox(inbox: str) -> list:
     from meswitch.flows.inbox import scan_inbox as scan
 
@@ -179,7 +170,7 @@ def _fetch_key(ctx: TaskRunContext, args: dict[str, Any]) -> str | None:
     return key_of("fetch", entry.uri, entry.stamp, str(args["cache_dir"]))
 
 
-@task(name="fetch-expert", cache_key_fn=_fetch_key, retries=3, retry_delay_seconds=5, retry_condition_fn=retry_on_io)
+@task(name="fetch-expert", cache_key_fn=_fetch_key, **IO_RETRY)
 def fetch_expert(entry, cache_dir: str) -> str:
     from meswitch.flows.inbox import fetch_entry
 
@@ -377,8 +368,6 @@ def evaluate(
 
 # -- MLflow and the registry (I/O: retried, idempotent, not cached) -------------------------------------
 
-IO = dict(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=5, retry_condition_fn=retry_on_io)
-
 
 @task(name="log-expert-run", **IO)
 def log_expert_run(
@@ -573,7 +562,7 @@ IO_TASKS = (
 
 
 def io_tasks(config: PipelineConfig) -> SimpleNamespace:
-    """The tasks that talk to MLflow or the object store, retried as ``config`` says."""
+    """The tasks that talk to MLflow or the object store, retried as ``config`` says (the only retries of a step)."""
     opts = dict(retries=config.io_retries, retry_delay_seconds=config.io_retry_delay_s)
     return SimpleNamespace(**{name: globals()[name].with_options(**opts) for name in IO_TASKS})
 

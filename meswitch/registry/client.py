@@ -31,7 +31,7 @@ from meswitch.registry.names import (
     validate_name,
     validate_version,
 )
-from meswitch.registry.retry import chain, with_retries
+from meswitch.registry.retry import with_retries
 from meswitch.registry.store import (
     ObjectStore,
     content_hash,
@@ -147,22 +147,6 @@ def _gates_passed(gates: Any) -> bool | None:
     return None
 
 
-def _mlflow_transient(exc: BaseException) -> bool:
-    """A lost connection, a timeout, a 5xx/429 after MLflow's own retries, or a locked SQLite file."""
-    import requests
-
-    for e in chain(exc):
-        if isinstance(e, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
-            return True
-        if type(e).__name__ == "OperationalError" and "locked" in str(e):
-            return True
-    if isinstance(exc, MlflowException):
-        if exc.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
-            return True
-        return str(exc.message).startswith("API request to") and " failed with " in str(exc.message)
-    return False
-
-
 def _history(tags: dict[str, str], alias: str) -> list[int]:
     raw = tags.get(HISTORY_TAG.format(alias=alias), "")
     return [int(v) for v in raw.split(",") if v.strip().isdigit()]
@@ -174,8 +158,8 @@ class Registry:
     def __init__(self, config: RegistryConfig | None = None):
         self.config = config or RegistryConfig.from_env()
         if self.config.is_remote_tracking:
-            # We retry with our own backoff and a clear final error; MLflow's default (7 retries,
-            # backoff up to 2 minutes, per request) would hide an outage for minutes.
+            # MLflow calls are retried once, by ``_call`` (registry.retry), with a clear final error;
+            # MLflow's default (7 retries, backoff up to 2 minutes, per request) would hide an outage for minutes.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
         self._client: MlflowClient | None = None
@@ -205,7 +189,6 @@ class Registry:
                 what=f"MLflow registry at {where}: {what}",
                 retries=self.config.retries,
                 backoff_s=self.config.backoff_s,
-                is_transient=_mlflow_transient,
             )
         except MlflowException as e:
             if e.error_code in passthrough:
@@ -387,13 +370,12 @@ class Registry:
             )
 
     def _store_verified(self, folder: Path, location: str, digest: str, progress, check: bool = True) -> None:
-        """Upload, then read every stored file back and check it; retried while the store is unreachable.
+        """Upload, then read every stored file back and check it (botocore retries each S3 request).
 
         Any failure is raised saying that nothing was registered (no version is created before this returns).
         """
         store = store_for_location(location, self.config)
-
-        def attempt() -> None:
+        try:
             store.put(folder, location, progress)
             if not check:
                 return
@@ -404,15 +386,6 @@ class Registry:
                 log.warning("stored copy failed its check (%s); uploading it again", e)
                 store.put(folder, location, progress, force=True)
                 store.check(location, digest)
-
-        try:
-            with_retries(
-                attempt,
-                what=f"storing {folder} at {location}",
-                retries=self.config.retries,
-                backoff_s=self.config.backoff_s,
-                is_transient=store.is_transient,
-            )
         except RegistryError as e:
             raise type(e)(f"publish failed, nothing was registered: {e}") from e
 
@@ -558,20 +531,8 @@ class Registry:
         tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", suffix=".part", dir=cache))
         what = f"{info.name}/{info.version} from {info.source}"
         try:
-
-            def fetch() -> None:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-                store.fetch(info.source, tmp)
-
             try:
-                with_retries(
-                    fetch,
-                    what=f"download of {what}",
-                    retries=self.config.retries,
-                    backoff_s=self.config.backoff_s,
-                    is_transient=store.is_transient,
-                )
+                store.fetch(info.source, tmp)  # botocore retries each S3 request
                 got = content_hash(tmp)
                 if got != digest:
                     raise IntegrityError(f"content hash {got[:16]}… is not the registered {digest[:16]}…")

@@ -14,14 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meswitch.settings import env_value
+
 MIB = 1 << 20
-
-
-def _first(env: Mapping[str, str], *keys: str) -> str | None:
-    for key in keys:
-        if env.get(key):
-            return env[key]
-    return None
 
 
 @dataclass(frozen=True)
@@ -42,8 +37,9 @@ class RegistryConfig:
       AWS_REGION, AWS_DEFAULT_REGION  region (default us-east-1)
       MESWITCH_S3_PART_MB      multipart threshold and part size in MiB (default 64; S3's minimum is 5)
       MESWITCH_S3_CONCURRENCY  parallel part uploads per file (default 4)
-      MESWITCH_REGISTRY_RETRIES  attempts after the first when MLflow or S3 fails transiently (default 5)
-      MESWITCH_REGISTRY_BACKOFF_S first wait between attempts, doubled each time (default 1.0)
+      MESWITCH_REGISTRY_RETRIES  attempts after the first when an MLflow call or an S3 request fails
+                               transiently (default 5; S3's are botocore's, see ``registry.retry``)
+      MESWITCH_REGISTRY_BACKOFF_S first wait between MLflow attempts, doubled each time (default 1.0)
     """
 
     home: Path
@@ -65,27 +61,28 @@ class RegistryConfig:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> RegistryConfig:
         """Read the configuration from ``env`` (default ``os.environ``); keyword overrides win."""
         env = os.environ if env is None else env
-        home = Path(overrides.pop("home", None) or env.get("MESWITCH_HOME") or "~/.meswitch").expanduser()
-        tracking = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(home / 'mlflow.db').as_posix()}"
-        bucket = env.get("MESWITCH_S3_BUCKET")
-        artifact_uri = env.get("MESWITCH_ARTIFACT_URI") or (
-            f"s3://{bucket}/meswitch" if bucket else str(home / "artifacts")
+        text = lambda *keys, default=None: env_value(env, keys, str, default)
+        home = Path(overrides.pop("home", None) or text("MESWITCH_HOME", default="~/.meswitch")).expanduser()
+        tracking = text("MLFLOW_TRACKING_URI", default=f"sqlite:///{(home / 'mlflow.db').as_posix()}")
+        bucket = text("MESWITCH_S3_BUCKET")
+        artifact_uri = text(
+            "MESWITCH_ARTIFACT_URI", default=f"s3://{bucket}/meswitch" if bucket else str(home / "artifacts")
         )
         values: dict[str, Any] = dict(
             home=home,
             tracking_uri=tracking,
-            registry_uri=env.get("MLFLOW_REGISTRY_URI") or tracking,
+            registry_uri=text("MLFLOW_REGISTRY_URI", default=tracking),
             artifact_uri=artifact_uri,
-            cache_dir=Path(env.get("MESWITCH_CACHE_DIR") or home / "cache").expanduser(),
-            s3_endpoint_url=_first(env, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"),
-            aws_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
-            aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
-            aws_session_token=env.get("AWS_SESSION_TOKEN") or None,
-            aws_region=_first(env, "AWS_REGION", "AWS_DEFAULT_REGION") or "us-east-1",
-            s3_part_bytes=int(float(env.get("MESWITCH_S3_PART_MB") or 64) * MIB),
-            s3_concurrency=int(env.get("MESWITCH_S3_CONCURRENCY") or 4),
-            retries=int(env.get("MESWITCH_REGISTRY_RETRIES") or 5),
-            backoff_s=float(env.get("MESWITCH_REGISTRY_BACKOFF_S") or 1.0),
+            cache_dir=Path(text("MESWITCH_CACHE_DIR", default=home / "cache")).expanduser(),
+            s3_endpoint_url=text("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"),
+            aws_access_key_id=text("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=text("AWS_SECRET_ACCESS_KEY"),
+            aws_session_token=text("AWS_SESSION_TOKEN"),
+            aws_region=text("AWS_REGION", "AWS_DEFAULT_REGION", default="us-east-1"),
+            s3_part_bytes=int(env_value(env, "MESWITCH_S3_PART_MB", float, 64.0) * MIB),
+            s3_concurrency=env_value(env, "MESWITCH_S3_CONCURRENCY", int, 4),
+            retries=env_value(env, "MESWITCH_REGISTRY_RETRIES", int, 5),
+            backoff_s=env_value(env, "MESWITCH_REGISTRY_BACKOFF_S", float, 1.0),
         )
         if "tracking_uri" in overrides and "registry_uri" not in overrides:
             overrides["registry_uri"] = overrides["tracking_uri"]
@@ -106,6 +103,11 @@ class RegistryConfig:
             raise ValueError("MESWITCH_S3_PART_MB must be at least 5 (the S3 minimum part size)")
         if self.s3_concurrency < 1:
             raise ValueError("MESWITCH_S3_CONCURRENCY must be at least 1")
+
+    @property
+    def attempts(self) -> int:
+        """Attempts of one MLflow call or one S3 request before it is given up (``registry.retry``)."""
+        return self.retries + 1
 
     @property
     def is_remote_tracking(self) -> bool:

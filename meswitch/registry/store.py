@@ -19,8 +19,16 @@ from pathlib import Path, PurePosixPath
 
 from meswitch.artifacts import MANIFEST, ArtifactError, Manifest, sha256_file, verify
 from meswitch.registry.config import RegistryConfig
-from meswitch.registry.errors import AccessDenied, IntegrityError, NotFound, RegistryError
-from meswitch.registry.retry import chain
+from meswitch.registry.errors import (
+    AccessDenied,
+    IntegrityError,
+    NotFound,
+    RegistryError,
+    Unavailable,
+    is_transient,
+    s3_error_code,
+)
+from meswitch.registry.retry import short
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
@@ -87,9 +95,6 @@ class ObjectStore:
     def fetch(self, location: str, dest: Path) -> None:
         """Copy the stored artifact into the empty folder ``dest`` (the caller verifies it)."""
         raise NotImplementedError
-
-    def is_transient(self, exc: BaseException) -> bool:
-        return False
 
 
 class LocalStore(ObjectStore):
@@ -170,28 +175,12 @@ def _rename_unless_present(tmp: Path, dest: Path) -> None:
             raise
 
 
-# Error codes an S3 server returns for refused credentials, for missing things, and for "try later".
+# Error codes an S3 server returns for refused credentials and for missing things.
 _DENIED = {
     "403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
     "AuthorizationHeaderMalformed", "InvalidClientTokenId", "AllAccessDisabled",
 }  # fmt: skip
 _MISSING = {"404", "NoSuchKey", "NoSuchBucket", "NotFound", "NoSuchUpload"}
-_TRANSIENT = {"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed", "503"}
-
-
-def s3_error_code(exc: BaseException) -> str | None:
-    """The S3 error code carried by ``exc`` or anything in its chain, e.g. ``NoSuchKey``."""
-    from botocore.exceptions import ClientError
-
-    for e in chain(exc):
-        if isinstance(e, ClientError):
-            err = e.response.get("Error", {})
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            code = str(err.get("Code") or status or "")
-            if status and int(status) >= 500 and code not in _TRANSIENT:
-                return "InternalError"
-            return code
-    return None
 
 
 class S3Store(ObjectStore):
@@ -227,7 +216,7 @@ class S3Store(ObjectStore):
                 endpoint_url=cfg.s3_endpoint_url,
                 config=Config(
                     s3={"addressing_style": "path" if cfg.s3_endpoint_url else "auto"},
-                    retries={"max_attempts": 3, "mode": "standard"},
+                    retries={"mode": "standard", "total_max_attempts": cfg.attempts},  # the only retries of S3 requests
                     connect_timeout=5,
                     read_timeout=60,
                     max_pool_connections=max(10, 2 * cfg.s3_concurrency),
@@ -242,34 +231,19 @@ class S3Store(ObjectStore):
 
             part = self.config.s3_part_bytes
             self._transfer = TransferConfig(
-                multipart_threshold=part, multipart_chunksize=part, max_concurrency=self.config.s3_concurrency
+                multipart_threshold=part,
+                multipart_chunksize=part,
+                max_concurrency=self.config.s3_concurrency,
+                num_download_attempts=1,  # botocore retries the request; no second layer around it
             )
         return self._transfer
 
     def where(self) -> str:
         return f"{self.uri} at {self.config.s3_endpoint_url or 'AWS S3'}"
 
-    def is_transient(self, exc: BaseException) -> bool:
-        from botocore.exceptions import (
-            ConnectionError as BotoConnectionError,
-        )
-        from botocore.exceptions import (
-            HTTPClientError,
-            IncompleteReadError,
-            ResponseStreamingError,
-        )
-
-        code = s3_error_code(exc)
-        if code is not None:
-            return code in _TRANSIENT
-        transient = (
-            BotoConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError,
-            ConnectionError, TimeoutError,
-        )  # fmt: skip
-        return any(isinstance(e, transient) for e in chain(exc))
-
     def _translate(self, exc: BaseException, what: str) -> BaseException:
-        """Turn a refused credential or a missing object into this module's errors; else keep it."""
+        """Turn a refused credential, a missing object, or a server that still did not answer after
+        botocore's retries into this module's errors; else keep it."""
         code = s3_error_code(exc)
         if code in _DENIED:
             key = self.config.aws_access_key_id or "(from the default credential chain)"
@@ -279,6 +253,11 @@ class S3Store(ObjectStore):
             )
         if code in _MISSING:
             return NotFound(f"{what}: not found in {self.where()} ({code})")
+        if is_transient(exc):
+            return Unavailable(
+                f"{what}: the object store {self.where()} is unavailable (botocore tries a request "
+                f"{self.config.attempts} times): {short(exc)}"
+            )
         return exc
 
     def _split(self, location: str) -> tuple[str, str]:
