@@ -10,7 +10,8 @@ and per quantization grid each row's expert slot (:class:`~meswitch.serving.bank
 which the captured step builds the delta kernel's tile table itself
 (:func:`~meswitch.kernels.bank.device_tiles`). So one graph serves any mix of resident experts,
 and a new expert taking a free slot needs no recapture; only reallocated tables
-(``GridBanks.version``) or a wider vocabulary do.
+(``GridBanks.version``) or a wider vocabulary do. A batch of base rows only replays a graph
+without the experts' work (a key of its own: the grids in use).
 
 The layers are the engine's patched modules (mixed linears, norms, embedding, LM head) wired as a
 Llama-family decoder (Llama, Mistral, Qwen2: pre-norm, rotary, grouped-query attention, gated MLP)
@@ -89,7 +90,7 @@ class StaticDecoder:
         self.use_graphs = self.config.graphs and dev.type == "cuda"
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self._static: dict[int, dict[str, torch.Tensor]] = {}  # bucket -> its input tensors
+        self._static: dict[int, dict] = {}  # bucket -> its input tensors
         self.captures = 0
 
     # ---- the step ------------------------------------------------------------------------------
@@ -126,8 +127,8 @@ class StaticDecoder:
             x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
         return self.norm(x)
 
-    def _decode_step(self, static: dict[str, torch.Tensor], span: int, width: int) -> torch.Tensor:
-        slots = {g: static[f"slots/{i}"] for i, g in enumerate(self._grids())}
+    def _decode_step(self, static: dict, grids: tuple, span: int, width: int) -> torch.Tensor:
+        slots = {g: static[("slots", g)] for g in grids}
         tiles = {g: device_tiles(s, self.config.block_m) for g, s in slots.items()}
         self.engine.ctx.set_slots(slots, tiles, width)
         try:
@@ -183,49 +184,46 @@ class StaticDecoder:
             host[1, b:] = self.config.max_rows  # padding rows write to the scratch row
             static["pos"].copy_(host[0])
             static["rows"].copy_(host[1])
-            for i, grid in enumerate(self._grids()):
+            # Only the grids some row uses take part: a batch of base rows runs the base model alone.
+            where = [None if s is None else eng.banks.index(s.key) for s in row_slots]
+            grids = tuple(sorted({w[0] for w in where if w is not None}, key=repr))
+            for grid in grids:
                 ids = torch.full((bucket,), -1, dtype=torch.long)
-                for r, s in enumerate(row_slots):
-                    where = None if s is None else eng.banks.index(s.key)
-                    if where is not None and where[0] == grid:
-                        ids[r] = where[1]
-                static[f"slots/{i}"].copy_(ids)
+                ids[:b] = torch.tensor([w[1] if w is not None and w[0] == grid else -1 for w in where])
+                if ("slots", grid) not in static:
+                    static["slots", grid] = torch.full((bucket,), -1, dtype=torch.long, device=eng.device)
+                static["slots", grid].copy_(ids)
             width = eng.banks.max_vocab(eng.base_vocab)
             if not self.use_graphs:
-                return self._decode_step(static, span, width)[:b].clone()
-            key = (bucket, span, width, tuple((g, gb.version) for g, gb in eng.banks.grids.items()))
+                return self._decode_step(static, grids, span, width)[:b].clone()
+            key = (bucket, span, width, tuple((g, eng.banks.grids[g].version) for g in grids))
             cap = self._graphs.get(key)
             if cap is None:
-                cap = self._graphs[key] = self._capture(static, span, width)
+                cap = self._graphs[key] = self._capture(static, grids, span, width)
             cap.graph.replay()
             return cap.logits[:b].clone()
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _grids(self) -> list:
-        return list(self.engine.banks.grids)
-
-    def _inputs(self, bucket: int) -> dict[str, torch.Tensor]:
-        """The bucket's input tensors (fixed addresses: the graphs read them)."""
+    def _inputs(self, bucket: int) -> dict:
+        """The bucket's input tensors (fixed addresses: the graphs read them); per grid its row slots."""
         dev = self.engine.device
         static = self._static.setdefault(bucket, {})
         static.setdefault("tokens", torch.zeros(bucket, dtype=torch.long, device=dev))
         static.setdefault("pos", torch.zeros(bucket, dtype=torch.long, device=dev))
         static.setdefault("rows", torch.arange(bucket, device=dev))
-        for i in range(len(self._grids())):
-            static.setdefault(f"slots/{i}", torch.full((bucket,), -1, dtype=torch.long, device=dev))
         return static
 
-    def _capture(self, static: dict[str, torch.Tensor], span: int, width: int) -> _Captured:
+    def _capture(self, static: dict, grids: tuple, span: int, width: int) -> _Captured:
         """Warm up on a side stream (Triton compiles there), then capture one step."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._decode_step(static, span, width)
+                self._decode_step(static, grids, span, width)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._decode_step(static, span, width)
+            logits = self._decode_step(static, grids, span, width)
         self.captures += 1
         log.info("captured decode graph: batch %d, span %d (%d graphs)", static["tokens"].shape[0], span, self.captures)
         return _Captured(graph, logits)
