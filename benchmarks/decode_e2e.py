@@ -290,10 +290,10 @@ def default_out() -> Path:
     return Path(f"benchmarks/results/decode-e2e-{dt.date.today().isoformat()}.json")
 
 
-TARGETS = [  # issue 13: fraction of the bytes floor, CUDA-graph decode
-    {"mode": "graph", "experts": 0, "batch": 32, "min_fraction": 0.70},
-    {"mode": "graph", "experts": 8, "batch": 32, "min_fraction": 0.50},
-    {"mode": "graph", "experts": 16, "batch": 64, "min_fraction": 0.45},
+TARGETS = [  # issue 13: fraction of the bytes floor, CUDA-graph decode (both graph modes are reported)
+    {"mode": m, "experts": e, "batch": b, "min_fraction": f}
+    for m in ("graph", "graph-compiled")
+    for e, b, f in ((0, 32, 0.70), (8, 32, 0.50), (16, 64, 0.45))
 ]
 PREFILL_TARGET = 1.3  # prefill with 8 experts within 1.3x of the base alone
 
@@ -320,8 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--experts-list", type=int_list, default=[0, 1, 4, 8, 16], help="0: the base alone")
     ap.add_argument("--batches", type=int_list, default=[1, 8, 32, 64])
-    ap.add_argument("--modes", default="graph,engine,hf,hf-compile",
-                    help="graph (static decoder, CUDA graphs), engine (eager engine), hf (transformers eager, "
+    ap.add_argument("--modes", default="graph,graph-compiled,engine,hf,hf-compile",
+                    help="graph (static decoder, CUDA graphs), graph-compiled (and its small ops fused by "
+                         "torch.compile), engine (eager engine), hf (transformers eager, "
                          "base alone), hf-compile (transformers static cache + torch.compile, base alone)")  # fmt: skip
     ap.add_argument("--compile-batches", type=int_list, default=[32], help="batches for hf-compile (compiles are slow)")
     ap.add_argument("--prompt", type=int, default=128)
@@ -354,6 +355,10 @@ def main(argv: list[str] | None = None) -> None:
     slots = eng.add_synthetic_experts(max(experts_list), gen) if max(experts_list) else []
     buckets = tuple(sorted(set(args.batches)))
     dec = StaticDecoder(eng, DecoderConfig(max_rows=max(buckets), max_len=args.max_len, buckets=buckets))
+    fused = None
+    if "graph-compiled" in modes:
+        cfg_fused = DecoderConfig(max_rows=max(buckets), max_len=args.max_len, buckets=buckets, compile_glue=True)
+        fused = StaticDecoder(eng, cfg_fused)
     sync(device)
     print(f"model and {len(slots)} experts built in {time.perf_counter() - started:.1f} s", flush=True)
 
@@ -385,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         "prompt_tokens": args.prompt, "warmup_steps": args.warmup, "timed_steps": args.steps,
         "eager_timed_steps": args.eager_steps,
         "modes": {"graph": "meswitch StaticDecoder: static KV cache, one CUDA graph per batch and length bucket",
+                  "graph-compiled": "the same, its norms, rotary embedding and SwiGLU fused by torch.compile",
                   "engine": "meswitch MixedExpertEngine.forward eagerly (transformers model, DynamicCache)",
                   "hf": "transformers eager, DynamicCache, base alone",
                   "hf-compile": "transformers StaticCache + torch.compile(mode='reduce-overhead'), base alone"},
@@ -419,6 +425,9 @@ def main(argv: list[str] | None = None) -> None:
                 r = graph_decode(dec, rows, args.prompt, args.warmup, args.steps, gen)
                 graph_runs[(experts, batch)] = r
                 record("graph", experts, batch, r)
+            if fused is not None:
+                r = graph_decode(fused, rows, args.prompt, args.warmup, args.steps, gen)
+                record("graph-compiled", experts, batch, r)
             if "engine" in modes:
                 record("engine", experts, batch, engine_eager(eng, rows, args.prompt, 1, args.eager_steps, gen))
             if experts == 0 and "hf" in modes:

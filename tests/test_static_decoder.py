@@ -93,6 +93,19 @@ def test_decoder_steps_equal_the_engine_forward_for_a_mixed_batch(packed):
     assert (logits[0] - logits[1]).abs().max() > 1e-2  # an expert row and a base row differ: the check has teeth
 
 
+def test_compiled_glue_gives_the_same_steps(packed):
+    eng, slots = packed
+    rows = [slots[sorted(slots)[0]], None, slots[sorted(slots)[1]]]
+    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14]]
+    out = []
+    for glue in (False, True):
+        cfg = DecoderConfig(max_rows=4, max_len=32, buckets=(4,), min_len_bucket=16, compile_glue=glue)
+        dec = StaticDecoder(eng, cfg)
+        last = dec.prefill(range(3), prompts, rows).argmax(-1)
+        out.append(dec.decode(last, [3, 2, 4], rows))
+    torch.testing.assert_close(out[1], out[0], **TOL)
+
+
 def test_slots_are_reused_in_place_and_capacity_avoids_reallocation(served_family):  # noqa: F811
     arts = sorted(served_family.artifacts.items())
     eng = MixedExpertEngine(served_family.base, EngineConfig(device="cpu", payload="packed", bank_capacity=2))
@@ -141,7 +154,7 @@ def test_graph_replay_gives_the_eager_decoders_tokens_on_the_gpu(tmp_path):
     calib = calib_file(tmp_path / "calib.jsonl")
     arts = []
     for seed in (3, 4, 5):
-        folder = make_expert(base, tmp_path / f"e{seed}", seed=seed, scale=0.05)
+        folder = make_expert(base, tmp_path / f"e{seed}", seed=seed)
         shutil.copy(calib, folder / "calib.jsonl")
         arts.append(compress(base, folder, tmp_path / f"art{seed}", f"e{seed}", None))
     eng = MixedExpertEngine(base, EngineConfig(device="cuda", payload="packed"))

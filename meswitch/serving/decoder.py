@@ -48,6 +48,25 @@ class DecoderConfig:
     min_len_bucket: int = 128  # attention reads the cache up to a power of two >= the longest row, at least this
     block_m: int = 16  # rows per tile of the delta kernel in a captured step
     graphs: bool = True  # capture CUDA graphs on a GPU; False: every step eager (what graphs are tested against)
+    # Fuse a decode step's small ops (RMS norms with their slot tables, rotary embedding, SwiGLU) with
+    # torch.compile: some 20 kernels per layer become 4; compiled once per batch bucket.
+    compile_glue: bool = False
+
+
+def rms_rows(x: torch.Tensor, eps: float, weight: torch.Tensor, tables: list) -> torch.Tensor:
+    """``MixedRMSNorm`` of a decode step: HF's RMS norm (fp32, rounded, times the weight) with each
+    row's weight from its grid's slot table (``tables``: (row slots, table) pairs), else the base's."""
+    h = x.float()
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    w = weight
+    for s, table in tables:
+        shape = (s.shape[0], *([1] * (x.dim() - 2)), -1)
+        w = torch.where((s >= 0).view(*shape[:-1], 1), table[s.clamp(min=0)].view(shape), w)
+    return w * h
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 def length_bucket(longest: int, config: DecoderConfig) -> int:
@@ -91,6 +110,12 @@ class StaticDecoder:
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._static: dict[int, dict] = {}  # bucket -> its input tensors
+        self._glue = None
+        if self.config.compile_glue:
+            if getattr(cfg, "hidden_act", "silu") != "silu":
+                raise EngineError(f"compile_glue fuses SwiGLU; the model's activation is {cfg.hidden_act!r}")
+            fns = {"norm": rms_rows, "rope": apply_rotary_pos_emb, "swiglu": swiglu}
+            self._glue = {k: torch.compile(fn, dynamic=False, fullgraph=True) for k, fn in fns.items()}
         self.captures = 0
 
     # ---- the step ------------------------------------------------------------------------------
@@ -105,11 +130,11 @@ class StaticDecoder:
             mask = (torch.arange(span, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            h = layer.input_layernorm(x)
+            h = self._norm(layer.input_layernorm, x, decode)
             q = attn.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
             k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
             v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q, k = (self._glue["rope"] if decode and self._glue else apply_rotary_pos_emb)(q, k, cos, sin)
             if decode:
                 self.k[i][rows, :, pos] = k[:, :, 0]
                 self.v[i][rows, :, pos] = v[:, :, 0]
@@ -123,9 +148,18 @@ class StaticDecoder:
                 self.v[i][rows, :, :t] = v
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=group > 1)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
-            h = layer.post_attention_layernorm(x)
-            x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
-        return self.norm(x)
+            h = self._norm(layer.post_attention_layernorm, x, decode)
+            if decode and self._glue:
+                x = x + mlp.down_proj(self._glue["swiglu"](mlp.gate_proj(h), mlp.up_proj(h)))
+            else:
+                x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+        return self._norm(self.norm, x, decode)
+
+    def _norm(self, module, x: torch.Tensor, decode: bool) -> torch.Tensor:
+        if not (decode and self._glue):
+            return module(x)
+        tables = [(s, t) for s, t, _ in self.engine.ctx.tables(module.name)]
+        return self._glue["norm"](x, module.eps, module.base.weight, tables)
 
     def _decode_step(self, static: dict, grids: tuple, span: int, width: int) -> torch.Tensor:
         slots = {g: static[("slots", g)] for g in grids}
