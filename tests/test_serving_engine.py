@@ -7,21 +7,25 @@ Tolerance: on CPU in float32 the served logits equal the reconstructed expert's 
 
 from __future__ import annotations
 
-import random
 import shutil
-import threading
 
 import pytest
 import torch
-from serving_fixtures import compress, served_family, torch_threads  # noqa: F401
+from serving_fixtures import (  # noqa: F401
+    check_continuous_batching,
+    compress,
+    reconstructed,
+    served_family,
+    torch_threads,
+)
 from tiny_models import calib_file, make_base, make_expert, save_model
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
 from meswitch.artifacts import ArtifactError
 from meswitch.checkpoints import Checkpoint
 from meswitch.compression.reconstruct import reconstruct
-from meswitch.serving.batching import LENGTH, STOP, GenRequest, Scheduler, SchedulerConfig
-from meswitch.serving.engine import EngineConfig, EngineError, MixedExpertEngine, _cache_kwarg
+from meswitch.serving.batching import GenRequest, Scheduler, SchedulerConfig
+from meswitch.serving.engine import EngineConfig, EngineError, MixedExpertEngine
 from meswitch.serving.tiers import DEVICE, DISK, HOST
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
@@ -33,19 +37,6 @@ def _one_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def reconstructed(served_family, tmp_path_factory):  # noqa: F811
-    """Each expert as `meswitch reconstruct` writes it, loaded with transformers: the reference."""
-    out = tmp_path_factory.mktemp("reconstructed")
-    base = Checkpoint(served_family.base)
-    models = {}
-    for name, art in served_family.artifacts.items():
-        folder = reconstruct(base, art, out / name)
-        models[name] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    models[None] = AutoModelForCausalLM.from_pretrained(served_family.base, dtype=torch.float32).eval()
-    return models
-
-
 @pytest.fixture(scope="module", params=["dense", "packed"])
 def engine(served_family, request):  # noqa: F811
     """Dense: Δ̂ dequantized once per expert; packed: banked codes through mixed_delta (its reference on CPU)."""
@@ -54,20 +45,7 @@ def engine(served_family, request):  # noqa: F811
     return eng, slots
 
 
-def greedy(model, prompt: list[int], n: int, stop: set[int]) -> list[int]:
-    out, cache = [], DynamicCache()
-    with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([prompt]), **{_cache_kwarg(type(model)): cache}, use_cache=True).logits
-        for _ in range(n):
-            tok = int(logits[0, -1].argmax())
-            if tok in stop:
-                break
-            out.append(tok)
-            logits = model(input_ids=torch.tensor([[tok]]), **{_cache_kwarg(type(model)): cache}, use_cache=True).logits
-    return out
-
-
-def test_served_logits_equal_reconstructed_expert_alone_and_mixed(engine, reconstructed):
+def test_served_logits_equal_reconstructed_expert_alone_and_mixed(engine, reconstructed):  # noqa: F811
     eng, slots = engine
     names = sorted(slots)
     ids = torch.randint(3, eng.base_vocab, (2 * len(names) + 1, 24), generator=torch.Generator().manual_seed(0))
@@ -91,39 +69,8 @@ def test_served_logits_equal_reconstructed_expert_alone_and_mixed(engine, recons
 
 def test_continuous_batching_generates_what_each_expert_generates_alone(served_family, engine, reconstructed):  # noqa: F811
     eng, slots = engine
-    sched = Scheduler(eng, SchedulerConfig(max_batch=6, max_prefill_tokens=96, window_s=0.002)).start()
-    rng = random.Random(1)
-    stop = {2}
-    jobs, outputs, finishes = [], {}, {}
-    done = threading.Semaphore(0)
-    for _ in range(16):
-        name = rng.choice([*sorted(slots), None])
-        prompt = [rng.randrange(3, eng.base_vocab) for _ in range(rng.randint(1, 30))]
-        jobs.append((name, prompt, rng.randint(1, 12)))
-    try:
-        for k, (name, prompt, n) in enumerate(jobs):
-            outputs[k] = []
-
-            def on_event(ev, k=k):
-                if ev.token is not None:
-                    outputs[k].append(ev.token)
-                if ev.finish:
-                    finishes[k] = ev.finish
-                    done.release()
-
-            sched.submit(GenRequest(prompt, slots[name] if name else None, n, on_event, stop_ids=frozenset(stop)))
-            if k % 3 == 0:
-                assert done.acquire(timeout=60)  # let some finish while others join: rows come and go
-                done.release()
-        for _ in jobs:
-            assert done.acquire(timeout=120)
-    finally:
-        sched.stop()
-    assert sched.steps < sum(n for *_, n in jobs)  # sequences shared forward passes
-    for k, (name, prompt, n) in enumerate(jobs):
-        want = greedy(reconstructed[name], prompt, n, stop)
-        assert outputs[k] == want, (k, name)
-        assert finishes[k] == (LENGTH if len(want) == n else STOP)
+    check_continuous_batching(eng, slots, reconstructed, SchedulerConfig(max_batch=6, max_prefill_tokens=96,
+                                                                         window_s=0.002, static=False))  # fmt: skip
 
 
 def test_tiers_move_experts_by_lru_under_a_budget_and_stay_correct(served_family, reconstructed):  # noqa: F811

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serving_fixtures import served_family, torch_threads  # noqa: F401
+from serving_fixtures import check_continuous_batching, reconstructed, served_family, torch_threads  # noqa: F401
 
 from meswitch.kernels import DeltaBank, ExpertRows, mixed_delta_reference
 from meswitch.kernels.bank import device_tiles
 from meswitch.kernels.ops import mixed_delta_tiles, tile_rows
+from meswitch.serving.batching import SchedulerConfig
 from meswitch.serving.decoder import DecoderConfig, StaticDecoder, length_bucket
 from meswitch.serving.engine import EngineConfig, EngineError, MixedExpertEngine
 
@@ -181,3 +182,9 @@ def test_graph_replay_gives_the_eager_decoders_tokens_on_the_gpu(tmp_path):
     assert greedy(graph, mix) == greedy(eager, mix)
     assert graph.captures == captured
     assert greedy(graph, mix[:3]) == greedy(eager, mix[:3])  # a smaller bucket
+
+
+def test_the_scheduler_through_the_static_decoder_generates_what_each_expert_generates_alone(packed, reconstructed):  # noqa: F811
+    eng, slots = packed
+    config = SchedulerConfig(max_batch=6, max_prefill_tokens=96, window_s=0.002, static=True, static_max_len=64)
+    check_continuous_batching(eng, slots, reconstructed, config)

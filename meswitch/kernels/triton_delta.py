@@ -383,7 +383,8 @@ def config_for(bank: DeltaBank, block_m: int, tiles: int, device: torch.device) 
     per program, 4 warps, 3 stages; steps in the epilogue up to 32 rows (per-channel grids), in
     registers beyond. Prefill: 256 x 128 tiles and 8 warps, 128 x 128 when that leaves SMs idle.
     K is split 2-4 ways when the grid is under about one program per SM: each program's serial
-    chain of per-plane MMAs, not bandwidth, bounds small grids.
+    chain of per-plane MMAs, not bandwidth, bounds small grids; never under
+    ``torch.use_deterministic_algorithms`` (split programs add into y with atomics).
     """
     n, k = bank.shape
     chunks = -(-k // v2_chunk(bank.bits)) if bank.layout_version == LAYOUT_V2 else 0
@@ -394,11 +395,14 @@ def config_for(bank: DeltaBank, block_m: int, tiles: int, device: torch.device) 
         block_n = 256 if -(-n // 256) * tiles >= sms else 128
         programs = -(-n // block_n) * max(tiles, 1)
         split = max(1, min(4, -(-3 * sms // (2 * programs)), chunks // 4)) if programs < sms else 1
+        split = 1 if torch.are_deterministic_algorithms_enabled() else split
         return LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=8, num_stages=3,
                             epilogue_scale=False)  # fmt: skip
     programs = -(-n // 128) * max(tiles, 1)
     split = 4 if programs * 2 <= sms else 2 if programs <= 1.25 * sms else 1
     split = max(1, min(split, chunks // 4))
+    if torch.are_deterministic_algorithms_enabled():
+        split = 1  # split K adds partial sums into y with atomics, in no fixed order
     return LaunchConfig(block_n=128, block_m=block_m, split_k=split, num_warps=4, num_stages=3,
                         epilogue_scale=block_m <= 32 and bank.group_size == 0)  # fmt: skip
 

@@ -90,6 +90,10 @@ class SchedulerConfig:
     # fuller prefills instead of one forward per arrival.
     join_wait_s: float = 0.02
     idle_wait_s: float = 0.25
+    # Decode through meswitch.serving.decoder (static KV cache, CUDA graphs on a GPU): None = on a GPU
+    # with the packed payload. Its cache holds max_batch rows of static_max_len positions.
+    static: bool | None = None
+    static_max_len: int = 2048
 
 
 class _Batch:
@@ -141,6 +145,36 @@ class _Batch:
         self.seqs = self.seqs + other.seqs
 
 
+class _StaticBatch:
+    """Running sequences in the static decoder's cache: sequence i in cache row i, its next position
+    and last token; leaving rows are filled by moving the last rows down (order does not matter)."""
+
+    def __init__(self, decoder, seqs: list[GenRequest], pos: list[int], last: torch.Tensor):
+        self.decoder, self.seqs, self.pos, self.last = decoder, seqs, pos, last
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def select(self, idx: list[int]) -> None:
+        """Keep rows ``idx`` (ascending): each row past the kept count moves into a freed row below."""
+        keep = len(idx)
+        holes = [r for r in range(keep) if r not in set(idx)]
+        movers = [r for r in idx if r >= keep]
+        order = list(range(len(self.seqs)))
+        for src, dst in zip(movers, holes, strict=True):
+            self.decoder.move_row(src, dst, self.pos[src])
+            order[dst] = src
+        order = order[:keep]
+        self.seqs = [self.seqs[i] for i in order]
+        self.pos = [self.pos[i] for i in order]
+        self.last = self.last.index_select(0, torch.tensor(order, device=self.last.device))
+
+    def join(self, other: _StaticBatch) -> None:
+        """Append ``other``, prefilled into the rows right after this batch's."""
+        self.seqs, self.pos = self.seqs + other.seqs, self.pos + other.pos
+        self.last = torch.cat([self.last, other.last])
+
+
 def _order_key(req: GenRequest) -> int:
     return -1 if req.slot is None else req.slot.index
 
@@ -157,11 +191,23 @@ class Scheduler:
         self._cond = threading.Condition()
         self._inbox: deque[GenRequest] = deque()
         self._waiting: deque[GenRequest] = deque()
-        self._batch: _Batch | None = None
+        self._batch: _Batch | _StaticBatch | None = None
         self._cohort: list[GenRequest] = []  # being prefilled: in neither the queue nor the batch
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.decoder = None
+        use_static = self.config.static
+        if use_static is None:
+            use_static = engine.device.type == "cuda" and engine.banks is not None
+        if use_static:
+            from meswitch.serving.decoder import DecoderConfig, StaticDecoder
+
+            rows = self.config.max_batch
+            buckets = tuple(sorted({min(b, rows) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < rows} | {rows}))
+            self.decoder = StaticDecoder(engine, DecoderConfig(max_rows=rows, buckets=buckets,
+                                                               max_len=min(self.config.static_max_len,
+                                                                           engine.max_positions)))  # fmt: skip
 
     # ---- public API (any thread) -------------------------------------------------------------
     def start(self) -> Scheduler:
@@ -193,7 +239,7 @@ class Scheduler:
             raise SchedulerError(f"prompt token ids must be in [0, {vocab})")
         if max_new_tokens < 1:
             raise SchedulerError("max_tokens must be at least 1")
-        limit = self.engine.max_positions
+        limit = self.engine.max_positions if self.decoder is None else self.decoder.config.max_len
         if len(prompt) + max_new_tokens > limit:
             raise SchedulerError(
                 f"prompt ({len(prompt)} tokens) plus max_tokens ({max_new_tokens}) exceeds the model's "
@@ -294,6 +340,8 @@ class Scheduler:
         return cohort
 
     def _prefill(self, cohort: list[GenRequest]) -> None:
+        if self.decoder is not None:
+            return self._prefill_static(cohort)
         t0 = time.perf_counter()
         cohort.sort(key=_order_key)
         dev = self.engine.device
@@ -320,9 +368,30 @@ class Scheduler:
         self._emit(cohort, tokens.tolist())
         self._observe("prefill", len(cohort), int(mask.sum()), t0)
 
+    def _prefill_static(self, cohort: list[GenRequest]) -> None:
+        t0 = time.perf_counter()
+        start = len(self._batch) if self._batch else 0
+        rows = range(start, start + len(cohort))
+        logits = self.decoder.prefill(rows, [r.prompt for r in cohort], [r.slot for r in cohort])
+        tokens = self._sample(logits, cohort)
+        new = _StaticBatch(self.decoder, list(cohort), [len(r.prompt) for r in cohort], tokens)
+        if self._batch is None:
+            self._batch = new
+        else:
+            self._batch.join(new)
+        self._emit(cohort, tokens.tolist())
+        self._observe("prefill", len(cohort), sum(len(r.prompt) for r in cohort), t0)
+
     def _decode(self) -> None:
         t0 = time.perf_counter()
         b = self._batch
+        if self.decoder is not None:
+            logits = self.decoder.decode(b.last, b.pos, [r.slot for r in b.seqs])
+            b.pos = [p + 1 for p in b.pos]
+            b.last = self._sample(logits, b.seqs)
+            self._emit(list(b.seqs), b.last.tolist())
+            self._observe("decode", len(b.seqs), len(b.seqs), t0)
+            return
         b.mask = torch.cat([b.mask, b.mask.new_ones(len(b), 1)], dim=1)
         logits = self.engine.forward(
             b.last[:, None], [r.slot for r in b.seqs], b.mask, b.pos[:, None], b.cache, logits_to_keep=1

@@ -49,8 +49,10 @@ class DecoderConfig:
     block_m: int = 16  # rows per tile of the delta kernel in a captured step
     graphs: bool = True  # capture CUDA graphs on a GPU; False: every step eager (what graphs are tested against)
     # Fuse a decode step's small ops (RMS norms with their slot tables, rotary embedding, SwiGLU) with
-    # torch.compile: some 20 kernels per layer become 4; compiled once per batch bucket.
-    compile_glue: bool = False
+    # torch.compile: some 20 kernels per layer become 4, compiled once per batch bucket (a 7B step at
+    # batch 32: 8.8 -> 7.0 ms, benchmarks/results/decode-e2e-graph-compiled-2026-12-03.json).
+    # None: on a GPU.
+    compile_glue: bool | None = None
 
 
 def rms_rows(x: torch.Tensor, eps: float, weight: torch.Tensor, tables: list) -> torch.Tensor:
@@ -111,7 +113,8 @@ class StaticDecoder:
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._static: dict[int, dict] = {}  # bucket -> its input tensors
         self._glue = None
-        if self.config.compile_glue:
+        glue = self.config.compile_glue
+        if glue if glue is not None else dev.type == "cuda":
             if getattr(cfg, "hidden_act", "silu") != "silu":
                 raise EngineError(f"compile_glue fuses SwiGLU; the model's activation is {cfg.hidden_act!r}")
             fns = {"norm": rms_rows, "rope": apply_rotary_pos_emb, "swiglu": swiglu}
@@ -236,6 +239,13 @@ class StaticDecoder:
                 cap = self._graphs[key] = self._capture(static, grids, span, width)
             cap.graph.replay()
             return cap.logits[:b].clone()
+
+    @torch.inference_mode()
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy a sequence's first ``length`` cached positions from row ``src`` to row ``dst``."""
+        for k, v in zip(self.k, self.v, strict=True):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
 
     # ---- helpers -------------------------------------------------------------------------------
     def _inputs(self, bucket: int) -> dict:
