@@ -1,30 +1,27 @@
-"""End-to-end decode throughput of the mixed-expert engine at Mistral-7B geometry (issue 7, item 3).
+"""Decode at Mistral-7B geometry, side by side: meswitch's CUDA-graph decoder, its eager engine and
+transformers (issue 13, item 4).
 
-Why: the kernel benchmarks time one linear; a user gets the tokens per second of a whole decode step
-(32 layers, attention over a KV cache, norms, embedding, LM head, Python dispatch). This times
-``MixedExpertEngine.forward`` on batches of 8/32/64 rows grouped by expert as the scheduler orders them,
-with the base alone (0) and 1/4/8/16 experts, and compares each with the same batch on the base alone
-and with its bytes floor. Target: >= 80% of base-alone tokens/s with 8 experts at batch 32.
+Modes, each on the same weights and batches (1/8/32/64 rows; the base alone and 1/4/8/16 experts
+mixed, rows spread evenly over them):
+
+* ``graph``: :class:`~meswitch.serving.decoder.StaticDecoder`: static KV cache, each decode step
+  replayed from a CUDA graph (one per batch and length bucket; the expert mix is device data).
+* ``graph-compiled``: the same with its small ops fused by ``torch.compile`` (the default on a GPU).
+* ``engine``: ``MixedExpertEngine.forward`` eagerly with a DynamicCache, as the scheduler used to drive it.
+* ``hf`` / ``hf-compile`` (base alone): transformers eager, and transformers with a StaticCache and
+  ``torch.compile(mode="reduce-overhead")``: what a user would pick instead.
+
+Per row: ``ms`` (median step, synchronised), ``host_ms`` (until the call returns), ``gpu_ms`` (CUDA
+events around the step), tokens/s, and ``fraction_of_bytes_floor``: the step's bytes (every base
+weight but the embedding table, the KV cache read once, each active expert's banked deltas) at the
+copy bandwidth measured in the same run, over ``ms``. Then greedy tokens through the graphs against
+the same decoder stepping eagerly (deterministic mode), and a 2,048-token prefill with 8 experts
+against the base alone.
 
 SYNTHETIC: a randomly initialised bf16 model built on the device and random experts (2-bit codes,
 per-output-channel steps, 1% salient fp16 columns) with the exact shapes and bytes of real ones;
-nothing is written to disk.
-
-Seam: ``MixedExpertEngine`` reads its base from a folder and experts from verified artifacts (14.5 GB
-plus 16 x 2 GB of files). ``InMemoryEngine`` sets the device and architecture and hands a model already
-in memory to the engine's own ``_attach`` (patching, banks, tiers), and experts enter as
-``ExpertSlot``s whose device payload (norm weights, packed embedding ``RowTable``) is set directly and
-whose linear and LM-head deltas are one ``DeltaBank.random`` per tensor in the ``BankSet``: what
-``_build_payload`` would have built. The timed call is the unchanged ``MixedExpertEngine.forward``
-(packed payload: one ``mixed_delta`` launch per linear, Triton on CUDA, the PyTorch reference on CPU).
-
-A decode step is the scheduler's: mask grown by a column, per-row positions, ``logits_to_keep=1``,
-greedy next token; after a prefill and warm-up steps, the cache growing as in real decoding. ``ms``:
-median step, CUDA-synchronised; ``host_ms``: median time until the step returns before the sync
-(close to ``ms``: launch-bound). No CUDA graphs: the engine runs eagerly. Bytes floor per step: every
-base weight but the embedding table, the KV cache read once, each active expert's banked deltas, at
-the device-to-device copy bandwidth measured here; ``bytes_floor_fraction`` is base-alone floor over
-this floor, the best fraction of base-alone throughput memory traffic allows.
+nothing is written to disk. Seam: ``InMemoryEngine`` hands the model in memory to the engine's own
+``_attach`` and lays random experts out in the slot tables as ``BankSet.add`` would.
 
     python benchmarks/decode_e2e.py --out benchmarks/results/decode-e2e-DATE.json
 """
