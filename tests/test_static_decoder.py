@@ -27,7 +27,7 @@ def _one_thread():
         yield
 
 
-@pytest.mark.parametrize("block_m", [1, 4, 16])
+@pytest.mark.parametrize("block_m", [1, 4, 16, 64])
 def test_device_tiles_cover_every_expert_row_once(block_m):
     gen = torch.Generator().manual_seed(0)
     for m in (1, 5, 33):

@@ -24,6 +24,7 @@ rows it is given.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,7 +47,9 @@ class DecoderConfig:
     max_len: int = 2048  # positions per sequence
     buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # batch sizes captured; a batch runs in the next one up
     min_len_bucket: int = 128  # attention reads the cache up to a power of two >= the longest row, at least this
-    block_m: int = 16  # rows per tile of the delta kernel in a captured step
+    # Rows per tile of the delta kernel in a captured step; None: the batch's most rows on one expert,
+    # rounded up to 16, 32 or 64, so that no expert's codes are streamed twice (a graph per choice).
+    block_m: int | None = None
     graphs: bool = True  # capture CUDA graphs on a GPU; False: every step eager (what graphs are tested against)
     # Fuse a decode step's small ops (RMS norms with their slot tables, rotary embedding, SwiGLU) with
     # torch.compile: some 20 kernels per layer become 4, compiled once per batch bucket (a 7B step at
@@ -69,6 +72,11 @@ def rms_rows(x: torch.Tensor, eps: float, weight: torch.Tensor, tables: list) ->
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
+
+
+def row_block(rows: int) -> int:
+    """Tile rows for an expert with ``rows`` rows in the batch: 16, 32 or 64 (then split in tiles)."""
+    return 16 if rows <= 16 else 32 if rows <= 32 else 64
 
 
 def length_bucket(longest: int, config: DecoderConfig) -> int:
@@ -164,9 +172,9 @@ class StaticDecoder:
         tables = [(s, t) for s, t, _ in self.engine.ctx.tables(module.name)]
         return self._glue["norm"](x, module.eps, module.base.weight, tables)
 
-    def _decode_step(self, static: dict, grids: tuple, span: int, width: int) -> torch.Tensor:
+    def _decode_step(self, static: dict, grids: tuple, span: int, width: int, block_m: int) -> torch.Tensor:
         slots = {g: static[("slots", g)] for g in grids}
-        tiles = {g: device_tiles(s, self.config.block_m) for g, s in slots.items()}
+        tiles = {g: device_tiles(s, block_m) for g, s in slots.items()}
         self.engine.ctx.set_slots(slots, tiles, width)
         try:
             x = self.embed(static["tokens"][:, None])
@@ -231,12 +239,13 @@ class StaticDecoder:
                     static["slots", grid] = torch.full((bucket,), -1, dtype=torch.long, device=eng.device)
                 static["slots", grid].copy_(ids)
             width = eng.banks.max_vocab(eng.base_vocab)
+            block_m = self.config.block_m or row_block(max(Counter(w for w in where if w).values(), default=1))
             if not self.use_graphs:
-                return self._decode_step(static, grids, span, width)[:b].clone()
-            key = (bucket, span, width, tuple((g, eng.banks.grids[g].version) for g in grids))
+                return self._decode_step(static, grids, span, width, block_m)[:b].clone()
+            key = (bucket, span, width, block_m, tuple((g, eng.banks.grids[g].version) for g in grids))
             cap = self._graphs.get(key)
             if cap is None:
-                cap = self._graphs[key] = self._capture(static, grids, span, width)
+                cap = self._graphs[key] = self._capture(static, grids, span, width, block_m)
             cap.graph.replay()
             return cap.logits[:b].clone()
 
@@ -257,17 +266,17 @@ class StaticDecoder:
         static.setdefault("rows", torch.arange(bucket, device=dev))
         return static
 
-    def _capture(self, static: dict, grids: tuple, span: int, width: int) -> _Captured:
+    def _capture(self, static: dict, grids: tuple, span: int, width: int, block_m: int) -> _Captured:
         """Warm up on a side stream (Triton compiles there), then capture one step."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._decode_step(static, grids, span, width)
+                self._decode_step(static, grids, span, width, block_m)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._decode_step(static, grids, span, width)
+            logits = self._decode_step(static, grids, span, width, block_m)
         self.captures += 1
         log.info("captured decode graph: batch %d, span %d (%d graphs)", static["tokens"].shape[0], span, self.captures)
         return _Captured(graph, logits)
