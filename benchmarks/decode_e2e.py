@@ -130,7 +130,7 @@ def check_delta(eng: InMemoryEngine, slots: list[ExpertSlot], gen: torch.Generat
     worst = 0.0
     for name in names:
         bank = gb.banks[name]
-        n, k = bank.shape
+        n, k = bank.grid.shape
         x = torch.randn(len(rows), 1, k, generator=gen, device=eng.device).to(eng.dtype)
         y = (0.01 * torch.randn(len(rows), 1, n, generator=gen, device=eng.device)).to(eng.dtype)
         got = y.clone()

@@ -32,6 +32,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from meswitch.compression.quantize import step_params
 from meswitch.kernels import DeltaBank, ExpertRows
 from meswitch.kernels.layout import LAYOUT_V1
 from meswitch.kernels.triton_delta import choose_config, mixed_delta_triton
@@ -64,11 +65,11 @@ def rows_for(rows: int, experts: int, first_expert: int) -> tuple[ExpertRows, li
 
 def naive_dequant_bf16(bank: DeltaBank, e: int) -> torch.Tensor:
     """What one writes without a kernel (layout 1, int32 shifts): codes -> bf16 weights, salient added."""
-    n, k = bank.shape
-    vpw = 32 // bank.bits
-    shifts = torch.arange(vpw, device=bank.device, dtype=torch.int32) * bank.bits
-    codes = ((bank.packed[e].unsqueeze(-1) >> shifts) & ((1 << bank.bits) - 1)).view(n, -1)[:, :k]
-    scale, offset = bank.step_params(e)
+    (n, k), bits = bank.grid.shape, bank.grid.bits
+    vpw = 32 // bits
+    shifts = torch.arange(vpw, device=bank.device, dtype=torch.int32) * bits
+    codes = ((bank.packed[e].unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).view(n, -1)[:, :k]
+    scale, offset = step_params(bank.scale[e], None if bank.offset is None else bank.offset[e], bits)
     g = scale.shape[1]
     w = codes.to(torch.bfloat16).view(n, g, k // g) * scale.to(torch.bfloat16).unsqueeze(-1)
     w = (w + offset.to(torch.bfloat16).unsqueeze(-1)).view(n, k)

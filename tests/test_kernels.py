@@ -8,6 +8,8 @@ decode and prefill shapes, 1-16 experts, base-only rows left bit-identical.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -108,12 +110,12 @@ def test_bank_pads_salient_columns_and_picks_layout():
     a = _experts(1, 16, 128, DeltaConfig(bits=2, salient=5), seed=1)[0]
     b = _experts(1, 16, 128, DeltaConfig(bits=2, salient=0), seed=2)[0]
     bank = DeltaBank.from_compressed([a, b])
-    assert bank.layout_version == LAYOUT_V2 and bank.kmax == 5
+    assert bank.grid.layout_version == LAYOUT_V2 and bank.kmax == 5
     assert torch.equal(bank.salient_val[1], torch.zeros(16, 5, dtype=torch.float16))
     torch.testing.assert_close(bank.dequantize(1), b.dequantize(), rtol=0, atol=0)
     odd = _experts(1, 8, 96, DeltaConfig(bits=2, group_size=48), seed=3)
-    assert DeltaBank.from_compressed(odd).layout_version == LAYOUT_V1  # groups must cover whole planes
-    assert DeltaBank.from_compressed(_experts(1, 8, 64, DeltaConfig(bits=3), seed=4)).layout_version == LAYOUT_V1
+    assert DeltaBank.from_compressed(odd).grid.layout_version == LAYOUT_V1  # groups must cover whole planes
+    assert DeltaBank.from_compressed(_experts(1, 8, 64, DeltaConfig(bits=3), seed=4)).grid.layout_version == LAYOUT_V1
     v1 = bank.with_layout(LAYOUT_V1)
     assert torch.equal(v1.with_layout(LAYOUT_V2).packed, bank.packed)
 
@@ -136,9 +138,20 @@ def test_random_bank_is_consistent():
             3, (16, k), bits=bits, group_size=gs, salient=4, generator=torch.Generator().manual_seed(0)
         )
         assert bank.dequantize(2).shape == (16, k)
-        if bank.layout_version == LAYOUT_V2:
+        if bank.grid.layout_version == LAYOUT_V2:
             v1 = bank.with_layout(LAYOUT_V1)
             torch.testing.assert_close(v1.dequantize(1), bank.dequantize(1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_bank_lookup_rows_equal_dequantized_rows(symmetric):
+    a, b = _experts(2, 16, 64, DeltaConfig(bits=2, salient=3, group_size=32, symmetric=symmetric), seed=5)
+    b = replace(b, salient_idx=b.salient_idx[:1], salient_val=b.salient_val[:, :1])  # padded in the bank
+    bank = DeltaBank.from_compressed([a, b], layout_version=LAYOUT_V1)
+    experts, rows = torch.tensor([1, 0, 1, 0]), torch.tensor([3, 3, 15, 0])
+    want = torch.stack([bank.dequantize(int(e))[int(r)] for e, r in zip(experts, rows, strict=True)])
+    assert torch.equal(bank.lookup(experts, rows), want)
+    assert torch.equal(bank.dequantize(1), b.dequantize())
 
 
 # ------------------------------------------------------------------------------------ expert rows
@@ -234,7 +247,7 @@ def _check_kernel(bank, ids, dtype=torch.bfloat16, config=None, seed=0):
     """Kernel vs reference on fresh random x; base-only rows must stay bit-identical (NaN there)."""
     from meswitch.kernels.triton_delta import mixed_delta_triton
 
-    n, k = bank.shape
+    n, k = bank.grid.shape
     m = len(ids)
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(m, k, device="cuda", generator=g).to(dtype)

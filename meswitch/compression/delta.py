@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from meswitch.compression.gptq import gptq_round
-from meswitch.compression.quantize import PER_TENSOR, Quantized, QuantSpec, pack, quantize, unpack
+from meswitch.compression.quantize import PER_TENSOR, Quantized, QuantSpec, add_salient, pack, quantize, unpack
 from meswitch.compression.salience import select_salient
 
 METHODS = ("meswitch", "fixed", "magnitude", "bitdelta")
@@ -90,10 +90,7 @@ class CompressedDelta:
 
     def dequantize(self) -> torch.Tensor:
         """The exact reference reconstruction Δ̂ (fp32) that the kernels are checked against."""
-        w = self.quantized().dequantize()
-        if self.salient_idx.numel():
-            w[:, self.salient_idx.long()] += self.salient_val.float()
-        return w
+        return add_salient(self.quantized().dequantize(), self.salient_idx, self.salient_val)
 
     def nbytes(self) -> int:
         """Every stored byte: codes, step sizes, offsets, indices and salient columns."""

@@ -48,17 +48,40 @@ class Quantized:
 
     def step_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, offset) as fp32, offset derived for a symmetric grid."""
-        scale = self.scale.float()
-        offset = self.offset.float() if self.offset is not None else -scale * (self.spec.levels / 2)
-        return scale, offset
+        return step_params(self.scale, self.offset, self.spec.bits)
 
     def dequantize(self) -> torch.Tensor:
-        n, k = self.codes.shape
-        scale, offset = self.step_params()
-        g = scale.shape[1]
-        codes = self.codes.float().view(n, g, k // g) if g > 1 else self.codes.float().view(n, 1, k)
-        w = codes * scale.unsqueeze(-1) + offset.unsqueeze(-1)
-        return w.reshape(n, k)
+        return dequantize(self.codes, self.scale, self.offset, self.spec.bits)
+
+
+def symmetric_offset(scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """The offset a symmetric grid implies and does not store: ``-scale * (2**bits - 1) / 2``."""
+    return -scale * (((1 << bits) - 1) / 2)
+
+
+def step_params(scale: torch.Tensor, offset: torch.Tensor | None, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, offset) as fp32, the offset derived for a symmetric grid (``offset`` None)."""
+    scale = scale.float()
+    return scale, symmetric_offset(scale, bits) if offset is None else offset.float()
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """fp32 weights ``code * scale + offset`` of codes ``[R, K]`` and step sizes ``[R or 1, G]``.
+
+    The one reconstruction every path uses (artifacts, banks, kernel references), so they agree
+    to the bit.
+    """
+    r, k = codes.shape
+    scale, offset = step_params(scale, offset, bits)
+    g = scale.shape[1]
+    w = codes.float().view(r, g, k // g) * scale.unsqueeze(-1) + offset.unsqueeze(-1)
+    return w.reshape(r, k)
+
+
+def add_salient(w: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    """Add the salient corrections ``val`` ``[R, k]`` to ``w`` ``[R, K]`` in place, at columns ``idx``
+    (``[k]`` for every row or ``[R, k]`` per row; padding is index 0 with value 0); return ``w``."""
+    return w.scatter_add_(1, idx.long().expand_as(val), val.float())
 
 
 def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -110,11 +133,12 @@ def quantize(
         best = None
         for half_range in candidates:
             scale = (2 * half_range / spec.levels).clamp_min(1e-8).half().float()
-            offset = -scale * (spec.levels / 2)
+            offset = symmetric_offset(scale, spec.bits)
             err = _error(wg, cw, scale, offset, spec.levels)
             best = _keep_best(best, err, scale, None)
         _, scale, _ = best
-        return Quantized(_codes(wg, scale, -scale * (spec.levels / 2), spec.levels, w.shape), scale.half(), None, spec)
+        codes = _codes(wg, scale, symmetric_offset(scale, spec.bits), spec.levels, w.shape)
+        return Quantized(codes, scale.half(), None, spec)
     lo = torch.where(fit, wg, torch.full_like(wg, big)).amin(-1)
     hi = torch.where(fit, wg, torch.full_like(wg, -big)).amax(-1)
     empty = ~fit.any(-1)

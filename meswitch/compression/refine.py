@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from meswitch.compression.delta import CompressedDelta
-from meswitch.compression.quantize import PER_TENSOR, Quantized, QuantSpec, grouped, pack
+from meswitch.compression.quantize import PER_TENSOR, Quantized, QuantSpec, grouped, pack, symmetric_offset
 
 
 def refine_steps(delta: torch.Tensor, cd: CompressedDelta, s: torch.Tensor | None, rounds: int = 4) -> CompressedDelta:
@@ -69,7 +69,7 @@ def _fit(wg, cw, codes, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
         c = codes - spec.levels / 2  # w ≈ c * scale
         scale = (cw * c * wg).sum(-1) / (cw * c * c).sum(-1).clamp_min(1e-30)
         scale = scale.abs().clamp_min(1e-8).half().float()
-        return scale, -scale * (spec.levels / 2)
+        return scale, symmetric_offset(scale, spec.bits)
     mq = (cw * codes).sum(-1) / sw
     mw = (cw * wg).sum(-1) / sw
     cov = (cw * (codes - mq.unsqueeze(-1)) * (wg - mw.unsqueeze(-1))).sum(-1)

@@ -3,7 +3,7 @@
 Importing this package needs no Triton; the kernels load on first use on a CUDA device.
 """
 
-from meswitch.kernels.bank import DeltaBank, ExpertRows
+from meswitch.kernels.bank import BankGrid, DeltaBank, ExpertRows
 from meswitch.kernels.layout import LAYOUT_V1, LAYOUT_V2, repack_v1_to_v2, repack_v2_to_v1
 from meswitch.kernels.ops import mixed_delta
 from meswitch.kernels.reference import mixed_delta_reference
@@ -11,6 +11,7 @@ from meswitch.kernels.reference import mixed_delta_reference
 __all__ = [
     "LAYOUT_V1",
     "LAYOUT_V2",
+    "BankGrid",
     "DeltaBank",
     "ExpertRows",
     "mixed_delta",

@@ -2,24 +2,33 @@
 and which expert each row of a batch uses.
 
 A :class:`DeltaBank` stacks E experts' :class:`~meswitch.compression.delta.CompressedDelta` of one
-linear (same shape, bits, group size and grid) so one kernel launch serves them all. An
-:class:`ExpertRows` groups the rows of a batch by expert (the segments of Punica's SGMV); build it
-once per batch and reuse it for every linear of the forward pass.
+linear on one :class:`BankGrid` (shape, bits, group size, symmetry, layout), so one kernel launch
+serves them all. An :class:`ExpertRows` groups the rows of a batch by expert (the segments of
+Punica's SGMV); build it once per batch and reuse it for every linear of the forward pass.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from meswitch.compression.delta import CompressedDelta
-from meswitch.compression.quantize import PER_TENSOR, QuantSpec, unpack, values_per_word
+from meswitch.compression.quantize import (
+    PER_TENSOR,
+    QuantSpec,
+    add_salient,
+    dequantize,
+    pack,
+    unpack,
+    values_per_word,
+)
 from meswitch.kernels.layout import (
     LAYOUT_V1,
     LAYOUT_V2,
+    pack_v2,
     repack_v1_to_v2,
     unpack_codes,
     v2_num_chunks,
@@ -27,9 +36,39 @@ from meswitch.kernels.layout import (
 )
 
 
+@dataclass(frozen=True)
+class BankGrid:
+    """What every expert of a bank shares: the linear's shape ``[N=out, K=in]``, the quantization
+    grid and the packed layout."""
+
+    shape: tuple[int, int]
+    bits: int
+    group_size: int  # 0: per output channel; > 0: groups of this many input channels
+    symmetric: bool
+    layout_version: int
+
+    def __post_init__(self) -> None:
+        k = self.shape[1]
+        if self.layout_version not in (LAYOUT_V1, LAYOUT_V2):
+            raise ValueError(f"unknown layout_version {self.layout_version}")
+        if self.group_size and k % self.group_size:
+            raise ValueError(f"K={k} is not a multiple of group_size {self.group_size}")
+
+    @property
+    def groups(self) -> int:
+        """Step sizes per row: 1 per channel, else K / group_size."""
+        return 1 if self.group_size == 0 else self.shape[1] // self.group_size
+
+    def packed_shape(self, num_experts: int) -> tuple[int, ...]:
+        n, k = self.shape
+        if self.layout_version == LAYOUT_V2:
+            return (num_experts, v2_num_chunks(self.bits, k), n, 16)
+        return (num_experts, n, -(-k // values_per_word(self.bits)))
+
+
 @dataclass
 class DeltaBank:
-    """E experts' compressed deltas for one linear ``[N=out, K=in]``, stacked.
+    """E experts' compressed deltas for one linear, stacked, on one :class:`BankGrid`.
 
     ``packed``: layout 1 ``int32 [E, N, W]`` or layout 2 ``int32 [E, chunks, N, 16]``;
     ``scale`` fp16 ``[E, N, G]`` (G = 1 per channel, else K / group_size); ``offset`` fp16
@@ -38,11 +77,7 @@ class DeltaBank:
     index 0 and value 0 for experts with fewer salient columns.
     """
 
-    shape: tuple[int, int]
-    bits: int
-    group_size: int  # 0: per output channel; > 0: groups of this many input channels
-    symmetric: bool
-    layout_version: int
+    grid: BankGrid
     packed: torch.Tensor
     scale: torch.Tensor
     offset: torch.Tensor | None
@@ -50,26 +85,19 @@ class DeltaBank:
     salient_val: torch.Tensor
 
     def __post_init__(self) -> None:
-        n, k = self.shape
+        grid = self.grid
+        n = grid.shape[0]
         e = self.packed.shape[0]
-        if self.layout_version == LAYOUT_V1:
-            want = (e, n, -(-k // values_per_word(self.bits)))
-        elif self.layout_version == LAYOUT_V2:
-            want = (e, v2_num_chunks(self.bits, k), n, 16)
-        else:
-            raise ValueError(f"unknown layout_version {self.layout_version}")
+        want = grid.packed_shape(e)
         if tuple(self.packed.shape) != want or self.packed.dtype != torch.int32:
             raise ValueError(
-                f"packed must be int32 {want} for layout {self.layout_version}, "
+                f"packed must be int32 {want} for layout {grid.layout_version}, "
                 f"got {self.packed.dtype} {tuple(self.packed.shape)}"
             )
-        groups = 1 if self.group_size == 0 else k // self.group_size
-        if self.group_size and k % self.group_size:
-            raise ValueError(f"K={k} is not a multiple of group_size {self.group_size}")
         for name, t in (("scale", self.scale), ("offset", self.offset)):
-            if t is not None and (tuple(t.shape) != (e, n, groups) or t.dtype != torch.float16):
-                raise ValueError(f"{name} must be fp16 {(e, n, groups)}, got {t.dtype} {tuple(t.shape)}")
-        if self.offset is None and not self.symmetric:
+            if t is not None and (tuple(t.shape) != (e, n, grid.groups) or t.dtype != torch.float16):
+                raise ValueError(f"{name} must be fp16 {(e, n, grid.groups)}, got {t.dtype} {tuple(t.shape)}")
+        if self.offset is None and not grid.symmetric:
             raise ValueError("an asymmetric bank needs offsets")
         kmax = self.salient_idx.shape[1] if self.salient_idx.dim() == 2 else -1
         if self.salient_idx.dtype != torch.int32 or tuple(self.salient_idx.shape) != (e, kmax):
@@ -80,10 +108,6 @@ class DeltaBank:
     @property
     def num_experts(self) -> int:
         return self.packed.shape[0]
-
-    @property
-    def groups(self) -> int:
-        return self.scale.shape[2]
 
     @property
     def kmax(self) -> int:
@@ -141,11 +165,7 @@ class DeltaBank:
             idxs.append(idx)
             vals.append(val)
         return cls(
-            shape=(n, k),
-            bits=bits,
-            group_size=group_size,
-            symmetric=spec.symmetric,
-            layout_version=layout_version,
+            grid=BankGrid((n, k), bits, group_size, spec.symmetric, layout_version),
             packed=torch.stack(packed),
             scale=torch.stack(scales),
             offset=torch.stack(offsets) if offsets else None,
@@ -171,23 +191,19 @@ class DeltaBank:
         n, k = shape
         if layout_version is None:
             layout_version = LAYOUT_V2 if v2_supported(bits, group_size) else LAYOUT_V1
+        grid = BankGrid((n, k), bits, group_size, symmetric, layout_version)
         gen = generator
-        groups = 1 if group_size == 0 else k // group_size
+        groups = grid.groups
 
         def rand(*size, dtype=torch.float32):
             return torch.rand(*size, generator=gen, device=device, dtype=dtype)
 
-        if layout_version == LAYOUT_V2:
-            size = (num_experts, v2_num_chunks(bits, k), n, 16)
-        else:
-            size = (num_experts, n, -(-k // values_per_word(bits)))
+        size = grid.packed_shape(num_experts)
         packed = torch.randint(-(2**31), 2**31, size, generator=gen, device=device, dtype=torch.int64)
         packed = packed.to(torch.int32)
         if layout_version == LAYOUT_V2 and k % (32 * 16 // bits):
             # codes past K must be zero in layout 2 (padding); rebuild through the codes
             codes = [unpack_codes(p, bits, k, LAYOUT_V2) for p in packed]
-            from meswitch.kernels.layout import pack_v2
-
             packed = torch.stack([pack_v2(c, bits) for c in codes])
         scale = (rand(num_experts, n, groups) * 2e-3 + 1e-4).half()
         offset = None
@@ -198,11 +214,7 @@ class DeltaBank:
         idx = torch.stack([torch.randperm(k, generator=cpu_gen)[:salient].sort().values for _ in range(num_experts)])
         val = ((rand(num_experts, n, salient) - 0.5) * 2e-2).half()
         return cls(
-            shape=(n, k),
-            bits=bits,
-            group_size=group_size,
-            symmetric=symmetric,
-            layout_version=layout_version,
+            grid=grid,
             packed=packed,
             scale=scale,
             offset=offset,
@@ -212,11 +224,7 @@ class DeltaBank:
 
     def to(self, device: torch.device | str) -> DeltaBank:
         return DeltaBank(
-            shape=self.shape,
-            bits=self.bits,
-            group_size=self.group_size,
-            symmetric=self.symmetric,
-            layout_version=self.layout_version,
+            grid=self.grid,
             packed=self.packed.to(device),
             scale=self.scale.to(device),
             offset=None if self.offset is None else self.offset.to(device),
@@ -226,59 +234,36 @@ class DeltaBank:
 
     def with_layout(self, layout_version: int) -> DeltaBank:
         """The same bank in another packed layout."""
-        if layout_version == self.layout_version:
+        grid = self.grid
+        if layout_version == grid.layout_version:
             return self
-        k = self.shape[1]
-        codes = [unpack_codes(p, self.bits, k, self.layout_version) for p in self.packed]
+        codes = [unpack_codes(p, grid.bits, grid.shape[1], grid.layout_version) for p in self.packed]
         if layout_version == LAYOUT_V2:
-            from meswitch.kernels.layout import pack_v2
-
-            packed = torch.stack([pack_v2(c, self.bits) for c in codes])
+            packed = torch.stack([pack_v2(c, grid.bits) for c in codes])
         elif layout_version == LAYOUT_V1:
-            from meswitch.compression.quantize import pack
-
-            packed = torch.stack([pack(c, self.bits) for c in codes])
+            packed = torch.stack([pack(c, grid.bits) for c in codes])
         else:
             raise ValueError(f"unknown layout_version {layout_version}")
-        return DeltaBank(
-            self.shape, self.bits, self.group_size, self.symmetric, layout_version,
-            packed, self.scale, self.offset, self.salient_idx, self.salient_val,
-        )  # fmt: skip
-
-    def step_params(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, offset) fp32 [N, G] of one expert, the offset derived for a symmetric grid."""
-        scale = self.scale[expert].float()
-        if self.offset is not None:
-            return scale, self.offset[expert].float()
-        return scale, -scale * (((1 << self.bits) - 1) / 2)
+        return replace(self, grid=replace(grid, layout_version=layout_version), packed=packed)
 
     def dequantize(self, expert: int) -> torch.Tensor:
         """Δ̂ (fp32 [N, K]) of one expert, computed as ``CompressedDelta.dequantize`` does."""
-        n, k = self.shape
-        codes = unpack_codes(self.packed[expert], self.bits, k, self.layout_version).float()
-        scale, offset = self.step_params(expert)
-        g = scale.shape[1]
-        w = codes.view(n, g, k // g) * scale.unsqueeze(-1) + offset.unsqueeze(-1)
-        w = w.reshape(n, k)
-        if self.kmax:
-            w.index_add_(1, self.salient_idx[expert].long(), self.salient_val[expert].float())
-        return w
+        grid = self.grid
+        codes = unpack_codes(self.packed[expert], grid.bits, grid.shape[1], grid.layout_version)
+        offset = None if self.offset is None else self.offset[expert]
+        w = dequantize(codes, self.scale[expert], offset, grid.bits)
+        return add_salient(w, self.salient_idx[expert], self.salient_val[expert])
 
     def lookup(self, experts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows[m]`` of ``Δ̂_{experts[m]}`` as fp32 ``[M, K]`` (layout 1): an embedding delta's
         lookup, on the device and without reading ids on the host (CUDA-graph safe)."""
-        if self.layout_version != LAYOUT_V1:
+        grid = self.grid
+        if grid.layout_version != LAYOUT_V1:
             raise ValueError("row lookup reads layout 1")
-        k = self.shape[1]
         e, r = experts.long(), rows.long()
-        codes = unpack(self.packed[e, r], self.bits, k).float()
-        scale = self.scale[e, r].float()
-        offset = self.offset[e, r].float() if self.offset is not None else -scale * (((1 << self.bits) - 1) / 2)
-        g = scale.shape[1]
-        w = (codes.view(len(e), g, k // g) * scale.unsqueeze(-1) + offset.unsqueeze(-1)).reshape(len(e), k)
-        if self.kmax:
-            w.scatter_add_(1, self.salient_idx[e].long(), self.salient_val[e, r].float())
-        return w
+        offset = None if self.offset is None else self.offset[e, r]
+        w = dequantize(unpack(self.packed[e, r], grid.bits, grid.shape[1]), self.scale[e, r], offset, grid.bits)
+        return add_salient(w, self.salient_idx[e], self.salient_val[e, r])
 
     def nbytes_per_expert(self) -> int:
         """Bytes one expert occupies in this bank (codes, steps, salient columns)."""

@@ -7,7 +7,7 @@ from functools import cache
 
 import torch
 
-from meswitch.kernels.bank import DeltaBank, ExpertRows
+from meswitch.kernels.bank import BankGrid, DeltaBank, ExpertRows
 from meswitch.kernels.reference import as_expert_rows, check_inputs, mixed_delta_reference
 
 BACKENDS = ("auto", "triton", "reference")
@@ -73,8 +73,8 @@ def _mixed_delta_tiles(
     block_m: int,
     expected_tiles: int,
 ) -> None:
-    bank = DeltaBank((n, k), bits, group_size, symmetric, layout_version, packed, scale, offset, salient_idx,
-                     salient_val)  # fmt: skip
+    grid = BankGrid((n, k), bits, group_size, symmetric, layout_version)
+    bank = DeltaBank(grid, packed, scale, offset, salient_idx, salient_val)
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and triton_available():
         from meswitch.kernels.triton_delta import check_device_inputs, config_for, launch
 
@@ -111,13 +111,14 @@ def mixed_delta_tiles(
     m = x.shape[0]
     if tiles.dim() != 2 or tiles.shape[0] != m:
         raise ValueError(f"tiles must be [M={m}, 2 + block_m], got {tuple(tiles.shape)}")
-    n, k = bank.shape
+    grid = bank.grid
+    n, k = grid.shape
     if x.dim() != 2 or x.shape[1] != k or tuple(y.shape) != (m, n):
         raise ValueError(f"x must be [M, {k}] and y [M, {n}], got {tuple(x.shape)} and {tuple(y.shape)}")
     expected = expected_tiles or min(m, bank.num_experts)
     torch.ops.meswitch.mixed_delta_tiles(
         x, y, bank.packed, bank.scale, bank.offset, bank.salient_idx, bank.salient_val, tiles,
-        bank.shape[0], bank.shape[1], bank.bits, bank.group_size, bank.layout_version, bank.symmetric,
+        n, k, grid.bits, grid.group_size, grid.layout_version, grid.symmetric,
         tiles.shape[1] - 2, expected,
     )  # fmt: skip
     return y

@@ -24,7 +24,7 @@ def as_expert_rows(experts: ExpertRows | torch.Tensor | Sequence[int]) -> Expert
 
 def check_inputs(x: torch.Tensor, bank: DeltaBank, rows: ExpertRows, y: torch.Tensor) -> None:
     """Shapes, dtypes and expert ids, with errors that say what is wrong."""
-    n, k = bank.shape
+    n, k = bank.grid.shape
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x must be [M, K={k}], got shape {tuple(x.shape)}")
     if y.dim() != 2 or tuple(y.shape) != (x.shape[0], n):

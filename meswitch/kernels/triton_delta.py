@@ -367,7 +367,7 @@ def _row_block(max_segment: int) -> int:
 
 def choose_config(bank: DeltaBank, rows: ExpertRows, device: torch.device) -> LaunchConfig:
     """:func:`config_for` the batch's longest segment and tile count; cached per batch and bank shape."""
-    key = ("config", bank.shape, bank.bits, bank.group_size, bank.layout_version, str(device))
+    key = ("config", bank.grid, str(device))
     cached = rows._tiles.get(key)
     if cached is None:
         block_m = _row_block(rows.max_segment)
@@ -386,10 +386,10 @@ def config_for(bank: DeltaBank, block_m: int, tiles: int, device: torch.device) 
     chain of per-plane MMAs, not bandwidth, bounds small grids; never under
     ``torch.use_deterministic_algorithms`` (split programs add into y with atomics).
     """
-    n, k = bank.shape
-    chunks = -(-k // v2_chunk(bank.bits)) if bank.layout_version == LAYOUT_V2 else 0
+    n, k = bank.grid.shape
+    chunks = -(-k // v2_chunk(bank.grid.bits)) if bank.grid.layout_version == LAYOUT_V2 else 0
     sms = _sm_count(device)
-    if bank.layout_version != LAYOUT_V2:
+    if bank.grid.layout_version != LAYOUT_V2:
         return LaunchConfig(block_n=64, block_m=block_m, num_stages=2, epilogue_scale=False)
     if block_m > 64:
         block_n = 256 if -(-n // 256) * tiles >= sms else 128
@@ -404,7 +404,7 @@ def config_for(bank: DeltaBank, block_m: int, tiles: int, device: torch.device) 
     if torch.are_deterministic_algorithms_enabled():
         split = 1  # split K adds partial sums into y with atomics, in no fixed order
     return LaunchConfig(block_n=128, block_m=block_m, split_k=split, num_warps=4, num_stages=3,
-                        epilogue_scale=block_m <= 32 and bank.group_size == 0)  # fmt: skip
+                        epilogue_scale=block_m <= 32 and bank.grid.group_size == 0)  # fmt: skip
 
 
 def check_device_inputs(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor) -> None:
@@ -437,33 +437,33 @@ def mixed_delta_triton(
 def launch(x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tensor, cfg: LaunchConfig) -> torch.Tensor:
     """One launch over a tile table (:meth:`ExpertRows.tiles`, or :func:`~meswitch.kernels.bank.device_tiles`,
     whose unused tiles exit at once); no host read of the batch, so a CUDA graph can hold it."""
-    n, k = bank.shape
+    n, k = bank.grid.shape
     offset = bank.offset if bank.offset is not None else bank.scale  # never read when symmetric
     sidx, sval = (bank.salient_idx, bank.salient_val) if bank.kmax else (tiles, bank.scale)  # never read
-    if bank.layout_version == LAYOUT_V2:
+    if bank.grid.layout_version == LAYOUT_V2:
         chunks = bank.packed.shape[1]
-        if cfg.epilogue_scale and bank.group_size != 0:
+        if cfg.epilogue_scale and bank.grid.group_size != 0:
             raise ValueError("epilogue scaling needs per-channel steps")
         per_split = -(-chunks // cfg.split_k)
         grid = (triton.cdiv(n, cfg.block_n), tiles.shape[0], -(-chunks // per_split))
         _delta_v2_kernel[grid](
             x, y, bank.packed.view(torch.int16), bank.scale, offset, sidx, sval, tiles,
-            n, k, bank.groups, bank.kmax, chunks, per_split, x.stride(0), y.stride(0),
-            BITS=bank.bits, GROUP=bank.group_size, SYMMETRIC=bank.offset is None,
-            EPILOGUE_SCALE=cfg.epilogue_scale, EVEN_K=k % v2_chunk(bank.bits) == 0,
+            n, k, bank.grid.groups, bank.kmax, chunks, per_split, x.stride(0), y.stride(0),
+            BITS=bank.grid.bits, GROUP=bank.grid.group_size, SYMMETRIC=bank.offset is None,
+            EPILOGUE_SCALE=cfg.epilogue_scale, EVEN_K=k % v2_chunk(bank.grid.bits) == 0,
             SPLIT_K=grid[2], BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SAL_BLOCK=SALIENT_BLOCK,
             PREFETCH_Y=cfg.prefetch_y,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-    elif bank.layout_version == LAYOUT_V1:
+    elif bank.grid.layout_version == LAYOUT_V1:
         grid = (triton.cdiv(n, cfg.block_n), tiles.shape[0], 1)
         _delta_v1_kernel[grid](
             x, y, bank.packed, bank.scale, offset, sidx, sval, tiles,
-            n, k, bank.packed.shape[2], bank.groups, bank.kmax, x.stride(0), y.stride(0),
-            BITS=bank.bits, GROUP=bank.group_size, SYMMETRIC=bank.offset is None,
+            n, k, bank.packed.shape[2], bank.grid.groups, bank.kmax, x.stride(0), y.stride(0),
+            BITS=bank.grid.bits, GROUP=bank.grid.group_size, SYMMETRIC=bank.offset is None,
             BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=64, SAL_BLOCK=SALIENT_BLOCK,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     else:
-        raise ValueError(f"unknown layout_version {bank.layout_version}")
+        raise ValueError(f"unknown layout_version {bank.grid.layout_version}")
     return y

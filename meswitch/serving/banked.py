@@ -64,9 +64,14 @@ def _resized(bank: DeltaBank, slots: int, kmax: int) -> DeltaBank:
         out[tuple(index)] = t
         return out
 
-    return DeltaBank(bank.shape, bank.bits, bank.group_size, bank.symmetric, bank.layout_version,
-                     grow(bank.packed, None), grow(bank.scale, None), grow(bank.offset, None),
-                     grow(bank.salient_idx, 1), grow(bank.salient_val, 2))  # fmt: skip
+    return DeltaBank(
+        bank.grid,
+        grow(bank.packed, None),
+        grow(bank.scale, None),
+        grow(bank.offset, None),
+        grow(bank.salient_idx, 1),
+        grow(bank.salient_val, 2),
+    )
 
 
 def _put(bank: DeltaBank, slot: int, one: DeltaBank) -> None:
@@ -208,5 +213,4 @@ class BankSet:
 def _zero_one(bank: DeltaBank) -> DeltaBank:
     """A one-expert bank of zero delta (codes, steps and corrections 0) in ``bank``'s shape and grid."""
     z = lambda t: None if t is None else torch.zeros_like(t[:1])
-    return DeltaBank(bank.shape, bank.bits, bank.group_size, bank.symmetric, bank.layout_version, z(bank.packed),
-                     z(bank.scale), z(bank.offset), z(bank.salient_idx), z(bank.salient_val))  # fmt: skip
+    return DeltaBank(bank.grid, z(bank.packed), z(bank.scale), z(bank.offset), z(bank.salient_idx), z(bank.salient_val))
