@@ -350,3 +350,13 @@ def test_serving_no_expert_is_an_error_unless_asked_for(served_family, tmp_path,
     assert rc != 0
     err = capsys.readouterr().err
     assert "no expert to serve" in err and "--allow-no-experts" in err
+
+
+def test_static_decoding_without_a_gpu_is_refused_with_the_flag_to_use(served_family, capsys):  # noqa: F811
+    from meswitch.cli import main
+
+    args = ["serve", "--base", str(served_family.base), "--experts", str(served_family.artifact_dir())]
+    assert main([*args, "--device", "cpu", "--decode", "static"]) != 0
+    assert "--decode static needs a GPU" in capsys.readouterr().err
+    assert main([*args, "--kv-positions", "0"]) != 0
+    assert "--kv-positions must be at least 1" in capsys.readouterr().err

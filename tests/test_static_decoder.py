@@ -132,7 +132,7 @@ def test_slots_are_reused_in_place_and_capacity_avoids_reallocation(served_famil
 
 def test_the_decoder_refuses_what_it_cannot_serve(served_family):  # noqa: F811
     dense = MixedExpertEngine(served_family.base, EngineConfig(device="cpu", payload="dense"))
-    with pytest.raises(EngineError, match="packed payload"):
+    with pytest.raises(EngineError, match="needs the packed payload"):
         StaticDecoder(dense)
     eng = MixedExpertEngine(served_family.base, EngineConfig(device="cpu", payload="packed"))
     dec = StaticDecoder(eng, DecoderConfig(max_rows=4, max_len=16, buckets=(4,)))

@@ -55,6 +55,20 @@ def register(sub) -> None:
     p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before 429 (default 64)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences per forward pass (default 32)")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="when idle, wait this long to batch (default 5)")
+    p.add_argument(
+        "--decode",
+        choices=("auto", "static", "dynamic"),
+        default="auto",
+        help="static: a static KV cache, each decode step replayed from a CUDA graph on a GPU; dynamic: the eager "
+        "engine over a growing cache; auto (default): static on a GPU with the packed payload, else dynamic",
+    )
+    p.add_argument(
+        "--kv-positions",
+        type=int,
+        default=2048,
+        help="static decode: positions per sequence (prompt plus answer); the cache of --max-batch x this many "
+        "positions is reserved at start (default 2048)",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_serve)
 
@@ -81,6 +95,11 @@ def _serve(args) -> int:
         raise CommandError(f"serving needs the 'serve' extra (pip install 'meswitch[serve]'): {e}") from e
     import torch
 
+    if args.kv_positions < 1:
+        raise CommandError(f"--kv-positions must be at least 1, got {args.kv_positions}")
+    if args.decode == "static" and not (args.device != "cpu" and torch.cuda.is_available()):
+        raise CommandError("--decode static needs a GPU (it decodes the packed payload, kept on a GPU); use auto")
+
     from meswitch.serving.batching import SchedulerConfig
     from meswitch.serving.engine import EngineConfig
     from meswitch.serving.loader import LoadError, LocalSource, ModelManager, RegistrySource
@@ -105,7 +124,12 @@ def _serve(args) -> int:
             device_budget_bytes=_gib(args.gpu_memory_budget),
             host_budget_bytes=_gib(args.host_memory_budget),
         ),
-        SchedulerConfig(max_batch=args.max_batch, window_s=args.batch_window_ms / 1000),
+        SchedulerConfig(
+            max_batch=args.max_batch,
+            window_s=args.batch_window_ms / 1000,
+            static={"auto": None, "static": True, "dynamic": False}[args.decode],
+            static_max_len=args.kv_positions,
+        ),
         router_device="cpu" if args.device == "auto" else args.device,
         observer=metrics,
     )

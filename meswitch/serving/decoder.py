@@ -105,7 +105,7 @@ class StaticDecoder:
         if arch not in DECODER_ARCHITECTURES:
             raise EngineError(f"the static decoder serves {DECODER_ARCHITECTURES}, not {arch}")
         if engine.banks is None:
-            raise EngineError("the static decoder needs the packed payload (EngineConfig(payload='packed'))")
+            raise EngineError("static decoding needs the packed payload (the default on a GPU; payload='packed')")
         if max(self.config.buckets) > self.config.max_rows:
             raise EngineError(f"bucket {max(self.config.buckets)} exceeds max_rows={self.config.max_rows}")
         inner = engine.model.model
