@@ -9,10 +9,14 @@ any tensor is used.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -105,23 +109,59 @@ def staging_dir(out: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``out``; on success it replaces ``out``, on failure it is removed.
 
     The rename is atomic on one filesystem, so readers see the old folder or the new one, never
-    a partial write.
+    a partial write. A writer killed before its rename leaves its hidden sibling behind: the next
+    writer of ``out`` removes it (``_abandoned``), so a killed run costs no disk for good. A full
+    disk is raised as an ``OSError`` that names the errno and ``out``, whichever writer hit it.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    for stale in _abandoned(out):
+        shutil.rmtree(stale, ignore_errors=True)
+    writer = f".{out.name}.{socket.gethostname()}-{os.getpid()}."
+    tmp = Path(tempfile.mkdtemp(prefix=writer, suffix=".tmp", dir=out.parent))
     try:
         yield tmp
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            old = out.with_name(f"{writer}old.tmp")
             out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if code := _disk_full(e):
+            raise OSError(code, f"{os.strerror(code)} while writing {out}; nothing of it was kept") from e
         raise
+
+
+def _disk_full(e: BaseException) -> int | None:
+    """ENOSPC or EDQUOT, from Python's I/O or from safetensors' writer (a Rust error that reads "(os error 28)")."""
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        if (isinstance(e, OSError) and e.errno == code) or f"(os error {code})" in str(e):
+            return code
+    return None
+
+
+def _abandoned(out: Path) -> list[Path]:
+    """Staging siblings of ``out`` left by writers on this host that no longer run (killed mid-write)."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?P<host>.+)-(?P<pid>\d+)\.[^.]+\.tmp")
+    found = []
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+        m = pattern.fullmatch(path.name)
+        if m and m["host"] == socket.gethostname() and not _running(int(m["pid"])):
+            found.append(path)
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def seal(folder: Path, manifest: Manifest) -> Manifest:

@@ -71,6 +71,21 @@ def pipeline_family(tmp_path_factory) -> Path:
     return build_family(Path(where), size="micro", seed=0, extra_domain=True)
 
 
+def use_registry(mp: pytest.MonkeyPatch, s3_server, prefix: str, tracking_uri: str, home: Path) -> dict[str, str]:
+    """Set (through ``mp``) and return the registry's environment: artifacts on the S3 server under ``prefix``,
+    MLflow at ``tracking_uri``, one quick retry (the tests' servers are up or down, never slow)."""
+    env = {
+        **s3_server.env(prefix=prefix),
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MESWITCH_HOME": str(home),
+        "MESWITCH_REGISTRY_RETRIES": "1",
+        "MESWITCH_REGISTRY_BACKOFF_S": "0.2",
+    }
+    for k, v in env.items():
+        mp.setenv(k, v)
+    return env
+
+
 def write_config(folder: Path, gates: dict | None = None, **overrides) -> tuple[Path, Path]:
     """A fast pipeline config and a gates file in ``folder``; returns (config, gates)."""
     folder.mkdir(parents=True, exist_ok=True)

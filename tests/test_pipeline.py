@@ -26,6 +26,7 @@ from pipeline_fixtures import (  # noqa: F401
     rename_card,
     router_queries,
     task_runs_since,
+    use_registry,
     wait_for,
     write_config,
 )
@@ -40,18 +41,8 @@ COMPUTE = {"calibrate", "compress", "evaluate", "train-router", "evaluate-router
 @pytest.fixture(scope="module")
 def registry_env(s3_server, mlflow_server, tmp_path_factory):
     """The registry on the real servers (MLflow tracking server, S3 artifacts), for this module."""
-    home = tmp_path_factory.mktemp("pipeline-home")
-    env = {
-        **s3_server.env(prefix="pipeline"),
-        "MLFLOW_TRACKING_URI": mlflow_server.url,
-        "MESWITCH_HOME": str(home),
-        "MESWITCH_REGISTRY_RETRIES": "1",
-        "MESWITCH_REGISTRY_BACKOFF_S": "0.2",
-    }
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        yield env
+        yield use_registry(mp, s3_server, "pipeline", mlflow_server.url, tmp_path_factory.mktemp("pipeline-home"))
 
 
 @dataclass

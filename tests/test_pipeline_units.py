@@ -137,6 +137,29 @@ def test_local_inbox_submit_is_whole_and_the_stamp_follows_changes(tiny_expert, 
         submit(inbox / "no-card", inbox)
 
 
+def test_a_killed_writers_staging_folder_is_removed_by_the_next_write_and_a_live_ones_is_kept(tmp_path):
+    """A process killed mid-write leaves its hidden staging folder; the next write of that artifact removes it, never
+    the folder of a writer still running (this one, here), nor one of another artifact."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from meswitch.artifacts import staging_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, out = socket.gethostname(), tmp_path / "math-0123"
+    abandoned = tmp_path / f".math-0123.{host}-{dead.stdout.strip()}.x1y2z3.tmp"
+    live = tmp_path / f".math-0123.{host}-{os.getpid()}.a1b2c3.tmp"
+    other = tmp_path / f".math-0123-b.{host}-{dead.stdout.strip()}.x1y2z3.tmp"
+    for folder in (abandoned, live, other):
+        folder.mkdir()
+        (folder / "delta-00000.safetensors").write_bytes(b"half")
+    with staging_dir(out) as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    assert not abandoned.exists() and live.exists() and other.exists() and (out / "manifest.json").is_file()
+
+
 def test_s3_inbox_scan_and_fetch(tiny_expert, s3_server, tmp_path, monkeypatch):
     from meswitch.flows.inbox import InboxEntry, fetch_entry, scan_inbox, submit
 
