@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meswitch.data import DEFAULT, DEFAULT_CALIBRATION, DEFAULT_EVALUATION
 from meswitch.settings import read_yaml_mapping
+
+log = logging.getLogger(__name__)
 
 CARD = "expert.yaml"
 MAX_DATA_BYTES = 256 << 20  # the most a calibration or evaluation file may hold: they are read whole
@@ -30,11 +34,12 @@ class ExpertCard:
 
     @property
     def calibration_path(self) -> Path:
-        return self.folder / self.calibration
+        """The calibration file: in the folder, or the generic default corpus (``calibration: default``)."""
+        return DEFAULT_CALIBRATION if self.calibration == DEFAULT else self.folder / self.calibration
 
     @property
     def evaluation_path(self) -> Path:
-        return self.folder / self.evaluation
+        return DEFAULT_EVALUATION if self.evaluation == DEFAULT else self.folder / self.evaluation
 
 
 def load_card(folder: Path) -> ExpertCard:
@@ -55,7 +60,11 @@ def load_card(folder: Path) -> ExpertCard:
         raise CardError(f"{path}: examples must be a list of strings")
     known = {"name", "domain", "description", "examples", "calibration", "evaluation", "task"}
     card = ExpertCard(folder=folder, **{k: v for k, v in data.items() if k in known and v is not None})
-    for rel in (card.calibration, card.evaluation):
+    for what, rel in (("calibration", card.calibration), ("evaluation", card.evaluation)):
+        if rel == DEFAULT:
+            log.warning("%s: %s on the generic default corpus (meswitch/data): its figures say little about "
+                        "the expert's own domain; name a file of the expert's data instead", path, what)  # fmt: skip
+            continue
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise CardError(f"{path}: data file {rel!r} must be a relative path inside the expert folder")
         check_data_file(folder, rel)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -289,3 +290,29 @@ def test_prefect_yaml_declares_both_deployments_for_the_gpu_pool():
     template = json.loads(Path(__file__).parents[1].joinpath("infra/k8s/base-job-template.json").read_text())
     resources = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+
+
+def test_an_expert_folder_without_data_may_take_the_generic_default_corpus(tmp_path):
+    from meswitch.data import DEFAULT_CALIBRATION, DEFAULT_EVALUATION
+    from meswitch.flows.tasks import read_card
+
+    (tmp_path / "expert.yaml").write_text("name: plain\ndomain: prose\ndescription: d\n")
+    refused = read_card.fn(str(tmp_path))
+    assert refused.card is None and "'calibration: default'" in refused.error  # the reason names the way out
+    (tmp_path / "expert.yaml").write_text(
+        "name: plain\ndomain: prose\ndescription: d\ncalibration: default\nevaluation: default\n"
+    )
+    warned = []  # Prefect's logging setup replaces the root handlers pytest's caplog reads: listen on the logger
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warned.append(record.getMessage())
+    logging.getLogger("meswitch.expert_card").addHandler(handler)
+    try:
+        ok = read_card.fn(str(tmp_path))
+    finally:
+        logging.getLogger("meswitch.expert_card").removeHandler(handler)
+    assert ok.card is not None and ok.error is None
+    assert ok.card.calibration_path == DEFAULT_CALIBRATION and ok.card.evaluation_path == DEFAULT_EVALUATION
+    assert any("generic default corpus" in w for w in warned)
+    texts = [json.loads(line)["text"] for line in DEFAULT_CALIBRATION.read_text().splitlines()]
+    held_out = {json.loads(line)["text"] for line in DEFAULT_EVALUATION.read_text().splitlines()}
+    assert len(texts) >= 128 and not held_out & set(texts)  # evaluation texts are not calibration texts

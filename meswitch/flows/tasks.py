@@ -192,7 +192,8 @@ def read_card(folder: str) -> CardResult:
     for what, path, read in (("calibration", card.calibration_path, read_texts),
                              ("evaluation", card.evaluation_path, EvalData.from_jsonl)):  # fmt: skip
         if not path.is_file():
-            return CardResult(None, f"{path}: missing; expert.yaml names it as the {what} data ('{what}:' key)")
+            return CardResult(None, f"{path}: missing; expert.yaml names it as the {what} data ('{what}:' key; "
+                                    f"'{what}: default' takes the generic default corpus)")  # fmt: skip
         try:
             read(path)
         except (ValueError, UnicodeDecodeError) as e:
