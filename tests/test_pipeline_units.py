@@ -316,3 +316,13 @@ def test_an_expert_folder_without_data_may_take_the_generic_default_corpus(tmp_p
     texts = [json.loads(line)["text"] for line in DEFAULT_CALIBRATION.read_text().splitlines()]
     held_out = {json.loads(line)["text"] for line in DEFAULT_EVALUATION.read_text().splitlines()}
     assert len(texts) >= 128 and not held_out & set(texts)  # evaluation texts are not calibration texts
+
+
+def test_too_little_calibration_text_is_refused_with_the_file_and_the_count(tmp_path):
+    from meswitch.flows.tasks import read_card
+
+    (tmp_path / "expert.yaml").write_text("name: short\ndomain: prose\ndescription: d\nevaluation: default\n")
+    (tmp_path / "calib.jsonl").write_text(json.dumps({"text": "one short line"}) + "\n")
+    refused = read_card.fn(str(tmp_path))
+    assert refused.card is None
+    assert "calib.jsonl: too little calibration text (14 characters in 1 texts" in refused.error

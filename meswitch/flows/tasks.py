@@ -177,6 +177,9 @@ def fetch_expert(entry, cache_dir: str) -> str:
     return str(fetch_entry(entry, Path(cache_dir)))
 
 
+MIN_CALIBRATION_CHARS = 1000  # below this (a few hundred tokens) the salience statistics are noise
+
+
 @task(name="read-card", cache_policy=NO_CACHE)
 def read_card(folder: str) -> CardResult:
     from meswitch.compression.calibration import read_texts
@@ -195,9 +198,13 @@ def read_card(folder: str) -> CardResult:
             return CardResult(None, f"{path}: missing; expert.yaml names it as the {what} data ('{what}:' key; "
                                     f"'{what}: default' takes the generic default corpus)")  # fmt: skip
         try:
-            read(path)
+            data = read(path)
         except (ValueError, UnicodeDecodeError) as e:
             return CardResult(None, f"{what} data: {e}")
+        if what == "calibration" and sum(map(len, data)) < MIN_CALIBRATION_CHARS:
+            return CardResult(None, f"{path}: too little calibration text ({sum(map(len, data))} characters in "
+                                    f"{len(data)} texts; at least {MIN_CALIBRATION_CHARS}, ideally 64 texts of 256 "
+                                    "tokens or more)")  # fmt: skip
     return CardResult(card)
 
 
