@@ -177,7 +177,7 @@ def fetch_expert(entry, cache_dir: str) -> str:
     return str(fetch_entry(entry, Path(cache_dir)))
 
 
-MIN_CALIBRATION_CHARS = 1000  # below this (a few hundred tokens) the salience statistics are noise
+MIN_CALIBRATION_CHARS = 256  # below this (some dozens of tokens) the salience statistics are noise
 
 
 @task(name="read-card", cache_policy=NO_CACHE)
