@@ -10,15 +10,13 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
-import torch
-from serving_fixtures import served_family, torch_threads  # noqa: F401
-from transformers import DynamicCache
+from serving_fixtures import greedy, served_family, torch_threads  # noqa: F401
 
 from meswitch.checkpoints import Checkpoint
 from meswitch.compression.reconstruct import load_expert_model, open_artifact
 from meswitch.serving.api import Server, ServerConfig, ServerThread, render_chat
 from meswitch.serving.batching import SchedulerConfig
-from meswitch.serving.engine import EngineConfig, _cache_kwarg
+from meswitch.serving.engine import EngineConfig
 from meswitch.serving.loader import LocalSource, ModelManager
 from meswitch.serving.metrics import ServingMetrics
 
@@ -60,16 +58,7 @@ def live(served_family):  # noqa: F811
 def _greedy_text(served_family, name: str, ids: list[int], n: int, tokenizer) -> str:  # noqa: F811
     base = Checkpoint(served_family.base)
     model = load_expert_model(base, open_artifact(served_family.artifacts[name], base))
-    out, cache = [], DynamicCache()
-    stop = {tokenizer.eos_token_id, model.config.eos_token_id}
-    with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([ids]), **{_cache_kwarg(type(model)): cache}, use_cache=True).logits
-        for _ in range(n):
-            tok = int(logits[0, -1].argmax())
-            if tok in stop:
-                break
-            out.append(tok)
-            logits = model(input_ids=torch.tensor([[tok]]), **{_cache_kwarg(type(model)): cache}, use_cache=True).logits
+    out = greedy(model, ids, n, {tokenizer.eos_token_id, model.config.eos_token_id})
     return tokenizer.decode(out, skip_special_tokens=True)
 
 
