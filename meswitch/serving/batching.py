@@ -157,8 +157,8 @@ class _StaticBatch:
 
     def select(self, idx: list[int]) -> None:
         """Keep rows ``idx`` (ascending): each row past the kept count moves into a freed row below."""
-        keep = len(idx)
-        holes = [r for r in range(keep) if r not in set(idx)]
+        keep, kept = len(idx), set(idx)
+        holes = [r for r in range(keep) if r not in kept]
         movers = [r for r in idx if r >= keep]
         order = list(range(len(self.seqs)))
         for src, dst in zip(movers, holes, strict=True):

@@ -34,6 +34,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from meswitch.kernels.bank import device_tiles
 from meswitch.serving.engine import EngineError, MixedExpertEngine
+from meswitch.serving.mixed import rms_rows
 from meswitch.serving.tiers import ExpertSlot
 
 log = logging.getLogger(__name__)
@@ -58,18 +59,6 @@ class DecoderConfig:
     # batch 32: 8.8 -> 7.0 ms, benchmarks/results/decode-e2e-graph-compiled-2026-12-03.json).
     # None: on a GPU.
     compile_glue: bool | None = None
-
-
-def rms_rows(x: torch.Tensor, eps: float, weight: torch.Tensor, tables: list) -> torch.Tensor:
-    """``MixedRMSNorm`` of a decode step: HF's RMS norm (fp32, rounded, times the weight) with each
-    row's weight from its grid's slot table (``tables``: (row slots, table) pairs), else the base's."""
-    h = x.float()
-    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    w = weight
-    for s, table in tables:
-        shape = (s.shape[0], *([1] * (x.dim() - 2)), -1)
-        w = torch.where((s >= 0).view(*shape[:-1], 1), table[s.clamp(min=0)].view(shape), w)
-    return w * h
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

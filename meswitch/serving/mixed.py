@@ -282,6 +282,18 @@ class MixedLMHead(nn.Module):
         return y
 
 
+def rms_rows(x: torch.Tensor, eps: float, weight: torch.Tensor, tables: list) -> torch.Tensor:
+    """HF's RMS norm (fp32, rounded, times the weight) with each row's weight from its grid's slot table
+    (``tables``: (row slots, table) pairs), else ``weight``: the packed path, eager or captured."""
+    h = x.float()
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    w = weight
+    for s, table in tables:
+        rows, has = _rows_of(s, table, h)
+        w = torch.where(has, rows, w)
+    return w * h
+
+
 class MixedRMSNorm(nn.Module):
     """RMS norm with a per-row weight: the base weight, or the expert's full weight (base + δ)."""
 
@@ -297,16 +309,13 @@ class MixedRMSNorm(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tables = [(s, table) for s, table, _ in self.ctx.tables(self.name)]  # the experts' full weights [slots, H]
+        if tables:
+            return rms_rows(x, self.eps, self.base.weight, tables)
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         h = h.to(dtype)
-        w = None
-        for s, table, _ in self.ctx.tables(self.name):  # the experts' full weights [slots, H]
-            rows, has = _rows_of(s, table, h)
-            w = torch.where(has, rows, self.base.weight if w is None else w)
-        if w is not None:
-            return w * h
         groups = [g for g in self.ctx.groups if self.name in g.payload]
         if not groups:
             return self.base.weight * h
