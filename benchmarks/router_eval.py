@@ -40,15 +40,16 @@ log = logging.getLogger("router_eval")
 
 
 def _versions() -> dict:
-    import sentence_transformers
-    import transformers
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "sentence_transformers": sentence_transformers.__version__,
-    }
+    def _of(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": _of("transformers"), "sentence_transformers": _of("sentence-transformers")}  # fmt: skip
 
 
 def _queries(family: Path, out: Path) -> Path:
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retrain-steps", type=int, default=None, help="MCQ steps of the 5-domain retrain")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--gpu", action="store_true", help="also measure on cuda when present")
+    p.add_argument("--device", default="cpu", help="where the routers train (cpu, cuda; default cpu)")
     p.add_argument("--extra", action="store_true", help="retrain over five domains (the family's extra/)")
     p.add_argument("--reuse", action="store_true", help="evaluate router artifacts already in --work, do not retrain")
     p.add_argument("--note", default="", help="free text recorded in the JSON")
@@ -153,13 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     five = [*four, args.family / "extra"]
     results: dict = {}
     plan = [
-        ("embedding", RouterJob(four, work / "embedding-4", backend="embedding")),
-        ("mcq-finetuned", RouterJob(four, work / "mcq-ft-4", mcq=MCQConfig(**sft))),
-        ("mcq-zero-shot", RouterJob(four, work / "mcq-zs-4", mcq=MCQConfig(finetune="none"))),
+        ("embedding", RouterJob(four, work / "embedding-4", backend="embedding", device=args.device)),
+        ("mcq-finetuned", RouterJob(four, work / "mcq-ft-4", mcq=MCQConfig(**sft), device=args.device)),
+        ("mcq-zero-shot", RouterJob(four, work / "mcq-zs-4", mcq=MCQConfig(finetune="none"), device=args.device)),
     ]
     if args.extra:
         plan += [
-            ("embedding-5-domains", RouterJob(five, work / "embedding-5", backend="embedding")),
+            ("embedding-5-domains", RouterJob(five, work / "embedding-5", backend="embedding", device=args.device)),
             (
                 "mcq-finetuned-5-domains",
                 RouterJob(
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                     work / "mcq-ft-5",
                     mcq=MCQConfig(**{**sft, **retrain}),
                     init_from=work / "mcq-ft-4" if args.warm_start else None,
+                    device=args.device,
                 ),
             ),
         ]

@@ -3,7 +3,10 @@
 #   bash benchmarks/run_gpu.sh [tests] [sweep] [roofline] [capacity] [switch]   (default: these five)
 #   bash benchmarks/run_gpu.sh decode | speed | parity                          (one 10-minute call each)
 #   bash benchmarks/run_gpu.sh stage                 (the real family, issue 11: see benchmarks/stage_smol.sh)
-#   bash benchmarks/run_gpu.sh smol-setup smol-long [smol] [report-long] [report-smol]
+#   bash benchmarks/run_gpu.sh smol-setup smol-long [smol] [report-long] [report-smol] [router-long] [pack]
+# REPORT_NAME names a report's folder (default: the step), so reports with other REPORT_ARGS can run side by
+# side (each process is launch-bound: two share the GPU well). router-long trains and times the MCQ router on
+# the GPU (issue 12). pack tars everything under $OUT into one file (at most 8 files come back).
 # parity builds the tiny demo family on the GPU machine's CPU (it cannot download: carry the corpus
 # cache, `bash benchmarks/stage_corpora.sh` then carry out/corpora), compresses it on the GPU and on
 # the CPU and compares the artifact figures (issue 2).
@@ -49,11 +52,19 @@ for step in $steps; do
         grep -v "it/s\]$" | tail -n 30
       cp "/tmp/meswitch-$step/family.json" "$OUT/family-$step.json" 2>/dev/null ;;
     report-long|report-smol) fam=/tmp/meswitch-smol; [ "$step" = report-long ] && fam=/tmp/meswitch-smol-long
-      rep=$STAGE/$step  # on the machine's disk: a report stopped by the time limit resumes from its parts there
-      mkdir -p "$OUT/$step"  # REPORT_TIMEOUT: under the call's limit, so that the parts come back whatever happens
+      name=${REPORT_NAME:-$step}
+      rep=$STAGE/$name  # on the machine's disk: a report stopped by the time limit resumes from its parts there
+      mkdir -p "$OUT/$name"  # REPORT_TIMEOUT: under the call's limit, so that the parts come back whatever happens
       timeout "${REPORT_TIMEOUT:-560}" python3 -m meswitch report "$fam" --out "$rep" $REPORT_ARGS 2>&1 |
-        grep -v "it/s\]$" | tee "$OUT/$step/report.log" | tail -n 40
-      cp -r "$rep"/report.json "$rep"/report.md "$rep"/*.png "$rep"/parts "$OUT/$step"/ 2>/dev/null ;;
+        grep -v "it/s\]$" | tee "$OUT/$name/report.log" | tail -n 40
+      cp -r "$rep"/report.json "$rep"/report.md "$rep"/*.png "$rep"/parts "$OUT/$name"/ 2>/dev/null ;;
+    router-long) mkdir -p "$OUT/router"
+      timeout "${ROUTER_TIMEOUT:-500}" python3 benchmarks/router_eval.py --family /tmp/meswitch-smol-long \
+        --out "$OUT/router/router-gpu.json" --work "$STAGE/router" --only mcq-zero-shot,mcq-finetuned --device cuda \
+        --gpu --autocast --test-per-domain 50 --latency-queries 100 $ROUTER_ARGS \
+        --note "SmolLM2-135M-Instruct family (smol-long, routing sets as smol); MCQ trained on the H200" 2>&1 |
+        grep -v "it/s\]$" | tee "$OUT/router/router.log" | tail -n 20 ;;
+    pack) tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT"/ && ls -la "$OUT" ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done
