@@ -21,8 +21,8 @@ def register(sub) -> None:
     p.add_argument(
         "--calib",
         type=Path,
-        help="calibration texts (.jsonl with a 'text' field, or .txt one per line); required for --method meswitch "
-        "(the default) and --rounding gptq",
+        help="calibration texts (.jsonl with a 'text' field, or .txt one per line); required for --method "
+        f"{_calibrated_methods()} and --rounding gptq",
     )
     p.add_argument("--out", type=Path, required=True, help="artifact folder to write (replaced atomically)")
     _add_method_args(p)
@@ -70,14 +70,11 @@ def register(sub) -> None:
     )
     p.add_argument("family", type=Path, help="a folder made by `meswitch demo-family`")
     p.add_argument("--out", type=Path, required=True, help="folder for report.md, report.json and the plot")
-    p.add_argument(
-        "--methods",
-        default="meswitch,fixed,magnitude,bitdelta",
-        help="comma-separated, of meswitch, meswitch-distilled (then one scale per matrix fitted end to end), "
-        "meswitch-gptq (error-compensating rounding through the calibration Hessian, salient channels last), "
-        "fixed, fixed-eqbytes (fixed precision given meswitch's bytes through smaller groups), magnitude, "
-        "bitdelta, bitdelta-distilled (with BitDelta's scale distillation); default meswitch,fixed,magnitude,bitdelta",
-    )
+    from meswitch.evaluation.variants import COMPARED, report_methods
+
+    defaults = ",".join(COMPARED)
+    known = "; ".join(f"{v.name} ({v.help})" for v in report_methods())
+    p.add_argument("--methods", default=defaults, help=f"comma-separated, of {known}; default {defaults}")
     p.add_argument("--bits", default="2,3,4", help="comma-separated bit widths for meswitch/fixed/magnitude")
     p.add_argument("--experts", default="", help="comma-separated expert folder names (default: every expert)")
     p.add_argument(
@@ -99,13 +96,22 @@ def register(sub) -> None:
     p.set_defaults(func=_report)
 
 
+def _calibrated_methods() -> str:
+    """The methods that cannot run without calibration text, as the --calib help names them."""
+    from meswitch.compression.methods import MESWITCH, registered_methods
+
+    needing = [m for m in registered_methods() if m.needs_calibration]
+    return " or ".join(m.name + (" (the default)" if m is MESWITCH else "") for m in needing)
+
+
 def _add_method_args(p: argparse.ArgumentParser) -> None:
+    from meswitch.compression.methods import MESWITCH, method_names, registered_methods
+
     p.add_argument(
         "--method",
-        default="meswitch",
-        choices=["meswitch", "fixed", "magnitude", "bitdelta"],
-        help="meswitch: salience by reconstruction error (default); fixed: no salient channels; "
-        "magnitude: salient by delta column norm; bitdelta: 1-bit sign with one scale per matrix",
+        default=MESWITCH.name,
+        choices=method_names(),
+        help="; ".join(f"{m.name}: {m.help}" + (" (default)" if m is MESWITCH else "") for m in registered_methods()),
     )
     p.add_argument("--bits", type=int, default=2, choices=[1, 2, 3, 4, 8], help="bits of the non-salient part")
     p.add_argument(
@@ -137,6 +143,7 @@ def _compress(args) -> int:
     from meswitch.compression.calibration import CalibConfig
     from meswitch.compression.delta import DeltaConfig
     from meswitch.compression.expert import ExpertInfo
+    from meswitch.compression.methods import get_method
 
     try:
         delta = DeltaConfig(
@@ -150,8 +157,8 @@ def _compress(args) -> int:
         )
     except ValueError as e:
         raise CommandError(str(e)) from e
-    if args.method == "meswitch" and args.calib is None:
-        raise CommandError("--calib is required for --method meswitch (salience is measured on calibration text)")
+    if get_method(args.method).needs_calibration and args.calib is None:
+        raise CommandError(f"--calib is required for --method {args.method} (salience is measured on calibration text)")
     if args.rounding == "gptq" and args.calib is None:
         raise CommandError("--calib is required for --rounding gptq (it rounds against the calibration inputs)")
     job = CompressJob(

@@ -11,6 +11,7 @@ from meswitch.checkpoints import Checkpoint, check_expert
 from meswitch.compression.calibration import CalibConfig, calibrate, read_texts, resolve_device
 from meswitch.compression.delta import DeltaConfig
 from meswitch.compression.expert import ExpertInfo, compress_expert
+from meswitch.compression.methods import get_method
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +32,18 @@ class CompressJob:
 def run_compress(job: CompressJob) -> Manifest:
     """Check the expert against the base before any work, then calibrate and compress it.
 
-    Methods that use no activation statistics (fixed, bitdelta) and jobs without calibration
-    data skip calibration.
+    Methods that use no activation statistics (bitdelta) and jobs without calibration data skip calibration.
     """
     device = resolve_device(job.device)
     base, expert = Checkpoint(job.base), Checkpoint(job.expert)
     pairing = check_expert(base, expert)
-    needs_stats = job.delta.method in ("meswitch", "fixed", "magnitude") or job.refine
+    method = get_method(job.delta.method)
+    needs_stats = method.uses_calibration or job.refine
     if job.delta.rounding == "gptq" and not job.calib_cfg.hessian:
         job = replace(job, calib_cfg=replace(job.calib_cfg, hessian=True))
     stats = None
     if job.calib is not None and needs_stats:
         stats = calibrate(expert, read_texts(job.calib), job.calib_cfg, device)
-    elif job.delta.method == "meswitch":
-        raise ValueError("method 'meswitch' scores channels on calibration data: pass a calibration file")
+    elif method.needs_calibration:
+        raise ValueError(f"method {method.name!r} scores channels on calibration data: pass a calibration file")
     return compress_expert(base, expert, pairing, stats, job.delta, job.out, job.info, device, job.refine)

@@ -18,11 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from meswitch.compression.gptq import gptq_round
-from meswitch.compression.quantize import PER_TENSOR, Quantized, QuantSpec, add_salient, pack, quantize, unpack
+from meswitch.compression.methods import get_method
+from meswitch.compression.quantize import Quantized, QuantSpec, add_salient, pack, quantize, unpack
 from meswitch.compression.salience import select_salient
-
-METHODS = ("meswitch", "fixed", "magnitude", "bitdelta")
-
 
 ALLOCATIONS = ("layer", "global")
 ROUNDINGS = ("nearest", "gptq")
@@ -30,7 +28,7 @@ ROUNDINGS = ("nearest", "gptq")
 
 @dataclass(frozen=True)
 class DeltaConfig:
-    """The method and its parameters; what the CLI's flags set."""
+    """The method (a name in compression.methods) and its parameters; what the CLI's flags set."""
 
     method: str = "meswitch"
     bits: int = 2
@@ -46,8 +44,7 @@ class DeltaConfig:
     rounding: str = "nearest"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        get_method(self.method)  # raises, naming the registered methods
         if self.salient < 0:
             raise ValueError(f"salient must be >= 0, got {self.salient}")
         if self.salient >= 1 and self.salient != int(self.salient):
@@ -58,19 +55,14 @@ class DeltaConfig:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
 
     def quant_spec(self) -> QuantSpec:
-        if self.method == "bitdelta":
-            return QuantSpec(bits=1, symmetric=True, group_size=PER_TENSOR, clip_search=False)
-        return QuantSpec(self.bits, self.symmetric, self.group_size, self.clip_search)
+        return get_method(self.method).quant_spec(self)
 
     @property
     def allocates_globally(self) -> bool:
-        return self.allocation == "global" and self.method in ("meswitch", "magnitude") and self.salient > 0
+        return self.allocation == "global" and get_method(self.method).selects and self.salient > 0
 
     def salient_count(self, k: int) -> int:
-        if self.method in ("fixed", "bitdelta") or self.salient == 0:
-            return 0
-        n = int(self.salient) if self.salient >= 1 else max(1, round(self.salient * k))
-        return min(n, k)
+        return get_method(self.method).salient_count(self, k)
 
 
 @dataclass

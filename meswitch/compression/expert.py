@@ -24,6 +24,7 @@ from meswitch.artifacts import LayerRecord, Manifest, seal, staging_dir
 from meswitch.checkpoints import CONFIG, Checkpoint, Pairing
 from meswitch.compression.calibration import LM_HEAD, diagonal
 from meswitch.compression.delta import DeltaConfig, channel_weights, compress_delta, relative_errors
+from meswitch.compression.methods import get_method
 from meswitch.compression.refine import refine_steps
 from meswitch.compression.salience import allocate_salient, reconstruction_scores
 
@@ -222,7 +223,7 @@ def _method_record(config: DeltaConfig) -> dict:
     """The config as the artifact was really made: the grid the method used (BitDelta: 1 bit, symmetric, one step
     per tensor) and no salient fraction for methods that keep none."""
     spec = config.quant_spec()
-    selects = config.method in ("meswitch", "magnitude")
+    selects = get_method(config.method).selects
     return {**dataclasses.asdict(config), **_spec_dict(spec), "salient": config.salient if selects else 0}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from meswitch.compression.methods import get_method
 from meswitch.compression.quantize import QuantSpec, quantize
 
 
@@ -23,11 +24,6 @@ def reconstruction_scores(delta: torch.Tensor, s: torch.Tensor, spec: QuantSpec)
     """Per-input-channel output error of quantizing ``delta`` once at ``spec``: ``s_i Σ_j (Δ-Δ̂)_ij²``."""
     deq = quantize(delta, spec, weight=s).dequantize()
     return s * ((delta - deq) ** 2).sum(0)
-
-
-def magnitude_scores(delta: torch.Tensor) -> torch.Tensor:
-    """Column L2 norms of the delta: the magnitude baseline."""
-    return delta.norm(dim=0)
 
 
 def select_salient(
@@ -38,19 +34,16 @@ def select_salient(
     method: str,
     scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Indices (ascending, int64) of the ``count`` salient input channels under ``method``.
+    """Indices (ascending, int64) of the ``count`` salient input channels under the registered ``method``.
 
     ``scores``: this matrix's :func:`reconstruction_scores`, when already computed (global allocation).
     """
     if count == 0:
         return torch.empty(0, dtype=torch.long, device=delta.device)
-    if method == "meswitch":
-        scores = reconstruction_scores(delta, s, spec) if scores is None else scores
-    elif method == "magnitude":
-        scores = magnitude_scores(delta)
-    else:
+    salience = get_method(method).salience
+    if salience is None:
         raise ValueError(f"method {method!r} selects no salient channels")
-    return torch.topk(scores, count).indices.sort().values
+    return torch.topk(salience(delta, s, spec, scores), count).indices.sort().values
 
 
 def shares_of(scores: torch.Tensor) -> torch.Tensor:

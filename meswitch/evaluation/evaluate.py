@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from meswitch.checkpoints import Checkpoint, scan
+from meswitch.compression.methods import applied_bits
 from meswitch.compression.reconstruct import load_expert_model, open_artifact
 from meswitch.evaluation.metrics import Comparison, EvalData, compare, exact_match, perplexity
 
@@ -166,7 +167,7 @@ class Evaluator:
             name=m.name,
             domain=m.domain,
             method=m.method.get("method", "?"),
-            bits=1 if m.method.get("method") == "bitdelta" else int(m.method.get("bits", 0)),
+            bits=applied_bits(m.method.get("method", "?"), int(m.method.get("bits", 0))),
             salient=float(m.method.get("salient", 0)),
             kl=round(sum(kl_sums) / max(sum(tokens), 1), 6),
             ppl_base=round(self.ppl_base, 4),

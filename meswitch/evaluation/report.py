@@ -24,30 +24,33 @@ import torch
 
 from meswitch.checkpoints import Checkpoint, check_expert, config_dtype
 from meswitch.compression.calibration import CalibConfig, calibrate, read_texts, resolve_device
-from meswitch.compression.delta import DeltaConfig
 from meswitch.compression.distill import DistillConfig, distill_artifact
 from meswitch.compression.expert import ExpertInfo, compress_expert
+from meswitch.compression.methods import BITDELTA, FIXED, MAGNITUDE, MESWITCH, get_method
 from meswitch.evaluation.evaluate import EvalResult, Evaluator
 from meswitch.evaluation.metrics import EvalData, paired_ratio_ci
+from meswitch.evaluation.variants import (
+    BITDELTA_DISTILLED,
+    COMPARED,
+    EQUAL_BYTES,
+    equal_bytes_group,
+    report_method,
+    report_method_names,
+    report_methods,
+    variants,
+)
 from meswitch.expert_card import load_card
 
 log = logging.getLogger(__name__)
 
 
-# Report methods beyond the compression methods: fixed precision given meswitch's bytes through smaller groups
-# (the equal-bytes comparison), and BitDelta with its scale distillation.
-EQUAL_BYTES = "fixed-eqbytes"
-BITDELTA_DISTILLED = "bitdelta-distilled"
-MESWITCH_DISTILLED = "meswitch-distilled"  # meswitch, then the same per-matrix scale distillation
-MESWITCH_GPTQ = "meswitch-gptq"  # meswitch with error-compensating (GPTQ) rounding, salient channels last
-DISTILLED = {BITDELTA_DISTILLED, MESWITCH_DISTILLED}
-OURS = ("meswitch", MESWITCH_DISTILLED, MESWITCH_GPTQ)
-REPORT_METHODS = (*OURS, "fixed", EQUAL_BYTES, "magnitude", "bitdelta", BITDELTA_DISTILLED)
+# The methods the claims compare (every report method gets its rows, table lines and plot points)
+CLAIMED = (MESWITCH.name, FIXED.name, MAGNITUDE.name)
 
 
 @dataclass(frozen=True)
 class ReportConfig:
-    methods: tuple[str, ...] = ("meswitch", "fixed", "magnitude", "bitdelta")
+    methods: tuple[str, ...] = COMPARED
     bits: tuple[int, ...] = (2, 3, 4)
     salient: float = 0.01
     # salient fraction at 1 bit (None: ``salient``): 1% fp16 columns add 0.16 bits, 16% of a 1-bit delta
@@ -60,46 +63,9 @@ class ReportConfig:
     experts: tuple[str, ...] = ()  # expert folder names to report on; empty: every expert of the family
 
     def __post_init__(self) -> None:
-        unknown = set(self.methods) - set(REPORT_METHODS)
-        if unknown:
-            raise ValueError(f"unknown report methods {sorted(unknown)}; known: {', '.join(REPORT_METHODS)}")
-
-
-def equal_bytes_group(in_features: list[int], salient: float) -> int:
-    """The group size that gives fixed precision about the bytes of ``salient`` fp16 input channels.
-
-    A salient channel costs 16 bits per output row, ``16 · salient`` bits per parameter; a group costs its
-    fp16 step size and offset, 32 bits per ``g`` parameters. Of the group sizes that divide every
-    matrix's input dimension, the one whose ``32 / g`` is nearest ``16 · salient``.
-    """
-    if not 0 < salient < 1:
-        raise ValueError(f"equal-bytes groups need a salient fraction in (0, 1), got {salient}")
-    common = math.gcd(*in_features)
-    sizes = [g for g in range(8, common + 1) if common % g == 0]
-    if not sizes:
-        raise ValueError(f"the input dimensions {sorted(set(in_features))} share no group size of 8 or more")
-    return min(sizes, key=lambda g: abs(32 / g - 16 * salient))
-
-
-def variants(cfg: ReportConfig, in_features: list[int] | None = None) -> list[tuple[str, DeltaConfig]]:
-    """(report method, compression config) pairs; ``in_features`` (every quantized matrix's K) sizes the
-    equal-bytes groups."""
-    out = []
-    for method in cfg.methods:
-        if method in ("bitdelta", BITDELTA_DISTILLED):
-            out.append((method, DeltaConfig(method="bitdelta", bits=1, salient=0)))
-            continue
-        for bits in cfg.bits:
-            if method == EQUAL_BYTES:
-                group = equal_bytes_group(in_features or [], cfg.salient)
-                out.append((method, DeltaConfig(method="fixed", bits=bits, salient=0, group_size=group)))
-                continue
-            salient = cfg.salient_1bit if bits == 1 and cfg.salient_1bit is not None else cfg.salient
-            salient = 0 if method == "fixed" else salient
-            kind = "meswitch" if method in OURS else method
-            rounding = "gptq" if method == MESWITCH_GPTQ else "nearest"
-            out.append((method, DeltaConfig(kind, bits, salient, allocation=cfg.allocation, rounding=rounding)))
-    return out
+        known = report_method_names()
+        if unknown := set(self.methods) - set(known):
+            raise ValueError(f"unknown report methods {sorted(unknown)}; known: {', '.join(known)}")
 
 
 def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list[Path]:
@@ -126,6 +92,9 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
     out.mkdir(parents=True, exist_ok=True)
     in_features = [int(k) for k in _in_features(base)]
     settings = json.dumps(dataclasses.asdict(cfg) | {"experts": None}, sort_keys=True)
+    runs = variants(cfg, in_features)
+    distills = any(report_method(m).distilled for m in cfg.methods)
+    hessian = any(v.rounding == "gptq" for _, v in runs)  # one calibration serves every variant: Hessians for GPTQ
     for expert_dir in expert_dirs:
         card = load_card(expert_dir)
         part = out / "parts" / f"{expert_dir.name}.json"
@@ -138,8 +107,7 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
         pairing = check_expert(base, expert)
         texts = read_texts(card.calibration_path)
         t = time.perf_counter()
-        # one calibration for every variant; with the Hessians when GPTQ rounding is among them
-        stats = calibrate(expert, texts, dataclasses.replace(cfg.calib, hessian=MESWITCH_GPTQ in cfg.methods), device)
+        stats = calibrate(expert, texts, dataclasses.replace(cfg.calib, hessian=hessian), device)
         calib_seconds = time.perf_counter() - t
         evaluator = Evaluator(base_dir, expert_dir, EvalData.from_jsonl(card.evaluation_path, cfg.limit), device)
         ref = evaluator.rounded_to_bf16()
@@ -150,14 +118,14 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
             "calibration_seconds": round(calib_seconds, 2),
         }
         mine: list[dict] = []
-        for method, variant in variants(cfg, in_features):
+        for method, variant in runs:
             with tempfile.TemporaryDirectory() as tmp:
                 art = Path(tmp) / "artifact"
-                use_stats = None if variant.method == "bitdelta" else stats
+                use_stats = stats if get_method(variant.method).uses_calibration else None
                 info = ExpertInfo(card.name, card.domain, card.description)
                 with _peak_memory(device) as peak:
                     compress_expert(base, expert, pairing, use_stats, variant, art, info, device)
-                    if method in DISTILLED:
+                    if report_method(method).distilled:
                         distill_artifact(base, expert_dir, art, art, texts, cfg.distill, device)
                 result: EvalResult = evaluator.evaluate(art)
             mine.append(_row(result, method, peak["mb"]))
@@ -178,9 +146,9 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
         "salient": cfg.salient,
         "salient_1bit": cfg.salient_1bit,
         "allocation": cfg.allocation,
-        "equal_bytes_group": equal_bytes_group(in_features, cfg.salient) if EQUAL_BYTES in cfg.methods else None,
+        "equal_bytes_group": equal_bytes_group(in_features, cfg.salient) if EQUAL_BYTES.name in cfg.methods else None,
         "calibration": {"samples": cfg.calib.samples, "seq_len": cfg.calib.seq_len},
-        "distillation": dataclasses.asdict(cfg.distill) if DISTILLED & set(cfg.methods) else None,
+        "distillation": dataclasses.asdict(cfg.distill) if distills else None,
         "eval_texts_per_expert": cfg.limit,
         "references": references,
         "wall_seconds": round(time.perf_counter() - t0, 1),
@@ -192,10 +160,10 @@ def write_report(out: Path, meta: dict, rows: list[dict]) -> list[Path]:
     """report.md, report.json and the plot from finished rows (also rows gathered from the parts of runs made
     elsewhere: benchmarks/assemble_report.py). Claims are checked at 2 bits where measured."""
     methods = {r["method"] for r in rows}
-    bits = sorted({r["bits"] for r in rows if r["method"] == "meswitch"})
+    bits = sorted({r["bits"] for r in rows if r["method"] == MESWITCH.name})
     claim_bits = 2 if 2 in bits else (bits or [0])[0]
-    checks = claims(rows, claim_bits) if {"meswitch", "fixed", "magnitude"} <= methods else {}
-    goals = targets(rows) if "meswitch" in methods else {}
+    checks = claims(rows, claim_bits) if set(CLAIMED) <= methods else {}
+    goals = targets(rows) if MESWITCH.name in methods else {}
     out.mkdir(parents=True, exist_ok=True)
     report_json = out / "report.json"
     report_json.write_text(json.dumps({**meta, "claims": checks, "targets": goals, "rows": rows}, indent=2) + "\n")
@@ -309,8 +277,8 @@ def _above(ours: list[Point], theirs: list[Point], higher_is_better: bool, log: 
         (ya, sa), (yb, sb) = a, b
         point = {
             "bits_per_param": round(x, 4),
-            "meswitch": ya,
-            "fixed": yb,
+            MESWITCH.name: ya,
+            FIXED.name: yb,
             "ok": ya > yb if higher_is_better else ya < yb,
         }
         out.append(point | (_ratio_ci(sa, sb) or {}))
@@ -339,7 +307,7 @@ def claims(rows: list[dict], bits: int) -> dict:
     per_expert = {}
     for name in sorted({r["name"] for r in rows}):
         mine = {(r["method"], r["bits"]): r for r in rows if r["name"] == name}
-        ms, fx, mg = (mine.get((m, bits)) for m in ("meswitch", "fixed", "magnitude"))
+        ms, fx, mg = found = [mine.get((m, bits)) for m in CLAIMED]
         if not (ms and fx and mg):
             continue
 
@@ -351,11 +319,12 @@ def claims(rows: list[dict], bits: int) -> dict:
             ]
             return sorted(points, key=lambda p: p[0])
 
-        kl_curve = _above(curve("meswitch", "kl"), curve("fixed", "kl"), higher_is_better=False, log=True)
-        gain_curve = _above(curve("meswitch", "gain_retained"), curve("fixed", "gain_retained"), higher_is_better=True)
+        ours, fixed = MESWITCH.name, FIXED.name
+        kl_curve = _above(curve(ours, "kl"), curve(fixed, "kl"), higher_is_better=False, log=True)
+        gain_curve = _above(curve(ours, "gain_retained"), curve(fixed, "gain_retained"), higher_is_better=True)
         per_expert[name] = {
-            "kl": {"meswitch": ms["kl"], "fixed": fx["kl"], "magnitude": mg["kl"]},
-            "bytes": {"meswitch": ms["delta_bytes"], "fixed": fx["delta_bytes"], "magnitude": mg["delta_bytes"]},
+            "kl": {m: r["kl"] for m, r in zip(CLAIMED, found, strict=True)},
+            "bytes": {m: r["delta_bytes"] for m, r in zip(CLAIMED, found, strict=True)},
             "kl_below_fixed": ms["kl"] < fx["kl"],
             "kl_below_magnitude": ms["kl"] < mg["kl"],
             "kl_vs_fixed": _ratio_ci(ms.get("kl_text_sums"), fx.get("kl_text_sums")),
@@ -383,12 +352,13 @@ def targets(rows: list[dict]) -> dict:
     selection (KL ratio with its paired interval: a win needs the whole interval below 1), and at the 1-bit
     budget against BitDelta (distilled when measured)."""
     out = {}
+    ours = {v.name for v in report_methods() if v.method == MESWITCH.name}
     for name in sorted({r["name"] for r in rows}):
         mine = [r for r in rows if r["name"] == name]
         by = {(r["method"], r["bits"]): r for r in mine}
         e = {}
         for label, goal in (("2bit", TARGET_2BIT), ("1bit", TARGET_1BIT)):
-            fits = [r for r in mine if r["method"] in OURS and r["bits_per_param"] <= goal["max_bits"]]
+            fits = [r for r in mine if r["method"] in ours and r["bits_per_param"] <= goal["max_bits"]]
             if not fits:
                 e[label] = {"meswitch_row": None, "met": False, "why": f"no meswitch row at <= {goal['max_bits']} bits"}
                 continue
@@ -405,7 +375,8 @@ def targets(rows: list[dict]) -> dict:
                 "gain_kept_task": best.get("gain_kept_task"),
                 "gain_met": all(k is not None and k >= goal["min_gain_kept"] for k in kept),
             }
-            rivals = (EQUAL_BYTES, "magnitude") if label == "2bit" else (BITDELTA_DISTILLED, "bitdelta")
+            rivals = (EQUAL_BYTES, MAGNITUDE) if label == "2bit" else (BITDELTA_DISTILLED, BITDELTA)
+            rivals = tuple(r.name for r in rivals)
             for rival in rivals:
                 other = by.get((rival, best["bits"])) or by.get((rival, 1))
                 if other is None:
@@ -528,8 +499,7 @@ def plot_quality_vs_size(rows: list[dict], path: Path) -> None:
     cols = min(len(experts), 4)
     nrows = math.ceil(len(experts) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.6 * nrows), squeeze=False)
-    styles = {"meswitch": "o-", "fixed": "s--", EQUAL_BYTES: "s-.", "magnitude": "^:", "bitdelta": "D",
-              BITDELTA_DISTILLED: "P", MESWITCH_DISTILLED: "o--", MESWITCH_GPTQ: "*-"}  # fmt: skip
+    styles = {v.name: v.marker for v in report_methods()}
     for ax, name in zip(axes.flat, experts, strict=False):
         for method in styles:
             pts = sorted(

@@ -272,7 +272,9 @@ def seal_base(base_dir: str, base_fp: str, name: str, out: str) -> ArtifactRef:
 
 def needs_calibration(config: PipelineConfig) -> bool:
     """As in ``compression.api.run_compress``: methods that weigh channels by activations."""
-    return config.compression.method in ("meswitch", "fixed", "magnitude") or config.compression.refine
+    from meswitch.compression.methods import get_method
+
+    return get_method(config.compression.method).uses_calibration or config.compression.refine
 
 
 def calibration_key(expert_fp: str, calib_sha: str, config: PipelineConfig) -> str:

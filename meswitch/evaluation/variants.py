@@ -1,0 +1,119 @@
+"""The report's methods: every registered compression method as it is, and variants built on one.
+
+A variant changes its method's settings (GPTQ rounding, the equal-bytes group size) or follows it with
+scale distillation. Its name is what the report's rows, table and plot call it. Cheap to import (no
+torch), so the CLI lists them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from meswitch.compression.methods import BITDELTA, FIXED, MAGNITUDE, MESWITCH, get_method, registered_methods
+
+if TYPE_CHECKING:
+    from meswitch.compression.delta import DeltaConfig
+    from meswitch.evaluation.report import ReportConfig
+
+# (the method's config at one bit width, the report's settings, every quantized matrix's K) -> the variant's config
+Adjust = Callable[["DeltaConfig", "ReportConfig", list[int]], "DeltaConfig"]
+
+
+@dataclass(frozen=True)
+class ReportMethod:
+    """What the report calls a method: a compression method, as it is or as a variant."""
+
+    name: str
+    method: str  # the registered compression method it runs
+    help: str
+    marker: str  # its points in the plot (matplotlib format)
+    adjust: Adjust | None = None
+    distilled: bool = False  # scale distillation after compression
+
+
+def equal_bytes_group(in_features: list[int], salient: float) -> int:
+    """The group size that gives fixed precision about the bytes of ``salient`` fp16 input channels.
+
+    A salient channel costs 16 bits per output row, ``16 · salient`` bits per parameter; a group costs its
+    fp16 step size and offset, 32 bits per ``g`` parameters. Of the group sizes that divide every
+    matrix's input dimension, the one whose ``32 / g`` is nearest ``16 · salient``.
+    """
+    if not 0 < salient < 1:
+        raise ValueError(f"equal-bytes groups need a salient fraction in (0, 1), got {salient}")
+    common = math.gcd(*in_features)
+    sizes = [g for g in range(8, common + 1) if common % g == 0]
+    if not sizes:
+        raise ValueError(f"the input dimensions {sorted(set(in_features))} share no group size of 8 or more")
+    return min(sizes, key=lambda g: abs(32 / g - 16 * salient))
+
+
+COMPARED = (MESWITCH.name, FIXED.name, MAGNITUDE.name, BITDELTA.name)  # what a report compares by default
+_VARIANTS: list[ReportMethod] = []
+
+
+def register_variant(variant: ReportMethod) -> ReportMethod:
+    get_method(variant.method)
+    if variant.name in report_method_names():
+        raise ValueError(f"a report method named {variant.name!r} exists already")
+    _VARIANTS.append(variant)
+    return variant
+
+
+def report_methods() -> list[ReportMethod]:
+    """Each registered method as it is, followed by the variants built on it."""
+    out = []
+    for m in registered_methods():
+        out.append(ReportMethod(m.name, m.name, m.help, m.marker))
+        out += [v for v in _VARIANTS if v.method == m.name]
+    return out
+
+
+def report_method_names() -> tuple[str, ...]:
+    return tuple(v.name for v in report_methods())
+
+
+def report_method(name: str) -> ReportMethod:
+    known = {v.name: v for v in report_methods()}
+    if name not in known:
+        raise ValueError(f"unknown report method {name!r}; known: {', '.join(known)}")
+    return known[name]
+
+
+def variants(cfg: ReportConfig, in_features: list[int] | None = None) -> list[tuple[str, DeltaConfig]]:
+    """(report method, compression config) pairs, one per bit width (once for a method that fixes its own);
+    ``in_features`` (every quantized matrix's K) sizes the equal-bytes groups."""
+    from meswitch.compression.delta import DeltaConfig
+
+    out = []
+    for name in cfg.methods:
+        variant = report_method(name)
+        method = get_method(variant.method)
+        for bits in (method.grid["bits"],) if "bits" in method.grid else cfg.bits:
+            salient = cfg.salient_1bit if bits == 1 and cfg.salient_1bit is not None else cfg.salient
+            config = DeltaConfig(method.name, bits, salient if method.selects else 0, allocation=cfg.allocation)
+            out.append((name, variant.adjust(config, cfg, in_features or []) if variant.adjust else config))
+    return out
+
+
+EQUAL_BYTES = register_variant(
+    ReportMethod(
+        "fixed-eqbytes", FIXED.name, "fixed precision given meswitch's bytes through smaller groups", "s-.",
+        adjust=lambda c, cfg, k: replace(c, group_size=equal_bytes_group(k, cfg.salient)),
+    )
+)  # fmt: skip
+BITDELTA_DISTILLED = register_variant(
+    ReportMethod("bitdelta-distilled", BITDELTA.name, "with BitDelta's scale distillation", "P", distilled=True)
+)
+MESWITCH_DISTILLED = register_variant(
+    ReportMethod("meswitch-distilled", MESWITCH.name, "then its step sizes fitted end to end", "o--", distilled=True)
+)
+MESWITCH_GPTQ = register_variant(
+    ReportMethod(
+        "meswitch-gptq", MESWITCH.name,
+        "error-compensating rounding through the calibration Hessian, salient channels last", "*-",
+        adjust=lambda c, cfg, k: replace(c, rounding="gptq"),
+    )
+)  # fmt: skip
