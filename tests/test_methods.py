@@ -14,7 +14,7 @@ from meswitch.artifacts import read_manifest, verify
 from meswitch.checkpoints import Checkpoint
 from meswitch.cli import main
 from meswitch.compression import methods
-from meswitch.compression.delta import DeltaConfig
+from meswitch.compression.config import DeltaConfig
 from meswitch.evaluation.report import ReportConfig, run_report
 from meswitch.evaluation.variants import report_method_names, variants
 
@@ -87,3 +87,12 @@ def test_the_report_measures_a_registered_method(toy, family, tmp_path):
     data = json.loads(run_report(family, tmp_path / "report", cfg)[1].read_text())
     assert [(r["method"], r["bits"], r["salient"]) for r in data["rows"]] == [("toy", 2, 4)]
     assert "| alpha | toy | 2 |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_the_pipeline_accepts_a_registered_method(toy, tmp_path):
+    from meswitch.flows.config import load_config
+
+    f = tmp_path / "pipeline.yaml"
+    f.write_text(yaml.safe_dump({"compression": {"method": "toy", "salient": 4}}))
+    cfg = load_config(f)
+    assert cfg.compression == DeltaConfig("toy", salient=4) and not cfg.compression.uses_calibration

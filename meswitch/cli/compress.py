@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from meswitch.cli import CommandError
+from meswitch.cli.config_flags import add_config_flags, config_from_flags
+from meswitch.compression.config import CalibConfig, DeltaConfig
+from meswitch.compression.methods import get_method, registered_methods
 
 
 def register(sub) -> None:
@@ -25,14 +27,12 @@ def register(sub) -> None:
         f"{_calibrated_methods()} and --rounding gptq",
     )
     p.add_argument("--out", type=Path, required=True, help="artifact folder to write (replaced atomically)")
-    _add_method_args(p)
     p.add_argument("--name", help="expert name recorded in the manifest (default: the expert folder's name)")
     p.add_argument("--domain", help="domain recorded in the manifest")
-    p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
-    p.add_argument("--refine", action="store_true", help="refit step sizes to the calibration-weighted error")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
     p.add_argument("--json", action="store_true", help="print the manifest's metrics as JSON")
+    add_config_flags(p.add_argument_group("compression"), DeltaConfig)
+    add_config_flags(p.add_argument_group("calibration"), CalibConfig)
     p.set_defaults(func=_compress)
 
     p = sub.add_parser("inspect", help="show an artifact's manifest, per-layer figures and checksum status")
@@ -98,63 +98,16 @@ def register(sub) -> None:
 
 def _calibrated_methods() -> str:
     """The methods that cannot run without calibration text, as the --calib help names them."""
-    from meswitch.compression.methods import MESWITCH, registered_methods
-
-    needing = [m for m in registered_methods() if m.needs_calibration]
-    return " or ".join(m.name + (" (the default)" if m is MESWITCH else "") for m in needing)
-
-
-def _add_method_args(p: argparse.ArgumentParser) -> None:
-    from meswitch.compression.methods import MESWITCH, method_names, registered_methods
-
-    p.add_argument(
-        "--method",
-        default=MESWITCH.name,
-        choices=method_names(),
-        help="; ".join(f"{m.name}: {m.help}" + (" (default)" if m is MESWITCH else "") for m in registered_methods()),
-    )
-    p.add_argument("--bits", type=int, default=2, choices=[1, 2, 3, 4, 8], help="bits of the non-salient part")
-    p.add_argument(
-        "--salient",
-        type=float,
-        default=0.01,
-        help="salient input channels per layer: a fraction if < 1 (default 0.01), else a count",
-    )
-    p.add_argument(
-        "--allocation",
-        choices=["global", "layer"],
-        default="global",
-        help="global (default): the same number of salient channels in all, placed in the matrices where they "
-        "hold the most of their matrix's error; layer: exactly --salient in every matrix",
-    )
-    p.add_argument("--group", type=int, default=0, help="group size along the input dim (0: per output channel)")
-    p.add_argument("--symmetric", action="store_true", help="symmetric grid (no zero point stored)")
-    p.add_argument(
-        "--rounding",
-        choices=["nearest", "gptq"],
-        default="nearest",
-        help="nearest (default): each code rounded alone; gptq: error-compensating rounding through the "
-        "calibration inputs' Hessian (needs --calib; about K² floats per linear in memory)",
-    )
+    needing = [m.name for m in registered_methods() if m.needs_calibration]
+    return " or ".join(name + (" (the default)" if name == DeltaConfig.method else "") for name in needing)
 
 
 def _compress(args) -> int:
     from meswitch.compression.api import CompressJob, run_compress
-    from meswitch.compression.calibration import CalibConfig
-    from meswitch.compression.delta import DeltaConfig
     from meswitch.compression.expert import ExpertInfo
-    from meswitch.compression.methods import get_method
 
     try:
-        delta = DeltaConfig(
-            method=args.method,
-            bits=args.bits,
-            salient=args.salient,
-            group_size=args.group,
-            symmetric=args.symmetric,
-            allocation=args.allocation,
-            rounding=args.rounding,
-        )
+        delta = config_from_flags(DeltaConfig, args)
     except ValueError as e:
         raise CommandError(str(e)) from e
     if get_method(args.method).needs_calibration and args.calib is None:
@@ -168,9 +121,8 @@ def _compress(args) -> int:
         out=args.out,
         info=ExpertInfo(name=args.name or args.expert.resolve().name, domain=args.domain),
         delta=delta,
-        calib_cfg=CalibConfig(samples=args.samples, seq_len=args.seq_len),  # run_compress adds Hessians for gptq
+        calib_cfg=config_from_flags(CalibConfig, args),  # run_compress adds the Hessians gptq rounding needs
         device=args.device,
-        refine=args.refine,
     )
     try:
         manifest = run_compress(job)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from meswitch.artifacts import Manifest
 from meswitch.checkpoints import Checkpoint, check_expert
-from meswitch.compression.calibration import CalibConfig, calibrate, read_texts, resolve_device
-from meswitch.compression.delta import DeltaConfig
+from meswitch.compression.calibration import calibrate, read_texts, resolve_device
+from meswitch.compression.config import CalibConfig, DeltaConfig, calibration_for
 from meswitch.compression.expert import ExpertInfo, compress_expert
 from meswitch.compression.methods import get_method
 
@@ -26,7 +26,6 @@ class CompressJob:
     delta: DeltaConfig = field(default_factory=DeltaConfig)
     calib_cfg: CalibConfig = field(default_factory=CalibConfig)
     device: str = "auto"
-    refine: bool = False
 
 
 def run_compress(job: CompressJob) -> Manifest:
@@ -38,12 +37,9 @@ def run_compress(job: CompressJob) -> Manifest:
     base, expert = Checkpoint(job.base), Checkpoint(job.expert)
     pairing = check_expert(base, expert)
     method = get_method(job.delta.method)
-    needs_stats = method.uses_calibration or job.refine
-    if job.delta.rounding == "gptq" and not job.calib_cfg.hessian:
-        job = replace(job, calib_cfg=replace(job.calib_cfg, hessian=True))
     stats = None
-    if job.calib is not None and needs_stats:
-        stats = calibrate(expert, read_texts(job.calib), job.calib_cfg, device)
+    if job.calib is not None and job.delta.uses_calibration:
+        stats = calibrate(expert, read_texts(job.calib), calibration_for(job.delta, job.calib_cfg), device)
     elif method.needs_calibration:
         raise ValueError(f"method {method.name!r} scores channels on calibration data: pass a calibration file")
-    return compress_expert(base, expert, pairing, stats, job.delta, job.out, job.info, device, job.refine)
+    return compress_expert(base, expert, pairing, stats, job.delta, job.out, job.info, device)

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,24 +20,11 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from meswitch.checkpoints import Checkpoint, CheckpointError, config_dtype
+from meswitch.compression.config import CalibConfig
 
 log = logging.getLogger(__name__)
 
 LM_HEAD = "lm_head"
-
-
-@dataclass(frozen=True)
-class CalibConfig:
-    samples: int = 64
-    seq_len: int = 256
-    batch_size: int = 8
-    # Positions at the start of every sequence left out of the statistics. In pretrained LLMs the first
-    # position is an attention sink whose activations can hold nearly all of a layer's input energy, so it
-    # would decide the salience of every channel alone (benchmarks/attention_sink.py measures it).
-    skip_first: int = 0
-    # Also gather each linear's full input Hessian Σ x xᵀ [K, K] (what GPTQ rounding needs) in place of its diagonal.
-    # Memory: K² floats per linear, kept on the CPU (about 0.5 GB for SmolLM2-135M).
-    hessian: bool = False
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -135,7 +121,7 @@ def _materialize(module: nn.Module, tensors: dict[str, torch.Tensor], device, dt
 def calibrate(
     expert: Checkpoint,
     texts: Sequence[str],
-    cfg: CalibConfig = CalibConfig(),
+    cfg: CalibConfig | None = None,
     device: str | torch.device = "auto",
 ) -> dict[str, torch.Tensor]:
     """``{module name: s}`` with ``s_i = Σ_t x_{t,i}²`` over the calibration tokens, for every linear.
@@ -144,6 +130,7 @@ def calibrate(
     values are fp32 on the CPU. With ``cfg.hessian`` each value is the full ``Σ_t x_t x_tᵀ`` [K, K]
     instead, whose diagonal is ``s`` (:func:`diagonal`). Runs on the GPU when one is present.
     """
+    cfg = cfg or CalibConfig()
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = torch.float32 if device.type == "cpu" else config_dtype(expert.config)
     tokenizer = AutoTokenizer.from_pretrained(expert.path)

@@ -17,52 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from meswitch.compression.config import DeltaConfig
 from meswitch.compression.gptq import gptq_round
-from meswitch.compression.methods import get_method
 from meswitch.compression.quantize import Quantized, QuantSpec, add_salient, pack, quantize, unpack
 from meswitch.compression.salience import select_salient
-
-ALLOCATIONS = ("layer", "global")
-ROUNDINGS = ("nearest", "gptq")
-
-
-@dataclass(frozen=True)
-class DeltaConfig:
-    """The method (a name in compression.methods) and its parameters; what the CLI's flags set."""
-
-    method: str = "meswitch"
-    bits: int = 2
-    salient: float = 0.01  # fraction of input channels if < 1, else a count
-    group_size: int = 0
-    symmetric: bool = False
-    clip_search: bool = True
-    # layer: every matrix keeps its own count; global: the same total, spread over the matrices by their
-    # share of their own activation-weighted error (see salience.allocate_salient)
-    allocation: str = "global"
-    # nearest: each code rounded alone; gptq: error-compensating rounding through the calibration Hessian
-    # (compression/gptq.py), which needs CalibConfig(hessian=True)
-    rounding: str = "nearest"
-
-    def __post_init__(self) -> None:
-        get_method(self.method)  # raises, naming the registered methods
-        if self.salient < 0:
-            raise ValueError(f"salient must be >= 0, got {self.salient}")
-        if self.salient >= 1 and self.salient != int(self.salient):
-            raise ValueError(f"salient >= 1 is a channel count and must be whole, got {self.salient}")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if self.rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
-
-    def quant_spec(self) -> QuantSpec:
-        return get_method(self.method).quant_spec(self)
-
-    @property
-    def allocates_globally(self) -> bool:
-        return self.allocation == "global" and get_method(self.method).selects and self.salient > 0
-
-    def salient_count(self, k: int) -> int:
-        return get_method(self.method).salient_count(self, k)
 
 
 @dataclass

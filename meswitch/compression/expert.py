@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from meswitch.artifacts import LayerRecord, Manifest, seal, staging_dir
 from meswitch.checkpoints import CONFIG, Checkpoint, Pairing
 from meswitch.compression.calibration import LM_HEAD, diagonal
-from meswitch.compression.delta import DeltaConfig, channel_weights, compress_delta, relative_errors
+from meswitch.compression.config import DeltaConfig
+from meswitch.compression.delta import channel_weights, compress_delta, relative_errors
 from meswitch.compression.methods import get_method
 from meswitch.compression.refine import refine_steps
 from meswitch.compression.salience import allocate_salient, reconstruction_scores
@@ -124,7 +125,6 @@ def compress_expert(
     out: Path,
     info: ExpertInfo,
     device: torch.device | str = "cpu",
-    refine: bool = False,
 ) -> Manifest:
     """Write the compressed artifact of ``expert`` to ``out`` (atomically) and return its manifest.
 
@@ -155,7 +155,7 @@ def compress_expert(
                 s = second_moment(base, name, stats, device)
                 cfg = replace(config, salient=counts[name]) if counts else config
                 cd = compress_delta(delta, s, cfg, scores.get(name), input_hessian(base, name, stats, device))
-                if refine and cd.spec.bits > 1:
+                if config.refine and cd.spec.bits > 1:
                     cd = refine_steps(delta, cd, s)
                 approx = cd.dequantize()
                 rel, act_rel = relative_errors(delta, approx, s)
@@ -190,7 +190,7 @@ def compress_expert(
             description=info.description,
             base_fingerprint=pairing.base_fingerprint,
             source_fingerprint=pairing.expert_fingerprint,
-            method={**_method_record(config), "refine": refine, "calibrated": stats is not None},
+            method={**_method_record(config), "calibrated": stats is not None},
             layers=layers,
             tensors=handling,
             metrics={

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from meswitch.compression.delta import DeltaConfig
+    from meswitch.compression.config import DeltaConfig
     from meswitch.compression.quantize import QuantSpec
 
 # (delta [N, K], input second moments s [K], grid, reconstruction scores when already computed) -> scores [K]
@@ -75,6 +75,11 @@ def method_names() -> tuple[str, ...]:
 
 def registered_methods() -> tuple[Method, ...]:
     return tuple(_REGISTRY.values())
+
+
+def methods_help() -> str:
+    """The registered methods, a clause each, as the CLI's ``--method`` help lists them."""
+    return "; ".join(f"{m.name}: {m.help}" for m in registered_methods())
 
 
 def get_method(name: str) -> Method:

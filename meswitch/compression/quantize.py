@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_BITS = (1, 2, 3, 4, 8)
+from meswitch.compression.config import SUPPORTED_BITS
+
 PER_TENSOR = -1  # group_size value: one step size for the whole matrix (BitDelta)
 
 

@@ -12,14 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from meswitch.compression.config import DeltaConfig
 from meswitch.compression.methods import BITDELTA, FIXED, MAGNITUDE, MESWITCH, get_method, registered_methods
 
 if TYPE_CHECKING:
-    from meswitch.compression.delta import DeltaConfig
     from meswitch.evaluation.report import ReportConfig
 
 # (the method's config at one bit width, the report's settings, every quantized matrix's K) -> the variant's config
-Adjust = Callable[["DeltaConfig", "ReportConfig", list[int]], "DeltaConfig"]
+Adjust = Callable[[DeltaConfig, "ReportConfig", list[int]], DeltaConfig]
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,6 @@ def report_method(name: str) -> ReportMethod:
 def variants(cfg: ReportConfig, in_features: list[int] | None = None) -> list[tuple[str, DeltaConfig]]:
     """(report method, compression config) pairs, one per bit width (once for a method that fixes its own);
     ``in_features`` (every quantized matrix's K) sizes the equal-bytes groups."""
-    from meswitch.compression.delta import DeltaConfig
-
     out = []
     for name in cfg.methods:
         variant = report_method(name)

@@ -8,7 +8,9 @@
     gpu_slots: null       # global concurrency slots for GPU tasks: null = one per visible GPU, 0 = no limit
     io_retries: 3         # Prefect retries of tasks that talk to MLflow or the object store
 
-Gates are separate (gates.py, ``--gates FILE``) so that a team can tighten them without touching the rest.
+The compression and calibration sections are compression/config.py's DeltaConfig and CalibConfig, every field
+settable. Gates are separate (gates.py, ``--gates FILE``) so that a team can tighten them without touching the
+rest.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meswitch.compression.config import CalibConfig, DeltaConfig
 from meswitch.flows.gates import Gates, gates_from_dict, load_gates
 from meswitch.settings import env_value, read_yaml_mapping
 
@@ -34,41 +37,6 @@ def is_registry_ref(base: str | Path) -> bool:
     if Path(text).exists() or not text.startswith(BASE_PREFIX):
         return False
     return "@" in text or text.rsplit("/", 1)[-1].isdigit()
-
-
-@dataclass(frozen=True)
-class CompressionSettings:
-    method: str = "meswitch"
-    bits: int = 2
-    salient: float = 0.01
-    group_size: int = 0
-    symmetric: bool = False
-    refine: bool = False
-    allocation: str = "global"
-
-    def delta_config(self):
-        from meswitch.compression.delta import DeltaConfig
-
-        return DeltaConfig(
-            method=self.method,
-            bits=self.bits,
-            salient=self.salient,
-            group_size=self.group_size,
-            symmetric=self.symmetric,
-            allocation=self.allocation,
-        )
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    samples: int = 64
-    seq_len: int = 256
-    batch_size: int = 8
-
-    def calib_config(self):
-        from meswitch.compression.calibration import CalibConfig
-
-        return CalibConfig(samples=self.samples, seq_len=self.seq_len, batch_size=self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -96,8 +64,8 @@ class RouterSettings:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    compression: CompressionSettings = field(default_factory=CompressionSettings)
-    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    compression: DeltaConfig = field(default_factory=DeltaConfig)
+    calibration: CalibConfig = field(default_factory=CalibConfig)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     router: RouterSettings = field(default_factory=RouterSettings)
@@ -164,5 +132,5 @@ def _build(cls, data: dict[str, Any], where: str):
             values[key] = value
     try:
         return cls(**values)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # the dataclass's own checks (DeltaConfig's method, ...) name the file too
         raise ValueError(f"{where}: {e}") from e

@@ -24,7 +24,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -272,16 +272,16 @@ def seal_base(base_dir: str, base_fp: str, name: str, out: str) -> ArtifactRef:
 
 def needs_calibration(config: PipelineConfig) -> bool:
     """As in ``compression.api.run_compress``: methods that weigh channels by activations."""
-    from meswitch.compression.methods import get_method
-
-    return get_method(config.compression.method).uses_calibration or config.compression.refine
+    return config.compression.uses_calibration
 
 
 def calibration_key(expert_fp: str, calib_sha: str, config: PipelineConfig) -> str:
     from meswitch.compression.calibration import resolve_device
+    from meswitch.compression.config import calibration_for
 
     device = resolve_device(config.device).type  # bf16 on a GPU, fp32 on the CPU: not the same statistics
-    return key_of("calibrate", expert_fp, calib_sha, config.digest("calibration"), device)
+    calib = asdict(calibration_for(config.compression, config.calibration))  # as calibrate runs it
+    return key_of("calibrate", expert_fp, calib_sha, calib, device)
 
 
 def _calibrate_key(ctx: TaskRunContext, a: dict[str, Any]) -> str:
@@ -293,11 +293,11 @@ def calibrate(expert_dir: str, calib_path: str, expert_fp: str, calib_sha: str, 
     from meswitch.checkpoints import Checkpoint
     from meswitch.compression.calibration import calibrate as run_calibration
     from meswitch.compression.calibration import read_texts
+    from meswitch.compression.config import calibration_for
 
+    settings = calibration_for(config.compression, config.calibration)  # with the Hessians GPTQ rounds through
     with gpu_slot(config):
-        return run_calibration(
-            Checkpoint(expert_dir), read_texts(Path(calib_path)), config.calibration.calib_config(), config.device
-        )
+        return run_calibration(Checkpoint(expert_dir), read_texts(Path(calib_path)), settings, config.device)
 
 
 def compress_key(base_fp: str, expert_fp: str, calib_key: str | None, config: PipelineConfig, card) -> str:
@@ -339,11 +339,10 @@ def compress(
         if read_manifest(out_path).source_fingerprint == validation.pairing.expert_fingerprint:
             return artifact_ref(out_path)
     info = ExpertInfo(card.name, card.domain, card.description)
-    base, expert, delta = Checkpoint(base_dir), Checkpoint(expert_dir), config.compression.delta_config()
+    base, expert, delta = Checkpoint(base_dir), Checkpoint(expert_dir), config.compression
     with gpu_slot(config):
         device = resolve_device(config.device)
-        refine = config.compression.refine
-        compress_expert(base, expert, validation.pairing, stats, delta, out_path, info, device, refine)
+        compress_expert(base, expert, validation.pairing, stats, delta, out_path, info, device)
     return artifact_ref(out_path)
 
 

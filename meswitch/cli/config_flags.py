@@ -1,0 +1,42 @@
+"""CLI flags derived from a config dataclass, and the config built back from the parsed flags.
+
+A field's name, type and default make its flag (``--seq-len`` for ``seq_len``, ``--x/--no-x`` for a bool);
+its metadata holds the help text and, where needed, ``flag`` (another name) and ``choices``. Help and
+choices may be functions, called when the parser is built, so that registered methods are listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type) -> None:
+    """One flag per field of the dataclass ``cls``, its value parsed under the field's name."""
+    types = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, meta = types[f.name], f.metadata
+        if f.default is dataclasses.MISSING or kind not in (bool, int, float, str):
+            raise TypeError(f"{cls.__name__}.{f.name}: a flag needs a default and a type of bool, int, float or str")
+        text = _value(meta.get("help", "")).replace("%", "%%")
+        options: dict[str, Any] = {"dest": f.name, "default": f.default, "help": f"{text} (default: {f.default})"}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = kind
+            if "choices" in meta:
+                options["choices"] = _value(meta["choices"])
+        parser.add_argument(meta.get("flag", "--" + f.name.replace("_", "-")), **options)
+
+
+def config_from_flags(cls: type[T], args: argparse.Namespace) -> T:
+    """The dataclass ``cls`` from the flags :func:`add_config_flags` added (its own checks raise ValueError)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _value(x: Any) -> Any:
+    return x() if callable(x) else x
