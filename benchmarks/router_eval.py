@@ -100,7 +100,7 @@ def _run(
                 load_router(job.out, device=device, base_model=base, orders=1), queries, latency=False
             )
             entry["eval"][device]["listed_order_only"] = {"accuracy": listed.accuracy, "per_domain": listed.per_domain}
-        log.info("%s on %s: accuracy %.4f, p50 %.2f ms, p99 %.2f ms", name, device, acc.accuracy,
+        log.info("%s on %s: accuracy %.4f, ECE %s, p50 %.2f ms, p99 %.2f ms", name, device, acc.accuracy, acc.ece,
                  lat.latency_ms["p50"], lat.latency_ms["p99"])  # fmt: skip
     return entry
 
@@ -178,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         log.info("run %s", name)
         results[name] = _run(name, job, queries, devices, args.latency_queries, args.family / "base", args.reuse)
+        _write(args, results, queries, devices)  # after every run: a run cut by a time limit keeps the finished ones
+    return 0
+
+
+def _write(args, results: dict, queries: list, devices: list[str]) -> None:
     family = json.loads((args.family / "family.json").read_text()) if (args.family / "family.json").is_file() else {}
     report = {
         "date": time.strftime("%Y-%m-%d"),
@@ -211,7 +216,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     log.info("wrote %s", args.out)
-    return 0
 
 
 if __name__ == "__main__":
