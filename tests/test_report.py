@@ -283,3 +283,13 @@ def test_targets_pick_the_best_row_in_each_budget_and_need_the_whole_interval_be
     assert not t["2bit"]["met"]
     assert t["1bit"]["vs_bitdelta-distilled"]["won"] and "vs_bitdelta" not in t["1bit"]  # the distilled one counts
     assert not t["1bit"]["gain_met"] and not t["1bit"]["met"]  # 95% < 97%
+
+
+def test_a_report_without_plain_meswitch_rows_still_checks_the_targets(family, tmp_path):
+    cfg = ReportConfig(
+        methods=("meswitch-gptq", "fixed-eqbytes"), bits=(2,), salient=0.125, limit=4, device="cpu",
+        calib=CalibConfig(samples=8, seq_len=64), experts=("alpha",),
+    )  # fmt: skip
+    data = json.loads(run_report(family, tmp_path / "r", cfg)[1].read_text())
+    assert data["targets"]["alpha"]["2bit"]["meswitch_row"] is None  # K = 64: 2-bit rows are over 2.3 bits
+    assert "1bit" in data["targets"]["alpha"]
