@@ -505,13 +505,14 @@ def plot_quality_vs_size(rows: list[dict], path: Path) -> None:
     nrows = math.ceil(len(experts) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.6 * nrows), squeeze=False)
     styles = {v.name: v.marker for v in report_methods()}
+    colors = {m: f"C{i % 10}" for i, m in enumerate(styles)}  # one colour per method in every panel
     for ax, name in zip(axes.flat, experts, strict=False):
         for method in styles:
             pts = sorted(
                 (r["bits_per_param"], max(r["kl"], 1e-7)) for r in rows if r["name"] == name and r["method"] == method
             )
             if pts:
-                ax.plot(*zip(*pts, strict=True), styles[method], label=method)
+                ax.plot(*zip(*pts, strict=True), styles[method], color=colors[method], label=method)
         domain = next(r["domain"] for r in rows if r["name"] == name)
         ax.set_yscale("log")
         ax.set_title(f"{name} ({domain})")
@@ -520,7 +521,14 @@ def plot_quality_vs_size(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     for ax in list(axes.flat)[len(experts) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
+    handles = {}  # every method measured, not only the first panel's
+    for ax in axes.flat:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    spare = list(axes.flat)[len(experts) :]
+    if spare:  # an empty panel holds it
+        spare[0].legend(handles.values(), handles.keys(), loc="center", fontsize=9)
+    else:
+        axes.flat[0].legend(handles.values(), handles.keys(), fontsize=8)
     fig.suptitle("Quality against delta size (lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
