@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meswitch.compression.quantize import step_params
 from meswitch.kernels import DeltaBank, ExpertRows
+from meswitch.kernels.launch_config import choose_config
 from meswitch.kernels.layout import LAYOUT_V1
-from meswitch.kernels.triton_delta import choose_config, mixed_delta_triton
+from meswitch.kernels.triton_delta import mixed_delta_triton
 
 SHAPES = {"q/o 4096x4096": (4096, 4096), "k/v 1024x4096": (1024, 4096), "gate/up 14336x4096": (14336, 4096),
           "down 4096x14336": (4096, 14336)}  # fmt: skip

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_roofline import SHAPES, bench_case, copy_bandwidth
 
 from meswitch.kernels import DeltaBank
-from meswitch.kernels.triton_delta import LaunchConfig
+from meswitch.kernels.launch_config import LaunchConfig
 
 CASES = [  # (shape, rows, experts)
     ("q/o 4096x4096", 1, 1),

@@ -336,7 +336,7 @@ def test_kernel_on_compressed_experts(dtype):
 @pytest.mark.parametrize("split_k", [2, 5])
 @pytest.mark.parametrize("block_m,epilogue", [(16, True), (32, True), (64, False), (128, False)])
 def test_kernel_launch_variants(split_k, block_m, epilogue):
-    from meswitch.kernels.triton_delta import LaunchConfig
+    from meswitch.kernels.launch_config import LaunchConfig
 
     bank = DeltaBank.random(8, (256, 2048), bits=2, salient=9, device="cuda")
     cfg = LaunchConfig(block_m=block_m, split_k=split_k, epilogue_scale=epilogue, num_stages=3)

@@ -76,7 +76,8 @@ def _mixed_delta_tiles(
     grid = BankGrid((n, k), bits, group_size, symmetric, layout_version)
     bank = DeltaBank(grid, packed, scale, offset, salient_idx, salient_val)
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and triton_available():
-        from meswitch.kernels.triton_delta import check_device_inputs, config_for, launch
+        from meswitch.kernels.launch_config import check_device_inputs, config_for
+        from meswitch.kernels.triton_delta import launch
 
         check_device_inputs(x, bank, y)
         launch(x, bank, tiles, y, config_for(bank, block_m, expected_tiles, x.device))

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the mixed-expert delta op (see :mod:`meswitch.kernels.reference`).
+"""Fused Triton kernels for the mixed-expert delta op (see :mod:`meswitch.kernels.reference`) and their launch.
 
 One launch serves every expert of a batch. The grid is (N blocks, row tiles, K splits): a row tile
 is up to ``BLOCK_M`` rows of one expert (an :class:`ExpertRows` segment), so each program streams
@@ -25,116 +25,16 @@ is split). A generic kernel reads layout 1 for any bits (3 and 8 included) with 
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import constexpr_function
 
 from meswitch.kernels.bank import DeltaBank, ExpertRows
+from meswitch.kernels.launch_config import LaunchConfig, check_device_inputs, choose_config
 from meswitch.kernels.layout import LAYOUT_V1, LAYOUT_V2, v2_chunk
+from meswitch.kernels.ptx_planes import plane_bias, plane_biased, plane_scaled, plane_source
 
 SALIENT_BLOCK = 32
-
-
-# ---------------------------------------------------------------------------------------------
-# compile-time helpers: the inline PTX of one plane
-
-
-@constexpr_function
-def _plane_consts(bits: int, p: int, is_bf16: bool) -> tuple[int, int, int, float]:
-    """(mask2, magic2, neg_bias2, bias) for plane p: the code pair sits at bits bits*q of each
-    half-word after a right shift by :func:`_shift_of`; or-ing in an exponent makes it bias + code."""
-    per_shift = 7 // bits  # codes that fit the 7 mantissa bits of bf16 (fp16 has 10)
-    q = p % per_shift
-    mask = ((1 << bits) - 1) << (bits * q)
-    exp = (127 + 7 - bits * q) if is_bf16 else (15 + 10 - bits * q)
-    magic = exp << (7 if is_bf16 else 10)
-    bias = float(2 ** (7 - bits * q)) if is_bf16 else float(2 ** (10 - bits * q))
-    neg = magic | 0x8000
-    return mask | (mask << 16), magic | (magic << 16), neg | (neg << 16), bias
-
-
-@constexpr_function
-def _shift_of(bits: int, p: int) -> int:
-    per_shift = 7 // bits
-    return bits * per_shift * (p // per_shift)
-
-
-@constexpr_function
-def _shift(bits, p):
-    return _shift_of(bits, p)
-
-
-@constexpr_function
-def _shift_asm(bits, p):
-    return f"shr.u32 $0, $1, {_shift_of(bits, p)};"
-
-
-@constexpr_function
-def _bias(bits, p, is_bf16):
-    return _plane_consts(bits, p, is_bf16)[3]
-
-
-@constexpr_function
-def _biased_asm(bits, p, is_bf16):
-    mask2, magic2, _, _ = _plane_consts(bits, p, is_bf16)
-    return f"lop3.b32 $0, $1, {mask2:#x}, {magic2:#x}, 0xEA;"
-
-
-@constexpr_function
-def _scaled_asm(bits, p, is_bf16):
-    mask2, magic2, neg2, _ = _plane_consts(bits, p, is_bf16)
-    one2 = 0x3F803F80 if is_bf16 else 0x3C003C00
-    op = "bf16x2" if is_bf16 else "f16x2"
-    return (
-        "{ .reg .b32 t, one, nb; "
-        f"lop3.b32 t, $1, {mask2:#x}, {magic2:#x}, 0xEA; "
-        f"mov.b32 one, {one2:#x}; mov.b32 nb, {neg2:#x}; "
-        f"fma.rn.{op} t, t, one, nb; "
-        f"fma.rn.{op} $0, t, $2, $3; }}"
-    )
-
-
-@triton.jit
-def _plane_source(words, BITS: tl.constexpr, p: tl.constexpr):
-    if _shift(BITS, p) > 0:
-        src = tl.inline_asm_elementwise(_shift_asm(BITS, p), "=r,r", [words], dtype=tl.int16, is_pure=True, pack=2)
-    else:
-        src = words
-    return src
-
-
-@triton.jit
-def _plane_biased(src, BITS: tl.constexpr, p: tl.constexpr, IS_BF16: tl.constexpr):
-    if IS_BF16:
-        w = tl.inline_asm_elementwise(
-            _biased_asm(BITS, p, True), "=r,r", [src], dtype=tl.bfloat16, is_pure=True, pack=2
-        )
-    else:
-        w = tl.inline_asm_elementwise(
-            _biased_asm(BITS, p, False), "=r,r", [src], dtype=tl.float16, is_pure=True, pack=2
-        )
-    return w
-
-
-@triton.jit
-def _plane_scaled(src, s, o, BITS: tl.constexpr, p: tl.constexpr, IS_BF16: tl.constexpr):
-    if IS_BF16:
-        w = tl.inline_asm_elementwise(
-            _scaled_asm(BITS, p, True), "=r,r,r,r", [src, s, o], dtype=tl.bfloat16, is_pure=True, pack=2
-        )
-    else:
-        w = tl.inline_asm_elementwise(
-            _scaled_asm(BITS, p, False), "=r,r,r,r", [src, s, o], dtype=tl.float16, is_pure=True, pack=2
-        )
-    return w
-
-
-# ---------------------------------------------------------------------------------------------
-# kernels
 
 
 @triton.jit
@@ -254,18 +154,18 @@ def _delta_v2_kernel(
                 xp = tl.load(x_rows + kk[:, None], mask=mmask[None, :], other=0.0)
             else:
                 xp = tl.load(x_rows + kk[:, None], mask=mmask[None, :] & (kk[:, None] < K), other=0.0)
-            src = _plane_source(words, BITS, p)
+            src = plane_source(words, BITS, p)
             if EPILOGUE_SCALE:
-                wp = _plane_biased(src, BITS, p, IS_BF16)
+                wp = plane_biased(src, BITS, p, IS_BF16)
                 acc = tl.dot(wp, xp, acc)
                 xf = xp.to(tl.float32)
                 xs += xf
-                xb += xf * _bias(BITS, p, IS_BF16)
+                xb += xf * plane_bias(BITS, p, IS_BF16)
             else:
                 if GROUP > 0 and (p == 0 or (p * 32) % GROUP == 0):  # a new step-size group starts here
                     g = (c * CHUNK + p * 32) // GROUP
                     s2, o2 = _steps_2d(srow, orow, g, nmask, SYMMETRIC, HALF_LEVELS, DT, BLOCK_N)
-                wp = _plane_scaled(src, s2, o2, BITS, p, IS_BF16)
+                wp = plane_scaled(src, s2, o2, BITS, p, IS_BF16)
                 acc = tl.dot(wp, xp, acc)
 
     if EPILOGUE_SCALE:
@@ -329,93 +229,6 @@ def _delta_v1_kernel(
         acc, x_rows, mmask, y_ptrs, ymask, yv, idx, offs_n, nmask, e, N, sidx_ptr, sval_ptr, KMAX,
         1, SAL_BLOCK, False,
     )  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# wrapper
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    """Launch parameters; :func:`choose_config` picks them, benchmarks may pass their own."""
-
-    block_n: int = 128
-    block_m: int = 16
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 4
-    epilogue_scale: bool = True
-    prefetch_y: bool = False
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
-def _row_block(max_segment: int) -> int:
-    for bm in (16, 32, 64):
-        if max_segment <= bm:
-            return bm
-    return 128
-
-
-def choose_config(bank: DeltaBank, rows: ExpertRows, device: torch.device) -> LaunchConfig:
-    """:func:`config_for` the batch's longest segment and tile count; cached per batch and bank shape."""
-    key = ("config", bank.grid, str(device))
-    cached = rows._tiles.get(key)
-    if cached is None:
-        block_m = _row_block(rows.max_segment)
-        tiles = sum(-(-(b - a) // block_m) for a, b in itertools.pairwise(rows.seg_starts))
-        cached = rows._tiles[key] = config_for(bank, block_m, tiles, device)
-    return cached
-
-
-def config_for(bank: DeltaBank, block_m: int, tiles: int, device: torch.device) -> LaunchConfig:
-    """Launch parameters from the sweeps on an H100 (benchmarks/kernel_sweep.py, NOTES-kernels.md).
-
-    Row block: the longest segment, 16 to 128. Decode (<= 64 rows per expert): 128 output channels
-    per program, 4 warps, 3 stages; steps in the epilogue up to 32 rows (per-channel grids), in
-    registers beyond. Prefill: 256 x 128 tiles and 8 warps, 128 x 128 when that leaves SMs idle.
-    K is split 2-4 ways when the grid is under about one program per SM: each program's serial
-    chain of per-plane MMAs, not bandwidth, bounds small grids; never under
-    ``torch.use_deterministic_algorithms`` (split programs add into y with atomics).
-    """
-    n, k = bank.grid.shape
-    chunks = -(-k // v2_chunk(bank.grid.bits)) if bank.grid.layout_version == LAYOUT_V2 else 0
-    sms = _sm_count(device)
-    if bank.grid.layout_version != LAYOUT_V2:
-        return LaunchConfig(block_n=64, block_m=block_m, num_stages=2, epilogue_scale=False)
-    if block_m > 64:
-        block_n = 256 if -(-n // 256) * tiles >= sms else 128
-        programs = -(-n // block_n) * max(tiles, 1)
-        split = max(1, min(4, -(-3 * sms // (2 * programs)), chunks // 4)) if programs < sms else 1
-        split = 1 if torch.are_deterministic_algorithms_enabled() else split
-        return LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=8, num_stages=3,
-                            epilogue_scale=False)  # fmt: skip
-    programs = -(-n // 128) * max(tiles, 1)
-    split = 4 if programs * 2 <= sms else 2 if programs <= 1.25 * sms else 1
-    split = max(1, min(split, chunks // 4))
-    if torch.are_deterministic_algorithms_enabled():
-        split = 1  # split K adds partial sums into y with atomics, in no fixed order
-    return LaunchConfig(block_n=128, block_m=block_m, split_k=split, num_warps=4, num_stages=3,
-                        epilogue_scale=block_m <= 32 and bank.grid.group_size == 0)  # fmt: skip
-
-
-def check_device_inputs(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor) -> None:
-    if not x.is_cuda:
-        raise ValueError("the Triton delta kernel needs CUDA tensors; use the reference on the CPU")
-    if y.device != x.device or bank.device != x.device:
-        raise ValueError(f"x ({x.device}), y ({y.device}) and the bank ({bank.device}) must be on one device")
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"the Triton delta kernel takes bf16 or fp16 activations, got {x.dtype}")
-    if x.stride(1) != 1 or y.stride(1) != 1:
-        raise ValueError("x and y must be contiguous along their last dimension")
 
 
 def mixed_delta_triton(

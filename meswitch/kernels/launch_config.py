@@ -1,0 +1,98 @@
+"""Launch parameters of the delta kernels and the checks before a launch: plain Python, no Triton.
+
+The heuristics come from sweeps (benchmarks/kernel_sweep.py, benchmarks/NOTES-kernels.md); keeping them apart
+from the kernels lets the decoder and the op size a launch where Triton cannot be imported.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from meswitch.kernels.bank import DeltaBank, ExpertRows
+from meswitch.kernels.layout import LAYOUT_V2, v2_chunk
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Launch parameters; :func:`choose_config` picks them, benchmarks may pass their own."""
+
+    block_n: int = 128
+    block_m: int = 16
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+    epilogue_scale: bool = True
+    prefetch_y: bool = False
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _row_block(max_segment: int) -> int:
+    for bm in (16, 32, 64):
+        if max_segment <= bm:
+            return bm
+    return 128
+
+
+def choose_config(bank: DeltaBank, rows: ExpertRows, device: torch.device) -> LaunchConfig:
+    """:func:`config_for` the batch's longest segment and tile count; cached per batch and bank shape."""
+    key = ("config", bank.grid, str(device))
+    cached = rows._tiles.get(key)
+    if cached is None:
+        block_m = _row_block(rows.max_segment)
+        tiles = sum(-(-(b - a) // block_m) for a, b in itertools.pairwise(rows.seg_starts))
+        cached = rows._tiles[key] = config_for(bank, block_m, tiles, device)
+    return cached
+
+
+def config_for(bank: DeltaBank, block_m: int, tiles: int, device: torch.device) -> LaunchConfig:
+    """Launch parameters from the sweeps on an H100 (benchmarks/kernel_sweep.py, NOTES-kernels.md).
+
+    Row block: the longest segment, 16 to 128. Decode (<= 64 rows per expert): 128 output channels
+    per program, 4 warps, 3 stages; steps in the epilogue up to 32 rows (per-channel grids), in
+    registers beyond. Prefill: 256 x 128 tiles and 8 warps, 128 x 128 when that leaves SMs idle.
+    K is split 2-4 ways when the grid is under about one program per SM: each program's serial
+    chain of per-plane MMAs, not bandwidth, bounds small grids; never under
+    ``torch.use_deterministic_algorithms`` (split programs add into y with atomics).
+    """
+    n, k = bank.grid.shape
+    chunks = -(-k // v2_chunk(bank.grid.bits)) if bank.grid.layout_version == LAYOUT_V2 else 0
+    sms = _sm_count(device)
+    if bank.grid.layout_version != LAYOUT_V2:
+        return LaunchConfig(block_n=64, block_m=block_m, num_stages=2, epilogue_scale=False)
+    if block_m > 64:
+        block_n = 256 if -(-n // 256) * tiles >= sms else 128
+        programs = -(-n // block_n) * max(tiles, 1)
+        split = max(1, min(4, -(-3 * sms // (2 * programs)), chunks // 4)) if programs < sms else 1
+        split = 1 if torch.are_deterministic_algorithms_enabled() else split
+        return LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=8, num_stages=3,
+                            epilogue_scale=False)  # fmt: skip
+    programs = -(-n // 128) * max(tiles, 1)
+    split = 4 if programs * 2 <= sms else 2 if programs <= 1.25 * sms else 1
+    split = max(1, min(split, chunks // 4))
+    if torch.are_deterministic_algorithms_enabled():
+        split = 1  # split K adds partial sums into y with atomics, in no fixed order
+    return LaunchConfig(block_n=128, block_m=block_m, split_k=split, num_warps=4, num_stages=3,
+                        epilogue_scale=block_m <= 32 and bank.grid.group_size == 0)  # fmt: skip
+
+
+def check_device_inputs(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor) -> None:
+    if not x.is_cuda:
+        raise ValueError("the Triton delta kernel needs CUDA tensors; use the reference on the CPU")
+    if y.device != x.device or bank.device != x.device:
+        raise ValueError(f"x ({x.device}), y ({y.device}) and the bank ({bank.device}) must be on one device")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the Triton delta kernel takes bf16 or fp16 activations, got {x.dtype}")
+    if x.stride(1) != 1 or y.stride(1) != 1:
+        raise ValueError("x and y must be contiguous along their last dimension")

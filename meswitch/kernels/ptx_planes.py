@@ -1,0 +1,103 @@
+"""The inline PTX of one bit plane: how the delta kernels turn packed codes into MMA operands.
+
+Codes are layout 2 (:mod:`.layout`): per K chunk one ``[BLOCK_N, 16]`` int32 tile, read as int16 pairs. Each
+plane is one ``lop3`` per register (mask the two codes of a word's half-words and or in a bf16/fp16 exponent:
+``bias + code`` in both halves, Marlin's trick) plus at most one shift per three planes; the register-scale
+variant adds two packed FMAs for ``code·s + o``. The constants are computed at compile time.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.runtime.jit import constexpr_function
+
+
+@constexpr_function
+def _plane_consts(bits: int, p: int, is_bf16: bool) -> tuple[int, int, int, float]:
+    """(mask2, magic2, neg_bias2, bias) for plane p: the code pair sits at bits bits*q of each
+    half-word after a right shift by :func:`_shift_of`; or-ing in an exponent makes it bias + code."""
+    per_shift = 7 // bits  # codes that fit the 7 mantissa bits of bf16 (fp16 has 10)
+    q = p % per_shift
+    mask = ((1 << bits) - 1) << (bits * q)
+    exp = (127 + 7 - bits * q) if is_bf16 else (15 + 10 - bits * q)
+    magic = exp << (7 if is_bf16 else 10)
+    bias = float(2 ** (7 - bits * q)) if is_bf16 else float(2 ** (10 - bits * q))
+    neg = magic | 0x8000
+    return mask | (mask << 16), magic | (magic << 16), neg | (neg << 16), bias
+
+
+@constexpr_function
+def _shift_of(bits: int, p: int) -> int:
+    per_shift = 7 // bits
+    return bits * per_shift * (p // per_shift)
+
+
+@constexpr_function
+def _shift(bits, p):
+    return _shift_of(bits, p)
+
+
+@constexpr_function
+def _shift_asm(bits, p):
+    return f"shr.u32 $0, $1, {_shift_of(bits, p)};"
+
+
+@constexpr_function
+def plane_bias(bits, p, is_bf16):
+    return _plane_consts(bits, p, is_bf16)[3]
+
+
+@constexpr_function
+def _biased_asm(bits, p, is_bf16):
+    mask2, magic2, _, _ = _plane_consts(bits, p, is_bf16)
+    return f"lop3.b32 $0, $1, {mask2:#x}, {magic2:#x}, 0xEA;"
+
+
+@constexpr_function
+def _scaled_asm(bits, p, is_bf16):
+    mask2, magic2, neg2, _ = _plane_consts(bits, p, is_bf16)
+    one2 = 0x3F803F80 if is_bf16 else 0x3C003C00
+    op = "bf16x2" if is_bf16 else "f16x2"
+    return (
+        "{ .reg .b32 t, one, nb; "
+        f"lop3.b32 t, $1, {mask2:#x}, {magic2:#x}, 0xEA; "
+        f"mov.b32 one, {one2:#x}; mov.b32 nb, {neg2:#x}; "
+        f"fma.rn.{op} t, t, one, nb; "
+        f"fma.rn.{op} $0, t, $2, $3; }}"
+    )
+
+
+@triton.jit
+def plane_source(words, BITS: tl.constexpr, p: tl.constexpr):
+    if _shift(BITS, p) > 0:
+        src = tl.inline_asm_elementwise(_shift_asm(BITS, p), "=r,r", [words], dtype=tl.int16, is_pure=True, pack=2)
+    else:
+        src = words
+    return src
+
+
+@triton.jit
+def plane_biased(src, BITS: tl.constexpr, p: tl.constexpr, IS_BF16: tl.constexpr):
+    if IS_BF16:
+        w = tl.inline_asm_elementwise(
+            _biased_asm(BITS, p, True), "=r,r", [src], dtype=tl.bfloat16, is_pure=True, pack=2
+        )
+    else:
+        w = tl.inline_asm_elementwise(
+            _biased_asm(BITS, p, False), "=r,r", [src], dtype=tl.float16, is_pure=True, pack=2
+        )
+    return w
+
+
+@triton.jit
+def plane_scaled(src, s, o, BITS: tl.constexpr, p: tl.constexpr, IS_BF16: tl.constexpr):
+    if IS_BF16:
+        w = tl.inline_asm_elementwise(
+            _scaled_asm(BITS, p, True), "=r,r,r,r", [src, s, o], dtype=tl.bfloat16, is_pure=True, pack=2
+        )
+    else:
+        w = tl.inline_asm_elementwise(
+            _scaled_asm(BITS, p, False), "=r,r,r,r", [src, s, o], dtype=tl.float16, is_pure=True, pack=2
+        )
+    return w
