@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU run: kernel tests, then the kernel benchmarks, writing logs and JSON under $OUT.
 #   bash benchmarks/run_gpu.sh [tests] [sweep] [roofline] [capacity] [switch]   (default: these five)
-#   bash benchmarks/run_gpu.sh decode | speed | parity                          (one 10-minute call each)
+#   bash benchmarks/run_gpu.sh decode | speed | parity | ncu                    (one 10-minute call each)
 #   bash benchmarks/run_gpu.sh stage                 (the real family, issue 11: see benchmarks/stage_smol.sh)
 #   bash benchmarks/run_gpu.sh smol-setup smol-long [smol] [report-long] [report-smol] [router-long] [pack]
 # REPORT_NAME names a report's folder (default: the step), so reports with other REPORT_ARGS can run side by
@@ -34,6 +34,7 @@ for step in $steps; do
                 2>&1 | tee "$OUT/roofline.log" ;;
     capacity) timeout 120 python3 benchmarks/capacity.py --allocate --out "$OUT/capacity.json" 2>&1 | tail -n 30 ;;
     switch) timeout 120 python3 benchmarks/switch_cost.py --out "$OUT/switch_cost.json" 2>&1 | tail -n 30 ;;
+    ncu) timeout 540 python3 benchmarks/ncu_shapes.py --out "$OUT/ncu.json" 2>&1 | tail -n 60 ;;
     decode) timeout 480 python3 benchmarks/decode_e2e.py --out "$OUT/decode_e2e.json" 2>&1 | tee "$OUT/decode.log" ;;
     speed) timeout 480 python3 benchmarks/compress_speed.py --work /tmp/meswitch-cs --out "$OUT/compress-speed.json" \
              2>&1 | tail -n 30 ;;
