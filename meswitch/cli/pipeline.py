@@ -102,7 +102,14 @@ def _check(args) -> None:
         path = getattr(args, flag)
         if path is not None and not path.is_file():
             raise CommandError(f"--{flag.replace('_', '-')} {path}: file not found")
-    if not str(args.inbox).startswith("s3://") and not Path(args.inbox).is_dir():
+    from meswitch.registry.errors import RegistryError
+    from meswitch.registry.uri import parse_location
+
+    try:
+        inbox = parse_location(args.inbox)
+    except RegistryError as e:
+        raise CommandError(f"--inbox {e}") from e
+    if not inbox.is_s3 and not inbox.path.is_dir():
         raise CommandError(f"--inbox {args.inbox}: folder not found")
 
 

@@ -68,6 +68,7 @@ def _handler(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     @functools.wraps(fn)
     def run(args: argparse.Namespace) -> int:
         try:
+            import meswitch.registry.client  # noqa: F401 - imports mlflow: is the extra installed?
             from meswitch.registry import RegistryError
         except ImportError as e:  # pragma: no cover - depends on the installation
             msg = f"the registry needs the 'registry' extra: pip install 'meswitch[registry]' ({e})"
@@ -81,9 +82,9 @@ def _handler(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
 
 def _registry():
-    from meswitch.registry import Registry
+    from meswitch.registry import open_registry
 
-    return Registry()
+    return open_registry()
 
 
 def _parse_tags(items: list[str]) -> dict[str, str]:

@@ -25,6 +25,7 @@ from typing import Any
 
 from meswitch.compression.config import CalibConfig, DeltaConfig
 from meswitch.flows.gates import Gates, gates_from_dict, load_gates
+from meswitch.registry.names import split_ref
 from meswitch.settings import env_value, read_yaml_mapping
 
 GPU_LIMIT = "meswitch-gpu"
@@ -36,7 +37,8 @@ def is_registry_ref(base: str | Path) -> bool:
     text = str(base)
     if Path(text).exists() or not text.startswith(BASE_PREFIX):
         return False
-    return "@" in text or text.rsplit("/", 1)[-1].isdigit()
+    _, alias, version = split_ref(text)
+    return alias is not None or version is not None
 
 
 @dataclass(frozen=True)

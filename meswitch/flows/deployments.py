@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from meswitch.flows.inbox import is_s3
+from meswitch.registry.uri import parse_location
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,8 @@ SCHEDULED, ON_ARRIVAL = "scheduled-scan", "on-arrival"
 
 def inbox_id(inbox: str | Path) -> str:
     """The inbox as events name it: an absolute local path, or the s3:// URI without a trailing slash."""
-    text = str(inbox)
-    return text.rstrip("/") if is_s3(text) else str(Path(text).expanduser().resolve())
+    where = parse_location(inbox)
+    return str(where) if where.is_s3 else str(where.path.expanduser().resolve())
 
 
 def arrival_trigger(inbox: str | Path):

@@ -18,11 +18,15 @@ import logging
 import os
 import shutil
 import tempfile
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meswitch.expert_card import CARD
+from meswitch.registry.uri import is_s3, parse_location
+
+if TYPE_CHECKING:
+    from meswitch.registry.store import S3Store
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +42,13 @@ class InboxEntry:
 
     @property
     def is_s3(self) -> bool:
-        return self.uri.startswith("s3://")
-
-
-def is_s3(uri: str) -> bool:
-    return str(uri).startswith("s3://")
+        return is_s3(self.uri)
 
 
 def scan_inbox(inbox: str | Path) -> list[InboxEntry]:
     """Every complete (not hidden) sub-folder of the inbox, sorted by name."""
-    return _scan_s3(str(inbox)) if is_s3(str(inbox)) else _scan_local(Path(inbox))
+    where = parse_location(inbox)
+    return _scan_s3(str(where)) if where.is_s3 else _scan_local(where.path)
 
 
 def fetch_entry(entry: InboxEntry, cache_dir: Path) -> Path:
@@ -64,12 +65,11 @@ def fetch_entry(entry: InboxEntry, cache_dir: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".part", dir=final.parent))
     try:
-        store, bucket, prefix = _s3(entry.uri)
-        for key, _etag, _size in _list_files(store, bucket, prefix):
-            target = tmp / key[len(prefix) + 1 :]
+        store = _store(entry.uri)
+        for rel, _etag, _size in store.list_files(entry.uri):
+            target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            download = store.client.download_file
-            _s3_call(store, f"download s3://{bucket}/{key}", download, bucket, key, str(target), Config=store.transfer)
+            store.download_file(str(parse_location(entry.uri).join(rel)), target)
         os.rename(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -86,16 +86,16 @@ def submit(expert_dir: Path | str, inbox: str | Path, name: str | None = None) -
     if not (src / CARD).is_file():
         raise FileNotFoundError(f"{src / CARD}: missing; every expert folder needs an expert.yaml")
     name = name or src.resolve().name
-    if is_s3(str(inbox)):
-        store, bucket, prefix = _s3(f"{str(inbox).rstrip('/')}/{name}")
+    where = parse_location(inbox)
+    if where.is_s3:
+        dest = where.join(name)
+        store = _store(str(dest))
         files = sorted(p for p in src.rglob("*") if p.is_file())
         files.sort(key=lambda p: p.name == CARD)  # the card last: it marks the upload complete
         for path in files:
-            key = f"{prefix}/{path.relative_to(src).as_posix()}"
-            upload = store.client.upload_file
-            _s3_call(store, f"upload s3://{bucket}/{key}", upload, str(path), bucket, key, Config=store.transfer)
-        return f"s3://{bucket}/{prefix}"
-    inbox = Path(inbox)
+            store.upload_file(path, str(dest.join(path.relative_to(src).as_posix())))
+        return str(dest)
+    inbox = where.path
     inbox.mkdir(parents=True, exist_ok=True)
     dest = inbox / name
     tmp = inbox / f".{name}.part-{os.getpid()}"
@@ -130,53 +130,21 @@ def _scan_local(inbox: Path) -> list[InboxEntry]:
 # -- S3 ---------------------------------------------------------------------------------------------
 
 
-def _s3(uri: str):
-    """The registry's S3 client for ``uri`` (same endpoint and credentials), its bucket and key prefix."""
-    from meswitch.registry.config import RegistryConfig
-    from meswitch.registry.store import S3Store
+def _store(uri: str) -> S3Store:
+    """The registry's store for ``uri``'s bucket: its endpoint, credentials and S3 client."""
+    from meswitch.registry.client import open_registry
 
-    parsed = urllib.parse.urlparse(uri)
-    store = S3Store(f"s3://{parsed.netloc}", RegistryConfig.from_env())
-    return store, parsed.netloc, parsed.path.strip("/")
-
-
-def _s3_call(store, what: str, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` (botocore retries its requests), its failure in the registry's errors."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as e:
-        raise store._translate(e, what) from e
-
-
-def _list_files(store, bucket: str, prefix: str) -> list[tuple[str, str, int]]:
-    out = []
-    paginator = store.client.get_paginator("list_objects_v2")
-
-    def pages():
-        return list(paginator.paginate(Bucket=bucket, Prefix=f"{prefix}/"))
-
-    for page in _s3_call(store, f"list s3://{bucket}/{prefix}/", pages):
-        out.extend((o["Key"], o.get("ETag", ""), o["Size"]) for o in page.get("Contents", []))
-    return sorted(out)
+    return open_registry().store_for(uri)
 
 
 def _scan_s3(inbox: str) -> list[InboxEntry]:
-    store, bucket, prefix = _s3(inbox)
-    prefix = prefix.rstrip("/")
-    base = f"{prefix}/" if prefix else ""
+    root = parse_location(inbox)
     groups: dict[str, list[tuple[str, str, int]]] = {}
-    paginator = store.client.get_paginator("list_objects_v2")
-
-    def pages():
-        return list(paginator.paginate(Bucket=bucket, Prefix=base))
-
-    for page in _s3_call(store, f"list {inbox}", pages):
-        for o in page.get("Contents", []):
-            rel = o["Key"][len(base) :]
-            if "/" not in rel:
-                continue  # a file directly in the inbox, not an expert folder
-            folder, rest = rel.split("/", 1)
-            groups.setdefault(folder, []).append((rest, o.get("ETag", ""), o["Size"]))
+    for rel, etag, size in _store(inbox).list_files(inbox):
+        if "/" not in rel:
+            continue  # a file directly in the inbox, not an expert folder
+        folder, rest = rel.split("/", 1)
+        groups.setdefault(folder, []).append((rest, etag, size))
     entries = []
     for folder in sorted(groups):
         if folder.startswith("."):
@@ -186,5 +154,5 @@ def _scan_s3(inbox: str) -> list[InboxEntry]:
         h = hashlib.sha256()
         for rest, etag, size in files:
             h.update(f"{rest}|{size}|{etag}\n".encode())
-        entries.append(InboxEntry(folder, f"s3://{bucket}/{base}{folder}", has_card, h.hexdigest()))
+        entries.append(InboxEntry(folder, str(root.join(folder)), has_card, h.hexdigest()))
     return entries

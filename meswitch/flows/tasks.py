@@ -453,10 +453,10 @@ def mlflow_experiment() -> str:
 @task(name="registry-lookup", **IO)
 def registry_lookup(model: str, expert_fp: str, base_fp: str) -> dict | None:
     """The version of ``model`` already made from this expert and base by the pipeline, if any."""
-    from meswitch.registry import NotFound, Registry
+    from meswitch.registry import NotFound, open_registry
 
     try:
-        info = Registry().get_model(model)
+        info = open_registry().get_model(model)
     except NotFound:
         return None
     for v in info.versions:
@@ -470,46 +470,45 @@ def registry_lookup(model: str, expert_fp: str, base_fp: str) -> dict | None:
 @task(name="resolve-base", **IO)
 def resolve_base(ref: str) -> tuple[str, str]:
     """A registered base (``meswitch-base-NAME@ALIAS`` or ``/VERSION``) as a verified local folder."""
-    from meswitch.registry import Registry, parse_ref
+    from meswitch.registry import open_registry, parse_ref
 
     r = parse_ref(ref)
-    got = Registry().resolve(r.name, r.alias, version=r.version)
+    got = open_registry().resolve(r.name, r.alias, version=r.version)
     return f"{got.name}/{got.version}", str(got.path)
 
 
 @task(name="publish", **IO)
 def publish(artifact: ArtifactRef, model: str, tags: dict, rejected: str | None) -> int:
     """Store and register the artifact (``candidate`` unless rejected); the same content gives the same version."""
-    from meswitch.registry import Registry
+    from meswitch.registry import open_registry
 
-    return Registry().publish(
+    return open_registry().publish(
         artifact.path, model, alias=None if rejected else "candidate", tags=tags, rejected=rejected
     )
 
 
 @task(name="promote", **IO)
 def promote(model: str, version: int) -> None:
-    from meswitch.registry import Registry
+    from meswitch.registry import open_registry
 
-    Registry().promote(model, version, "production")
+    open_registry().promote(model, version, "production")
 
 
 @task(name="mark-status", **IO)
 def mark_status(model: str, version: int, status: str) -> None:
     """The last step for a version: the pipeline is done with it (re-runs skip its expert)."""
-    from meswitch.registry import Registry
+    from meswitch.registry import open_registry
 
-    reg = Registry()
-    reg.client.set_model_version_tag(model, str(version), "pipeline.status", status)
+    open_registry().tag_version(model, version, "pipeline.status", status)
 
 
 @task(name="production-experts", **IO)
 def production_experts(base_fp: str) -> list[dict]:
     """The production version of every ``meswitch-expert-*`` model that the pipeline made for this base."""
-    from meswitch.registry import Registry
+    from meswitch.registry import open_registry
 
     out = []
-    for m in Registry().list_models():
+    for m in open_registry().list_models():
         if not m.name.startswith("meswitch-expert-") or "production" not in m.aliases:
             continue
         v = next(v for v in m.versions if v.version == m.aliases["production"])
@@ -522,9 +521,9 @@ def production_experts(base_fp: str) -> list[dict]:
 def registered_base(base_fp: str) -> str | None:
     """The registered name (without ``meswitch-base-``) of a base with this content fingerprint, if any: one base is
     one registered base, whatever folder or name it arrives under."""
-    from meswitch.registry import Registry
+    from meswitch.registry import open_registry
 
-    for m in Registry().list_models():
+    for m in open_registry().list_models():
         if m.name.startswith("meswitch-base-") and any(
             base_fp in (v.tags.get("base_fingerprint"), v.tags.get("source_fingerprint")) for v in m.versions
         ):
@@ -534,10 +533,10 @@ def registered_base(base_fp: str) -> str | None:
 
 @task(name="current-router", **IO)
 def current_router(model: str) -> dict | None:
-    from meswitch.registry import NotFound, Registry
+    from meswitch.registry import NotFound, open_registry
 
     try:
-        v = Registry().get_version(model, alias="production")
+        v = open_registry().get_version(model, alias="production")
     except NotFound:
         return None
     return {"version": v.version, **v.tags}

@@ -4,19 +4,24 @@ Each run holds the parameters, the metrics, the quality table, the quality-again
 manifest and the expert's card (``expert.yaml`` + its calibration texts, which the router is later
 retrained from). Runs are found again by a key tag, set last, so a retried or repeated log
 returns the run already made instead of logging a second one; a run cut short never carries it.
-MLflow and the object store are reached with the registry's configuration (``RegistryConfig``).
+MLflow is reached through the registry's client (``open_registry``), with its configuration and settings.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meswitch.registry.config import RegistryConfig
+from meswitch.registry.uri import parse_location
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from meswitch.registry.client import Registry
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +31,24 @@ CARD_DIR = "card"
 
 
 class Tracker:
-    def __init__(self, config: RegistryConfig | None = None, experiment: str = EXPERIMENT):
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        from mlflow import MlflowClient
+    """The pipeline's runs in one MLflow experiment; calls are not retried here (Prefect retries the task)."""
 
-        self.config = config or RegistryConfig.from_env()
-        if self.config.is_remote_tracking:
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # Prefect retries the task instead
-        if self.config.tracking_uri.startswith("sqlite:///"):
-            Path(self.config.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.config.tracking_uri, registry_uri=self.config.registry_uri)
+    def __init__(self, registry: Registry | None = None, experiment: str = EXPERIMENT):
+        if registry is None:
+            from meswitch.registry.client import open_registry
+
+            registry = open_registry()
+        self.registry = registry
         self.experiment = experiment
         self._experiment_id: str | None = None
+
+    @property
+    def config(self) -> RegistryConfig:
+        return self.registry.config
+
+    @property
+    def client(self) -> MlflowClient:
+        return self.registry.client
 
     @property
     def experiment_id(self) -> str:
@@ -60,10 +71,10 @@ class Tracker:
         """Beside the registry's artifacts for a local MLflow database; a tracking server decides its own."""
         if self.config.is_remote_tracking:
             return None
-        root = self.config.artifact_uri
-        if root.startswith("s3://"):
-            return f"{root.rstrip('/')}/mlflow-runs"
-        return (Path(root.removeprefix("file://")).expanduser().resolve().parent / "mlflow-runs").as_uri()
+        root = parse_location(self.config.artifact_uri)
+        if root.is_s3:
+            return f"{root}/mlflow-runs"
+        return (root.path.expanduser().resolve().parent / "mlflow-runs").as_uri()
 
     def find_run(self, key: str) -> str | None:
         runs = self.client.search_runs(

@@ -3,26 +3,22 @@
 Needs the ``registry`` extra (mlflow, boto3). GPU workers and ``meswitch.compression``,
 ``kernels``, ``routing`` and ``artifacts`` never import it.
 
-    from meswitch.registry import Registry
-    reg = Registry()                                   # configuration from the environment
+    from meswitch.registry import open_registry
+    reg = open_registry()                              # configuration from the environment, made once
     v = reg.publish("out/math", "meswitch-expert-math", alias="candidate")
     reg.promote("meswitch-expert-math", v)             # -> production
     r = reg.resolve("meswitch-expert-math", "production", base_fingerprint=fp)
     r.version, r.path                                  # a verified local copy
+
+MLflow is imported when the facade (``client``: ``Registry``, ``open_registry``, ...) is first asked for,
+so the names, URIs, configuration and errors are light enough for the CLI and the flows' plain modules.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from meswitch.registry.client import (
-    ModelInfo,
-    Registry,
-    Resolved,
-    VersionInfo,
-    manifest_tags,
-)
 from meswitch.registry.config import RegistryConfig
 from meswitch.registry.errors import (
     AccessDenied,
@@ -34,22 +30,25 @@ from meswitch.registry.errors import (
 )
 from meswitch.registry.names import Ref, parse_ref, validate_alias, validate_name
 from meswitch.registry.store import content_hash
+from meswitch.registry.uri import Location, is_s3, parse_location
+
+if TYPE_CHECKING:
+    from meswitch.registry.client import ModelInfo, Registry, Resolved, VersionInfo, manifest_tags, open_registry
+
+_FACADE = {"ModelInfo", "Registry", "Resolved", "VersionInfo", "manifest_tags", "open_registry"}
 
 
-def publish(folder: Path | str, name: str, **kwargs: Any) -> int:
-    """``Registry().publish(...)`` with the configuration from the environment."""
-    return Registry().publish(folder, name, **kwargs)
-
-
-def resolve(name: str, alias: str | None = "production", **kwargs: Any) -> Resolved:
-    """``Registry().resolve(...)`` with the configuration from the environment."""
-    return Registry().resolve(name, alias, **kwargs)
+def __getattr__(name: str) -> Any:
+    if name in _FACADE:
+        return getattr(importlib.import_module("meswitch.registry.client"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "AccessDenied",
     "IntegrityError",
     "InvalidName",
+    "Location",
     "ModelInfo",
     "NotFound",
     "Ref",
@@ -60,10 +59,11 @@ __all__ = [
     "Unavailable",
     "VersionInfo",
     "content_hash",
+    "is_s3",
     "manifest_tags",
+    "open_registry",
+    "parse_location",
     "parse_ref",
-    "publish",
-    "resolve",
     "validate_alias",
     "validate_name",
 ]

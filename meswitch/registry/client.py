@@ -8,11 +8,13 @@ artifact's content hash: a retry, or a second publisher of the same bytes, gets 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,12 +34,8 @@ from meswitch.registry.names import (
     validate_version,
 )
 from meswitch.registry.retry import with_retries
-from meswitch.registry.store import (
-    ObjectStore,
-    content_hash,
-    open_store,
-    store_for_location,
-)
+from meswitch.registry.store import ObjectStore, S3Store, content_hash, open_store
+from meswitch.registry.uri import Location, parse_location
 
 # MLflow reports anonymous usage over the network unless told not to; a registry client on a GPU
 # worker or in CI should not. Set MLFLOW_DISABLE_TELEMETRY=false to opt back in.
@@ -153,7 +151,11 @@ def _history(tags: dict[str, str], alias: str) -> list[int]:
 
 
 class Registry:
-    """Publish, version, alias, resolve and roll back meswitch artifacts in MLflow + an object store."""
+    """Publish, version, alias, resolve and roll back meswitch artifacts in MLflow + an object store.
+
+    The one way the package reaches MLflow (``client``, also for the pipeline's runs) and S3 (``store``,
+    ``store_for``). Flows, serving and the CLI take a shared one from ``open_registry``.
+    """
 
     def __init__(self, config: RegistryConfig | None = None):
         self.config = config or RegistryConfig.from_env()
@@ -164,6 +166,8 @@ class Registry:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
         self._client: MlflowClient | None = None
         self._store: ObjectStore | None = None
+        self._buckets: dict[str, ObjectStore] = {}
+        self._lock = threading.Lock()
 
     @property
     def client(self) -> MlflowClient:
@@ -179,6 +183,20 @@ class Registry:
         if self._store is None:
             self._store = open_store(self.config.artifact_uri, self.config)
         return self._store
+
+    def store_for(self, location: str) -> ObjectStore:
+        """The store holding ``location``: a version's ``source`` (which may predate today's artifact root)
+        or a folder such as the pipeline's inbox. One S3 client per bucket, with this configuration's
+        endpoint and credentials."""
+        loc = parse_location(location)
+        if loc.bucket is None:
+            return open_store(loc.path.parent, self.config)
+        if isinstance(self.store, S3Store) and self.store.bucket == loc.bucket:
+            return self.store
+        with self._lock:
+            if loc.bucket not in self._buckets:
+                self._buckets[loc.bucket] = open_store(Location(loc.bucket, ""), self.config)
+            return self._buckets[loc.bucket]
 
     # -- MLflow calls, with retries and clear errors -------------------------------------------------
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, passthrough: tuple[str, ...] = (), **kw: Any):
@@ -374,7 +392,7 @@ class Registry:
 
         Any failure is raised saying that nothing was registered (no version is created before this returns).
         """
-        store = store_for_location(location, self.config)
+        store = self.store_for(location)
         try:
             store.put(folder, location, progress)
             if not check:
@@ -409,6 +427,13 @@ class Registry:
         )
         if info.aliases:
             log.warning("%s/%d is rejected but still holds %s; roll back to move them", name, version, info.aliases)
+
+    def tag_version(self, name: str, version: int, key: str, value: str) -> None:
+        """Set one tag of a version (the pipeline's ``pipeline.status``, say); the registry's own are refused."""
+        if key in RESERVED_TAGS:
+            raise InvalidName(f"tag {key!r} is set by the registry itself")
+        name, version = validate_name(name), validate_version(version)
+        self._call(f"tag {name}/{version}", self.client.set_model_version_tag, name, str(version), key, value)
 
     # -- aliases ---------------------------------------------------------------------------------------
     def set_alias(self, name: str, alias: str, version: int) -> None:
@@ -527,7 +552,7 @@ class Registry:
                 shutil.rmtree(aside, ignore_errors=True)
         cache.mkdir(parents=True, exist_ok=True)
         _remove_stale_parts(cache)
-        store = store_for_location(info.source, self.config)
+        store = self.store_for(info.source)
         tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", suffix=".part", dir=cache))
         what = f"{info.name}/{info.version} from {info.source}"
         try:
@@ -561,6 +586,17 @@ class Registry:
             shutil.copytree(resolved.path, tmp, dirs_exist_ok=True)
             manifest = verify(tmp)
         return Resolved(resolved.name, resolved.version, out, manifest, resolved.content_hash, resolved.alias)
+
+
+@functools.lru_cache(maxsize=8)
+def _shared(config: RegistryConfig) -> Registry:
+    return Registry(config)
+
+
+def open_registry(config: RegistryConfig | None = None) -> Registry:
+    """The registry for ``config`` (default: the environment's now), made once per configuration and shared,
+    so that flows, serving and the CLI use one MLflow client and one S3 client per bucket."""
+    return _shared(config or RegistryConfig.from_env())
 
 
 def _remove_stale_parts(cache: Path, older_than_s: float = 24 * 3600) -> None:

@@ -80,14 +80,25 @@ class Ref:
         return self.name
 
 
+def split_ref(text: str) -> tuple[str, str | None, str | None]:
+    """``NAME``, ``NAME@ALIAS`` or ``NAME/VERSION`` as (name, alias, version), unchecked: the one reading of
+    the syntax, for ``parse_ref`` and for telling a reference from a folder (``flows.config``)."""
+    if "@" in text:
+        name, alias = text.split("@", 1)
+        return name, alias, None
+    if text.count("/") == 1 and text.rsplit("/", 1)[1].isdigit():
+        name, version = text.rsplit("/", 1)
+        return name, None, version
+    return text, None, None
+
+
 def parse_ref(text: str) -> Ref:
     """Parse ``NAME``, ``NAME@ALIAS`` or ``NAME/VERSION`` and validate each part."""
     if not isinstance(text, str) or not text:
         raise InvalidName("reference is empty (expected NAME, NAME@ALIAS or NAME/VERSION)")
-    if "@" in text:
-        name, alias = text.split("@", 1)
+    name, alias, version = split_ref(text)
+    if alias is not None:
         return Ref(validate_name(name), alias=validate_alias(alias))
-    if text.count("/") == 1 and text.rsplit("/", 1)[1].isdigit():
-        name, version = text.rsplit("/", 1)
+    if version is not None:
         return Ref(validate_name(name), version=validate_version(version))
-    return Ref(validate_name(text))
+    return Ref(validate_name(name))

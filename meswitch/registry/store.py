@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import tempfile
-import urllib.parse
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
@@ -29,6 +28,7 @@ from meswitch.registry.errors import (
     s3_error_code,
 )
 from meswitch.registry.retry import short
+from meswitch.registry.uri import Location, parse_location
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
@@ -109,10 +109,7 @@ class LocalStore(ObjectStore):
 
     @staticmethod
     def path(location: str) -> Path:
-        parsed = urllib.parse.urlparse(location)
-        if parsed.scheme not in ("", "file"):
-            raise RegistryError(f"{location}: not a local file location")
-        return Path(urllib.parse.unquote(parsed.path) if parsed.scheme else location)
+        return parse_location(location).path
 
     def put(self, folder: Path, location: str, progress: Progress | None = None, force: bool = False) -> None:
         dest = self.path(location)
@@ -186,13 +183,11 @@ _MISSING = {"404", "NoSuchKey", "NoSuchBucket", "NotFound", "NoSuchUpload"}
 class S3Store(ObjectStore):
     """An S3 bucket (AWS or any S3-compatible server such as SeaweedFS or MinIO) through boto3."""
 
-    def __init__(self, uri: str, config: RegistryConfig):
-        parsed = urllib.parse.urlparse(uri)
-        if parsed.scheme != "s3" or not parsed.netloc:
+    def __init__(self, uri: str | Location, config: RegistryConfig):
+        root = parse_location(uri)
+        if root.bucket is None:
             raise RegistryError(f"{uri}: expected s3://bucket[/prefix]")
-        self.bucket = parsed.netloc
-        self.prefix = parsed.path.strip("/")
-        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.bucket, self.prefix, self.uri = root.bucket, root.key, str(root)
         self.config = config
         self._client = None
         self._transfer = None
@@ -261,10 +256,10 @@ class S3Store(ObjectStore):
         return exc
 
     def _split(self, location: str) -> tuple[str, str]:
-        parsed = urllib.parse.urlparse(location)
-        if parsed.scheme != "s3":
+        loc = parse_location(location)
+        if loc.bucket is None:
             raise RegistryError(f"{location}: not an s3:// location")
-        return parsed.netloc, parsed.path.strip("/")
+        return loc.bucket, loc.key
 
     # -- ObjectStore ---------------------------------------------------------------------------
     def location(self, name: str, digest: str) -> str:
@@ -350,19 +345,35 @@ class S3Store(ObjectStore):
                 raise self._translate(e, f"s3://{bucket}/{prefix}/{rel}") from e
         (Path(dest) / MANIFEST).write_bytes(manifest_bytes)
 
+    # -- plain folders (the pipeline's inbox), with the same client and errors --------------------------
+    def list_files(self, location: str) -> list[tuple[str, str, int]]:
+        """``(path below location, ETag, size)`` of every object under the folder ``location``, sorted."""
+        bucket, prefix = self._split(location)
+        base = f"{prefix}/" if prefix else ""
+        try:
+            pages = list(self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base))
+        except Exception as e:
+            raise self._translate(e, f"list s3://{bucket}/{base}") from e
+        found = [(o["Key"][len(base) :], o.get("ETag", ""), o["Size"]) for p in pages for o in p.get("Contents", [])]
+        return sorted(found)
 
-def open_store(uri: str, config: RegistryConfig) -> ObjectStore:
-    """The store for a root URI (``s3://bucket/prefix``, ``file:///path`` or a plain path)."""
-    if uri.startswith("s3://"):
-        return S3Store(uri, config)
-    if "://" in uri and not uri.startswith("file://"):
-        raise RegistryError(f"artifact location {uri!r}: only s3:// and local folders are supported")
-    return LocalStore(LocalStore.path(uri))
+    def download_file(self, location: str, dest: Path) -> None:
+        bucket, key = self._split(location)
+        try:
+            self.client.download_file(bucket, key, str(dest), Config=self.transfer)
+        except Exception as e:
+            raise self._translate(e, f"download {location}") from e
+
+    def upload_file(self, path: Path, location: str) -> None:
+        bucket, key = self._split(location)
+        try:
+            self.client.upload_file(str(path), bucket, key, Config=self.transfer)
+        except Exception as e:
+            raise self._translate(e, f"upload {location}") from e
 
 
-def store_for_location(location: str, config: RegistryConfig) -> ObjectStore:
-    """The store that holds a model version's ``source`` (it may differ from today's configured root)."""
-    if location.startswith("s3://"):
-        bucket = urllib.parse.urlparse(location).netloc
-        return S3Store(f"s3://{bucket}", config)
-    return LocalStore(LocalStore.path(location).parent)
+def open_store(uri: str | Path | Location, config: RegistryConfig) -> ObjectStore:
+    """The one way a store is made: ``s3://bucket[/prefix]`` (with ``config``'s endpoint and credentials) or a
+    local folder (a path or ``file://``). ``Registry.store_for`` keeps the ones it makes."""
+    root = parse_location(uri)
+    return S3Store(root, config) if root.is_s3 else LocalStore(root.path)

@@ -140,9 +140,9 @@ class RegistrySource:
 
     def __init__(self, registry=None, alias: str = "production", base: str | None = None, router: str = ROUTER_NAME):
         if registry is None:
-            from meswitch.registry import Registry
+            from meswitch.registry import open_registry
 
-            registry = Registry()
+            registry = open_registry()
         self.registry, self.alias, self.base_name, self.router_name = registry, alias, base, router
 
     def describe(self) -> str:
