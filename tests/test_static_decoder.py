@@ -107,6 +107,32 @@ def test_compiled_glue_gives_the_same_steps(packed):
     torch.testing.assert_close(out[1], out[0], **TOL)
 
 
+def test_warm_up_runs_every_bucket_without_touching_the_cache_or_the_answers(packed, monkeypatch):
+    eng, slots = packed
+    rows = [slots[sorted(slots)[0]], None, slots[sorted(slots)[2]]]
+    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14]]
+    cfg = DecoderConfig(max_rows=4, max_len=64, buckets=(1, 4), min_len_bucket=16, compile_glue=False)
+
+    def answers(dec):
+        last = dec.prefill(range(3), prompts, rows).argmax(-1)
+        return dec.decode(last, [3, 2, 4], rows).argmax(-1).tolist(), dec.decode(last[:1], [3], rows[:1])
+
+    cold, warm = StaticDecoder(eng, cfg), StaticDecoder(eng, cfg)
+    steps, step = [], warm._decode_step
+    monkeypatch.setattr(
+        warm, "_decode_step", lambda st, grids, *a: steps.append((len(st["tokens"]), grids)) or step(st, grids, *a)
+    )
+    assert warm.warm_up(spans=(16, 32)) == 0  # no graphs on the CPU: each step ran once, eagerly
+    grids = sorted(eng.banks.grids, key=repr)
+    assert len(grids) == 1 and len(steps) == 2 * 2 * 2  # buckets x (base rows, the one grid) x spans
+    assert set(steps) == {(b, g) for b in (1, 4) for g in [(), (grids[0],)]}
+    assert all(k[:4].abs().sum() == 0 for k in warm.k)  # rows 0..3 untouched: warm-up writes the scratch row
+    monkeypatch.undo()
+    (want_tokens, want_logits), (tokens, logits) = answers(cold), answers(warm)
+    assert tokens == want_tokens
+    torch.testing.assert_close(logits, want_logits, **TOL)
+
+
 def test_slots_are_reused_in_place_and_capacity_avoids_reallocation(served_family):  # noqa: F811
     arts = sorted(served_family.artifacts.items())
     eng = MixedExpertEngine(served_family.base, EngineConfig(device="cpu", payload="packed", bank_capacity=2))
@@ -182,6 +208,12 @@ def test_graph_replay_gives_the_eager_decoders_tokens_on_the_gpu(tmp_path):
     assert greedy(graph, mix) == greedy(eager, mix)
     assert graph.captures == captured
     assert greedy(graph, mix[:3]) == greedy(eager, mix[:3])  # a smaller bucket
+
+    warm = StaticDecoder(eng, cfg)
+    wanted = 2 * 2 * len(cfg.buckets)  # base rows and the one grid, at the spans 16 and 32 the answers reach
+    assert warm.warm_up(spans=(16, 32)) == wanted
+    assert greedy(warm, rows) == greedy(eager, rows)
+    assert warm.captures == wanted  # the first real batches replayed what warm-up captured
 
 
 def test_the_scheduler_through_the_static_decoder_generates_what_each_expert_generates_alone(packed, reconstructed):  # noqa: F811

@@ -69,6 +69,13 @@ def register(sub) -> None:
         help="static decode: positions per sequence (prompt plus answer); the cache of --max-batch x this many "
         "positions is reserved at start (default 2048)",
     )
+    p.add_argument(
+        "--no-warm-up",
+        dest="warm_up",
+        action="store_false",
+        help="static decode: capture each batch size's CUDA graph on its first batch instead of at start "
+        "(starts sooner; the first requests of each size wait seconds)",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_serve)
 
@@ -129,6 +136,7 @@ def _serve(args) -> int:
             window_s=args.batch_window_ms / 1000,
             static={"auto": None, "static": True, "dynamic": False}[args.decode],
             static_max_len=args.kv_positions,
+            warm_up=args.warm_up,
         ),
         router_device="cpu" if args.device == "auto" else args.device,
         observer=metrics,

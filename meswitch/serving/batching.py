@@ -94,6 +94,8 @@ class SchedulerConfig:
     # with the packed payload. Its cache holds max_batch rows of static_max_len positions.
     static: bool | None = None
     static_max_len: int = 2048
+    # static decode: capture every batch size's step at start (StaticDecoder.warm_up), not on its first batch
+    warm_up: bool = True
 
 
 class _Batch:
@@ -211,6 +213,10 @@ class Scheduler:
 
     # ---- public API (any thread) -------------------------------------------------------------
     def start(self) -> Scheduler:
+        if self.decoder is not None and self.config.warm_up:
+            t0 = time.perf_counter()
+            graphs = self.decoder.warm_up()
+            log.info("decode warm-up: %d graphs in %.1f s", graphs, time.perf_counter() - t0)
         self._thread = threading.Thread(target=self._run, name="meswitch-scheduler", daemon=True)
         self._thread.start()
         return self

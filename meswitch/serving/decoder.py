@@ -226,19 +226,48 @@ class StaticDecoder:
             for grid in grids:
                 ids = torch.full((bucket,), -1, dtype=torch.long)
                 ids[:b] = torch.tensor([w[1] if w is not None and w[0] == grid else -1 for w in where])
-                if ("slots", grid) not in static:
-                    static["slots", grid] = torch.full((bucket,), -1, dtype=torch.long, device=eng.device)
-                static["slots", grid].copy_(ids)
-            width = eng.banks.max_vocab(eng.base_vocab)
+                self._slots(static, grid).copy_(ids)
             block_m = self.config.block_m or row_block(max(Counter(w for w in where if w).values(), default=1))
-            if not self.use_graphs:
-                return self._decode_step(static, grids, span, width, block_m)[:b].clone()
-            key = (bucket, span, width, block_m, tuple((g, eng.banks.grids[g].version) for g in grids))
-            cap = self._graphs.get(key)
-            if cap is None:
-                cap = self._graphs[key] = self._capture(static, grids, span, width, block_m)
+            return self._step(static, grids, span, block_m)[:b].clone()
+
+    @torch.inference_mode()
+    def warm_up(self, buckets: Sequence[int] | None = None, spans: Sequence[int] | None = None) -> int:
+        """Capture the decode steps before the first request, instead of on it (each capture compiles the
+        kernels and the fused glue for its shapes: seconds for the first batch of every new size).
+
+        Every bucket (default: all) and span (default: the shortest) for a batch of base rows and for a
+        batch on each quantization grid the banks hold now; all rows write to the scratch row, so no cached
+        sequence is touched. A grid that arrives later is captured on its first batch. Returns how many
+        graphs were captured (none without graphs: then each step runs once, eagerly)."""
+        eng, before = self.engine, self.captures
+        grids = sorted(eng.banks.grids, key=repr)
+        block_m = self.config.block_m or row_block(1)
+        with eng.batch([], eager=False):
+            for bucket in buckets or self.config.buckets:
+                static = self._inputs(bucket)
+                static["tokens"].zero_()
+                static["pos"].zero_()
+                static["rows"].fill_(self.config.max_rows)  # the scratch row
+                for used in [(), *((g,) for g in grids)]:
+                    for g in used:
+                        self._slots(static, g).fill_(-1)
+                    for span in spans or (length_bucket(1, self.config),):
+                        self._step(static, used, span, block_m, replay=False)
+        return self.captures - before
+
+    def _step(self, static: dict, grids: tuple, span: int, block_m: int, replay: bool = True) -> torch.Tensor:
+        """The step's logits [bucket, V]: replayed from its graph (captured on first use), or eager."""
+        eng = self.engine
+        width = eng.banks.max_vocab(eng.base_vocab)
+        if not self.use_graphs:
+            return self._decode_step(static, grids, span, width, block_m)
+        key = (static["tokens"].shape[0], span, width, block_m, tuple((g, eng.banks.grids[g].version) for g in grids))
+        cap = self._graphs.get(key)
+        if cap is None:
+            cap = self._graphs[key] = self._capture(static, grids, span, width, block_m)
+        if replay:
             cap.graph.replay()
-            return cap.logits[:b].clone()
+        return cap.logits
 
     @torch.inference_mode()
     def move_row(self, src: int, dst: int, length: int) -> None:
@@ -256,6 +285,12 @@ class StaticDecoder:
         static.setdefault("pos", torch.zeros(bucket, dtype=torch.long, device=dev))
         static.setdefault("rows", torch.arange(bucket, device=dev))
         return static
+
+    def _slots(self, static: dict, grid) -> torch.Tensor:
+        """The bucket's row slots on ``grid`` (-1: the row uses another grid or the base)."""
+        if ("slots", grid) not in static:
+            static["slots", grid] = torch.full_like(static["tokens"], -1)
+        return static["slots", grid]
 
     def _capture(self, static: dict, grids: tuple, span: int, width: int, block_m: int) -> _Captured:
         """Warm up on a side stream (Triton compiles there), then capture one step."""
