@@ -64,10 +64,10 @@ def main() -> None:
     for name in names:
         folder = args.family / "experts" / name
         card, expert = load_card(folder), Checkpoint(folder)
-        texts = read_texts(card.calibration_path)
+        texts = read_texts(card.calibration_data)
         stats = {skip: calibrate(expert, texts, replace(calib, skip_first=skip), device) for skip in (0, 1)}
         shares = sink_shares(stats[0], stats[1])
-        evaluator = Evaluator(base_dir, folder, EvalData.from_jsonl(card.evaluation_path, args.limit), device)
+        evaluator = Evaluator(base_dir, folder, EvalData.load(card.evaluation_data, args.limit), device)
         results, salient = {}, {}
         with tempfile.TemporaryDirectory() as tmp:
             for skip, s in stats.items():

@@ -37,7 +37,7 @@ def compress_all(family: Path, experts: list[str], device: str) -> dict:
             job = CompressJob(
                 base=family / "base",
                 expert=card.folder,
-                calib=card.calibration_path,
+                calib=card.calibration_data,
                 out=art,
                 info=ExpertInfo(card.name, card.domain),
                 calib_cfg=CalibConfig(),

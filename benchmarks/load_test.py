@@ -48,7 +48,7 @@ def prepare(family: Path, size: str, work: Path) -> tuple[Path, list[Path], Path
         try:
             verify(out)
         except ArtifactError:
-            run_compress(CompressJob(base=root / "base", expert=folder, calib=card.calibration_path, out=out,
+            run_compress(CompressJob(base=root / "base", expert=folder, calib=card.calibration_data, out=out,
                                      info=ExpertInfo(card.name, card.domain), calib_cfg=CalibConfig(samples=32),
                                      device="cpu"))  # fmt: skip
         artifacts.append(out)

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for folder in sorted(d for d in (args.family / "experts").iterdir() if d.is_dir()):
         card, expert = load_card(folder), Checkpoint(folder)
         check_expert(base, expert)
-        stats = calibrate(expert, read_texts(card.calibration_path), CalibConfig(), device)
+        stats = calibrate(expert, read_texts(card.calibration_data), CalibConfig(), device)
         layers = {}
         for name, s in stats.items():
             weight = f"{name}.weight"

@@ -10,13 +10,21 @@ first time a test asks for it, and stopped at the end. Later tests (pipeline, se
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 # Neither MLflow nor anything else in the tests may report telemetry: loopback only.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# `datasets` (meswitch.data.loading) caches what it prepares: the tests' temporary files go to a throwaway cache,
+# not the user's (set before anything imports `datasets`, which reads it once).
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="meswitch-tests-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 
 
 # -- registry servers ------------------------------------------------------------------------------

@@ -216,19 +216,26 @@ def _route(args) -> int:
 
 
 def _read_queries(source: str):
-    """Queries from a file or stdin: JSONL lines with a 'text' field, or plain lines; blank lines skipped."""
-    if source != "-" and not Path(source).is_file():
-        raise CommandError(f"{source}: no such file")
-    stream = sys.stdin if source == "-" else open(source, encoding="utf-8")  # noqa: SIM115
-    with stream:
-        for n, line in enumerate(stream, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if line.lstrip().startswith("{"):
-                try:
-                    yield json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise CommandError(f"{source}:{n}: expected a JSON object with a 'text' field ({e})") from e
-            else:
-                yield line
+    """Queries from a data file (meswitch.data.loading: .jsonl with a 'text' field, or plain lines) or from stdin as
+    it streams (JSONL lines or plain ones); blank lines skipped."""
+    if source != "-":
+        from meswitch.data.loading import DataError, load_texts
+
+        if not Path(source).is_file():
+            raise CommandError(f"{source}: no such file")
+        try:
+            yield from load_texts(Path(source))
+        except DataError as e:
+            raise CommandError(str(e)) from e
+        return
+    for n, line in enumerate(sys.stdin, 1):
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                yield json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CommandError(f"{source}:{n}: expected a JSON object with a 'text' field ({e})") from e
+        else:
+            yield line

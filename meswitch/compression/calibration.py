@@ -9,7 +9,6 @@ weights plus the calibration activations, never the whole model.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from meswitch.checkpoints import Checkpoint, CheckpointError, config_dtype
 from meswitch.compression.config import CalibConfig
+from meswitch.data.loading import DataSource, load_texts
 
 log = logging.getLogger(__name__)
 
@@ -35,25 +35,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def read_texts(path: Path) -> list[str]:
-    """Texts from a JSONL file with a ``text`` field per line (or a plain text file, one text per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: calibration file not found")
-    texts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field ({e})") from e
-        else:
-            texts.append(line)
-    if not texts:
-        raise ValueError(f"{path}: no texts")
-    return texts
+def read_texts(source: DataSource | Path | str) -> list[str]:
+    """Calibration texts: the ``text`` field of a data set (a .jsonl file, a .txt file with a text per line, a
+    dataset folder or id; see meswitch.data.loading, the one reader)."""
+    return load_texts(source)
 
 
 def token_chunks(tokenizer, texts: Sequence[str], cfg: CalibConfig) -> torch.Tensor:

@@ -339,7 +339,7 @@ def _evaluate(base, tokenizer, data: dict[str, DomainData], spec: ChatFamilySpec
     base.eval()
     out: dict = {"base": {}, "experts": {}}
     for name, d, folder in plan:
-        ev = EvalData.from_jsonl(folder / "eval.jsonl")
+        ev = EvalData.load(folder / "eval.jsonl")
         texts, tasks = ev.texts[: spec.eval_texts], ev.tasks[: spec.task_prompts]
         expert = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
         tok = AutoTokenizer.from_pretrained(folder)

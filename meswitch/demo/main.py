@@ -37,9 +37,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from meswitch.data.loading import load_rows
 from meswitch.demo.chat_family import CHAT_SIZES
 from meswitch.demo.family import SIZES
 from meswitch.evaluation.metrics import FINAL_NUMBER, NEXT_LINE, task_hit
+from meswitch.routing.dataset import read_labelled
 
 log = logging.getLogger("meswitch.demo")
 
@@ -225,7 +227,7 @@ def questions(family: Path) -> list[dict[str, Any]]:
     rng = random.Random(0)
     out = []
     for expert in sorted(p for p in (family / "experts").iterdir() if p.is_dir()):
-        rows = [json.loads(line) for line in (expert / "eval.jsonl").read_text().splitlines() if line.strip()]
+        rows = load_rows(expert / "eval.jsonl", optional=("prompt", "answer", "metric"))
         asked = []
         for r in rows:
             turn = _USER_TURN.search(r.get("prompt") or r["text"])
@@ -235,10 +237,9 @@ def questions(family: Path) -> list[dict[str, Any]]:
                               "expected": r["answer"] if checkable else None, "metric": r.get("metric")})  # fmt: skip
         out += rng.sample(asked, min(QUERIES_PER_DOMAIN, len(asked)))
     if not out:  # the tiny family: plain text, no conversations
-        rows = [json.loads(line) for line in (family / "routing" / "test.jsonl").read_text().splitlines() if line]
         by_domain: dict[str, list[str]] = {}
-        for r in rows:
-            by_domain.setdefault(r["domain"], []).append(r["text"])
+        for ex in read_labelled(family / "routing" / "test.jsonl"):
+            by_domain.setdefault(ex.domain, []).append(ex.text)
         for d in sorted(by_domain):
             for q in rng.sample(by_domain[d], min(QUERIES_PER_DOMAIN, len(by_domain[d]))):
                 out.append({"domain": d, "question": q, "expected": None, "metric": None})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -12,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from meswitch.data.loading import DataSource, load_rows
 
 # Task metrics: how a greedy continuation of a prompt is checked against the answer (see task_hit).
 TASK_EXACT_MATCH = "arithmetic-exact-match"  # the continuation starts with the number
@@ -37,30 +38,30 @@ class EvalData:
     score_from: list[int] | None = None
 
     @classmethod
-    def from_jsonl(cls, path: Path, limit: int | None = None) -> EvalData:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: evaluation file not found")
-        texts, tasks, score_from = [], [], []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                texts.append(row["text"])
-                score_from.append(int(row.get("score_from", 0)))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field ({e})") from e
-            if "prompt" in row and "answer" in row:
-                metric = row.get("metric", TASK_EXACT_MATCH)
-                if metric not in MAX_NEW_TOKENS:
-                    raise ValueError(f"{path}:{n}: unknown task metric {metric!r}; known: {', '.join(MAX_NEW_TOKENS)}")
-                tasks.append(Task(row["prompt"], str(row["answer"]), metric))
+    def load(cls, source: DataSource | Path | str, limit: int | None = None) -> EvalData:
+        """A data set's rows (meswitch.data.loading): ``text`` each, ``score_from`` where scoring starts, and
+        ``prompt`` + ``answer`` (+ ``metric``) where the row is a task; the first ``limit`` texts and tasks."""
+        rows = load_rows(source, optional=("score_from", "prompt", "answer", "metric"), convert=_eval_row)
+        texts = [text for text, _, _ in rows]
+        score_from = [start for _, start, _ in rows]
+        tasks = [task for _, _, task in rows if task is not None]
         if limit:
             texts, tasks, score_from = texts[:limit], tasks[:limit], score_from[:limit]
-        if not texts:
-            raise ValueError(f"{path}: no texts")
         return cls(texts, tasks, score_from if any(score_from) else None)
+
+    from_jsonl = load  # the name its first callers know
+
+
+def _eval_row(row: dict) -> tuple[str, int, Task | None]:
+    """(text, score_from, task or None) of one evaluation row."""
+    start = int(row["score_from"] or 0)
+    task = None
+    if row["prompt"] is not None and row["answer"] is not None:
+        metric = row["metric"] or TASK_EXACT_MATCH
+        if metric not in MAX_NEW_TOKENS:
+            raise ValueError(f"unknown task metric {metric!r}; known: {', '.join(MAX_NEW_TOKENS)}")
+        task = Task(row["prompt"], str(row["answer"]), metric)
+    return row["text"], start, task
 
 
 def _batches(tokenizer, texts: Sequence[str], max_len: int, batch_size: int, device, score_from=None):

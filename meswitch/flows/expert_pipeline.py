@@ -34,6 +34,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.transactions import CommitMode, transaction
 
+from meswitch.data.loading import fingerprint as data_fingerprint
 from meswitch.flows import tasks as t
 from meswitch.flows.config import BASE_PREFIX, PipelineConfig, is_registry_ref, load_config
 from meswitch.flows.gates import check_expert_gates, check_router_gates, per_domain_accuracy, task_ratio
@@ -133,15 +134,14 @@ def process_expert(expert: ExpertInput, base_dir: str, base_fp: str, config: Pip
 
     calib_key, stats = None, None
     if t.needs_calibration(config):
-        calib_sha = t.sha256_of(card.calibration_path)
+        calib_sha = data_fingerprint(card.calibration_data)
         calib_key = t.calibration_key(expert.fingerprint, calib_sha, config)
-        stats = t.calibrate(expert.folder, str(card.calibration_path), expert.fingerprint, calib_sha, config)
+        stats = t.calibrate(expert.folder, card.calibration_data, expert.fingerprint, calib_sha, config)
     key = t.compress_key(base_fp, expert.fingerprint, calib_key, config, card)
     out = work / "artifacts" / f"{card.name}-{key[:16]}"
     artifact = t.writing(t.compress, out)(base_dir, expert.folder, v, stats, card, config, str(out), key)
-    eval_sha = t.sha256_of(card.evaluation_path)
-    eval_path = str(card.evaluation_path)
-    result = t.evaluate(base_dir, artifact, expert.folder, eval_path, expert.fingerprint, eval_sha, config)
+    eval_sha = data_fingerprint(card.evaluation_data)
+    result = t.evaluate(base_dir, artifact, expert.folder, card.evaluation_data, expert.fingerprint, eval_sha, config)
 
     report = check_expert_gates(result, config.gates)
     status = PRODUCTION if report.passed else REJECTED

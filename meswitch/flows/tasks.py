@@ -33,6 +33,7 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 from prefect.context import TaskRunContext
 
+from meswitch.data.loading import DataSource
 from meswitch.flows.config import GPU_LIMIT, PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -191,19 +192,19 @@ def read_card(folder: str) -> CardResult:
     except CardError as e:
         return CardResult(None, str(e))
     # the data the expert is calibrated and judged on: checked here, so that a folder without it is rejected once,
-    # with a reason naming the file, before any model is read
-    for what, path, read in (("calibration", card.calibration_path, read_texts),
-                             ("evaluation", card.evaluation_path, EvalData.from_jsonl)):  # fmt: skip
-        if not path.is_file():
-            return CardResult(None, f"{path}: missing; expert.yaml names it as the {what} data ('{what}:' key; "
-                                    f"'{what}: default' takes the generic default corpus)")  # fmt: skip
+    # with a reason naming the file or data set, before any model is read
+    for what, source, read in (("calibration", card.calibration_data, read_texts),
+                               ("evaluation", card.evaluation_data, EvalData.load)):  # fmt: skip
+        if not source.origin and not source.path.is_file():  # a file name in the card (datasets say so themselves)
+            return CardResult(None, f"{source.path}: missing; expert.yaml names it as the {what} data ('{what}:' "
+                                    f"key; '{what}: default' takes the generic default corpus)")  # fmt: skip
         try:
-            data = read(path)
-        except (ValueError, UnicodeDecodeError) as e:
+            data = read(source)
+        except (ValueError, OSError) as e:
             return CardResult(None, f"{what} data: {e}")
         if what == "calibration" and sum(map(len, data)) < MIN_CALIBRATION_CHARS:
-            return CardResult(None, f"{path}: too little calibration text ({sum(map(len, data))} characters in "
-                                    f"{len(data)} texts; at least {MIN_CALIBRATION_CHARS}, ideally 64 texts of 256 "
+            return CardResult(None, f"{source.name}: too little calibration text ({sum(map(len, data))} characters "
+                                    f"in {len(data)} texts; at least {MIN_CALIBRATION_CHARS}, ideally 64 texts of 256 "
                                     "tokens or more)")  # fmt: skip
     return CardResult(card)
 
@@ -289,7 +290,7 @@ def _calibrate_key(ctx: TaskRunContext, a: dict[str, Any]) -> str:
 
 
 @task(name="calibrate", cache_key_fn=_calibrate_key, persist_result=True)
-def calibrate(expert_dir: str, calib_path: str, expert_fp: str, calib_sha: str, config: PipelineConfig) -> dict:
+def calibrate(expert_dir: str, calib: DataSource, expert_fp: str, calib_sha: str, config: PipelineConfig) -> dict:
     from meswitch.checkpoints import Checkpoint
     from meswitch.compression.calibration import calibrate as run_calibration
     from meswitch.compression.calibration import read_texts
@@ -297,7 +298,7 @@ def calibrate(expert_dir: str, calib_path: str, expert_fp: str, calib_sha: str, 
 
     settings = calibration_for(config.compression, config.calibration)  # with the Hessians GPTQ rounds through
     with gpu_slot(config):
-        return run_calibration(Checkpoint(expert_dir), read_texts(Path(calib_path)), settings, config.device)
+        return run_calibration(Checkpoint(expert_dir), read_texts(calib), settings, config.device)
 
 
 def compress_key(base_fp: str, expert_fp: str, calib_key: str | None, config: PipelineConfig, card) -> str:
@@ -356,7 +357,7 @@ def evaluate(
     base_dir: str,
     artifact: ArtifactRef,
     expert_dir: str,
-    eval_path: str,
+    eval_data: DataSource,
     expert_fp: str,
     eval_sha: str,
     config: PipelineConfig,
@@ -366,7 +367,7 @@ def evaluate(
     from meswitch.evaluation.evaluate import evaluate_artifact
     from meswitch.evaluation.metrics import EvalData
 
-    data = EvalData.from_jsonl(Path(eval_path), limit=config.evaluation.limit)
+    data = EvalData.load(eval_data, limit=config.evaluation.limit)
     device = resolve_device(config.device)
     with gpu_slot(config):
         result = evaluate_artifact(
@@ -401,9 +402,10 @@ def log_expert_run(
         from meswitch.expert_card import CARD
 
         files.append((CARD_DIR, card.folder / CARD))
-        if card.calibration_path.is_file():
-            parent = Path(card.calibration).parent.as_posix()
-            files.append((CARD_DIR if parent in ("", ".") else f"{CARD_DIR}/{parent}", card.calibration_path))
+        calib = card.calibration_path
+        if calib is not None and calib.is_file():
+            parent = calib.relative_to(card.folder).parent.as_posix() if calib.is_relative_to(card.folder) else ""
+            files.append((CARD_DIR if parent in ("", ".") else f"{CARD_DIR}/{parent}", calib))
     name = card.name if card is not None else tags.get("inbox_entry", "expert")
     return Tracker().log_run(
         run_key,

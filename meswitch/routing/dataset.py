@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meswitch.data.loading import DataError, DataNotFound, DataSource, load_rows, load_texts
 from meswitch.expert_card import CARD, CardError, ExpertCard, load_card
 from meswitch.routing.prompt import Option
 
@@ -126,43 +127,27 @@ def routing_files(root: Path, split: str) -> list[Path]:
     return [p for p in [folder / f"{split}.jsonl", *sorted(folder.glob(f"*/{split}.jsonl"))] if p.is_file()]
 
 
-def read_labelled(path: Path) -> list[Example]:
-    """A JSONL file of ``{"text": ..., "domain": ...}`` lines (blank lines skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: labelled query file not found")
-    rows: list[Example] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            text, domain = row["text"], row["domain"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise RoutingDataError(f"{path}:{n}: expected a JSON object with 'text' and 'domain' ({e})") from e
-        if not isinstance(text, str) or not isinstance(domain, str):
-            raise RoutingDataError(f"{path}:{n}: 'text' and 'domain' must be strings")
-        rows.append(Example(text, domain))
-    if not rows:
-        raise RoutingDataError(f"{path}: no labelled queries")
-    return rows
+def read_labelled(source: DataSource | Path | str) -> list[Example]:
+    """Labelled queries: rows with a ``text`` and a ``domain`` (a JSONL file of such lines, or any data set)."""
+    try:
+        return load_rows(source, required=("domain",), convert=lambda row: Example(row["text"], row["domain"]))
+    except DataNotFound:
+        raise
+    except DataError as e:
+        raise RoutingDataError(str(e)) from e
 
 
-def _snippets(path: Path, n: int, chars: int) -> list[str]:
-    if not path.is_file():
+def _snippets(source: DataSource, n: int, chars: int) -> list[str]:
+    """The first ``n`` texts of a set, whitespace collapsed and cut to ``chars`` characters (none if it is missing
+    or unreadable: snippets only top up a domain's queries)."""
+    try:
+        texts = load_texts(source)
+    except DataNotFound:
         return []
-    out: list[str] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if len(out) >= n:
-            break
-        try:
-            text = json.loads(line).get("text", "") if line.lstrip().startswith("{") else line
-        except json.JSONDecodeError:
-            continue
-        text = " ".join(str(text).split())[:chars].strip()
-        if text:
-            out.append(text)
-    return out
+    except DataError as e:
+        log.warning("no routing snippets from %s: %s", source.name, e)
+        return []
+    return [t for t in (" ".join(str(x).split())[:chars].strip() for x in texts) if t][:n]
 
 
 def domain_queries(card: ExpertCard) -> tuple[list[str], str]:
@@ -177,10 +162,9 @@ def domain_snippets(card: ExpertCard, max_n: int, chars: int) -> tuple[list[str]
     """Short snippets of the domain's texts: ``<family>/data/<domain>/train.jsonl``, else the expert's calibration."""
     root = family_root(card)
     path = root / "data" / card.domain / "train.jsonl" if root is not None else None
-    if path is None or not path.is_file():
-        path = card.calibration_path
-    snippets = _snippets(path, max_n, chars)
-    return snippets, (f"{len(snippets)} snippets ({chars} chars) of {path}" if snippets else "")
+    source = DataSource(str(path)) if path is not None and path.is_file() else card.calibration_data
+    snippets = _snippets(source, max_n, chars)
+    return snippets, (f"{len(snippets)} snippets ({chars} chars) of {source.name}" if snippets else "")
 
 
 def build_routing_data(
