@@ -57,7 +57,7 @@ def test_layout_and_figures(family: Path):
         folder = family / e["path"]
         card = yaml.safe_load((folder / "expert.yaml").read_text())
         assert card["name"] == name and (folder / "model.safetensors").is_file()
-        data = EvalData.from_jsonl(folder / "eval.jsonl")
+        data = EvalData.load(folder / "eval.jsonl")
         assert data.score_from and all(0 < s < len(t) for s, t in zip(data.score_from, data.texts, strict=True))
         assert e["ppl_own_domain"] > 0 and "beats_base" in e
     assert info["experts"]["math"]["task"]["metric"] == "final-number-exact-match"

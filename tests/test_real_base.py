@@ -112,7 +112,7 @@ def test_short_real_expert_meswitch_beats_fixed_at_two_bits(smol_base: Path, mat
     pairing = check_expert(base, expert)
     stats = calibrate(expert, read_texts(math_expert / "calib.jsonl"), CalibConfig(samples=16, seq_len=128), "cpu")
     # the tied embedding is also the LM head: it gets the LM head's statistics, and salient channels where they pay
-    data = EvalData.from_jsonl(math_expert / "eval.jsonl", limit=24)
+    data = EvalData.load(math_expert / "eval.jsonl", limit=24)
     assert data.score_from and all(s > 0 for s in data.score_from)
     evaluator = Evaluator(smol_base, math_expert, data, "cpu")
     results = {}
@@ -139,7 +139,7 @@ def test_evaluation_keeps_the_delta_in_fp32(smol_base: Path, math_expert: Path, 
     art = tmp_path / "art"
     cfg = DeltaConfig(method="fixed", bits=8, salient=0)
     compress_expert(base, expert, check_expert(base, expert), None, cfg, art, ExpertInfo("math", "math"), "cpu")
-    data = EvalData.from_jsonl(math_expert / "eval.jsonl", limit=8)
+    data = EvalData.load(math_expert / "eval.jsonl", limit=8)
     evaluator = Evaluator(smol_base, math_expert, data, "cpu")
     kl8 = evaluator.evaluate(art).kl
     rounded = evaluator.rounded_to_bf16()["kl"]
@@ -177,7 +177,7 @@ def test_vocabulary_extended_expert_goes_through_the_same_path(smol_base: Path, 
     assert (
         "added vocabulary rows: model.embed_tokens.weight: 16 rows beyond the base's 49152" in capsys.readouterr().out
     )
-    result = Evaluator(smol_base, folder, EvalData.from_jsonl(folder / "eval.jsonl"), "cpu").evaluate(art)
+    result = Evaluator(smol_base, folder, EvalData.load(folder / "eval.jsonl"), "cpu").evaluate(art)
     assert result.ppl_unit == "char" and result.kl < 0.05 and 0.9 < result.ppl_ratio < 1.1
 
 

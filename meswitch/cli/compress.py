@@ -191,7 +191,7 @@ def _evaluate(args) -> int:
     from meswitch.evaluation.metrics import EvalData
 
     try:
-        data = EvalData.from_jsonl(args.data, limit=args.limit)
+        data = EvalData.load(args.data, limit=args.limit)
     except ValueError as e:
         raise CommandError(str(e)) from e
     from meswitch.artifacts import ArtifactError

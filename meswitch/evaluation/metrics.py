@@ -49,8 +49,6 @@ class EvalData:
             texts, tasks, score_from = texts[:limit], tasks[:limit], score_from[:limit]
         return cls(texts, tasks, score_from if any(score_from) else None)
 
-    from_jsonl = load  # the name its first callers know
-
 
 def _eval_row(row: dict) -> tuple[str, int, Task | None]:
     """(text, score_from, task or None) of one evaluation row."""

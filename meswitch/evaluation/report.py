@@ -105,11 +105,11 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
             continue
         expert = Checkpoint(expert_dir)
         pairing = check_expert(base, expert)
-        texts = read_texts(card.calibration_path)
+        texts = read_texts(card.calibration_data)
         t = time.perf_counter()
         stats = calibrate(expert, texts, dataclasses.replace(cfg.calib, hessian=hessian), device)
         calib_seconds = time.perf_counter() - t
-        evaluator = Evaluator(base_dir, expert_dir, EvalData.from_jsonl(card.evaluation_path, cfg.limit), device)
+        evaluator = Evaluator(base_dir, expert_dir, EvalData.load(card.evaluation_data, cfg.limit), device)
         ref = evaluator.rounded_to_bf16()
         references[card.name] = {
             "expert_dtype": str(config_dtype(expert.config)).removeprefix("torch."),
