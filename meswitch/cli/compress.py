@@ -23,7 +23,8 @@ def register(sub) -> None:
     p.add_argument(
         "--calib",
         type=Path,
-        help="calibration texts (.jsonl with a 'text' field, or .txt one per line); required for --method "
+        help="calibration texts: a file (.jsonl/.json with a 'text' field, .txt one per line, .csv, .parquet), a "
+        "dataset folder, or a dataset id in the local Hugging Face cache (meswitch[data]); required for --method "
         f"{_calibrated_methods()} and --rounding gptq",
     )
     p.add_argument("--out", type=Path, required=True, help="artifact folder to write (replaced atomically)")
@@ -50,7 +51,12 @@ def register(sub) -> None:
     p.add_argument("--base", type=Path, required=True, help="the base model folder")
     p.add_argument("--artifact", type=Path, required=True, help="compressed expert artifact folder")
     p.add_argument("--expert", type=Path, required=True, help="the full expert the artifact was made from")
-    p.add_argument("--data", type=Path, required=True, help="held-out .jsonl ('text'; 'prompt'+'answer' for tasks)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="held-out set ('text'; 'prompt'+'answer' for tasks): a file, dataset folder or cached dataset id",
+    )
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many lines")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     p.add_argument(

@@ -12,6 +12,7 @@ from meswitch.compression.calibration import calibrate, read_texts, resolve_devi
 from meswitch.compression.config import CalibConfig, DeltaConfig, calibration_for
 from meswitch.compression.expert import ExpertInfo, compress_expert
 from meswitch.compression.methods import get_method
+from meswitch.data.loading import DataSource
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 class CompressJob:
     base: Path
     expert: Path
-    calib: Path | None
+    calib: DataSource | Path | str | None  # a file, dataset folder or dataset id (meswitch.data.loading)
     out: Path
     info: ExpertInfo
     delta: DeltaConfig = field(default_factory=DeltaConfig)
