@@ -13,11 +13,11 @@ from meswitch.flows.config import load_config
 
 # every field away from its default, so that each must travel through the flags and the YAML
 DELTA = DeltaConfig("magnitude", bits=3, salient=8, group_size=16, symmetric=True, clip_search=False,
-                    allocation="layer", rounding="gptq", refine=True)  # fmt: skip
+                    allocation="layer", rounding="gptq", refine=True, bit_budget=2.3)  # fmt: skip
 CALIB = CalibConfig(samples=4, seq_len=32, batch_size=2, skip_first=1, hessian=True)
 FLAGS = ["--method", "magnitude", "--bits", "3", "--salient", "8", "--group", "16", "--symmetric", "--no-clip-search",
-         "--allocation", "layer", "--rounding", "gptq", "--refine", "--samples", "4", "--seq-len", "32",
-         "--batch-size", "2", "--skip-first", "1", "--hessian"]  # fmt: skip
+         "--allocation", "layer", "--rounding", "gptq", "--refine", "--bit-budget", "2.3", "--samples", "4",
+         "--seq-len", "32", "--batch-size", "2", "--skip-first", "1", "--hessian"]  # fmt: skip
 COMPRESS = ["compress", "--base", "b", "--expert", "e", "--out", "o"]
 
 

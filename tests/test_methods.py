@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_models import calib_file, make_base, make_expert
+from tiny_models import make_family
 from toy_method import TOY
 
 from meswitch.artifacts import read_manifest, verify
@@ -28,19 +28,13 @@ def toy(monkeypatch):
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy-family")
-    base = make_base(root / "base")
-    expert = make_expert(base, root / "experts" / "alpha")
-    calib_file(expert / "calib.jsonl")
-    calib_file(expert / "eval.jsonl", n=6)
-    card = {"name": "alpha", "domain": "prose", "description": "d", "examples": ["q"]}
-    (expert / "expert.yaml").write_text(yaml.safe_dump(card))
-    return root
+    return make_family(tmp_path_factory.mktemp("toy-family"))
 
 
 def test_the_builtin_methods_are_registered_in_order():
     assert methods.method_names() == ("meswitch", "fixed", "magnitude", "bitdelta")
-    assert report_method_names() == ("meswitch", "meswitch-distilled", "meswitch-gptq", "fixed", "fixed-eqbytes",
+    assert report_method_names() == ("meswitch", "meswitch-distilled", "meswitch-gptq", "meswitch-budget",
+                                     "meswitch-budget-gptq", "meswitch-budget-distilled", "fixed", "fixed-eqbytes",
                                      "magnitude", "bitdelta", "bitdelta-distilled")  # fmt: skip
     with pytest.raises(ValueError, match="registered already"):
         methods.register(methods.FIXED)

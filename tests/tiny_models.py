@@ -68,3 +68,16 @@ def calib_file(path: Path, n: int = 40) -> Path:
         for _ in range(n):
             f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(30))}, ensure_ascii=False) + "\n")
     return path
+
+
+def make_family(root: Path, name: str = "alpha") -> Path:
+    """A family folder as the report reads it: ``base/`` and one carded expert with calibration and evaluation
+    text (``experts/NAME/{calib,eval}.jsonl``)."""
+    import yaml
+
+    expert = make_expert(make_base(root / "base"), root / "experts" / name)
+    calib_file(expert / "calib.jsonl")
+    calib_file(expert / "eval.jsonl", n=6)
+    card = {"name": name, "domain": "prose", "description": "d", "examples": ["q"]}
+    (expert / "expert.yaml").write_text(yaml.safe_dump(card))
+    return root

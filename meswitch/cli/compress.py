@@ -97,6 +97,12 @@ def register(sub) -> None:
         help="salient fraction at 1 bit (default: --salient); 0.0025 keeps a 1-bit delta of SmolLM2 under 1.1 bits",
     )
     p.add_argument("--allocation", choices=["global", "layer"], default="global", help="as for compress")
+    p.add_argument(
+        "--bit-budgets",
+        default="",
+        help="comma-separated bits per parameter of the *-budget methods, one per width of --bits (1.1 beside the "
+        "1-bit rows, 2.3 beside the 2-bit ones)",
+    )
     p.add_argument("--limit", type=int, default=200, help="evaluation texts per expert (default 200)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
     p.set_defaults(func=_report)
@@ -230,6 +236,7 @@ def _report(args) -> int:
             salient=args.salient,
             salient_1bit=args.salient_1bit,
             allocation=args.allocation,
+            bit_budgets=tuple(float(b) for b in args.bit_budgets.split(",") if b),
             limit=args.limit,
             device=args.device,
             distill=DistillConfig(steps=args.distill_steps),

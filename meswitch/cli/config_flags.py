@@ -1,6 +1,7 @@
 """CLI flags derived from a config dataclass, and the config built back from the parsed flags.
 
-A field's name, type and default make its flag (``--seq-len`` for ``seq_len``, ``--x/--no-x`` for a bool);
+A field's name, type and default make its flag (``--seq-len`` for ``seq_len``, ``--x/--no-x`` for a bool; an
+optional ``float | None`` field takes a float or stays None);
 its metadata holds the help text and, where needed, ``flag`` (another name) and ``choices``. Help and
 choices may be functions, called when the parser is built, so that registered methods are listed.
 """
@@ -19,7 +20,7 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
     """One flag per field of the dataclass ``cls``, its value parsed under the field's name."""
     types = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        kind, meta = types[f.name], f.metadata
+        kind, meta = _unoptional(types[f.name]), f.metadata
         if f.default is dataclasses.MISSING or kind not in (bool, int, float, str):
             raise TypeError(f"{cls.__name__}.{f.name}: a flag needs a default and a type of bool, int, float or str")
         text = _value(meta.get("help", "")).replace("%", "%%")
@@ -36,6 +37,14 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
 def config_from_flags(cls: type[T], args: argparse.Namespace) -> T:
     """The dataclass ``cls`` from the flags :func:`add_config_flags` added (its own checks raise ValueError)."""
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _unoptional(kind: Any) -> Any:
+    """``X`` of ``X | None``; any other type as it is."""
+    args = typing.get_args(kind)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
+    return kind
 
 
 def _value(x: Any) -> Any:

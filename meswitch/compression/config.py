@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from meswitch.compression.quantize import QuantSpec
 
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
+BUDGET_BITS = (1, 2, 3, 4)  # the widths a bit budget gives matrices (compression/bit_budget.py)
 ALLOCATIONS = ("layer", "global")
 ROUNDINGS = ("nearest", "gptq")
 
@@ -54,6 +55,15 @@ class DeltaConfig:
         choices=ROUNDINGS,
     )
     refine: bool = setting(False, "refit step sizes to the calibration-weighted error")
+    # None: every matrix gets `bits`. Else an average over the whole expert, counted as the manifest's
+    # bits_per_param counts it; each matrix gets a width near it by its calibration-weighted error
+    # (compression/bit_budget.py), and `bits` is not used.
+    bit_budget: float | None = setting(
+        None,
+        "average bits per delta parameter over the whole expert, every stored byte counted; each matrix gets a "
+        "width near it (1-4 bits), more where its activation-weighted error falls most per extra byte "
+        "(replaces --bits)",
+    )
 
     def __post_init__(self) -> None:
         get_method(self.method)  # raises, naming the registered methods
@@ -65,6 +75,13 @@ class DeltaConfig:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.bit_budget is not None:
+            if "bits" in get_method(self.method).grid:
+                raise ValueError(f"method {self.method!r} fixes its own bit width: it takes no bit budget")
+            if self.bit_budget < BUDGET_BITS[0]:
+                raise ValueError(
+                    f"bit_budget {self.bit_budget} is below the smallest width, {BUDGET_BITS[0]} bit per parameter"
+                )
 
     def quant_spec(self) -> QuantSpec:
         return get_method(self.method).quant_spec(self)

@@ -19,7 +19,16 @@ import torch
 
 from meswitch.compression.config import DeltaConfig
 from meswitch.compression.gptq import gptq_round
-from meswitch.compression.quantize import Quantized, QuantSpec, add_salient, pack, quantize, unpack
+from meswitch.compression.quantize import (
+    PER_TENSOR,
+    Quantized,
+    QuantSpec,
+    add_salient,
+    pack,
+    quantize,
+    unpack,
+    values_per_word,
+)
 from meswitch.compression.salience import select_salient
 
 
@@ -74,6 +83,15 @@ class CompressedDelta:
             salient_idx=tensors[f"{prefix}.salient_idx"],
             salient_val=tensors[f"{prefix}.salient_val"],
         )
+
+
+def delta_nbytes(shape: tuple[int, int], spec: QuantSpec, salient: int) -> int:
+    """The bytes :meth:`CompressedDelta.nbytes` will count for an [N, K] delta at ``spec`` with ``salient``
+    channels, known before compressing it (what a bit budget plans with)."""
+    n, k = shape
+    words = -(-k // values_per_word(spec.bits))
+    steps = 1 if spec.group_size == PER_TENSOR else n * (k // spec.group_size if spec.group_size else 1)
+    return 4 * n * words + 2 * steps * (1 if spec.symmetric else 2) + 4 * salient + 2 * n * salient
 
 
 def channel_weights(second_moment: torch.Tensor | None, k: int, device: torch.device | str) -> torch.Tensor:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,9 +24,16 @@ from tqdm.auto import tqdm
 
 from meswitch.artifacts import LayerRecord, Manifest, seal, staging_dir
 from meswitch.checkpoints import CONFIG, Checkpoint, Pairing
+from meswitch.compression.bit_budget import (
+    allocate_bits,
+    budget_bytes,
+    candidate_widths,
+    floor_width,
+    residual_error,
+)
 from meswitch.compression.calibration import LM_HEAD, diagonal
 from meswitch.compression.config import DeltaConfig
-from meswitch.compression.delta import channel_weights, compress_delta, relative_errors
+from meswitch.compression.delta import channel_weights, compress_delta, delta_nbytes, relative_errors
 from meswitch.compression.methods import get_method
 from meswitch.compression.refine import refine_steps
 from meswitch.compression.salience import allocate_salient, reconstruction_scores
@@ -90,30 +99,80 @@ def input_hessian(
     return stat.to(device) if stat.dim() == 2 else None
 
 
-def salient_budget(
+@dataclass
+class Plan:
+    """Per quantized matrix, decided before any is compressed: its salient channel count, its bit width, and
+    its reconstruction scores at that width (which the salient selection then reuses)."""
+
+    counts: dict[str, int]
+    widths: dict[str, int]
+    scores: dict[str, torch.Tensor]
+
+
+def plan_matrices(
     base: Checkpoint,
     expert: Checkpoint,
     stats: dict[str, torch.Tensor] | None,
     config: DeltaConfig,
     names: list[str],
     device: torch.device | str,
-) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
-    """Salient channels per matrix under global allocation: as many in all as ``config.salient`` gives
-    matrix by matrix, placed where they hold the largest share of their matrix's error; and each
-    matrix's reconstruction scores, which the selection then reuses.
+) -> Plan:
+    """Salient channels and bit width per matrix, from each matrix's reconstruction scores.
 
-    The shares come from the reconstruction error whatever the method, so magnitude selection gets the
-    same counts (and bytes) as ME-Switch and differs only in which channels it keeps.
+    Global allocation: as many salient channels in all as ``config.salient`` gives matrix by matrix, placed
+    where they hold the largest share of their matrix's error (the shares come from the reconstruction error
+    whatever the method, so magnitude selection gets the same counts and bytes as ME-Switch). A bit budget
+    (``config.bit_budget``): the scores at every candidate width, the salient counts placed at the budget's
+    floor width, then the widths chosen by compression/bit_budget.py so the whole expert's bytes stay within
+    the budget.
     """
-    quant = config.quant_spec()
-    scores, total = {}, 0
-    for name in tqdm([n for n in names if is_quantized(base, n)], desc="salient budget", unit="tensor"):
+    quantized = [n for n in names if is_quantized(base, n)]
+    budget = config.bit_budget
+    widths = candidate_widths(budget) if budget is not None else (config.quant_spec().bits,)
+    specs = {w: replace(config, bits=w).quant_spec() for w in widths}
+    scores: dict[int, dict[str, torch.Tensor]] = {w: {} for w in widths}
+    shapes: dict[str, tuple[int, int]] = {}
+    for name in tqdm(quantized, desc="plan matrices", unit="tensor"):
         b = base.get(name, device).float()
         delta = expert.get(name, device).float()[: b.shape[0]] - b
         s = channel_weights(second_moment(base, name, stats, device), delta.shape[1], delta.device)
-        scores[name] = reconstruction_scores(delta, s, quant)
-        total += config.salient_count(delta.shape[1])
-    return allocate_salient(scores, total), scores
+        shapes[name] = tuple(delta.shape)
+        for w in widths:
+            scores[w][name] = reconstruction_scores(delta, s, specs[w])
+    low, typical = widths[0], floor_width(budget) if budget is not None else widths[0]
+    if config.allocates_globally:
+        counts = allocate_salient(scores[typical], sum(config.salient_count(shapes[n][1]) for n in quantized))
+    else:
+        counts = {n: config.salient_count(shapes[n][1]) for n in quantized}
+    chosen = dict.fromkeys(quantized, low)
+    if budget is not None:
+        errors = {n: {w: residual_error(scores[w][n], counts[n]) for w in widths} for n in quantized}
+        costs = {n: {w: delta_nbytes(shapes[n], specs[w], counts[n]) for w in widths} for n in quantized}
+        fixed, num_params = _fixed_bytes(base, expert, names)
+        allowed = budget_bytes(budget, num_params)
+        floor = fixed + sum(c[low] for c in costs.values())
+        if floor > allowed:
+            raise ValueError(
+                f"bit budget {budget} is below what {expert.path.name} costs at {low} bit(s) in every matrix: "
+                f"{8 * floor / num_params:.4f} bits/param (codes, step sizes, salient channels, fp16 tensors)"
+            )
+        chosen = allocate_bits(errors, costs, allowed - fixed)
+        log.info("bit budget %s: widths %s", budget, dict(sorted(Counter(chosen.values()).items())))
+    return Plan(counts, chosen, {n: scores[chosen[n]][n] for n in quantized})
+
+
+def _fixed_bytes(base: Checkpoint, expert: Checkpoint, names: list[str]) -> tuple[int, int]:
+    """(the bytes a budget cannot move: fp16 deltas of unquantized tensors and added vocabulary rows, and the
+    expert's parameter count), as compress_expert counts them."""
+    fixed = num_params = 0
+    for name in names:
+        numel = math.prod(expert.shape(name))
+        num_params += numel
+        if not is_quantized(base, name):
+            fixed += 2 * numel
+        elif expert.shape(name) != base.shape(name):
+            fixed += 2 * (numel - math.prod(base.shape(name)))
+    return fixed, num_params
 
 
 def compress_expert(
@@ -142,9 +201,9 @@ def compress_expert(
     with staging_dir(out) as tmp:
         writer = _ShardWriter(tmp)
         names = [n for n in base.keys() if not (n == spec.lm_head and expert.tied_embeddings)]
-        counts, scores = {}, {}
-        if config.allocates_globally:
-            counts, scores = salient_budget(base, expert, stats, config, names, device)
+        plan = None
+        if config.allocates_globally or config.bit_budget is not None:
+            plan = plan_matrices(base, expert, stats, config, names, device)
         for name in tqdm(names, desc=f"compress {info.name}", unit="tensor"):
             b = base.get(name, device).float()
             e = expert.get(name, device).float()
@@ -153,8 +212,9 @@ def compress_expert(
             delta = e[: b.shape[0]] - b
             if is_quantized(base, name):
                 s = second_moment(base, name, stats, device)
-                cfg = replace(config, salient=counts[name]) if counts else config
-                cd = compress_delta(delta, s, cfg, scores.get(name), input_hessian(base, name, stats, device))
+                cfg = replace(config, salient=plan.counts[name], bits=plan.widths[name]) if plan else config
+                scores = plan.scores[name] if plan else None
+                cd = compress_delta(delta, s, cfg, scores, input_hessian(base, name, stats, device))
                 if config.refine and cd.spec.bits > 1:
                     cd = refine_steps(delta, cd, s)
                 approx = cd.dequantize()
@@ -190,7 +250,7 @@ def compress_expert(
             description=info.description,
             base_fingerprint=pairing.base_fingerprint,
             source_fingerprint=pairing.expert_fingerprint,
-            method={**_method_record(config), "calibrated": stats is not None},
+            method={**_method_record(config, plan), "calibrated": stats is not None},
             layers=layers,
             tensors=handling,
             metrics={
@@ -219,12 +279,17 @@ def compress_expert(
     return manifest
 
 
-def _method_record(config: DeltaConfig) -> dict:
+def _method_record(config: DeltaConfig, plan: Plan | None = None) -> dict:
     """The config as the artifact was really made: the grid the method used (BitDelta: 1 bit, symmetric, one step
-    per tensor) and no salient fraction for methods that keep none."""
+    per tensor), no salient fraction for methods that keep none, and under a bit budget the narrowest width as
+    ``bits`` with how many matrices got each width (``widths``; each matrix's own is in its entry)."""
     spec = config.quant_spec()
     selects = get_method(config.method).selects
-    return {**dataclasses.asdict(config), **_spec_dict(spec), "salient": config.salient if selects else 0}
+    record = {**dataclasses.asdict(config), **_spec_dict(spec), "salient": config.salient if selects else 0}
+    if plan is not None and config.bit_budget is not None:
+        count = Counter(plan.widths.values())
+        record |= {"bits": min(count), "widths": {str(b): count[b] for b in sorted(count)}}
+    return record
 
 
 def _spec_dict(spec) -> dict:

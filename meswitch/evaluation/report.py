@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from meswitch.artifacts import read_manifest
 from meswitch.checkpoints import Checkpoint, check_expert, config_dtype
 from meswitch.compression.calibration import CalibConfig, calibrate, read_texts, resolve_device
 from meswitch.compression.distill import DistillConfig, distill_artifact
@@ -56,6 +57,8 @@ class ReportConfig:
     # salient fraction at 1 bit (None: ``salient``): 1% fp16 columns add 0.16 bits, 16% of a 1-bit delta
     salient_1bit: float | None = None
     allocation: str = "global"
+    # the bit-budget methods' budgets (bits per parameter), one per width of ``bits``: 1.1 runs at the 1-bit row
+    bit_budgets: tuple[float, ...] = ()
     limit: int = 200  # evaluation texts per expert: enough for the paired intervals to separate 1-2% differences
     device: str = "auto"
     calib: CalibConfig = field(default_factory=CalibConfig)
@@ -128,7 +131,8 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
                     if report_method(method).distilled:
                         distill_artifact(base, expert_dir, art, art, texts, cfg.distill, device)
                 result: EvalResult = evaluator.evaluate(art)
-            mine.append(_row(result, method, peak["mb"]))
+                widths = read_manifest(art).method.get("widths")  # under a bit budget: matrices per width
+            mine.append(_row(result, method, peak["mb"]) | ({"widths": widths} if widths else {}))
             log.info(
                 "%s %s %d-bit: %.3f bpp, KL %.4f", card.name, method, result.bits, result.bits_per_param, result.kl
             )
@@ -146,6 +150,7 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
         "salient": cfg.salient,
         "salient_1bit": cfg.salient_1bit,
         "allocation": cfg.allocation,
+        "bit_budgets": list(cfg.bit_budgets) or None,
         "equal_bytes_group": equal_bytes_group(in_features, cfg.salient) if EQUAL_BYTES.name in cfg.methods else None,
         "calibration": {"samples": cfg.calib.samples, "seq_len": cfg.calib.seq_len},
         "distillation": dataclasses.asdict(cfg.distill) if distills else None,
@@ -482,11 +487,17 @@ def markdown_table(rows: list[dict], references: dict | None = None) -> str:
             task += f" / {r['task_score_expert']:.2f}"
         gain = "-" if r["gain_retained"] != r["gain_retained"] else f"{r['gain_retained']:.3f}"
         lines.append(
-            f"| {r['name']} | {r['method']} | {r['bits']} | {r['bits_per_param']:.3f} | "
+            f"| {r['name']} | {r['method']} | {_bits_cell(r)} | {r['bits_per_param']:.3f} | "
             f"{r['delta_bytes'] / 1e6:.3f} | {r['fp16_delta_bytes'] / r['delta_bytes']:.1f} | {r['kl']:.4f} | "
             f"{r['ppl_ratio']:.4f} | {gain} | {task} |"
         )
     return head + "\n".join(lines) + "\n"
+
+
+def _bits_cell(row: dict) -> str:
+    """The row's width, or under a bit budget how many matrices got each width: ``1:190 2:18 3:3``."""
+    widths = row.get("widths")
+    return " ".join(f"{b}:{n}" for b, n in widths.items()) if widths else str(row["bits"])
 
 
 def plot_quality_vs_size(rows: list[dict], path: Path) -> None:

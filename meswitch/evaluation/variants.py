@@ -1,8 +1,8 @@
 """The report's methods: every registered compression method as it is, and variants built on one.
 
-A variant changes its method's settings (GPTQ rounding, the equal-bytes group size) or follows it with
-scale distillation. Its name is what the report's rows, table and plot call it. Cheap to import (no
-torch), so the CLI lists them.
+A variant changes its method's settings (GPTQ rounding, the equal-bytes group size, a bit budget in place of
+one width) or follows it with scale distillation. Its name is what the report's rows, table and plot call it.
+Cheap to import (no torch), so the CLI lists them.
 """
 
 from __future__ import annotations
@@ -48,6 +48,23 @@ def equal_bytes_group(in_features: list[int], salient: float) -> int:
     if not sizes:
         raise ValueError(f"the input dimensions {sorted(set(in_features))} share no group size of 8 or more")
     return min(sizes, key=lambda g: abs(32 / g - 16 * salient))
+
+
+def budget_at(bits: int, budgets: tuple[float, ...]) -> float:
+    """The report's bit budget at width ``bits``: the one of ``budgets`` (``--bit-budgets``) in [bits, bits + 1),
+    so a budget row sits beside the uniform rows it is compared with."""
+    fits = [b for b in budgets if math.floor(b) == bits]
+    if not fits:
+        raise ValueError(f"a bit-budget method at {bits} bits needs a budget in [{bits}, {bits + 1}), got {budgets}")
+    return fits[0]
+
+
+def _budget(c: DeltaConfig, cfg: ReportConfig, _k: list[int]) -> DeltaConfig:
+    return replace(c, bit_budget=budget_at(c.bits, cfg.bit_budgets))
+
+
+def _gptq(c: DeltaConfig, _cfg: ReportConfig, _k: list[int]) -> DeltaConfig:
+    return replace(c, rounding="gptq")
 
 
 COMPARED = (MESWITCH.name, FIXED.name, MAGNITUDE.name, BITDELTA.name)  # what a report compares by default
@@ -111,7 +128,24 @@ MESWITCH_DISTILLED = register_variant(
 MESWITCH_GPTQ = register_variant(
     ReportMethod(
         "meswitch-gptq", MESWITCH.name,
-        "error-compensating rounding through the calibration Hessian, salient channels last", "*-",
-        adjust=lambda c, cfg, k: replace(c, rounding="gptq"),
+        "error-compensating rounding through the calibration Hessian, salient channels last", "*-", adjust=_gptq,
+    )
+)  # fmt: skip
+MESWITCH_BUDGET = register_variant(
+    ReportMethod(
+        "meswitch-budget", MESWITCH.name,
+        "a width per matrix by its weighted error under the --bit-budgets value at each width", "v-", adjust=_budget,
+    )
+)  # fmt: skip
+MESWITCH_BUDGET_GPTQ = register_variant(
+    ReportMethod(
+        "meswitch-budget-gptq", MESWITCH.name, "meswitch-budget with GPTQ rounding", "v:",
+        adjust=lambda c, cfg, k: _gptq(_budget(c, cfg, k), cfg, k),
+    )
+)  # fmt: skip
+MESWITCH_BUDGET_DISTILLED = register_variant(
+    ReportMethod(
+        "meswitch-budget-distilled", MESWITCH.name, "meswitch-budget, then its step sizes fitted end to end", "v--",
+        adjust=_budget, distilled=True,
     )
 )  # fmt: skip

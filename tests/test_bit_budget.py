@@ -1,0 +1,160 @@
+"""A bit budget for the whole expert: each matrix gets a width by its activation-weighted error, the expert's
+bytes stay within the budget, and an expert whose matrices differ in width loads, reconstructs, evaluates and
+distills like any other."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import make_family
+
+from meswitch.checkpoints import Checkpoint, check_expert
+from meswitch.cli import main
+from meswitch.compression.bit_budget import allocate_bits, candidate_widths
+from meswitch.compression.calibration import CalibConfig, calibrate, read_texts
+from meswitch.compression.config import DeltaConfig
+from meswitch.compression.delta import compress_delta, delta_nbytes
+from meswitch.compression.distill import apply_multipliers
+from meswitch.compression.expert import ExpertInfo, compress_expert, plan_matrices
+from meswitch.compression.reconstruct import expert_tensors, open_artifact, reconstruct
+from meswitch.evaluation.evaluate import evaluate_artifact
+from meswitch.evaluation.metrics import EvalData
+from meswitch.evaluation.report import ReportConfig, run_report
+from meswitch.evaluation.variants import variants
+
+CALIB = CalibConfig(samples=8, seq_len=64, batch_size=4)
+BUDGET = 2.0  # the tiny expert costs 1.77 bits/param at 1 bit in every matrix (64-wide rows: costly step sizes)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = make_family(tmp_path_factory.mktemp("budget-family"))
+    b, e = Checkpoint(root / "base"), Checkpoint(root / "experts" / "alpha")
+    stats = calibrate(e, read_texts(e.path / "calib.jsonl"), CALIB, "cpu")
+    return root, b, e, stats
+
+
+def _compress(family, cfg: DeltaConfig, out):
+    _, base, expert, stats = family
+    return compress_expert(base, expert, check_expert(base, expert), stats, cfg, out, ExpertInfo("alpha"))
+
+
+@pytest.fixture(scope="module")
+def mixed(family, tmp_path_factory):
+    """The expert compressed under the budget: its manifest and artifact folder."""
+    out = tmp_path_factory.mktemp("mixed") / "art"
+    return _compress(family, DeltaConfig(bit_budget=BUDGET, salient=0.02), out), out
+
+
+@pytest.mark.parametrize(
+    ("shape", "bits", "group", "symmetric", "salient"),
+    [((48, 64), 1, 0, False, 3), ((48, 64), 3, 0, False, 0), ((16, 96), 2, 32, True, 5), ((8, 40), 4, -1, True, 1)],
+)
+def test_planned_bytes_are_the_bytes_stored(shape, bits, group, symmetric, salient):
+    cfg = DeltaConfig(bits=bits, group_size=group, symmetric=symmetric, salient=salient, allocation="layer")
+    cd = compress_delta(torch.randn(shape), torch.rand(shape[1]) + 0.1, cfg)
+    assert delta_nbytes(shape, cfg.quant_spec(), salient) == cd.nbytes()
+
+
+def test_the_upgrade_goes_where_it_removes_the_most_error_per_byte():
+    errors = {"quiet": {1: 1.0, 2: 0.3}, "loud": {1: 9.0, 2: 2.0}, "big": {1: 20.0, 2: 6.0}}
+    costs = {"quiet": {1: 10, 2: 20}, "loud": {1: 10, 2: 20}, "big": {1: 40, 2: 80}}
+    # 10 bytes to spare: one small upgrade, the one that removes most (loud: 7 per 10 bytes)
+    assert allocate_bits(errors, costs, 70) == {"quiet": 1, "loud": 2, "big": 1}
+    # 50 to spare: loud, then big (14 per 40) before quiet (0.7 per 10)
+    assert allocate_bits(errors, costs, 110) == {"quiet": 1, "loud": 2, "big": 2}
+    assert allocate_bits(errors, costs, 1000) == {"quiet": 2, "loud": 2, "big": 2}
+    with pytest.raises(ValueError, match="narrowest widths need 1 bytes more"):
+        allocate_bits(errors, costs, 59)
+    assert candidate_widths(1.1) == (1, 2) and candidate_widths(2.3) == (1, 2, 3) and candidate_widths(4) == (3, 4)
+
+
+def test_the_budget_holds_and_the_widths_follow_the_error(family, mixed):
+    _, base, expert, stats = family
+    manifest, _ = mixed
+    assert BUDGET - 0.05 <= manifest.metrics["bits_per_param"] <= BUDGET + 1e-3
+    widths = {layer.name: layer.bits for layer in manifest.layers}
+    assert set(widths.values()) >= {1, 2} and manifest.method["bits"] == min(widths.values())
+    assert manifest.method["widths"] == {str(b): list(widths.values()).count(b) for b in sorted(set(widths.values()))}
+    assert all(manifest.tensors[n]["bits"] == b for n, b in widths.items())
+    # each upgraded matrix removes more weighted error per byte than any matrix left at the narrowest width would
+    cfg = DeltaConfig(bit_budget=BUDGET, salient=0.02)
+    names = [n for n in base.keys() if n != base.spec.lm_head or not expert.tied_embeddings]
+    plan = plan_matrices(base, expert, stats, cfg, names, "cpu")
+    assert plan.widths == widths
+    low = min(widths.values())
+
+    def per_byte(name: str) -> float:
+        scores = {}
+        for b in (low, low + 1):
+            spec = DeltaConfig(bits=b).quant_spec()
+            delta = expert.get(name).float()[: base.shape(name)[0]] - base.get(name).float()
+            s = torch.ones(delta.shape[1]) if name == base.spec.embed else stats[name.removesuffix(".weight")]
+            cd = compress_delta(delta, s, DeltaConfig(bits=b, salient=plan.counts[name], allocation="layer"))
+            scores[b] = float((s * (delta - cd.dequantize()) ** 2).sum()), delta_nbytes(delta.shape, spec, 0)
+        return (scores[low][0] - scores[low + 1][0]) / (scores[low + 1][1] - scores[low][1])
+
+    linears = [n for n in widths if n != base.spec.embed]  # the untied embedding has no activation weights
+    up = [per_byte(n) for n in linears if widths[n] > low]
+    stay = [per_byte(n) for n in linears if widths[n] == low]
+    assert up and stay and min(up) > sorted(stay)[len(stay) // 2]  # measured after compression: above the median
+
+
+def test_a_mixed_expert_loads_reconstructs_evaluates_and_distills(family, mixed, tmp_path):
+    root, base, expert, _ = family
+    manifest, art = mixed
+    reader = open_artifact(art, base)
+    rebuilt = dict(expert_tensors(base, reader, dtype=torch.float32))
+    for layer in manifest.layers:  # each matrix at its own width, within its quantization error of the expert
+        assert reader.compressed(layer.name).spec.bits == layer.bits
+        err = (rebuilt[layer.name] - expert.get(layer.name).float()).norm() / (
+            expert.get(layer.name).float() - base.get(layer.name).float()
+        ).norm()
+        assert err == pytest.approx(layer.rel_error, rel=1e-2, abs=1e-3)
+    folder = reconstruct(base, art, tmp_path / "hf")
+    assert torch.equal(Checkpoint(folder).get(manifest.layers[0].name).float(), rebuilt[manifest.layers[0].name])
+    data = EvalData.load(expert.path / "eval.jsonl", 4)
+    result = evaluate_artifact(root / "base", art, expert.path, data)
+    assert result.bits == min(layer.bits for layer in manifest.layers) and result.kl > 0
+    assert result.bits_per_param == manifest.metrics["bits_per_param"]
+    names = [n for n, h in manifest.tensors.items() if h["kind"] == "quantized"]
+    apply_multipliers(art, tmp_path / "scaled", dict.fromkeys(names, 0.5), {"steps": 0})
+    scaled = open_artifact(tmp_path / "scaled", base)
+    for n in names:
+        torch.testing.assert_close(scaled.delta(n), 0.5 * reader.delta(n), rtol=2e-3, atol=1e-4)
+
+
+def test_a_budget_below_the_smallest_width_is_refused(family, tmp_path, capsys):
+    with pytest.raises(ValueError, match="below the smallest width, 1 bit per parameter"):
+        DeltaConfig(bit_budget=0.9)
+    with pytest.raises(ValueError, match=r"bitdelta.*fixes its own bit width"):
+        DeltaConfig("bitdelta", bit_budget=1.1)
+    # above 1 bit but below what this expert's step sizes, salient channels and fp16 tensors cost at 1 bit
+    costly = r"bit budget 1.5 is below what alpha costs at 1 bit\(s\) in every matrix: 1.7"
+    with pytest.raises(ValueError, match=costly):
+        _compress(family, DeltaConfig(bit_budget=1.5, salient=0.02), tmp_path / "art")
+    root, *_ = family
+    alpha = root / "experts" / "alpha"
+    args = ["compress", "--base", str(root / "base"), "--expert", str(alpha), "--out", str(tmp_path / "cli"),
+            "--calib", str(alpha / "calib.jsonl"), "--device", "cpu"]  # fmt: skip
+    assert main([*args, "--bit-budget", "0.5"]) != 0
+    assert "below the smallest width" in capsys.readouterr().err
+    assert main([*args, "--bit-budget", "2.1", "--samples", "8", "--seq-len", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bits_per_param"] <= 2.1
+
+
+def test_the_report_puts_budget_rows_beside_the_uniform_ones(family, tmp_path):
+    cfg = ReportConfig(methods=("meswitch", "meswitch-budget"), bits=(1, 2), salient=0.02, bit_budgets=(2.1, 1.9))
+    assert [(m, c.bits, c.bit_budget) for m, c in variants(cfg)] == [
+        ("meswitch", 1, None), ("meswitch", 2, None), ("meswitch-budget", 1, 1.9), ("meswitch-budget", 2, 2.1)
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"at 2 bits needs a budget in \[2, 3\)"):
+        variants(ReportConfig(methods=("meswitch-budget",), bits=(2,), bit_budgets=(1.1,)))
+    root, *_ = family
+    cfg = ReportConfig(methods=("meswitch", "meswitch-budget"), bits=(1,), salient=0.02, bit_budgets=(1.9,), limit=4,
+                       device="cpu", calib=CALIB)  # fmt: skip
+    data = json.loads(run_report(root, tmp_path / "report", cfg)[1].read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert rows["meswitch"]["bits_per_param"] < rows["meswitch-budget"]["bits_per_param"] <= 1.9
+    assert "widths" not in rows["meswitch"] and set(rows["meswitch-budget"]["widths"]) == {"1", "2"}
+    assert "| alpha | meswitch-budget | 1:" in (tmp_path / "report" / "report.md").read_text()
