@@ -158,3 +158,22 @@ def test_the_report_puts_budget_rows_beside_the_uniform_ones(family, tmp_path):
     assert rows["meswitch"]["bits_per_param"] < rows["meswitch-budget"]["bits_per_param"] <= 1.9
     assert "widths" not in rows["meswitch"] and set(rows["meswitch-budget"]["widths"]) == {"1", "2"}
     assert "| alpha | meswitch-budget | 1:" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_mixed_expert_is_served_dense_and_the_packed_payload_refuses_it(family, mixed, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from meswitch.serving.engine import EngineConfig, MixedExpertEngine
+
+    root, base, *_ = family
+    _, art = mixed
+    eng = MixedExpertEngine(root / "base", EngineConfig(device="cpu", payload="dense"))
+    ids = torch.randint(3, eng.base_vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    got = eng.forward(ids, [eng.add_expert(art), None])
+    ref = AutoModelForCausalLM.from_pretrained(reconstruct(base, art, tmp_path / "hf")).eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(got[0], ref(input_ids=ids[:1]).logits[0], atol=1e-4, rtol=1e-4)
+    # the packed payload banks each expert on one grid (serving/banked.py BankSet): not yet per matrix
+    packed = MixedExpertEngine(root / "base", EngineConfig(device="cpu", payload="packed"))
+    with pytest.raises(ValueError, match="mixes quantization grids"):
+        packed.add_expert(art)
