@@ -122,9 +122,10 @@ def plan_matrices(
     Global allocation: as many salient channels in all as ``config.salient`` gives matrix by matrix, placed
     where they hold the largest share of their matrix's error (the shares come from the reconstruction error
     whatever the method, so magnitude selection gets the same counts and bytes as ME-Switch). A bit budget
-    (``config.bit_budget``): the scores at every candidate width, the salient counts placed at the budget's
-    floor width, then the widths chosen by compression/bit_budget.py so the whole expert's bytes stay within
-    the budget.
+    (``config.bit_budget``): the scores at the budget's floor width and one more, the salient counts placed at
+    the floor width, then the widths chosen by compression/bit_budget.py so that the whole expert's bytes stay
+    within the budget. The error a width leaves is the absolute activation-weighted one: normalising it by each
+    matrix's output energy (of its weight or of its delta) gave higher KL on SmolLM2's chinese expert.
     """
     quantized = [n for n in names if is_quantized(base, n)]
     budget = config.bit_budget
@@ -139,9 +140,9 @@ def plan_matrices(
         shapes[name] = tuple(delta.shape)
         for w in widths:
             scores[w][name] = reconstruction_scores(delta, s, specs[w])
-    low, typical = widths[0], floor_width(budget) if budget is not None else widths[0]
+    low = widths[0]
     if config.allocates_globally:
-        counts = allocate_salient(scores[typical], sum(config.salient_count(shapes[n][1]) for n in quantized))
+        counts = allocate_salient(scores[low], sum(config.salient_count(shapes[n][1]) for n in quantized))
     else:
         counts = {n: config.salient_count(shapes[n][1]) for n in quantized}
     chosen = dict.fromkeys(quantized, low)
@@ -281,14 +282,15 @@ def compress_expert(
 
 def _method_record(config: DeltaConfig, plan: Plan | None = None) -> dict:
     """The config as the artifact was really made: the grid the method used (BitDelta: 1 bit, symmetric, one step
-    per tensor), no salient fraction for methods that keep none, and under a bit budget the narrowest width as
-    ``bits`` with how many matrices got each width (``widths``; each matrix's own is in its entry)."""
+    per tensor), no salient fraction for methods that keep none, and under a bit budget the budget's floor width
+    as ``bits`` (1 for 1.1, 2 for 2.3) with how many matrices got each width (``widths``; each matrix's own is in
+    its entry)."""
     spec = config.quant_spec()
     selects = get_method(config.method).selects
     record = {**dataclasses.asdict(config), **_spec_dict(spec), "salient": config.salient if selects else 0}
     if plan is not None and config.bit_budget is not None:
         count = Counter(plan.widths.values())
-        record |= {"bits": min(count), "widths": {str(b): count[b] for b in sorted(count)}}
+        record |= {"bits": floor_width(config.bit_budget), "widths": {str(b): count[b] for b in sorted(count)}}
     return record
 
 
