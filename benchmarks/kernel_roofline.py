@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import math
+import os
 import platform
 import sys
 from pathlib import Path
@@ -180,6 +182,11 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", type=int, nargs="*", default=list(ROWS))
     ap.add_argument("--experts", type=int, nargs="*", default=list(EXPERTS))
     ap.add_argument("--no-baselines", action="store_true", help="time the kernel only")
+    ap.add_argument(
+        "--kernels", nargs="*", default=["triton"], choices=["triton", "gluon"],
+        help="triton: the tl.dot kernels (the default); gluon: the Gluon decode kernel where it fits "
+        "(MESWITCH_DELTA_KERNEL=gluon); both: each case timed with each, side by side",
+    )  # fmt: skip
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -195,60 +202,66 @@ def main(argv=None) -> None:
         pool = min(128, max(max(args.experts), math.ceil(ROTATE_BYTES / per_expert) * max(args.experts) // 4))
         pool = max(pool, max(args.experts))
         bank = DeltaBank.random(pool, (n, k), bits=2, salient=salient, device="cuda")
-        err = check_once(bank, n, k)
+        errs = {}
+        for kern in args.kernels:
+            os.environ["MESWITCH_DELTA_KERNEL"] = kern
+            errs[kern] = check_once(bank, n, k)
+        err = max(errs.values())
         dense_count = max(args.experts) if n * k * 2 * max(args.experts) > ROTATE_BYTES else 16
         naive_bank = DeltaBank.random(dense_count, (n, k), salient=salient, layout_version=LAYOUT_V1, device="cuda")
         dense = torch.randn(dense_count, n, k, device="cuda", dtype=torch.bfloat16) * 0.01
         base_ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
                    for _ in range(max(1, math.ceil(ROTATE_BYTES / (n * k * 2))))]  # fmt: skip
-        print(f"{name}: {pool} synthetic experts of {per_expert / 1e6:.2f} MB, check err {err:.1e}", flush=True)
-        for rows in args.rows:
-            for experts in args.experts:
-                if experts > rows:
-                    continue
-                r = bench_case(bank, naive_bank, dense, base_ws, n, k, rows, experts, None, not args.no_baselines)
-                gbps = r["bytes"] / r["ms"] / 1e6
-                row = {
-                    "shape": name,
-                    "n": n,
-                    "k": k,
-                    "rows": rows,
-                    "experts": experts,
-                    "ms": round(r["ms"], 5),
-                    "bytes": r["bytes"],
-                    "gbps": round(gbps, 1),
-                    "fraction_of_copy_bandwidth": round(gbps / copy_gbps, 3),
-                    "tflops": round(2 * rows * n * k / r["ms"] / 1e9, 1),
-                    "graph_ms": round(r["graph_ms"], 5),
-                    "graph_fraction_of_copy_bandwidth": round(r["bytes"] / r["graph_ms"] / 1e6 / copy_gbps, 3),
-                    "rotation_sets": r["rotation_sets"],
-                    "launch": r["config"],
-                }
-                if "naive_ms" in r:
-                    both = r["bytes"] + r["base_bytes"]
-                    row.update(
-                        speedup_vs_naive=round(r["naive_ms"] / r["ms"], 2),
-                        speedup_vs_dense_bf16=round(r["dense_ms"] / r["ms"], 2),
-                        naive_ms=round(r["naive_ms"], 4),
-                        dense_bf16_ms=round(r["dense_ms"], 4),
-                        base_ms=round(r["base_ms"], 5),
-                        base_plus_delta_ms=round(r["base_plus_delta_ms"], 5),
-                        base_plus_delta_gbps=round(both / r["base_plus_delta_ms"] / 1e6, 1),
-                        base_plus_delta_fraction=round(both / r["base_plus_delta_ms"] / 1e6 / copy_gbps, 3),
-                    )
-                results.append(row)
-                print(
-                    f"{name:20s} rows={rows:5d} experts={experts:2d} {r['ms'] * 1e3:8.1f} us "
-                    f"{gbps:7.0f} GB/s {gbps / copy_gbps:5.1%} graph {r['graph_ms'] * 1e3:7.1f} us "
-                    f"{row['graph_fraction_of_copy_bandwidth']:5.1%}"
-                    + (
-                        f"  naive x{row['speedup_vs_naive']:.1f} dense x{row['speedup_vs_dense_bf16']:.2f}"
-                        f"  base {row['base_ms'] * 1e3:.1f} us base+delta {row['base_plus_delta_ms'] * 1e3:.1f} us"
-                        if "naive_ms" in r
-                        else ""
-                    ),
-                    flush=True,
+        print(f"{name}: {pool} synthetic experts of {per_expert / 1e6:.2f} MB, check err {err:.1e} {errs}", flush=True)
+        for rows, experts, kern in itertools.product(args.rows, args.experts, args.kernels):
+            if experts > rows:
+                continue
+            os.environ["MESWITCH_DELTA_KERNEL"] = kern
+            baselines = not args.no_baselines and kern == args.kernels[0]
+            r = bench_case(bank, naive_bank, dense, base_ws, n, k, rows, experts, None, baselines)
+            gbps = r["bytes"] / r["ms"] / 1e6
+            row = {
+                "kernel": r["config"]["kernel"],
+                "shape": name,
+                "n": n,
+                "k": k,
+                "rows": rows,
+                "experts": experts,
+                "ms": round(r["ms"], 5),
+                "bytes": r["bytes"],
+                "gbps": round(gbps, 1),
+                "fraction_of_copy_bandwidth": round(gbps / copy_gbps, 3),
+                "tflops": round(2 * rows * n * k / r["ms"] / 1e9, 1),
+                "graph_ms": round(r["graph_ms"], 5),
+                "graph_fraction_of_copy_bandwidth": round(r["bytes"] / r["graph_ms"] / 1e6 / copy_gbps, 3),
+                "rotation_sets": r["rotation_sets"],
+                "launch": r["config"],
+            }
+            if "naive_ms" in r:
+                both = r["bytes"] + r["base_bytes"]
+                row.update(
+                    speedup_vs_naive=round(r["naive_ms"] / r["ms"], 2),
+                    speedup_vs_dense_bf16=round(r["dense_ms"] / r["ms"], 2),
+                    naive_ms=round(r["naive_ms"], 4),
+                    dense_bf16_ms=round(r["dense_ms"], 4),
+                    base_ms=round(r["base_ms"], 5),
+                    base_plus_delta_ms=round(r["base_plus_delta_ms"], 5),
+                    base_plus_delta_gbps=round(both / r["base_plus_delta_ms"] / 1e6, 1),
+                    base_plus_delta_fraction=round(both / r["base_plus_delta_ms"] / 1e6 / copy_gbps, 3),
                 )
+            results.append(row)
+            print(
+                f"{name:20s} {row['kernel']:6s} rows={rows:5d} experts={experts:2d} {r['ms'] * 1e3:8.1f} us "
+                f"{gbps:7.0f} GB/s {gbps / copy_gbps:5.1%} graph {r['graph_ms'] * 1e3:7.1f} us "
+                f"{row['graph_fraction_of_copy_bandwidth']:5.1%}"
+                + (
+                    f"  naive x{row['speedup_vs_naive']:.1f} dense x{row['speedup_vs_dense_bf16']:.2f}"
+                    f"  base {row['base_ms'] * 1e3:.1f} us base+delta {row['base_plus_delta_ms'] * 1e3:.1f} us"
+                    if "naive_ms" in r
+                    else ""
+                ),
+                flush=True,
+            )
         del bank, naive_bank, dense, base_ws
         torch.cuda.empty_cache()
         write_report(args.out, copy_gbps, results)  # after each shape: a cut-short run keeps its rows

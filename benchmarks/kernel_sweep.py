@@ -81,7 +81,8 @@ def main(argv=None) -> None:
         bank = banks[shape]
         seg = -(-rows // experts)
         bm = 16 if seg <= 16 else 32 if seg <= 32 else 64 if seg <= 64 else 128
-        todo = [LaunchConfig(**{**c.__dict__, "block_m": bm}) for c in fixed] if fixed else configs_for(rows, experts)
+        todo = [LaunchConfig(**{**c.__dict__, "block_m": c.block_m if c.block_m != LaunchConfig.block_m else bm})
+                for c in fixed] if fixed else configs_for(rows, experts)  # fmt: skip
         for cfg in todo:
             try:
                 r = bench_case(bank, None, None, None, n, k, rows, experts, cfg, with_baselines=False)
@@ -97,7 +98,8 @@ def main(argv=None) -> None:
                             "graph_fraction": graph_gbps / copy_gbps})  # fmt: skip
             print(
                 f"{shape:20s} rows={rows:5d} E={experts:2d} bn={cfg.block_n:3d} bm={cfg.block_m:3d} w={cfg.num_warps} "
-                f"st={cfg.num_stages} sk={cfg.split_k} epi={int(cfg.epilogue_scale)}: {r['ms'] * 1e3:8.1f} us "
+                f"st={cfg.num_stages} sk={cfg.split_k} epi={int(cfg.epilogue_scale)} {cfg.kernel}: "
+                f"{r['ms'] * 1e3:8.1f} us "
                 f"{gbps / copy_gbps:5.1%}; graph {r['graph_ms'] * 1e3:8.1f} us {graph_gbps / copy_gbps:5.1%}",
                 flush=True,
             )

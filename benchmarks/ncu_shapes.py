@@ -18,6 +18,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {"q/o 4096x4096": (4096, 4096), "k/v 1024x4096": (1024, 4096), "gate/up 14336x4096": (14336, 4096),
           "down 4096x14336": (4096, 14336)}  # fmt: skip
-KERNEL = "regex:_delta_v2_kernel"
+KERNEL = "regex:_delta_v2_"  # the Triton kernel or the Gluon decode kernel, as the launch rules pick
 METRICS = {
     "gpu__time_duration.sum": "duration_ns",
     "dram__throughput.avg.pct_of_peak_sustained_elapsed": "dram_pct_of_peak",
@@ -37,12 +38,13 @@ METRICS = {
     "sm__warps_active.avg.pct_of_peak_sustained_active": "achieved_occupancy_pct",
     "launch__registers_per_thread": "registers_per_thread",
     "launch__grid_size": "grid_size",
-    "sm__inst_executed_pipe_tensor_op_gmma.avg.pct_of_peak_sustained_active": "wgmma_pipe_pct",
 }
-STALLS = "smsp__average_warp_latency_issue_stalled_"  # + reason + "_per_warp_active.ratio" (cycles per issue)
-STALL_REASONS = ("long_scoreboard", "short_scoreboard", "wait", "barrier", "math_pipe_throttle", "mio_throttle",
-                 "lg_throttle", "not_selected", "selected", "dispatch_stall", "no_instruction", "membar",
-                 "sleeping", "drain", "branch_resolving", "tex_throttle", "imc_miss", "misc")  # fmt: skip
+# Collected through ncu's sections (a metric named outright that this ncu lacks would fail the whole run);
+# the warp-state section gives every stall reason this GPU has (gmma included on Hopper) in cycles per issue.
+SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "ComputeWorkloadAnalysis",
+            "MemoryWorkloadAnalysis")  # fmt: skip
+STALL = re.compile(r"smsp__average_warps?_issue_stalled_(\w+?)_per_issue_active\.ratio")
+TENSOR_PIPE = re.compile(r"sm__\w*pipe_tensor\w*\.avg\.pct_of_peak_sustained_active")
 
 
 def cases(args) -> list[tuple[str, int, int]]:
@@ -79,8 +81,10 @@ def parse(text: str) -> dict:
     out = {"kernel": rec.get("Kernel Name")}
     for metric, key in METRICS.items():
         out[key] = _num(rec.get(metric))
-    stalls = {r: _num(rec.get(f"{STALLS}{r}_per_warp_active.ratio")) for r in STALL_REASONS}
-    out["top_stalls"] = dict(sorted(((r, v) for r, v in stalls.items() if v), key=lambda kv: -kv[1])[:4])
+    out["tensor_pipes_pct"] = {m: _num(v) for m, v in rec.items() if m and TENSOR_PIPE.fullmatch(m) and _num(v)}
+    stalls = {m.group(1): _num(v) for k, v in rec.items() if k and (m := STALL.fullmatch(k))}
+    out["stalls"] = dict(sorted(((r, v) for r, v in stalls.items() if v), key=lambda kv: -kv[1]))
+    out["top_stalls"] = dict(list(out["stalls"].items())[:4])
     return out
 
 
@@ -95,13 +99,13 @@ def drive(args) -> None:
     ncu = shutil.which("ncu") or next(iter(sorted(Path("/opt/nvidia").glob("nsight-compute/*/ncu"))), None)
     if ncu is None:
         raise SystemExit("ncu (Nsight Compute) is not on this machine")
-    metrics = ",".join([*METRICS, *(f"{STALLS}{r}_per_warp_active.ratio" for r in STALL_REASONS)])
+    sections = [a for s in SECTIONS for a in ("--section", s)]
     results = []
     for shape, rows, experts in cases(args):
         cmd = [
             str(ncu), "--clock-control", "none", "--csv", "--page", "raw", "-k", KERNEL, "--launch-skip", "3",
-            "--launch-count", "1", "--metrics", metrics, sys.executable, __file__, "--target", "--shapes", shape,
-            "--rows", str(rows), "--experts", str(experts),
+            "--launch-count", "1", *sections, "--metrics", ",".join(METRICS), sys.executable, __file__, "--target",
+            "--shapes", shape, "--rows", str(rows), "--experts", str(experts),
         ]  # fmt: skip
         run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if run.returncode != 0 or '"ID"' not in run.stdout:

@@ -2,6 +2,8 @@
 # GPU run: kernel tests, then the kernel benchmarks, writing logs and JSON under $OUT.
 #   bash benchmarks/run_gpu.sh [tests] [sweep] [roofline] [capacity] [switch]   (default: these five)
 #   bash benchmarks/run_gpu.sh decode | speed | parity | ncu                    (one 10-minute call each)
+# ROOFLINE_ARGS / NCU_ARGS pass arguments on (e.g. ROOFLINE_ARGS="--kernels triton gluon --no-baselines");
+# MESWITCH_DELTA_KERNEL=gluon runs decode on the Gluon kernel where it fits (ncu then writes ncu-gluon.json).
 #   bash benchmarks/run_gpu.sh stage                 (the real family, issue 11: see benchmarks/stage_smol.sh)
 #   bash benchmarks/run_gpu.sh smol-setup smol-long [smol] [report-long] [report-smol] [router-long] [pack]
 # REPORT_NAME names a report's folder (default: the step), so reports with other REPORT_ARGS can run side by
@@ -27,14 +29,15 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --
 for step in $steps; do
   echo "=== $step ($(date +%T))"
   case $step in
-    tests) timeout 300 python3 -m pytest tests/test_kernels.py -q -x -p no:cacheprovider -k "kernel_ or dispatches" \
+    tests) timeout 300 python3 -m pytest tests/test_kernels.py -q -x -p no:cacheprovider -k "kernel_ or dispatches or gluon" \
              2>&1 | tail -n 40 | tee "$OUT/tests.log" || { status=1; break; } ;;
     sweep) timeout 240 python3 benchmarks/kernel_sweep.py --out "$OUT/kernel_sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
-    roofline) timeout 420 python3 benchmarks/kernel_roofline.py --out "$OUT/kernel_roofline.json" \
-                2>&1 | tee "$OUT/roofline.log" ;;
+    roofline) timeout "${ROOFLINE_TIMEOUT:-420}" python3 benchmarks/kernel_roofline.py --out "$OUT/kernel_roofline.json" \
+                $ROOFLINE_ARGS 2>&1 | tee "$OUT/roofline.log" ;;
     capacity) timeout 120 python3 benchmarks/capacity.py --allocate --out "$OUT/capacity.json" 2>&1 | tail -n 30 ;;
     switch) timeout 120 python3 benchmarks/switch_cost.py --out "$OUT/switch_cost.json" 2>&1 | tail -n 30 ;;
-    ncu) timeout 540 python3 benchmarks/ncu_shapes.py --out "$OUT/ncu.json" 2>&1 | tail -n 60 ;;
+    ncu) timeout "${NCU_TIMEOUT:-540}" python3 benchmarks/ncu_shapes.py --out "$OUT/ncu${MESWITCH_DELTA_KERNEL:+-$MESWITCH_DELTA_KERNEL}.json" \
+           $NCU_ARGS 2>&1 | tail -n 60 ;;
     decode) timeout 480 python3 benchmarks/decode_e2e.py --out "$OUT/decode_e2e.json" 2>&1 | tee "$OUT/decode.log" ;;
     speed) timeout 480 python3 benchmarks/compress_speed.py --work /tmp/meswitch-cs --out "$OUT/compress-speed.json" \
              2>&1 | tail -n 30 ;;

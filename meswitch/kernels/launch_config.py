@@ -7,7 +7,8 @@ from the kernels lets the decoder and the op size a launch where Triton cannot b
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,6 +27,10 @@ class LaunchConfig:
     num_stages: int = 4
     epilogue_scale: bool = True
     prefetch_y: bool = False
+    # "gluon": the decode kernel with asynchronous plane MMAs (kernels/gluon_delta.py; see gluon_fits);
+    # "triton": the tl.dot kernels, every path
+    kernel: str = "triton"
+    inflight: int = 1  # gluon: planes whose MMAs run while the next plane's codes are unpacked (1 or 2)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -36,6 +41,16 @@ def _sm_count(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+def gluon_fits(bank: DeltaBank, cfg: LaunchConfig, device: torch.device) -> bool:
+    """Whether the Gluon decode kernel serves this launch: Hopper (wgmma), layout-2 codes with per-channel steps
+    applied in the epilogue, 8, 16 or 32 rows a tile, 128 channels a program, K a whole number of chunks."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return False
+    g = bank.grid
+    return (g.layout_version == LAYOUT_V2 and g.group_size == 0 and cfg.epilogue_scale and cfg.block_m in (8, 16, 32)
+            and cfg.block_n == 128 and cfg.num_warps == 4 and g.shape[1] % v2_chunk(g.bits) == 0)  # fmt: skip
 
 
 def _row_block(max_segment: int) -> int:
@@ -64,7 +79,9 @@ def config_for(bank: DeltaBank, block_m: int, tiles: int, device: torch.device) 
     registers beyond. Prefill: 256 x 128 tiles and 8 warps, 128 x 128 when that leaves SMs idle.
     K is split 2-4 ways when the grid is under about one program per SM: each program's serial
     chain of per-plane MMAs, not bandwidth, bounds small grids; never under
-    ``torch.use_deterministic_algorithms`` (split programs add into y with atomics).
+    ``torch.use_deterministic_algorithms`` (split programs add into y with atomics). The Gluon decode
+    kernel runs only where asked (``MESWITCH_DELTA_KERNEL=gluon``) and where it fits (:func:`gluon_fits`):
+    on the H200 it has not yet beaten this kernel (benchmarks/NOTES-kernels.md).
     """
     n, k = bank.grid.shape
     chunks = -(-k // v2_chunk(bank.grid.bits)) if bank.grid.layout_version == LAYOUT_V2 else 0
@@ -83,8 +100,11 @@ def config_for(bank: DeltaBank, block_m: int, tiles: int, device: torch.device) 
     split = max(1, min(split, chunks // 4))
     if torch.are_deterministic_algorithms_enabled():
         split = 1  # split K adds partial sums into y with atomics, in no fixed order
-    return LaunchConfig(block_n=128, block_m=block_m, split_k=split, num_warps=4, num_stages=3,
-                        epilogue_scale=block_m <= 32 and bank.grid.group_size == 0)  # fmt: skip
+    cfg = LaunchConfig(block_n=128, block_m=block_m, split_k=split, num_warps=4, num_stages=3,
+                       epilogue_scale=block_m <= 32 and bank.grid.group_size == 0)  # fmt: skip
+    if os.environ.get("MESWITCH_DELTA_KERNEL") == "gluon" and gluon_fits(bank, cfg, device):
+        cfg = replace(cfg, kernel="gluon")
+    return cfg
 
 
 def check_device_inputs(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor) -> None:

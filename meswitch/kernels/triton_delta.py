@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from meswitch.kernels.bank import DeltaBank, ExpertRows
-from meswitch.kernels.launch_config import LaunchConfig, check_device_inputs, choose_config
+from meswitch.kernels.launch_config import LaunchConfig, check_device_inputs, choose_config, gluon_fits
 from meswitch.kernels.layout import LAYOUT_V1, LAYOUT_V2, v2_chunk
 from meswitch.kernels.ptx_planes import plane_bias, plane_biased, plane_scaled, plane_source
 
@@ -253,7 +253,13 @@ def launch(x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tenso
     n, k = bank.grid.shape
     offset = bank.offset if bank.offset is not None else bank.scale  # never read when symmetric
     sidx, sval = (bank.salient_idx, bank.salient_val) if bank.kmax else (tiles, bank.scale)  # never read
-    if bank.grid.layout_version == LAYOUT_V2:
+    if cfg.kernel == "gluon":
+        if not gluon_fits(bank, cfg, x.device):
+            raise ValueError(f"the Gluon decode kernel does not serve this launch ({cfg}, {bank.grid})")
+        from meswitch.kernels.gluon_delta import launch_gluon
+
+        launch_gluon(x, bank, tiles, y, cfg)
+    elif bank.grid.layout_version == LAYOUT_V2:
         chunks = bank.packed.shape[1]
         if cfg.epilogue_scale and bank.grid.group_size != 0:
             raise ValueError("epilogue scaling needs per-channel steps")
