@@ -11,14 +11,14 @@ activations stream into shared memory through a ring of ``STAGES`` cp.async buff
 Per chunk of ``32 * P`` positions a program holds a ``[BLOCK_N, 32]`` int16 tile of codes (every plane's
 code of a position in one half-word), the tile's ``P`` activation planes ``[BLOCK_M, 32]``, and reads
 the codes into the wgmma A-operand layout once; each plane is then one ``lop3`` per register
-(:mod:`.ptx_planes`). The activations' plane sums for the epilogue (``Σx`` and ``Σ bias·x``) are
-accumulated from the same shared tile while the MMA runs.
+(:mod:`.ptx_planes`). The activations' plane sums for the epilogue (``Σx`` and ``Σ bias·x``) come from a
+second MMA per plane against a constant 0/1 operand in shared memory. Opt-in: on the H200 it measured
+within a few points of the Triton kernel (benchmarks/NOTES-kernels.md).
 """
 
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
@@ -109,7 +109,7 @@ def _salient(out, idx, x_ptr, g_rows, g_mask, sidx_ptr, sval_ptr, e, vn, N, KMAX
 @gluon.jit
 def _delta_v2_decode_gluon(
     x_ptr, y_ptr, w_ptr, scale_ptr, offset_ptr, sidx_ptr, sval_ptr, tiles_ptr,
-    N, K, KMAX, n_chunks, chunks_per_split, stride_xm, stride_ym,
+    N, KMAX, n_chunks, chunks_per_split, stride_xm, stride_ym,
     BITS: gl.constexpr, SYMMETRIC: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_N: gl.constexpr,
     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, INFLIGHT: gl.constexpr, HAS_SALIENT: gl.constexpr,
     num_warps: gl.constexpr,
@@ -254,18 +254,24 @@ def _delta_v2_decode_gluon(
         gl.atomic_add(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=ymask, sem="relaxed")
 
 
-def launch_gluon(x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tensor, cfg: LaunchConfig) -> None:
-    """One launch over a tile table, as :func:`meswitch.kernels.triton_delta.launch` (which calls this when
-    ``cfg.kernel == "gluon"``; :func:`~meswitch.kernels.launch_config.gluon_fits` says when it may)."""
-    n, k = bank.grid.shape
-    chunks = bank.packed.shape[1]
-    per_split = -(-chunks // cfg.split_k)
-    grid = (triton.cdiv(n, cfg.block_n), tiles.shape[0], -(-chunks // per_split))  # no split without a chunk
-    offset = bank.offset if bank.offset is not None else bank.scale  # never read when symmetric
-    sidx, sval = (bank.salient_idx, bank.salient_val) if bank.kmax else (tiles, bank.scale)  # never read
+def launch_gluon(
+    grid: tuple[int, int, int],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bank: DeltaBank,
+    offset: torch.Tensor,
+    sidx: torch.Tensor,
+    sval: torch.Tensor,
+    tiles: torch.Tensor,
+    per_split: int,
+    cfg: LaunchConfig,
+) -> None:
+    """The launch :func:`meswitch.kernels.triton_delta.launch` sized (grid, K split, the operands standing in for
+    absent offsets and salient columns) when ``cfg.kernel == "gluon"`` and
+    :func:`~meswitch.kernels.launch_config.gluon_fits` allows it."""
     _delta_v2_decode_gluon[grid](
         x, y, bank.packed.view(torch.int16), bank.scale, offset, sidx, sval, tiles,
-        n, k, bank.kmax, chunks, per_split, x.stride(0), y.stride(0),
+        bank.grid.shape[0], bank.kmax, bank.packed.shape[1], per_split, x.stride(0), y.stride(0),
         BITS=bank.grid.bits, SYMMETRIC=bank.offset is None, SPLIT_K=grid[2], BLOCK_N=cfg.block_n,
         BLOCK_M=cfg.block_m, STAGES=cfg.num_stages, INFLIGHT=cfg.inflight, HAS_SALIENT=bank.kmax > 0, num_warps=4,
     )  # fmt: skip

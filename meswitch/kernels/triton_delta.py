@@ -253,18 +253,19 @@ def launch(x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tenso
     n, k = bank.grid.shape
     offset = bank.offset if bank.offset is not None else bank.scale  # never read when symmetric
     sidx, sval = (bank.salient_idx, bank.salient_val) if bank.kmax else (tiles, bank.scale)  # never read
-    if cfg.kernel == "gluon":
-        if not gluon_fits(bank, cfg, x.device):
-            raise ValueError(f"the Gluon decode kernel does not serve this launch ({cfg}, {bank.grid})")
-        from meswitch.kernels.gluon_delta import launch_gluon
-
-        launch_gluon(x, bank, tiles, y, cfg)
-    elif bank.grid.layout_version == LAYOUT_V2:
+    if cfg.kernel == "gluon" and not gluon_fits(bank, cfg, x.device):
+        raise ValueError(f"the Gluon decode kernel does not serve this launch ({cfg}, {bank.grid})")
+    if bank.grid.layout_version == LAYOUT_V2:
         chunks = bank.packed.shape[1]
         if cfg.epilogue_scale and bank.grid.group_size != 0:
             raise ValueError("epilogue scaling needs per-channel steps")
         per_split = -(-chunks // cfg.split_k)
-        grid = (triton.cdiv(n, cfg.block_n), tiles.shape[0], -(-chunks // per_split))
+        grid = (triton.cdiv(n, cfg.block_n), tiles.shape[0], -(-chunks // per_split))  # no split without a chunk
+        if cfg.kernel == "gluon":
+            from meswitch.kernels.gluon_delta import launch_gluon
+
+            launch_gluon(grid, x, y, bank, offset, sidx, sval, tiles, per_split, cfg)
+            return y
         _delta_v2_kernel[grid](
             x, y, bank.packed.view(torch.int16), bank.scale, offset, sidx, sval, tiles,
             n, k, bank.grid.groups, bank.kmax, chunks, per_split, x.stride(0), y.stride(0),
