@@ -8,19 +8,21 @@ import pytest
 import torch
 from tiny_models import make_family, save_model
 
+from meswitch.artifacts import read_manifest
 from meswitch.checkpoints import Checkpoint, check_expert
 from meswitch.cli import main
 from meswitch.compression.bit_budget import allocate_bits, candidate_widths
 from meswitch.compression.calibration import CalibConfig, calibrate, read_texts
 from meswitch.compression.config import DeltaConfig
 from meswitch.compression.delta import compress_delta, delta_nbytes
-from meswitch.compression.distill import apply_multipliers
+from meswitch.compression.distill import DistillConfig, apply_multipliers
 from meswitch.compression.expert import ExpertInfo, compress_expert, plan_matrices
 from meswitch.compression.reconstruct import expert_tensors, open_artifact, reconstruct
+from meswitch.evaluation import report
 from meswitch.evaluation.evaluate import evaluate_artifact
 from meswitch.evaluation.metrics import EvalData
 from meswitch.evaluation.report import ReportConfig, run_report
-from meswitch.evaluation.variants import variants
+from meswitch.evaluation.variants import report_method, variants
 
 CALIB = CalibConfig(samples=8, seq_len=64, batch_size=4)
 BUDGET = 1.9  # the tiny expert costs 1.77 bits/param at 1 bit in every matrix (64-wide rows: costly step sizes)
@@ -159,6 +161,46 @@ def test_the_report_puts_budget_rows_beside_the_uniform_ones(family, tmp_path):
     assert rows["meswitch"]["bits_per_param"] < rows["meswitch-budget"]["bits_per_param"] <= 1.9
     assert "widths" not in rows["meswitch"] and set(rows["meswitch-budget"]["widths"]) == {"1", "2"}
     assert "| alpha | meswitch-budget | 1:" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_the_gptq_distilled_variants_distil_gptq_codes(family, tmp_path, monkeypatch):
+    names = ("meswitch-gptq-distilled", "meswitch-budget-gptq-distilled")
+    cfg = ReportConfig(methods=names, bits=(1,), salient=0.02, bit_budgets=(1.9,))
+    made = [(m, c.rounding, c.bit_budget) for m, c in variants(cfg)]
+    assert made == [(names[0], "gptq", None), (names[1], "gptq", 1.9)]
+    assert all(report_method(m).distilled for m in names) and not report_method("meswitch-budget-gptq").distilled
+    # the report distils the artifact GPTQ wrote: the spy sees its rounding and widths before the multipliers
+    seen, distill = [], report.distill_artifact
+
+    def spy(base, expert_dir, art, out, texts, dcfg, device):
+        made = read_manifest(art).method
+        seen.append((made["rounding"], "widths" in made, dcfg))
+        return distill(base, expert_dir, art, out, texts, dcfg, device)
+
+    monkeypatch.setattr(report, "distill_artifact", spy)
+    root, *_ = family
+    steps = DistillConfig(steps=4, batch_size=2, seq_len=32)
+    cfg = ReportConfig(methods=("meswitch-gptq", *names), bits=(1,), salient=0.02, bit_budgets=(1.9,), limit=4,
+                       device="cpu", calib=CALIB, distill=steps, experts=("alpha",))  # fmt: skip
+    data = json.loads(run_report(root, tmp_path / "report", cfg)[1].read_text())
+    assert seen == [("gptq", False, steps), ("gptq", True, steps)]
+    rows = {r["method"]: r for r in data["rows"]}
+    plain, distilled = rows["meswitch-gptq"], rows["meswitch-gptq-distilled"]
+    assert distilled["delta_bytes"] == plain["delta_bytes"] and distilled["kl"] != plain["kl"]
+    assert set(rows["meswitch-budget-gptq-distilled"]["widths"]) == {"1", "2"}
+    assert data["distillation"]["steps"] == 4
+
+
+def test_the_report_cli_takes_the_gptq_distilled_variants_and_the_steps(monkeypatch, tmp_path):
+    configs = []
+    monkeypatch.setattr(report, "run_report", lambda family, out, cfg: configs.append(cfg) or [])
+    args = ["report", str(tmp_path), "--out", str(tmp_path / "r"), "--bits", "2", "--bit-budgets", "2.3",
+            "--methods", "meswitch-gptq-distilled,meswitch-budget-gptq-distilled"]  # fmt: skip
+    assert main([*args, "--distill-steps", "300"]) == 0 and main(args) == 0
+    assert [(c.methods, c.distill) for c in configs] == [
+        (("meswitch-gptq-distilled", "meswitch-budget-gptq-distilled"), DistillConfig(steps=300)),
+        (("meswitch-gptq-distilled", "meswitch-budget-gptq-distilled"), DistillConfig()),
+    ]
 
 
 def test_a_mixed_expert_is_served_dense_and_the_packed_payload_refuses_it(family, mixed, tmp_path):

@@ -33,9 +33,10 @@ def family(tmp_path_factory):
 
 def test_the_builtin_methods_are_registered_in_order():
     assert methods.method_names() == ("meswitch", "fixed", "magnitude", "bitdelta")
-    assert report_method_names() == ("meswitch", "meswitch-distilled", "meswitch-gptq", "meswitch-budget",
-                                     "meswitch-budget-gptq", "meswitch-budget-distilled", "fixed", "fixed-eqbytes",
-                                     "magnitude", "bitdelta", "bitdelta-distilled")  # fmt: skip
+    assert report_method_names() == ("meswitch", "meswitch-distilled", "meswitch-gptq", "meswitch-gptq-distilled",
+                                     "meswitch-budget", "meswitch-budget-gptq", "meswitch-budget-distilled",
+                                     "meswitch-budget-gptq-distilled", "fixed", "fixed-eqbytes", "magnitude",
+                                     "bitdelta", "bitdelta-distilled")  # fmt: skip
     with pytest.raises(ValueError, match="registered already"):
         methods.register(methods.FIXED)
     with pytest.raises(ValueError, match="method must be one of"):

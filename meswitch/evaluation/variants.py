@@ -131,6 +131,12 @@ MESWITCH_GPTQ = register_variant(
         "error-compensating rounding through the calibration Hessian, salient channels last", "*-", adjust=_gptq,
     )
 )  # fmt: skip
+MESWITCH_GPTQ_DISTILLED = register_variant(
+    ReportMethod(
+        "meswitch-gptq-distilled", MESWITCH.name, "meswitch-gptq, then its step sizes fitted end to end", "*--",
+        adjust=_gptq, distilled=True,
+    )
+)  # fmt: skip
 MESWITCH_BUDGET = register_variant(
     ReportMethod(
         "meswitch-budget", MESWITCH.name,
@@ -147,5 +153,11 @@ MESWITCH_BUDGET_DISTILLED = register_variant(
     ReportMethod(
         "meswitch-budget-distilled", MESWITCH.name, "meswitch-budget, then its step sizes fitted end to end", "v--",
         adjust=_budget, distilled=True,
+    )
+)  # fmt: skip
+MESWITCH_BUDGET_GPTQ_DISTILLED = register_variant(
+    ReportMethod(
+        "meswitch-budget-gptq-distilled", MESWITCH.name, "meswitch-budget-gptq, then its step sizes fitted end to end",
+        "v-.", adjust=lambda c, cfg, k: _gptq(_budget(c, cfg, k), cfg, k), distilled=True,
     )
 )  # fmt: skip
