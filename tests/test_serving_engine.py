@@ -26,7 +26,7 @@ from meswitch.checkpoints import Checkpoint
 from meswitch.compression.reconstruct import reconstruct
 from meswitch.serving.batching import GenRequest, Scheduler, SchedulerConfig
 from meswitch.serving.engine import EngineConfig, EngineError, MixedExpertEngine
-from meswitch.serving.tiers import DEVICE, DISK, HOST
+from meswitch.serving.tiers import DEVICE, DISK, HOST, nbytes, one_buffer
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 
@@ -182,3 +182,24 @@ def test_frequency_and_presence_penalties_change_only_the_rows_that_ask():
     weak = req(presence_penalty=0.05)
     weak.counts = {0: 3}
     assert Scheduler._sample(None, logits[:1], [weak]).tolist() == [0]  # presence counts once, not 3 times
+
+
+def test_host_copies_share_one_buffer_and_keep_every_tensor():
+    """The host tier's copies (pinned on a GPU machine: one allocation an expert) are views of one
+    buffer, each aligned, equal to what the artifact stores, whatever its dtype and shape."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "w.packed": torch.randint(-(2**31), 2**31 - 1, (7, 3), dtype=torch.int32, generator=g),
+        "w.scale": torch.randn(7, 1, generator=g).half(),
+        "w.salient_idx": torch.randint(0, 100, (5,), dtype=torch.int16, generator=g),
+        "n.delta": torch.randn(3, generator=g),
+        "x.empty": torch.zeros(0, 4, dtype=torch.bfloat16),
+        "x.flag": torch.tensor(True),
+    }
+    out = one_buffer(tensors, pin=False)
+    assert list(out) == list(tensors)
+    for k, t in tensors.items():
+        assert out[k].dtype == t.dtype and out[k].shape == t.shape and torch.equal(out[k], t), k
+    (base,) = {v.untyped_storage().data_ptr() for v in out.values()}
+    assert all((v.data_ptr() - base) % 256 == 0 for v in out.values())
+    assert nbytes(out) >= sum(t.numel() * t.element_size() for t in tensors.values())

@@ -107,6 +107,21 @@ def test_compiled_glue_gives_the_same_steps(packed):
     torch.testing.assert_close(out[1], out[0], **TOL)
 
 
+def test_compiled_glue_specialises_past_dynamos_recompile_limit(packed, monkeypatch):
+    """Every bucket x grid set compiles the glue once: more than dynamo allows a function by default (8;
+    set to 1 here so that two buckets with base rows and one grid exceed it), which failed the real
+    family's warm-up on the GPU."""
+    import torch._dynamo
+
+    eng, _ = packed
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    cfg = DecoderConfig(max_rows=4, max_len=32, buckets=(1, 2), min_len_bucket=16, compile_glue=True)
+    dec = StaticDecoder(eng, cfg)
+    assert dec.warm_up() == 0  # four specialisations of each glue function, none refused
+    assert torch._dynamo.config.recompile_limit == 1  # the decoder raised it for its own calls only
+
+
 def test_warm_up_runs_every_bucket_without_touching_the_cache_or_the_answers(packed, monkeypatch):
     eng, slots = packed
     rows = [slots[sorted(slots)[0]], None, slots[sorted(slots)[2]]]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -38,8 +38,19 @@ class DeltaReader:
                         self._where[key] = self.folder / rel
 
     def get(self, key: str, device="cpu") -> torch.Tensor:
-        with safe_open(self._where[key], framework="pt", device=str(device)) as f:
-            return f.get_tensor(key)
+        return self.get_many([key], device)[key]
+
+    def get_many(self, keys: Iterable[str], device="cpu") -> dict[str, torch.Tensor]:
+        """Several tensors, each file opened once: an opening parses the file's header, which for an
+        expert's thousand-odd tensors cost a millisecond a key (a second an expert when serving loads it)."""
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self._where[key], []).append(key)
+        out = {}
+        for path, names in by_file.items():
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                out.update((k, f.get_tensor(k)) for k in names)
+        return out
 
     def has(self, key: str) -> bool:
         return key in self._where
@@ -49,7 +60,7 @@ class DeltaReader:
         h = self.manifest.tensors[name]
         spec = QuantSpec(bits=h["bits"], symmetric=h["symmetric"], group_size=h["group_size"])
         keys = ("packed", "scale", "offset", "salient_idx", "salient_val")
-        tensors = {f"{name}.{k}": self.get(f"{name}.{k}", device) for k in keys if self.has(f"{name}.{k}")}
+        tensors = self.get_many([f"{name}.{k}" for k in keys if self.has(f"{name}.{k}")], device)
         return CompressedDelta.from_tensors(tensors, name, h["shape"], spec)
 
     def delta(self, name: str, device="cpu") -> torch.Tensor:

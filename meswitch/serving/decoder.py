@@ -61,6 +61,9 @@ class DecoderConfig:
     compile_glue: bool | None = None
 
 
+GLUE_GRID_SETS = 16  # sets of quantization grids a batch may mix, per bucket (every subset of 4 grids)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
@@ -117,7 +120,15 @@ class StaticDecoder:
             if getattr(cfg, "hidden_act", "silu") != "silu":
                 raise EngineError(f"compile_glue fuses SwiGLU; the model's activation is {cfg.hidden_act!r}")
             fns = {"norm": rms_rows, "rope": apply_rotary_pos_emb, "swiglu": swiglu}
-            self._glue = {k: torch.compile(fn, dynamic=False, fullgraph=True) for k, fn in fns.items()}
+            # One specialisation per batch bucket and set of grids a batch mixes (the norm's slot tables):
+            # 14 for the default buckets and one grid, past dynamo's limit of 8 for a function, where
+            # fullgraph=True fails the capture (it did, serving the real family on the H200).
+            limit = len(self.config.buckets) * GLUE_GRID_SETS
+            patch = torch._dynamo.config.patch(
+                recompile_limit=max(limit, torch._dynamo.config.recompile_limit),
+                accumulated_recompile_limit=max(limit * len(fns), torch._dynamo.config.accumulated_recompile_limit),
+            )
+            self._glue = {k: patch(torch.compile(fn, dynamic=False, fullgraph=True)) for k, fn in fns.items()}
         self.captures = 0
 
     # ---- the step ------------------------------------------------------------------------------

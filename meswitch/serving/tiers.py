@@ -92,6 +92,21 @@ def stored_keys(reader: DeltaReader) -> list[str]:
     return keys
 
 
+def one_buffer(tensors: dict[str, torch.Tensor], pin: bool) -> dict[str, torch.Tensor]:
+    """The tensors copied into views of one (page-locked, with ``pin``) buffer: one host allocation an
+    expert instead of one for each of its thousand-odd tensors, each a driver call when pinned."""
+    offsets, total = [], 0
+    for t in tensors.values():
+        offsets.append(total)
+        total += -(-t.numel() * t.element_size() // 256) * 256  # every view aligned for any dtype
+    buf = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    out = {}
+    for (key, t), start in zip(tensors.items(), offsets, strict=True):
+        view = buf[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        out[key] = view.copy_(t)
+    return out
+
+
 def nbytes(tensors: dict[str, Any] | None) -> int:
     """Bytes held by a payload's tensors (objects with ``tensors()`` count theirs); aliases count once."""
     if not tensors:
@@ -153,10 +168,8 @@ class DeltaTiers:
 
     # ---- placement ---------------------------------------------------------------------------
     def _read(self, slot: ExpertSlot) -> dict[str, torch.Tensor]:
-        tensors = {k: slot.reader.get(k) for k in stored_keys(slot.reader)}
-        if self.pin:
-            tensors = {k: t.pin_memory() for k, t in tensors.items()}
-        return tensors
+        tensors = slot.reader.get_many(stored_keys(slot.reader))
+        return one_buffer(tensors, pin=True) if self.pin else tensors
 
     def _fits(self, tier: str, extra: int) -> bool:
         budget = self.device_budget if tier == DEVICE else self.host_budget
