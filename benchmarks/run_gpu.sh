@@ -71,7 +71,7 @@ for step in $steps; do
       timeout "${ROUTER_TIMEOUT:-500}" python3 benchmarks/router_eval.py --family "${ROUTER_FAMILY:-/tmp/meswitch-smol-long}" \
         --out "$OUT/router/router-gpu.json" --work "$STAGE/router" --only mcq-zero-shot,mcq-finetuned --device cuda \
         --gpu --autocast --test-per-domain 50 --latency-queries 100 $ROUTER_ARGS \
-        --note "SmolLM2-135M-Instruct family (smol-long, routing sets as smol); MCQ trained on the H200" 2>&1 |
+        --note "${ROUTER_NOTE:-SmolLM2-135M-Instruct family (smol-long, routing sets as smol); MCQ trained on the H200}" 2>&1 |
         grep -v "it/s\]$" | tee "$OUT/router/router.log" | tail -n 20 ;;
     demo-stage) mkdir -p "$DEMO_STAGE" && cp .gpu/demo-*/* "$DEMO_STAGE"/ && ls -la "$DEMO_STAGE" ;;
     demo-setup) cd "$DEMO_STAGE" && cat part.* > demo.tar && sha256sum -c demo.tar.sha256 && tar xf demo.tar &&
