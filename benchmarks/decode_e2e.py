@@ -7,6 +7,8 @@ mixed, rows spread evenly over them):
 * ``graph``: :class:`~meswitch.serving.decoder.StaticDecoder`: static KV cache, each decode step
   replayed from a CUDA graph (one per batch and length bucket; the expert mix is device data).
 * ``graph-compiled``: the same with its small ops fused by ``torch.compile`` (the default on a GPU).
+* ``graph-unfused``: ``graph-compiled`` with q/k/v and gate/up as five base GEMMs instead of two (the
+  decoder's default fuses them; this row measures what that buys).
 * ``engine``: ``MixedExpertEngine.forward`` eagerly with a DynamicCache, as the scheduler used to drive it.
 * ``hf`` / ``hf-compile`` (base alone): transformers eager, and transformers with a StaticCache and
   ``torch.compile(mode="reduce-overhead")``: what a user would pick instead.
@@ -317,9 +319,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--experts-list", type=int_list, default=[0, 1, 4, 8, 16], help="0: the base alone")
     ap.add_argument("--batches", type=int_list, default=[1, 8, 32, 64])
-    ap.add_argument("--modes", default="graph,graph-compiled,engine,hf,hf-compile",
+    ap.add_argument("--modes", default="graph,graph-compiled,graph-unfused,engine,hf,hf-compile",
                     help="graph (static decoder, CUDA graphs), graph-compiled (and its small ops fused by "
-                         "torch.compile), engine (eager engine), hf (transformers eager, "
+                         "torch.compile), graph-unfused (graph-compiled without the fused q/k/v and gate/up "
+                         "GEMMs), engine (eager engine), hf (transformers eager, "
                          "base alone), hf-compile (transformers static cache + torch.compile, base alone)")  # fmt: skip
     ap.add_argument("--compile-batches", type=int_list, default=[32], help="batches for hf-compile (compiles are slow)")
     ap.add_argument("--prompt", type=int, default=128)
@@ -357,6 +360,11 @@ def main(argv: list[str] | None = None) -> None:
     if "graph-compiled" in modes:
         cfg_fused = DecoderConfig(max_rows=max(buckets), max_len=args.max_len, buckets=buckets, compile_glue=True)
         fused = StaticDecoder(eng, cfg_fused)
+    unfused = None
+    if "graph-unfused" in modes:
+        cfg_unfused = DecoderConfig(max_rows=max(buckets), max_len=args.max_len, buckets=buckets, compile_glue=True,
+                                    fuse_projections=False)  # fmt: skip
+        unfused = StaticDecoder(eng, cfg_unfused)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     sync(device)
@@ -391,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         "eager_timed_steps": args.eager_steps,
         "modes": {"graph": "meswitch StaticDecoder: static KV cache, one CUDA graph per batch and length bucket",
                   "graph-compiled": "the same, its norms, rotary embedding and SwiGLU fused by torch.compile",
+                  "graph-unfused": "graph-compiled with q/k/v and gate/up as five base GEMMs, not two",
                   "engine": "meswitch MixedExpertEngine.forward eagerly (transformers model, DynamicCache)",
                   "hf": "transformers eager, DynamicCache, base alone",
                   "hf-compile": "transformers StaticCache + torch.compile(mode='reduce-overhead'), base alone"},
@@ -428,6 +437,9 @@ def main(argv: list[str] | None = None) -> None:
             if fused is not None:
                 r = graph_decode(fused, rows, args.prompt, args.warmup, args.steps, gen)
                 record("graph-compiled", experts, batch, r)
+            if unfused is not None:
+                r = graph_decode(unfused, rows, args.prompt, args.warmup, args.steps, gen)
+                record("graph-unfused", experts, batch, r)
             if "engine" in modes:
                 record("engine", experts, batch, engine_eager(eng, rows, args.prompt, 1, args.eager_steps, gen))
             if experts == 0 and "hf" in modes:

@@ -201,5 +201,5 @@ def test_host_copies_share_one_buffer_and_keep_every_tensor():
     for k, t in tensors.items():
         assert out[k].dtype == t.dtype and out[k].shape == t.shape and torch.equal(out[k], t), k
     (base,) = {v.untyped_storage().data_ptr() for v in out.values()}
-    assert all((v.data_ptr() - base) % 256 == 0 for v in out.values())
+    assert all((v.data_ptr() - base) % 256 == 0 for v in out.values() if v.numel())  # an empty one has no address
     assert nbytes(out) >= sum(t.numel() * t.element_size() for t in tensors.values())

@@ -17,6 +17,7 @@ from meswitch.kernels.ops import mixed_delta_tiles, tile_rows
 from meswitch.serving.batching import SchedulerConfig
 from meswitch.serving.decoder import DecoderConfig, StaticDecoder, length_bucket
 from meswitch.serving.engine import EngineConfig, EngineError, MixedExpertEngine
+from meswitch.serving.mixed import BatchExperts, FusedLinears, MixedLinear
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 
@@ -105,6 +106,41 @@ def test_compiled_glue_gives_the_same_steps(packed):
         last = dec.prefill(range(3), prompts, rows).argmax(-1)
         out.append(dec.decode(last, [3, 2, 4], rows))
     torch.testing.assert_close(out[1], out[0], **TOL)
+
+
+def test_fused_projections_give_the_same_steps_on_one_copy_of_the_weights(packed):
+    eng, slots = packed
+    rows = [slots[sorted(slots)[0]], None, slots[sorted(slots)[1]]]
+    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14]]
+    out = []
+    for fuse in (False, True):
+        cfg = DecoderConfig(max_rows=4, max_len=32, buckets=(4,), min_len_bucket=16, compile_glue=False,
+                            fuse_projections=fuse)  # fmt: skip
+        dec = StaticDecoder(eng, cfg)
+        first = dec.prefill(range(3), prompts, rows)
+        out.append((first, dec.decode(first.argmax(-1), [3, 2, 4], rows)))
+    torch.testing.assert_close(out[1], out[0], **TOL)
+    attn, mlp = dec.layers[0].self_attn, dec.layers[0].mlp
+    qkv, gate_up = dec._fused[0]
+    for fused, mods in ((qkv, (attn.q_proj, attn.k_proj, attn.v_proj)), (gate_up, (mlp.gate_proj, mlp.up_proj))):
+        storage = fused.weight.untyped_storage().data_ptr()
+        assert all(m.fused is fused and m.base.weight.untyped_storage().data_ptr() == storage for m in mods)
+    assert StaticDecoder(eng, cfg)._fused[0] == (qkv, gate_up)  # a second decoder shares the fusion
+
+
+def test_fused_linears_take_biases_on_all_or_none():
+    torch.manual_seed(0)
+    ctx = BatchExperts()
+    mods = [MixedLinear(torch.nn.Linear(8, n), f"w{n}", None, ctx) for n in (4, 2, 2)]
+    x = torch.randn(3, 1, 8)
+    want = [m(x) for m in mods]
+    got = FusedLinears(mods)(x)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    assert [m(x).shape[-1] for m in mods] == [4, 2, 2]  # each module still runs alone on its block
+    with pytest.raises(ValueError, match="bias"):
+        FusedLinears([MixedLinear(torch.nn.Linear(8, 4), "a", None, ctx),
+                      MixedLinear(torch.nn.Linear(8, 4, bias=False), "b", None, ctx)])  # fmt: skip
 
 
 def test_compiled_glue_specialises_past_dynamos_recompile_limit(packed, monkeypatch):

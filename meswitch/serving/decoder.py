@@ -34,7 +34,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from meswitch.kernels.bank import device_tiles
 from meswitch.serving.engine import EngineError, MixedExpertEngine
-from meswitch.serving.mixed import rms_rows
+from meswitch.serving.mixed import FusedLinears, MixedLinear, rms_rows
 from meswitch.serving.tiers import ExpertSlot
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ class DecoderConfig:
     # batch 32: 8.8 -> 7.0 ms, benchmarks/results/decode-e2e-graph-compiled-2026-12-03.json).
     # None: on a GPU.
     compile_glue: bool | None = None
+    # One base GEMM for q/k/v and one for gate/up (their weights become blocks of one matrix, no copy
+    # kept; each projection still adds its own deltas): two launches a layer instead of five.
+    fuse_projections: bool = True
 
 
 GLUE_GRID_SETS = 16  # sets of quantization grids a batch may mix, per bucket (every subset of 4 grids)
@@ -130,6 +133,15 @@ class StaticDecoder:
             )
             self._glue = {k: patch(torch.compile(fn, dynamic=False, fullgraph=True)) for k, fn in fns.items()}
         self.captures = 0
+        self._fused = [self._fuse(layer) for layer in self.layers] if self.config.fuse_projections else None
+
+    @staticmethod
+    def _fuse(layer) -> tuple[FusedLinears, FusedLinears] | None:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, gate_up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
+        if not all(isinstance(m, MixedLinear) for m in qkv + gate_up):
+            return None
+        return FusedLinears.of(qkv), FusedLinears.of(gate_up)
 
     # ---- the step ------------------------------------------------------------------------------
     def _layers(self, x: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, span: int, decode: bool):
@@ -143,10 +155,12 @@ class StaticDecoder:
             mask = (torch.arange(span, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
+            fused = self._fused[i] if self._fused else None
             h = self._norm(layer.input_layernorm, x, decode)
-            q = attn.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = fused[0](h) if fused else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
+            q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = (self._glue["rope"] if decode and self._glue else apply_rotary_pos_emb)(q, k, cos, sin)
             if decode:
                 self.k[i][rows, :, pos] = k[:, :, 0]
@@ -162,10 +176,11 @@ class StaticDecoder:
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=group > 1)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
             h = self._norm(layer.post_attention_layernorm, x, decode)
+            gate, up = fused[1](h) if fused else (mlp.gate_proj(h), mlp.up_proj(h))
             if decode and self._glue:
-                x = x + mlp.down_proj(self._glue["swiglu"](mlp.gate_proj(h), mlp.up_proj(h)))
+                x = x + mlp.down_proj(self._glue["swiglu"](gate, up))
             else:
-                x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+                x = x + mlp.down_proj(mlp.act_fn(gate) * up)
         return self._norm(self.norm, x, decode)
 
     def _norm(self, module, x: torch.Tensor, decode: bool) -> torch.Tensor:

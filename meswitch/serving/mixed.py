@@ -153,13 +153,18 @@ class MixedLinear(nn.Module):
         self.base = base
         self.weight_name, self.bias_name = weight_name, bias_name
         self.ctx = ctx
+        self.fused: FusedLinears | None = None  # set when its base weight became a block of a fused GEMM
 
     @property
     def weight(self) -> torch.Tensor:  # transformers reads .weight.dtype/.device in places
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        return self.add_delta(x, self.base(x))
+
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (the base's output for ``x``, possibly a block of a fused output) plus each row's delta:
+        the banked kernels add in place, the dense path into a new tensor; returns the result."""
         self.ctx.banked(self.weight_name, x, y)
         if self.bias_name:
             for s, table, _ in self.ctx.tables(self.bias_name):  # bias deltas [slots, N]
@@ -181,6 +186,41 @@ class MixedLinear(nn.Module):
                 part = part + b
             _add_rows(y, g.rows, part)
         return y
+
+
+class FusedLinears:
+    """Sibling projections of one input (q/k/v, gate/up) as one base GEMM.
+
+    Their base weights become row blocks of one matrix (views: nothing is kept twice), so a decode step
+    reads them in one launch rather than a small, poorly parallel one each (a 1024-wide k or v at batch
+    32); each projection then adds its own expert deltas on its block of the output.
+    """
+
+    @classmethod
+    def of(cls, linears: list[MixedLinear]) -> FusedLinears:
+        """The fusion of ``linears``, made once (a second decoder on the same model shares it)."""
+        have = getattr(linears[0], "fused", None)
+        return have if have is not None and have.linears == linears else cls(linears)
+
+    def __init__(self, linears: list[MixedLinear]):
+        bases = [m.base for m in linears]
+        first = bases[0].weight
+        if any(b.in_features != bases[0].in_features or b.weight.dtype != first.dtype for b in bases):
+            raise ValueError("fused projections need one input width and one dtype")
+        if len({b.bias is None for b in bases}) != 1:
+            raise ValueError("fused projections need a bias on all of them or on none")
+        self.linears, self.sizes = linears, [b.out_features for b in bases]
+        self.weight = torch.cat([b.weight.detach() for b in bases])
+        self.bias = None if bases[0].bias is None else torch.cat([b.bias.detach() for b in bases])
+        for i, b in enumerate(bases):  # the modules keep working on their blocks (the eager, HF path)
+            b.weight = nn.Parameter(self.weight.split(self.sizes)[i], requires_grad=False)
+            if self.bias is not None:
+                b.bias = nn.Parameter(self.bias.split(self.sizes)[i], requires_grad=False)
+            linears[i].fused = self
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = F.linear(x, self.weight, self.bias)
+        return [m.add_delta(x, part) for m, part in zip(self.linears, y.split(self.sizes, -1), strict=True)]
 
 
 class MixedEmbedding(nn.Module):
