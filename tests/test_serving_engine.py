@@ -21,12 +21,12 @@ from serving_fixtures import (  # noqa: F401
 from tiny_models import calib_file, make_base, make_expert, save_model
 from transformers import AutoModelForCausalLM
 
-from meswitch.artifacts import ArtifactError
+from meswitch.artifacts import ArtifactError, read_manifest
 from meswitch.checkpoints import Checkpoint
-from meswitch.compression.reconstruct import reconstruct
+from meswitch.compression.reconstruct import DeltaReader, reconstruct
 from meswitch.serving.batching import GenRequest, Scheduler, SchedulerConfig
 from meswitch.serving.engine import EngineConfig, EngineError, MixedExpertEngine
-from meswitch.serving.tiers import DEVICE, DISK, HOST, nbytes, one_buffer
+from meswitch.serving.tiers import DEVICE, DISK, HOST, nbytes, one_buffer, stored_keys
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 
@@ -203,3 +203,12 @@ def test_host_copies_share_one_buffer_and_keep_every_tensor():
     (base,) = {v.untyped_storage().data_ptr() for v in out.values()}
     assert all((v.data_ptr() - base) % 256 == 0 for v in out.values() if v.numel())  # an empty one has no address
     assert nbytes(out) >= sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_an_artifacts_tensors_read_at_once_and_their_bytes_from_the_headers(served_family):  # noqa: F811
+    folder = next(iter(served_family.artifacts.values()))
+    reader = DeltaReader(folder, read_manifest(folder))
+    keys = stored_keys(reader)
+    tensors = reader.get_many(keys)
+    assert list(tensors) == keys and all(torch.equal(tensors[k], reader.get(k)) for k in keys[:20])
+    assert reader.nbytes(keys) == sum(t.numel() * t.element_size() for t in tensors.values()) > 0

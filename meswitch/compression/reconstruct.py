@@ -8,6 +8,7 @@ against the same dequantization.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,6 +23,8 @@ from meswitch.checkpoints import CONFIG, Checkpoint, config_dtype, scan
 from meswitch.compression.delta import CompressedDelta
 from meswitch.compression.expert import SHARD_BYTES, SOURCE_DIR
 from meswitch.compression.quantize import QuantSpec
+
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "F16": 2, "BF16": 2, "I32": 4, "F32": 4, "I64": 8, "F64": 8}
 
 
 class DeltaReader:
@@ -43,14 +46,27 @@ class DeltaReader:
     def get_many(self, keys: Iterable[str], device="cpu") -> dict[str, torch.Tensor]:
         """Several tensors, each file opened once: an opening parses the file's header, which for an
         expert's thousand-odd tensors cost a millisecond a key (a second an expert when serving loads it)."""
-        by_file: dict[Path, list[str]] = {}
-        for key in keys:
-            by_file.setdefault(self._where[key], []).append(key)
         out = {}
-        for path, names in by_file.items():
+        for path, names in self._by_file(keys).items():
             with safe_open(path, framework="pt", device=str(device)) as f:
                 out.update((k, f.get_tensor(k)) for k in names)
         return out
+
+    def nbytes(self, keys: Iterable[str]) -> int:
+        """Bytes the tensors ``keys`` take, from the files' headers (no tensor is read)."""
+        total = 0
+        for path, names in self._by_file(keys).items():
+            with safe_open(path, framework="pt") as f:
+                for k in names:
+                    sl = f.get_slice(k)
+                    total += math.prod(sl.get_shape()) * _DTYPE_BYTES[sl.get_dtype()]
+        return total
+
+    def _by_file(self, keys: Iterable[str]) -> dict[Path, list[str]]:
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self._where[key], []).append(key)
+        return by_file
 
     def has(self, key: str) -> bool:
         return key in self._where

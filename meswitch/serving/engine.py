@@ -193,7 +193,7 @@ class MixedExpertEngine:
     def _estimate_bytes(self, reader) -> int:
         """Device bytes an expert's payload will take (before building it, to evict ahead of time)."""
         if self.payload_kind == "packed":
-            return sum(v.numel() * v.element_size() for v in reader.get_many(stored_keys(reader)).values())
+            return reader.nbytes(stored_keys(reader))
         per = torch.finfo(self.dtype).bits // 8
         total = 0
         for h in reader.manifest.tensors.values():

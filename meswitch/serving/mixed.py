@@ -199,7 +199,7 @@ class FusedLinears:
     @classmethod
     def of(cls, linears: list[MixedLinear]) -> FusedLinears:
         """The fusion of ``linears``, made once (a second decoder on the same model shares it)."""
-        have = getattr(linears[0], "fused", None)
+        have = linears[0].fused
         return have if have is not None and have.linears == linears else cls(linears)
 
     def __init__(self, linears: list[MixedLinear]):
@@ -212,11 +212,13 @@ class FusedLinears:
         self.linears, self.sizes = linears, [b.out_features for b in bases]
         self.weight = torch.cat([b.weight.detach() for b in bases])
         self.bias = None if bases[0].bias is None else torch.cat([b.bias.detach() for b in bases])
-        for i, b in enumerate(bases):  # the modules keep working on their blocks (the eager, HF path)
-            b.weight = nn.Parameter(self.weight.split(self.sizes)[i], requires_grad=False)
-            if self.bias is not None:
-                b.bias = nn.Parameter(self.bias.split(self.sizes)[i], requires_grad=False)
-            linears[i].fused = self
+        blocks = self.weight.split(self.sizes)
+        bias_blocks = self.bias.split(self.sizes) if self.bias is not None else [None] * len(bases)
+        for m, w, bias in zip(linears, blocks, bias_blocks, strict=True):  # each module works on its block
+            m.base.weight = nn.Parameter(w, requires_grad=False)  # (the eager, transformers path)
+            if bias is not None:
+                m.base.bias = nn.Parameter(bias, requires_grad=False)
+            m.fused = self
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         y = F.linear(x, self.weight, self.bias)
