@@ -58,7 +58,11 @@ def test_answers_table_marks_checkable_answers_and_counts_them():
          "answer": "To be | or not", "base_answer": "Hmm."},
     ]  # fmt: skip
     scores = {"math": {"task_metric": "final-number-exact-match", "task_prompts": 48, "task_score": 0.48,
-                       "base_task_score": 0.17}}  # fmt: skip
+                       "base_task_score": 0.17},
+              "code": {"task_metric": "next-line-exact-match", "task_prompts": 48, "task_score": 0.04,
+                       "base_task_score": 0.04,
+                       "token_accuracy": {"prompts": 200, "base": 0.519, "expert": 0.554, "expert_over_base": 1.066,
+                                          "ci95": [1.02, 1.11]}}}  # fmt: skip
     md = demo.answers_markdown({"served": served, "family_scores": scores})
     assert "| math | What is 2 plus 1? | math (0.97) | ✅ 2 + 1 = 3. The answer is 3. | ❌ It is 4. |" in md
     assert "To be \\| or not" in md and "english (-)" in md  # table cells stay cells
@@ -66,6 +70,7 @@ def test_answers_table_marks_checkable_answers_and_counts_them():
         "experts 1/1, base 0/1" in md
         and "median 7.5 ms a question (1 asked)" in md
         and "math 0.480 against the base's 0.170" in md
+        and "(200 functions, full expert): code 0.554 against the base's 0.519 (x1.066, 95% CI 1.020-1.110)" in md
     )
 
 

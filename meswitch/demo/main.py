@@ -263,7 +263,8 @@ def family_scores(family: Path) -> dict[str, dict]:
         task = e.get("task") or {}
         out[name] = {"ppl": e.get("ppl_own_domain"), "base_ppl": e.get("base_ppl_own_domain"),
                      "task_metric": task.get("metric"), "task_prompts": task.get("prompts"),
-                     "task_score": task.get("expert"), "base_task_score": task.get("base")}  # fmt: skip
+                     "task_score": task.get("expert"), "base_task_score": task.get("base"),
+                     "token_accuracy": task.get("token_accuracy")}  # fmt: skip
     return out
 
 
@@ -376,6 +377,12 @@ def answers_markdown(result: dict) -> str:
             f"Held-out task ({s.get('task_metric')}, {s.get('task_prompts', '?')} problems, full expert): "
             f"{name} {s['task_score']:.3f} against the base's {s['base_task_score']:.3f}."
         )
+        if a := s.get("token_accuracy"):
+            lines.append(
+                f"Held-out next-line token accuracy ({a['prompts']} functions, full expert): {name} {a['expert']:.3f} "
+                f"against the base's {a['base']:.3f} (x{a['expert_over_base']:.3f}, 95% CI {a['ci95'][0]:.3f}-"
+                f"{a['ci95'][1]:.3f})."
+            )
     return "\n".join(lines) + "\n"
 
 

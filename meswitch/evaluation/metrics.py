@@ -207,3 +207,22 @@ def exact_match(model, tokenizer, tasks: Sequence[Task | tuple[str, str]], batch
     finally:
         tokenizer.padding_side = side
     return hits / len(tasks)
+
+
+@torch.no_grad()
+def next_line_token_accuracy(model, tokenizer, tasks: Sequence[Task]) -> list[float]:
+    """Per next-line task, the share of its answer line's tokens the model predicts (greedy, given the true
+    prefix): a completion score that still separates models where generating the exact line is out of a small
+    model's reach (a 135M model's exact next line of unseen code: 4% with or without a code fine-tune)."""
+    device = next(model.parameters()).device
+    out = []
+    for t in tasks:
+        if t.metric != NEXT_LINE:
+            raise ValueError(f"token accuracy scores next-line tasks, got {t.metric!r}")
+        head = tokenizer(t.prompt, add_special_tokens=False).input_ids
+        ids = tokenizer(t.prompt + "\n" + t.answer, add_special_tokens=False).input_ids
+        # BPE may merge across the cut: score from the first token the prompt alone does not have
+        start = next((i for i, (a, b) in enumerate(zip(head, ids, strict=False)) if a != b), len(head))
+        logits = model(torch.tensor([ids], device=device)).logits[0, start - 1 : len(ids) - 1]
+        out.append((logits.argmax(-1).cpu() == torch.tensor(ids[start:])).float().mean().item())
+    return out
