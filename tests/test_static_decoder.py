@@ -95,37 +95,33 @@ def test_decoder_steps_equal_the_engine_forward_for_a_mixed_batch(packed):
     assert (logits[0] - logits[1]).abs().max() > 1e-2  # an expert row and a base row differ: the check has teeth
 
 
+def _prefill_and_step(eng, slots, **config) -> tuple[StaticDecoder, torch.Tensor, torch.Tensor]:
+    """A 4-row decoder built with ``config``, its prefill logits for a batch mixing two experts and a base row,
+    and the decode step's logits after it."""
+    rows = [slots[sorted(slots)[0]], None, slots[sorted(slots)[1]]]
+    dec = StaticDecoder(eng, DecoderConfig(max_rows=4, max_len=32, buckets=(4,), min_len_bucket=16, **config))
+    first = dec.prefill(range(3), [[5, 6, 7], [9, 10], [11, 12, 13, 14]], rows)
+    return dec, first, dec.decode(first.argmax(-1), [3, 2, 4], rows)
+
+
 def test_compiled_glue_gives_the_same_steps(packed):
     eng, slots = packed
-    rows = [slots[sorted(slots)[0]], None, slots[sorted(slots)[1]]]
-    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14]]
-    out = []
-    for glue in (False, True):
-        cfg = DecoderConfig(max_rows=4, max_len=32, buckets=(4,), min_len_bucket=16, compile_glue=glue)
-        dec = StaticDecoder(eng, cfg)
-        last = dec.prefill(range(3), prompts, rows).argmax(-1)
-        out.append(dec.decode(last, [3, 2, 4], rows))
-    torch.testing.assert_close(out[1], out[0], **TOL)
+    (_, _, eager), (_, _, compiled) = (_prefill_and_step(eng, slots, compile_glue=glue) for glue in (False, True))
+    torch.testing.assert_close(compiled, eager, **TOL)
 
 
 def test_fused_projections_give_the_same_steps_on_one_copy_of_the_weights(packed):
     eng, slots = packed
-    rows = [slots[sorted(slots)[0]], None, slots[sorted(slots)[1]]]
-    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14]]
-    out = []
-    for fuse in (False, True):
-        cfg = DecoderConfig(max_rows=4, max_len=32, buckets=(4,), min_len_bucket=16, compile_glue=False,
-                            fuse_projections=fuse)  # fmt: skip
-        dec = StaticDecoder(eng, cfg)
-        first = dec.prefill(range(3), prompts, rows)
-        out.append((first, dec.decode(first.argmax(-1), [3, 2, 4], rows)))
-    torch.testing.assert_close(out[1], out[0], **TOL)
+    (_, *apart), (dec, *fused_steps) = (
+        _prefill_and_step(eng, slots, compile_glue=False, fuse_projections=fuse) for fuse in (False, True)
+    )
+    torch.testing.assert_close(fused_steps, apart, **TOL)
     attn, mlp = dec.layers[0].self_attn, dec.layers[0].mlp
     qkv, gate_up = dec._fused[0]
     for fused, mods in ((qkv, (attn.q_proj, attn.k_proj, attn.v_proj)), (gate_up, (mlp.gate_proj, mlp.up_proj))):
         storage = fused.weight.untyped_storage().data_ptr()
         assert all(m.fused is fused and m.base.weight.untyped_storage().data_ptr() == storage for m in mods)
-    assert StaticDecoder(eng, cfg)._fused[0] == (qkv, gate_up)  # a second decoder shares the fusion
+    assert StaticDecoder(eng, dec.config)._fused[0] == (qkv, gate_up)  # a second decoder shares the fusion
 
 
 def test_fused_linears_take_biases_on_all_or_none():
