@@ -55,9 +55,8 @@ class DecoderConfig:
     block_m: int | None = 16
     graphs: bool = True  # capture CUDA graphs on a GPU; False: every step eager (what graphs are tested against)
     # Fuse a decode step's small ops (RMS norms with their slot tables, rotary embedding, SwiGLU) with
-    # torch.compile: some 20 kernels per layer become 4, compiled once per batch bucket (a 7B step at
-    # batch 32: 8.8 -> 7.0 ms, benchmarks/results/decode-e2e-graph-compiled-2026-12-03.json).
-    # None: on a GPU.
+    # torch.compile: some 20 kernels per layer become 4 (a 7B step at batch 32: 8.8 -> 7.0 ms,
+    # benchmarks/results/decode-e2e-graph-compiled-2026-12-03.json). None: on a GPU.
     compile_glue: bool | None = None
     # One base GEMM for q/k/v and one for gate/up (their weights become blocks of one matrix, no copy
     # kept; each projection still adds its own deltas): two launches a layer instead of five.
@@ -123,15 +122,17 @@ class StaticDecoder:
             if getattr(cfg, "hidden_act", "silu") != "silu":
                 raise EngineError(f"compile_glue fuses SwiGLU; the model's activation is {cfg.hidden_act!r}")
             fns = {"norm": rms_rows, "rope": apply_rotary_pos_emb, "swiglu": swiglu}
-            # One specialisation per batch bucket and set of grids a batch mixes (the norm's slot tables):
-            # 14 for the default buckets and one grid, past dynamo's limit of 8 for a function, where
-            # fullgraph=True fails the capture (it did, serving the real family on the H200).
+            # The batch dimension turns dynamic on the second bucket (dynamo's automatic dynamic shapes), so
+            # each function compiles twice (batch 1, any batch) per set of grids a batch mixes (the norm's
+            # slot tables): 8 compilations where one per bucket made 28 (CPU warm-up 17.2 -> 6.2 s; on the
+            # H200 the real family's 12 graphs took 25.4 s before). The limit still covers one per bucket,
+            # past dynamo's 8 a function, where fullgraph=True fails the capture (it did on the H200).
             limit = len(self.config.buckets) * GLUE_GRID_SETS
             patch = torch._dynamo.config.patch(
                 recompile_limit=max(limit, torch._dynamo.config.recompile_limit),
                 accumulated_recompile_limit=max(limit * len(fns), torch._dynamo.config.accumulated_recompile_limit),
             )
-            self._glue = {k: patch(torch.compile(fn, dynamic=False, fullgraph=True)) for k, fn in fns.items()}
+            self._glue = {k: patch(torch.compile(fn, dynamic=None, fullgraph=True)) for k, fn in fns.items()}
         self.captures = 0
         self._fused = [self._fuse(layer) for layer in self.layers] if self.config.fuse_projections else None
 
