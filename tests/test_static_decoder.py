@@ -261,6 +261,20 @@ def test_graph_replay_gives_the_eager_decoders_tokens_on_the_gpu(tmp_path):
     assert graph.captures == captured
     assert greedy(graph, mix[:3]) == greedy(eager, mix[:3])  # a smaller bucket
 
+    # the Triton decode attention (the default) against PyTorch's SDPA, fed the same tokens
+    sdpa = StaticDecoder(eng, DecoderConfig(**{**cfg.__dict__, "attention_kernel": False}))
+
+    def logits(dec, rows, tokens):
+        out = [dec.prefill(range(len(rows)), prompts[: len(rows)], rows)]
+        pos = [len(p) for p in prompts[: len(rows)]]
+        for t in tokens:
+            out.append(dec.decode(torch.tensor(t, device="cuda"), pos, rows))
+            pos = [p + 1 for p in pos]
+        return torch.stack(out).float()
+
+    forced = greedy(graph, rows)
+    torch.testing.assert_close(logits(graph, rows, forced), logits(sdpa, rows, forced), atol=5e-2, rtol=2e-2)
+
     warm = StaticDecoder(eng, cfg)
     wanted = 2 * 2 * len(cfg.buckets)  # base rows and the one grid, at the spans 16 and 32 the answers reach
     assert warm.warm_up(spans=(16, 32)) == wanted

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from meswitch.kernels.bank import device_tiles
+from meswitch.kernels.decode_attention import decode_attention, decode_attention_reference, decode_mask
 from meswitch.serving.engine import EngineError, MixedExpertEngine
 from meswitch.serving.mixed import FusedLinears, MixedLinear, rms_rows
 from meswitch.serving.tiers import ExpertSlot
@@ -61,6 +62,9 @@ class DecoderConfig:
     # One base GEMM for q/k/v and one for gate/up (their weights become blocks of one matrix, no copy
     # kept; each projection still adds its own deltas): two launches a layer instead of five.
     fuse_projections: bool = True
+    # Decode attention by meswitch's Triton kernel, which also writes the new token's K/V into the cache
+    # (kernels/decode_attention.py); False: PyTorch's SDPA (cuDNN on the H200) and two index writes.
+    attention_kernel: bool = True
 
 
 GLUE_GRID_SETS = 16  # sets of quantization grids a batch may mix, per bucket (every subset of 4 grids)
@@ -152,8 +156,7 @@ class StaticDecoder:
         b, t, _ = x.shape
         group = self.heads // self.kv_heads
         cos, sin = self.rotary(x, pos[:, None] if decode else pos)
-        if decode:
-            mask = (torch.arange(span, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]
+        mask = decode_mask(pos, span) if decode and not self.config.attention_kernel else None
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             fused = self._fused[i] if self._fused else None
@@ -164,12 +167,10 @@ class StaticDecoder:
             v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = (self._glue["rope"] if decode and self._glue else apply_rotary_pos_emb)(q, k, cos, sin)
             if decode:
-                self.k[i][rows, :, pos] = k[:, :, 0]
-                self.v[i][rows, :, pos] = v[:, :, 0]
                 # grouped-query attention without repeating the cache: a KV head's query heads as its queries
-                qg = q.reshape(b, self.kv_heads, group, self.head_dim)
-                o = F.scaled_dot_product_attention(qg, self.k[i][:b, :, :span], self.v[i][:b, :, :span],
-                                                   attn_mask=mask, scale=attn.scaling)  # fmt: skip
+                args = (q.reshape(b, self.kv_heads, group, self.head_dim), k[:, :, 0], v[:, :, 0], self.k[i],
+                        self.v[i], rows, pos, span, attn.scaling)  # fmt: skip
+                o = decode_attention(*args) if mask is None else decode_attention_reference(*args, mask=mask)
                 o = o.reshape(b, self.heads, 1, self.head_dim)
             else:
                 self.k[i][rows, :, :t] = k

@@ -1,0 +1,100 @@
+"""``decode_attention``: one decode step's attention on the static KV cache, the new token's K/V written in it.
+
+In a captured 7B decode step at batch 32 (H200), cuDNN's SDPA spent 19.5 us a layer on 128 cached
+positions, where reading them takes about 4 us, and writing the new token's K and V into the cache took
+two more launches (together 0.9 ms of a 7.9 ms step; benchmarks/results/profile-decode-2026-12-03.json).
+The registered op ``meswitch::decode_attention`` runs the Triton kernel (:mod:`triton_attention`) on CUDA
+and :func:`decode_attention_reference` (the SDPA path it replaces) everywhere else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from meswitch.kernels.ops import triton_available
+
+
+def decode_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+    pos: torch.Tensor,
+    span: int,
+    scale: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Write ``k``/``v`` at ``(rows[b], :, pos[b])``, then attend batch row b to cache row b's positions
+    0..pos[b] (of the first ``span``) with SDPA; ``mask`` ([B, 1, 1, span]: position <= pos[b]) may be made
+    once for all layers."""
+    b = q.shape[0]
+    k_cache[rows, :, pos] = k
+    v_cache[rows, :, pos] = v
+    if mask is None:
+        mask = decode_mask(pos, span)
+    return F.scaled_dot_product_attention(q, k_cache[:b, :, :span], v_cache[:b, :, :span], attn_mask=mask, scale=scale)
+
+
+def decode_mask(pos: torch.Tensor, span: int) -> torch.Tensor:
+    return (torch.arange(span, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
+
+
+def _fits_kernel(q: torch.Tensor) -> bool:
+    d = q.shape[-1]
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and d & (d - 1) == 0 and triton_available()
+
+
+@torch.library.custom_op("meswitch::decode_attention", mutates_args=("k_cache", "v_cache"))
+def _decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+    pos: torch.Tensor,
+    span: int,
+    scale: float,
+) -> torch.Tensor:
+    if _fits_kernel(q):
+        from meswitch.kernels.triton_attention import launch
+
+        return launch(q, k, v, k_cache, v_cache, rows, pos, span, scale)
+    return decode_attention_reference(q, k, v, k_cache, v_cache, rows, pos, span, scale)
+
+
+@_decode_attention.register_fake
+def _(q, k, v, k_cache, v_cache, rows, pos, span, scale) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+    pos: torch.Tensor,
+    span: int,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one decode step for ``B`` sequences, grouped-query, without repeating the cache.
+
+    ``q`` [B, Hkv, G, D] (a KV head's G query heads, after rotary), ``k``/``v`` [B, Hkv, D] the new token's
+    (``k`` after rotary); caches [R, Hkv, L, D]. The new K/V go to cache row ``rows[b]`` at ``pos[b]``
+    (a padding row names a scratch row); row b attends to cache row b's positions before ``pos[b]`` and its
+    new token, within the first ``span`` positions. Returns [B, Hkv, G, D]; nothing is read on the host,
+    so a CUDA graph can hold it.
+    """
+    b, hkv, _, d = q.shape
+    if k.shape != (b, hkv, d) or v.shape != (b, hkv, d):
+        raise ValueError(f"k and v must be [{b}, {hkv}, {d}], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k_cache.shape != v_cache.shape or k_cache.shape[1] != hkv or k_cache.shape[3] != d:
+        raise ValueError(f"caches must be [R, {hkv}, L, {d}], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if not 0 < span <= k_cache.shape[2] or k_cache.shape[0] < b:
+        raise ValueError(f"span {span} and batch {b} must fit the cache {tuple(k_cache.shape)}")
+    return torch.ops.meswitch.decode_attention(q, k, v, k_cache, v_cache, rows, pos, span, scale)

@@ -1,0 +1,97 @@
+"""``meswitch::decode_attention`` against attention written out by hand (CPU, CI), and its Triton kernel
+against the reference (GPU machine; MESWITCH_ATTENTION_INTERPRET=1 TRITON_INTERPRET=1 with Triton installed
+runs the kernel through Triton's interpreter on the CPU, whose bf16 dot is wrong: there only fp16 holds)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from meswitch.kernels.decode_attention import decode_attention, decode_attention_reference
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("MESWITCH_ATTENTION_INTERPRET") == "1"
+
+
+def _case(b: int, hkv: int, group: int, d: int, length: int, pos: list[int], dtype, device, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    rows_total = b + 1  # the last row: scratch for padding rows
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(device)
+
+    q, k, v = rnd(b, hkv, group, d), rnd(b, hkv, d), rnd(b, hkv, d)
+    kc, vc = rnd(rows_total, hkv, length, d), rnd(rows_total, hkv, length, d)
+    rows = torch.arange(b, device=device)
+    return q, k, v, kc, vc, rows, torch.tensor(pos, device=device)
+
+
+def _by_hand(q, kc, vc, pos, scale):
+    """Each row's attention over its positions 0..pos (the new token already in the cache)."""
+    out = torch.empty_like(q, dtype=torch.float32)
+    for b, p in enumerate(pos.tolist()):
+        keys, values = kc[b, :, : p + 1].float(), vc[b, :, : p + 1].float()  # [Hkv, p+1, D]
+        w = torch.softmax(q[b].float() @ keys.transpose(1, 2) * scale, dim=-1)  # [Hkv, G, p+1]
+        out[b] = w @ values
+    return out
+
+
+def test_reference_writes_the_new_token_and_attends_to_each_rows_positions():
+    q, k, v, kc, vc, rows, pos = _case(3, 2, 3, 16, 32, [0, 5, 31], torch.float32, "cpu")
+    scale = 1 / math.sqrt(16)
+    out = decode_attention(q, k, v, kc, vc, rows, pos, 32, scale)
+    for b, p in enumerate(pos.tolist()):
+        torch.testing.assert_close(kc[b, :, p], k[b])
+        torch.testing.assert_close(vc[b, :, p], v[b])
+    torch.testing.assert_close(out, _by_hand(q, kc, vc, pos, scale), atol=1e-5, rtol=1e-5)
+
+
+def test_a_padding_row_writes_to_the_scratch_row_only():
+    q, k, v, kc, vc, rows, pos = _case(2, 1, 2, 8, 16, [3, 0], torch.float32, "cpu")
+    rows[1] = 2  # the scratch row
+    before = kc[1].clone()
+    decode_attention(q, k, v, kc, vc, rows, pos, 16, 0.5)
+    torch.testing.assert_close(kc[1], before)
+    torch.testing.assert_close(kc[2, :, 0], k[1])
+
+
+def test_bad_shapes_are_refused():
+    q, k, v, kc, vc, rows, pos = _case(2, 2, 2, 8, 16, [1, 1], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="k and v must be"):
+        decode_attention(q, k[:, :1], v, kc, vc, rows, pos, 16, 0.5)
+    with pytest.raises(ValueError, match="span"):
+        decode_attention(q, k, v, kc, vc, rows, pos, 17, 0.5)
+
+
+# (batch, kv heads, group, head dim, cache length, span, positions): one split and several, G 3 (SmolLM2)
+# and 4 (Mistral), head dims 64 and 128, first positions, a position at the span's end
+KERNEL_CASES = [
+    (4, 3, 3, 64, 256, 128, [0, 1, 63, 127]),
+    (32, 8, 4, 128, 512, 128, [i * 4 for i in range(32)]),
+    (1, 8, 4, 128, 2048, 2048, [2047]),
+    (2, 2, 4, 128, 1024, 1024, [700, 65]),
+]
+
+
+@pytest.mark.skipif(not (CUDA or INTERPRET), reason="the Triton kernel: needs CUDA (runs on the GPU machine)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", KERNEL_CASES)
+def test_kernel_equals_the_reference(case, dtype):
+    from meswitch.kernels.triton_attention import launch, split_count
+
+    b, hkv, group, d, length, span, pos = case
+    device = "cuda" if CUDA else "cpu"
+    q, k, v, kc, vc, rows, pos_t = _case(b, hkv, group, d, length, pos, dtype, device, seed=b)
+    rows[-1] = b  # the last row pads: it writes to the scratch row
+    kc2, vc2 = kc.clone(), vc.clone()
+    scale = 1 / math.sqrt(d)
+    want = decode_attention_reference(q, k, v, kc, vc, rows, pos_t, span, scale)
+    got = launch(q, k, v, kc2, vc2, rows, pos_t, span, scale, sms=132)
+    assert torch.equal(kc2, kc) and torch.equal(vc2, vc)  # the same writes, nothing else touched
+    # the padding row's output is never read (the reference attends to its cache row's stale position there)
+    torch.testing.assert_close(got[:-1].float(), want[:-1].float(), atol=2e-2, rtol=2e-2)
+    if span >= 1024 and b * hkv < 64:
+        assert split_count(b * hkv, span, 132) > 1  # the merge kernel took part
