@@ -6,7 +6,7 @@
 # MESWITCH_DELTA_KERNEL=gluon runs decode on the Gluon kernel where it fits (ncu then writes ncu-gluon.json).
 #   bash benchmarks/run_gpu.sh stage                 (the real family, issue 11: see benchmarks/stage_smol.sh)
 #   bash benchmarks/run_gpu.sh smol-setup smol-long [smol] [report-long] [report-smol] [router-long] [pack]
-# REPORT_NAME names a report's folder (default: the step), so reports with other REPORT_ARGS can run side by
+# REPORT_NAME names a report's folder (default: the step) and REPORT_FAMILY its family, so reports with other REPORT_ARGS can run side by
 # side (each process is launch-bound: two share the GPU well). router-long trains and times the MCQ router on
 # the GPU (issue 12; ROUTER_FAMILY picks the family). pack tars everything under $OUT into one file (at most 8
 # files come back).
@@ -61,6 +61,7 @@ for step in $steps; do
         grep -v "it/s\]$" | tail -n 30
       cp "/tmp/meswitch-$step/family.json" "$OUT/family-$step.json" 2>/dev/null ;;
     report-long|report-smol) fam=/tmp/meswitch-smol; [ "$step" = report-long ] && fam=/tmp/meswitch-smol-long
+      fam=${REPORT_FAMILY:-$fam}  # e.g. the family make demo built on this machine: /tmp/meswitch-demo/families/smol
       name=${REPORT_NAME:-$step}
       rep=$STAGE/$name  # on the machine's disk: a report stopped by the time limit resumes from its parts there
       mkdir -p "$OUT/$name"  # REPORT_TIMEOUT: under the call's limit, so that the parts come back whatever happens

@@ -36,6 +36,18 @@ def quiet_defaults() -> None:
         os.environ.setdefault(k, v)
 
 
+def start_ephemeral_api() -> None:
+    """Start Prefect's ephemeral API now rather than on the first flow run, so a caller can overlap its
+    start (a subprocess that migrates a new database: ~11 s on 2 cores) with other work; flows in this
+    process then find it running (Prefect keeps one per process). Nothing to do when an API is configured."""
+    quiet_defaults()
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    SubprocessASGIServer().start()
+
+
 @contextlib.contextmanager
 def shared_api(full: bool = False, home: Path | None = None) -> Iterator[str]:
     """A Prefect API that child processes reach through ``PREFECT_API_URL``; yield its URL.
