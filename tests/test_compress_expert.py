@@ -1,6 +1,7 @@
 """Whole-expert compression on tiny random-config checkpoints: validation, artifacts, reconstruction."""
 
 import json
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -329,6 +330,16 @@ def test_cli_compress_inspect_evaluate(family, tmp_path, capsys):
     sums, tokens = result["kl_text_sums"], result["kl_text_tokens"]
     assert len(sums) == len(tokens) == 6 and all(n > 0 for n in tokens)
     assert sum(sums) / sum(tokens) == pytest.approx(result["kl"], rel=1e-3)
+    # and what the gain kept's interval needs: each text's summed NLL under the three models, adding up to each
+    # perplexity
+    for model, units in (
+        ("base", "nll_text_units_base"),
+        ("expert", "nll_text_units"),
+        ("compressed", "nll_text_units"),
+    ):
+        nll = result[f"nll_text_sums_{model}"]
+        assert len(nll) == len(result[units]) == 6
+        assert math.exp(sum(nll) / sum(result[units])) == pytest.approx(result[f"ppl_{model}"], abs=1e-4)
     # an artifact evaluated against an expert it was not made from: refused, naming both fingerprints
     other = make_expert(base, tmp_path / "other", seed=7)
     args = ["evaluate", "--base", str(base), "--artifact", str(art), "--expert", str(other), "--data", str(data)]

@@ -1,6 +1,7 @@
 """The methods x bits report over a family folder, and expert.yaml parsing."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -212,15 +213,30 @@ def test_report_rows_carry_every_figure_and_resume_from_finished_experts(family,
         distill=DistillConfig(steps=8, batch_size=2, seq_len=32),
     )
     out = tmp_path / "report"
-    data = json.loads(run_report(family, out, cfg)[1].read_text())
+    paths = run_report(family, out, cfg)
+    data = json.loads(paths[1].read_text())
     rows = {(r["expert"], r["method"]): r for r in data["rows"]}
     assert len(rows) == 2 * 4 and data["equal_bytes_group"] == 16  # 0.125 * 16 bits = 2 bits = 32 bits / 16 params
     for r in data["rows"]:
         for key in ("expert", "method", "bits", "bits_per_param", "kl", "kl_ci", "gain_kept_ppl", "gain_kept_task",
-                    "compress_seconds", "device", "peak_memory_mb"):  # fmt: skip
+                    "gain_kept_ppl_ci", "compress_seconds", "device", "peak_memory_mb"):  # fmt: skip
             assert key in r, key
         lo, hi = r["kl_ci"]
         assert lo <= r["kl"] <= hi and r["device"] == "cpu" and r["gain_kept_task"] is None
+        lo, hi = r["gain_kept_ppl_ci"]
+        assert lo <= r["gain_kept_ppl"] <= hi and lo < hi
+        # each text's summed NLL and its tokens give back the perplexities the row reports
+        for model, units in (("base", "nll_text_units_base"), ("expert", "nll_text_units"),
+                             ("compressed", "nll_text_units")):  # fmt: skip
+            sums = r[f"nll_text_sums_{model}"]
+            assert len(sums) == len(r[units]) == 6
+            assert math.exp(sum(sums) / sum(r[units])) == pytest.approx(r[f"ppl_{model}"], abs=1e-4)
+    for name, ref in data["references"].items():  # the bf16 copy's gain kept, with its interval, in the table
+        lo, hi = ref["bf16_rounded_gain_kept_ppl_ci"]
+        assert lo <= ref["bf16_rounded_gain_kept_ppl"] <= hi
+        gain = f"{ref['bf16_rounded_gain_kept_ppl']:.3f} [{lo:.3f}, {hi:.3f}]"
+        assert f"| {name} | expert rounded to bf16 (reference) | 16 | - | - | - | " in paths[0].read_text()
+        assert f" | {gain} | - |" in paths[0].read_text()
     for name in ("alpha", "beta"):
         ours, eq = rows[name, "meswitch"], rows[name, "fixed-eqbytes"]
         # about the bytes of the salient columns (the estimate is rough at K = 64; the real report shows both sizes)

@@ -62,7 +62,9 @@ def register(sub) -> None:
     p.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON object, with each text's summed KL and token count (kl_text_sums, kl_text_tokens)",
+        help="print one JSON object, with each text's summed KL and token count (kl_text_sums, kl_text_tokens) "
+        "and its summed negative log-likelihood under the base, the expert and the compressed expert "
+        "(nll_text_sums_base/_expert/_compressed, over nll_text_units_base / nll_text_units tokens or characters)",
     )
     p.add_argument("--out", type=Path, help="also write the result as JSON here")
     p.set_defaults(func=_evaluate)
@@ -212,16 +214,15 @@ def _evaluate(args) -> int:
         result = evaluate_artifact(args.base, args.artifact, args.expert, data, device=args.device)
     except (ArtifactError, ValueError) as e:
         raise CommandError(str(e)) from e
-    result = result.to_dict(per_text=True)
+    full = result.to_dict(per_text=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.write_text(json.dumps(full, indent=2) + "\n")
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(full))
     else:
-        for k, v in result.items():
-            if not k.startswith("kl_text_"):
-                print(f"{k:<22} {v}")
+        for k, v in result.to_dict().items():
+            print(f"{k:<22} {v}")
     return 0
 
 

@@ -14,7 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from meswitch.checkpoints import Checkpoint, scan
 from meswitch.compression.methods import applied_bits
 from meswitch.compression.reconstruct import load_expert_model, open_artifact
-from meswitch.evaluation.metrics import Comparison, EvalData, compare, exact_match, perplexity
+from meswitch.evaluation.metrics import Comparison, EvalData, Likelihood, compare, exact_match, likelihood
+
+# A per-text list's field metadata: ``meswitch evaluate --json`` prints it, the summary leaves it out
+PER_TEXT = {"per_text": True}
 
 
 @dataclass
@@ -42,16 +45,24 @@ class EvalResult:
     ppl_unit: str = "token"  # "char" where the expert's vocabulary differs from its base's
     compress_seconds: float | None = None
     device: str | None = None  # where the artifact was compressed
-    # per eval text: KL summed over its tokens, and its token count (what paired intervals resample)
-    kl_text_sums: list[float] = field(default_factory=list, repr=False)
-    kl_text_tokens: list[int] = field(default_factory=list, repr=False)
+    # Per eval text, what paired intervals resample: KL summed over its tokens and their count; its negative
+    # log-likelihood (nats) summed under the base, the expert and the compressed expert, and what perplexity
+    # divides it by (tokens, or characters where ppl_unit is "char"; the base's own where its tokenizer differs):
+    # ppl_base == exp(sum(nll_text_sums_base) / sum(nll_text_units_base)), and so on; nll_text_units serves the
+    # expert and the compressed expert (one tokenizer).
+    kl_text_sums: list[float] = field(default_factory=list, repr=False, metadata=PER_TEXT)
+    kl_text_tokens: list[int] = field(default_factory=list, repr=False, metadata=PER_TEXT)
+    nll_text_sums_base: list[float] = field(default_factory=list, repr=False, metadata=PER_TEXT)
+    nll_text_sums_expert: list[float] = field(default_factory=list, repr=False, metadata=PER_TEXT)
+    nll_text_sums_compressed: list[float] = field(default_factory=list, repr=False, metadata=PER_TEXT)
+    nll_text_units_base: list[int] = field(default_factory=list, repr=False, metadata=PER_TEXT)
+    nll_text_units: list[int] = field(default_factory=list, repr=False, metadata=PER_TEXT)
 
     def to_dict(self, per_text: bool = False) -> dict:
-        """The figures; with ``per_text`` also the per-text KL sums and token counts."""
+        """The figures; with ``per_text`` also the per-text lists."""
         out = dataclasses.asdict(self)
-        if not per_text:
-            del out["kl_text_sums"], out["kl_text_tokens"]
-        return out
+        hidden = set() if per_text else {f.name for f in dataclasses.fields(self) if f.metadata.get("per_text")}
+        return {k: v for k, v in out.items() if k not in hidden}
 
 
 def _tokenizer(folder: Path):
@@ -84,15 +95,12 @@ class Evaluator:
         return scan(Checkpoint(self.expert_dir)).fingerprint
 
     @cached_property
+    def _expert_nll(self) -> Likelihood:
+        return self._likelihood(self.expert, self.tokenizer)
+
+    @cached_property
     def ppl_expert(self) -> float:
-        return perplexity(
-            self.expert,
-            self.tokenizer,
-            self.data.texts,
-            self.max_len,
-            score_from=self.data.score_from,
-            per_char=self.per_char,
-        )
+        return self._expert_nll.perplexity(self.per_char)
 
     @cached_property
     def task_expert(self) -> float | None:
@@ -103,15 +111,12 @@ class Evaluator:
         return AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=torch.float32).to(self.device).eval()
 
     @cached_property
+    def _base_nll(self) -> Likelihood:
+        return self._likelihood(self._base_model, _tokenizer(self.base_dir))
+
+    @cached_property
     def ppl_base(self) -> float:
-        return perplexity(
-            self._base_model,
-            _tokenizer(self.base_dir),
-            self.data.texts,
-            self.max_len,
-            score_from=self.data.score_from,
-            per_char=self.per_char,
-        )
+        return self._base_nll.perplexity(self.per_char)
 
     @cached_property
     def task_base(self) -> float | None:
@@ -124,15 +129,43 @@ class Evaluator:
 
     def rounded_to_bf16(self) -> dict:
         """The full expert with its weights rounded to bf16, scored like an artifact: the error a merged bf16
-        copy of the expert carries before any compression (zero for an expert saved in bf16)."""
-        model = copy.deepcopy(self.expert).to(torch.bfloat16).float()
+        copy of the expert carries before any compression (zero for an expert saved in bf16), in KL and in
+        gain kept, with the per-text figures of :class:`EvalResult`."""
+        return self.score(copy.deepcopy(self.expert).to(torch.bfloat16).float())
+
+    def score(self, model) -> dict:
+        """Any model in the compressed expert's place: mean KL, perplexity, gain kept and the per-text lists."""
         c = self._compare(model)
+        ppl = c.perplexity(self.per_char)
         return {
             "kl": float(f"{sum(c.kl_sums) / max(sum(c.tokens), 1):.6g}"),
-            "ppl": round(c.perplexity(self.per_char), 4),
-            "kl_text_sums": c.kl_sums,
-            "kl_text_tokens": c.tokens,
+            "ppl": round(ppl, 4),
+            "ppl_ratio": round(ppl / self.ppl_expert, 5),
+            "gain_retained": self._gain_kept(ppl),
+            **self._per_text(c),
         }
+
+    def _gain_kept(self, ppl: float) -> float:
+        """The share of the expert's perplexity gain over the base that a model of perplexity ``ppl`` keeps."""
+        gain = self.ppl_base - self.ppl_expert
+        return round((self.ppl_base - ppl) / gain, 4) if abs(gain) > 1e-9 else float("nan")
+
+    def _per_text(self, c: Comparison) -> dict:
+        """:class:`EvalResult`'s per-text lists for a candidate compared with the expert. NLL sums to 1e-5 nats:
+        gain kept rests on differences of about 1e-3 in mean NLL, so relative rounding would blur it."""
+        nll = {"base": self._base_nll, "expert": self._expert_nll, "compressed": c}
+        return {
+            "kl_text_sums": [float(f"{v:.6g}") for v in c.kl_sums],
+            "kl_text_tokens": [int(n) for n in c.tokens],
+            **{f"nll_text_sums_{k}": [round(v, 5) for v in m.nll_sums] for k, m in nll.items()},
+            "nll_text_units_base": [int(n) for n in self._base_nll.units(self.per_char)],
+            "nll_text_units": [int(n) for n in c.units(self.per_char)],
+        }
+
+    def _likelihood(self, model, tokenizer) -> Likelihood:
+        return likelihood(
+            model, tokenizer, self.data.texts, self.max_len, self.batch_size, score_from=self.data.score_from
+        )
 
     def _compare(self, model) -> Comparison:
         return compare(
@@ -154,12 +187,9 @@ class Evaluator:
                 f"{self.expert_dir} ({self.expert_fingerprint[:16]}…): its KL against this expert would mean nothing"
             )
         compressed = load_expert_model(self.base, reader, device=self.device)
-        c = self._compare(compressed)
-        ppl_c = c.perplexity(self.per_char)
-        kl_sums, tokens = c.kl_sums, c.tokens
+        scored = self.score(compressed)
         task_c = exact_match(compressed, self.tokenizer, self.data.tasks) if self.data.tasks else None
         self.release_base()
-        gain = self.ppl_base - self.ppl_expert
         task_gain = None
         if task_c is not None and self.task_expert != self.task_base:
             task_gain = round((task_c - self.task_base) / (self.task_expert - self.task_base), 4)
@@ -169,12 +199,12 @@ class Evaluator:
             method=m.method.get("method", "?"),
             bits=applied_bits(m.method.get("method", "?"), int(m.method.get("bits", 0))),
             salient=float(m.method.get("salient", 0)),
-            kl=round(sum(kl_sums) / max(sum(tokens), 1), 6),
+            kl=round(scored["kl"], 6),
             ppl_base=round(self.ppl_base, 4),
             ppl_expert=round(self.ppl_expert, 4),
-            ppl_compressed=round(ppl_c, 4),
-            ppl_ratio=round(ppl_c / self.ppl_expert, 5),
-            gain_retained=round((self.ppl_base - ppl_c) / gain, 4) if abs(gain) > 1e-9 else float("nan"),
+            ppl_compressed=scored["ppl"],
+            ppl_ratio=scored["ppl_ratio"],
+            gain_retained=scored["gain_retained"],
             task_score_base=self.task_base,
             task_score_expert=self.task_expert,
             task_score_compressed=task_c,
@@ -185,8 +215,7 @@ class Evaluator:
             ppl_unit="char" if self.per_char else "token",
             compress_seconds=m.metrics.get("compress_seconds"),
             device=m.metrics.get("device"),
-            kl_text_sums=[float(f"{v:.6g}") for v in kl_sums],
-            kl_text_tokens=[int(n) for n in tokens],
+            **{k: v for k, v in scored.items() if k.startswith(("kl_text_", "nll_text_"))},
         )
 
 

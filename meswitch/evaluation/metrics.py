@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -82,7 +82,58 @@ def _batches(tokenizer, texts: Sequence[str], max_len: int, batch_size: int, dev
         yield enc["input_ids"].to(device), mask.to(device), scored.to(device)
 
 
+@dataclass
+class Likelihood:
+    """Per text, a model's negative log-likelihood summed over the scored tokens, their count and characters:
+    the perplexity, and what a paired interval over the texts resamples."""
+
+    nll_sums: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    chars: list[int] = field(default_factory=list)
+
+    def units(self, per_char: bool = False) -> list[int]:
+        """Per text, what the perplexity divides by: scored tokens, or their characters."""
+        return self.chars if per_char else self.tokens
+
+    def perplexity(self, per_char: bool = False) -> float:
+        return math.exp(sum(self.nll_sums) / max(sum(self.units(per_char)), 1))
+
+    def _add(self, logprobs: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Append a batch's texts from the model's log-probabilities; returns where tokens are scored."""
+        valid = weight.bool()
+        nll = -logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1) * valid
+        self.nll_sums += nll.double().sum(-1).tolist()
+        self.tokens += valid.sum(-1).tolist()
+        self.chars += weight.sum(-1).tolist()
+        return valid
+
+
+@dataclass
+class Comparison(Likelihood):
+    """The candidate's :class:`Likelihood`, and per text KL(reference || candidate) summed over the scored
+    tokens: everything an artifact's evaluation needs, from one forward pass of each model."""
+
+    kl_sums: list[float] = field(default_factory=list)
+
+
+def _logprobs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of each next token, in fp32."""
+    return F.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+
+
 @torch.no_grad()
+def likelihood(
+    model, tokenizer, texts: Sequence[str], max_len: int = 256, batch_size: int = 8, score_from=None
+) -> Likelihood:
+    """The model's negative log-likelihood per text on the texts' scored tokens (padding excluded; see
+    :func:`_batches`), by the same arithmetic as :func:`compare`'s candidate, so the same model scores alike."""
+    device = next(model.parameters()).device
+    out = Likelihood()
+    for ids, mask, scored in _batches(tokenizer, texts, max_len, batch_size, device, score_from):
+        out._add(_logprobs(model, ids, mask), ids, scored[:, 1:])
+    return out
+
+
 def perplexity(
     model,
     tokenizer,
@@ -92,37 +143,12 @@ def perplexity(
     score_from=None,
     per_char: bool = False,
 ) -> float:
-    """Perplexity over the texts' scored tokens (padding excluded; see :func:`_batches`).
+    """Perplexity over the texts' scored tokens (:func:`likelihood`).
 
     ``per_char``: the mean negative log-likelihood per character rather than per token, the figure that two
     models with different vocabularies (an expert that added tokens, and its base) can be compared by.
     """
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for ids, mask, scored in _batches(tokenizer, texts, max_len, batch_size, device, score_from):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        target = ids[:, 1:]
-        weight = scored[:, 1:]
-        valid = weight.bool()
-        nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-        total += float(nll[valid].sum())
-        count += int(weight.sum()) if per_char else int(valid.sum())
-    return math.exp(total / max(count, 1))
-
-
-@dataclass
-class Comparison:
-    """Per text, KL(reference || candidate) summed over its scored tokens, their count and characters, and the
-    candidate's summed negative log-likelihood: everything an artifact's evaluation needs, from one forward
-    pass of each model."""
-
-    kl_sums: list[float]
-    tokens: list[int]
-    chars: list[int]
-    nll_sums: list[float]
-
-    def perplexity(self, per_char: bool = False) -> float:
-        return math.exp(sum(self.nll_sums) / max(sum(self.chars if per_char else self.tokens), 1))
+    return likelihood(model, tokenizer, texts, max_len, batch_size, score_from).perplexity(per_char)
 
 
 @torch.no_grad()
@@ -133,19 +159,37 @@ def compare(
     KL is ``sum(kl_sums) / sum(tokens)``; the per-text sums are what a paired comparison of two candidates
     resamples (:func:`paired_ratio_ci`)."""
     device = next(reference.parameters()).device
-    out = Comparison([], [], [], [])
+    out = Comparison()
     for ids, mask, scored in _batches(tokenizer, texts, max_len, batch_size, device, score_from):
-        p = F.log_softmax(reference(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        q = F.log_softmax(candidate(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        weight = scored[:, 1:]
-        valid = weight.bool()
+        p, q = _logprobs(reference, ids, mask), _logprobs(candidate, ids, mask)
+        valid = out._add(q, ids, scored[:, 1:])
         kl = (p.exp() * (p - q)).sum(-1) * valid
-        nll = -q.gather(-1, ids[:, 1:, None]).squeeze(-1) * valid
-        out.kl_sums += kl.sum(-1).double().tolist()
-        out.tokens += valid.sum(-1).tolist()
-        out.chars += weight.sum(-1).tolist()
-        out.nll_sums += nll.sum(-1).double().tolist()
+        out.kl_sums += kl.double().sum(-1).tolist()
     return out
+
+
+def paired_bootstrap_ci(
+    columns: Sequence[Sequence[float]],
+    statistic: Callable[..., torch.Tensor],
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``statistic(*columns)`` and its percentile-bootstrap interval, resampling the items (texts) with all
+    their columns together.
+
+    ``statistic`` maps the columns, each of shape (..., items), to one value per leading index. Models scored
+    on the same texts differ far less than the texts do; resampling whole items keeps that pairing.
+    """
+    cols = [torch.tensor(c, dtype=torch.float64) for c in columns]
+    n = cols[0].numel() if cols else 0
+    if n == 0 or any(c.shape != (n,) for c in cols):
+        raise ValueError(f"need equally long, non-empty samples, got lengths {[c.numel() for c in cols]}")
+    idx = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    values = statistic(*(c[idx] for c in cols))
+    tail = (1 - level) / 2
+    lo, hi = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return float(statistic(*cols)), lo, hi
 
 
 def paired_ratio_ci(
@@ -156,15 +200,26 @@ def paired_ratio_ci(
     Two methods scored on the same texts differ far less than the texts do; resampling the pairs keeps
     that pairing, so the interval says whether a 1% difference of mean KL is the method or the sample.
     """
-    x, y = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-    if x.shape != y.shape or x.numel() == 0:
-        raise ValueError(f"need two equally long, non-empty samples, got {x.numel()} and {y.numel()}")
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, x.numel(), (resamples, x.numel()), generator=gen)
-    ratios = x[idx].sum(1) / y[idx].sum(1).clamp_min(1e-300)
-    tail = (1 - level) / 2
-    lo, hi = torch.quantile(ratios, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return float(x.sum() / y.sum().clamp_min(1e-300)), lo, hi
+    return paired_bootstrap_ci([a, b], lambda x, y: x.sum(-1) / y.sum(-1).clamp_min(1e-300), resamples, level, seed)
+
+
+# Per model, (each text's summed negative log-likelihood, each text's tokens or characters)
+TextNLL = tuple[Sequence[float], Sequence[float]]
+
+
+def gain_kept_ci(
+    base: TextNLL, expert: TextNLL, compressed: TextNLL, resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """The share of the expert's perplexity gain over the base that the compressed expert keeps,
+    ``(ppl_base - ppl_compressed) / (ppl_base - ppl_expert)``, and its paired-bootstrap interval: one resample
+    of the texts serves all three models, so what the texts share cancels and the interval tells a 0.5% shift
+    towards the base from the sample."""
+
+    def kept(nb, ub, ne, ue, nc, uc):
+        pb, pe, pc = (torch.exp(n.sum(-1) / u.sum(-1).clamp_min(1)) for n, u in ((nb, ub), (ne, ue), (nc, uc)))
+        return (pb - pc) / (pb - pe)
+
+    return paired_bootstrap_ci([*base, *expert, *compressed], kept, resamples, level, seed)
 
 
 def task_hit(metric: str, continuation: str, answer: str) -> bool:

@@ -29,7 +29,7 @@ from meswitch.compression.distill import DistillConfig, distill_artifact
 from meswitch.compression.expert import ExpertInfo, compress_expert
 from meswitch.compression.methods import BITDELTA, FIXED, MAGNITUDE, MESWITCH, get_method
 from meswitch.evaluation.evaluate import EvalResult, Evaluator
-from meswitch.evaluation.metrics import EvalData, paired_ratio_ci
+from meswitch.evaluation.metrics import EvalData, gain_kept_ci, paired_ratio_ci
 from meswitch.evaluation.variants import (
     BITDELTA_DISTILLED,
     COMPARED,
@@ -118,6 +118,8 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
             "expert_dtype": str(config_dtype(expert.config)).removeprefix("torch."),
             "bf16_rounded_kl": ref["kl"],
             "bf16_rounded_kl_ci": _mean_ci(ref["kl_text_sums"], ref["kl_text_tokens"]),
+            "bf16_rounded_gain_kept_ppl": ref["gain_retained"],
+            "bf16_rounded_gain_kept_ppl_ci": _gain_ci(ref),
             "calibration_seconds": round(calib_seconds, 2),
         }
         mine: list[dict] = []
@@ -220,15 +222,28 @@ def _peak_memory(device: torch.device):
             peak["mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _mean_ci(sums: list[float], tokens: list[int], resamples: int = 2000, seed: int = 0) -> list[float] | None:
+def _mean_ci(sums: list[float], tokens: list[int]) -> list[float] | None:
     """95% bootstrap interval of the mean KL per token, resampling the texts."""
     if not sums or len(sums) != len(tokens):
         return None
-    x, n = torch.tensor(sums, dtype=torch.float64), torch.tensor(tokens, dtype=torch.float64)
-    idx = torch.randint(0, len(sums), (resamples, len(sums)), generator=torch.Generator().manual_seed(seed))
-    means = x[idx].sum(1) / n[idx].sum(1).clamp_min(1)
-    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    _, lo, hi = paired_ratio_ci(sums, tokens)
     return [float(f"{lo:.6g}"), float(f"{hi:.6g}")]
+
+
+# The per-text figures a gain-kept interval resamples (EvalResult's), base, expert and compressed in turn
+_GAIN_FIGURES = ("nll_text_sums_base", "nll_text_units_base", "nll_text_sums_expert", "nll_text_units",
+                 "nll_text_sums_compressed", "nll_text_units")  # fmt: skip
+
+
+def _gain_ci(figures: dict) -> list[float] | None:
+    """95% paired-bootstrap interval of the gain kept in perplexity from a row's per-text figures; None without
+    them (rows of an older report) or without a gain to keep (the expert no better than its base)."""
+    columns = [figures.get(k) for k in _GAIN_FIGURES]
+    if not all(columns) or not math.isfinite(figures.get("gain_retained", math.nan)):
+        return None
+    nb, ub, ne, ue, nc, uc = columns
+    _, lo, hi = gain_kept_ci((nb, ub), (ne, ue), (nc, uc))
+    return [round(lo, 4), round(hi, 4)]
 
 
 def _row(result: EvalResult, method: str, peak_mb: float) -> dict:
@@ -240,6 +255,7 @@ def _row(result: EvalResult, method: str, peak_mb: float) -> dict:
         "method": method,
         "kl_ci": _mean_ci(result.kl_text_sums, result.kl_text_tokens),
         "gain_kept_ppl": result.gain_retained,
+        "gain_kept_ppl_ci": _gain_ci(row),
         "gain_kept_task": result.task_gain_retained,
         "peak_memory_mb": peak_mb,
     }
@@ -360,7 +376,9 @@ def targets(rows: list[dict]) -> dict:
     """Per expert: the best meswitch row within each size budget and whether it keeps the gain it must (in
     perplexity, and in task score where there is one), against fixed precision at equal bytes and magnitude
     selection (KL ratio with its paired interval: a win needs the whole interval below 1), and at the 1-bit
-    budget against BitDelta (distilled when measured)."""
+    budget against BitDelta (distilled when measured). ``gain_met`` is the point estimates' verdict; beside
+    it, the perplexity gain's interval says whether it holds for the whole interval or the interval still
+    admits it (None without per-text figures)."""
     out = {}
     ours = _ours()
     for name in sorted({r["name"] for r in rows}):
@@ -382,8 +400,12 @@ def targets(rows: list[dict]) -> dict:
                 "bits_per_param": best["bits_per_param"],
                 "kl": best["kl"],
                 "gain_kept_ppl": best.get("gain_kept_ppl"),
+                "gain_kept_ppl_lo": ci[0] if (ci := best.get("gain_kept_ppl_ci")) else None,
+                "gain_kept_ppl_ci": ci,
                 "gain_kept_task": best.get("gain_kept_task"),
                 "gain_met": all(k is not None and k >= goal["min_gain_kept"] for k in kept),
+                "gain_ppl_met_with_interval": ci[0] >= goal["min_gain_kept"] if ci else None,
+                "gain_ppl_admitted_by_interval": ci[1] >= goal["min_gain_kept"] if ci else None,
             }
             rivals = (EQUAL_BYTES, MAGNITUDE) if label == "2bit" else (BITDELTA_DISTILLED, BITDELTA)
             rivals = tuple(r.name for r in rivals)
@@ -406,27 +428,49 @@ def targets_markdown(goals: dict) -> str:
     if not goals:
         return ""
     lines = [
-        "\n**Targets** (best meswitch row within the budget; gain kept in perplexity / task; KL against each rival "
-        "with its 95% paired interval):\n",
-        "| expert | budget | meswitch bits/param | KL | gain kept ppl / task | against | met |",
-        "|---|---|---:|---:|---|---|---|",
+        "\n**Targets** (best meswitch row within the budget; gain kept in perplexity [95% paired interval over the "
+        "texts] / task; KL against each rival with its 95% paired interval; met: by the point estimates):\n",
+        "| expert | budget | meswitch bits/param | KL | gain kept ppl / task | ppl gain target, with the interval "
+        "| against | met |",
+        "|---|---|---:|---:|---|---|---|---|",
     ]
     for name, e in goals.items():
         for label, goal in (("2bit", TARGET_2BIT), ("1bit", TARGET_1BIT)):
             t = e[label]
             if t.get("bits_per_param") is None:
-                lines.append(f"| {name} | <= {goal['max_bits']} | - | - | - | {t.get('why', '')} | NO |")
+                lines.append(f"| {name} | <= {goal['max_bits']} | - | - | - | - | {t.get('why', '')} | NO |")
                 continue
             task = "-" if t["gain_kept_task"] is None else f"{t['gain_kept_task']:.3f}"
             rivals = "; ".join(
                 f"{k[3:]} {_change(v) if 'ratio' in v else '-'}" for k, v in t.items() if k.startswith("vs_")
             )
             budget = f"<= {goal['max_bits']} bits, >= {100 * goal['min_gain_kept']:.1f}%"
+            ppl = _gain_cell(t["gain_kept_ppl"], t.get("gain_kept_ppl_ci"), 4)
             lines.append(
-                f"| {name} | {budget} | {t['bits_per_param']:.3f} | {t['kl']:.5f} | {t['gain_kept_ppl']:.4f} / {task} "
-                f"| {rivals} | {'yes' if t['met'] else 'NO'} |"
+                f"| {name} | {budget} | {t['bits_per_param']:.3f} | {t['kl']:.5f} | {ppl} / {task} "
+                f"| {_gain_verdict(t, goal['min_gain_kept'])} | {rivals} | {'yes' if t['met'] else 'NO'} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _gain_cell(gain: float | None, ci: list[float] | None, digits: int = 3) -> str:
+    """A gain kept with its interval: 0.992 [0.985, 0.999]; ``-`` where there is no gain to keep."""
+    if gain is None or gain != gain:
+        return "-"
+    return f"{gain:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def _gain_verdict(t: dict, goal: float) -> str:
+    """Whether the perplexity gain target holds by the point estimate, and what its interval says of it."""
+    if t.get("gain_kept_ppl_ci") is None:
+        return "-"
+    if t["gain_ppl_met_with_interval"]:
+        return "met, whole interval"
+    if t["gain_kept_ppl"] >= goal:
+        return "met by the point; interval reaches below"
+    if t["gain_ppl_admitted_by_interval"]:
+        return "missed by the point; interval admits it"
+    return "missed, whole interval below"
 
 
 def _change(r: dict | None) -> str:
@@ -474,18 +518,20 @@ def claims_markdown(checks: dict) -> str:
 
 def markdown_table(rows: list[dict], references: dict | None = None) -> str:
     head = (
-        "| expert | method | bits | bits/param | delta MB | x smaller than fp16 | KL | ppl ratio | gain kept | task |\n"
+        "| expert | method | bits | bits/param | delta MB | x smaller than fp16 | KL | ppl ratio | gain kept [95% CI] "
+        "| task |\n"
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = [
-        f"| {name} | expert rounded to bf16 (reference) | 16 | - | - | - | {ref['bf16_rounded_kl']:.5f} | - | - | - |"
+        f"| {name} | expert rounded to bf16 (reference) | 16 | - | - | - | {ref['bf16_rounded_kl']:.5f} | - | "
+        f"{_gain_cell(ref.get('bf16_rounded_gain_kept_ppl'), ref.get('bf16_rounded_gain_kept_ppl_ci'))} | - |"
         for name, ref in (references or {}).items()
     ]
     for r in rows:
         task = "-" if r["task_score_compressed"] is None else f"{r['task_score_compressed']:.2f}"
         if r["task_score_expert"] is not None:
             task += f" / {r['task_score_expert']:.2f}"
-        gain = "-" if r["gain_retained"] != r["gain_retained"] else f"{r['gain_retained']:.3f}"
+        gain = _gain_cell(r["gain_retained"], r.get("gain_kept_ppl_ci"))
         lines.append(
             f"| {r['name']} | {r['method']} | {_bits_cell(r)} | {r['bits_per_param']:.3f} | "
             f"{r['delta_bytes'] / 1e6:.3f} | {r['fp16_delta_bytes'] / r['delta_bytes']:.1f} | {r['kl']:.4f} | "
