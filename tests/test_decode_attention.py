@@ -26,7 +26,15 @@ def _case(b: int, hkv: int, group: int, d: int, length: int, pos: list[int], dty
     q, k, v = rnd(b, hkv, group, d), rnd(b, hkv, d), rnd(b, hkv, d)
     kc, vc = rnd(rows_total, hkv, length, d), rnd(rows_total, hkv, length, d)
     rows = torch.arange(b, device=device)
-    return q, k, v, kc, vc, rows, torch.tensor(pos, device=device)
+    angle = torch.rand(b, d // 2, generator=gen) * 6.3  # a rotary embedding's layout: each angle in both halves
+    cos, sin = (f(torch.cat([angle, angle], dim=1)).to(dtype).to(device) for f in (torch.cos, torch.sin))
+    return q, k, v, kc, vc, rows, torch.tensor(pos, device=device), cos, sin
+
+
+def _rotate(x, cos, sin):
+    """HF's rotary embedding by hand: x * cos + rotate_half(x) * sin, ``cos``/``sin`` broadcast over heads."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
 def _by_hand(q, kc, vc, pos, scale):
@@ -39,31 +47,34 @@ def _by_hand(q, kc, vc, pos, scale):
     return out
 
 
-def test_reference_writes_the_new_token_and_attends_to_each_rows_positions():
-    q, k, v, kc, vc, rows, pos = _case(3, 2, 3, 16, 32, [0, 5, 31], torch.float32, "cpu")
+def test_reference_rotates_writes_the_new_token_and_attends_to_each_rows_positions():
+    q, k, v, kc, vc, rows, pos, cos, sin = _case(3, 2, 3, 16, 32, [0, 5, 31], torch.float32, "cpu")
     scale = 1 / math.sqrt(16)
-    out = decode_attention(q, k, v, kc, vc, rows, pos, 32, scale)
+    out = decode_attention(q, k, v, kc, vc, rows, pos, 32, scale, cos, sin)
     for b, p in enumerate(pos.tolist()):
-        torch.testing.assert_close(kc[b, :, p], k[b])
+        torch.testing.assert_close(kc[b, :, p], _rotate(k[b], cos[b], sin[b]))
         torch.testing.assert_close(vc[b, :, p], v[b])
-    torch.testing.assert_close(out, _by_hand(q, kc, vc, pos, scale), atol=1e-5, rtol=1e-5)
+    q_rot = _rotate(q, cos[:, None, None], sin[:, None, None])
+    torch.testing.assert_close(out, _by_hand(q_rot, kc, vc, pos, scale), atol=1e-5, rtol=1e-5)
 
 
 def test_a_padding_row_writes_to_the_scratch_row_only():
-    q, k, v, kc, vc, rows, pos = _case(2, 1, 2, 8, 16, [3, 0], torch.float32, "cpu")
+    q, k, v, kc, vc, rows, pos, cos, sin = _case(2, 1, 2, 8, 16, [3, 0], torch.float32, "cpu")
     rows[1] = 2  # the scratch row
     before = kc[1].clone()
-    decode_attention(q, k, v, kc, vc, rows, pos, 16, 0.5)
+    decode_attention(q, k, v, kc, vc, rows, pos, 16, 0.5, cos, sin)
     torch.testing.assert_close(kc[1], before)
-    torch.testing.assert_close(kc[2, :, 0], k[1])
+    torch.testing.assert_close(kc[2, :, 0], _rotate(k[1], cos[1], sin[1]))
 
 
 def test_bad_shapes_are_refused():
-    q, k, v, kc, vc, rows, pos = _case(2, 2, 2, 8, 16, [1, 1], torch.float32, "cpu")
+    q, k, v, kc, vc, rows, pos, cos, sin = _case(2, 2, 2, 8, 16, [1, 1], torch.float32, "cpu")
     with pytest.raises(ValueError, match="k and v must be"):
-        decode_attention(q, k[:, :1], v, kc, vc, rows, pos, 16, 0.5)
+        decode_attention(q, k[:, :1], v, kc, vc, rows, pos, 16, 0.5, cos, sin)
+    with pytest.raises(ValueError, match="cos and sin must be"):
+        decode_attention(q, k, v, kc, vc, rows, pos, 16, 0.5, cos[:, :4], sin)
     with pytest.raises(ValueError, match="span"):
-        decode_attention(q, k, v, kc, vc, rows, pos, 17, 0.5)
+        decode_attention(q, k, v, kc, vc, rows, pos, 17, 0.5, cos, sin)
 
 
 # (batch, kv heads, group, head dim, cache length, span, positions): one split and several, G 3 (SmolLM2)
@@ -84,13 +95,17 @@ def test_kernel_equals_the_reference(case, dtype):
 
     b, hkv, group, d, length, span, pos = case
     device = "cuda" if CUDA else "cpu"
-    q, k, v, kc, vc, rows, pos_t = _case(b, hkv, group, d, length, pos, dtype, device, seed=b)
+    q, k, v, kc, vc, rows, pos_t, cos, sin = _case(b, hkv, group, d, length, pos, dtype, device, seed=b)
     rows[-1] = b  # the last row pads: it writes to the scratch row
     kc2, vc2 = kc.clone(), vc.clone()
     scale = 1 / math.sqrt(d)
-    want = decode_attention_reference(q, k, v, kc, vc, rows, pos_t, span, scale)
-    got = launch(q, k, v, kc2, vc2, rows, pos_t, span, scale, sms=132)
-    assert torch.equal(kc2, kc) and torch.equal(vc2, vc)  # the same writes, nothing else touched
+    want = decode_attention_reference(q, k, v, kc, vc, rows, pos_t, span, scale, cos, sin)
+    got = launch(q, k, v, kc2, vc2, rows, pos_t, span, scale, cos, sin, sms=132)
+    # the same writes (the kernel rotates k in fp32 and rounds once; HF rounds each product), nothing else touched
+    written = torch.zeros(kc.shape[:3], dtype=torch.bool, device=device)
+    written[rows, :, pos_t] = True
+    assert torch.equal(kc2[~written], kc[~written]) and torch.equal(vc2, vc)
+    torch.testing.assert_close(kc2[written].float(), kc[written].float(), atol=2e-2, rtol=2e-2)
     # the padding row's output is never read (the reference attends to its cache row's stale position there)
     torch.testing.assert_close(got[:-1].float(), want[:-1].float(), atol=2e-2, rtol=2e-2)
     if span >= 1024 and b * hkv < 64:

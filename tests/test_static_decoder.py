@@ -110,6 +110,17 @@ def test_compiled_glue_gives_the_same_steps(packed):
     torch.testing.assert_close(compiled, eager, **TOL)
 
 
+@pytest.mark.parametrize("glue", [False, True])
+def test_the_attention_op_gives_the_sdpa_paths_steps(packed, glue):
+    """The decode step through ``meswitch::decode_attention`` (rotary embedding, cache writes and attention in one
+    op; its reference here, the Triton kernel on a GPU) against rotary, index writes and SDPA apart."""
+    eng, slots = packed
+    (_, *apart), (_, *op) = (
+        _prefill_and_step(eng, slots, compile_glue=glue, attention_kernel=kernel) for kernel in (False, True)
+    )
+    torch.testing.assert_close(op, apart, **TOL)
+
+
 def test_fused_projections_give_the_same_steps_on_one_copy_of_the_weights(packed):
     eng, slots = packed
     (_, *apart), (dec, *fused_steps) = (
@@ -153,9 +164,9 @@ def test_compiled_glue_specialises_past_dynamos_recompile_limit(packed, monkeypa
     cfg = DecoderConfig(max_rows=4, max_len=32, buckets=(1, 2, 4), min_len_bucket=16, compile_glue=True)
     dec = StaticDecoder(eng, cfg)
     assert dec.warm_up() == 0  # no compilation refused
-    # batch 1 and any batch, for the norm with and without the grid's slot tables, rope and SwiGLU: 2 x 4
-    # (one compilation per bucket would make 12)
-    assert counters["stats"]["unique_graphs"] == 8
+    # batch 1 and any batch, for the norm and the add + norm with and without the grid's slot tables, and SwiGLU
+    # (the rotary embedding is in the attention op): 2 x 5 (one compilation per bucket would make 15)
+    assert counters["stats"]["unique_graphs"] == 10
     assert torch._dynamo.config.recompile_limit == 1  # the decoder raised it for its own calls only
 
 

@@ -1,16 +1,20 @@
-"""``decode_attention``: one decode step's attention on the static KV cache, the new token's K/V written in it.
+"""``decode_attention``: one decode step's rotary embedding and attention on the static KV cache, the new
+token's K/V written into it, in one kernel.
 
 In a captured 7B decode step at batch 32 (H200), cuDNN's SDPA spent 19.5 us a layer on 128 cached
 positions, where reading them takes about 4 us, and writing the new token's K and V into the cache took
-two more launches (together 0.9 ms of a 7.9 ms step; benchmarks/results/profile-decode-2026-12-03.json).
+two more launches (together 0.9 ms of a 7.9 ms step; benchmarks/results/profile-decode-2026-12-03.json);
+the kernel took 0.9 ms off the step (2026-12-04). Every launch in a replayed step also costs about 1.4 us of
+boundary, so the rotary embedding of q and k is applied in the same kernel.
 The registered op ``meswitch::decode_attention`` runs the Triton kernel (:mod:`triton_attention`) on CUDA
-and :func:`decode_attention_reference` (the SDPA path it replaces) everywhere else.
+and :func:`decode_attention_reference` (HF's rotary embedding, index writes and SDPA) everywhere else.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from meswitch.kernels.ops import triton_available
 
@@ -25,12 +29,17 @@ def decode_attention_reference(
     pos: torch.Tensor,
     span: int,
     scale: float,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Write ``k``/``v`` at ``(rows[b], :, pos[b])``, then attend batch row b to cache row b's positions
-    0..pos[b] (of the first ``span``) with SDPA; ``mask`` ([B, 1, 1, span]: position <= pos[b]) may be made
-    once for all layers."""
+    """Rotate ``q``/``k`` by ``cos``/``sin`` ([B, D]; None: already rotated), write ``k``/``v`` at
+    ``(rows[b], :, pos[b])``, then attend batch row b to cache row b's positions 0..pos[b] (of the first ``span``)
+    with SDPA; ``mask`` ([B, 1, 1, span]: position <= pos[b]) may be made once for all layers."""
     b = q.shape[0]
+    if cos is not None:
+        q, k = apply_rotary_pos_emb(q, k[:, :, None], cos[:, None], sin[:, None])
+        k = k[:, :, 0]
     k_cache[rows, :, pos] = k
     v_cache[rows, :, pos] = v
     if mask is None:
@@ -58,16 +67,18 @@ def _decode_attention(
     pos: torch.Tensor,
     span: int,
     scale: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
 ) -> torch.Tensor:
     if _fits_kernel(q):
         from meswitch.kernels.triton_attention import launch
 
-        return launch(q, k, v, k_cache, v_cache, rows, pos, span, scale)
-    return decode_attention_reference(q, k, v, k_cache, v_cache, rows, pos, span, scale)
+        return launch(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin)
+    return decode_attention_reference(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin)
 
 
 @_decode_attention.register_fake
-def _(q, k, v, k_cache, v_cache, rows, pos, span, scale) -> torch.Tensor:
+def _(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin) -> torch.Tensor:
     return torch.empty_like(q)
 
 
@@ -81,20 +92,24 @@ def decode_attention(
     pos: torch.Tensor,
     span: int,
     scale: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
 ) -> torch.Tensor:
     """Attention of one decode step for ``B`` sequences, grouped-query, without repeating the cache.
 
-    ``q`` [B, Hkv, G, D] (a KV head's G query heads, after rotary), ``k``/``v`` [B, Hkv, D] the new token's
-    (``k`` after rotary); caches [R, Hkv, L, D]. The new K/V go to cache row ``rows[b]`` at ``pos[b]``
-    (a padding row names a scratch row); row b attends to cache row b's positions before ``pos[b]`` and its
-    new token, within the first ``span`` positions. Returns [B, Hkv, G, D]; nothing is read on the host,
-    so a CUDA graph can hold it.
+    ``q`` [B, Hkv, G, D] (a KV head's G query heads), ``k``/``v`` [B, Hkv, D] the new token's, ``q`` and ``k``
+    before the rotary embedding, which ``cos``/``sin`` [B, D] (each row's position) apply; caches [R, Hkv, L, D].
+    The new K (rotated) and V go to cache row ``rows[b]`` at ``pos[b]`` (a padding row names a scratch row);
+    row b attends to cache row b's positions before ``pos[b]`` and its new token, within the first ``span``
+    positions. Returns [B, Hkv, G, D]; nothing is read on the host, so a CUDA graph can hold it.
     """
     b, hkv, _, d = q.shape
     if k.shape != (b, hkv, d) or v.shape != (b, hkv, d):
         raise ValueError(f"k and v must be [{b}, {hkv}, {d}], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if cos.shape != (b, d) or sin.shape != (b, d):
+        raise ValueError(f"cos and sin must be [{b}, {d}], got {tuple(cos.shape)} and {tuple(sin.shape)}")
     if k_cache.shape != v_cache.shape or k_cache.shape[1] != hkv or k_cache.shape[3] != d:
         raise ValueError(f"caches must be [R, {hkv}, L, {d}], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     if not 0 < span <= k_cache.shape[2] or k_cache.shape[0] < b:
         raise ValueError(f"span {span} and batch {b} must fit the cache {tuple(k_cache.shape)}")
-    return torch.ops.meswitch.decode_attention(q, k, v, k_cache, v_cache, rows, pos, span, scale)
+    return torch.ops.meswitch.decode_attention(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin)

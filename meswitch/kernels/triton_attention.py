@@ -1,12 +1,12 @@
 """The Triton kernels behind ``meswitch::decode_attention`` (see :mod:`decode_attention`).
 
-One program per (sequence, KV head, split of the positions): the KV head's G query heads as one 16-row
-tile (grouped-query attention reads each cached position once for all of them), an online softmax over
-``BLOCK_N`` positions at a time, and split 0 adds the new token from registers and writes it into the
-cache (no program reads that position from the cache, so there is no race). When a batch has too few
-(sequence, head) pairs to fill the GPU, the positions are split and a second kernel merges the splits
-(flash-decoding). The split count depends only on the batch size, head count and span, so a captured
-graph keeps it.
+One program per (sequence, KV head, split of the positions): the rotary embedding applied to the KV head's G query
+heads and the new key in registers, the query heads as one 16-row tile (grouped-query attention reads each cached
+position once for all of them), an online softmax over ``BLOCK_N`` positions at a time, and split 0 adds the new
+token from registers and writes it into the cache (no program reads that position from the cache, so there is no
+race). When a batch has too few (sequence, head) pairs to fill the GPU, the positions are split and a second kernel
+merges the splits (flash-decoding). The split count depends only on the batch size, head count and span, so a
+captured graph keeps it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ MAX_SPLITS = 16
 
 @triton.jit
 def _attend(
-    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, o_ptr, part_ptr, ml_ptr,
-    s_qb, s_qh, s_qg, s_kb, s_kh, s_vb, s_vh, s_cr, s_ch, s_cl,
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, cos_ptr, sin_ptr, o_ptr, part_ptr, ml_ptr,
+    s_qb, s_qh, s_qg, s_kb, s_kh, s_vb, s_vh, s_cr, s_ch, s_cl, s_cos, s_sin,
     G, span, scale,
     D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PER_SPLIT: tl.constexpr,
     BOUNDED: tl.constexpr,
@@ -36,7 +36,16 @@ def _attend(
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
     gm = g < G
-    q = tl.load(q_ptr + b * s_qb + h * s_qh + g[:, None] * s_qg + d[None, :], mask=gm[:, None], other=0.0)
+    # rotary embedding (HF's rotate_half: x * cos + [-x2, x1] * sin), in fp32
+    half: tl.constexpr = D // 2
+    swap = tl.where(d < half, d + half, d - half)
+    sign = tl.where(d < half, -1.0, 1.0)
+    cos = tl.load(cos_ptr + b * s_cos + d).to(tl.float32)
+    sin = tl.load(sin_ptr + b * s_sin + d).to(tl.float32) * sign
+    q_at = q_ptr + b * s_qb + h * s_qh + g[:, None] * s_qg
+    q = tl.load(q_at + d[None, :], mask=gm[:, None], other=0.0)
+    q_sw = tl.load(q_at + swap[None, :], mask=gm[:, None], other=0.0)
+    q = (q.to(tl.float32) * cos[None, :] + q_sw.to(tl.float32) * sin[None, :]).to(q_sw.dtype)
     pos = tl.load(pos_ptr + b)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -63,7 +72,8 @@ def _attend(
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
     if s == 0:  # the new token, from registers; written to its cache row (a padding row's: the scratch row)
-        kn = tl.load(k_ptr + b * s_kb + h * s_kh + d)
+        k_at = k_ptr + b * s_kb + h * s_kh
+        kn = (tl.load(k_at + d).to(tl.float32) * cos + tl.load(k_at + swap).to(tl.float32) * sin).to(q.dtype)
         vn = tl.load(v_ptr + b * s_vb + h * s_vh + d)
         sc_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale
         m_new = tl.maximum(m_i, sc_new)
@@ -107,16 +117,19 @@ def _merge(part_ptr, ml_ptr, o_ptr, G, D: tl.constexpr, BLOCK_G: tl.constexpr, S
 
 
 def split_count(programs: int, span: int, sms: int) -> int:
-    """Splits of the positions so that about two programs run per SM, each with a block of positions."""
+    """Splits of the positions so that every SM gets a program, each with at least a block of positions (a batch
+    of 32 on 8 KV heads fills an H200 unsplit; asking two programs an SM split it, and its merge took 2 us a layer)."""
     splits = 1
-    while programs * splits < 2 * sms and 2 * splits * BLOCK_N <= span and splits < MAX_SPLITS:
+    while programs * splits < sms and 2 * splits * BLOCK_N <= span and splits < MAX_SPLITS:
         splits *= 2
     return splits
 
 
-def launch(q, k, v, k_cache, v_cache, rows, pos, span: int, scale: float, sms: int | None = None) -> torch.Tensor:
+def launch(
+    q, k, v, k_cache, v_cache, rows, pos, span: int, scale: float, cos, sin, sms: int | None = None
+) -> torch.Tensor:
     b, heads, group, d = q.shape
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, cos, sin))
     if k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("the caches must share one layout with the head dimension contiguous")
     if sms is None:
@@ -130,9 +143,9 @@ def launch(q, k, v, k_cache, v_cache, rows, pos, span: int, scale: float, sms: i
         part = torch.empty((b * heads * splits * block_g, d), dtype=torch.float32, device=q.device)
         ml = torch.empty((b * heads * splits * 2 * block_g,), dtype=torch.float32, device=q.device)
     _attend[(b, heads, splits)](
-        q, k, v, k_cache, v_cache, rows, pos, o, part, ml,
+        q, k, v, k_cache, v_cache, rows, pos, cos, sin, o, part, ml,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos.stride(0), sin.stride(0),
         group, span, scale,
         D=d, BLOCK_G=block_g, BLOCK_N=BLOCK_N, SPLITS=splits, PER_SPLIT=per_split,
         BOUNDED=os.environ.get("TRITON_INTERPRET") != "1", num_warps=4,

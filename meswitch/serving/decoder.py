@@ -74,6 +74,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def add_rms_rows(x: torch.Tensor, y: torch.Tensor, eps: float, weight: torch.Tensor, tables: list):
+    """The residual stream after adding ``y``, and its RMS norm (:func:`rms_rows`)."""
+    x = x + y
+    return x, rms_rows(x, eps, weight, tables)
+
+
 def row_block(rows: int) -> int:
     """Tile rows for an expert with ``rows`` rows in the batch: 16, 32 or 64 (then split in tiles)."""
     return 16 if rows <= 16 else 32 if rows <= 32 else 64
@@ -125,7 +131,7 @@ class StaticDecoder:
         if glue if glue is not None else dev.type == "cuda":
             if getattr(cfg, "hidden_act", "silu") != "silu":
                 raise EngineError(f"compile_glue fuses SwiGLU; the model's activation is {cfg.hidden_act!r}")
-            fns = {"norm": rms_rows, "rope": apply_rotary_pos_emb, "swiglu": swiglu}
+            fns = {"norm": rms_rows, "add_norm": add_rms_rows, "rope": apply_rotary_pos_emb, "swiglu": swiglu}
             # The batch dimension turns dynamic on the second bucket (dynamo's automatic dynamic shapes), so
             # each function compiles twice (batch 1, any batch) per set of grids a batch mixes (the norm's
             # slot tables): 8 compilations where one per bucket made 28 (CPU warm-up 17.2 -> 6.2 s; on the
@@ -156,40 +162,55 @@ class StaticDecoder:
         b, t, _ = x.shape
         group = self.heads // self.kv_heads
         cos, sin = self.rotary(x, pos[:, None] if decode else pos)
-        mask = decode_mask(pos, span) if decode and not self.config.attention_kernel else None
+        kernel = decode and self.config.attention_kernel
+        mask = decode_mask(pos, span) if decode and not kernel else None
+        h = self._norm(self.layers[0].input_layernorm, x, decode)
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             fused = self._fused[i] if self._fused else None
-            h = self._norm(layer.input_layernorm, x, decode)
             q, k, v = fused[0](h) if fused else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
             q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
             k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = (self._glue["rope"] if decode and self._glue else apply_rotary_pos_emb)(q, k, cos, sin)
-            if decode:
-                # grouped-query attention without repeating the cache: a KV head's query heads as its queries
-                args = (q.reshape(b, self.kv_heads, group, self.head_dim), k[:, :, 0], v[:, :, 0], self.k[i],
-                        self.v[i], rows, pos, span, attn.scaling)  # fmt: skip
-                o = decode_attention(*args) if mask is None else decode_attention_reference(*args, mask=mask)
-                o = o.reshape(b, self.heads, 1, self.head_dim)
+            # decode: grouped-query attention without repeating the cache, a KV head's query heads as its queries
+            if kernel:  # the rotary embedding and the cache writes too
+                qg = q.reshape(b, self.kv_heads, group, self.head_dim)
+                o = decode_attention(qg, k[:, :, 0], v[:, :, 0], self.k[i], self.v[i], rows, pos, span, attn.scaling,
+                                     cos[:, 0], sin[:, 0])  # fmt: skip
             else:
-                self.k[i][rows, :, :t] = k
-                self.v[i][rows, :, :t] = v
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=group > 1)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
-            h = self._norm(layer.post_attention_layernorm, x, decode)
+                q, k = (self._glue["rope"] if decode and self._glue else apply_rotary_pos_emb)(q, k, cos, sin)
+                if decode:
+                    o = decode_attention_reference(q.reshape(b, self.kv_heads, group, self.head_dim), k[:, :, 0],
+                                                   v[:, :, 0], self.k[i], self.v[i], rows, pos, span, attn.scaling,
+                                                   mask=mask)  # fmt: skip
+                else:
+                    self.k[i][rows, :, :t] = k
+                    self.v[i][rows, :, :t] = v
+                    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
+                                                       enable_gqa=group > 1)  # fmt: skip
+            o = o.reshape(b, self.heads, t, self.head_dim)
+            x, h = self._add_norm(x, attn.o_proj(o.transpose(1, 2).reshape(b, t, -1)), layer.post_attention_layernorm,
+                                  decode)  # fmt: skip
             gate, up = fused[1](h) if fused else (mlp.gate_proj(h), mlp.up_proj(h))
-            if decode and self._glue:
-                x = x + mlp.down_proj(self._glue["swiglu"](gate, up))
-            else:
-                x = x + mlp.down_proj(mlp.act_fn(gate) * up)
-        return self._norm(self.norm, x, decode)
+            act = self._glue["swiglu"](gate, up) if decode and self._glue else mlp.act_fn(gate) * up
+            after = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            x, h = self._add_norm(x, mlp.down_proj(act), after, decode)
+        return h
 
     def _norm(self, module, x: torch.Tensor, decode: bool) -> torch.Tensor:
         if not (decode and self._glue):
             return module(x)
-        tables = [(s, t) for s, t, _ in self.engine.ctx.tables(module.name)]
-        return self._glue["norm"](x, module.eps, module.base.weight, tables)
+        return self._glue["norm"](x, module.eps, module.base.weight, self._tables(module))
+
+    def _add_norm(self, x: torch.Tensor, y: torch.Tensor, module, decode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add and the next RMS norm: (x + y, its norm); one compiled kernel in a decode step."""
+        if not (decode and self._glue):
+            x = x + y
+            return x, module(x)
+        return self._glue["add_norm"](x, y, module.eps, module.base.weight, self._tables(module))
+
+    def _tables(self, module) -> list:
+        return [(s, t) for s, t, _ in self.engine.ctx.tables(module.name)]
 
     def _decode_step(self, static: dict, grids: tuple, span: int, width: int, block_m: int) -> torch.Tensor:
         slots = {g: static[("slots", g)] for g in grids}
