@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     eng = InMemoryEngine(model, EngineConfig(device="cuda", payload="packed"))
     configs = [tuple(int_list(c.replace("x", ","))) for c in args.configs.split(",")]
-    slots = eng.add_synthetic_experts(max(e for e, _ in configs), gen)
+    most = max(e for e, _ in configs)
+    slots = eng.add_synthetic_experts(most, gen) if most else []  # "0x32" alone: the base, no banks
     batches = sorted({b for _, b in configs})
     dec = StaticDecoder(eng, DecoderConfig(max_rows=max(batches), max_len=512, buckets=tuple(batches), graphs=False))
     report = {"date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name(),
