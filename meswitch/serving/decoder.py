@@ -55,15 +55,18 @@ class DecoderConfig:
     # kernel is bound by each program's chain of MMAs, and more 16-row tiles mean more programs.
     block_m: int | None = 16
     graphs: bool = True  # capture CUDA graphs on a GPU; False: every step eager (what graphs are tested against)
-    # Fuse a decode step's small ops (RMS norms with their slot tables, rotary embedding, SwiGLU) with
-    # torch.compile: some 20 kernels per layer become 4 (a 7B step at batch 32: 8.8 -> 7.0 ms,
+    # Fuse a decode step's small ops (RMS norms with their slot tables and the residual adds before them,
+    # SwiGLU; the rotary embedding where the attention kernel is off) with torch.compile: some 20 kernels per
+    # layer become 3 (a 7B step at batch 32: 8.8 -> 7.0 ms when it came,
     # benchmarks/results/decode-e2e-graph-compiled-2026-12-03.json). None: on a GPU.
     compile_glue: bool | None = None
     # One base GEMM for q/k/v and one for gate/up (their weights become blocks of one matrix, no copy
     # kept; each projection still adds its own deltas): two launches a layer instead of five.
     fuse_projections: bool = True
-    # Decode attention by meswitch's Triton kernel, which also writes the new token's K/V into the cache
-    # (kernels/decode_attention.py); False: PyTorch's SDPA (cuDNN on the H200) and two index writes.
+    # Decode attention by meswitch's Triton kernel, which also applies the rotary embedding and writes the new
+    # token's K/V into the cache (kernels/decode_attention.py; a 7B step at batch 32: 6.1 -> 5.2 ms,
+    # benchmarks/results/decode-e2e-fewer-kernels-2026-12-04.json); False: rotary, two index writes and
+    # PyTorch's SDPA (cuDNN on the H200).
     attention_kernel: bool = True
 
 
@@ -134,9 +137,9 @@ class StaticDecoder:
             fns = {"norm": rms_rows, "add_norm": add_rms_rows, "rope": apply_rotary_pos_emb, "swiglu": swiglu}
             # The batch dimension turns dynamic on the second bucket (dynamo's automatic dynamic shapes), so
             # each function compiles twice (batch 1, any batch) per set of grids a batch mixes (the norm's
-            # slot tables): 8 compilations where one per bucket made 28 (CPU warm-up 17.2 -> 6.2 s; on the
-            # H200 the real family's 12 graphs took 25.4 s before). The limit still covers one per bucket,
-            # past dynamo's 8 a function, where fullgraph=True fails the capture (it did on the H200).
+            # slot tables): with three functions, 8 compilations where one per bucket made 28 (CPU warm-up
+            # 17.2 -> 6.2 s; the real family's 12 graphs on the H200: 25.4 -> 12.5 s). The limit still covers
+            # one per bucket, past dynamo's 8 a function, where fullgraph=True fails the capture (it did on the H200).
             limit = len(self.config.buckets) * GLUE_GRID_SETS
             patch = torch._dynamo.config.patch(
                 recompile_limit=max(limit, torch._dynamo.config.recompile_limit),
