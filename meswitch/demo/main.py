@@ -5,7 +5,8 @@
    (skipped when already built)
 2. copy its experts into a local inbox (OUT/inbox; what is already there stays)
 3. run the expert pipeline with the embedded defaults: Prefect's ephemeral API, MLflow on SQLite and
-   artifacts in a folder, all under OUT/ (a second run finds everything processed and does nothing)
+   artifacts in a folder, all under OUT/ (both started while step 1 runs; a second run finds everything
+   processed and does nothing)
 4. start `meswitch serve` on the registry's production versions for a moment and ask two held-out
    questions of each domain with model "auto", and the base the same questions
 5. print the tables (and write OUT/summary.json and OUT/answers.md): the experts, and for each
