@@ -57,31 +57,6 @@ def _fits_kernel(q: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("meswitch::decode_attention", mutates_args=("k_cache", "v_cache"))
-def _decode_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    rows: torch.Tensor,
-    pos: torch.Tensor,
-    span: int,
-    scale: float,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-) -> torch.Tensor:
-    if _fits_kernel(q):
-        from meswitch.kernels.triton_attention import launch
-
-        return launch(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin)
-    return decode_attention_reference(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin)
-
-
-@_decode_attention.register_fake
-def _(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin) -> torch.Tensor:
-    return torch.empty_like(q)
-
-
 def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -112,4 +87,13 @@ def decode_attention(
         raise ValueError(f"caches must be [R, {hkv}, L, {d}], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     if not 0 < span <= k_cache.shape[2] or k_cache.shape[0] < b:
         raise ValueError(f"span {span} and batch {b} must fit the cache {tuple(k_cache.shape)}")
-    return torch.ops.meswitch.decode_attention(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin)
+    if _fits_kernel(q):
+        from meswitch.kernels.triton_attention import launch
+
+        return launch(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin)
+    return decode_attention_reference(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin)
+
+
+@decode_attention.register_fake
+def _(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin) -> torch.Tensor:
+    return torch.empty_like(q)
