@@ -8,7 +8,7 @@ from tiny_models import make_family
 
 from meswitch.evaluation.evaluate import Evaluator
 from meswitch.evaluation.metrics import EvalData, gain_kept_ci
-from meswitch.evaluation.report import TARGET_2BIT, _gain_ci, targets, targets_markdown
+from meswitch.evaluation.report import TARGET_2BIT, _gain_ci, _task_gain_ci, targets, targets_markdown
 
 
 def _texts(n: int, seed: int = 0, kept: float = 0.99):
@@ -97,3 +97,22 @@ def test_targets_say_whether_the_interval_still_admits_the_gain_target():
     older = targets([row(0.999, None)])["e"]["2bit"]  # a row from a report without per-text likelihoods
     assert older["gain_met"] and older["gain_ppl_met_with_interval"] is None
     assert "| 0.9990 / - | - |" in targets_markdown({"e": {"2bit": older, "1bit": older}})
+
+
+def test_task_gain_gets_its_interval_and_its_own_verdict():
+    base, expert = [1.0] * 24 + [0.0] * 176, [1.0] * 177 + [0.0] * 23
+    compressed = [1.0] * 174 + [0.0] * 26
+    figures = {"task_item_scores_base": base, "task_item_scores_expert": expert,
+               "task_item_scores_compressed": compressed, "task_gain_retained": 0.9804}  # fmt: skip
+    lo, hi = _task_gain_ci(figures)
+    assert lo < 0.9804 < hi
+    assert _task_gain_ci({**figures, "task_gain_retained": None}) is None  # no gain to keep: no interval
+    assert _task_gain_ci({**figures, "task_item_scores_base": []}) is None  # a row of an older report
+    row = {"name": "math", "method": "meswitch", "bits": 2, "bits_per_param": 2.3, "kl": 0.0001,
+           "gain_kept_ppl": 0.9998, "gain_kept_ppl_ci": [0.9996, 1.0], "gain_kept_task": 0.9804,
+           "gain_kept_task_ci": [lo, hi]}  # fmt: skip
+    t = targets([row])["math"]["2bit"]
+    assert not t["gain_met"] and t["gain_task_admitted_by_interval"] and not t["gain_task_met_with_interval"]
+    md = targets_markdown(targets([row]))
+    assert "ppl: met, whole interval; task: missed by the point; interval admits it" in md
+    assert f"/ 0.980 [{lo:.3f}, {hi:.3f}]" in md

@@ -6,7 +6,18 @@ import pytest
 import torch
 from torch import nn
 
-from meswitch.evaluation.metrics import FINAL_NUMBER, NEXT_LINE, Task, next_line_token_accuracy
+from meswitch.evaluation.metrics import (
+    FINAL_NUMBER,
+    NEXT_LINE,
+    TASK_EXACT_MATCH,
+    Task,
+    exact_match,
+    next_line_token_accuracy,
+    task_gain_kept_ci,
+    task_hits,
+    task_score_name,
+    task_scores,
+)
 
 MERGED = 1000  # "a\n" as one token: a BPE merge across the prompt's end
 
@@ -54,3 +65,72 @@ def test_a_model_that_knows_every_next_token_scores_one_and_an_echo_scores_its_r
 def test_only_next_line_tasks_are_scored_by_tokens():
     with pytest.raises(ValueError, match="next-line"):
         next_line_token_accuracy(Peeking(), CharTokenizer(), [Task("What is 2 plus 2?", "4", FINAL_NUMBER)])
+
+
+class ListTokenizer:
+    """Characters as tokens, left padding with 0, for models that generate (the shape of a Hugging Face one)."""
+
+    pad_token_id = eos_token_id = 0
+    padding_side = "right"
+
+    def __call__(self, texts, return_tensors=None, padding=False, add_special_tokens=True):
+        width = max(len(t) for t in texts)
+        ids = [[0] * (width - len(t)) + [ord(c) for c in t] for t in texts]
+        batch = {"input_ids": torch.tensor(ids), "attention_mask": (torch.tensor(ids) != 0).long()}
+        return type("Batch", (dict,), {"to": lambda self, device: self})(batch)
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return ["".join(chr(i) for i in row.tolist() if i) for row in rows]
+
+
+class Replying(nn.Module):
+    """A stand-in for a generating model (the test is of the bookkeeping, not of a model): it replies to each
+    prompt with a fixed text."""
+
+    def __init__(self, replies: dict[str, str]):
+        super().__init__()
+        self.replies = replies
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id):
+        prompts = ["".join(chr(i) for i in row.tolist() if i) for row in input_ids]
+        width = max(len(self.replies[p]) for p in prompts)
+        out = [[ord(c) for c in self.replies[p]] + [0] * (width - len(self.replies[p])) for p in prompts]
+        return torch.cat([input_ids, torch.tensor(out)], dim=1)
+
+
+def test_task_hits_and_scores_keep_the_tasks_order_across_metrics_and_batches():
+    tasks = [
+        Task("q1", "7", FINAL_NUMBER),
+        Task("q2", "7", TASK_EXACT_MATCH),
+        Task("q3", "9", FINAL_NUMBER),
+        Task("q4", "5", TASK_EXACT_MATCH),
+        Task("q5", "11", FINAL_NUMBER),
+    ]
+    model = Replying({"q1": " so the answer is 7.", "q2": "7 apples", "q3": " 4 and 8", "q4": "55", "q5": " 11"})
+    tok = ListTokenizer()
+    assert task_hits(model, tok, tasks, batch_size=2) == [True, True, False, False, True]
+    assert exact_match(model, tok, tasks) == pytest.approx(3 / 5)
+    assert tok.padding_side == "right"  # restored
+    assert task_scores(model, tok, tasks) == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert task_score_name(tasks) == ", ".join(sorted({TASK_EXACT_MATCH, FINAL_NUMBER}))
+
+
+def test_next_line_tasks_are_scored_by_their_tokens_beside_generated_ones():
+    prompt = "def f(x):\n    y = x"
+    line = Task(prompt, "    return y + 1", NEXT_LINE)
+    tok = CharTokenizer()
+    assert task_scores(Peeking(echo=True), tok, [line, line]) == [pytest.approx(3 / 17)] * 2
+    assert task_score_name([line]) == "next-line token accuracy"
+
+
+def test_task_gain_interval_judges_three_problems_of_two_hundred():
+    base = [1.0] * 24 + [0.0] * 176
+    expert = [1.0] * 177 + [0.0] * 23  # solves every problem the base does, and 153 more
+    compressed = [1.0] * 174 + [0.0] * 26  # loses three of the expert's
+    assert task_gain_kept_ci(base, expert, expert) == (1.0, 1.0, 1.0)
+    assert task_gain_kept_ci(base, expert, base) == (0.0, 0.0, 0.0)
+    point, lo, hi = task_gain_kept_ci(base, expert, compressed)
+    assert point == pytest.approx(150 / 153)
+    assert lo < point < hi and hi >= 0.995  # 98.0% by the point; the interval still admits 99.5%
+    assert lo > 0.95  # but not much less: the three are paired against the expert, not the whole sample

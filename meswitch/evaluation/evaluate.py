@@ -14,7 +14,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from meswitch.checkpoints import Checkpoint, scan
 from meswitch.compression.methods import applied_bits
 from meswitch.compression.reconstruct import load_expert_model, open_artifact
-from meswitch.evaluation.metrics import Comparison, EvalData, Likelihood, compare, exact_match, likelihood
+from meswitch.evaluation.metrics import (
+    Comparison,
+    EvalData,
+    Likelihood,
+    compare,
+    likelihood,
+    task_score_name,
+    task_scores,
+)
 
 # A per-text list's field metadata: ``meswitch evaluate --json`` prints it, the summary leaves it out
 PER_TEXT = {"per_text": True}
@@ -57,12 +65,23 @@ class EvalResult:
     nll_text_sums_compressed: list[float] = field(default_factory=list, repr=False, metadata=PER_TEXT)
     nll_text_units_base: list[int] = field(default_factory=list, repr=False, metadata=PER_TEXT)
     nll_text_units: list[int] = field(default_factory=list, repr=False, metadata=PER_TEXT)
+    # What the task score measures (metrics.task_score_name), and per task its score under each model: the task
+    # score is their mean, and a paired interval on the task gain resamples them.
+    task_metric: str | None = None
+    task_item_scores_base: list[float] = field(default_factory=list, repr=False, metadata=PER_TEXT)
+    task_item_scores_expert: list[float] = field(default_factory=list, repr=False, metadata=PER_TEXT)
+    task_item_scores_compressed: list[float] = field(default_factory=list, repr=False, metadata=PER_TEXT)
 
     def to_dict(self, per_text: bool = False) -> dict:
         """The figures; with ``per_text`` also the per-text lists."""
         out = dataclasses.asdict(self)
         hidden = set() if per_text else {f.name for f in dataclasses.fields(self) if f.metadata.get("per_text")}
         return {k: v for k, v in out.items() if k not in hidden}
+
+
+def _mean(scores: list[float]) -> float | None:
+    """A task score from per-task scores; None without tasks."""
+    return sum(scores) / len(scores) if scores else None
 
 
 def _tokenizer(folder: Path):
@@ -103,8 +122,12 @@ class Evaluator:
         return self._expert_nll.perplexity(self.per_char)
 
     @cached_property
+    def _task_items_expert(self) -> list[float]:
+        return task_scores(self.expert, self.tokenizer, self.data.tasks) if self.data.tasks else []
+
+    @property
     def task_expert(self) -> float | None:
-        return exact_match(self.expert, self.tokenizer, self.data.tasks) if self.data.tasks else None
+        return _mean(self._task_items_expert)
 
     @cached_property
     def _base_model(self):
@@ -119,12 +142,16 @@ class Evaluator:
         return self._base_nll.perplexity(self.per_char)
 
     @cached_property
+    def _task_items_base(self) -> list[float]:
+        return task_scores(self._base_model, _tokenizer(self.base_dir), self.data.tasks) if self.data.tasks else []
+
+    @property
     def task_base(self) -> float | None:
-        return exact_match(self._base_model, _tokenizer(self.base_dir), self.data.tasks) if self.data.tasks else None
+        return _mean(self._task_items_base)
 
     def release_base(self) -> None:
         """Free the base model once its figures are known."""
-        _ = self.ppl_base, self.task_base
+        _ = self.ppl_base, self._task_items_base
         self.__dict__.pop("_base_model", None)
 
     def rounded_to_bf16(self) -> dict:
@@ -188,7 +215,8 @@ class Evaluator:
             )
         compressed = load_expert_model(self.base, reader, device=self.device)
         scored = self.score(compressed)
-        task_c = exact_match(compressed, self.tokenizer, self.data.tasks) if self.data.tasks else None
+        items_c = task_scores(compressed, self.tokenizer, self.data.tasks) if self.data.tasks else []
+        task_c = _mean(items_c)
         self.release_base()
         task_gain = None
         if task_c is not None and self.task_expert != self.task_base:
@@ -216,6 +244,10 @@ class Evaluator:
             compress_seconds=m.metrics.get("compress_seconds"),
             device=m.metrics.get("device"),
             **{k: v for k, v in scored.items() if k.startswith(("kl_text_", "nll_text_"))},
+            task_metric=task_score_name(self.data.tasks),
+            task_item_scores_base=[round(v, 4) for v in self._task_items_base],
+            task_item_scores_expert=[round(v, 4) for v in self._task_items_expert],
+            task_item_scores_compressed=[round(v, 4) for v in items_c],
         )
 
 
