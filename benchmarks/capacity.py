@@ -6,8 +6,10 @@ of q 4096x4096, k/v 1024x4096, o 4096x4096, gate/up 14336x4096, down 4096x14336,
 lm_head 32000x4096 at the same bits. The base is bf16 (every Mistral-7B tensor, norms included).
 
 With ``--allocate`` (on a GPU) it then VERIFIES by allocating, on the device, the base, the
-computed number of experts tensor by tensor (SYNTHETIC contents: nothing is computed), and the
-KV-cache reserve; then keeps adding experts until an allocation fails.
+computed number of experts as serving banks them (SYNTHETIC contents: nothing is computed), and the
+KV-cache reserve, one expert fewer until everything fits (``--budget-gb`` caps the allocator first).
+Until 2026-12-04 the check allocated each expert's 1,130 tensors apart, which the allocator's rounding
+made pessimistic (49 one-bit experts under 80 GB where the bytes allow 57).
 
     python benchmarks/capacity.py --allocate --out capacity.json
 """
@@ -75,54 +77,40 @@ def base_bytes() -> int:
     return 2 * params
 
 
-def allocate(config: DeltaConfig, experts: int, base: int, kv: int, max_extra: int = 8) -> dict:
-    """Allocate base, experts (tensor by tensor) and the KV reserve; then try a few more experts."""
+def allocate(config: DeltaConfig, experts: int, base: int, kv: int) -> dict:
+    """Allocate the base, the experts as a server holds them and the KV reserve, stepping down from ``experts``
+    (the byte count's upper bound) until all fit. A server stacks every expert's delta of one linear into one bank
+    (``serving.banked``: each of packed codes, steps, offsets and salient columns an ``[E, ...]`` tensor), so the
+    allocator rounds once a linear and tensor, not once an expert's tensor."""
     dev = torch.device("cuda")
     t0 = time.perf_counter()
     held = [torch.empty(base // 2, dtype=torch.bfloat16, device=dev)]
-    template = expert_tensors(config)
-
-    def one_expert():
-        out = []
-        for d in template:
-            for t in (d.packed, d.scale, d.offset, d.salient_idx, d.salient_val):
-                if t is not None:
-                    out.append(torch.empty(t.shape, dtype=t.dtype, device=dev))
-        return out
-
-    for _ in range(experts):
-        held.append(one_expert())
-    planned = experts
-    while True:  # the allocator rounds each tensor up: step down until the KV reserve fits too
+    parts = [t for d in expert_tensors(config) for t in (d.packed, d.scale, d.offset, d.salient_idx, d.salient_val)]
+    parts = [t for t in parts if t is not None]
+    fitted, banks, reserve = experts, None, None
+    while fitted > 0:
         try:
-            held.append(torch.empty(kv, dtype=torch.uint8, device=dev))
+            banks = [torch.empty((fitted, *t.shape), dtype=t.dtype, device=dev) for t in parts]
+            reserve = torch.empty(kv, dtype=torch.uint8, device=dev)
             break
         except torch.OutOfMemoryError:
-            if len(held) == 1:
-                raise
-            held.pop()
-            experts -= 1
-            print(f"KV reserve does not fit beside {experts + 1} experts; trying {experts}", flush=True)
+            banks = reserve = None
+            torch.cuda.empty_cache()
+            fitted -= 1
+            print(f"{fitted + 1} experts and the KV reserve do not fit; trying {fitted}", flush=True)
     torch.cuda.synchronize()
-    fitted = {
-        "experts_verified": experts,
-        "experts_from_byte_count": planned,
+    out = {
+        "layout": "one bank tensor per linear and part, stacked over the experts (as serving.banked holds them)",
+        "experts_verified": fitted,
+        "experts_from_byte_count": experts,
         "allocated_bytes": torch.cuda.memory_allocated(),
         "reserved_bytes": torch.cuda.memory_reserved(),
         "free_after": torch.cuda.mem_get_info()[0],
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    extra = 0
-    try:
-        while extra < max_extra:
-            held.append(one_expert())
-            extra += 1
-    except torch.OutOfMemoryError:
-        pass
-    fitted["extra_experts_that_also_fit"] = extra if extra < max_extra else f">= {max_extra}"
-    del held
+    del held, banks, reserve
     torch.cuda.empty_cache()
-    return fitted
+    return out
 
 
 def main(argv=None) -> None:
