@@ -3,8 +3,10 @@ and which expert each row of a batch uses.
 
 A :class:`DeltaBank` stacks E experts' :class:`~meswitch.compression.delta.CompressedDelta` of one
 linear on one :class:`BankGrid` (shape, bits, group size, symmetry, layout), so one kernel launch
-serves them all. An :class:`ExpertRows` groups the rows of a batch by expert (the segments of
-Punica's SGMV); build it once per batch and reuse it for every linear of the forward pass.
+serves them all. Sibling projections of one input (q/k/v, gate/up) can share one bank over their
+concatenated outputs (:meth:`DeltaBank.concat`), so one launch serves all of them too. An
+:class:`ExpertRows` groups the rows of a batch by expert (the segments of Punica's SGMV); build it
+once per batch and reuse it for every linear of the forward pass.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from meswitch.kernels.layout import (
     v2_num_chunks,
     v2_supported,
 )
+
+MAX_PARTS = 3  # projections one grouped bank holds (q/k/v): the kernel tells a block's from two boundaries
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,11 @@ class DeltaBank:
     ``[E, N, G]`` or None for a symmetric grid (offset = -scale * (2**bits - 1) / 2);
     ``salient_idx`` int32 ``[E, kmax]`` and ``salient_val`` fp16 ``[E, N, kmax]``, padded with
     index 0 and value 0 for experts with fewer salient columns.
+
+    A grouped bank (:meth:`concat`) holds P sibling projections along N, ``splits`` their output
+    widths; the salient input columns differ per matrix, so ``salient_idx`` is ``[E, P, kmax]``.
+    Every tensor has experts first (slots are written and grown alike), and may be a view whose
+    expert (and layout-2 chunk) strides are wider than its shape: :meth:`part` is one.
     """
 
     grid: BankGrid
@@ -83,6 +92,7 @@ class DeltaBank:
     offset: torch.Tensor | None
     salient_idx: torch.Tensor
     salient_val: torch.Tensor
+    splits: tuple[int, ...] = ()  # grouped: each projection's output width (they sum to N)
 
     def __post_init__(self) -> None:
         grid = self.grid
@@ -99,9 +109,13 @@ class DeltaBank:
                 raise ValueError(f"{name} must be fp16 {(e, n, grid.groups)}, got {t.dtype} {tuple(t.shape)}")
         if self.offset is None and not grid.symmetric:
             raise ValueError("an asymmetric bank needs offsets")
-        kmax = self.salient_idx.shape[1] if self.salient_idx.dim() == 2 else -1
-        if self.salient_idx.dtype != torch.int32 or tuple(self.salient_idx.shape) != (e, kmax):
-            raise ValueError(f"salient_idx must be int32 [E={e}, kmax], got {tuple(self.salient_idx.shape)}")
+        if self.splits and (not 2 <= len(self.splits) <= MAX_PARTS or sum(self.splits) != n):
+            raise ValueError(f"a grouped bank holds 2 to {MAX_PARTS} projections summing to N={n}, got {self.splits}")
+        lead = (e, len(self.splits)) if self.splits else (e,)
+        kmax = self.salient_idx.shape[-1]
+        if self.salient_idx.dtype != torch.int32 or tuple(self.salient_idx.shape) != (*lead, kmax):
+            want = "[E, P, kmax]" if self.splits else "[E, kmax]"
+            raise ValueError(f"salient_idx must be int32 {want} with E={e}, got {tuple(self.salient_idx.shape)}")
         if self.salient_val.dtype != torch.float16 or tuple(self.salient_val.shape) != (e, n, kmax):
             raise ValueError(f"salient_val must be fp16 {(e, n, kmax)}, got {tuple(self.salient_val.shape)}")
 
@@ -111,7 +125,12 @@ class DeltaBank:
 
     @property
     def kmax(self) -> int:
-        return self.salient_idx.shape[1]
+        return self.salient_idx.shape[-1]
+
+    @property
+    def bounds(self) -> tuple[int, ...]:
+        """Where each projection's outputs start along N, then N: ``(0, N)`` for one linear."""
+        return tuple(itertools.accumulate(self.splits or (self.grid.shape[0],), initial=0))
 
     @property
     def device(self) -> torch.device:
@@ -174,6 +193,51 @@ class DeltaBank:
         )
 
     @classmethod
+    def concat(cls, parts: Sequence[DeltaBank]) -> DeltaBank:
+        """Sibling projections' banks (one input, one grid, one slot each expert) as one grouped bank over
+        their concatenated outputs, so one kernel launch adds every projection's delta."""
+        first = parts[0]
+        if not 2 <= len(parts) <= MAX_PARTS:
+            raise ValueError(f"a grouped bank holds 2 to {MAX_PARTS} projections, got {len(parts)}")
+        shared = lambda g: replace(g, shape=(1, g.shape[1]))  # all but the output width
+        for i, b in enumerate(parts):
+            if b.splits:
+                raise ValueError(f"projection {i} is already a grouped bank")
+            if shared(b.grid) != shared(first.grid):
+                raise ValueError(f"projection {i} has {b.grid}, projection 0 has {first.grid}: one input, one grid")
+            if b.num_experts != first.num_experts:
+                raise ValueError(f"projection {i} holds {b.num_experts} experts, projection 0 {first.num_experts}")
+            if (b.offset is None) != (first.offset is None):
+                raise ValueError(f"projection {i} and projection 0 differ in having offsets")
+        kmax = max(b.kmax for b in parts)
+        pad = lambda t: torch.nn.functional.pad(t, (0, kmax - t.shape[-1]))  # index 0, value 0
+        n_dim = 2 if first.grid.layout_version == LAYOUT_V2 else 1
+        splits = tuple(b.grid.shape[0] for b in parts)
+        return cls(
+            grid=replace(first.grid, shape=(sum(splits), first.grid.shape[1])),
+            packed=torch.cat([b.packed for b in parts], n_dim),
+            scale=torch.cat([b.scale for b in parts], 1),
+            offset=None if first.offset is None else torch.cat([b.offset for b in parts], 1),
+            salient_idx=torch.stack([pad(b.salient_idx) for b in parts], 1),
+            salient_val=torch.cat([pad(b.salient_val) for b in parts], 1),
+            splits=splits,
+        )
+
+    def part(self, p: int) -> DeltaBank:
+        """Projection ``p`` of a grouped bank as a bank of its own: views, nothing copied."""
+        a, b = self.bounds[p : p + 2]
+        n_dim = 2 if self.grid.layout_version == LAYOUT_V2 else 1
+        rows = slice(a, b)
+        return DeltaBank(
+            grid=replace(self.grid, shape=(b - a, self.grid.shape[1])),
+            packed=self.packed.narrow(n_dim, a, b - a),
+            scale=self.scale[:, rows],
+            offset=None if self.offset is None else self.offset[:, rows],
+            salient_idx=self.salient_idx[:, p],
+            salient_val=self.salient_val[:, rows],
+        )
+
+    @classmethod
     def random(
         cls,
         num_experts: int,
@@ -230,6 +294,7 @@ class DeltaBank:
             offset=None if self.offset is None else self.offset.to(device),
             salient_idx=self.salient_idx.to(device),
             salient_val=self.salient_val.to(device),
+            splits=self.splits,
         )
 
     def with_layout(self, layout_version: int) -> DeltaBank:
@@ -247,7 +312,10 @@ class DeltaBank:
         return replace(self, grid=replace(grid, layout_version=layout_version), packed=packed)
 
     def dequantize(self, expert: int) -> torch.Tensor:
-        """Δ̂ (fp32 [N, K]) of one expert, computed as ``CompressedDelta.dequantize`` does."""
+        """Δ̂ (fp32 [N, K]) of one expert, computed as ``CompressedDelta.dequantize`` does (a grouped bank:
+        each projection's, stacked)."""
+        if self.splits:
+            return torch.cat([self.part(p).dequantize(expert) for p in range(len(self.splits))])
         grid = self.grid
         codes = unpack_codes(self.packed[expert], grid.bits, grid.shape[1], grid.layout_version)
         offset = None if self.offset is None else self.offset[expert]
@@ -258,8 +326,8 @@ class DeltaBank:
         """Rows ``rows[m]`` of ``Δ̂_{experts[m]}`` as fp32 ``[M, K]`` (layout 1): an embedding delta's
         lookup, on the device and without reading ids on the host (CUDA-graph safe)."""
         grid = self.grid
-        if grid.layout_version != LAYOUT_V1:
-            raise ValueError("row lookup reads layout 1")
+        if grid.layout_version != LAYOUT_V1 or self.splits:
+            raise ValueError("row lookup reads layout 1, one matrix")
         e, r = experts.long(), rows.long()
         offset = None if self.offset is None else self.offset[e, r]
         w = dequantize(unpack(self.packed[e, r], grid.bits, grid.shape[1]), self.scale[e, r], offset, grid.bits)

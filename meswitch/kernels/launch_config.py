@@ -45,8 +45,11 @@ def _sm_count(device: torch.device) -> int:
 
 def gluon_fits(bank: DeltaBank, cfg: LaunchConfig, device: torch.device) -> bool:
     """Whether the Gluon decode kernel serves this launch: Hopper (wgmma), layout-2 codes with per-channel steps
-    applied in the epilogue, 8, 16 or 32 rows a tile, 128 channels a program, K a whole number of chunks."""
+    applied in the epilogue, 8, 16 or 32 rows a tile, 128 channels a program, K a whole number of chunks, one
+    matrix's bank stored whole (not grouped, not a projection's view of a grouped one)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return False
+    if bank.splits or not all(t.is_contiguous() for t in (bank.packed, bank.scale, bank.salient_val)):
         return False
     g = bank.grid
     return (g.layout_version == LAYOUT_V2 and g.group_size == 0 and cfg.epilogue_scale and cfg.block_m in (8, 16, 32)
@@ -62,7 +65,7 @@ def _row_block(max_segment: int) -> int:
 
 def choose_config(bank: DeltaBank, rows: ExpertRows, device: torch.device) -> LaunchConfig:
     """:func:`config_for` the batch's longest segment and tile count; cached per batch and bank shape."""
-    key = ("config", bank.grid, str(device))
+    key = ("config", bank.grid, bank.splits, str(device))
     cached = rows._tiles.get(key)
     if cached is None:
         block_m = _row_block(rows.max_segment)
@@ -81,30 +84,44 @@ def config_for(bank: DeltaBank, block_m: int, tiles: int, device: torch.device) 
     chain of per-plane MMAs, not bandwidth, bounds small grids; never under
     ``torch.use_deterministic_algorithms`` (split programs add into y with atomics). The Gluon decode
     kernel runs only where asked (``MESWITCH_DELTA_KERNEL=gluon``) and where it fits (:func:`gluon_fits`):
-    on the H200 it has not yet beaten this kernel (benchmarks/NOTES-kernels.md).
+    on the H200 it has not yet beaten this kernel (benchmarks/NOTES-kernels.md). A grouped bank's N block is
+    the widest that divides every projection boundary (:func:`block_within`).
     """
     n, k = bank.grid.shape
     chunks = -(-k // v2_chunk(bank.grid.bits)) if bank.grid.layout_version == LAYOUT_V2 else 0
     sms = _sm_count(device)
     if bank.grid.layout_version != LAYOUT_V2:
-        return LaunchConfig(block_n=64, block_m=block_m, num_stages=2, epilogue_scale=False)
+        return LaunchConfig(block_n=block_within(64, bank), block_m=block_m, num_stages=2, epilogue_scale=False)
     if block_m > 64:
-        block_n = 256 if -(-n // 256) * tiles >= sms else 128
+        block_n = block_within(256 if -(-n // 256) * tiles >= sms else 128, bank)
         programs = -(-n // block_n) * max(tiles, 1)
         split = max(1, min(4, -(-3 * sms // (2 * programs)), chunks // 4)) if programs < sms else 1
         split = 1 if torch.are_deterministic_algorithms_enabled() else split
         return LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=8, num_stages=3,
                             epilogue_scale=False)  # fmt: skip
-    programs = -(-n // 128) * max(tiles, 1)
+    block_n = block_within(128, bank)
+    programs = -(-n // block_n) * max(tiles, 1)
     split = 4 if programs * 2 <= sms else 2 if programs <= 1.25 * sms else 1
     split = max(1, min(split, chunks // 4))
     if torch.are_deterministic_algorithms_enabled():
         split = 1  # split K adds partial sums into y with atomics, in no fixed order
-    cfg = LaunchConfig(block_n=128, block_m=block_m, split_k=split, num_warps=4, num_stages=3,
+    cfg = LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=4, num_stages=3,
                        epilogue_scale=block_m <= 32 and bank.grid.group_size == 0)  # fmt: skip
     if os.environ.get("MESWITCH_DELTA_KERNEL") == "gluon" and gluon_fits(bank, cfg, device):
         cfg = replace(cfg, kernel="gluon")
     return cfg
+
+
+def block_within(want: int, bank: DeltaBank) -> int:
+    """``want`` output channels a program, or for a grouped bank the most, down to 16 (the MMA's least), whose
+    blocks never straddle two projections; ``want`` where none is (the launch then goes projection by projection)."""
+    inner = bank.bounds[1:-1]
+    block = want
+    while block >= 16:
+        if all(b % block == 0 for b in inner):
+            return block
+        block //= 2
+    return want
 
 
 def check_device_inputs(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor) -> None:
@@ -116,3 +133,7 @@ def check_device_inputs(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor) -> No
         raise ValueError(f"the Triton delta kernel takes bf16 or fp16 activations, got {x.dtype}")
     if x.stride(1) != 1 or y.stride(1) != 1:
         raise ValueError("x and y must be contiguous along their last dimension")
+    codes = bank.packed[:, 0] if bank.packed.dim() == 4 else bank.packed  # layout 2: the chunk stride may widen too
+    whole = all(t[0].is_contiguous() for t in (codes, bank.scale, bank.salient_idx, bank.salient_val))
+    if not whole or (bank.offset is not None and bank.offset.stride() != bank.scale.stride()):
+        raise ValueError("a bank's tensors may be views along experts and output channels only")

@@ -32,7 +32,8 @@ def mixed_delta(
 ) -> torch.Tensor:
     """Add each row's expert delta to the base output ``y`` in place; return ``y``.
 
-    ``x`` [M, K] bf16/fp16, ``y`` [M, N] of x's dtype, ``experts`` a per-row expert index
+    ``x`` [M, K] bf16/fp16, ``y`` [M, N] of x's dtype (a grouped bank's N: every projection's outputs,
+    concatenated), ``experts`` a per-row expert index
     (-1: base only) or an :class:`ExpertRows` built once per batch (cheaper: ids are read on the
     host once). ``backend="auto"`` runs the Triton kernel for bf16/fp16 CUDA tensors and the
     reference otherwise.
@@ -70,11 +71,12 @@ def _mixed_delta_tiles(
     group_size: int,
     layout_version: int,
     symmetric: bool,
+    splits: list[int],
     block_m: int,
     expected_tiles: int,
 ) -> None:
     grid = BankGrid((n, k), bits, group_size, symmetric, layout_version)
-    bank = DeltaBank(grid, packed, scale, offset, salient_idx, salient_val)
+    bank = DeltaBank(grid, packed, scale, offset, salient_idx, salient_val, tuple(splits))
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and triton_available():
         from meswitch.kernels.launch_config import check_device_inputs, config_for
         from meswitch.kernels.triton_delta import launch
@@ -87,7 +89,7 @@ def _mixed_delta_tiles(
 
 @_mixed_delta_tiles.register_fake
 def _(x, y, packed, scale, offset, salient_idx, salient_val, tiles, n, k, bits, group_size, layout_version,
-      symmetric, block_m, expected_tiles) -> None:  # fmt: skip
+      symmetric, splits, block_m, expected_tiles) -> None:  # fmt: skip
     return None
 
 
@@ -106,8 +108,10 @@ def mixed_delta_tiles(
     """``mixed_delta`` over a device-built tile table (:func:`~meswitch.kernels.bank.device_tiles`).
 
     The registered op ``torch.ops.meswitch.mixed_delta_tiles``: nothing is read on the host, so a
-    CUDA graph or ``torch.compile`` can hold it and replay any mix of the bank's experts.
-    ``expected_tiles`` (default: one per row, at most one per expert) sizes the launch heuristics.
+    CUDA graph or ``torch.compile`` can hold it and replay any mix of the bank's experts. A grouped bank
+    (:meth:`~meswitch.kernels.bank.DeltaBank.concat`) adds every projection's delta to ``y`` (their outputs,
+    concatenated) in one launch. ``expected_tiles`` (default: one per row, at most one per expert) sizes the
+    launch heuristics.
     """
     m = x.shape[0]
     if tiles.dim() != 2 or tiles.shape[0] != m:
@@ -119,7 +123,7 @@ def mixed_delta_tiles(
     expected = expected_tiles or min(m, bank.num_experts)
     torch.ops.meswitch.mixed_delta_tiles(
         x, y, bank.packed, bank.scale, bank.offset, bank.salient_idx, bank.salient_val, tiles,
-        n, k, grid.bits, grid.group_size, grid.layout_version, grid.symmetric,
+        n, k, grid.bits, grid.group_size, grid.layout_version, grid.symmetric, list(bank.splits),
         tiles.shape[1] - 2, expected,
     )  # fmt: skip
     return y

@@ -3,14 +3,20 @@
 Codes are layout 2 (:mod:`.layout`): per K chunk one ``[BLOCK_N, 16]`` int32 tile, read as int16 pairs. Each
 plane is one ``lop3`` per register (mask the two codes of a word's half-words and or in a bf16/fp16 exponent:
 ``bias + code`` in both halves, Marlin's trick) plus at most one shift per three planes; the register-scale
-variant adds two packed FMAs for ``code·s + o``. The constants are computed at compile time.
+variant adds two packed FMAs for ``code·s + o``. The constants are computed at compile time. Under Triton's
+CPU interpreter (``TRITON_INTERPRET=1``), which runs no PTX, each plane is the same bit trick written in
+Triton one half-word at a time, so the kernels can be tested on a machine without a GPU.
 """
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 from triton.runtime.jit import constexpr_function
+
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @constexpr_function
@@ -36,6 +42,13 @@ def _shift_of(bits: int, p: int) -> int:
 @constexpr_function
 def _shift(bits, p):
     return _shift_of(bits, p)
+
+
+@constexpr_function
+def _half_consts(bits, p, is_bf16):
+    """(mask, magic) of plane p for one half-word: what the interpreter's emulation of the lop3 uses."""
+    mask2, magic2, _, _ = _plane_consts(bits, p, is_bf16)
+    return mask2 & 0xFFFF, magic2 & 0xFFFF
 
 
 @constexpr_function
@@ -70,7 +83,9 @@ def _scaled_asm(bits, p, is_bf16):
 
 @triton.jit
 def plane_source(words, BITS: tl.constexpr, p: tl.constexpr):
-    if _shift(BITS, p) > 0:
+    if INTERPRET:  # a logical shift of each half-word (the PTX shifts pairs; the bits it moves across are masked)
+        src = ((words.to(tl.int32) & 0xFFFF) >> _shift(BITS, p)).to(tl.int16)
+    elif _shift(BITS, p) > 0:
         src = tl.inline_asm_elementwise(_shift_asm(BITS, p), "=r,r", [words], dtype=tl.int16, is_pure=True, pack=2)
     else:
         src = words
@@ -79,7 +94,13 @@ def plane_source(words, BITS: tl.constexpr, p: tl.constexpr):
 
 @triton.jit
 def plane_biased(src, BITS: tl.constexpr, p: tl.constexpr, IS_BF16: tl.constexpr):
-    if IS_BF16:
+    if INTERPRET:
+        half = (src.to(tl.int32) & _half_consts(BITS, p, IS_BF16)[0]) | _half_consts(BITS, p, IS_BF16)[1]
+        if IS_BF16:
+            w = half.to(tl.int16).to(tl.bfloat16, bitcast=True)
+        else:
+            w = half.to(tl.int16).to(tl.float16, bitcast=True)
+    elif IS_BF16:
         w = tl.inline_asm_elementwise(
             _biased_asm(BITS, p, True), "=r,r", [src], dtype=tl.bfloat16, is_pure=True, pack=2
         )
@@ -92,7 +113,10 @@ def plane_biased(src, BITS: tl.constexpr, p: tl.constexpr, IS_BF16: tl.constexpr
 
 @triton.jit
 def plane_scaled(src, s, o, BITS: tl.constexpr, p: tl.constexpr, IS_BF16: tl.constexpr):
-    if IS_BF16:
+    if INTERPRET:
+        code = plane_biased(src, BITS, p, IS_BF16).to(tl.float32) - plane_bias(BITS, p, IS_BF16)
+        w = (code * s.to(tl.float32) + o.to(tl.float32)).to(s.dtype)
+    elif IS_BF16:
         w = tl.inline_asm_elementwise(
             _scaled_asm(BITS, p, True), "=r,r,r,r", [src, s, o], dtype=tl.bfloat16, is_pure=True, pack=2
         )

@@ -21,9 +21,16 @@ halves, Marlin's trick) plus at most one shift per three planes. Two ways to fin
 Salient columns: ``x[:, idx]`` gathered by index times the fp16 corrections, one tf32 MMA per 32
 columns, added before the single rounded read-modify-write of y (or a bf16/fp16 atomic add when K
 is split). A generic kernel reads layout 1 for any bits (3 and 8 included) with per-value shifts.
+
+A grouped bank (sibling projections along N, :meth:`DeltaBank.concat`) is one launch over their concatenated
+output: each program's N block lies in one projection, whose salient input columns it reads; every other
+operand is indexed along N as for one matrix. The expert strides are arguments, so a projection's view of a
+grouped bank launches as a bank of its own.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import triton
@@ -49,7 +56,16 @@ def _tile_rows(tiles_ptr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _prefetch(y_ptr, rows, stride_ym, offs_n, nmask, mmask, e, sidx_ptr, KMAX, SPLIT_K: tl.constexpr,
+def _salient_row(sidx_ptr, e, stride_ie, KMAX, B1, B2, BLOCK_N: tl.constexpr):
+    """This program's salient input columns: its expert's, of the projection its N block lies in (a grouped
+    bank holds up to three, starting at 0, B1 and B2; a block never straddles two)."""
+    n0 = tl.program_id(0) * BLOCK_N
+    part = (n0 >= B1).to(tl.int64) + (n0 >= B2).to(tl.int64)
+    return sidx_ptr + e * stride_ie + part * KMAX
+
+
+@triton.jit
+def _prefetch(y_ptr, rows, stride_ym, offs_n, nmask, mmask, sidx_row, KMAX, SPLIT_K: tl.constexpr,
               SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr):  # fmt: skip
     """Loads the epilogue needs, issued before the main loop so their latency hides behind it."""
     y_ptrs = y_ptr + rows[None, :] * stride_ym + offs_n[:, None]
@@ -59,13 +75,13 @@ def _prefetch(y_ptr, rows, stride_ym, offs_n, nmask, mmask, e, sidx_ptr, KMAX, S
     else:
         yv = tl.zeros(y_ptrs.shape, dtype=y_ptr.dtype.element_ty)
     so = tl.arange(0, SAL_BLOCK)
-    idx = tl.load(sidx_ptr + e * KMAX + so, mask=so < KMAX, other=0)
+    idx = tl.load(sidx_row + so, mask=so < KMAX, other=0)
     return y_ptrs, ymask, yv, idx
 
 
 @triton.jit
 def _salient_and_store(
-    out, x_rows, mmask, y_ptrs, ymask, yv, idx, offs_n, nmask, e, N, sidx_ptr, sval_ptr, KMAX,
+    out, x_rows, mmask, y_ptrs, ymask, yv, idx, nmask, sidx_row, sval_rows, KMAX,
     SPLIT_K: tl.constexpr, SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr,
 ):  # fmt: skip
     """Add x[:, idx] · corrections (tf32 MMA; K split 0 only), then y += out, rounded once."""
@@ -74,13 +90,9 @@ def _salient_and_store(
             so = s0 + tl.arange(0, SAL_BLOCK)
             smask = so < KMAX
             xs = tl.load(x_rows + idx[:, None], mask=smask[:, None] & mmask[None, :], other=0.0)
-            sv = tl.load(
-                sval_ptr + (e * N + offs_n[:, None]) * KMAX + so[None, :],
-                mask=nmask[:, None] & smask[None, :],
-                other=0.0,
-            )
+            sv = tl.load(sval_rows[:, None] + so[None, :], mask=nmask[:, None] & smask[None, :], other=0.0)
             nxt = so + SAL_BLOCK
-            idx = tl.load(sidx_ptr + e * KMAX + nxt, mask=nxt < KMAX, other=0)
+            idx = tl.load(sidx_row + nxt, mask=nxt < KMAX, other=0)
             out = tl.dot(sv.to(tl.float32), xs.to(tl.float32), out, input_precision="tf32")
     if SPLIT_K == 1:
         if not PREFETCH_Y:
@@ -109,11 +121,13 @@ def _steps_2d(
 def _delta_v2_kernel(
     x_ptr, y_ptr, w_ptr, scale_ptr, offset_ptr, sidx_ptr, sval_ptr, tiles_ptr,
     N, K, G, KMAX, n_chunks, chunks_per_split, stride_xm, stride_ym,
+    stride_we, stride_wc, stride_se, stride_ie, stride_ve, B1, B2,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, EPILOGUE_SCALE: tl.constexpr,
     EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr,
 ):  # fmt: skip
-    """Layout-2 codes (bits 1, 2, 4). w_ptr is the packed tensor viewed as int16."""
+    """Layout-2 codes (bits 1, 2, 4). w_ptr is the packed tensor viewed as int16; ``stride_*`` are the expert
+    (and chunk) strides of codes, steps, salient indices and values, so a bank may be a view along N."""
     P: tl.constexpr = 16 // BITS
     CHUNK: tl.constexpr = 32 * P
     HALF_LEVELS: tl.constexpr = ((1 << BITS) - 1) / 2
@@ -126,11 +140,13 @@ def _delta_v2_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     offs_t = tl.arange(0, 32)
-    w_tile = w_ptr + e * n_chunks * N * 32 + offs_n[:, None] * 32 + offs_t[None, :]
+    w_tile = w_ptr + e * stride_we + offs_n[:, None] * 32 + offs_t[None, :]
     x_rows = x_ptr + rows[None, :] * stride_xm
-    srow = scale_ptr + (e * N + offs_n) * G
-    orow = offset_ptr + (e * N + offs_n) * G
-    y_ptrs, ymask, yv, idx = _prefetch(y_ptr, rows, stride_ym, offs_n, nmask, mmask, e, sidx_ptr, KMAX, SPLIT_K,
+    srow = scale_ptr + e * stride_se + offs_n * G
+    orow = offset_ptr + e * stride_se + offs_n * G
+    sidx_row = _salient_row(sidx_ptr, e, stride_ie, KMAX, B1, B2, BLOCK_N)
+    sval_rows = sval_ptr + e * stride_ve + offs_n * KMAX
+    y_ptrs, ymask, yv, idx = _prefetch(y_ptr, rows, stride_ym, offs_n, nmask, mmask, sidx_row, KMAX, SPLIT_K,
                                        SAL_BLOCK, PREFETCH_Y)  # fmt: skip
     if EPILOGUE_SCALE:
         s = tl.load(srow, mask=nmask, other=0.0).to(tl.float32)
@@ -147,7 +163,7 @@ def _delta_v2_kernel(
     c_begin = tl.program_id(2) * chunks_per_split
     c_end = tl.minimum(c_begin + chunks_per_split, n_chunks)
     for c in range(c_begin, c_end):
-        words = tl.load(w_tile + c * N * 32, mask=nmask[:, None], other=0)
+        words = tl.load(w_tile + c * stride_wc, mask=nmask[:, None], other=0)
         for p in tl.static_range(P):
             kk = c * CHUNK + p * 32 + offs_t
             if EVEN_K:
@@ -175,15 +191,14 @@ def _delta_v2_kernel(
     else:
         out = acc
     _salient_and_store(
-        out, x_rows, mmask, y_ptrs, ymask, yv, idx, offs_n, nmask, e, N, sidx_ptr, sval_ptr, KMAX,
-        SPLIT_K, SAL_BLOCK, PREFETCH_Y,
+        out, x_rows, mmask, y_ptrs, ymask, yv, idx, nmask, sidx_row, sval_rows, KMAX, SPLIT_K, SAL_BLOCK, PREFETCH_Y,
     )  # fmt: skip
 
 
 @triton.jit
 def _delta_v1_kernel(
     x_ptr, y_ptr, w_ptr, scale_ptr, offset_ptr, sidx_ptr, sval_ptr, tiles_ptr,
-    N, K, W, G, KMAX, stride_xm, stride_ym,
+    N, K, W, G, KMAX, stride_xm, stride_ym, stride_we, stride_se, stride_ie, stride_ve, B1, B2,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SAL_BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -199,13 +214,14 @@ def _delta_v1_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + (e * N + offs_n) * W
+    w_rows = w_ptr + e * stride_we + offs_n * W
     x_rows = x_ptr + rows[None, :] * stride_xm
-    srow = scale_ptr + (e * N + offs_n) * G
-    orow = offset_ptr + (e * N + offs_n) * G
-    y_ptrs, ymask, yv, idx = _prefetch(
-        y_ptr, rows, stride_ym, offs_n, nmask, mmask, e, sidx_ptr, KMAX, 1, SAL_BLOCK, False
-    )
+    srow = scale_ptr + e * stride_se + offs_n * G
+    orow = offset_ptr + e * stride_se + offs_n * G
+    sidx_row = _salient_row(sidx_ptr, e, stride_ie, KMAX, B1, B2, BLOCK_N)
+    sval_rows = sval_ptr + e * stride_ve + offs_n * KMAX
+    y_ptrs, ymask, yv, idx = _prefetch(y_ptr, rows, stride_ym, offs_n, nmask, mmask, sidx_row, KMAX, 1, SAL_BLOCK,
+                                       False)  # fmt: skip
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
@@ -226,8 +242,7 @@ def _delta_v1_kernel(
         xk = tl.load(x_rows + kk[:, None], mask=kmask[:, None] & mmask[None, :], other=0.0)
         acc = tl.dot(w, xk, acc)
     _salient_and_store(
-        acc, x_rows, mmask, y_ptrs, ymask, yv, idx, offs_n, nmask, e, N, sidx_ptr, sval_ptr, KMAX,
-        1, SAL_BLOCK, False,
+        acc, x_rows, mmask, y_ptrs, ymask, yv, idx, nmask, sidx_row, sval_rows, KMAX, 1, SAL_BLOCK, False,
     )  # fmt: skip
 
 
@@ -249,10 +264,20 @@ def mixed_delta_triton(
 
 def launch(x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tensor, cfg: LaunchConfig) -> torch.Tensor:
     """One launch over a tile table (:meth:`ExpertRows.tiles`, or :func:`~meswitch.kernels.bank.device_tiles`,
-    whose unused tiles exit at once); no host read of the batch, so a CUDA graph can hold it."""
+    whose unused tiles exit at once); no host read of the batch, so a CUDA graph can hold it.
+
+    A grouped bank is one launch when ``cfg.block_n`` divides every projection boundary (each N block then
+    reads one projection's salient columns), else one launch per projection."""
     n, k = bank.grid.shape
+    inner = bank.bounds[1:-1]
+    if any(b % cfg.block_n for b in inner):
+        for p, (a, b) in enumerate(itertools.pairwise(bank.bounds)):
+            launch(x, bank.part(p), tiles, y[:, a:b], cfg)
+        return y
+    b1, b2 = (*inner, n, n)[:2]
     offset = bank.offset if bank.offset is not None else bank.scale  # never read when symmetric
     sidx, sval = (bank.salient_idx, bank.salient_val) if bank.kmax else (tiles, bank.scale)  # never read
+    strides = (bank.scale.stride(0), sidx.stride(0), sval.stride(0), b1, b2)
     if cfg.kernel == "gluon" and not gluon_fits(bank, cfg, x.device):
         raise ValueError(f"the Gluon decode kernel does not serve this launch ({cfg}, {bank.grid})")
     if bank.grid.layout_version == LAYOUT_V2:
@@ -266,9 +291,11 @@ def launch(x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tenso
 
             launch_gluon(grid, x, y, bank, offset, sidx, sval, tiles, per_split, cfg)
             return y
+        w = bank.packed.view(torch.int16)
         _delta_v2_kernel[grid](
-            x, y, bank.packed.view(torch.int16), bank.scale, offset, sidx, sval, tiles,
+            x, y, w, bank.scale, offset, sidx, sval, tiles,
             n, k, bank.grid.groups, bank.kmax, chunks, per_split, x.stride(0), y.stride(0),
+            w.stride(0), w.stride(1), *strides,
             BITS=bank.grid.bits, GROUP=bank.grid.group_size, SYMMETRIC=bank.offset is None,
             EPILOGUE_SCALE=cfg.epilogue_scale, EVEN_K=k % v2_chunk(bank.grid.bits) == 0,
             SPLIT_K=grid[2], BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SAL_BLOCK=SALIENT_BLOCK,
@@ -280,6 +307,7 @@ def launch(x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tenso
         _delta_v1_kernel[grid](
             x, y, bank.packed, bank.scale, offset, sidx, sval, tiles,
             n, k, bank.packed.shape[2], bank.grid.groups, bank.kmax, x.stride(0), y.stride(0),
+            bank.packed.stride(0), *strides,
             BITS=bank.grid.bits, GROUP=bank.grid.group_size, SYMMETRIC=bank.offset is None,
             BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=64, SAL_BLOCK=SALIENT_BLOCK,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
