@@ -135,6 +135,22 @@ def test_fused_projections_give_the_same_steps_on_one_copy_of_the_weights(packed
     assert StaticDecoder(eng, dec.config)._fused[0] == (qkv, gate_up)  # a second decoder shares the fusion
 
 
+def test_grouped_deltas_give_the_per_projection_steps_on_one_copy_of_the_codes(packed):
+    """q/k/v's and gate/up's expert deltas in one launch each, from their banks held as one, against a launch per
+    projection on its view of the same bank."""
+    eng, slots = packed
+    (_, *apart), (dec, *grouped) = (
+        _prefill_and_step(eng, slots, compile_glue=False, group_deltas=group) for group in (False, True)
+    )
+    torch.testing.assert_close(grouped, apart, **TOL)
+    for gb in eng.banks.grids.values():
+        for fused in dec._fused[0]:
+            bank = gb.groups[fused.names]
+            assert bank.splits == tuple(fused.sizes)
+            storage = bank.packed.untyped_storage().data_ptr()
+            assert all(gb.banks[name].packed.untyped_storage().data_ptr() == storage for name in fused.names)
+
+
 def test_fused_linears_take_biases_on_all_or_none():
     torch.manual_seed(0)
     ctx = BatchExperts()

@@ -12,17 +12,22 @@ An expert keeps its slot while resident; a new expert takes a free slot in place
 so any captured graph, stay valid) and only when every slot is taken do the tables grow, which
 bumps :attr:`GridBanks.version` (graphs captured before must be captured again). ``capacity``
 reserves slots up front so that adding experts never reallocates.
+
+Sibling projections whose base weights are one GEMM (:class:`~meswitch.serving.mixed.FusedLinears`) are
+banked together once declared (:meth:`BankSet.fuse`): one grouped bank over their concatenated outputs, so
+one kernel launch adds all their deltas; each projection's own bank is a view of it (codes are held once).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from meswitch.compression.delta import CompressedDelta
-from meswitch.kernels import DeltaBank
+from meswitch.kernels import BankGrid, DeltaBank
+from meswitch.kernels.bank import MAX_PARTS
 from meswitch.kernels.layout import LAYOUT_V1
 
 
@@ -69,8 +74,9 @@ def _resized(bank: DeltaBank, slots: int, kmax: int) -> DeltaBank:
         grow(bank.packed, None),
         grow(bank.scale, None),
         grow(bank.offset, None),
-        grow(bank.salient_idx, 1),
-        grow(bank.salient_val, 2),
+        grow(bank.salient_idx, -1),
+        grow(bank.salient_val, -1),
+        bank.splits,
     )
 
 
@@ -97,13 +103,27 @@ class GridBanks:
     dense: dict[str, torch.Tensor] = field(default_factory=dict)  # [slots, ...]: norms, biases, added rows
     vocab: torch.Tensor | None = None  # int64 [slots]: each slot's vocabulary (base plus added rows)
     version: int = 0  # bumped whenever a table is created or reallocated: captured graphs are stale
+    # sibling projections banked together (BankSet.fuse): their entries in `banks` are views of these
+    groups: dict[tuple[str, ...], DeltaBank] = field(default_factory=dict)
 
     @property
     def capacity(self) -> int:
         return len(self.slots)
 
+    def set_group(self, names: tuple[str, ...], bank: DeltaBank) -> None:
+        """Hold ``bank`` for the projections ``names``, each projection's bank a view of it."""
+        self.groups[names] = bank
+        for p, name in enumerate(names):
+            self.banks[name] = bank.part(p)
+
+    def grouped(self) -> set[str]:
+        """The projections whose bank is a view of a group's."""
+        return {name for names in self.groups for name in names}
+
     def tensors(self) -> list[torch.Tensor]:
-        out = [getattr(b, f) for b in (*self.banks.values(), *self.lookups.values()) for f in BANK_FIELDS]
+        views = self.grouped()
+        owners = [b for name, b in self.banks.items() if name not in views]
+        out = [getattr(b, f) for b in (*owners, *self.groups.values(), *self.lookups.values()) for f in BANK_FIELDS]
         return [t for t in (*out, *self.dense.values(), self.vocab) if t is not None]
 
 
@@ -126,6 +146,21 @@ class BankSet:
         self.reserve = capacity
         self.grids: dict[Grid, GridBanks] = {}
         self.where: dict[str, tuple[Grid, int]] = {}  # expert key -> (grid, slot)
+        self.fused: dict[tuple[str, ...], tuple[int, ...]] = {}  # projections banked together -> output widths
+        self._group: dict[str, tuple[str, ...]] = {}  # each fused projection's group
+
+    def fuse(self, names: tuple[str, ...], widths: tuple[int, ...]) -> None:
+        """Bank the deltas of sibling projections (one input; outputs ``widths`` wide, concatenated in this
+        order) together from now on, in every grid: one kernel launch then serves all of them."""
+        names, widths = tuple(names), tuple(widths)
+        if self.fused.get(names) == widths:
+            return  # a second decoder on the same model
+        if not 2 <= len(names) == len(widths) <= MAX_PARTS or any(n in self._group for n in names):
+            raise ValueError(f"cannot fuse {names} ({widths} wide): 2 to {MAX_PARTS} projections, each in one group")
+        self.fused[names] = widths
+        self._group.update(dict.fromkeys(names, names))
+        for gb in self.grids.values():
+            self._join(gb)
 
     def add(self, key: str, tables: ExpertTables) -> int:
         """Place one expert (all its quantized tensors on one grid) in a slot; return the bytes it holds."""
@@ -145,14 +180,17 @@ class BankSet:
                 one = DeltaBank.from_compressed([cd], layout_version=layout, device=cd.packed.device)
                 added += bank_nbytes(one)
                 bank = store.get(name)
+                group = self._group.get(name)
                 if bank is None:  # the first expert with this tensor: the other slots hold no delta
-                    bank = _resized(_zero_one(one), gb.capacity, one.kmax)
+                    store[name] = _zeros(one.grid, gb.capacity, one.kmax, one)
+                    gb.version += 1
+                elif bank.kmax < one.kmax and group in gb.groups:  # every projection of the group widens
+                    gb.set_group(group, _resized(gb.groups[group], gb.capacity, one.kmax))
                     gb.version += 1
                 elif bank.kmax < one.kmax:
-                    bank = _resized(bank, gb.capacity, one.kmax)
+                    store[name] = _resized(bank, gb.capacity, one.kmax)
                     gb.version += 1
-                store[name] = bank
-                _put(bank, slot, one)
+                _put(store[name], slot, one)
         for name, value in tables.dense.items():
             table = gb.dense.get(name)
             if table is not None and table.shape[1:] != value.shape:  # added rows of another count
@@ -177,13 +215,35 @@ class BankSet:
         gb.vocab[slot] = tables.vocab
         gb.slots[slot] = key
         self.where[key] = (grid, slot)
+        self._join(gb)
         return added
+
+    def _join(self, gb: GridBanks) -> None:
+        """Bank each fused group together where a projection of it has a bank and the group none yet (a
+        projection without one holds no delta: zeros); the projections' own banks are then dropped."""
+        for names, widths in self.fused.items():
+            have = [gb.banks.get(n) for n in names]
+            if names in gb.groups or not any(have):
+                continue
+            like = next(b for b in have if b is not None)
+            kmax = max(b.kmax for b in have if b is not None)
+            parts = [
+                _zeros(replace(like.grid, shape=(w, like.grid.shape[1])), gb.capacity, kmax, like)
+                if b is None else _resized(b, gb.capacity, kmax)
+                for b, w in zip(have, widths, strict=True)
+            ]  # fmt: skip
+            gb.set_group(names, DeltaBank.concat(parts))
+            gb.version += 1
 
     def _grow(self, gb: GridBanks, slots: int, device: torch.device) -> None:
         gb.slots.extend([None] * (slots - gb.capacity))
+        views = gb.grouped()
         for store in (gb.banks, gb.lookups):
             for name, bank in store.items():
-                store[name] = _resized(bank, slots, bank.kmax)
+                if name not in views:
+                    store[name] = _resized(bank, slots, bank.kmax)
+        for names, bank in list(gb.groups.items()):
+            gb.set_group(names, _resized(bank, slots, bank.kmax))
         for name, table in gb.dense.items():
             grown = torch.zeros((slots, *table.shape[1:]), dtype=table.dtype, device=table.device)
             grown[: table.shape[0]] = table
@@ -212,5 +272,18 @@ class BankSet:
 
 def _zero_one(bank: DeltaBank) -> DeltaBank:
     """A one-expert bank of zero delta (codes, steps and corrections 0) in ``bank``'s shape and grid."""
-    z = lambda t: None if t is None else torch.zeros_like(t[:1])
-    return DeltaBank(bank.grid, z(bank.packed), z(bank.scale), z(bank.offset), z(bank.salient_idx), z(bank.salient_val))
+    return _zeros(bank.grid, 1, bank.kmax, bank)
+
+
+def _zeros(grid: BankGrid, experts: int, kmax: int, like: DeltaBank) -> DeltaBank:
+    """A bank of zero delta on ``grid``, with offsets where ``like`` has them, on its device."""
+    n, dev = grid.shape[0], like.device
+    steps = lambda: torch.zeros(experts, n, grid.groups, dtype=torch.float16, device=dev)
+    return DeltaBank(
+        grid,
+        torch.zeros(grid.packed_shape(experts), dtype=torch.int32, device=dev),
+        steps(),
+        None if like.offset is None else steps(),
+        torch.zeros(experts, kmax, dtype=torch.int32, device=dev),
+        torch.zeros(experts, n, kmax, dtype=torch.float16, device=dev),
+    )

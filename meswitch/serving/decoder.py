@@ -61,8 +61,12 @@ class DecoderConfig:
     # benchmarks/results/decode-e2e-graph-compiled-2026-12-03.json). None: on a GPU.
     compile_glue: bool | None = None
     # One base GEMM for q/k/v and one for gate/up (their weights become blocks of one matrix, no copy
-    # kept; each projection still adds its own deltas): two launches a layer instead of five.
+    # kept): two launches a layer instead of five.
     fuse_projections: bool = True
+    # With fused projections, their expert deltas in one delta-kernel launch too (their banks held as one,
+    # kernels/bank.py DeltaBank.concat): two launches a layer instead of five, and the 1,024-wide k/v of a
+    # 7B model no longer a launch of 64 programs for 132 SMs. False: one launch a projection (A/B measures).
+    group_deltas: bool = True
     # Decode attention by meswitch's Triton kernel, which also applies the rotary embedding and writes the new
     # token's K/V into the cache (kernels/decode_attention.py; a 7B step at batch 32: 6.1 -> 5.2 ms,
     # benchmarks/results/decode-e2e-fewer-kernels-2026-12-04.json); False: rotary, two index writes and
@@ -166,12 +170,13 @@ class StaticDecoder:
         group = self.heads // self.kv_heads
         cos, sin = self.rotary(x, pos[:, None] if decode else pos)
         kernel = decode and self.config.attention_kernel
+        grouped = self.config.group_deltas
         mask = decode_mask(pos, span) if decode and not kernel else None
         h = self._norm(self.layers[0].input_layernorm, x, decode)
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             fused = self._fused[i] if self._fused else None
-            q, k, v = fused[0](h) if fused else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
+            q, k, v = fused[0](h, grouped) if fused else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
             q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
             k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -194,7 +199,7 @@ class StaticDecoder:
             o = o.reshape(b, self.heads, t, self.head_dim)
             x, h = self._add_norm(x, attn.o_proj(o.transpose(1, 2).reshape(b, t, -1)), layer.post_attention_layernorm,
                                   decode)  # fmt: skip
-            gate, up = fused[1](h) if fused else (mlp.gate_proj(h), mlp.up_proj(h))
+            gate, up = fused[1](h, grouped) if fused else (mlp.gate_proj(h), mlp.up_proj(h))
             act = self._glue["swiglu"](gate, up) if decode and self._glue else mlp.act_fn(gate) * up
             after = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
             x, h = self._add_norm(x, mlp.down_proj(act), after, decode)

@@ -76,8 +76,10 @@ class BatchExperts:
     def clear(self) -> None:
         self.groups, self.batch, self.slots, self.tiles, self.width, self._host, self._rows = [], 0, {}, {}, 0, {}, {}
 
-    def banked(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        """``y += x·Δ̂ᵀ`` in place for every row whose expert is banked (``x`` [B, T, K], ``y`` [B, T, N])."""
+    def banked(self, name: str | tuple[str, ...], x: torch.Tensor, y: torch.Tensor) -> None:
+        """``y += x·Δ̂ᵀ`` in place for every row whose expert is banked (``x`` [B, T, K], ``y`` [B, T, N]);
+        ``name`` a tensor, or fused projections (:meth:`~meswitch.serving.banked.BankSet.fuse`) whose outputs
+        ``y`` concatenates: one launch adds all their deltas."""
         if not self.slots:
             return
         from meswitch.kernels import ExpertRows, mixed_delta
@@ -86,7 +88,8 @@ class BatchExperts:
         tokens = x.shape[1] if x.dim() == 3 else 1
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         for grid in self.slots:
-            bank = self.banks.grids[grid].banks.get(name)
+            gb = self.banks.grids[grid]
+            bank = gb.groups.get(name) if isinstance(name, tuple) else gb.banks.get(name)
             if bank is None:
                 continue
             if grid in self.tiles:
@@ -162,10 +165,12 @@ class MixedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.add_delta(x, self.base(x))
 
-    def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor, banked: bool = True) -> torch.Tensor:
         """``y`` (the base's output for ``x``, possibly a block of a fused output) plus each row's delta:
-        the banked kernels add in place, the dense path into a new tensor; returns the result."""
-        self.ctx.banked(self.weight_name, x, y)
+        the banked kernels add in place (unless ``banked`` is False: a grouped launch added them), the dense
+        path into a new tensor; returns the result."""
+        if banked:
+            self.ctx.banked(self.weight_name, x, y)
         if self.bias_name:
             for s, table, _ in self.ctx.tables(self.bias_name):  # bias deltas [slots, N]
                 rows, has = _rows_of(s, table, y)
@@ -189,11 +194,13 @@ class MixedLinear(nn.Module):
 
 
 class FusedLinears:
-    """Sibling projections of one input (q/k/v, gate/up) as one base GEMM.
+    """Sibling projections of one input (q/k/v, gate/up) as one base GEMM and one delta launch.
 
     Their base weights become row blocks of one matrix (views: nothing is kept twice), so a decode step
     reads them in one launch rather than a small, poorly parallel one each (a 1024-wide k or v at batch
-    32); each projection then adds its own expert deltas on its block of the output.
+    32). Their banked deltas are likewise held together (:meth:`~meswitch.serving.banked.BankSet.fuse`), so
+    one kernel launch adds every projection's deltas on the whole output and gives the narrow ones the
+    whole GPU; the dense payload, biases and per-projection launches (``grouped=False``) work per block.
     """
 
     @classmethod
@@ -210,6 +217,7 @@ class FusedLinears:
         if len({b.bias is None for b in bases}) != 1:
             raise ValueError("fused projections need a bias on all of them or on none")
         self.linears, self.sizes = linears, [b.out_features for b in bases]
+        self.names, self.ctx = tuple(m.weight_name for m in linears), linears[0].ctx
         self.weight = torch.cat([b.weight.detach() for b in bases])
         self.bias = None if bases[0].bias is None else torch.cat([b.bias.detach() for b in bases])
         blocks = self.weight.split(self.sizes)
@@ -219,10 +227,16 @@ class FusedLinears:
             if bias is not None:
                 m.base.bias = nn.Parameter(bias, requires_grad=False)
             m.fused = self
+        if self.ctx.banks is not None:
+            self.ctx.banks.fuse(self.names, tuple(self.sizes))
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, x: torch.Tensor, grouped: bool = True) -> list[torch.Tensor]:
+        """Each projection's output: one GEMM, the banked deltas in one launch (``grouped``) or one each."""
         y = F.linear(x, self.weight, self.bias)
-        return [m.add_delta(x, part) for m, part in zip(self.linears, y.split(self.sizes, -1), strict=True)]
+        if grouped:
+            self.ctx.banked(self.names, x, y)
+        parts = y.split(self.sizes, -1)
+        return [m.add_delta(x, part, banked=not grouped) for m, part in zip(self.linears, parts, strict=True)]
 
 
 class MixedEmbedding(nn.Module):
