@@ -9,6 +9,8 @@ mixed, rows spread evenly over them):
 * ``graph-compiled``: the same with its small ops fused by ``torch.compile`` (the default on a GPU).
 * ``graph-unfused``: ``graph-compiled`` with q/k/v and gate/up as five base GEMMs instead of two (the
   decoder's default fuses them; this row measures what that buys).
+* ``graph-ungrouped``: ``graph-compiled`` with the fused projections' expert deltas in one delta-kernel launch
+  per projection (five a layer) instead of one per fused group (two: the default).
 * ``graph-sdpa``: ``graph-compiled`` with PyTorch's SDPA (cuDNN) and two index writes for decode
   attention instead of the Triton kernel that also writes the new K/V (the default).
 * ``engine``: ``MixedExpertEngine.forward`` eagerly with a DynamicCache, as the scheduler used to drive it.
@@ -124,16 +126,18 @@ class InMemoryEngine(MixedExpertEngine):
 
 def check_delta(eng: InMemoryEngine, slots: list[ExpertSlot], gen: torch.Generator) -> float:
     """The engine's banked path (row slots -> ExpertRows -> mixed_delta) against the PyTorch reference on
-    every distinct linear of layer 0 and the LM head: 2 base rows, then 12 rows over up to 4 experts."""
+    every distinct linear of layer 0, its fused groups (one grouped bank each) and the LM head: 2 base rows,
+    then 12 rows over up to 4 experts."""
     experts = slots[:4]
     rows = [None, None, *(experts[i * len(experts) // 12] for i in range(12))]
     row_banks = [None if s is None else eng.banks.index(s.key) for s in rows]
     ids = [-1 if rb is None else rb[1] for rb in row_banks]
     gb = eng.banks.grids[row_banks[-1][0]]
     names = [f"{eng.spec.block_prefix(0)}{lin}.weight" for lin in eng.spec.linears] + [eng.patched.lm_head]
+    names += [g for g in gb.groups if g[0].startswith(eng.spec.block_prefix(0))]
     worst = 0.0
     for name in names:
-        bank = gb.banks[name]
+        bank = gb.groups[name] if isinstance(name, tuple) else gb.banks[name]
         n, k = bank.grid.shape
         x = torch.randn(len(rows), 1, k, generator=gen, device=eng.device).to(eng.dtype)
         y = (0.01 * torch.randn(len(rows), 1, n, generator=gen, device=eng.device)).to(eng.dtype)
@@ -321,10 +325,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--experts-list", type=int_list, default=[0, 1, 4, 8, 16], help="0: the base alone")
     ap.add_argument("--batches", type=int_list, default=[1, 8, 32, 64])
-    ap.add_argument("--modes", default="graph,graph-compiled,graph-unfused,graph-sdpa,engine,hf,hf-compile",
+    ap.add_argument("--modes", default="graph,graph-compiled,graph-unfused,graph-ungrouped,graph-sdpa,engine,hf,"
+                                       "hf-compile",
                     help="graph (static decoder, CUDA graphs), graph-compiled (and its small ops fused by "
                          "torch.compile), graph-unfused (graph-compiled without the fused q/k/v and gate/up "
-                         "GEMMs), graph-sdpa (graph-compiled with SDPA for decode attention), engine (eager "
+                         "GEMMs), graph-ungrouped (graph-compiled with a delta launch per projection, not per "
+                         "fused group), graph-sdpa (graph-compiled with SDPA for decode attention), engine (eager "
                          "engine), hf (transformers eager, "
                          "base alone), hf-compile (transformers static cache + torch.compile, base alone)")  # fmt: skip
     ap.add_argument("--compile-batches", type=int_list, default=[32], help="batches for hf-compile (compiles are slow)")
@@ -359,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     buckets = tuple(sorted(set(args.batches)))
     # the static decoders side by side: the default on a GPU (graph-compiled) and each of its parts taken away
     variants = {"graph": {"compile_glue": False}, "graph-compiled": {}, "graph-unfused": {"fuse_projections": False},
-                "graph-sdpa": {"attention_kernel": False}}  # fmt: skip
+                "graph-ungrouped": {"group_deltas": False}, "graph-sdpa": {"attention_kernel": False}}  # fmt: skip
     shape = {"max_rows": max(buckets), "max_len": args.max_len, "buckets": buckets, "compile_glue": True}
     decoders = {
         mode: StaticDecoder(eng, DecoderConfig(**{**shape, **changes}))
@@ -402,6 +408,8 @@ def main(argv: list[str] | None = None) -> None:
         "modes": {"graph": "meswitch StaticDecoder: static KV cache, one CUDA graph per batch and length bucket",
                   "graph-compiled": "the same, its norms, rotary embedding and SwiGLU fused by torch.compile",
                   "graph-unfused": "graph-compiled with q/k/v and gate/up as five base GEMMs, not two",
+                  "graph-ungrouped": "graph-compiled with a delta-kernel launch per projection (five a layer), "
+                                     "not one per fused group (two)",
                   "graph-sdpa": "graph-compiled with PyTorch's SDPA and index writes for decode attention, not "
                                 "meswitch's Triton kernel",
                   "engine": "meswitch MixedExpertEngine.forward eagerly (transformers model, DynamicCache)",
