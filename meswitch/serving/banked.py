@@ -120,12 +120,6 @@ class GridBanks:
         """The projections whose bank is a view of a group's."""
         return {name for names in self.groups for name in names}
 
-    def tensors(self) -> list[torch.Tensor]:
-        views = self.grouped()
-        owners = [b for name, b in self.banks.items() if name not in views]
-        out = [getattr(b, f) for b in (*owners, *self.groups.values(), *self.lookups.values()) for f in BANK_FIELDS]
-        return [t for t in (*out, *self.dense.values(), self.vocab) if t is not None]
-
 
 @dataclass
 class ExpertTables:

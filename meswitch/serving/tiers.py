@@ -107,17 +107,16 @@ def one_buffer(tensors: dict[str, torch.Tensor], pin: bool) -> dict[str, torch.T
     return out
 
 
-def nbytes(tensors: dict[str, Any] | None) -> int:
-    """Bytes held by a payload's tensors (objects with ``tensors()`` count theirs); aliases count once."""
+def nbytes(tensors: dict[str, torch.Tensor] | None) -> int:
+    """Bytes held by a payload's tensors; aliases count once."""
     if not tensors:
         return 0
     seen, total = set(), 0
-    for value in tensors.values():
-        for t in value.tensors() if hasattr(value, "tensors") else [value]:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in seen:  # aliased entries (a tied lm_head) count once
-                seen.add(ptr)
-                total += t.untyped_storage().nbytes()
+    for t in tensors.values():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:  # aliased entries (a tied lm_head) count once
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
     return total
 
 
