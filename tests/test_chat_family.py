@@ -79,12 +79,23 @@ def test_an_interrupted_build_resumes_without_retraining(family: Path, caplog):
     (family / "family.json").unlink()  # as if the build had stopped after math, before chinese finished
     shutil.rmtree(family / "experts" / "chinese")
     caplog.set_level("INFO")
-    build_chat_family(family, SPEC, threads=2)
+    # only math asked for: nothing to train, and the family lists what is trained, chinese not among them
+    build_chat_family(family, SPEC, threads=2, experts=["math"])
+    info = json.loads((family / "family.json").read_text())
+    assert set(info["experts"]) == {"math", "code"} and set(info["extra"]) == {VOCAB_EXPERT}
+    assert not (family / "experts" / "chinese").exists()
+    caplog.clear()
+    build_chat_family(family, SPEC, threads=2, experts=["math", VOCAB_EXPERT])
+    assert "nothing to do" in caplog.text
+    build_chat_family(family, SPEC, threads=2)  # all of them: chinese is trained, the rest kept
     assert (family / "experts" / "math" / TRAIN_JSON).stat().st_mtime_ns == kept
     assert "expert math: already trained; kept" in caplog.text
-    assert (family / "experts" / "chinese" / TRAIN_JSON).is_file() and (family / "family.json").is_file()
+    assert (family / "experts" / "chinese" / TRAIN_JSON).is_file()
+    assert set(json.loads((family / "family.json").read_text())["experts"]) == {"math", "chinese", "code"}
     caplog.clear()
     build_chat_family(family, SPEC, threads=2)
     assert "nothing to do" in caplog.text
+    with pytest.raises(ValueError, match="no expert named poetry"):
+        build_chat_family(family, SPEC, experts=["poetry"])
     with pytest.raises(FileExistsError, match="size 'smol-test'"):
         build_chat_family(family, "smol")

@@ -308,3 +308,5 @@ def test_cli_help_and_no_op(micro_family: Path, capsys):
     assert main(["demo-family", "--out", str(micro_family), "--size", "micro"]) == 0
     assert "ready" in capsys.readouterr().out
     assert main(["demo-family", "--out", str(micro_family), "--size", "tiny"]) == 2
+    assert main(["demo-family", "--out", str(micro_family), "--size", "micro", "--experts", "code"]) == 2
+    assert "--experts applies to the real family" in capsys.readouterr().err

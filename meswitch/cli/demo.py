@@ -57,6 +57,11 @@ def register(sub) -> None:
         "can be added later to an existing family without rebuilding it",
     )
     p.add_argument(
+        "--experts",
+        help="sizes smol and smol-long: comma-separated experts to train (default all; e.g. code,math); family.json "
+        "lists those trained so far, and a later run adds the others without retraining these",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -85,7 +90,10 @@ def _demo_family(args) -> int:
     start = time.perf_counter()
     try:
         if args.size in _CHAT_SIZES:
-            out = build_chat_family(args.out, size=args.size, seed=args.seed, threads=args.threads)
+            experts = args.experts.split(",") if args.experts else None
+            out = build_chat_family(args.out, size=args.size, seed=args.seed, threads=args.threads, experts=experts)
+        elif args.experts:
+            raise CommandError(f"--experts applies to the real family's sizes ({', '.join(_CHAT_SIZES)})")
         else:
             out = build_family(
                 args.out, size=args.size, seed=args.seed, extra_domain=args.extra_domain, threads=args.threads

@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -125,16 +126,25 @@ VOCAB_EXPERT = "chinese-vocab"
 
 
 def build_chat_family(
-    out: Path, size: str | ChatFamilySpec = "smol", seed: int = 0, threads: int | None = None
+    out: Path,
+    size: str | ChatFamilySpec = "smol",
+    seed: int = 0,
+    threads: int | None = None,
+    experts: Sequence[str] | None = None,
 ) -> Path:
     """Build (or finish, or find built) the real family at ``out``; returns ``out``.
 
-    ``size``: a name of :data:`CHAT_SIZES`, or a spec of one's own.
+    ``size``: a name of :data:`CHAT_SIZES`, or a spec of one's own. ``experts``: train only these (default all);
+    family.json then lists every expert trained so far, and a later call adds the rest without retraining them.
     """
     if isinstance(size, str) and size not in CHAT_SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(CHAT_SIZES)}")
     spec = CHAT_SIZES[size] if isinstance(size, str) else size
     spec = spec if threads is None else replace(spec, threads=threads)
+    names = [name for name, _, _ in _plan(Path(out), spec)]
+    wanted = list(experts) if experts else names
+    if unknown := sorted(set(wanted) - set(names)):
+        raise ValueError(f"no expert named {', '.join(unknown)} in size {spec.size!r}; choose of {', '.join(names)}")
     size = spec.size
     out = Path(out).expanduser().resolve()
     record = {"format": FORMAT_VERSION, "size": size, "seed": seed}
@@ -147,7 +157,7 @@ def build_chat_family(
                     f"{out} holds a family of size {have.get('size')!r} seed {have.get('seed')}, not {size!r} "
                     f"seed {seed}; choose another --out or remove it"
                 )
-            if path.name == "family.json" and (not spec.vocab_domain or VOCAB_EXPERT in have.get("extra", {})):
+            if path.name == "family.json" and set(wanted) <= {*have.get("experts", {}), *have.get("extra", {})}:
                 log.info("%s: family (size %s, seed %d) already built; nothing to do", out, size, seed)
                 return out
             break
@@ -158,12 +168,20 @@ def build_chat_family(
         out.mkdir(parents=True, exist_ok=True)
         _write_json(build_json, record)
     with _threads(spec):
-        _build(out, spec, seed)
+        _build(out, spec, seed, set(wanted))
     log.info("family written to %s", out)
     return out
 
 
-def _build(root: Path, spec: ChatFamilySpec, seed: int) -> None:
+def _plan(root: Path, spec: ChatFamilySpec) -> list[tuple[str, str, Path]]:
+    """Every expert of the size as (name, domain, folder), in training order (its index seeds its training)."""
+    plan = [(d, d, root / "experts" / d) for d in spec.domains]
+    if spec.vocab_domain:
+        plan.append((VOCAB_EXPERT, spec.vocab_domain, root / "extra" / VOCAB_EXPERT))
+    return plan
+
+
+def _build(root: Path, spec: ChatFamilySpec, seed: int, wanted: set[str]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -183,15 +201,15 @@ def _build(root: Path, spec: ChatFamilySpec, seed: int) -> None:
     walls["data"] = time.perf_counter() - t
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
-    plan = [(d, d, root / "experts" / d) for d in spec.domains]  # (name, domain, folder)
-    if spec.vocab_domain:
-        plan.append((VOCAB_EXPERT, spec.vocab_domain, root / "extra" / VOCAB_EXPERT))
+    plan = _plan(root, spec)
     experts: dict[str, dict] = {}
     t = time.perf_counter()
     for i, (name, d, folder) in enumerate(plan):
         if (folder / TRAIN_JSON).is_file():
             experts[name] = json.loads((folder / TRAIN_JSON).read_text(encoding="utf-8"))
             log.info("expert %s: already trained; kept", name)
+            continue
+        if name not in wanted:
             continue
         model, tok = copy.deepcopy(base), tokenizer
         if name == VOCAB_EXPERT:
@@ -205,6 +223,7 @@ def _build(root: Path, spec: ChatFamilySpec, seed: int) -> None:
     walls["experts"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    plan = [p for p in plan if p[0] in experts]  # the family: every expert trained so far
     scores = _evaluate(base, tokenizer, data, spec, device, plan)
     for name, info in experts.items():
         info.update(scores["experts"][name])
@@ -221,7 +240,7 @@ def _build(root: Path, spec: ChatFamilySpec, seed: int) -> None:
         "torch_threads": torch.get_num_threads(),
         "domains": list(spec.domains),
         "base": {"path": "base", "name": BASE_NAME, "source": source, "perplexity": scores["base"]},
-        "experts": {d: {**experts[d], "path": f"experts/{d}"} for d in spec.domains},
+        "experts": {d: {**experts[d], "path": f"experts/{d}"} for d in spec.domains if d in experts},
         "extra": {n: {**experts[n], "path": str(f.relative_to(root))} for n, _, f in plan if n not in spec.domains},
         "targets": {
             "ppl_reduction_at_least": PPL_TARGET,
