@@ -72,6 +72,10 @@ class DecoderConfig:
     # benchmarks/results/decode-e2e-fewer-kernels-2026-12-04.json); False: rotary, two index writes and
     # PyTorch's SDPA (cuDNN on the H200).
     attention_kernel: bool = True
+    # A captured step runs each projection's expert deltas on a second stream beside its base GEMM (into a
+    # zeroed buffer, added after): the delta kernel moves 40% of copy bandwidth, bound by instruction issue,
+    # so a GEMM beside it may use the rest. Off until measured (decode_e2e.py --modes graph-overlap).
+    overlap_deltas: bool = False
 
 
 GLUE_GRID_SETS = 16  # sets of quantization grids a batch may mix, per bucket (every subset of 4 grids)
@@ -151,6 +155,7 @@ class StaticDecoder:
             )
             self._glue = {k: patch(torch.compile(fn, dynamic=None, fullgraph=True)) for k, fn in fns.items()}
         self.captures = 0
+        self._side = torch.cuda.Stream(dev) if self.config.overlap_deltas and dev.type == "cuda" else None
         self._fused = [self._fuse(layer) for layer in self.layers] if self.config.fuse_projections else None
 
     @staticmethod
@@ -224,6 +229,7 @@ class StaticDecoder:
         slots = {g: static[("slots", g)] for g in grids}
         tiles = {g: device_tiles(s, block_m) for g, s in slots.items()}
         self.engine.ctx.set_slots(slots, tiles, width)
+        self.engine.ctx.side = self._side
         try:
             x = self.embed(static["tokens"][:, None])
             x = self._layers(x, static["pos"], static["rows"], span, decode=True)

@@ -55,6 +55,7 @@ class BatchExperts:
     slots: dict = field(default_factory=dict)  # Grid -> int64 [B] on the device
     tiles: dict = field(default_factory=dict)  # Grid -> device tile table (graph mode)
     width: int = 0  # logits width in graph mode (fixed by the capture); 0: the rows' widest vocabulary
+    side: Any = None  # a CUDA stream: banked deltas run there beside the base GEMM (DecoderConfig.overlap_deltas)
     _host: dict = field(default_factory=dict)  # Grid -> per-row slot list (eager)
     _rows: dict = field(default_factory=dict)  # (Grid, tokens) -> ExpertRows (eager)
 
@@ -75,6 +76,25 @@ class BatchExperts:
 
     def clear(self) -> None:
         self.groups, self.batch, self.slots, self.tiles, self.width, self._host, self._rows = [], 0, {}, {}, 0, {}, {}
+        self.side = None
+
+    def linear(self, name: str | tuple[str, ...], x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        """``F.linear(x, weight, bias)`` plus the banked deltas of ``name`` (:meth:`banked`). With a ``side``
+        stream the delta kernel runs there into a zeroed buffer while the GEMM runs here, and the buffer is
+        added after: the delta kernel is bound by instruction issue and leaves most of the memory bandwidth
+        to a GEMM beside it."""
+        if self.side is None or not self.slots:
+            y = F.linear(x, weight, bias)
+            self.banked(name, x, y)
+            return y
+        main = torch.cuda.current_stream(x.device)
+        deltas = torch.zeros((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
+        self.side.wait_stream(main)
+        with torch.cuda.stream(self.side):
+            self.banked(name, x, deltas)
+        y = F.linear(x, weight, bias)
+        main.wait_stream(self.side)
+        return y.add_(deltas)
 
     def banked(self, name: str | tuple[str, ...], x: torch.Tensor, y: torch.Tensor) -> None:
         """``y += x·Δ̂ᵀ`` in place for every row whose expert is banked (``x`` [B, T, K], ``y`` [B, T, N]);
@@ -163,7 +183,7 @@ class MixedLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.add_delta(x, self.base(x))
+        return self.add_delta(x, self.ctx.linear(self.weight_name, x, self.base.weight, self.base.bias), banked=False)
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor, banked: bool = True) -> torch.Tensor:
         """``y`` (the base's output for ``x``, possibly a block of a fused output) plus each row's delta:
@@ -232,9 +252,7 @@ class FusedLinears:
 
     def __call__(self, x: torch.Tensor, grouped: bool = True) -> list[torch.Tensor]:
         """Each projection's output: one GEMM, the banked deltas in one launch (``grouped``) or one each."""
-        y = F.linear(x, self.weight, self.bias)
-        if grouped:
-            self.ctx.banked(self.names, x, y)
+        y = self.ctx.linear(self.names, x, self.weight, self.bias) if grouped else F.linear(x, self.weight, self.bias)
         parts = y.split(self.sizes, -1)
         return [m.add_delta(x, part, banked=not grouped) for m, part in zip(self.linears, parts, strict=True)]
 
