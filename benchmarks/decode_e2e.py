@@ -11,8 +11,8 @@ mixed, rows spread evenly over them):
   decoder's default fuses them; this row measures what that buys).
 * ``graph-ungrouped``: ``graph-compiled`` with the fused projections' expert deltas in one delta-kernel launch
   per projection (five a layer) instead of one per fused group (two: the default).
-* ``graph-overlap``: ``graph-compiled`` with each projection's expert deltas on a second stream beside its
-  base GEMM (``DecoderConfig.overlap_deltas``).
+* ``graph-serial``: ``graph-compiled`` with each projection's expert deltas after its base GEMM on one stream,
+  not on a second stream beside it (the default, ``DecoderConfig.overlap_deltas``).
 * ``graph-sdpa``: ``graph-compiled`` with PyTorch's SDPA (cuDNN) and two index writes for decode
   attention instead of the Triton kernel that also writes the new K/V (the default).
 * ``engine``: ``MixedExpertEngine.forward`` eagerly with a DynamicCache, as the scheduler used to drive it.
@@ -332,8 +332,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="graph (static decoder, CUDA graphs), graph-compiled (and its small ops fused by "
                          "torch.compile), graph-unfused (graph-compiled without the fused q/k/v and gate/up "
                          "GEMMs), graph-ungrouped (graph-compiled with a delta launch per projection, not per "
-                         "fused group), graph-overlap (graph-compiled with the deltas on a second stream beside "
-                         "the base GEMMs), graph-sdpa (graph-compiled with SDPA for decode attention), engine (eager "
+                         "fused group), graph-serial (graph-compiled with the deltas after the base GEMMs, not "
+                         "beside them), graph-sdpa (graph-compiled with SDPA for decode attention), engine (eager "
                          "engine), hf (transformers eager, "
                          "base alone), hf-compile (transformers static cache + torch.compile, base alone)")  # fmt: skip
     ap.add_argument("--compile-batches", type=int_list, default=[32], help="batches for hf-compile (compiles are slow)")
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     # the static decoders side by side: the default on a GPU (graph-compiled) and each of its parts taken away
     variants = {"graph": {"compile_glue": False}, "graph-compiled": {}, "graph-unfused": {"fuse_projections": False},
                 "graph-ungrouped": {"group_deltas": False}, "graph-sdpa": {"attention_kernel": False},
-                "graph-overlap": {"overlap_deltas": True}}  # fmt: skip
+                "graph-serial": {"overlap_deltas": False}}  # fmt: skip
     shape = {"max_rows": max(buckets), "max_len": args.max_len, "buckets": buckets, "compile_glue": True}
     decoders = {
         mode: StaticDecoder(eng, DecoderConfig(**{**shape, **changes}))
@@ -414,8 +414,8 @@ def main(argv: list[str] | None = None) -> None:
                   "graph-unfused": "graph-compiled with q/k/v and gate/up as five base GEMMs, not two",
                   "graph-ungrouped": "graph-compiled with a delta-kernel launch per projection (five a layer), "
                                      "not one per fused group (two)",
-                  "graph-overlap": "graph-compiled with each projection's expert deltas on a second stream "
-                                   "beside its base GEMM",
+                  "graph-serial": "graph-compiled with each projection's expert deltas after its base GEMM on "
+                                  "one stream, not beside it on a second",
                   "graph-sdpa": "graph-compiled with PyTorch's SDPA and index writes for decode attention, not "
                                 "meswitch's Triton kernel",
                   "engine": "meswitch MixedExpertEngine.forward eagerly (transformers model, DynamicCache)",
