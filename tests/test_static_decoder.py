@@ -269,6 +269,7 @@ def test_graph_replay_gives_the_eager_decoders_tokens_on_the_gpu(tmp_path):
     prompts = [torch.randint(3, eng.base_vocab, (n,), generator=gen).tolist() for n in (4, 9, 2, 6, 5)]
     cfg = DecoderConfig(max_rows=8, max_len=64, buckets=(4, 8), min_len_bucket=16)
     graph, eager = StaticDecoder(eng, cfg), StaticDecoder(eng, DecoderConfig(**{**cfg.__dict__, "graphs": False}))
+    assert torch.backends.cuda.preferred_blas_library() == torch._C._BlasBackend.Cublaslt  # DecoderConfig.blas
 
     def greedy(dec, rows, steps=10):
         last = dec.prefill(range(len(rows)), prompts[: len(rows)], rows).argmax(-1)

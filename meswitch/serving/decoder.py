@@ -77,6 +77,11 @@ class DecoderConfig:
     # issue, and the GEMM beside it uses the rest (7B, 8 experts at batch 32 on the H200: 14.6 -> 13.6 ms;
     # benchmarks/results/decode-e2e-overlap-2026-12-04.json). False: one after the other (graph-serial).
     overlap_deltas: bool = True
+    # The BLAS library torch's GEMMs go to on a GPU (torch.backends.cuda.preferred_blas_library, process-wide: the
+    # serving process's); cuBLASLt picked faster kernels for the skinny decode GEMMs (7B on the H200, base alone at
+    # batch 32: 5.02-5.07 -> 4.88 ms; 8 experts: 14.06 -> 13.43 ms; benchmarks/results/decode-e2e-blas-2026-12-04.json).
+    # None: leave it as it is.
+    blas: str | None = "cublaslt"
 
 
 GLUE_GRID_SETS = 16  # sets of quantization grids a batch may mix, per bucket (every subset of 4 grids)
@@ -135,6 +140,8 @@ class StaticDecoder:
         self.k = [torch.zeros(shape, dtype=dt, device=dev) for _ in self.layers]
         self.v = [torch.zeros(shape, dtype=dt, device=dev) for _ in self.layers]
         self.use_graphs = self.config.graphs and dev.type == "cuda"
+        if self.config.blas and dev.type == "cuda":
+            torch.backends.cuda.preferred_blas_library(self.config.blas)
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._static: dict[int, dict] = {}  # bucket -> its input tensors
