@@ -236,8 +236,7 @@ class StaticDecoder:
     def _decode_step(self, static: dict, grids: tuple, span: int, width: int, block_m: int) -> torch.Tensor:
         slots = {g: static[("slots", g)] for g in grids}
         tiles = {g: device_tiles(s, block_m) for g, s in slots.items()}
-        self.engine.ctx.set_slots(slots, tiles, width)
-        self.engine.ctx.side = self._side
+        self.engine.ctx.set_slots(slots, tiles, width, self._side)
         try:
             x = self.embed(static["tokens"][:, None])
             x = self._layers(x, static["pos"], static["rows"], span, decode=True)

@@ -68,11 +68,12 @@ class BatchExperts:
             self._host[grid] = ids
             self.slots[grid] = torch.tensor(ids, dtype=torch.int64, device=device)
 
-    def set_slots(self, slots: dict, tiles: dict, width: int) -> None:
-        """Graph mode: per grid, each row's slot and the tile table built from it, both on the device."""
+    def set_slots(self, slots: dict, tiles: dict, width: int, side=None) -> None:
+        """Graph mode: per grid, each row's slot and the tile table built from it, both on the device; ``side``: a
+        CUDA stream for the deltas beside the base GEMMs (:meth:`linear`)."""
         self.clear()
         self.batch = next(iter(slots.values())).shape[0] if slots else 0
-        self.slots, self.tiles, self.width = slots, tiles, width
+        self.slots, self.tiles, self.width, self.side = slots, tiles, width, side
 
     def clear(self) -> None:
         self.groups, self.batch, self.slots, self.tiles, self.width, self._host, self._rows = [], 0, {}, {}, 0, {}, {}
