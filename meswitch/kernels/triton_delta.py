@@ -176,7 +176,7 @@ def _delta_v2_kernel(
             if FP8:
                 x8 = tl.load(x8_rows + kk[:, None], mask=xmask, other=0.0)
                 # centred codes (exact in fp16 and in e4m3): x's rounding weighs on the delta, not on its mean
-                codes = ((plane_biased(src, BITS, p, False) - plane_bias(BITS, p, False)) - HALF_LEVELS)
+                codes = (plane_biased(src, BITS, p, False) - plane_bias(BITS, p, False)) - HALF_LEVELS
                 acc = tl.dot(codes.to(tl.float8e4nv), x8, acc)
             elif EPILOGUE_SCALE:
                 xp = tl.load(x_rows + kk[:, None], mask=xmask, other=0.0)
