@@ -42,6 +42,21 @@ from meswitch.kernels.triton_delta import mixed_delta_triton
 
 SHAPES = {"q/o 4096x4096": (4096, 4096), "k/v 1024x4096": (1024, 4096), "gate/up 14336x4096": (14336, 4096),
           "down 4096x14336": (4096, 14336)}  # fmt: skip
+# what the decoder launches (DecoderConfig.group_deltas): sibling projections banked as one, one launch for them all
+GROUPED = {"q/k/v grouped 6144x4096": ((4096, 1024, 1024), 4096), "gate/up grouped 28672x4096": ((14336, 14336), 4096)}
+for _name, (_widths, _k) in GROUPED.items():
+    SHAPES[_name] = (sum(_widths), _k)
+
+
+def synthetic_bank(name: str, experts: int, salient: int) -> DeltaBank:
+    """Random experts of one shape; a grouped shape as its projections' banks side by side (DeltaBank.concat)."""
+    n, k = SHAPES[name]
+    if name not in GROUPED:
+        return DeltaBank.random(experts, (n, k), bits=2, salient=salient, device="cuda")
+    parts = [DeltaBank.random(experts, (w, k), bits=2, salient=salient, device="cuda") for w in GROUPED[name][0]]
+    return DeltaBank.concat(parts)
+
+
 ROWS = (1, 8, 32, 64, 256, 2048)
 EXPERTS = (1, 4, 8, 16)
 L2_BYTES = 50 * 2**20
@@ -196,12 +211,12 @@ def main(argv=None) -> None:
     for name in args.shapes:
         n, k = SHAPES[name]
         salient = round(0.01 * k)
-        probe = DeltaBank.random(1, (n, k), bits=2, salient=salient, device="cuda")
+        probe = synthetic_bank(name, 1, salient)
         per_expert = probe.nbytes_per_expert()
         del probe
         pool = min(128, max(max(args.experts), math.ceil(ROTATE_BYTES / per_expert) * max(args.experts) // 4))
         pool = max(pool, max(args.experts))
-        bank = DeltaBank.random(pool, (n, k), bits=2, salient=salient, device="cuda")
+        bank = synthetic_bank(name, pool, salient)
         errs = {}
         for kern in args.kernels:
             os.environ["MESWITCH_DELTA_KERNEL"] = kern
