@@ -135,6 +135,22 @@ def test_fused_projections_give_the_same_steps_on_one_copy_of_the_weights(packed
     assert StaticDecoder(eng, dec.config)._fused[0] == (qkv, gate_up)  # a second decoder shares the fusion
 
 
+@pytest.mark.parametrize("glue", [False, True])
+def test_deltas_added_in_the_next_kernels_give_the_same_steps(packed, glue, monkeypatch):
+    """overlap_deltas: each projection's deltas come apart from one zeroed buffer a step and are added inside the
+    residual add and SwiGLU (on a GPU, computed beside the base GEMM), against the deltas added in place."""
+    eng, slots = packed
+    _, *serial = _prefill_and_step(eng, slots, compile_glue=glue, overlap_deltas=False)
+    sizes, real = [], torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, **kw: sizes.append(a[0]) or real(*a, **kw))
+    dec, *apart = _prefill_and_step(eng, slots, compile_glue=glue, overlap_deltas=True)
+    monkeypatch.undo()
+    torch.testing.assert_close(apart, serial, **TOL)
+    steps = [n for n in sizes if isinstance(n, int) and n == 4 * dec._delta_width]  # bucket 4 x every projection
+    per_projection = [n for n in sizes if isinstance(n, tuple) and len(n) == 3]  # [B, 1, N] (the caches are 4-d)
+    assert len(steps) == 1 and not per_projection  # one zeroed buffer for the step, none a projection
+
+
 def test_grouped_deltas_give_the_per_projection_steps_on_one_copy_of_the_codes(packed):
     """q/k/v's and gate/up's expert deltas in one launch each, from their banks held as one, against a launch per
     projection on its view of the same bank."""
@@ -180,9 +196,9 @@ def test_compiled_glue_specialises_past_dynamos_recompile_limit(packed, monkeypa
     cfg = DecoderConfig(max_rows=4, max_len=32, buckets=(1, 2, 4), min_len_bucket=16, compile_glue=True)
     dec = StaticDecoder(eng, cfg)
     assert dec.warm_up() == 0  # no compilation refused
-    # batch 1 and any batch, for the norm and the add + norm with and without the grid's slot tables, and SwiGLU
-    # (the rotary embedding is in the attention op): 2 x 5 (one compilation per bucket would make 15)
-    assert counters["stats"]["unique_graphs"] == 10
+    # batch 1 and any batch, for the norm and the add + norm with and without the grid's slot tables (and the expert
+    # deltas added in it), and SwiGLU with and without deltas (the rotary embedding is in the attention op): 2 x 6
+    assert counters["stats"]["unique_graphs"] == 12
     assert torch._dynamo.config.recompile_limit == 1  # the decoder raised it for its own calls only
 
 
@@ -288,9 +304,10 @@ def test_graph_replay_gives_the_eager_decoders_tokens_on_the_gpu(tmp_path):
     assert greedy(graph, mix) == greedy(eager, mix)
     assert graph.captures == captured
     assert greedy(graph, mix[:3]) == greedy(eager, mix[:3])  # a smaller bucket
-    # the deltas after the base GEMMs on one stream, not beside them on a second (the default)
-    serial = StaticDecoder(eng, DecoderConfig(**{**cfg.__dict__, "overlap_deltas": False}))
-    assert greedy(serial, rows) == greedy(eager, rows) and greedy(serial, mix) == greedy(eager, mix)
+    # the deltas after the base GEMMs on one stream and added there, not beside them and added in the next kernels
+    off = {**cfg.__dict__, "overlap_deltas": False}
+    serial, serial_eager = (StaticDecoder(eng, DecoderConfig(**{**off, "graphs": g})) for g in (True, False))
+    assert greedy(serial, rows) == greedy(serial_eager, rows) and greedy(serial, mix) == greedy(serial_eager, mix)
 
     # the Triton decode attention (the default) against PyTorch's SDPA, fed the same tokens
     sdpa = StaticDecoder(eng, DecoderConfig(**{**cfg.__dict__, "attention_kernel": False}))

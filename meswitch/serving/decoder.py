@@ -75,7 +75,9 @@ class DecoderConfig:
     # A decode step on a GPU runs each projection's expert deltas on a second stream beside its base GEMM (into
     # a zeroed buffer, added after): the delta kernel moves some 40% of copy bandwidth, bound by instruction
     # issue, and the GEMM beside it uses the rest (7B, 8 experts at batch 32 on the H200: 14.6 -> 13.6 ms;
-    # benchmarks/results/decode-e2e-overlap-2026-12-04.json). False: one after the other (graph-serial).
+    # benchmarks/results/decode-e2e-overlap-2026-12-04.json). The buffers are cut from one zeroed per step, and
+    # o's, gate/up's and down's deltas are added inside the residual add and SwiGLU (not yet measured on a GPU).
+    # False: one after the other, added in place (graph-serial).
     overlap_deltas: bool = True
     # The BLAS library torch's GEMMs go to on a GPU (torch.backends.cuda.preferred_blas_library, process-wide: the
     # serving process's); cuBLASLt picked faster kernels for the skinny decode GEMMs (7B on the H200, base alone at
@@ -87,13 +89,17 @@ class DecoderConfig:
 GLUE_GRID_SETS = 16  # sets of quantization grids a batch may mix, per bucket (every subset of 4 grids)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor, d_gate=None, d_up=None) -> torch.Tensor:
+    """SiLU(gate) · up, with the projections' expert deltas added first where they come apart."""
+    if d_gate is not None:
+        gate, up = gate + d_gate, up + d_up
     return F.silu(gate) * up
 
 
-def add_rms_rows(x: torch.Tensor, y: torch.Tensor, eps: float, weight: torch.Tensor, tables: list):
-    """The residual stream after adding ``y``, and its RMS norm (:func:`rms_rows`)."""
-    x = x + y
+def add_rms_rows(x: torch.Tensor, y: torch.Tensor, eps: float, weight: torch.Tensor, tables: list, d=None):
+    """The residual stream after adding ``y`` (and its expert deltas ``d`` where they come apart), and its RMS
+    norm (:func:`rms_rows`)."""
+    x = x + (y if d is None else y + d)
     return x, rms_rows(x, eps, weight, tables)
 
 
@@ -164,6 +170,8 @@ class StaticDecoder:
             self._glue = {k: patch(torch.compile(fn, dynamic=None, fullgraph=True)) for k, fn in fns.items()}
         self.captures = 0
         self._side = torch.cuda.Stream(dev) if self.config.overlap_deltas and dev.type == "cuda" else None
+        # a decode step's delta outputs, per row: every projection's width (cut from one zeroed buffer a step)
+        self._delta_width = sum(m.base.out_features for m in engine.model.modules() if isinstance(m, MixedLinear))
         self._fused = [self._fuse(layer) for layer in self.layers] if self.config.fuse_projections else None
 
     @staticmethod
@@ -185,6 +193,7 @@ class StaticDecoder:
         kernel = decode and self.config.attention_kernel
         grouped = self.config.group_deltas
         mask = decode_mask(pos, span) if decode and not kernel else None
+        apart = decode and self.config.overlap_deltas  # deltas added inside the residual add and SwiGLU
         h = self._norm(self.layers[0].input_layernorm, x, decode)
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -210,25 +219,39 @@ class StaticDecoder:
                     o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
                                                        enable_gqa=group > 1)  # fmt: skip
             o = o.reshape(b, self.heads, t, self.head_dim)
-            x, h = self._add_norm(x, attn.o_proj(o.transpose(1, 2).reshape(b, t, -1)), layer.post_attention_layernorm,
-                                  decode)  # fmt: skip
-            gate, up = fused[1](h, grouped) if fused else (mlp.gate_proj(h), mlp.up_proj(h))
-            act = self._glue["swiglu"](gate, up) if decode and self._glue else mlp.act_fn(gate) * up
+            y, d = self._project(attn.o_proj, o.transpose(1, 2).reshape(b, t, -1), apart)
+            x, h = self._add_norm(x, y, layer.post_attention_layernorm, decode, d)
+            if fused and apart and grouped:
+                (gate, up), (d_gate, d_up) = fused[1].apart(h)
+            else:
+                gate, up = fused[1](h, grouped) if fused else (mlp.gate_proj(h), mlp.up_proj(h))
+                d_gate = d_up = None
+            if decode and self._glue:
+                act = self._glue["swiglu"](gate, up, d_gate, d_up)
+            else:
+                act = mlp.act_fn(gate if d_gate is None else gate + d_gate) * (up if d_up is None else up + d_up)
             after = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            x, h = self._add_norm(x, mlp.down_proj(act), after, decode)
+            y, d = self._project(mlp.down_proj, act, apart)
+            x, h = self._add_norm(x, y, after, decode, d)
         return h
+
+    @staticmethod
+    def _project(module, x: torch.Tensor, apart: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A projection's output and, where ``apart``, its expert deltas beside it (else None: added)."""
+        return module.apart(x) if apart and isinstance(module, MixedLinear) else (module(x), None)
 
     def _norm(self, module, x: torch.Tensor, decode: bool) -> torch.Tensor:
         if not (decode and self._glue):
             return module(x)
         return self._glue["norm"](x, module.eps, module.base.weight, self._tables(module))
 
-    def _add_norm(self, x: torch.Tensor, y: torch.Tensor, module, decode: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual add and the next RMS norm: (x + y, its norm); one compiled kernel in a decode step."""
+    def _add_norm(self, x: torch.Tensor, y: torch.Tensor, module, decode: bool, d=None):
+        """The residual add and the next RMS norm: (x + y (+ deltas d), its norm); one compiled kernel in a decode
+        step."""
         if not (decode and self._glue):
-            x = x + y
+            x = x + (y if d is None else y + d)
             return x, module(x)
-        return self._glue["add_norm"](x, y, module.eps, module.base.weight, self._tables(module))
+        return self._glue["add_norm"](x, y, module.eps, module.base.weight, self._tables(module), d)
 
     def _tables(self, module) -> list:
         return [(s, t) for s, t, _ in self.engine.ctx.tables(module.name)]
@@ -236,7 +259,11 @@ class StaticDecoder:
     def _decode_step(self, static: dict, grids: tuple, span: int, width: int, block_m: int) -> torch.Tensor:
         slots = {g: static[("slots", g)] for g in grids}
         tiles = {g: device_tiles(s, block_m) for g, s in slots.items()}
-        self.engine.ctx.set_slots(slots, tiles, width, self._side)
+        tokens = static["tokens"]
+        scratch = None
+        if self.config.overlap_deltas and slots:  # one memset a step for every projection's delta outputs
+            scratch = torch.zeros(tokens.shape[0] * self._delta_width, dtype=self.engine.dtype, device=tokens.device)
+        self.engine.ctx.set_slots(slots, tiles, width, self._side, scratch)
         try:
             x = self.embed(static["tokens"][:, None])
             x = self._layers(x, static["pos"], static["rows"], span, decode=True)

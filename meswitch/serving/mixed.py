@@ -12,6 +12,7 @@ Only torch is needed here: the GPU benchmark imports this without fastapi or mlf
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,8 @@ class BatchExperts:
     tiles: dict = field(default_factory=dict)  # Grid -> device tile table (graph mode)
     width: int = 0  # logits width in graph mode (fixed by the capture); 0: the rows' widest vocabulary
     side: Any = None  # a CUDA stream: banked deltas run there beside the base GEMM (DecoderConfig.overlap_deltas)
+    scratch: Any = None  # a zeroed flat buffer a decode step's delta outputs are cut from: one memset a step
+    _cut: int = 0
     _host: dict = field(default_factory=dict)  # Grid -> per-row slot list (eager)
     _rows: dict = field(default_factory=dict)  # (Grid, tokens) -> ExpertRows (eager)
 
@@ -68,34 +71,48 @@ class BatchExperts:
             self._host[grid] = ids
             self.slots[grid] = torch.tensor(ids, dtype=torch.int64, device=device)
 
-    def set_slots(self, slots: dict, tiles: dict, width: int, side=None) -> None:
+    def set_slots(self, slots: dict, tiles: dict, width: int, side=None, scratch=None) -> None:
         """Graph mode: per grid, each row's slot and the tile table built from it, both on the device; ``side``: a
-        CUDA stream for the deltas beside the base GEMMs (:meth:`linear`)."""
+        CUDA stream for the deltas beside the base GEMMs (:meth:`linear`); ``scratch``: a zeroed flat buffer their
+        outputs are cut from."""
         self.clear()
         self.batch = next(iter(slots.values())).shape[0] if slots else 0
-        self.slots, self.tiles, self.width, self.side = slots, tiles, width, side
+        self.slots, self.tiles, self.width, self.side, self.scratch = slots, tiles, width, side, scratch
 
     def clear(self) -> None:
         self.groups, self.batch, self.slots, self.tiles, self.width, self._host, self._rows = [], 0, {}, {}, 0, {}, {}
-        self.side = None
+        self.side, self.scratch, self._cut = None, None, 0
 
-    def linear(self, name: str | tuple[str, ...], x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    def linear(self, name: str | tuple[str, ...], x: torch.Tensor, weight: torch.Tensor, bias, apart: bool = False):
         """``F.linear(x, weight, bias)`` plus the banked deltas of ``name`` (:meth:`banked`). With a ``side``
-        stream the delta kernel runs there into a zeroed buffer while the GEMM runs here, and the buffer is
-        added after: the delta kernel is bound by instruction issue and leaves most of the memory bandwidth
-        to a GEMM beside it."""
-        if self.side is None or not self.slots:
+        stream the delta kernel runs there into a zeroed buffer while the GEMM runs here: the delta kernel is
+        bound by instruction issue and leaves most of the memory bandwidth to a GEMM beside it. ``apart``: return
+        ``(y, deltas)`` with the deltas not added (None when there are none), for the caller to add inside a
+        kernel it runs anyway (the residual add, SwiGLU); else ``y`` with them."""
+        if not self.slots or (self.side is None and not apart):
             y = F.linear(x, weight, bias)
             self.banked(name, x, y)
-            return y
-        main = torch.cuda.current_stream(x.device)
-        deltas = torch.zeros((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
-        self.side.wait_stream(main)
-        with torch.cuda.stream(self.side):
+            return (y, None) if apart else y
+        deltas = self._zeros((*x.shape[:-1], weight.shape[0]), x)
+        if self.side is None:
             self.banked(name, x, deltas)
-        y = F.linear(x, weight, bias)
-        main.wait_stream(self.side)
-        return y.add_(deltas)
+            y = F.linear(x, weight, bias)
+        else:
+            main = torch.cuda.current_stream(x.device)
+            self.side.wait_stream(main)
+            with torch.cuda.stream(self.side):
+                self.banked(name, x, deltas)
+            y = F.linear(x, weight, bias)
+            main.wait_stream(self.side)
+        return (y, deltas) if apart else y.add_(deltas)
+
+    def _zeros(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """Zeros of ``shape``: the next piece of ``scratch`` while it lasts, else a new tensor."""
+        n = math.prod(shape)
+        if self.scratch is None or self._cut + n > self.scratch.numel():
+            return torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self._cut += n
+        return self.scratch[self._cut - n : self._cut].view(shape)
 
     def banked(self, name: str | tuple[str, ...], x: torch.Tensor, y: torch.Tensor) -> None:
         """``y += x·Δ̂ᵀ`` in place for every row whose expert is banked (``x`` [B, T, K], ``y`` [B, T, N]);
@@ -186,6 +203,11 @@ class MixedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.add_delta(x, self.ctx.linear(self.weight_name, x, self.base.weight, self.base.bias), banked=False)
 
+    def apart(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward`` with the banked deltas returned beside the output, not added (:meth:`BatchExperts.linear`)."""
+        y, deltas = self.ctx.linear(self.weight_name, x, self.base.weight, self.base.bias, apart=True)
+        return self.add_delta(x, y, banked=False), deltas
+
     def add_delta(self, x: torch.Tensor, y: torch.Tensor, banked: bool = True) -> torch.Tensor:
         """``y`` (the base's output for ``x``, possibly a block of a fused output) plus each row's delta:
         the banked kernels add in place (unless ``banked`` is False: a grouped launch added them), the dense
@@ -256,6 +278,12 @@ class FusedLinears:
         y = self.ctx.linear(self.names, x, self.weight, self.bias) if grouped else F.linear(x, self.weight, self.bias)
         parts = y.split(self.sizes, -1)
         return [m.add_delta(x, part, banked=not grouped) for m, part in zip(self.linears, parts, strict=True)]
+
+    def apart(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Each projection's output and, apart, its banked deltas (grouped: one launch; None when there are none)."""
+        y, deltas = self.ctx.linear(self.names, x, self.weight, self.bias, apart=True)
+        parts = [m.add_delta(x, p, banked=False) for m, p in zip(self.linears, y.split(self.sizes, -1), strict=True)]
+        return parts, list(deltas.split(self.sizes, -1)) if deltas is not None else [None] * len(parts)
 
 
 class MixedEmbedding(nn.Module):
