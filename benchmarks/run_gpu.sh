@@ -9,7 +9,9 @@
 # benchmarks/stage_demo.sh`). REPORT_NAME names a report's folder (default: the step) and REPORT_FAMILY its
 # family, so reports with other REPORT_ARGS can run side by side (each process is launch-bound: several share
 # the GPU well); `reports` runs one process per expert of REPORT_EXPERTS at once (assemble them here with
-# benchmarks/assemble_report.py). router-long trains and times the MCQ router on the GPU (issue 12;
+# benchmarks/assemble_report.py); with REPORT_DETACH=1 they run on after the call returns (several sets side by side,
+# each its own REPORT_NAME), and a later call's `reports-wait` waits for them and brings them back. FAMILY_EXPERTS
+# builds only those experts of the family (smol, smol-long). router-long trains and times the MCQ router on the GPU (issue 12;
 # ROUTER_FAMILY picks the family). pack tars everything under $OUT into one file (at most 8 files come back).
 #   bash benchmarks/run_gpu.sh demo-stage [demo-setup demo]   (`make demo` timed with a GPU, issue 12: the pieces
 # that benchmarks/stage_demo.sh cut, one call each, carried as .gpu/demo-N; the last call installs and runs it)
@@ -51,7 +53,8 @@ for step in $steps; do
               timeout 100 python3 benchmarks/compress_family.py "$fam" --device cuda --out "$OUT/compress-family-gpu.json" &&
               timeout 120 python3 benchmarks/compress_family.py "$fam" --device cpu --out "$OUT/compress-family-cpu.json" \
                 --compare "$OUT/compress-family-gpu.json"; } 2>&1 | grep -v "it/s\]$" | tail -n 60 || status=1 ;;
-    smol|smol-long) timeout 540 python3 -m meswitch demo-family --size "$step" --out "/tmp/meswitch-$step" 2>&1 |
+    smol|smol-long) timeout 540 python3 -m meswitch demo-family --size "$step" --out "/tmp/meswitch-$step" \
+        ${FAMILY_EXPERTS:+--experts $FAMILY_EXPERTS} 2>&1 |
         grep -v "it/s\]$" | tail -n 30
       cp "/tmp/meswitch-$step/family.json" "$OUT/family-$step.json" 2>/dev/null ;;
     report-long|report-smol) fam=/tmp/meswitch-smol; [ "$step" = report-long ] && fam=/tmp/meswitch-smol-long
@@ -63,6 +66,14 @@ for step in $steps; do
         grep -v "it/s\]$" | tee "$OUT/$name/report.log" | tail -n 40
       cp -r "$rep"/report.json "$rep"/report.md "$rep"/*.png "$rep"/parts "$OUT/$name"/ 2>/dev/null ;;
     reports) fam=${REPORT_FAMILY:-/tmp/meswitch-smol-long}; name=${REPORT_NAME:-reports}
+      if [ -n "$REPORT_DETACH" ]; then  # run on past this call (a new session: not killed when it returns)
+        # a copy of the tree that the next call cannot replace under them
+        [ -d "$STAGE/tree/meswitch" ] || { mkdir -p "$STAGE/tree" && cp -r meswitch benchmarks "$STAGE/tree"/; }
+        ( cd "$STAGE/tree" && REPORT_DETACH= OUT="$STAGE/out" setsid nohup bash benchmarks/run_gpu.sh reports \
+            >"$STAGE/$name.log" 2>&1 </dev/null & )
+        echo "reports $name detached; collect them with the step reports-wait"
+        continue
+      fi
       for e in ${REPORT_EXPERTS:?name the experts}; do
         mkdir -p "$OUT/$name/$e"
         # one CPU thread each: a dozen launch-bound processes share 16 cores
@@ -74,6 +85,9 @@ for step in $steps; do
         grep -v "it/s\]$" "$OUT/$name/$e/report.log" | tail -n 8
         cp -r "$STAGE/$name/$e"/report.json "$STAGE/$name/$e"/parts "$OUT/$name/$e"/ 2>/dev/null
       done ;;
+    reports-wait) for _ in $(seq "${WAIT_SECONDS:-500}"); do pgrep -f "meswitch report" >/dev/null || break; sleep 1; done
+      pgrep -fa "meswitch report" | cut -c1-160 | head -n 4  # any still running: call this step again
+      cp -r "$STAGE/out"/. "$OUT"/ 2>/dev/null; cp "$STAGE"/*.log "$OUT"/ 2>/dev/null ;;
     router-long) mkdir -p "$OUT/router"
       timeout "${ROUTER_TIMEOUT:-500}" python3 benchmarks/router_eval.py --family "${ROUTER_FAMILY:-/tmp/meswitch-smol-long}" \
         --out "$OUT/router/router-gpu.json" --work "$STAGE/router" --only mcq-zero-shot,mcq-finetuned --device cuda \
