@@ -229,7 +229,9 @@ class StaticDecoder:
             if decode and self._glue:
                 act = self._glue["swiglu"](gate, up, d_gate, d_up)
             else:
-                act = mlp.act_fn(gate if d_gate is None else gate + d_gate) * (up if d_up is None else up + d_up)
+                if d_gate is not None:
+                    gate, up = gate + d_gate, up + d_up
+                act = mlp.act_fn(gate) * up
             after = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
             y, d = self._project(mlp.down_proj, act, apart)
             x, h = self._add_norm(x, y, after, decode, d)
@@ -265,7 +267,7 @@ class StaticDecoder:
             scratch = torch.zeros(tokens.shape[0] * self._delta_width, dtype=self.engine.dtype, device=tokens.device)
         self.engine.ctx.set_slots(slots, tiles, width, self._side, scratch)
         try:
-            x = self.embed(static["tokens"][:, None])
+            x = self.embed(tokens[:, None])
             x = self._layers(x, static["pos"], static["rows"], span, decode=True)
             return self.head(x)[:, 0]
         finally:
