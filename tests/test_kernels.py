@@ -462,6 +462,7 @@ def test_the_fp8_product_equals_the_reference(bits, symmetric, split_k, salient,
         assert err > 1e-3  # the rounding of x is there: the test would not pass an exact product by accident
 
 
+@kernel
 def test_the_fp8_product_refuses_per_group_steps():
     from meswitch.kernels.launch_config import LaunchConfig
     from meswitch.kernels.triton_delta import launch
