@@ -90,6 +90,7 @@ def test_an_interrupted_build_resumes_without_retraining(family: Path, caplog):
     build_chat_family(family, SPEC, threads=2)  # all of them: chinese is trained, the rest kept
     assert (family / "experts" / "math" / TRAIN_JSON).stat().st_mtime_ns == kept
     assert "expert math: already trained; kept" in caplog.text
+    assert "math: scores kept" in caplog.text and "chinese: scores kept" not in caplog.text  # only chinese scored
     assert (family / "experts" / "chinese" / TRAIN_JSON).is_file()
     assert set(json.loads((family / "family.json").read_text())["experts"]) == {"math", "chinese", "code"}
     caplog.clear()

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 TRAIN_JSON = "train.json"
+SCORES_JSON = "scores.json"  # an expert's evaluation figures, kept beside its weights
 
 
 @dataclass(frozen=True)
@@ -367,68 +368,79 @@ def _save_expert(model, tokenizer, folder: Path, name: str, data: DomainData, in
         _write_json(tmp / TRAIN_JSON, info)
 
 
-@torch.no_grad()
 def _evaluate(base, tokenizer, data: dict[str, DomainData], spec: ChatFamilySpec, device, plan) -> dict:
     """Base and expert on each expert's held-out conversations: perplexity (of the replies; per character for
-    an expert with added tokens), and the task where there is one."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from meswitch.evaluation.metrics import (
-        NEXT_LINE,
-        EvalData,
-        exact_match,
-        perplexity,
-    )
-
+    an expert with added tokens), and the task where there is one. Each expert's scores are kept in its folder
+    (``scores.json``, with the settings they were measured under), so a build that resumes or adds experts scores
+    only the new ones."""
     base.eval()
     out: dict = {"base": {}, "experts": {}}
+    settings = {k: getattr(spec, k) for k in ("eval_texts", "task_prompts", "token_prompts", "seq_len")}
     for name, d, folder in plan:
-        ev = EvalData.load(folder / "eval.jsonl")
-        texts, tasks = ev.texts[: spec.eval_texts], ev.tasks[: spec.task_prompts]
-        expert = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-        tok = AutoTokenizer.from_pretrained(folder)
-        per_char = len(tok) != len(tokenizer)
-        score_from = ev.score_from[: spec.eval_texts] if ev.score_from else None
-        ppl_b = perplexity(base, tokenizer, texts, max_len=4 * spec.seq_len, score_from=score_from, per_char=per_char)
-        ppl_e = perplexity(expert, tok, texts, max_len=4 * spec.seq_len, score_from=score_from, per_char=per_char)
-        result = {
-            "ppl_own_domain": round(ppl_e, 4),
-            "base_ppl_own_domain": round(ppl_b, 4),
-            "ppl_unit": "char" if per_char else "token",
-            "ppl_reduction": round(1 - ppl_e / ppl_b, 4),
-        }
-        task_ok = True  # a domain without a task: perplexity alone decides
-        if tasks:
-            result["task"] = {
-                "metric": tasks[0].metric,
-                "prompts": len(tasks),
-                "base": exact_match(base, tokenizer, tasks),
-                "expert": exact_match(expert, tok, tasks),
-            }
-            if tasks[0].metric == NEXT_LINE:
-                result["task"]["token_accuracy"] = accuracy = _token_accuracy(base, tokenizer, expert, tok, ev, spec)
-                task_ok = accuracy["ci95"][0] > 1  # the expert's score is higher, beyond the sample's noise
-            else:
-                task_ok = result["task"]["expert"] > result["task"]["base"]
-        result["beats_base"] = result["ppl_reduction"] >= PPL_TARGET and task_ok
-        if not per_char:
+        cached = folder / SCORES_JSON
+        kept = json.loads(cached.read_text(encoding="utf-8")) if cached.is_file() else {}
+        if kept.get("settings") == settings:
+            result = kept["scores"]
+            log.info("%s: scores kept from %s", name, cached)
+        else:
+            result = _score_expert(base, tokenizer, folder, spec, device)
+            _write_json(cached, {"settings": settings, "scores": result})
+        if result["ppl_unit"] == "token":
             out["base"][d] = result["base_ppl_own_domain"]
         out["experts"][name] = result
+        task = result.get("task")
         log.info(
             "%s: perplexity per %s %.3f -> %.3f (%.1f%% lower)%s",
             name,
             result["ppl_unit"],
-            ppl_b,
-            ppl_e,
+            result["base_ppl_own_domain"],
+            result["ppl_own_domain"],
             100 * result["ppl_reduction"],
-            f"; {tasks[0].metric} {result['task']['base']:.3f} -> {result['task']['expert']:.3f}" if tasks else "",
+            f"; {task['metric']} {task['base']:.3f} -> {task['expert']:.3f}" if task else "",
         )
-        if "token_accuracy" in result.get("task", {}):
-            a = result["task"]["token_accuracy"]
+        if task and "token_accuracy" in task:
+            a = task["token_accuracy"]
             log.info("%s: next-line token accuracy %.3f -> %.3f (x%.3f, 95%% CI %.3f-%.3f, %d lines)", name,
                      a["base"], a["expert"], a["expert_over_base"], *a["ci95"], a["prompts"])  # fmt: skip
-        del expert
     return out
+
+
+@torch.no_grad()
+def _score_expert(base, tokenizer, folder: Path, spec: ChatFamilySpec, device) -> dict:
+    """One expert's figures against the base on its held-out conversations (see :func:`_evaluate`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from meswitch.evaluation.metrics import NEXT_LINE, EvalData, exact_match, perplexity
+
+    ev = EvalData.load(folder / "eval.jsonl")
+    texts, tasks = ev.texts[: spec.eval_texts], ev.tasks[: spec.task_prompts]
+    expert = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    per_char = len(tok) != len(tokenizer)
+    score_from = ev.score_from[: spec.eval_texts] if ev.score_from else None
+    ppl_b = perplexity(base, tokenizer, texts, max_len=4 * spec.seq_len, score_from=score_from, per_char=per_char)
+    ppl_e = perplexity(expert, tok, texts, max_len=4 * spec.seq_len, score_from=score_from, per_char=per_char)
+    result = {
+        "ppl_own_domain": round(ppl_e, 4),
+        "base_ppl_own_domain": round(ppl_b, 4),
+        "ppl_unit": "char" if per_char else "token",
+        "ppl_reduction": round(1 - ppl_e / ppl_b, 4),
+    }
+    task_ok = True  # a domain without a task: perplexity alone decides
+    if tasks:
+        result["task"] = {
+            "metric": tasks[0].metric,
+            "prompts": len(tasks),
+            "base": exact_match(base, tokenizer, tasks),
+            "expert": exact_match(expert, tok, tasks),
+        }
+        if tasks[0].metric == NEXT_LINE:
+            result["task"]["token_accuracy"] = accuracy = _token_accuracy(base, tokenizer, expert, tok, ev, spec)
+            task_ok = accuracy["ci95"][0] > 1  # the expert's score is higher, beyond the sample's noise
+        else:
+            task_ok = result["task"]["expert"] > result["task"]["base"]
+    result["beats_base"] = result["ppl_reduction"] >= PPL_TARGET and task_ok
+    return result
 
 
 def _data_summary(d: DomainData) -> dict:
