@@ -97,10 +97,12 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
     settings = json.dumps(dataclasses.asdict(cfg) | {"experts": None}, sort_keys=True)
     runs = variants(cfg, in_features)
     distills = any(report_method(m).distilled for m in cfg.methods)
-    if distills and cfg.distill.replies_only:  # before any expert is compressed
-        bare = [p.name for p in expert_dirs if not EvalData.load(load_card(p).calibration_data).score_from]
-        if bare:
-            raise ValueError(f"distilling on replies needs calibration rows with score_from: {', '.join(bare)} lack it")
+    # each expert's reply starts, read before any expert is compressed, so a family without them is refused at once
+    starts = {}
+    if distills and cfg.distill.replies_only:
+        starts = {p: EvalData.load(load_card(p).calibration_data).score_from for p in expert_dirs}
+    if bare := [p.name for p, s in starts.items() if not s]:
+        raise ValueError(f"distilling on replies needs calibration rows with score_from: {', '.join(bare)} lack it")
     hessian = any(v.rounding == "gptq" for _, v in runs)  # one calibration serves every variant: Hessians for GPTQ
     for expert_dir in expert_dirs:
         card = load_card(expert_dir)
@@ -113,7 +115,6 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
         expert = Checkpoint(expert_dir)
         pairing = check_expert(base, expert)
         texts = read_texts(card.calibration_data)
-        starts = EvalData.load(card.calibration_data).score_from if cfg.distill.replies_only else None
         t = time.perf_counter()
         stats = calibrate(expert, texts, dataclasses.replace(cfg.calib, hessian=hessian), device)
         calib_seconds = time.perf_counter() - t
@@ -136,7 +137,7 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
                 with _peak_memory(device) as peak:
                     compress_expert(base, expert, pairing, use_stats, variant, art, info, device)
                     if report_method(method).distilled:
-                        distill_artifact(base, expert_dir, art, art, texts, cfg.distill, device, starts)
+                        distill_artifact(base, expert_dir, art, art, texts, cfg.distill, device, starts.get(expert_dir))
                 result: EvalResult = evaluator.evaluate(art)
                 widths = read_manifest(art).method.get("widths")  # under a bit budget: matrices per width
             mine.append(_row(result, method, peak["mb"]) | ({"widths": widths} if widths else {}))
