@@ -133,6 +133,11 @@ class DeltaBank:
         return tuple(itertools.accumulate(self.splits or (self.grid.shape[0],), initial=0))
 
     @property
+    def n_axis(self) -> int:
+        """The packed codes' output-channel axis (after experts; layout 2 has K chunks first)."""
+        return 2 if self.grid.layout_version == LAYOUT_V2 else 1
+
+    @property
     def device(self) -> torch.device:
         return self.packed.device
 
@@ -211,11 +216,10 @@ class DeltaBank:
                 raise ValueError(f"projection {i} and projection 0 differ in having offsets")
         kmax = max(b.kmax for b in parts)
         pad = lambda t: torch.nn.functional.pad(t, (0, kmax - t.shape[-1]))  # index 0, value 0
-        n_dim = 2 if first.grid.layout_version == LAYOUT_V2 else 1
         splits = tuple(b.grid.shape[0] for b in parts)
         return cls(
             grid=replace(first.grid, shape=(sum(splits), first.grid.shape[1])),
-            packed=torch.cat([b.packed for b in parts], n_dim),
+            packed=torch.cat([b.packed for b in parts], first.n_axis),
             scale=torch.cat([b.scale for b in parts], 1),
             offset=None if first.offset is None else torch.cat([b.offset for b in parts], 1),
             salient_idx=torch.stack([pad(b.salient_idx) for b in parts], 1),
@@ -226,11 +230,10 @@ class DeltaBank:
     def part(self, p: int) -> DeltaBank:
         """Projection ``p`` of a grouped bank as a bank of its own: views, nothing copied."""
         a, b = self.bounds[p : p + 2]
-        n_dim = 2 if self.grid.layout_version == LAYOUT_V2 else 1
         rows = slice(a, b)
         return DeltaBank(
             grid=replace(self.grid, shape=(b - a, self.grid.shape[1])),
-            packed=self.packed.narrow(n_dim, a, b - a),
+            packed=self.packed.narrow(self.n_axis, a, b - a),
             scale=self.scale[:, rows],
             offset=None if self.offset is None else self.offset[:, rows],
             salient_idx=self.salient_idx[:, p],

@@ -141,7 +141,6 @@ class BankSet:
         self.grids: dict[Grid, GridBanks] = {}
         self.where: dict[str, tuple[Grid, int]] = {}  # expert key -> (grid, slot)
         self.fused: dict[tuple[str, ...], tuple[int, ...]] = {}  # projections banked together -> output widths
-        self._group: dict[str, tuple[str, ...]] = {}  # each fused projection's group
 
     def fuse(self, names: tuple[str, ...], widths: tuple[int, ...]) -> None:
         """Bank the deltas of sibling projections (one input; outputs ``widths`` wide, concatenated in this
@@ -149,12 +148,15 @@ class BankSet:
         names, widths = tuple(names), tuple(widths)
         if self.fused.get(names) == widths:
             return  # a second decoder on the same model
-        if not 2 <= len(names) == len(widths) <= MAX_PARTS or any(n in self._group for n in names):
+        if not 2 <= len(names) == len(widths) <= MAX_PARTS or any(self._group_of(n) for n in names):
             raise ValueError(f"cannot fuse {names} ({widths} wide): 2 to {MAX_PARTS} projections, each in one group")
         self.fused[names] = widths
-        self._group.update(dict.fromkeys(names, names))
         for gb in self.grids.values():
             self._join(gb)
+
+    def _group_of(self, name: str) -> tuple[str, ...] | None:
+        """The fused projections ``name`` is banked with, if any."""
+        return next((names for names in self.fused if name in names), None)
 
     def add(self, key: str, tables: ExpertTables) -> int:
         """Place one expert (all its quantized tensors on one grid) in a slot; return the bytes it holds."""
@@ -174,7 +176,7 @@ class BankSet:
                 one = DeltaBank.from_compressed([cd], layout_version=layout, device=cd.packed.device)
                 added += bank_nbytes(one)
                 bank = store.get(name)
-                group = self._group.get(name)
+                group = self._group_of(name)
                 if bank is None:  # the first expert with this tensor: the other slots hold no delta
                     store[name] = _zeros(one.grid, gb.capacity, one.kmax, one)
                     gb.version += 1
