@@ -172,10 +172,10 @@ def test_the_gptq_distilled_variants_distil_gptq_codes(family, tmp_path, monkeyp
     # the report distils the artifact GPTQ wrote: the spy sees its rounding and widths before the multipliers
     seen, distill = [], report.distill_artifact
 
-    def spy(base, expert_dir, art, out, texts, dcfg, device, starts):
+    def spy(base, expert_dir, art, out, texts, dcfg, device):
         made = read_manifest(art).method
         seen.append((made["rounding"], "widths" in made, dcfg))
-        return distill(base, expert_dir, art, out, texts, dcfg, device, starts)
+        return distill(base, expert_dir, art, out, texts, dcfg, device)
 
     monkeypatch.setattr(report, "distill_artifact", spy)
     root, *_ = family

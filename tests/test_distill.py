@@ -71,35 +71,3 @@ def test_a_per_tensor_grid_gets_one_multiplier_per_matrix(pair, tmp_path):
     reader = _compress(pair, DeltaConfig(method="bitdelta", bits=1, salient=0), tmp_path / "bd")
     mult = fit_multipliers(base, expert.path, reader.folder, texts, DistillConfig(steps=2, batch_size=2, seq_len=32))
     assert mult and all(m.shape == (1,) for m in mult.values())
-
-
-def test_reply_tokens_are_scored_from_each_texts_start(pair):
-    from transformers import AutoTokenizer
-
-    from meswitch.compression.calibration import CalibConfig, scored_chunks
-
-    tok = AutoTokenizer.from_pretrained(pair[1].path)
-    texts = ["question one two three answer four five", "question six answer seven eight nine ten"]
-    starts = [t.index("answer") for t in texts]
-    cfg = CalibConfig(samples=100, seq_len=4)
-    ids, scored = scored_chunks(tok, texts, cfg, starts)
-    everything = scored_chunks(tok, texts, cfg)[1]
-    assert ids.shape == scored.shape and bool(everything.all())
-    flat, mask = ids.flatten().tolist(), scored.flatten().tolist()
-    first = tok(texts[0], add_special_tokens=False)["input_ids"]
-    skip = len(tok(texts[0][: starts[0]], add_special_tokens=False)["input_ids"])
-    assert flat[: len(first)] == first
-    assert mask[: len(first) + 1] == [False] * skip + [True] * (len(first) - skip) + [False]  # the eos too
-
-
-def test_distilling_on_replies_only_ignores_what_no_reply_covers(pair, tmp_path):
-    base, expert, texts = pair
-    reader = _compress(pair, DeltaConfig(bits=1, salient=2), tmp_path / "art")
-    cfg = DistillConfig(steps=3, lr=1e-2, batch_size=2, seq_len=32, replies_only=True)
-    with pytest.raises(ValueError, match="score_from"):
-        fit_multipliers(base, expert.path, reader.folder, texts, cfg)
-    # every text's reply starts past its end: nothing is scored, so nothing moves
-    mult = fit_multipliers(base, expert.path, reader.folder, texts, cfg, starts=[len(t) for t in texts])
-    assert all(bool((m == 1).all()) for m in mult.values())
-    halves = fit_multipliers(base, expert.path, reader.folder, texts, cfg, starts=[len(t) // 2 for t in texts])
-    assert any(float((m - 1).abs().max()) > 1e-4 for m in halves.values())

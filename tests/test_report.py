@@ -193,14 +193,6 @@ def test_report_cli_refuses_an_empty_family(tmp_path, capsys):
     assert "base" in capsys.readouterr().err
 
 
-def test_distilling_on_replies_is_refused_up_front_where_calibration_rows_have_no_reply(family, tmp_path, capsys):
-    args = ["report", str(family), "--out", str(tmp_path / "r"), "--methods", "meswitch-distilled", "--bits", "2",
-            "--distill-on", "replies", "--device", "cpu"]  # fmt: skip
-    assert main(args) == 2
-    assert "score_from: alpha, beta lack it" in capsys.readouterr().err
-    assert not (tmp_path / "r" / "parts").exists()
-
-
 def test_equal_bytes_group_divides_every_matrix_and_matches_the_salient_bytes():
     # SmolLM2: K = 576 (attention, MLP up/gate, tied embedding) and 1536 (MLP down): 192 divides both, and
     # 32 bits per 192 parameters = 0.167 bits, the cost of 1% fp16 columns (0.16)

@@ -91,13 +91,6 @@ def register(sub) -> None:
         default=100,
         help="scale-distillation steps of the *-distilled methods (default 100)",
     )
-    p.add_argument(
-        "--distill-on",
-        choices=["all", "replies"],
-        default="all",
-        help="tokens the *-distilled methods match the expert on: all (default) or replies (chat calibration rows "
-        "from their score_from on: what the fine-tune learned, not the template and questions it only read)",
-    )
     p.add_argument("--salient", type=float, default=0.01, help="salient channels: a fraction if < 1, else a count")
     p.add_argument(
         "--salient-1bit",
@@ -247,15 +240,12 @@ def _report(args) -> int:
             bit_budgets=tuple(float(b) for b in args.bit_budgets.split(",") if b),
             limit=args.limit,
             device=args.device,
-            distill=DistillConfig(steps=args.distill_steps, replies_only=args.distill_on == "replies"),
+            distill=DistillConfig(steps=args.distill_steps),
             experts=tuple(e for e in args.experts.split(",") if e),
         )
     except ValueError as e:
         raise CommandError(str(e)) from e
-    try:
-        paths = run_report(args.family, args.out, cfg)
-    except (FileNotFoundError, ValueError) as e:
-        raise CommandError(str(e)) from e
+    paths = run_report(args.family, args.out, cfg)
     for p in paths:
         print(f"wrote {p}")
     return 0

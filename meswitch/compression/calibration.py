@@ -46,26 +46,12 @@ def token_chunks(tokenizer, texts: Sequence[str], cfg: CalibConfig) -> torch.Ten
 
     No padding, so every position is real text and contributes to the statistics.
     """
-    return scored_chunks(tokenizer, texts, cfg)[0]
-
-
-def scored_chunks(
-    tokenizer, texts: Sequence[str], cfg: CalibConfig, starts: Sequence[int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`token_chunks`, and per token whether it is scored (bool, same shape): a text's tokens from its
-    ``starts`` character on (a chat reply: what a fine-tune learns; the template and question before it are
-    read, not learned) but not the eos after it; every token without ``starts``."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
-    scored: list[bool] = []
-    for i, t in enumerate(texts):
-        tokens = tokenizer(t, add_special_tokens=False)["input_ids"]
-        skip = len(tokenizer(t[: starts[i]], add_special_tokens=False)["input_ids"]) if starts and starts[i] else 0
-        ids.extend(tokens)
-        scored.extend([False] * min(skip, len(tokens)) + [True] * max(len(tokens) - skip, 0))
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
-            scored.append(not starts)
         if len(ids) >= cfg.samples * cfg.seq_len:
             break
     n = min(cfg.samples, len(ids) // cfg.seq_len)
@@ -75,8 +61,7 @@ def scored_chunks(
         log.warning(
             "calibration texts give %d sequences of %d tokens, fewer than the %d asked for", n, cfg.seq_len, cfg.samples
         )
-    keep = n * cfg.seq_len
-    return torch.tensor(ids[:keep]).view(n, cfg.seq_len), torch.tensor(scored[:keep]).view(n, cfg.seq_len)
+    return torch.tensor(ids[: n * cfg.seq_len]).view(n, cfg.seq_len)
 
 
 class _Captured(Exception):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from meswitch.artifacts import Manifest, read_manifest, seal, staging_dir
 from meswitch.checkpoints import Checkpoint
-from meswitch.compression.calibration import CalibConfig, scored_chunks
+from meswitch.compression.calibration import CalibConfig, token_chunks
 from meswitch.compression.reconstruct import load_expert_model, open_artifact
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,6 @@ class DistillConfig:
     batch_size: int = 4
     seq_len: int = 128
     per_row: bool = True  # one multiplier per output row where the grid stores a step size per row
-    # Match the expert on the replies of chat calibration rows only (their ``score_from`` on: what the fine-tune
-    # learned), not on the template and questions it only read; False: every token.
-    replies_only: bool = False
 
 
 def _rows(reader, name: str, delta: torch.Tensor, per_row: bool) -> int:
@@ -51,26 +48,17 @@ def _rows(reader, name: str, delta: torch.Tensor, per_row: bool) -> int:
 
 
 def fit_multipliers(
-    base: Checkpoint,
-    expert_dir: Path,
-    artifact: Path,
-    texts: list[str],
-    cfg: DistillConfig,
-    device="cpu",
-    starts: list[int] | None = None,
+    base: Checkpoint, expert_dir: Path, artifact: Path, texts: list[str], cfg: DistillConfig, device="cpu"
 ) -> dict[str, torch.Tensor]:
     """Per quantized matrix, the multipliers of its Δ̂ (fp32 [rows] or [1]) that best match the full
-    expert's outputs; ``starts``: each text's reply start (character), which ``cfg.replies_only`` needs."""
+    expert's outputs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device)
     reader = open_artifact(artifact, base)
     names = [n for n, h in reader.manifest.tensors.items() if h["kind"] == "quantized"]
     tokenizer = AutoTokenizer.from_pretrained(expert_dir)
-    if cfg.replies_only and not starts:
-        raise ValueError("distilling on replies only needs calibration rows with score_from (a chat reply's start)")
-    chunks = CalibConfig(samples=cfg.steps * cfg.batch_size, seq_len=cfg.seq_len)
-    ids, scored = scored_chunks(tokenizer, texts, chunks, starts if cfg.replies_only else None)
+    ids = token_chunks(tokenizer, texts, CalibConfig(samples=cfg.steps * cfg.batch_size, seq_len=cfg.seq_len))
     teacher = AutoModelForCausalLM.from_pretrained(expert_dir, dtype=torch.float32).to(device).eval()
     student = load_expert_model(base, reader, device=device)
     for p in student.parameters():
@@ -80,9 +68,9 @@ def fit_multipliers(
     mult = [torch.ones(_rows(reader, n, deltas[n], cfg.per_row), device=device, requires_grad=True) for n in names]
     opt = torch.optim.Adam(mult, lr=cfg.lr)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu")
-    batches, weights = ids.split(cfg.batch_size), scored.split(cfg.batch_size)
+    batches = ids.split(cfg.batch_size)
     for step in tqdm(range(cfg.steps), desc=f"distill {reader.manifest.name}", unit="step", leave=False):
-        batch, weight = batches[step % len(batches)].to(device), weights[step % len(batches)].to(device)
+        batch = batches[step % len(batches)].to(device)
         with torch.no_grad(), autocast:
             target = F.log_softmax(teacher(input_ids=batch).logits.float(), -1)
         params = {}
@@ -94,8 +82,7 @@ def fit_multipliers(
             params[n] = w + (F.pad(step_d, (0, 0, 0, extra)) if extra else step_d)
         with autocast:
             logits = torch.func.functional_call(student, params, (batch,)).logits.float()
-        kl = F.kl_div(F.log_softmax(logits, -1), target, log_target=True, reduction="none").sum(-1)  # [B, T]
-        loss = (kl * weight).sum() / weight.sum().clamp(min=1)
+        loss = F.kl_div(F.log_softmax(logits, -1), target, log_target=True, reduction="batchmean") / batch.shape[1]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -136,11 +123,10 @@ def distill_artifact(
     texts: list[str],
     cfg: DistillConfig = DistillConfig(),
     device="cpu",
-    starts: list[int] | None = None,
 ) -> Manifest:
     """Fit the multipliers (:func:`fit_multipliers`) and write the distilled artifact to ``out``."""
     t0 = time.perf_counter()
-    mult = fit_multipliers(base, expert_dir, artifact, texts, cfg, device, starts)
+    mult = fit_multipliers(base, expert_dir, artifact, texts, cfg, device)
     seconds = round(time.perf_counter() - t0, 2)
     values = torch.cat(list(mult.values()))
     log.info(

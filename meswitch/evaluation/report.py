@@ -97,12 +97,6 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
     settings = json.dumps(dataclasses.asdict(cfg) | {"experts": None}, sort_keys=True)
     runs = variants(cfg, in_features)
     distills = any(report_method(m).distilled for m in cfg.methods)
-    # each expert's reply starts, read before any expert is compressed, so a family without them is refused at once
-    starts = {}
-    if distills and cfg.distill.replies_only:
-        starts = {p: EvalData.load(load_card(p).calibration_data).score_from for p in expert_dirs}
-    if bare := [p.name for p, s in starts.items() if not s]:
-        raise ValueError(f"distilling on replies needs calibration rows with score_from: {', '.join(bare)} lack it")
     hessian = any(v.rounding == "gptq" for _, v in runs)  # one calibration serves every variant: Hessians for GPTQ
     for expert_dir in expert_dirs:
         card = load_card(expert_dir)
@@ -137,7 +131,7 @@ def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list
                 with _peak_memory(device) as peak:
                     compress_expert(base, expert, pairing, use_stats, variant, art, info, device)
                     if report_method(method).distilled:
-                        distill_artifact(base, expert_dir, art, art, texts, cfg.distill, device, starts.get(expert_dir))
+                        distill_artifact(base, expert_dir, art, art, texts, cfg.distill, device)
                 result: EvalResult = evaluator.evaluate(art)
                 widths = read_manifest(art).method.get("widths")  # under a bit budget: matrices per width
             mine.append(_row(result, method, peak["mb"]) | ({"widths": widths} if widths else {}))
