@@ -31,9 +31,6 @@ class LaunchConfig:
     # "triton": the tl.dot kernels, every path
     kernel: str = "triton"
     inflight: int = 1  # gluon: planes whose MMAs run while the next plane's codes are unpacked (1 or 2)
-    # the product on FP8 tensor cores (layout 2, per-channel steps; sm_89+): x rounded to e4m3 per row, so the
-    # delta's contribution carries that rounding; for compute-bound prefill (MESWITCH_PREFILL_FP8=1: not yet measured)
-    fp8: bool = False
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -100,10 +97,8 @@ def config_for(bank: DeltaBank, block_m: int, tiles: int, device: torch.device) 
         programs = -(-n // block_n) * max(tiles, 1)
         split = max(1, min(4, -(-3 * sms // (2 * programs)), chunks // 4)) if programs < sms else 1
         split = 1 if torch.are_deterministic_algorithms_enabled() else split
-        fp8 = (os.environ.get("MESWITCH_PREFILL_FP8") == "1" and bank.grid.group_size == 0
-               and torch.cuda.get_device_capability(device) >= (8, 9))  # fmt: skip
         return LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=8, num_stages=3,
-                            epilogue_scale=False, fp8=fp8)  # fmt: skip
+                            epilogue_scale=False)  # fmt: skip
     block_n = block_within(128, bank)
     programs = -(-n // block_n) * max(tiles, 1)
     split = 4 if programs * 2 <= sms else 2 if programs <= 1.25 * sms else 1

@@ -119,19 +119,15 @@ def _steps_2d(
 
 @triton.jit
 def _delta_v2_kernel(
-    x_ptr, y_ptr, w_ptr, scale_ptr, offset_ptr, sidx_ptr, sval_ptr, tiles_ptr, x8_ptr, xr_ptr, xsum_ptr,
+    x_ptr, y_ptr, w_ptr, scale_ptr, offset_ptr, sidx_ptr, sval_ptr, tiles_ptr,
     N, K, G, KMAX, n_chunks, chunks_per_split, stride_xm, stride_ym,
     stride_we, stride_wc, stride_se, stride_ie, stride_ve, B1, B2,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, EPILOGUE_SCALE: tl.constexpr,
     EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr, FP8: tl.constexpr,
+    SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr,
 ):  # fmt: skip
     """Layout-2 codes (bits 1, 2, 4). w_ptr is the packed tensor viewed as int16; ``stride_*`` are the expert
-    (and chunk) strides of codes, steps, salient indices and values, so a bank may be a view along N.
-
-    ``FP8`` (prefill, per-channel steps): the product runs on FP8 tensor cores, twice bf16's rate: the centred
-    codes ``c - h`` (exact in e4m3) against ``x8`` = x / r rounded to e4m3 per row (``xr_ptr``: r; ``xsum_ptr``:
-    each row's Σx in fp32), ``y += s·r·(x8·(c - h)) + (o + s·h)·Σx``; the salient columns still take x itself."""
+    (and chunk) strides of codes, steps, salient indices and values, so a bank may be a view along N."""
     P: tl.constexpr = 16 // BITS
     CHUNK: tl.constexpr = 32 * P
     HALF_LEVELS: tl.constexpr = ((1 << BITS) - 1) / 2
@@ -152,18 +148,17 @@ def _delta_v2_kernel(
     sval_rows = sval_ptr + e * stride_ve + offs_n * KMAX
     y_ptrs, ymask, yv, idx = _prefetch(y_ptr, rows, stride_ym, offs_n, nmask, mmask, sidx_row, KMAX, SPLIT_K,
                                        SAL_BLOCK, PREFETCH_Y)  # fmt: skip
-    if EPILOGUE_SCALE or FP8:
+    if EPILOGUE_SCALE:
         s = tl.load(srow, mask=nmask, other=0.0).to(tl.float32)
         if SYMMETRIC:  # noqa: SIM108 (Triton: a constexpr branch)
             o = -s * HALF_LEVELS
         else:
             o = tl.load(orow, mask=nmask, other=0.0).to(tl.float32)
-    x8_rows = x8_ptr + rows[None, :] * K
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     xs = tl.zeros([32, BLOCK_M], dtype=tl.float32)
     xb = tl.zeros([32, BLOCK_M], dtype=tl.float32)
-    if not EPILOGUE_SCALE and not FP8 and GROUP == 0:
+    if not EPILOGUE_SCALE and GROUP == 0:
         s2, o2 = _steps_2d(srow, orow, 0, nmask, SYMMETRIC, HALF_LEVELS, DT, BLOCK_N)
     c_begin = tl.program_id(2) * chunks_per_split
     c_end = tl.minimum(c_begin + chunks_per_split, n_chunks)
@@ -171,34 +166,25 @@ def _delta_v2_kernel(
         words = tl.load(w_tile + c * stride_wc, mask=nmask[:, None], other=0)
         for p in tl.static_range(P):
             kk = c * CHUNK + p * 32 + offs_t
+            if EVEN_K:
+                xp = tl.load(x_rows + kk[:, None], mask=mmask[None, :], other=0.0)
+            else:
+                xp = tl.load(x_rows + kk[:, None], mask=mmask[None, :] & (kk[:, None] < K), other=0.0)
             src = plane_source(words, BITS, p)
-            xmask = mmask[None, :] if EVEN_K else mmask[None, :] & (kk[:, None] < K)
-            if FP8:
-                x8 = tl.load(x8_rows + kk[:, None], mask=xmask, other=0.0)
-                # centred codes (exact in fp16 and in e4m3): x's rounding weighs on the delta, not on its mean
-                codes = (plane_biased(src, BITS, p, False) - plane_bias(BITS, p, False)) - HALF_LEVELS
-                acc = tl.dot(codes.to(tl.float8e4nv), x8, acc)
-            elif EPILOGUE_SCALE:
-                xp = tl.load(x_rows + kk[:, None], mask=xmask, other=0.0)
+            if EPILOGUE_SCALE:
                 wp = plane_biased(src, BITS, p, IS_BF16)
                 acc = tl.dot(wp, xp, acc)
                 xf = xp.to(tl.float32)
                 xs += xf
                 xb += xf * plane_bias(BITS, p, IS_BF16)
             else:
-                xp = tl.load(x_rows + kk[:, None], mask=xmask, other=0.0)
                 if GROUP > 0 and (p == 0 or (p * 32) % GROUP == 0):  # a new step-size group starts here
                     g = (c * CHUNK + p * 32) // GROUP
                     s2, o2 = _steps_2d(srow, orow, g, nmask, SYMMETRIC, HALF_LEVELS, DT, BLOCK_N)
                 wp = plane_scaled(src, s2, o2, BITS, p, IS_BF16)
                 acc = tl.dot(wp, xp, acc)
 
-    if FP8:
-        r = tl.load(xr_ptr + rows, mask=mmask, other=0.0)
-        out = (s[:, None] * acc) * r[None, :]
-        if tl.program_id(2) == 0 and not SYMMETRIC:  # Σx spans all of K: one split adds the offset's term
-            out += (o + s * HALF_LEVELS)[:, None] * tl.load(xsum_ptr + rows, mask=mmask, other=0.0)[None, :]
-    elif EPILOGUE_SCALE:
+    if EPILOGUE_SCALE:
         sum_x = tl.sum(xs, axis=0)
         sum_bx = tl.sum(xb, axis=0)
         out = s[:, None] * (acc - sum_bx[None, :]) + o[:, None] * sum_x[None, :]
@@ -260,17 +246,6 @@ def _delta_v1_kernel(
     )  # fmt: skip
 
 
-E4M3_MAX = 448.0
-
-
-def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x8, r, Σx): each row of x scaled by its r = max|x| / 448 and rounded to e4m3 (contiguous [M, K]), r and
-    the row's sum, fp32 [M]; what the FP8 product reads (x ≈ r·x8)."""
-    xf = x.float()
-    r = xf.abs().amax(-1).clamp_min(1e-30) / E4M3_MAX
-    return (xf / r[:, None]).to(torch.float8_e4m3fn), r, xf.sum(-1)
-
-
 def mixed_delta_triton(
     x: torch.Tensor,
     bank: DeltaBank,
@@ -317,17 +292,14 @@ def launch(x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tenso
             launch_gluon(grid, x, y, bank, offset, sidx, sval, tiles, per_split, cfg)
             return y
         w = bank.packed.view(torch.int16)
-        if cfg.fp8 and bank.grid.group_size != 0:
-            raise ValueError("the FP8 product needs per-channel steps")
-        x8, xr, xsum = fp8_rows(x) if cfg.fp8 else (x, bank.scale, bank.scale)  # never read without FP8
         _delta_v2_kernel[grid](
-            x, y, w, bank.scale, offset, sidx, sval, tiles, x8, xr, xsum,
+            x, y, w, bank.scale, offset, sidx, sval, tiles,
             n, k, bank.grid.groups, bank.kmax, chunks, per_split, x.stride(0), y.stride(0),
             w.stride(0), w.stride(1), *strides,
             BITS=bank.grid.bits, GROUP=bank.grid.group_size, SYMMETRIC=bank.offset is None,
             EPILOGUE_SCALE=cfg.epilogue_scale, EVEN_K=k % v2_chunk(bank.grid.bits) == 0,
             SPLIT_K=grid[2], BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SAL_BLOCK=SALIENT_BLOCK,
-            PREFETCH_Y=cfg.prefetch_y, FP8=cfg.fp8,
+            PREFETCH_Y=cfg.prefetch_y,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     elif bank.grid.layout_version == LAYOUT_V1:
