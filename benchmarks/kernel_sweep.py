@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_roofline import SHAPES, bench_case, copy_bandwidth
+from kernel_roofline import SHAPES, bench_case, copy_bandwidth, write_report
 
 from meswitch.kernels import DeltaBank
 from meswitch.kernels.launch_config import LaunchConfig
@@ -103,7 +103,7 @@ def main(argv=None) -> None:
                 f"{gbps / copy_gbps:5.1%}; graph {r['graph_ms'] * 1e3:8.1f} us {graph_gbps / copy_gbps:5.1%}",
                 flush=True,
             )
-    args.out.write_text(json.dumps({"copy_bandwidth_gbps": copy_gbps, "results": results}, indent=1))
+    write_report(args.out, copy_gbps, results)  # with the device, versions, date and command
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ tar czf "$stage/corpora.tgz" -C "$corpora" python-stdlib fortunes-en fortunes-zh
 tar cf "$stage/demo.tar" -C "$stage" wheels corpora.tgz requirements.txt
 rm -rf .gpu/demo-*
 mkdir -p .gpu
-(cd "$stage" && split -b 57M -d -a 1 demo.tar part. && sha256sum demo.tar > demo.tar.sha256)
+(cd "$stage" && split -b 50M -d -a 1 demo.tar part. && sha256sum demo.tar > demo.tar.sha256)
 n=0
 for part in "$stage"/part.*; do
   n=$((n + 1))
