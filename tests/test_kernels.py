@@ -3,11 +3,13 @@
 CPU: the reference against a dense per-row dequantize-then-matmul built straight from
 ``compress_delta``, for several bits, group sizes and expert mixes with base-only rows; layout
 round trips. GPU (skipped without CUDA): the kernel against the reference on fresh random inputs,
-decode and prefill shapes, 1-16 experts, base-only rows left bit-identical.
+decode and prefill shapes, 1-16 experts, base-only rows left bit-identical. The precomputed row sums also run on
+the CPU through Triton's interpreter (``TRITON_INTERPRET=1`` with Triton importable; fp16 activations there).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -29,6 +31,8 @@ from meswitch.kernels.layout import pack_v2, unpack_codes, unpack_v2, v2_chunk
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA (runs on the GPU machine)")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+kernel = pytest.mark.skipif(not (CUDA or INTERPRET), reason="the Triton kernel: CUDA, or TRITON_INTERPRET=1 on the CPU")
 
 
 def _experts(num, n, k, config, seed):
@@ -409,3 +413,43 @@ def test_mixed_delta_dispatches_to_triton():
     ref = mixed_delta(x, bank, ids, y.clone(), backend="reference")
     got = mixed_delta(x, bank, ids, y.clone())
     assert _rel(got.float(), ref.float()) < 1e-2
+
+
+@kernel
+@pytest.mark.parametrize(
+    "bits,symmetric,split_k,salient,k",
+    [
+        (2, False, 1, 0, 1024),
+        (2, True, 2, 9, 1024),
+        (1, False, 3, 0, 2048),
+        (4, True, 1, 5, 512),
+        (2, False, 2, 0, 1000),
+    ],
+)
+def test_precomputed_row_sums_give_the_loops_result(bits, symmetric, split_k, salient, k):
+    """``LaunchConfig.x_sums``: x's row sums from one small kernel, not from every N block's loop, with split K
+    (split 0 alone applies them) and K not a whole number of chunks: the reference's delta, and the same as the
+    sums accumulated in the loop."""
+    from meswitch.kernels.launch_config import LaunchConfig
+    from meswitch.kernels.triton_delta import launch
+
+    dtype = torch.bfloat16 if CUDA else torch.float16  # the interpreter's bf16 dot is wrong
+    device = "cuda" if CUDA else "cpu"
+    bank = DeltaBank.random(4, (96, k), bits=bits, salient=salient, symmetric=symmetric,
+                            generator=torch.Generator().manual_seed(bits)).to(device)  # fmt: skip
+    ids = [0, -1, 2, 2, 1, 3, 0, -1, 3, 1, 2, 0]
+    g = torch.Generator().manual_seed(k + split_k)
+    x = (torch.randn(len(ids), k, generator=g) * 2).to(dtype).to(device)
+    y0 = (torch.randn(len(ids), 96, generator=g) * 0.01).to(dtype).to(device)
+    y0[torch.tensor(ids) < 0] = float("nan")  # poison: a write to a base-only row shows
+    want = mixed_delta_reference(x.float(), bank, ids, y0.float().clone())
+    tiles = ExpertRows.from_ids(ids).tiles(16, x.device)
+    got = {}
+    for sums in (True, False):
+        cfg = LaunchConfig(block_n=32, block_m=16, split_k=split_k, num_stages=2, x_sums=sums)
+        got[sums] = launch(x, bank, tiles, y0.clone(), cfg)
+    live = torch.tensor(ids, device=x.device) >= 0
+    assert torch.isnan(got[True][~live]).all(), "a base-only row was written"
+    delta = want[live] - y0[live].float()
+    assert _rel(got[True][live].float() - y0[live].float(), delta) < 1e-2
+    assert _rel(got[True][live].float() - y0[live].float(), got[False][live].float() - y0[live].float()) < 1e-2

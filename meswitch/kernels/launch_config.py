@@ -27,6 +27,8 @@ class LaunchConfig:
     num_stages: int = 4
     epilogue_scale: bool = True
     prefetch_y: bool = False
+    # epilogue scaling: x's row sums from one small kernel a launch, not accumulated in every N block's loop
+    x_sums: bool = False
     # "gluon": the decode kernel with asynchronous plane MMAs (kernels/gluon_delta.py; see gluon_fits);
     # "triton": the tl.dot kernels, every path
     kernel: str = "triton"
@@ -106,7 +108,8 @@ def config_for(bank: DeltaBank, block_m: int, tiles: int, device: torch.device) 
     if torch.are_deterministic_algorithms_enabled():
         split = 1  # split K adds partial sums into y with atomics, in no fixed order
     cfg = LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=4, num_stages=3,
-                       epilogue_scale=block_m <= 32 and bank.grid.group_size == 0)  # fmt: skip
+                       epilogue_scale=block_m <= 32 and bank.grid.group_size == 0,
+                       x_sums=os.environ.get("MESWITCH_X_SUMS") == "1")  # fmt: skip
     if os.environ.get("MESWITCH_DELTA_KERNEL") == "gluon" and gluon_fits(bank, cfg, device):
         cfg = replace(cfg, kernel="gluon")
     return cfg

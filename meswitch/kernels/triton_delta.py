@@ -118,16 +118,42 @@ def _steps_2d(
 
 
 @triton.jit
+def _x_sums_kernel(x_ptr, sums_ptr, K, span, stride_xm, BITS: tl.constexpr, IS_BF16: tl.constexpr,
+                   BLOCK_K: tl.constexpr):  # fmt: skip
+    """Per row of x and K split (``span`` positions each): ``Σx`` and ``Σ bias·x`` with each position's plane bias
+    (:func:`plane_bias`), what the decode epilogue subtracts; computed once a launch instead of in every N block's
+    loop. Per split, so that each split's partial output stays as small as the delta (they add up in y's dtype)."""
+    P: tl.constexpr = 16 // BITS
+    PER_SHIFT: tl.constexpr = 7 // BITS
+    TOP: tl.constexpr = 7 if IS_BF16 else 10
+    m = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    sum_x = tl.zeros([BLOCK_K], dtype=tl.float32)
+    sum_bx = tl.zeros([BLOCK_K], dtype=tl.float32)
+    end = tl.minimum((split + 1) * span, K)
+    for k0 in range(split * span, end, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        xv = tl.load(x_ptr + m * stride_xm + kk, mask=kk < end, other=0.0).to(tl.float32)
+        q = ((kk // 32) % P) % PER_SHIFT
+        sum_x += xv
+        sum_bx += xv * (1 << (TOP - BITS * q)).to(tl.float32)
+    at = sums_ptr + (m * tl.num_programs(1) + split) * 2
+    tl.store(at, tl.sum(sum_x, 0))
+    tl.store(at + 1, tl.sum(sum_bx, 0))
+
+
+@triton.jit
 def _delta_v2_kernel(
-    x_ptr, y_ptr, w_ptr, scale_ptr, offset_ptr, sidx_ptr, sval_ptr, tiles_ptr,
+    x_ptr, y_ptr, w_ptr, scale_ptr, offset_ptr, sidx_ptr, sval_ptr, tiles_ptr, sums_ptr,
     N, K, G, KMAX, n_chunks, chunks_per_split, stride_xm, stride_ym,
     stride_we, stride_wc, stride_se, stride_ie, stride_ve, B1, B2,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, EPILOGUE_SCALE: tl.constexpr,
     EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr,
+    SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr, X_SUMS: tl.constexpr,
 ):  # fmt: skip
     """Layout-2 codes (bits 1, 2, 4). w_ptr is the packed tensor viewed as int16; ``stride_*`` are the expert
-    (and chunk) strides of codes, steps, salient indices and values, so a bank may be a view along N."""
+    (and chunk) strides of codes, steps, salient indices and values, so a bank may be a view along N. ``X_SUMS``:
+    the epilogue's row sums of x come from ``sums_ptr`` (:func:`_x_sums_kernel`), not from the loop."""
     P: tl.constexpr = 16 // BITS
     CHUNK: tl.constexpr = 32 * P
     HALF_LEVELS: tl.constexpr = ((1 << BITS) - 1) / 2
@@ -174,9 +200,10 @@ def _delta_v2_kernel(
             if EPILOGUE_SCALE:
                 wp = plane_biased(src, BITS, p, IS_BF16)
                 acc = tl.dot(wp, xp, acc)
-                xf = xp.to(tl.float32)
-                xs += xf
-                xb += xf * plane_bias(BITS, p, IS_BF16)
+                if not X_SUMS:
+                    xf = xp.to(tl.float32)
+                    xs += xf
+                    xb += xf * plane_bias(BITS, p, IS_BF16)
             else:
                 if GROUP > 0 and (p == 0 or (p * 32) % GROUP == 0):  # a new step-size group starts here
                     g = (c * CHUNK + p * 32) // GROUP
@@ -185,8 +212,13 @@ def _delta_v2_kernel(
                 acc = tl.dot(wp, xp, acc)
 
     if EPILOGUE_SCALE:
-        sum_x = tl.sum(xs, axis=0)
-        sum_bx = tl.sum(xb, axis=0)
+        if X_SUMS:  # this split's sums of its rows
+            at = sums_ptr + (rows * SPLIT_K + tl.program_id(2)) * 2
+            sum_x = tl.load(at, mask=mmask, other=0.0)
+            sum_bx = tl.load(at + 1, mask=mmask, other=0.0)
+        else:
+            sum_x = tl.sum(xs, axis=0)
+            sum_bx = tl.sum(xb, axis=0)
         out = s[:, None] * (acc - sum_bx[None, :]) + o[:, None] * sum_x[None, :]
     else:
         out = acc
@@ -292,14 +324,20 @@ def launch(x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tenso
             launch_gluon(grid, x, y, bank, offset, sidx, sval, tiles, per_split, cfg)
             return y
         w = bank.packed.view(torch.int16)
+        sums = tiles  # never read without X_SUMS
+        if cfg.x_sums and cfg.epilogue_scale:
+            sums = torch.empty((x.shape[0], grid[2], 2), dtype=torch.float32, device=x.device)
+            _x_sums_kernel[(x.shape[0], grid[2])](x, sums, k, per_split * v2_chunk(bank.grid.bits), x.stride(0),
+                                                  BITS=bank.grid.bits, IS_BF16=x.dtype == torch.bfloat16,
+                                                  BLOCK_K=512, num_warps=4)  # fmt: skip
         _delta_v2_kernel[grid](
-            x, y, w, bank.scale, offset, sidx, sval, tiles,
+            x, y, w, bank.scale, offset, sidx, sval, tiles, sums,
             n, k, bank.grid.groups, bank.kmax, chunks, per_split, x.stride(0), y.stride(0),
             w.stride(0), w.stride(1), *strides,
             BITS=bank.grid.bits, GROUP=bank.grid.group_size, SYMMETRIC=bank.offset is None,
             EPILOGUE_SCALE=cfg.epilogue_scale, EVEN_K=k % v2_chunk(bank.grid.bits) == 0,
             SPLIT_K=grid[2], BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SAL_BLOCK=SALIENT_BLOCK,
-            PREFETCH_Y=cfg.prefetch_y,
+            PREFETCH_Y=cfg.prefetch_y, X_SUMS=cfg.x_sums and cfg.epilogue_scale,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     elif bank.grid.layout_version == LAYOUT_V1:
