@@ -453,3 +453,30 @@ def test_precomputed_row_sums_give_the_loops_result(bits, symmetric, split_k, sa
     delta = want[live] - y0[live].float()
     assert _rel(got[True][live].float() - y0[live].float(), delta) < 1e-2
     assert _rel(got[True][live].float() - y0[live].float(), got[False][live].float() - y0[live].float()) < 1e-2
+
+
+def test_the_mlp_shapes_with_many_row_tiles_take_precomputed_row_sums(monkeypatch):
+    """``config_for``'s rule from the H200 A/B (NOTES-kernels.md): row sums from their own kernel and K split in
+    two only on the MLP's shapes with 8 or more row tiles; off with MESWITCH_X_SUMS=0 and in deterministic mode.
+    The SM count is patched to the H200's (132): the rule reads the device, which this machine may lack."""
+    from meswitch.kernels import launch_config
+    from meswitch.kernels.launch_config import config_for
+
+    monkeypatch.setattr(launch_config, "_sm_count", lambda device: 132)
+    cpu = torch.device("cpu")
+    down = DeltaBank.random(1, (4096, 14336), bits=2)
+    qkv = DeltaBank.random(1, (6144, 4096), bits=2)
+    on = config_for(down, 16, 8, cpu)
+    assert on.x_sums and on.split_k == 2 and on.epilogue_scale
+    assert not config_for(down, 16, 4, cpu).x_sums  # 4 experts: the extra launch costs more than it saves
+    assert not config_for(qkv, 16, 8, cpu).x_sums  # a small shape
+    assert not config_for(down, 64, 8, cpu).x_sums  # no epilogue scaling past 32 rows a tile
+    monkeypatch.setenv("MESWITCH_X_SUMS", "0")
+    assert not config_for(down, 16, 8, cpu).x_sums
+    monkeypatch.delenv("MESWITCH_X_SUMS")
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = config_for(down, 16, 8, cpu)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert det.split_k == 1 and not det.x_sums

@@ -87,7 +87,9 @@ def config_for(bank: DeltaBank, block_m: int, tiles: int, device: torch.device) 
     ``torch.use_deterministic_algorithms`` (split programs add into y with atomics). The Gluon decode
     kernel runs only where asked (``MESWITCH_DELTA_KERNEL=gluon``) and where it fits (:func:`gluon_fits`):
     on the H200 it has not yet beaten this kernel (benchmarks/NOTES-kernels.md). A grouped bank's N block is
-    the widest that divides every projection boundary (:func:`block_within`).
+    the widest that divides every projection boundary (:func:`block_within`). The MLP's shapes (N·K of 48 Mi
+    or more) with 8 or more row tiles take x's row sums from a kernel of their own (``LaunchConfig.x_sums``)
+    and split K at least in two: there the shorter loop pays for the extra launch (``MESWITCH_X_SUMS=0``: off).
     """
     n, k = bank.grid.shape
     chunks = -(-k // v2_chunk(bank.grid.bits)) if bank.grid.layout_version == LAYOUT_V2 else 0
@@ -105,11 +107,15 @@ def config_for(bank: DeltaBank, block_m: int, tiles: int, device: torch.device) 
     programs = -(-n // block_n) * max(tiles, 1)
     split = 4 if programs * 2 <= sms else 2 if programs <= 1.25 * sms else 1
     split = max(1, min(split, chunks // 4))
+    epilogue = block_m <= 32 and bank.grid.group_size == 0
+    # the MLP's shapes with 8 or more row tiles: x's row sums from a kernel of their own and K split in two
+    # (8 and 16 experts 0.6-1.5 ms a step faster on the H200, 4 experts 0.3-0.5 ms slower: NOTES-kernels.md)
+    x_sums = epilogue and n * k >= 48 * 2**20 and tiles >= 8 and os.environ.get("MESWITCH_X_SUMS", "1") == "1"
+    split = max(split, 2) if x_sums else split
     if torch.are_deterministic_algorithms_enabled():
         split = 1  # split K adds partial sums into y with atomics, in no fixed order
     cfg = LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=4, num_stages=3,
-                       epilogue_scale=block_m <= 32 and bank.grid.group_size == 0,
-                       x_sums=os.environ.get("MESWITCH_X_SUMS") == "1")  # fmt: skip
+                       epilogue_scale=epilogue, x_sums=x_sums and split > 1)  # fmt: skip
     if os.environ.get("MESWITCH_DELTA_KERNEL") == "gluon" and gluon_fits(bank, cfg, device):
         cfg = replace(cfg, kernel="gluon")
     return cfg
