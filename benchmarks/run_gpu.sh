@@ -69,8 +69,9 @@ for step in $steps; do
       if [ -n "$REPORT_DETACH" ]; then  # run on past this call (a new session: not killed when it returns)
         # a copy of the tree that the next call cannot replace under them
         [ -d "$STAGE/tree/meswitch" ] || { mkdir -p "$STAGE/tree" && cp -r meswitch benchmarks "$STAGE/tree"/; }
-        ( cd "$STAGE/tree" && REPORT_DETACH= OUT="$STAGE/out" setsid nohup bash benchmarks/run_gpu.sh reports \
-            >"$STAGE/$name.log" 2>&1 </dev/null & )
+        # the redirection on the whole subshell: one holding the caller's stdout would keep a pipe there open
+        ( cd "$STAGE/tree" && REPORT_DETACH= OUT="$STAGE/out" exec setsid nohup bash benchmarks/run_gpu.sh reports ) \
+          >"$STAGE/$name.log" 2>&1 </dev/null &
         echo "reports $name detached; collect them with the step reports-wait"
         continue
       fi
