@@ -76,8 +76,8 @@ class DecoderConfig:
     # a zeroed buffer, added after): the delta kernel moves some 40% of copy bandwidth, bound by instruction
     # issue, and the GEMM beside it uses the rest (7B, 8 experts at batch 32 on the H200: 14.6 -> 13.6 ms;
     # benchmarks/results/decode-e2e-overlap-2026-12-04.json). The buffers are cut from one zeroed per step, and
-    # o's, gate/up's and down's deltas are added inside the residual add and SwiGLU (31 fewer kernels a step with
-    # 8 experts; the step's time unchanged within what machines differ by: decode-e2e-2026-12-04.json).
+    # o's, gate/up's and down's deltas are added inside the residual add and SwiGLU (8 experts: 509 kernels a step,
+    # fewer than before the overlap; the step's time unchanged within what machines differ by).
     # False: one after the other, added in place (graph-serial).
     overlap_deltas: bool = True
     # The BLAS library torch's GEMMs go to on a GPU (torch.backends.cuda.preferred_blas_library, process-wide: the
