@@ -46,6 +46,10 @@ def configs_for(rows: int, experts: int) -> list[LaunchConfig]:
         out.append(LaunchConfig(block_m=bm, num_stages=4, epilogue_scale=False))
         for sk in (2, 4, 8):
             out.append(LaunchConfig(block_m=bm, num_stages=4, split_k=sk))
+        if bm <= 32:  # x's row sums from their own kernel: fewer registers in the loop, so other depths may fit
+            for sk in (1, 2):
+                for st in (2, 3, 4):
+                    out.append(LaunchConfig(block_m=bm, num_stages=st, split_k=sk, x_sums=True))
     else:
         for bm in (64, 128):
             for bn, nw in ((128, 4), (128, 8), (256, 8)):
