@@ -480,3 +480,28 @@ def test_the_mlp_shapes_with_many_row_tiles_take_precomputed_row_sums(monkeypatc
     finally:
         torch.use_deterministic_algorithms(False)
     assert det.split_k == 1 and not det.x_sums
+
+
+@kernel
+@pytest.mark.parametrize("block_m,split_k", [(64, 1), (128, 2)])
+def test_prefill_tiles_take_steps_in_the_epilogue_from_row_sums(block_m, split_k):
+    """Prefill-sized row tiles with per-channel steps applied in the epilogue (``x_sums``: no [32, BLOCK_M]
+    accumulators in the loop): the reference's delta, rows of three experts and base-only rows left alone."""
+    from meswitch.kernels.launch_config import LaunchConfig
+    from meswitch.kernels.triton_delta import launch
+
+    dtype = torch.bfloat16 if CUDA else torch.float16  # the interpreter's bf16 dot is wrong
+    device = "cuda" if CUDA else "cpu"
+    codes = torch.Generator().manual_seed(block_m)
+    bank = DeltaBank.random(3, (64, 512), bits=2, salient=7, generator=codes).to(device)
+    ids = _ids(150, 3, base_only_every=9, seed=block_m)
+    g = torch.Generator().manual_seed(block_m + split_k)
+    x = torch.randn(len(ids), 512, generator=g).to(dtype).to(device)
+    y0 = (torch.randn(len(ids), 64, generator=g) * 0.01).to(dtype).to(device)
+    y0[torch.tensor(ids) < 0] = float("nan")
+    want = mixed_delta_reference(x.float(), bank, ids, y0.float().clone())
+    cfg = LaunchConfig(block_n=32, block_m=block_m, split_k=split_k, num_warps=4, num_stages=2, x_sums=True)
+    got = launch(x, bank, ExpertRows.from_ids(ids).tiles(block_m, x.device), y0.clone(), cfg)
+    live = torch.tensor(ids, device=x.device) >= 0
+    assert torch.isnan(got[~live]).all(), "a base-only row was written"
+    assert _rel(got[live].float() - y0[live].float(), want[live] - y0[live].float()) < 1e-2
