@@ -2,6 +2,7 @@
 # GPU run: kernel tests, then the kernel benchmarks, writing logs and JSON under $OUT.
 #   bash benchmarks/run_gpu.sh [tests] [sweep] [roofline] [capacity] [switch]   (default: these five)
 #   bash benchmarks/run_gpu.sh decode | speed | parity | ncu                    (one 10-minute call each)
+#   bash benchmarks/run_gpu.sh attention       (the decode attention kernel's launch sweep, about 3 minutes)
 # ROOFLINE_ARGS / NCU_ARGS pass arguments on (e.g. ROOFLINE_ARGS="--kernels triton gluon --no-baselines");
 # MESWITCH_DELTA_KERNEL=gluon runs decode on the Gluon kernel where it fits (ncu then writes ncu-gluon.json).
 #   bash benchmarks/run_gpu.sh demo-stage demo-setup smol-long [smol] [report-long] [report-smol] [reports] [router-long] [pack]
@@ -42,6 +43,7 @@ for step in $steps; do
                 $ROOFLINE_ARGS 2>&1 | tee "$OUT/roofline.log" ;;
     capacity) timeout 120 python3 benchmarks/capacity.py --allocate --out "$OUT/capacity${CAPACITY_NAME:+-$CAPACITY_NAME}.json" \
                 $CAPACITY_ARGS 2>&1 | tail -n 30 ;;
+    attention) timeout 300 python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" 2>&1 | tail -n 30 ;;
     switch) timeout 120 python3 benchmarks/switch_cost.py --out "$OUT/switch_cost.json" 2>&1 | tail -n 30 ;;
     ncu) timeout "${NCU_TIMEOUT:-540}" python3 benchmarks/ncu_shapes.py --out "$OUT/ncu${MESWITCH_DELTA_KERNEL:+-$MESWITCH_DELTA_KERNEL}.json" \
            $NCU_ARGS 2>&1 | tail -n 60 ;;

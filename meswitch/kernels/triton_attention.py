@@ -12,13 +12,24 @@ captured graph keeps it.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64  # cached positions per iteration
 MAX_SPLITS = 16
+
+
+@dataclass(frozen=True)
+class AttentionLaunch:
+    """Launch parameters of the decode attention kernel; ``splits`` None: :func:`split_count` decides
+    (``benchmarks/attention_sweep.py`` times the others)."""
+
+    block_n: int = 64  # cached positions per iteration
+    num_warps: int = 4
+    num_stages: int | None = None  # None: Triton's default
+    splits: int | None = None
 
 
 @triton.jit
@@ -116,26 +127,27 @@ def _merge(part_ptr, ml_ptr, o_ptr, G, D: tl.constexpr, BLOCK_G: tl.constexpr, S
     tl.store(o_ptr + (bh * G + g[:, None]) * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=(g < G)[:, None])
 
 
-def split_count(programs: int, span: int, sms: int) -> int:
+def split_count(programs: int, span: int, sms: int, block_n: int = AttentionLaunch.block_n) -> int:
     """Splits of the positions so that every SM gets a program, each with at least a block of positions (a batch
     of 32 on 8 KV heads fills an H200 unsplit; asking two programs an SM split it, and its merge took 2 us a layer)."""
     splits = 1
-    while programs * splits < sms and 2 * splits * BLOCK_N <= span and splits < MAX_SPLITS:
+    while programs * splits < sms and 2 * splits * block_n <= span and splits < MAX_SPLITS:
         splits *= 2
     return splits
 
 
 def launch(
-    q, k, v, k_cache, v_cache, rows, pos, span: int, scale: float, cos, sin, sms: int | None = None
-) -> torch.Tensor:
+    q, k, v, k_cache, v_cache, rows, pos, span: int, scale: float, cos, sin, sms: int | None = None,
+    cfg: AttentionLaunch = AttentionLaunch(),
+) -> torch.Tensor:  # fmt: skip
     b, heads, group, d = q.shape
     q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, cos, sin))
     if k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("the caches must share one layout with the head dimension contiguous")
     if sms is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    splits = split_count(b * heads, span, sms)
-    per_split = triton.cdiv(triton.cdiv(span, splits), BLOCK_N) * BLOCK_N
+    splits = cfg.splits or split_count(b * heads, span, sms, cfg.block_n)
+    per_split = triton.cdiv(triton.cdiv(span, splits), cfg.block_n) * cfg.block_n
     block_g = max(16, triton.next_power_of_2(group))
     o = torch.empty((b, heads, group, d), dtype=q.dtype, device=q.device)
     part = ml = o  # unused with one split
@@ -147,8 +159,9 @@ def launch(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos.stride(0), sin.stride(0),
         group, span, scale,
-        D=d, BLOCK_G=block_g, BLOCK_N=BLOCK_N, SPLITS=splits, PER_SPLIT=per_split,
-        BOUNDED=os.environ.get("TRITON_INTERPRET") != "1", num_warps=4,
+        D=d, BLOCK_G=block_g, BLOCK_N=cfg.block_n, SPLITS=splits, PER_SPLIT=per_split,
+        BOUNDED=os.environ.get("TRITON_INTERPRET") != "1", num_warps=cfg.num_warps,
+        **({"num_stages": cfg.num_stages} if cfg.num_stages else {}),
     )  # fmt: skip
     if splits > 1:
         _merge[(b * heads,)](part, ml, o, group, D=d, BLOCK_G=block_g, SPLITS=splits, num_warps=4)
