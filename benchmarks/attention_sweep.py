@@ -56,25 +56,25 @@ def cache_sets(batch: int, span: int, position: int, dtype, device, budget: int 
     return sets
 
 
-def check(cfg: AttentionLaunch, inputs: tuple, span: int, scale: float) -> float:
+def check(cfg: AttentionLaunch, inputs: tuple, span: int, scale: float, sms: int) -> float:
     """Largest absolute difference from the reference (each on its own copy of the caches)."""
     q, k, v, kc, vc, rows, pos, cos, sin = inputs
     want = decode_attention_reference(q, k, v, kc.clone(), vc.clone(), rows, pos, span, scale, cos, sin)
-    got = launch(q, k, v, kc.clone(), vc.clone(), rows, pos, span, scale, cos, sin, sms=132, cfg=cfg)
+    got = launch(q, k, v, kc.clone(), vc.clone(), rows, pos, span, scale, cos, sin, sms=sms, cfg=cfg)
     return (got.float() - want.float()).abs().max().item()
 
 
-def time_graph(cfg: AttentionLaunch, sets: list[tuple], span: int, scale: float, replays: int = 20) -> float:
+def time_graph(cfg: AttentionLaunch, sets: list[tuple], span: int, scale: float, sms: int, replays: int = 20) -> float:
     """Microseconds a launch, ``LAYERS`` launches over the rotating sets replayed from one CUDA graph."""
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         for s in sets:  # compile and warm outside the capture
-            launch(*s[:7], span, scale, *s[7:], cfg=cfg)
+            launch(*s[:7], span, scale, *s[7:], sms=sms, cfg=cfg)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             for i in range(LAYERS):
                 s = sets[i % len(sets)]
-                launch(*s[:7], span, scale, *s[7:], cfg=cfg)
+                launch(*s[:7], span, scale, *s[7:], sms=sms, cfg=cfg)
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     gpu = args.device == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float16  # the interpreter's bf16 dot is wrong
     scale = 1 / math.sqrt(HEAD)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if gpu else 132  # the H200's, for the checks
     if gpu:
         from kernel_roofline import copy_bandwidth, write_report
 
@@ -105,11 +106,11 @@ def main(argv: list[str] | None = None) -> None:
         sets = cache_sets(batch, span, position, dtype, args.device)
         nbytes = batch * HKV * HEAD * 2 * (2 * position + 2 + 2 * GROUP)  # K/V read, new K/V written, q and out
         for cfg in configs():
-            err = check(cfg, sets[0], span, scale)
+            err = check(cfg, sets[0], span, scale, sms)
             row = {"batch": batch, "span": span, "position": position, "config": cfg.__dict__, "max_abs_error": err,
-                   "splits": cfg.splits or split_count(batch * HKV, span, 132, cfg.block_n)}  # fmt: skip
+                   "splits": cfg.splits or split_count(batch * HKV, span, sms, cfg.block_n)}  # fmt: skip
             if gpu and err < 2e-2:
-                us = time_graph(cfg, sets, span, scale)
+                us = time_graph(cfg, sets, span, scale, sms)
                 row |= {"us": round(us, 2), "fraction_of_copy_bandwidth": round(nbytes / us / 1e3 / copy_gbps, 4)}
             rows.append(row)
             print({k: v for k, v in row.items() if k != "config"} | cfg.__dict__, flush=True)

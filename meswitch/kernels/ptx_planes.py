@@ -20,22 +20,33 @@ INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @constexpr_function
+def _per_shift(bits: int) -> int:
+    """Codes of a half-word that fit the 7 mantissa bits of bf16 (fp16 has 10) without another shift."""
+    return 7 // bits
+
+
+@constexpr_function
+def _mantissa_bits(is_bf16: bool) -> int:
+    return 7 if is_bf16 else 10
+
+
+@constexpr_function
 def _plane_consts(bits: int, p: int, is_bf16: bool) -> tuple[int, int, int, float]:
     """(mask2, magic2, neg_bias2, bias) for plane p: the code pair sits at bits bits*q of each
     half-word after a right shift by :func:`_shift_of`; or-ing in an exponent makes it bias + code."""
-    per_shift = 7 // bits  # codes that fit the 7 mantissa bits of bf16 (fp16 has 10)
-    q = p % per_shift
+    q = p % _per_shift(bits)
     mask = ((1 << bits) - 1) << (bits * q)
-    exp = (127 + 7 - bits * q) if is_bf16 else (15 + 10 - bits * q)
-    magic = exp << (7 if is_bf16 else 10)
-    bias = float(2 ** (7 - bits * q)) if is_bf16 else float(2 ** (10 - bits * q))
+    top = _mantissa_bits(is_bf16)  # the bias is 2^(top - bits*q): the code's last bit is worth 1
+    exp = (127 if is_bf16 else 15) + top - bits * q
+    magic = exp << top
+    bias = float(2 ** (top - bits * q))
     neg = magic | 0x8000
     return mask | (mask << 16), magic | (magic << 16), neg | (neg << 16), bias
 
 
 @constexpr_function
 def _shift_of(bits: int, p: int) -> int:
-    per_shift = 7 // bits
+    per_shift = _per_shift(bits)
     return bits * per_shift * (p // per_shift)
 
 
@@ -79,6 +90,14 @@ def _scaled_asm(bits, p, is_bf16):
         f"fma.rn.{op} t, t, one, nb; "
         f"fma.rn.{op} $0, t, $2, $3; }}"
     )
+
+
+@triton.jit
+def position_bias(kk, BITS: tl.constexpr, IS_BF16: tl.constexpr):
+    """:func:`plane_bias` of each K position ``kk`` (its plane within its chunk of ``32 * 16 // BITS``), in fp32:
+    for sums over x weighted as the biased planes weight it."""
+    q = ((kk // 32) % (16 // BITS)) % _per_shift(BITS)
+    return (1 << (_mantissa_bits(IS_BF16) - BITS * q)).to(tl.float32)
 
 
 @triton.jit

@@ -39,7 +39,7 @@ import triton.language as tl
 from meswitch.kernels.bank import DeltaBank, ExpertRows
 from meswitch.kernels.launch_config import LaunchConfig, check_device_inputs, choose_config, gluon_fits
 from meswitch.kernels.layout import LAYOUT_V1, LAYOUT_V2, v2_chunk
-from meswitch.kernels.ptx_planes import plane_bias, plane_biased, plane_scaled, plane_source
+from meswitch.kernels.ptx_planes import plane_bias, plane_biased, plane_scaled, plane_source, position_bias
 
 SALIENT_BLOCK = 32
 
@@ -123,9 +123,6 @@ def _x_sums_kernel(x_ptr, sums_ptr, K, span, stride_xm, BITS: tl.constexpr, IS_B
     """Per row of x and K split (``span`` positions each): ``Σx`` and ``Σ bias·x`` with each position's plane bias
     (:func:`plane_bias`), what the decode epilogue subtracts; computed once a launch instead of in every N block's
     loop. Per split, so that each split's partial output stays as small as the delta (they add up in y's dtype)."""
-    P: tl.constexpr = 16 // BITS
-    PER_SHIFT: tl.constexpr = 7 // BITS
-    TOP: tl.constexpr = 7 if IS_BF16 else 10
     m = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     sum_x = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -134,9 +131,8 @@ def _x_sums_kernel(x_ptr, sums_ptr, K, span, stride_xm, BITS: tl.constexpr, IS_B
     for k0 in range(split * span, end, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         xv = tl.load(x_ptr + m * stride_xm + kk, mask=kk < end, other=0.0).to(tl.float32)
-        q = ((kk // 32) % P) % PER_SHIFT
         sum_x += xv
-        sum_bx += xv * (1 << (TOP - BITS * q)).to(tl.float32)
+        sum_bx += xv * position_bias(kk, BITS, IS_BF16)
     at = sums_ptr + (m * tl.num_programs(1) + split) * 2
     tl.store(at, tl.sum(sum_x, 0))
     tl.store(at + 1, tl.sum(sum_bx, 0))
@@ -324,8 +320,9 @@ def launch(x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tenso
             launch_gluon(grid, x, y, bank, offset, sidx, sval, tiles, per_split, cfg)
             return y
         w = bank.packed.view(torch.int16)
+        x_sums = cfg.x_sums and cfg.epilogue_scale
         sums = tiles  # never read without X_SUMS
-        if cfg.x_sums and cfg.epilogue_scale:
+        if x_sums:
             sums = torch.empty((x.shape[0], grid[2], 2), dtype=torch.float32, device=x.device)
             _x_sums_kernel[(x.shape[0], grid[2])](x, sums, k, per_split * v2_chunk(bank.grid.bits), x.stride(0),
                                                   BITS=bank.grid.bits, IS_BF16=x.dtype == torch.bfloat16,
@@ -337,7 +334,7 @@ def launch(x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tenso
             BITS=bank.grid.bits, GROUP=bank.grid.group_size, SYMMETRIC=bank.offset is None,
             EPILOGUE_SCALE=cfg.epilogue_scale, EVEN_K=k % v2_chunk(bank.grid.bits) == 0,
             SPLIT_K=grid[2], BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SAL_BLOCK=SALIENT_BLOCK,
-            PREFETCH_Y=cfg.prefetch_y, X_SUMS=cfg.x_sums and cfg.epilogue_scale,
+            PREFETCH_Y=cfg.prefetch_y, X_SUMS=x_sums,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     elif bank.grid.layout_version == LAYOUT_V1:

@@ -90,17 +90,21 @@ class DecoderConfig:
 GLUE_GRID_SETS = 16  # sets of quantization grids a batch may mix, per bucket (every subset of 4 grids)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, d_gate=None, d_up=None) -> torch.Tensor:
-    """SiLU(gate) · up, with the projections' expert deltas added first where they come apart."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, d_gate=None, d_up=None, act=F.silu) -> torch.Tensor:
+    """act(gate) · up (SiLU: Llama's), with the projections' expert deltas added first where they come apart."""
     if d_gate is not None:
         gate, up = gate + d_gate, up + d_up
-    return F.silu(gate) * up
+    return act(gate) * up
+
+
+def residual(x: torch.Tensor, y: torch.Tensor, d=None) -> torch.Tensor:
+    """The residual stream after adding ``y`` and, where they come apart, its expert deltas ``d``."""
+    return x + (y if d is None else y + d)
 
 
 def add_rms_rows(x: torch.Tensor, y: torch.Tensor, eps: float, weight: torch.Tensor, tables: list, d=None):
-    """The residual stream after adding ``y`` (and its expert deltas ``d`` where they come apart), and its RMS
-    norm (:func:`rms_rows`)."""
-    x = x + (y if d is None else y + d)
+    """:func:`residual`, and its RMS norm (:func:`rms_rows`)."""
+    x = residual(x, y, d)
     return x, rms_rows(x, eps, weight, tables)
 
 
@@ -230,9 +234,7 @@ class StaticDecoder:
             if decode and self._glue:
                 act = self._glue["swiglu"](gate, up, d_gate, d_up)
             else:
-                if d_gate is not None:
-                    gate, up = gate + d_gate, up + d_up
-                act = mlp.act_fn(gate) * up
+                act = swiglu(gate, up, d_gate, d_up, mlp.act_fn)
             after = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
             y, d = self._project(mlp.down_proj, act, apart)
             x, h = self._add_norm(x, y, after, decode, d)
@@ -252,7 +254,7 @@ class StaticDecoder:
         """The residual add and the next RMS norm: (x + y (+ deltas d), its norm); one compiled kernel in a decode
         step."""
         if not (decode and self._glue):
-            x = x + (y if d is None else y + d)
+            x = residual(x, y, d)
             return x, module(x)
         return self._glue["add_norm"](x, y, module.eps, module.base.weight, self._tables(module), d)
 
