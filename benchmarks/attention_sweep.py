@@ -23,8 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from meswitch.kernels.attention_launch import AttentionLaunch, resolve
 from meswitch.kernels.decode_attention import decode_attention_reference
-from meswitch.kernels.triton_attention import AttentionLaunch, launch, split_count
+from meswitch.kernels.triton_attention import launch
 
 HKV, GROUP, HEAD = 8, 4, 128
 LAYERS = 32
@@ -34,7 +35,9 @@ CASES = [(8, 256, 160), (32, 256, 160), (64, 256, 160), (32, 2048, 1900)]  # (ba
 def configs() -> list[AttentionLaunch]:
     out = [AttentionLaunch(block_n=bn, num_warps=w, num_stages=st)
            for bn, w, st in itertools.product((32, 64, 128), (2, 4, 8), (None, 3))]  # fmt: skip
-    out += [AttentionLaunch(splits=s) for s in (1, 2, 4)]
+    out += [AttentionLaunch(block_n=64, splits=s) for s in (1, 2, 4)]
+    # the defaults (resolve's rule), and with programmatic dependent launch: the graph's launches back to back
+    out += [AttentionLaunch(), AttentionLaunch(pdl=True)]
     return out
 
 
@@ -105,10 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     for batch, span, position in cases:
         sets = cache_sets(batch, span, position, dtype, args.device)
         nbytes = batch * HKV * HEAD * 2 * (2 * position + 2 + 2 * GROUP)  # K/V read, new K/V written, q and out
-        for cfg in configs():
+        for cfg in (c for c in configs() if gpu or not c.pdl):  # the interpreter has no griddepcontrol
             err = check(cfg, sets[0], span, scale, sms)
             row = {"batch": batch, "span": span, "position": position, "config": cfg.__dict__, "max_abs_error": err,
-                   "splits": cfg.splits or split_count(batch * HKV, span, sms, cfg.block_n)}  # fmt: skip
+                   "resolved": resolve(cfg, batch * HKV, span, sms).__dict__}  # fmt: skip
             if gpu and err < 2e-2:
                 us = time_graph(cfg, sets, span, scale, sms)
                 row |= {"us": round(us, 2), "fraction_of_copy_bandwidth": round(nbytes / us / 1e3 / copy_gbps, 4)}

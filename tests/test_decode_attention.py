@@ -91,7 +91,8 @@ KERNEL_CASES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", KERNEL_CASES)
 def test_kernel_equals_the_reference(case, dtype):
-    from meswitch.kernels.triton_attention import launch, split_count
+    from meswitch.kernels.attention_launch import AttentionLaunch, split_count
+    from meswitch.kernels.triton_attention import launch
 
     b, hkv, group, d, length, span, pos = case
     device = "cuda" if CUDA else "cpu"
@@ -100,7 +101,8 @@ def test_kernel_equals_the_reference(case, dtype):
     kc2, vc2 = kc.clone(), vc.clone()
     scale = 1 / math.sqrt(d)
     want = decode_attention_reference(q, k, v, kc, vc, rows, pos_t, span, scale, cos, sin)
-    got = launch(q, k, v, kc2, vc2, rows, pos_t, span, scale, cos, sin, sms=132)
+    # on the GPU with programmatic dependent launch (the interpreter has no griddepcontrol)
+    got = launch(q, k, v, kc2, vc2, rows, pos_t, span, scale, cos, sin, sms=132, cfg=AttentionLaunch(pdl=CUDA))
     # the same writes (the kernel rotates k in fp32 and rounds once; HF rounds each product), nothing else touched
     written = torch.zeros(kc.shape[:3], dtype=torch.bool, device=device)
     written[rows, :, pos_t] = True
@@ -110,3 +112,18 @@ def test_kernel_equals_the_reference(case, dtype):
     torch.testing.assert_close(got[:-1].float(), want[:-1].float(), atol=2e-2, rtol=2e-2)
     if span >= 1024 and b * hkv < 64:
         assert split_count(b * hkv, span, 132) > 1  # the merge kernel took part
+
+
+def test_launch_choices_follow_the_span_and_batch():
+    """32 positions an iteration for short spans with programs enough to fill the SMs, else 64; a split only with
+    enough positions for each and too few (sequence, head) programs to fill the SMs; choices given stay."""
+    from meswitch.kernels.attention_launch import SPLIT_POSITIONS, AttentionLaunch, resolve
+
+    assert resolve(AttentionLaunch(), 32 * 8, 256, 132).block_n == 32
+    assert resolve(AttentionLaunch(), 8 * 8, 256, 132).block_n == 64  # too few programs to fill the SMs
+    assert resolve(AttentionLaunch(), 8 * 8, 2048, 132).block_n == 64
+    assert resolve(AttentionLaunch(), 8 * 8, SPLIT_POSITIONS, 132).splits == 1  # a merge would cost more
+    assert resolve(AttentionLaunch(), 8 * 8, 2048, 132).splits == 4  # 256 programs for 132 SMs
+    assert resolve(AttentionLaunch(), 32 * 8, 2048, 132).splits == 1  # a batch of 32 fills the SMs
+    fixed = AttentionLaunch(block_n=128, splits=2, pdl=True)
+    assert resolve(fixed, 8, 256, 132) == fixed

@@ -12,24 +12,13 @@ captured graph keeps it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-MAX_SPLITS = 16
-
-
-@dataclass(frozen=True)
-class AttentionLaunch:
-    """Launch parameters of the decode attention kernel; ``splits`` None: :func:`split_count` decides
-    (``benchmarks/attention_sweep.py`` times the others)."""
-
-    block_n: int = 64  # cached positions per iteration
-    num_warps: int = 4
-    num_stages: int | None = None  # None: Triton's default
-    splits: int | None = None
+from meswitch.kernels.attention_launch import AttentionLaunch, resolve
+from meswitch.kernels.pdl import launch_options, wait_for_predecessor
 
 
 @triton.jit
@@ -38,8 +27,9 @@ def _attend(
     s_qb, s_qh, s_qg, s_kb, s_kh, s_vb, s_vh, s_cr, s_ch, s_cl, s_cos, s_sin,
     G, span, scale,
     D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PER_SPLIT: tl.constexpr,
-    BOUNDED: tl.constexpr,
+    BOUNDED: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_predecessor(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -108,7 +98,9 @@ def _attend(
 
 
 @triton.jit
-def _merge(part_ptr, ml_ptr, o_ptr, G, D: tl.constexpr, BLOCK_G: tl.constexpr, SPLITS: tl.constexpr):
+def _merge(part_ptr, ml_ptr, o_ptr, G, D: tl.constexpr, BLOCK_G: tl.constexpr, SPLITS: tl.constexpr,
+           PDL: tl.constexpr):  # fmt: skip
+    wait_for_predecessor(PDL)
     bh = tl.program_id(0)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
@@ -127,18 +119,9 @@ def _merge(part_ptr, ml_ptr, o_ptr, G, D: tl.constexpr, BLOCK_G: tl.constexpr, S
     tl.store(o_ptr + (bh * G + g[:, None]) * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=(g < G)[:, None])
 
 
-def split_count(programs: int, span: int, sms: int, block_n: int = AttentionLaunch.block_n) -> int:
-    """Splits of the positions so that every SM gets a program, each with at least a block of positions (a batch
-    of 32 on 8 KV heads fills an H200 unsplit; asking two programs an SM split it, and its merge took 2 us a layer)."""
-    splits = 1
-    while programs * splits < sms and 2 * splits * block_n <= span and splits < MAX_SPLITS:
-        splits *= 2
-    return splits
-
-
 def launch(
     q, k, v, k_cache, v_cache, rows, pos, span: int, scale: float, cos, sin, sms: int | None = None,
-    cfg: AttentionLaunch = AttentionLaunch(),
+    cfg: AttentionLaunch | None = None,
 ) -> torch.Tensor:  # fmt: skip
     b, heads, group, d = q.shape
     q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, cos, sin))
@@ -146,7 +129,8 @@ def launch(
         raise ValueError("the caches must share one layout with the head dimension contiguous")
     if sms is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    splits = cfg.splits or split_count(b * heads, span, sms, cfg.block_n)
+    cfg = resolve(cfg or AttentionLaunch(), b * heads, span, sms)
+    splits = cfg.splits
     per_split = triton.cdiv(triton.cdiv(span, splits), cfg.block_n) * cfg.block_n
     block_g = max(16, triton.next_power_of_2(group))
     o = torch.empty((b, heads, group, d), dtype=q.dtype, device=q.device)
@@ -160,9 +144,10 @@ def launch(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos.stride(0), sin.stride(0),
         group, span, scale,
         D=d, BLOCK_G=block_g, BLOCK_N=cfg.block_n, SPLITS=splits, PER_SPLIT=per_split,
-        BOUNDED=os.environ.get("TRITON_INTERPRET") != "1", num_warps=cfg.num_warps,
-        **({"num_stages": cfg.num_stages} if cfg.num_stages else {}),
+        BOUNDED=os.environ.get("TRITON_INTERPRET") != "1", PDL=cfg.pdl, num_warps=cfg.num_warps,
+        **({"num_stages": cfg.num_stages} if cfg.num_stages else {}), **launch_options(cfg.pdl),
     )  # fmt: skip
     if splits > 1:
-        _merge[(b * heads,)](part, ml, o, group, D=d, BLOCK_G=block_g, SPLITS=splits, num_warps=4)
+        _merge[(b * heads,)](part, ml, o, group, D=d, BLOCK_G=block_g, SPLITS=splits, PDL=cfg.pdl, num_warps=4,
+                             **launch_options(cfg.pdl))  # fmt: skip
     return o
