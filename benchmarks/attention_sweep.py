@@ -36,8 +36,7 @@ def configs() -> list[AttentionLaunch]:
     out = [AttentionLaunch(block_n=bn, num_warps=w, num_stages=st)
            for bn, w, st in itertools.product((32, 64, 128), (2, 4, 8), (None, 3))]  # fmt: skip
     out += [AttentionLaunch(block_n=64, splits=s) for s in (1, 2, 4)]
-    # the defaults (resolve's rule), and with programmatic dependent launch: the graph's launches back to back
-    out += [AttentionLaunch(), AttentionLaunch(pdl=True)]
+    out.append(AttentionLaunch())  # the defaults: resolve's rule
     return out
 
 
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     for batch, span, position in cases:
         sets = cache_sets(batch, span, position, dtype, args.device)
         nbytes = batch * HKV * HEAD * 2 * (2 * position + 2 + 2 * GROUP)  # K/V read, new K/V written, q and out
-        for cfg in (c for c in configs() if gpu or not c.pdl):  # the interpreter has no griddepcontrol
+        for cfg in configs():
             err = check(cfg, sets[0], span, scale, sms)
             row = {"batch": batch, "span": span, "position": position, "config": cfg.__dict__, "max_abs_error": err,
                    "resolved": resolve(cfg, batch * HKV, span, sms).__dict__}  # fmt: skip

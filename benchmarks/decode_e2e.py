@@ -15,8 +15,6 @@ mixed, rows spread evenly over them):
   not on a second stream beside it (the default, ``DecoderConfig.overlap_deltas``).
 * ``graph-sdpa``: ``graph-compiled`` with PyTorch's SDPA (cuDNN) and two index writes for decode
   attention instead of the Triton kernel that also writes the new K/V (the default).
-* ``graph-pdl``: ``graph-compiled`` with programmatic dependent launch for the step's Triton kernels
-  (``DecoderConfig.pdl``).
 * ``engine``: ``MixedExpertEngine.forward`` eagerly with a DynamicCache, as the scheduler used to drive it.
 * ``hf`` / ``hf-compile`` (base alone): transformers eager, and transformers with a StaticCache and
   ``torch.compile(mode="reduce-overhead")``: what a user would pick instead.
@@ -332,8 +330,7 @@ def main(argv: list[str] | None = None) -> None:
                          "torch.compile), graph-unfused (graph-compiled without the fused q/k/v and gate/up "
                          "GEMMs), graph-ungrouped (graph-compiled with a delta launch per projection, not per "
                          "fused group), graph-serial (graph-compiled with the deltas after the base GEMMs, not "
-                         "beside them), graph-sdpa (graph-compiled with SDPA for decode attention), graph-pdl "
-                         "(graph-compiled with programmatic dependent launch), engine (eager "
+                         "beside them), graph-sdpa (graph-compiled with SDPA for decode attention), engine (eager "
                          "engine), hf (transformers eager, "
                          "base alone), hf-compile (transformers static cache + torch.compile, base alone)")  # fmt: skip
     ap.add_argument("--compile-batches", type=int_list, default=[32], help="batches for hf-compile (compiles are slow)")
@@ -369,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     # the static decoders side by side: the default on a GPU (graph-compiled) and each of its parts taken away
     variants = {"graph": {"compile_glue": False}, "graph-compiled": {}, "graph-unfused": {"fuse_projections": False},
                 "graph-ungrouped": {"group_deltas": False}, "graph-sdpa": {"attention_kernel": False},
-                "graph-serial": {"overlap_deltas": False}, "graph-pdl": {"pdl": True}}  # fmt: skip
+                "graph-serial": {"overlap_deltas": False}}  # fmt: skip
     shape = {"max_rows": max(buckets), "max_len": args.max_len, "buckets": buckets, "compile_glue": True}
     decoders = {
         mode: StaticDecoder(eng, DecoderConfig(**{**shape, **changes}))
@@ -418,7 +415,6 @@ def main(argv: list[str] | None = None) -> None:
                                   "one stream, not beside it on a second",
                   "graph-sdpa": "graph-compiled with PyTorch's SDPA and index writes for decode attention, not "
                                 "meswitch's Triton kernel",
-                  "graph-pdl": "graph-compiled with programmatic dependent launch for its Triton kernels",
                   "engine": "meswitch MixedExpertEngine.forward eagerly (transformers model, DynamicCache)",
                   "hf": "transformers eager, DynamicCache, base alone",
                   "hf-compile": "transformers StaticCache + torch.compile(mode='reduce-overhead'), base alone"},

@@ -339,14 +339,11 @@ def test_kernel_on_compressed_experts(dtype):
 @gpu
 @pytest.mark.parametrize("split_k", [2, 5])
 @pytest.mark.parametrize("block_m,epilogue", [(16, True), (32, True), (64, False), (128, False)])
-@pytest.mark.parametrize("pdl", [False, True])
-def test_kernel_launch_variants(split_k, block_m, epilogue, pdl):
+def test_kernel_launch_variants(split_k, block_m, epilogue):
     from meswitch.kernels.launch_config import LaunchConfig
 
     bank = DeltaBank.random(8, (256, 2048), bits=2, salient=9, device="cuda")
-    cfg = LaunchConfig(
-        block_m=block_m, split_k=split_k, epilogue_scale=epilogue, num_stages=3, pdl=pdl, x_sums=pdl and epilogue
-    )  # with PDL, the row-sums kernel before the delta kernel too
+    cfg = LaunchConfig(block_m=block_m, split_k=split_k, epilogue_scale=epilogue, num_stages=3)
     _check_kernel(bank, _ids(min(block_m, 40), 8, base_only_every=6, seed=block_m), config=cfg, seed=split_k)
 
 

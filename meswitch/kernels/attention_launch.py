@@ -12,14 +12,12 @@ SPLIT_POSITIONS = 256  # the fewest positions a split takes: below, its merge co
 @dataclass(frozen=True)
 class AttentionLaunch:
     """Launch parameters of the decode attention kernel; None: decided by the span and batch (:func:`resolve`,
-    from ``benchmarks/attention_sweep.py``, which times the others). ``pdl``: programmatic dependent launch (the
-    kernel may be launched before its predecessor in the stream ends and waits for it with griddepcontrol)."""
+    from ``benchmarks/attention_sweep.py``, which times the others)."""
 
     block_n: int | None = None  # cached positions per iteration
     num_warps: int = 4
     num_stages: int | None = None  # None: Triton's default
     splits: int | None = None
-    pdl: bool = False
 
 
 def split_count(programs: int, span: int, sms: int) -> int:

@@ -69,7 +69,6 @@ def decode_attention(
     scale: float,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    pdl: bool = False,
 ) -> torch.Tensor:
     """Attention of one decode step for ``B`` sequences, grouped-query, without repeating the cache.
 
@@ -77,8 +76,7 @@ def decode_attention(
     before the rotary embedding, which ``cos``/``sin`` [B, D] (each row's position) apply; caches [R, Hkv, L, D].
     The new K (rotated) and V go to cache row ``rows[b]`` at ``pos[b]`` (a padding row names a scratch row);
     row b attends to cache row b's positions before ``pos[b]`` and its new token, within the first ``span``
-    positions. Returns [B, Hkv, G, D]; nothing is read on the host, so a CUDA graph can hold it. ``pdl``: the
-    kernel with programmatic dependent launch (:mod:`~meswitch.kernels.pdl`).
+    positions. Returns [B, Hkv, G, D]; nothing is read on the host, so a CUDA graph can hold it.
     """
     b, hkv, _, d = q.shape
     if k.shape != (b, hkv, d) or v.shape != (b, hkv, d):
@@ -90,13 +88,12 @@ def decode_attention(
     if not 0 < span <= k_cache.shape[2] or k_cache.shape[0] < b:
         raise ValueError(f"span {span} and batch {b} must fit the cache {tuple(k_cache.shape)}")
     if _fits_kernel(q):
-        from meswitch.kernels.attention_launch import AttentionLaunch
         from meswitch.kernels.triton_attention import launch
 
-        return launch(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin, cfg=AttentionLaunch(pdl=pdl))
+        return launch(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin)
     return decode_attention_reference(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin)
 
 
 @decode_attention.register_fake
-def _(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin, pdl=False) -> torch.Tensor:
+def _(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin) -> torch.Tensor:
     return torch.empty_like(q)

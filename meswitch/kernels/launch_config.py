@@ -33,7 +33,6 @@ class LaunchConfig:
     # "triton": the tl.dot kernels, every path
     kernel: str = "triton"
     inflight: int = 1  # gluon: planes whose MMAs run while the next plane's codes are unpacked (1 or 2)
-    pdl: bool = False  # programmatic dependent launch, layout-2 Triton kernels (kernels/pdl.py)
 
 
 _SM_COUNT: dict[int, int] = {}

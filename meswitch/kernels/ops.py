@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from functools import cache
 
 import torch
@@ -75,7 +74,6 @@ def _mixed_delta_tiles(
     splits: list[int],
     block_m: int,
     expected_tiles: int,
-    pdl: bool = False,
 ) -> None:
     grid = BankGrid((n, k), bits, group_size, symmetric, layout_version)
     bank = DeltaBank(grid, packed, scale, offset, salient_idx, salient_val, tuple(splits))
@@ -84,14 +82,14 @@ def _mixed_delta_tiles(
         from meswitch.kernels.triton_delta import launch
 
         check_device_inputs(x, bank, y)
-        launch(x, bank, tiles, y, replace(config_for(bank, block_m, expected_tiles, x.device), pdl=pdl))
+        launch(x, bank, tiles, y, config_for(bank, block_m, expected_tiles, x.device))
         return
     mixed_delta_reference(x, bank, tile_rows(tiles), y)
 
 
 @_mixed_delta_tiles.register_fake
 def _(x, y, packed, scale, offset, salient_idx, salient_val, tiles, n, k, bits, group_size, layout_version,
-      symmetric, splits, block_m, expected_tiles, pdl=False) -> None:  # fmt: skip
+      symmetric, splits, block_m, expected_tiles) -> None:  # fmt: skip
     return None
 
 
@@ -105,13 +103,7 @@ def tile_rows(tiles: torch.Tensor) -> ExpertRows:
 
 
 def mixed_delta_tiles(
-    x: torch.Tensor,
-    bank: DeltaBank,
-    tiles: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    expected_tiles: int | None = None,
-    pdl: bool = False,
+    x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tensor, *, expected_tiles: int | None = None
 ) -> torch.Tensor:
     """``mixed_delta`` over a device-built tile table (:func:`~meswitch.kernels.bank.device_tiles`).
 
@@ -119,7 +111,7 @@ def mixed_delta_tiles(
     CUDA graph or ``torch.compile`` can hold it and replay any mix of the bank's experts. A grouped bank
     (:meth:`~meswitch.kernels.bank.DeltaBank.concat`) adds every projection's delta to ``y`` (their outputs,
     concatenated) in one launch. ``expected_tiles`` (default: one per row, at most one per expert) sizes the
-    launch heuristics; ``pdl``: launch with programmatic dependent launch (:mod:`~meswitch.kernels.pdl`).
+    launch heuristics.
     """
     m = x.shape[0]
     if tiles.dim() != 2 or tiles.shape[0] != m:
@@ -132,6 +124,6 @@ def mixed_delta_tiles(
     torch.ops.meswitch.mixed_delta_tiles(
         x, y, bank.packed, bank.scale, bank.offset, bank.salient_idx, bank.salient_val, tiles,
         n, k, grid.bits, grid.group_size, grid.layout_version, grid.symmetric, list(bank.splits),
-        tiles.shape[1] - 2, expected, pdl,
+        tiles.shape[1] - 2, expected,
     )  # fmt: skip
     return y

@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 from meswitch.kernels.attention_launch import AttentionLaunch, resolve
-from meswitch.kernels.pdl import launch_options, wait_for_predecessor
 
 
 @triton.jit
@@ -27,9 +26,8 @@ def _attend(
     s_qb, s_qh, s_qg, s_kb, s_kh, s_vb, s_vh, s_cr, s_ch, s_cl, s_cos, s_sin,
     G, span, scale,
     D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PER_SPLIT: tl.constexpr,
-    BOUNDED: tl.constexpr, PDL: tl.constexpr,
+    BOUNDED: tl.constexpr,
 ):  # fmt: skip
-    wait_for_predecessor(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -98,9 +96,7 @@ def _attend(
 
 
 @triton.jit
-def _merge(part_ptr, ml_ptr, o_ptr, G, D: tl.constexpr, BLOCK_G: tl.constexpr, SPLITS: tl.constexpr,
-           PDL: tl.constexpr):  # fmt: skip
-    wait_for_predecessor(PDL)
+def _merge(part_ptr, ml_ptr, o_ptr, G, D: tl.constexpr, BLOCK_G: tl.constexpr, SPLITS: tl.constexpr):
     bh = tl.program_id(0)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
@@ -144,10 +140,9 @@ def launch(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos.stride(0), sin.stride(0),
         group, span, scale,
         D=d, BLOCK_G=block_g, BLOCK_N=cfg.block_n, SPLITS=splits, PER_SPLIT=per_split,
-        BOUNDED=os.environ.get("TRITON_INTERPRET") != "1", PDL=cfg.pdl, num_warps=cfg.num_warps,
-        **({"num_stages": cfg.num_stages} if cfg.num_stages else {}), **launch_options(cfg.pdl),
+        BOUNDED=os.environ.get("TRITON_INTERPRET") != "1", num_warps=cfg.num_warps,
+        **({"num_stages": cfg.num_stages} if cfg.num_stages else {}),
     )  # fmt: skip
     if splits > 1:
-        _merge[(b * heads,)](part, ml, o, group, D=d, BLOCK_G=block_g, SPLITS=splits, PDL=cfg.pdl, num_warps=4,
-                             **launch_options(cfg.pdl))  # fmt: skip
+        _merge[(b * heads,)](part, ml, o, group, D=d, BLOCK_G=block_g, SPLITS=splits, num_warps=4)
     return o

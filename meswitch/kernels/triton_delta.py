@@ -39,7 +39,6 @@ import triton.language as tl
 from meswitch.kernels.bank import DeltaBank, ExpertRows
 from meswitch.kernels.launch_config import LaunchConfig, check_device_inputs, choose_config, gluon_fits
 from meswitch.kernels.layout import LAYOUT_V1, LAYOUT_V2, v2_chunk
-from meswitch.kernels.pdl import launch_options, wait_for_predecessor
 from meswitch.kernels.ptx_planes import plane_bias, plane_biased, plane_scaled, plane_source, position_bias
 
 SALIENT_BLOCK = 32
@@ -120,11 +119,10 @@ def _steps_2d(
 
 @triton.jit
 def _x_sums_kernel(x_ptr, sums_ptr, K, span, stride_xm, BITS: tl.constexpr, IS_BF16: tl.constexpr,
-                   BLOCK_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+                   BLOCK_K: tl.constexpr):  # fmt: skip
     """Per row of x and K split (``span`` positions each): ``Σx`` and ``Σ bias·x`` with each position's plane bias
     (:func:`plane_bias`), what the decode epilogue subtracts; computed once a launch instead of in every N block's
     loop. Per split, so that each split's partial output stays as small as the delta (they add up in y's dtype)."""
-    wait_for_predecessor(PDL)
     m = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     sum_x = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -147,7 +145,7 @@ def _delta_v2_kernel(
     stride_we, stride_wc, stride_se, stride_ie, stride_ve, B1, B2,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, EPILOGUE_SCALE: tl.constexpr,
     EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr, X_SUMS: tl.constexpr, PDL: tl.constexpr,
+    SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr, X_SUMS: tl.constexpr,
 ):  # fmt: skip
     """Layout-2 codes (bits 1, 2, 4). w_ptr is the packed tensor viewed as int16; ``stride_*`` are the expert
     (and chunk) strides of codes, steps, salient indices and values, so a bank may be a view along N. ``X_SUMS``:
@@ -158,7 +156,6 @@ def _delta_v2_kernel(
     DT: tl.constexpr = x_ptr.dtype.element_ty
     IS_BF16: tl.constexpr = tl.bfloat16 == DT
 
-    wait_for_predecessor(PDL)
     e, count, rows, mmask = _tile_rows(tiles_ptr, BLOCK_M)
     if count == 0:  # an unused tile of a fixed-size (device-built) table: nothing to do
         return
@@ -329,8 +326,7 @@ def launch(x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tenso
             sums = torch.empty((x.shape[0], grid[2], 2), dtype=torch.float32, device=x.device)
             _x_sums_kernel[(x.shape[0], grid[2])](x, sums, k, per_split * v2_chunk(bank.grid.bits), x.stride(0),
                                                   BITS=bank.grid.bits, IS_BF16=x.dtype == torch.bfloat16,
-                                                  BLOCK_K=512, PDL=cfg.pdl, num_warps=4,
-                                                  **launch_options(cfg.pdl))  # fmt: skip
+                                                  BLOCK_K=512, num_warps=4)  # fmt: skip
         _delta_v2_kernel[grid](
             x, y, w, bank.scale, offset, sidx, sval, tiles, sums,
             n, k, bank.grid.groups, bank.kmax, chunks, per_split, x.stride(0), y.stride(0),
@@ -338,8 +334,8 @@ def launch(x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tenso
             BITS=bank.grid.bits, GROUP=bank.grid.group_size, SYMMETRIC=bank.offset is None,
             EPILOGUE_SCALE=cfg.epilogue_scale, EVEN_K=k % v2_chunk(bank.grid.bits) == 0,
             SPLIT_K=grid[2], BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SAL_BLOCK=SALIENT_BLOCK,
-            PREFETCH_Y=cfg.prefetch_y, X_SUMS=x_sums, PDL=cfg.pdl,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg.pdl),
+            PREFETCH_Y=cfg.prefetch_y, X_SUMS=x_sums,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     elif bank.grid.layout_version == LAYOUT_V1:
         grid = (triton.cdiv(n, cfg.block_n), tiles.shape[0], 1)

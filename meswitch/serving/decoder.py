@@ -85,10 +85,6 @@ class DecoderConfig:
     # batch 32: 5.02-5.07 -> 4.88 ms; 8 experts: 14.06 -> 13.43 ms; benchmarks/results/decode-e2e-blas-2026-12-04.json).
     # None: leave it as it is.
     blas: str | None = "cublaslt"
-    # Programmatic dependent launch (Hopper) for the step's Triton kernels (delta, attention, and the compiled glue
-    # through Inductor's triton.enable_pdl): each may launch while the kernel before it finishes, shortening the gaps
-    # between a step's some 300-500 graph-launched kernels (kernels/pdl.py).
-    pdl: bool = False
 
 
 GLUE_GRID_SETS = 16  # sets of quantization grids a batch may mix, per bucket (every subset of 4 grids)
@@ -176,10 +172,7 @@ class StaticDecoder:
                 recompile_limit=max(limit, torch._dynamo.config.recompile_limit),
                 accumulated_recompile_limit=max(limit * len(fns), torch._dynamo.config.accumulated_recompile_limit),
             )
-            pdl = self.config.pdl and hasattr(torch._inductor.config.triton, "enable_pdl")  # torch >= 2.9
-            options = {"triton.enable_pdl": True} if pdl else None
-            self._glue = {k: patch(torch.compile(fn, dynamic=None, fullgraph=True, options=options))
-                          for k, fn in fns.items()}  # fmt: skip
+            self._glue = {k: patch(torch.compile(fn, dynamic=None, fullgraph=True)) for k, fn in fns.items()}
         self.captures = 0
         self._side = torch.cuda.Stream(dev) if self.config.overlap_deltas and dev.type == "cuda" else None
         # a decode step's delta outputs, per row: every projection's width (cut from one zeroed buffer a step)
@@ -218,7 +211,7 @@ class StaticDecoder:
             if kernel:  # the rotary embedding and the cache writes too
                 qg = q.reshape(b, self.kv_heads, group, self.head_dim)
                 o = decode_attention(qg, k[:, :, 0], v[:, :, 0], self.k[i], self.v[i], rows, pos, span, attn.scaling,
-                                     cos[:, 0], sin[:, 0], self.config.pdl)  # fmt: skip
+                                     cos[:, 0], sin[:, 0])  # fmt: skip
             else:
                 q, k = (self._glue["rope"] if decode and self._glue else apply_rotary_pos_emb)(q, k, cos, sin)
                 if decode:
@@ -275,7 +268,7 @@ class StaticDecoder:
         scratch = None
         if self.config.overlap_deltas and slots:  # one memset a step for every projection's delta outputs
             scratch = torch.zeros(tokens.shape[0] * self._delta_width, dtype=self.engine.dtype, device=tokens.device)
-        self.engine.ctx.set_slots(slots, tiles, width, self._side, scratch, self.config.pdl)
+        self.engine.ctx.set_slots(slots, tiles, width, self._side, scratch)
         try:
             x = self.embed(tokens[:, None])
             x = self._layers(x, static["pos"], static["rows"], span, decode=True)

@@ -58,7 +58,6 @@ class BatchExperts:
     width: int = 0  # logits width in graph mode (fixed by the capture); 0: the rows' widest vocabulary
     side: Any = None  # a CUDA stream: banked deltas run there beside the base GEMM (DecoderConfig.overlap_deltas)
     scratch: Any = None  # a zeroed flat buffer a decode step's delta outputs are cut from: one memset a step
-    pdl: bool = False  # graph mode: delta kernels with programmatic dependent launch (DecoderConfig.pdl)
     _cut: int = 0
     _host: dict = field(default_factory=dict)  # Grid -> per-row slot list (eager)
     _rows: dict = field(default_factory=dict)  # (Grid, tokens) -> ExpertRows (eager)
@@ -72,18 +71,17 @@ class BatchExperts:
             self._host[grid] = ids
             self.slots[grid] = torch.tensor(ids, dtype=torch.int64, device=device)
 
-    def set_slots(self, slots: dict, tiles: dict, width: int, side=None, scratch=None, pdl: bool = False) -> None:
+    def set_slots(self, slots: dict, tiles: dict, width: int, side=None, scratch=None) -> None:
         """Graph mode: per grid, each row's slot and the tile table built from it, both on the device; ``side``: a
         CUDA stream for the deltas beside the base GEMMs (:meth:`linear`); ``scratch``: a zeroed flat buffer their
-        outputs are cut from; ``pdl``: delta kernels with programmatic dependent launch."""
+        outputs are cut from."""
         self.clear()
         self.batch = next(iter(slots.values())).shape[0] if slots else 0
         self.slots, self.tiles, self.width, self.side, self.scratch = slots, tiles, width, side, scratch
-        self.pdl = pdl
 
     def clear(self) -> None:
         self.groups, self.batch, self.slots, self.tiles, self.width, self._host, self._rows = [], 0, {}, {}, 0, {}, {}
-        self.side, self.scratch, self._cut, self.pdl = None, None, 0, False
+        self.side, self.scratch, self._cut = None, None, 0
 
     def linear(self, name: str | tuple[str, ...], x: torch.Tensor, weight: torch.Tensor, bias, apart: bool = False):
         """``F.linear(x, weight, bias)`` plus the banked deltas of ``name`` (:meth:`banked`). With a ``side``
@@ -133,7 +131,7 @@ class BatchExperts:
             if bank is None:
                 continue
             if grid in self.tiles:
-                mixed_delta_tiles(x2, bank, self.tiles[grid], y2, pdl=self.pdl)
+                mixed_delta_tiles(x2, bank, self.tiles[grid], y2)
                 continue
             rows = self._rows.get((grid, tokens))
             if rows is None:
