@@ -5,7 +5,7 @@ Importing this package needs no Triton; the kernels load on first use on a CUDA 
 
 from meswitch.kernels.bank import BankGrid, DeltaBank, ExpertRows
 from meswitch.kernels.layout import LAYOUT_V1, LAYOUT_V2, repack_v1_to_v2, repack_v2_to_v1
-from meswitch.kernels.ops import mixed_delta, mixed_linear
+from meswitch.kernels.ops import mixed_delta
 from meswitch.kernels.reference import mixed_delta_reference
 
 __all__ = [
@@ -16,7 +16,6 @@ __all__ = [
     "ExpertRows",
     "mixed_delta",
     "mixed_delta_reference",
-    "mixed_linear",
     "repack_v1_to_v2",
     "repack_v2_to_v1",
 ]

@@ -65,25 +65,15 @@ def _row_block(max_segment: int) -> int:
     return 128
 
 
-def choose_config(bank: DeltaBank, rows: ExpertRows, device: torch.device, merge: bool = False) -> LaunchConfig:
-    """:func:`config_for` the batch's longest segment and tile count (``merge``: :func:`merged_config`); cached
-    per batch and bank shape."""
-    key = ("config", bank.grid, bank.splits, str(device), merge)
+def choose_config(bank: DeltaBank, rows: ExpertRows, device: torch.device) -> LaunchConfig:
+    """:func:`config_for` the batch's longest segment and tile count; cached per batch and bank shape."""
+    key = ("config", bank.grid, bank.splits, str(device))
     cached = rows._tiles.get(key)
     if cached is None:
         block_m = _row_block(rows.max_segment)
         tiles = sum(-(-(b - a) // block_m) for a, b in itertools.pairwise(rows.seg_starts))
-        cfg = config_for(bank, block_m, tiles, device)
-        cached = rows._tiles[key] = merged_config(cfg) if merge else cfg
+        cached = rows._tiles[key] = config_for(bank, block_m, tiles, device)
     return cached
-
-
-def merged_config(cfg: LaunchConfig) -> LaunchConfig:
-    """A prefill launch that also merges the base weight (``triton_delta.launch(base=...)``): steps in registers,
-    128 x 128 tiles over two stages. The base weight's plane loads are pipelined like the codes' and x's, so
-    every stage holds a [BLOCK_N, 32] tile of it per plane: 256 x 128 tiles over three stages asked for 480 KiB
-    of shared memory and 128 x 128 for 336 KiB, where an H200 SM has 227 (``results/prefill-merge-*.json``)."""
-    return replace(cfg, block_n=min(cfg.block_n, 128), num_stages=2, epilogue_scale=False, x_sums=False)
 
 
 def config_for(bank: DeltaBank, block_m: int, tiles: int, device: torch.device) -> LaunchConfig:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from functools import cache
 
 import torch
 
 from meswitch.kernels.bank import BankGrid, DeltaBank, ExpertRows
-from meswitch.kernels.layout import LAYOUT_V2
 from meswitch.kernels.reference import as_expert_rows, check_inputs, mixed_delta_reference
 
 BACKENDS = ("auto", "triton", "reference")
@@ -52,39 +50,6 @@ def mixed_delta(
 
         return mixed_delta_triton(x, bank, rows, y)
     return mixed_delta_reference(x, bank, rows, y)
-
-
-MERGE_MIN_SEGMENT = 64  # an expert's rows past which the base weight is merged into its planes (prefill)
-
-
-def mixed_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bank: DeltaBank,
-    experts: ExpertRows | torch.Tensor | Sequence[int],
-    *,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """A projection's whole output for a mixed batch: ``x[m] · (W + Δ̂_{e(m)})ᵀ`` (``W`` alone where e(m) is -1).
-
-    Where the Triton kernel serves the batch, every row has an expert and some expert more than
-    ``MERGE_MIN_SEGMENT`` rows (prefill), one launch adds each plane of ``weight`` to the dequantized delta before
-    its MMA: the FLOPs of one product, where the base GEMM and the delta kernel each did all of them. Elsewhere
-    the base GEMM, then :func:`mixed_delta` (also with ``MESWITCH_MERGE_BASE=0``: the A/B switch).
-    """
-    rows = as_expert_rows(experts)
-    if tuple(weight.shape) != bank.grid.shape:
-        raise ValueError(f"weight must be {list(bank.grid.shape)} (the bank's shape), got {list(weight.shape)}")
-    fast = backend != "reference" and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and triton_available()
-    merge = fast and rows.seg_starts[-1] == rows.num_rows and rows.max_segment > MERGE_MIN_SEGMENT
-    merge = merge and os.environ.get("MESWITCH_MERGE_BASE", "1") == "1"
-    if not (merge and bank.grid.layout_version == LAYOUT_V2 and weight.stride(1) == 1):
-        return mixed_delta(x, bank, rows, torch.nn.functional.linear(x, weight), backend=backend)
-    from meswitch.kernels.triton_delta import mixed_delta_triton
-
-    y = torch.zeros(x.shape[0], bank.grid.shape[0], dtype=x.dtype, device=x.device)
-    check_inputs(x, bank, rows, y)
-    return mixed_delta_triton(x, bank, rows, y, base=weight)
 
 
 # ---- the device-tile op: what CUDA graphs and torch.compile hold -------------------------------

@@ -45,9 +45,9 @@ SALIENT_BLOCK = 32
 
 
 @triton.jit
-def _tile_rows(tiles_ptr, pid_t, BLOCK_M: tl.constexpr):
-    """(expert, row count, rows, row mask) of row tile ``pid_t``: three independent loads."""
-    base = tiles_ptr + pid_t * (2 + BLOCK_M)
+def _tile_rows(tiles_ptr, BLOCK_M: tl.constexpr):
+    """(expert, row count, rows, row mask) of this program's row tile: three independent loads."""
+    base = tiles_ptr + tl.program_id(1) * (2 + BLOCK_M)
     offs_m = tl.arange(0, BLOCK_M)
     e = tl.load(base).to(tl.int64)
     count = tl.load(base + 1)
@@ -56,10 +56,10 @@ def _tile_rows(tiles_ptr, pid_t, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _salient_row(sidx_ptr, e, stride_ie, KMAX, B1, B2, pid_n, BLOCK_N: tl.constexpr):
-    """N block ``pid_n``'s salient input columns: its expert's, of the projection the block lies in (a grouped
+def _salient_row(sidx_ptr, e, stride_ie, KMAX, B1, B2, BLOCK_N: tl.constexpr):
+    """This program's salient input columns: its expert's, of the projection its N block lies in (a grouped
     bank holds up to three, starting at 0, B1 and B2; a block never straddles two)."""
-    n0 = pid_n * BLOCK_N
+    n0 = tl.program_id(0) * BLOCK_N
     part = (n0 >= B1).to(tl.int64) + (n0 >= B2).to(tl.int64)
     return sidx_ptr + e * stride_ie + part * KMAX
 
@@ -140,43 +140,34 @@ def _x_sums_kernel(x_ptr, sums_ptr, K, span, stride_xm, BITS: tl.constexpr, IS_B
 
 @triton.jit
 def _delta_v2_kernel(
-    x_ptr, y_ptr, w_ptr, scale_ptr, offset_ptr, sidx_ptr, sval_ptr, tiles_ptr, sums_ptr, base_ptr,
+    x_ptr, y_ptr, w_ptr, scale_ptr, offset_ptr, sidx_ptr, sval_ptr, tiles_ptr, sums_ptr,
     N, K, G, KMAX, n_chunks, chunks_per_split, stride_xm, stride_ym,
-    stride_we, stride_wc, stride_se, stride_ie, stride_ve, B1, B2, stride_bn,
+    stride_we, stride_wc, stride_se, stride_ie, stride_ve, B1, B2,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, EPILOGUE_SCALE: tl.constexpr,
     EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr, X_SUMS: tl.constexpr, MERGE_BASE: tl.constexpr,
+    SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr, X_SUMS: tl.constexpr,
 ):  # fmt: skip
     """Layout-2 codes (bits 1, 2, 4). w_ptr is the packed tensor viewed as int16; ``stride_*`` are the expert
     (and chunk) strides of codes, steps, salient indices and values, so a bank may be a view along N. ``X_SUMS``:
-    the epilogue's row sums of x come from ``sums_ptr`` (:func:`_x_sums_kernel`), not from the loop.
-    ``MERGE_BASE`` (register scaling only): each plane of the base weight (``base_ptr`` [N, K], row stride
-    ``stride_bn``) is added to the dequantized delta before its MMA, so y gets x·(W + Δ̂)ᵀ, the whole projection,
-    in the FLOPs of one product; the grid then runs row tiles fastest, so the programs of an N block, which read
-    the same base weights, run together and find them in L2."""
+    the epilogue's row sums of x come from ``sums_ptr`` (:func:`_x_sums_kernel`), not from the loop."""
     P: tl.constexpr = 16 // BITS
     CHUNK: tl.constexpr = 32 * P
     HALF_LEVELS: tl.constexpr = ((1 << BITS) - 1) / 2
     DT: tl.constexpr = x_ptr.dtype.element_ty
     IS_BF16: tl.constexpr = tl.bfloat16 == DT
 
-    if MERGE_BASE:
-        pid_t, pid_n = tl.program_id(0), tl.program_id(1)
-    else:
-        pid_n, pid_t = tl.program_id(0), tl.program_id(1)
-    e, count, rows, mmask = _tile_rows(tiles_ptr, pid_t, BLOCK_M)
+    e, count, rows, mmask = _tile_rows(tiles_ptr, BLOCK_M)
     if count == 0:  # an unused tile of a fixed-size (device-built) table: nothing to do
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     offs_t = tl.arange(0, 32)
     w_tile = w_ptr + e * stride_we + offs_n[:, None] * 32 + offs_t[None, :]
     x_rows = x_ptr + rows[None, :] * stride_xm
     srow = scale_ptr + e * stride_se + offs_n * G
     orow = offset_ptr + e * stride_se + offs_n * G
-    sidx_row = _salient_row(sidx_ptr, e, stride_ie, KMAX, B1, B2, pid_n, BLOCK_N)
+    sidx_row = _salient_row(sidx_ptr, e, stride_ie, KMAX, B1, B2, BLOCK_N)
     sval_rows = sval_ptr + e * stride_ve + offs_n * KMAX
-    base_rows = base_ptr + offs_n[:, None].to(tl.int64) * stride_bn
     y_ptrs, ymask, yv, idx = _prefetch(y_ptr, rows, stride_ym, offs_n, nmask, mmask, sidx_row, KMAX, SPLIT_K,
                                        SAL_BLOCK, PREFETCH_Y)  # fmt: skip
     if EPILOGUE_SCALE:
@@ -214,11 +205,6 @@ def _delta_v2_kernel(
                     g = (c * CHUNK + p * 32) // GROUP
                     s2, o2 = _steps_2d(srow, orow, g, nmask, SYMMETRIC, HALF_LEVELS, DT, BLOCK_N)
                 wp = plane_scaled(src, s2, o2, BITS, p, IS_BF16)
-                if MERGE_BASE:
-                    if EVEN_K:
-                        wp += tl.load(base_rows + kk[None, :], mask=nmask[:, None], other=0.0)
-                    else:
-                        wp += tl.load(base_rows + kk[None, :], mask=nmask[:, None] & (kk[None, :] < K), other=0.0)
                 acc = tl.dot(wp, xp, acc)
 
     if EPILOGUE_SCALE:
@@ -250,7 +236,7 @@ def _delta_v1_kernel(
     HALF_LEVELS: tl.constexpr = ((1 << BITS) - 1) / 2
     DT: tl.constexpr = x_ptr.dtype.element_ty
 
-    e, count, rows, mmask = _tile_rows(tiles_ptr, tl.program_id(1), BLOCK_M)
+    e, count, rows, mmask = _tile_rows(tiles_ptr, BLOCK_M)
     if count == 0:  # an unused tile of a fixed-size (device-built) table: nothing to do
         return
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -260,7 +246,7 @@ def _delta_v1_kernel(
     x_rows = x_ptr + rows[None, :] * stride_xm
     srow = scale_ptr + e * stride_se + offs_n * G
     orow = offset_ptr + e * stride_se + offs_n * G
-    sidx_row = _salient_row(sidx_ptr, e, stride_ie, KMAX, B1, B2, tl.program_id(0), BLOCK_N)
+    sidx_row = _salient_row(sidx_ptr, e, stride_ie, KMAX, B1, B2, BLOCK_N)
     sval_rows = sval_ptr + e * stride_ve + offs_n * KMAX
     y_ptrs, ymask, yv, idx = _prefetch(y_ptr, rows, stride_ym, offs_n, nmask, mmask, sidx_row, KMAX, 1, SAL_BLOCK,
                                        False)  # fmt: skip
@@ -294,29 +280,19 @@ def mixed_delta_triton(
     rows: ExpertRows,
     y: torch.Tensor,
     config: LaunchConfig | None = None,
-    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y[m] += x[m] · Δ̂_{e(m)}ᵀ`` in one launch, or with ``base`` (the base weight [N, K]) ``x[m] · (base +
-    Δ̂_{e(m)})ᵀ``; returns y. Inputs are checked by the caller (:func:`meswitch.kernels.mixed_delta`) for shape,
-    plus here for device and dtype."""
+    """``y[m] += x[m] · Δ̂_{e(m)}ᵀ`` in one launch; returns y. Inputs are checked by the caller
+    (:func:`meswitch.kernels.mixed_delta`) for shape, plus here for device and dtype."""
     check_device_inputs(x, bank, y)
     if rows.num_segments == 0 or x.shape[0] == 0:
         return y
-    cfg = config or choose_config(bank, rows, x.device, merge=base is not None)
-    return launch(x, bank, rows.tiles(cfg.block_m, x.device), y, cfg, base)
+    cfg = config or choose_config(bank, rows, x.device)
+    return launch(x, bank, rows.tiles(cfg.block_m, x.device), y, cfg)
 
 
-def launch(
-    x: torch.Tensor,
-    bank: DeltaBank,
-    tiles: torch.Tensor,
-    y: torch.Tensor,
-    cfg: LaunchConfig,
-    base: torch.Tensor | None = None,
-) -> torch.Tensor:
+def launch(x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tensor, cfg: LaunchConfig) -> torch.Tensor:
     """One launch over a tile table (:meth:`ExpertRows.tiles`, or :func:`~meswitch.kernels.bank.device_tiles`,
-    whose unused tiles exit at once); no host read of the batch, so a CUDA graph can hold it. ``base``: the base
-    weight, merged into each plane before its MMA (layout 2, register scaling).
+    whose unused tiles exit at once); no host read of the batch, so a CUDA graph can hold it.
 
     A grouped bank is one launch when ``cfg.block_n`` divides every projection boundary (each N block then
     reads one projection's salient columns), else one launch per projection."""
@@ -324,12 +300,8 @@ def launch(
     inner = bank.bounds[1:-1]
     if any(b % cfg.block_n for b in inner):
         for p, (a, b) in enumerate(itertools.pairwise(bank.bounds)):
-            launch(x, bank.part(p), tiles, y[:, a:b], cfg, None if base is None else base[a:b])
+            launch(x, bank.part(p), tiles, y[:, a:b], cfg)
         return y
-    if base is not None and (bank.grid.layout_version != LAYOUT_V2 or cfg.epilogue_scale or cfg.kernel != "triton"):
-        raise ValueError("merging the base weight needs layout-2 codes and steps applied in registers")
-    if base is not None and (tuple(base.shape) != (n, k) or base.stride(1) != 1 or base.dtype != x.dtype):
-        raise ValueError(f"base must be [{n}, {k}] of x's dtype, contiguous along K; got {tuple(base.shape)}")
     b1, b2 = (*inner, n, n)[:2]
     offset = bank.offset if bank.offset is not None else bank.scale  # never read when symmetric
     sidx, sval = (bank.salient_idx, bank.salient_val) if bank.kmax else (tiles, bank.scale)  # never read
@@ -342,8 +314,6 @@ def launch(
             raise ValueError("epilogue scaling needs per-channel steps")
         per_split = -(-chunks // cfg.split_k)
         grid = (triton.cdiv(n, cfg.block_n), tiles.shape[0], -(-chunks // per_split))  # no split without a chunk
-        if base is not None:  # row tiles fastest: an N block's programs, which share base weights, run together
-            grid = (grid[1], grid[0], grid[2])
         if cfg.kernel == "gluon":
             from meswitch.kernels.gluon_delta import launch_gluon
 
@@ -358,13 +328,13 @@ def launch(
                                                   BITS=bank.grid.bits, IS_BF16=x.dtype == torch.bfloat16,
                                                   BLOCK_K=512, num_warps=4)  # fmt: skip
         _delta_v2_kernel[grid](
-            x, y, w, bank.scale, offset, sidx, sval, tiles, sums, x if base is None else base,
+            x, y, w, bank.scale, offset, sidx, sval, tiles, sums,
             n, k, bank.grid.groups, bank.kmax, chunks, per_split, x.stride(0), y.stride(0),
-            w.stride(0), w.stride(1), *strides, 0 if base is None else base.stride(0),
+            w.stride(0), w.stride(1), *strides,
             BITS=bank.grid.bits, GROUP=bank.grid.group_size, SYMMETRIC=bank.offset is None,
             EPILOGUE_SCALE=cfg.epilogue_scale, EVEN_K=k % v2_chunk(bank.grid.bits) == 0,
             SPLIT_K=grid[2], BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SAL_BLOCK=SALIENT_BLOCK,
-            PREFETCH_Y=cfg.prefetch_y, X_SUMS=x_sums, MERGE_BASE=base is not None,
+            PREFETCH_Y=cfg.prefetch_y, X_SUMS=x_sums,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     elif bank.grid.layout_version == LAYOUT_V1:

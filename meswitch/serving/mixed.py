@@ -90,12 +90,8 @@ class BatchExperts:
         ``(y, deltas)`` with the deltas not added (None when there are none), for the caller to add inside a
         kernel it runs anyway (the residual add, SwiGLU); else ``y`` with them."""
         if not self.slots or (self.side is None and not apart):
-            y = self._merged(name, x, weight)
-            if y is None:
-                y = F.linear(x, weight, bias)
-                self.banked(name, x, y)
-            elif bias is not None:
-                y += bias
+            y = F.linear(x, weight, bias)
+            self.banked(name, x, y)
             return (y, None) if apart else y
         deltas = self._zeros((*x.shape[:-1], weight.shape[0]), x)
         if self.side is None:
@@ -109,26 +105,6 @@ class BatchExperts:
             y = F.linear(x, weight, bias)
             main.wait_stream(self.side)
         return (y, deltas) if apart else y.add_(deltas)
-
-    def _merged(self, name: str | tuple[str, ...], x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-        """Eager batches whose rows all use one grid's experts: the projection through
-        :func:`~meswitch.kernels.mixed_linear`, which merges the base weight into a prefill's delta kernel (one
-        product's FLOPs, not two); None elsewhere (the base GEMM, then :meth:`banked`)."""
-        if len(self._host) != 1:
-            return None
-        from meswitch.kernels import ExpertRows, mixed_linear
-
-        grid, ids = next(iter(self._host.items()))
-        gb = self.banks.grids[grid]
-        bank = gb.groups.get(name) if isinstance(name, tuple) else gb.banks.get(name)
-        if bank is None or min(ids) < 0:
-            return None
-        tokens = x.shape[1] if x.dim() == 3 else 1
-        rows = self._rows.get((grid, tokens))
-        if rows is None:
-            rows = self._rows[(grid, tokens)] = ExpertRows.from_ids(torch.tensor(ids).repeat_interleave(tokens))
-        y = mixed_linear(x.reshape(-1, x.shape[-1]), weight, bank, rows)
-        return y.view(*x.shape[:-1], weight.shape[0])
 
     def _zeros(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """Zeros of ``shape``: the next piece of ``scratch`` while it lasts, else a new tensor."""
