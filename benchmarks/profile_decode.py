@@ -35,11 +35,13 @@ from meswitch.synthetic import mistral_7b_config
 def kind(name: str) -> str:
     """A coarse class of a kernel, by its name."""
     n = name.lower()
-    if "delta" in n:
+    if "delta" in n or "x_sums" in n:
         return "delta kernel"
+    if n.startswith("triton_"):  # Inductor's (the compiled glue: norms with their slot-table gathers, SwiGLU)
+        return "compiled glue"
     if "gemm" in n or "gemv" in n or "cutlass" in n or "sm90_xmma" in n or "nvjet" in n:
         return "base GEMM"
-    if "attention" in n or "fmha" in n or "flash" in n or "sdpa" in n:
+    if n in ("_attend", "_merge") or "attention" in n or "fmha" in n or "flash" in n or "sdpa" in n:
         return "attention"
     if "sort" in n or "scan" in n or "cub" in n:
         return "tile table (sort/scan)"
