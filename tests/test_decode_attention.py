@@ -126,3 +126,39 @@ def test_launch_choices_follow_the_span_and_batch():
     assert resolve(AttentionLaunch(), 32 * 8, 2048, 132).splits == 1  # a batch of 32 fills the SMs
     fixed = AttentionLaunch(block_n=128, splits=2, num_warps=8)
     assert resolve(fixed, 8, 256, 132) == fixed
+
+
+@pytest.mark.parametrize("device", ["cpu", "kernel"])
+def test_the_deltas_of_q_k_v_are_added_as_they_are_loaded(device):
+    """The op with q, k and v's deltas apart gives what it gives on their sums (the reference on the CPU; the
+    kernel on the GPU, or under the interpreter in fp16), and writes the cache as the sums would."""
+    if device == "kernel" and not (CUDA or INTERPRET):
+        pytest.skip("the Triton kernel: needs CUDA (runs on the GPU machine) or MESWITCH_ATTENTION_INTERPRET=1")
+    dtype = torch.float16 if device == "kernel" and not CUDA else torch.bfloat16
+    on = "cuda" if CUDA and device == "kernel" else "cpu"
+    b, hkv, group, d, length, span = 4, 2, 4, 64, 256, 256
+    q, k, v, kc, vc, rows, pos, cos, sin = _case(b, hkv, group, d, length, [5, 130, 0, 77], dtype, on, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    dq, dk, dv = ((torch.randn(t.shape, generator=gen) * 0.1).to(dtype).to(on) for t in (q, k, v))
+    kc2, vc2 = kc.clone(), vc.clone()
+    scale = 1 / math.sqrt(d)
+    if device == "kernel":
+        from meswitch.kernels.triton_attention import launch
+
+        got = launch(q, k, v, kc2, vc2, rows, pos, span, scale, cos, sin, sms=132, deltas=(dq, dk, dv))
+    else:
+        got = decode_attention(q, k, v, kc2, vc2, rows, pos, span, scale, cos, sin, dq, dk, dv)
+    want = decode_attention_reference(q + dq, k + dk, v + dv, kc, vc, rows, pos, span, scale, cos, sin)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(kc2.float(), kc.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(vc2, vc)  # v's sum written as the sum: bit for bit
+    without = decode_attention_reference(q, k, v, kc.clone(), vc.clone(), rows, pos, span, scale, cos, sin)
+    assert (got.float() - without.float()).abs().max() > 1e-2  # the deltas did count
+
+
+def test_the_deltas_of_q_k_v_come_together():
+    q, k, v, kc, vc, rows, pos, cos, sin = _case(2, 2, 2, 16, 32, [3, 4], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="together"):
+        decode_attention(q, k, v, kc, vc, rows, pos, 32, 0.5, cos, sin, torch.zeros_like(q))
+    with pytest.raises(ValueError, match="shapes"):
+        decode_attention(q, k, v, kc, vc, rows, pos, 32, 0.5, cos, sin, torch.zeros_like(k), k, v)

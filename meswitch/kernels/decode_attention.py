@@ -69,6 +69,9 @@ def decode_attention(
     scale: float,
     cos: torch.Tensor,
     sin: torch.Tensor,
+    dq: torch.Tensor | None = None,
+    dk: torch.Tensor | None = None,
+    dv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one decode step for ``B`` sequences, grouped-query, without repeating the cache.
 
@@ -76,7 +79,9 @@ def decode_attention(
     before the rotary embedding, which ``cos``/``sin`` [B, D] (each row's position) apply; caches [R, Hkv, L, D].
     The new K (rotated) and V go to cache row ``rows[b]`` at ``pos[b]`` (a padding row names a scratch row);
     row b attends to cache row b's positions before ``pos[b]`` and its new token, within the first ``span``
-    positions. Returns [B, Hkv, G, D]; nothing is read on the host, so a CUDA graph can hold it.
+    positions. Returns [B, Hkv, G, D]; nothing is read on the host, so a CUDA graph can hold it. ``dq``, ``dk``,
+    ``dv``: expert deltas of q, k and v (shaped and laid out as them; all or none), added before anything else: the
+    kernel adds them as it loads q, k and v, so the step needs no add of its own for them.
     """
     b, hkv, _, d = q.shape
     if k.shape != (b, hkv, d) or v.shape != (b, hkv, d):
@@ -87,13 +92,21 @@ def decode_attention(
         raise ValueError(f"caches must be [R, {hkv}, L, {d}], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     if not 0 < span <= k_cache.shape[2] or k_cache.shape[0] < b:
         raise ValueError(f"span {span} and batch {b} must fit the cache {tuple(k_cache.shape)}")
+    deltas = (dq, dk, dv)
+    if any(t is None for t in deltas) != all(t is None for t in deltas):
+        raise ValueError("give the deltas of q, k and v together, or none")
+    if dq is not None and (dq.shape != q.shape or dk.shape != k.shape or dv.shape != v.shape):
+        raise ValueError("q, k and v's deltas must have their shapes")
     if _fits_kernel(q):
         from meswitch.kernels.triton_attention import launch
 
-        return launch(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin)
+        return launch(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin,
+                      deltas=None if dq is None else deltas)  # fmt: skip
+    if dq is not None:
+        q, k, v = q + dq, k + dk, v + dv
     return decode_attention_reference(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin)
 
 
 @decode_attention.register_fake
-def _(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin) -> torch.Tensor:
+def _(q, k, v, k_cache, v_cache, rows, pos, span, scale, cos, sin, dq=None, dk=None, dv=None) -> torch.Tensor:
     return torch.empty_like(q)

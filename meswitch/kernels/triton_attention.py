@@ -23,11 +23,14 @@ from meswitch.kernels.attention_launch import AttentionLaunch, resolve
 @triton.jit
 def _attend(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, rows_ptr, pos_ptr, cos_ptr, sin_ptr, o_ptr, part_ptr, ml_ptr,
+    dq_ptr, dk_ptr, dv_ptr,
     s_qb, s_qh, s_qg, s_kb, s_kh, s_vb, s_vh, s_cr, s_ch, s_cl, s_cos, s_sin,
     G, span, scale,
     D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PER_SPLIT: tl.constexpr,
-    BOUNDED: tl.constexpr,
+    BOUNDED: tl.constexpr, DELTAS: tl.constexpr,
 ):  # fmt: skip
+    """``DELTAS``: q, k and v's expert deltas (``d*_ptr``, laid out as q, k and v) added as they are loaded, each
+    sum rounded once to their dtype, as the add they replace rounded it."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -41,9 +44,12 @@ def _attend(
     sign = tl.where(d < half, -1.0, 1.0)
     cos = tl.load(cos_ptr + b * s_cos + d).to(tl.float32)
     sin = tl.load(sin_ptr + b * s_sin + d).to(tl.float32) * sign
-    q_at = q_ptr + b * s_qb + h * s_qh + g[:, None] * s_qg
-    q = tl.load(q_at + d[None, :], mask=gm[:, None], other=0.0)
-    q_sw = tl.load(q_at + swap[None, :], mask=gm[:, None], other=0.0)
+    q_off = b * s_qb + h * s_qh + g[:, None] * s_qg
+    q = tl.load(q_ptr + q_off + d[None, :], mask=gm[:, None], other=0.0)
+    q_sw = tl.load(q_ptr + q_off + swap[None, :], mask=gm[:, None], other=0.0)
+    if DELTAS:
+        q += tl.load(dq_ptr + q_off + d[None, :], mask=gm[:, None], other=0.0)
+        q_sw += tl.load(dq_ptr + q_off + swap[None, :], mask=gm[:, None], other=0.0)
     q = (q.to(tl.float32) * cos[None, :] + q_sw.to(tl.float32) * sin[None, :]).to(q_sw.dtype)
     pos = tl.load(pos_ptr + b)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -71,9 +77,15 @@ def _attend(
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
     if s == 0:  # the new token, from registers; written to its cache row (a padding row's: the scratch row)
-        k_at = k_ptr + b * s_kb + h * s_kh
-        kn = (tl.load(k_at + d).to(tl.float32) * cos + tl.load(k_at + swap).to(tl.float32) * sin).to(q.dtype)
+        k_off = b * s_kb + h * s_kh
+        kd = tl.load(k_ptr + k_off + d)
+        k_sw = tl.load(k_ptr + k_off + swap)
         vn = tl.load(v_ptr + b * s_vb + h * s_vh + d)
+        if DELTAS:
+            kd += tl.load(dk_ptr + k_off + d)
+            k_sw += tl.load(dk_ptr + k_off + swap)
+            vn += tl.load(dv_ptr + b * s_vb + h * s_vh + d)
+        kn = (kd.to(tl.float32) * cos + k_sw.to(tl.float32) * sin).to(q.dtype)
         sc_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale
         m_new = tl.maximum(m_i, sc_new)
         alpha = tl.exp(m_i - m_new)
@@ -117,10 +129,13 @@ def _merge(part_ptr, ml_ptr, o_ptr, G, D: tl.constexpr, BLOCK_G: tl.constexpr, S
 
 def launch(
     q, k, v, k_cache, v_cache, rows, pos, span: int, scale: float, cos, sin, sms: int | None = None,
-    cfg: AttentionLaunch | None = None,
+    cfg: AttentionLaunch | None = None, deltas: tuple | None = None,
 ) -> torch.Tensor:  # fmt: skip
+    """``deltas``: (dq, dk, dv), added to q, k and v as the kernel loads them (each laid out as its tensor)."""
     b, heads, group, d = q.shape
     q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, cos, sin))
+    if deltas is not None and any(dt.stride() != t.stride() for dt, t in zip(deltas, (q, k, v), strict=True)):
+        raise ValueError("q, k and v's deltas must be laid out as q, k and v")
     if k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("the caches must share one layout with the head dimension contiguous")
     if sms is None:
@@ -135,12 +150,12 @@ def launch(
         part = torch.empty((b * heads * splits * block_g, d), dtype=torch.float32, device=q.device)
         ml = torch.empty((b * heads * splits * 2 * block_g,), dtype=torch.float32, device=q.device)
     _attend[(b, heads, splits)](
-        q, k, v, k_cache, v_cache, rows, pos, cos, sin, o, part, ml,
+        q, k, v, k_cache, v_cache, rows, pos, cos, sin, o, part, ml, *(deltas or (q, k, v)),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos.stride(0), sin.stride(0),
         group, span, scale,
         D=d, BLOCK_G=block_g, BLOCK_N=cfg.block_n, SPLITS=splits, PER_SPLIT=per_split,
-        BOUNDED=os.environ.get("TRITON_INTERPRET") != "1", num_warps=cfg.num_warps,
+        BOUNDED=os.environ.get("TRITON_INTERPRET") != "1", DELTAS=deltas is not None, num_warps=cfg.num_warps,
         **({"num_stages": cfg.num_stages} if cfg.num_stages else {}),
     )  # fmt: skip
     if splits > 1:

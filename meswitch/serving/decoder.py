@@ -77,7 +77,8 @@ class DecoderConfig:
     # issue, and the GEMM beside it uses the rest (7B, 8 experts at batch 32 on the H200: 14.6 -> 13.6 ms;
     # benchmarks/results/decode-e2e-overlap-2026-12-04.json). The buffers are cut from one zeroed per step, and
     # o's, gate/up's and down's deltas are added inside the residual add and SwiGLU (8 experts: 509 kernels a step,
-    # fewer than before the overlap; the step's time unchanged within what machines differ by).
+    # fewer than before the overlap; the step's time unchanged within what machines differ by), q/k/v's inside the
+    # attention kernel as it loads them (32 adds fewer a step).
     # False: one after the other, added in place (graph-serial).
     overlap_deltas: bool = True
     # The BLAS library torch's GEMMs go to on a GPU (torch.backends.cuda.preferred_blas_library, process-wide: the
@@ -172,7 +173,10 @@ class StaticDecoder:
                 recompile_limit=max(limit, torch._dynamo.config.recompile_limit),
                 accumulated_recompile_limit=max(limit * len(fns), torch._dynamo.config.accumulated_recompile_limit),
             )
-            self._glue = {k: patch(torch.compile(fn, dynamic=None, fullgraph=True)) for k, fn in fns.items()}
+            # The deltas' buffers are cut from one a step, at offsets that may equal a width by chance: duck shapes
+            # would then tie the two and recompile when they part (they did, on the CPU family's SwiGLU).
+            distinct = torch.fx.experimental._config.patch(use_duck_shape=False)
+            self._glue = {k: distinct(patch(torch.compile(fn, dynamic=None, fullgraph=True))) for k, fn in fns.items()}
         self.captures = 0
         self._side = torch.cuda.Stream(dev) if self.config.overlap_deltas and dev.type == "cuda" else None
         # a decode step's delta outputs, per row: every projection's width (cut from one zeroed buffer a step)
@@ -203,16 +207,22 @@ class StaticDecoder:
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             fused = self._fused[i] if self._fused else None
-            q, k, v = fused[0](h, grouped) if fused else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
-            q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            # decode: grouped-query attention without repeating the cache, a KV head's query heads as its queries
-            if kernel:  # the rotary embedding and the cache writes too
-                qg = q.reshape(b, self.kv_heads, group, self.head_dim)
-                o = decode_attention(qg, k[:, :, 0], v[:, :, 0], self.k[i], self.v[i], rows, pos, span, attn.scaling,
-                                     cos[:, 0], sin[:, 0])  # fmt: skip
+            d_qkv = None
+            if fused and apart and grouped and kernel:  # their deltas added inside the attention kernel
+                (q, k, v), d_qkv = fused[0].apart(h)
             else:
+                q, k, v = fused[0](h, grouped) if fused else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
+            if kernel:  # decode, one token a row: the rotary embedding and the cache writes too
+                # grouped-query attention without repeating the cache, a KV head's query heads as its queries
+                qs, ks = (b, self.kv_heads, group, self.head_dim), (b, self.kv_heads, self.head_dim)
+                deltas = (None,) * 3 if d_qkv is None or d_qkv[0] is None else (
+                    d_qkv[0].view(qs), d_qkv[1].view(ks), d_qkv[2].view(ks))  # fmt: skip
+                o = decode_attention(q.view(qs), k.view(ks), v.view(ks), self.k[i], self.v[i], rows, pos, span,
+                                     attn.scaling, cos[:, 0], sin[:, 0], *deltas)  # fmt: skip
+            else:
+                q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+                k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+                v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
                 q, k = (self._glue["rope"] if decode and self._glue else apply_rotary_pos_emb)(q, k, cos, sin)
                 if decode:
                     o = decode_attention_reference(q.reshape(b, self.kv_heads, group, self.head_dim), k[:, :, 0],
