@@ -428,8 +428,8 @@ def test_mixed_delta_dispatches_to_triton():
 )
 def test_precomputed_row_sums_give_the_loops_result(bits, symmetric, split_k, salient, k):
     """``LaunchConfig.x_sums``: x's row sums from one small kernel, not from every N block's loop, with split K
-    (split 0 alone applies them) and K not a whole number of chunks: the reference's delta, and the same as the
-    sums accumulated in the loop."""
+    (each split its rows' sums over its part of K) and K not a whole number of chunks: the reference's delta, and
+    the same as the sums accumulated in the loop."""
     from meswitch.kernels.launch_config import LaunchConfig
     from meswitch.kernels.triton_delta import launch
 

@@ -207,7 +207,7 @@ class StaticDecoder:
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             fused = self._fused[i] if self._fused else None
-            d_qkv = None
+            d_qkv = [None] * 3
             if fused and apart and grouped and kernel:  # their deltas added inside the attention kernel
                 (q, k, v), d_qkv = fused[0].apart(h)
             else:
@@ -215,8 +215,7 @@ class StaticDecoder:
             if kernel:  # decode, one token a row: the rotary embedding and the cache writes too
                 # grouped-query attention without repeating the cache, a KV head's query heads as its queries
                 qs, ks = (b, self.kv_heads, group, self.head_dim), (b, self.kv_heads, self.head_dim)
-                deltas = (None,) * 3 if d_qkv is None or d_qkv[0] is None else (
-                    d_qkv[0].view(qs), d_qkv[1].view(ks), d_qkv[2].view(ks))  # fmt: skip
+                deltas = [None if d is None else d.view(s) for d, s in zip(d_qkv, (qs, ks, ks), strict=True)]
                 o = decode_attention(q.view(qs), k.view(ks), v.view(ks), self.k[i], self.v[i], rows, pos, span,
                                      attn.scaling, cos[:, 0], sin[:, 0], *deltas)  # fmt: skip
             else:
