@@ -13,6 +13,8 @@ mixed, rows spread evenly over them):
   per projection (five a layer) instead of one per fused group (two: the default).
 * ``graph-serial``: ``graph-compiled`` with each projection's expert deltas after its base GEMM on one stream,
   not on a second stream beside it (the default, ``DecoderConfig.overlap_deltas``).
+* ``graph-kernel-sums``: ``graph-compiled`` with x's row sums for the delta kernel's epilogue from a kernel of their
+  own on the MLP's launches, not from the compiled norm and SwiGLU that make x (``DecoderConfig.glue_sums``).
 * ``graph-sdpa``: ``graph-compiled`` with PyTorch's SDPA (cuDNN) and two index writes for decode
   attention instead of the Triton kernel that also writes the new K/V (the default).
 * ``engine``: ``MixedExpertEngine.forward`` eagerly with a DynamicCache, as the scheduler used to drive it.
@@ -330,9 +332,10 @@ def main(argv: list[str] | None = None) -> None:
                          "torch.compile), graph-unfused (graph-compiled without the fused q/k/v and gate/up "
                          "GEMMs), graph-ungrouped (graph-compiled with a delta launch per projection, not per "
                          "fused group), graph-serial (graph-compiled with the deltas after the base GEMMs, not "
-                         "beside them), graph-sdpa (graph-compiled with SDPA for decode attention), engine (eager "
-                         "engine), hf (transformers eager, "
-                         "base alone), hf-compile (transformers static cache + torch.compile, base alone)")  # fmt: skip
+                         "beside them), graph-sdpa (graph-compiled with SDPA for decode attention), "
+                         "graph-kernel-sums (graph-compiled with x's row sums from a kernel of their own, not from "
+                         "the glue), engine (eager engine), hf (transformers eager, base alone), hf-compile "
+                         "(transformers static cache + torch.compile, base alone)")  # fmt: skip
     ap.add_argument("--compile-batches", type=int_list, default=[32], help="batches for hf-compile (compiles are slow)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=3)
@@ -366,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     # the static decoders side by side: the default on a GPU (graph-compiled) and each of its parts taken away
     variants = {"graph": {"compile_glue": False}, "graph-compiled": {}, "graph-unfused": {"fuse_projections": False},
                 "graph-ungrouped": {"group_deltas": False}, "graph-sdpa": {"attention_kernel": False},
-                "graph-serial": {"overlap_deltas": False}}  # fmt: skip
+                "graph-serial": {"overlap_deltas": False}, "graph-kernel-sums": {"glue_sums": False}}  # fmt: skip
     shape = {"max_rows": max(buckets), "max_len": args.max_len, "buckets": buckets, "compile_glue": True}
     decoders = {
         mode: StaticDecoder(eng, DecoderConfig(**{**shape, **changes}))
@@ -415,6 +418,8 @@ def main(argv: list[str] | None = None) -> None:
                                   "one stream, not beside it on a second",
                   "graph-sdpa": "graph-compiled with PyTorch's SDPA and index writes for decode attention, not "
                                 "meswitch's Triton kernel",
+                  "graph-kernel-sums": "graph-compiled with x's row sums for the delta kernel from a kernel of "
+                                       "their own (on the MLP's launches), not from the compiled norm and SwiGLU",
                   "engine": "meswitch MixedExpertEngine.forward eagerly (transformers model, DynamicCache)",
                   "hf": "transformers eager, DynamicCache, base alone",
                   "hf-compile": "transformers StaticCache + torch.compile(mode='reduce-overhead'), base alone"},

@@ -27,7 +27,7 @@ from meswitch.kernels import (
     repack_v1_to_v2,
     repack_v2_to_v1,
 )
-from meswitch.kernels.layout import pack_v2, unpack_codes, unpack_v2, v2_chunk
+from meswitch.kernels.layout import pack_v2, position_biases, unpack_codes, unpack_v2, v2_chunk
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA (runs on the GPU machine)")
@@ -77,6 +77,45 @@ def test_layout_v2_bit_positions():
     assert int(w[5]) == 1 << (3 * bits)
     assert int(w[9]) == 2 << (16 + 6 * bits)
     assert int(w.count_nonzero()) == 2
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("is_bf16", [True, False])
+def test_position_biases_are_what_the_plane_trick_adds_to_each_code(bits, is_bf16):
+    """The kernels turn a plane's codes into MMA operands by masking them in place in a half-word (after one shift
+    shared by the planes that fit the 7 mantissa bits of bf16) and or-ing in the exponent that makes a code's last
+    bit worth 1: each operand is ``bias + code``. Emulated here on the packed words, position by position, that
+    value is exactly ``position_biases + code``: what the epilogue's row sums subtract."""
+    k = 3 * v2_chunk(bits) - 40  # three chunks, the last one short
+    codes = torch.randint(0, 1 << bits, (1, k), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    words = pack_v2(codes, bits)[:, 0].to(torch.int64) & 0xFFFFFFFF  # [chunks, 16]
+    at = torch.arange(k)
+    chunk, plane, word, high = at // v2_chunk(bits), (at % v2_chunk(bits)) // 32, (at % 32) // 2, at % 2
+    half = (words[chunk, word] >> (16 * high)) & 0xFFFF
+    per_shift, mantissa = 7 // bits, 7 if is_bf16 else 10
+    place = bits * (plane % per_shift)  # where the plane's codes sit after the shift their group shares
+    src = half >> (bits * per_shift * (plane // per_shift))
+    exponent = (127 if is_bf16 else 15) + mantissa - place  # the code's last bit worth 2**0
+    value_bits = (src & (((1 << bits) - 1) << place)) | (exponent << mantissa)
+    value = value_bits.to(torch.int16).view(torch.bfloat16 if is_bf16 else torch.float16).float()
+    assert torch.equal(value, position_biases(k, bits, is_bf16) + codes[0].float())
+
+
+def test_row_sums_are_each_splits_sums_of_x_and_of_its_plane_biased_x():
+    """What the epilogue needs per row and K split, the last split shorter: ``(Σx, Σ bias·x)`` in the launch's
+    order, as one weight matrix's full-row reductions (for the glue to fuse with its norm)."""
+    from meswitch.kernels.row_sums import SumsPlan, row_sums, sum_weights
+
+    plan = SumsPlan(k=1000, span=384, splits=3, bits=2, is_bf16=True)
+    x = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0)).bfloat16()
+    (got,) = row_sums(x, [sum_weights(plan)])
+    bias = position_biases(1000, 2, True).double()
+    want = []
+    for a in range(0, 1000, 384):
+        part = x[:, a : a + 384].double()
+        want += [part.sum(-1), (part * bias[a : a + 384]).sum(-1)]
+    assert got.shape == (5, plan.width) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), torch.stack(want, -1), rtol=1e-6, atol=1e-3)
 
 
 def test_layout_errors():
@@ -429,8 +468,10 @@ def test_mixed_delta_dispatches_to_triton():
 def test_precomputed_row_sums_give_the_loops_result(bits, symmetric, split_k, salient, k):
     """``LaunchConfig.x_sums``: x's row sums from one small kernel, not from every N block's loop, with split K
     (each split its rows' sums over its part of K) and K not a whole number of chunks: the reference's delta, and
-    the same as the sums accumulated in the loop."""
-    from meswitch.kernels.launch_config import LaunchConfig
+    the same as the sums accumulated in the loop; and the same again with the sums given, as the kernel that makes x
+    computes them (:mod:`meswitch.kernels.row_sums`)."""
+    from meswitch.kernels.launch_config import LaunchConfig, k_splits
+    from meswitch.kernels.row_sums import SumsPlan, row_sums, sum_weights
     from meswitch.kernels.triton_delta import launch
 
     dtype = torch.bfloat16 if CUDA else torch.float16  # the interpreter's bf16 dot is wrong
@@ -445,14 +486,21 @@ def test_precomputed_row_sums_give_the_loops_result(bits, symmetric, split_k, sa
     want = mixed_delta_reference(x.float(), bank, ids, y0.float().clone())
     tiles = ExpertRows.from_ids(ids).tiles(16, x.device)
     got = {}
-    for sums in (True, False):
+    for sums in (False, True):  # the last cfg takes the sums
         cfg = LaunchConfig(block_n=32, block_m=16, split_k=split_k, num_stages=2, x_sums=sums)
         got[sums] = launch(x, bank, tiles, y0.clone(), cfg)
+    splits, per_split = k_splits(bank.packed.shape[1], split_k)
+    plan = SumsPlan(k, per_split * v2_chunk(bits), splits, bits, dtype == torch.bfloat16)
+    (given,) = row_sums(x, [sum_weights(plan, x.device)])
+    got["given"] = launch(x, bank, tiles, y0.clone(), cfg, given.view(len(ids), splits, 2))
+    with pytest.raises(ValueError, match="row sums must be"):
+        launch(x, bank, tiles, y0.clone(), cfg, given)  # [M, 2S], not [M, S, 2]
     live = torch.tensor(ids, device=x.device) >= 0
-    assert torch.isnan(got[True][~live]).all(), "a base-only row was written"
     delta = want[live] - y0[live].float()
-    assert _rel(got[True][live].float() - y0[live].float(), delta) < 1e-2
-    assert _rel(got[True][live].float() - y0[live].float(), got[False][live].float() - y0[live].float()) < 1e-2
+    for way in (True, "given"):
+        assert torch.isnan(got[way][~live]).all(), "a base-only row was written"
+        assert _rel(got[way][live].float() - y0[live].float(), delta) < 1e-2
+        assert _rel(got[way][live].float() - y0[live].float(), got[False][live].float() - y0[live].float()) < 1e-2
 
 
 def test_the_mlp_shapes_with_many_row_tiles_take_precomputed_row_sums(monkeypatch):
@@ -480,6 +528,32 @@ def test_the_mlp_shapes_with_many_row_tiles_take_precomputed_row_sums(monkeypatc
     finally:
         torch.use_deterministic_algorithms(False)
     assert det.split_k == 1 and not det.x_sums
+
+
+def test_a_launch_given_row_sums_takes_them_wherever_the_epilogue_scales(monkeypatch):
+    """Row sums given by the kernel that made x (``sums_given``) are taken by every launch that scales in the
+    epilogue, whatever its shape and row tiles, with K split as without them; ``sums_plan`` cuts K as the launch
+    will (splits and positions a split) and plans nothing for prefill tiles. H200's SM count patched in."""
+    from meswitch.kernels import launch_config
+    from meswitch.kernels.launch_config import config_for, sums_plan
+
+    monkeypatch.setattr(launch_config, "_sm_count", lambda device: 132)
+    cpu = torch.device("cpu")
+    down = DeltaBank.random(1, (4096, 14336), bits=2)
+    qkv = DeltaBank.random(1, (6144, 4096), bits=2)
+    for bank, tiles in ((qkv, 8), (qkv, 1), (down, 4), (down, 8)):
+        alone, given = (config_for(bank, 16, tiles, cpu, sums_given=g) for g in (False, True))
+        assert given.x_sums and replace(given, x_sums=alone.x_sums) == alone
+    plan = sums_plan(down, 16, 8, cpu, torch.bfloat16)
+    assert (plan.k, plan.splits, plan.span, plan.bits, plan.is_bf16) == (14336, 2, 7168, 2, True)
+    plan = sums_plan(qkv, 16, 1, cpu, torch.float16)  # one tile: K split four ways
+    assert (plan.splits, plan.span, plan.is_bf16) == (4, 1024, False)
+    assert sums_plan(down, 64, 8, cpu, torch.bfloat16) is None  # prefill tiles scale in registers
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert sums_plan(down, 16, 8, cpu, torch.bfloat16).splits == 1
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @kernel

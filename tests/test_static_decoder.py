@@ -14,6 +14,7 @@ from serving_fixtures import check_continuous_batching, reconstructed, served_fa
 from meswitch.kernels import DeltaBank, ExpertRows, mixed_delta_reference
 from meswitch.kernels.bank import device_tiles
 from meswitch.kernels.ops import mixed_delta_tiles, tile_rows
+from meswitch.kernels.row_sums import SumsPlan, row_sums, sum_weights
 from meswitch.serving.batching import SchedulerConfig
 from meswitch.serving.decoder import DecoderConfig, StaticDecoder, length_bucket
 from meswitch.serving.engine import EngineConfig, EngineError, MixedExpertEngine
@@ -182,7 +183,7 @@ def test_fused_linears_take_biases_on_all_or_none():
                       MixedLinear(torch.nn.Linear(8, 4, bias=False), "b", None, ctx)])  # fmt: skip
 
 
-def test_compiled_glue_specialises_past_dynamos_recompile_limit(packed, monkeypatch):
+def test_compiled_glue_specialises_past_dynamos_recompile_limit(packed):
     """The glue compiles once for batch 1 and once for any larger batch, per grid set: more than dynamo
     allows a function by default with enough grid sets (its limit set to 1 here, which two buckets with base
     rows and one grid exceed); a refused compilation failed the real family's warm-up on the GPU."""
@@ -191,15 +192,74 @@ def test_compiled_glue_specialises_past_dynamos_recompile_limit(packed, monkeypa
 
     eng, _ = packed
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     counters.clear()
     cfg = DecoderConfig(max_rows=4, max_len=32, buckets=(1, 2, 4), min_len_bucket=16, compile_glue=True)
-    dec = StaticDecoder(eng, cfg)
-    assert dec.warm_up() == 0  # no compilation refused
+    # torch's config.patch, not monkeypatch: monkeypatch's undo deletes the option (hides it from later tests)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        dec = StaticDecoder(eng, cfg)
+        assert dec.warm_up() == 0  # no compilation refused
+        assert torch._dynamo.config.recompile_limit == 1  # the decoder raised it for its own calls only
     # batch 1 and any batch, for the norm and the add + norm with and without the grid's slot tables (and the expert
     # deltas added in it), and SwiGLU with and without deltas (the rotary embedding is in the attention op): 2 x 6
     assert counters["stats"]["unique_graphs"] == 12
-    assert torch._dynamo.config.recompile_limit == 1  # the decoder raised it for its own calls only
+
+
+def test_the_compiled_glue_gives_the_row_sums_of_what_it_stores(packed):
+    """The compiled residual add + norm and SwiGLU also give x's row sums for the delta kernel's epilogue
+    (kernels/row_sums.py): the sums of x as stored in bf16, not of the fp32 values the fused kernel held before
+    rounding (the epilogue subtracts 2**7·Σx-sized terms, so a rounding's worth of difference there is of the
+    delta's own size)."""
+    eng, _ = packed
+    dec = StaticDecoder(eng, DecoderConfig(max_rows=4, max_len=32, buckets=(4,), compile_glue=True))
+    g = torch.Generator().manual_seed(0)
+    x, y, d = (torch.randn(4, 1, 512, generator=g).bfloat16() for _ in range(3))
+    w = (torch.rand(512, generator=g) + 0.5).bfloat16()
+    weights = tuple(sum_weights(SumsPlan(512, 256, 2, bits, True)) for bits in (2, 1))  # two grids
+    x2, h, sums = dec._glue["add_norm"](x, y, 1e-5, w, [], d, weights)
+    assert torch.equal(x2, x + (y + d)) and len(sums) == 2
+    for got, want in zip(sums, row_sums(h, weights), strict=True):
+        assert got.shape == (4, 1, 4) and _rel(got, want) < 1e-5
+    h1, (sums1,) = dec._glue["norm"](x, 1e-5, w, [], weights[:1])
+    assert _rel(sums1, row_sums(h1, weights[:1])[0]) < 1e-5
+    gate, up = (torch.randn(4, 1, 512, generator=g).bfloat16() for _ in range(2))
+    act, (act_sums,) = dec._glue["swiglu"](gate, up, None, None, weights[:1])
+    assert torch.equal(act, torch.nn.functional.silu(gate) * up)
+    assert _rel(act_sums, row_sums(act, weights[:1])[0]) < 1e-5
+
+
+def test_the_glue_hands_each_delta_launch_the_row_sums_of_its_x(packed, monkeypatch):
+    """With ``glue_sums`` the norm before q/k/v and gate/up and SwiGLU before down hand their launches x's row sums
+    as each launch plans them. The plans need the GPU's SM count and the Triton kernel, which this machine lacks: both
+    are patched in (the H200's 132 SMs), and the op runs its reference, which ignores the sums, so the steps must
+    equal those without them; every sums tensor that reached the op is checked against x."""
+    from meswitch.kernels import launch_config, ops
+    from meswitch.kernels.launch_config import sums_plan
+    from meswitch.kernels.ops import launch_tiles
+
+    eng, slots = packed
+    monkeypatch.setattr(launch_config, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(ops, "triton_available", lambda: True)
+    seen, real = [], ops.mixed_delta_tiles
+
+    def spy(x, bank, tiles, y, *, sums=None, **kw):
+        seen.append((x.clone(), bank, tiles.shape[1] - 2, sums))
+        return real(x, bank, tiles, y, sums=sums, **kw)
+
+    monkeypatch.setattr(ops, "mixed_delta_tiles", spy)
+    glue = {"compile_glue": True}
+    (_, *without), (dec, *given) = (_prefill_and_step(eng, slots, **glue, glue_sums=g) for g in (False, True))
+    torch.testing.assert_close(given, without, **TOL)
+    summed = [(x, bank, block_m, sums) for x, bank, block_m, sums in seen if sums is not None]
+    grids = {eng.banks.index(slots[name].key)[0] for name in sorted(slots)[:2]}  # _prefill_and_step's two experts
+    assert len(summed) == 3 * len(dec.layers) * len(grids)  # q/k/v, gate/up, down: a launch each per grid
+    for x, bank, block_m, sums in summed:
+        plan = sums_plan(bank, block_m, launch_tiles(x.shape[0], bank), x.device, x.dtype)
+        assert sums.shape == (x.shape[0], plan.splits, 2)
+        torch.testing.assert_close(sums.view(x.shape[0], -1), row_sums(x, [sum_weights(plan)])[0])
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def test_warm_up_runs_every_bucket_without_touching_the_cache_or_the_answers(packed, monkeypatch):
@@ -322,6 +382,12 @@ def test_graph_replay_gives_the_eager_decoders_tokens_on_the_gpu(tmp_path):
 
     forced = greedy(graph, rows)
     torch.testing.assert_close(logits(graph, rows, forced), logits(sdpa, rows, forced), atol=5e-2, rtol=2e-2)
+
+    # x's row sums from the compiled glue (the default) against the delta kernel's own
+    assert graph._sum_weights, "no delta launch took its row sums from the glue"
+    own = StaticDecoder(eng, DecoderConfig(**{**cfg.__dict__, "glue_sums": False}))
+    assert greedy(own, rows) == greedy(graph, rows) and not own._sum_weights
+    torch.testing.assert_close(logits(graph, rows, forced), logits(own, rows, forced), atol=5e-2, rtol=2e-2)
 
     warm = StaticDecoder(eng, cfg)
     wanted = 2 * 2 * len(cfg.buckets)  # base rows and the one grid, at the spans 16 and 32 the answers reach

@@ -14,6 +14,7 @@ import torch
 
 from meswitch.kernels.bank import DeltaBank, ExpertRows
 from meswitch.kernels.layout import LAYOUT_V2, v2_chunk
+from meswitch.kernels.row_sums import SumsPlan
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,9 @@ def choose_config(bank: DeltaBank, rows: ExpertRows, device: torch.device) -> La
     return cached
 
 
-def config_for(bank: DeltaBank, block_m: int, tiles: int, device: torch.device) -> LaunchConfig:
+def config_for(
+    bank: DeltaBank, block_m: int, tiles: int, device: torch.device, sums_given: bool = False
+) -> LaunchConfig:
     """Launch parameters from the sweeps on an H100 (benchmarks/kernel_sweep.py, NOTES-kernels.md).
 
     Row block: the longest segment, 16 to 128. Decode (<= 64 rows per expert): 128 output channels
@@ -87,9 +90,11 @@ def config_for(bank: DeltaBank, block_m: int, tiles: int, device: torch.device) 
     ``torch.use_deterministic_algorithms`` (split programs add into y with atomics). The Gluon decode
     kernel runs only where asked (``MESWITCH_DELTA_KERNEL=gluon``) and where it fits (:func:`gluon_fits`):
     on the H200 it has not yet beaten this kernel (benchmarks/NOTES-kernels.md). A grouped bank's N block is
-    the widest that divides every projection boundary (:func:`block_within`). The MLP's shapes (N·K of 48 Mi
-    or more) with 8 or more row tiles take x's row sums from a kernel of their own (``LaunchConfig.x_sums``)
-    and split K at least in two: there the shorter loop pays for the extra launch (``MESWITCH_X_SUMS=0``: off).
+    the widest that divides every projection boundary (:func:`block_within`). Epilogue scaling takes x's row sums
+    from outside the loop (``LaunchConfig.x_sums``) where the caller gives them (``sums_given``: the kernel that
+    made x computed them, :mod:`.row_sums`), and on the MLP's shapes (N·K of 48 Mi or more) with 8 or more row
+    tiles, from a kernel of their own if not given; those shapes split K at least in two: there the shorter loop
+    pays for the extra launch (``MESWITCH_X_SUMS=0``: no kernel of their own).
     """
     n, k = bank.grid.shape
     chunks = -(-k // v2_chunk(bank.grid.bits)) if bank.grid.layout_version == LAYOUT_V2 else 0
@@ -108,17 +113,35 @@ def config_for(bank: DeltaBank, block_m: int, tiles: int, device: torch.device) 
     split = 4 if programs * 2 <= sms else 2 if programs <= 1.25 * sms else 1
     split = max(1, min(split, chunks // 4))
     epilogue = block_m <= 32 and bank.grid.group_size == 0
-    # the MLP's shapes with 8 or more row tiles: x's row sums from a kernel of their own and K split in two
-    # (8 and 16 experts 0.6-1.5 ms a step faster on the H200, 4 experts 0.3-0.5 ms slower: NOTES-kernels.md)
-    x_sums = epilogue and n * k >= 48 * 2**20 and tiles >= 8 and os.environ.get("MESWITCH_X_SUMS", "1") == "1"
-    split = max(split, 2) if x_sums else split
+    # the MLP's shapes with 8 or more row tiles: x's row sums outside the loop and K split in two (with the sums
+    # from their own kernel 8 and 16 experts 0.6-1.5 ms a step faster on the H200, 4 experts 0.3-0.5 ms slower:
+    # NOTES-kernels.md)
+    mlp = epilogue and n * k >= 48 * 2**20 and tiles >= 8 and os.environ.get("MESWITCH_X_SUMS", "1") == "1"
+    split = max(split, 2) if mlp else split
     if torch.are_deterministic_algorithms_enabled():
         split = 1  # split K adds partial sums into y with atomics, in no fixed order
     cfg = LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=4, num_stages=3,
-                       epilogue_scale=epilogue, x_sums=x_sums and split > 1)  # fmt: skip
+                       epilogue_scale=epilogue, x_sums=epilogue and (sums_given or (mlp and split > 1)))  # fmt: skip
     if os.environ.get("MESWITCH_DELTA_KERNEL") == "gluon" and gluon_fits(bank, cfg, device):
         cfg = replace(cfg, kernel="gluon")
     return cfg
+
+
+def k_splits(chunks: int, split_k: int) -> tuple[int, int]:
+    """(splits, chunks per split) of a launch asking ``split_k``: no split without a chunk of its own."""
+    per_split = -(-chunks // split_k)
+    return -(-chunks // per_split), per_split
+
+
+def sums_plan(bank: DeltaBank, block_m: int, tiles: int, device: torch.device, dtype: torch.dtype) -> SumsPlan | None:
+    """The row sums a launch (:func:`config_for` with ``sums_given``) takes from the kernel that makes its x; None
+    where it takes none (the Gluon kernel sums by MMA, prefill tiles scale in registers)."""
+    cfg = config_for(bank, block_m, tiles, device, sums_given=True)
+    if not cfg.x_sums or cfg.kernel != "triton":
+        return None
+    splits, per_split = k_splits(bank.packed.shape[1], cfg.split_k)
+    bits = bank.grid.bits
+    return SumsPlan(bank.grid.shape[1], per_split * v2_chunk(bits), splits, bits, dtype == torch.bfloat16)
 
 
 def block_within(want: int, bank: DeltaBank) -> int:

@@ -50,6 +50,18 @@ def v2_num_chunks(bits: int, k: int) -> int:
     return -(-k // v2_chunk(bits))
 
 
+def position_biases(k: int, bits: int, is_bf16: bool) -> torch.Tensor:
+    """fp32 [k]: the bias each K position's plane carries in the kernels' operands (``bias + code``: the codes
+    masked in place in their half-word, the bf16/fp16 exponent that makes their last bit worth 1 or-ed in), for
+    the row sums the decode epilogue subtracts (:mod:`meswitch.kernels.row_sums`). The same arithmetic as
+    ``ptx_planes._plane_consts``, which Triton evaluates at compile time and where it may call no plain function:
+    a plane's codes sit ``bits * (p % (7 // bits))`` bits up (7 mantissa bits in bf16 hold ``7 // bits`` planes
+    before the words are shifted), under ``7`` (bf16) or ``10`` (fp16) mantissa bits."""
+    plane = (torch.arange(k) // PLANE_WIDTH) % v2_planes(bits)
+    place = bits * (plane % (7 // bits))
+    return torch.exp2(((7 if is_bf16 else 10) - place).float())
+
+
 def _check_v2_bits(bits: int) -> None:
     if bits not in V2_BITS:
         raise ValueError(f"layout 2 packs {V2_BITS}-bit codes, got {bits} bits")

@@ -74,6 +74,7 @@ def _mixed_delta_tiles(
     splits: list[int],
     block_m: int,
     expected_tiles: int,
+    sums: torch.Tensor | None = None,
 ) -> None:
     grid = BankGrid((n, k), bits, group_size, symmetric, layout_version)
     bank = DeltaBank(grid, packed, scale, offset, salient_idx, salient_val, tuple(splits))
@@ -82,14 +83,14 @@ def _mixed_delta_tiles(
         from meswitch.kernels.triton_delta import launch
 
         check_device_inputs(x, bank, y)
-        launch(x, bank, tiles, y, config_for(bank, block_m, expected_tiles, x.device))
+        launch(x, bank, tiles, y, config_for(bank, block_m, expected_tiles, x.device, sums is not None), sums)
         return
     mixed_delta_reference(x, bank, tile_rows(tiles), y)
 
 
 @_mixed_delta_tiles.register_fake
 def _(x, y, packed, scale, offset, salient_idx, salient_val, tiles, n, k, bits, group_size, layout_version,
-      symmetric, splits, block_m, expected_tiles) -> None:  # fmt: skip
+      symmetric, splits, block_m, expected_tiles, sums=None) -> None:  # fmt: skip
     return None
 
 
@@ -102,16 +103,30 @@ def tile_rows(tiles: torch.Tensor) -> ExpertRows:
     return ExpertRows.from_ids(ids)
 
 
+def launch_tiles(m: int, bank: DeltaBank, expected_tiles: int | None = None) -> int:
+    """Row tiles a launch over ``m`` rows is sized for: ``expected_tiles``, else one per row, at most one per
+    expert."""
+    return expected_tiles or min(m, bank.num_experts)
+
+
 def mixed_delta_tiles(
-    x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tensor, *, expected_tiles: int | None = None
+    x: torch.Tensor,
+    bank: DeltaBank,
+    tiles: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    expected_tiles: int | None = None,
+    sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``mixed_delta`` over a device-built tile table (:func:`~meswitch.kernels.bank.device_tiles`).
 
     The registered op ``torch.ops.meswitch.mixed_delta_tiles``: nothing is read on the host, so a
     CUDA graph or ``torch.compile`` can hold it and replay any mix of the bank's experts. A grouped bank
     (:meth:`~meswitch.kernels.bank.DeltaBank.concat`) adds every projection's delta to ``y`` (their outputs,
-    concatenated) in one launch. ``expected_tiles`` (default: one per row, at most one per expert) sizes the
-    launch heuristics.
+    concatenated) in one launch. ``expected_tiles`` (default: :func:`launch_tiles`) sizes the launch heuristics.
+    ``sums``: x's row sums as :func:`~meswitch.kernels.launch_config.sums_plan` plans them for this launch, from
+    the kernel that made x (the Triton kernel then neither accumulates them nor launches a kernel for them; the
+    reference ignores them).
     """
     m = x.shape[0]
     if tiles.dim() != 2 or tiles.shape[0] != m:
@@ -120,10 +135,9 @@ def mixed_delta_tiles(
     n, k = grid.shape
     if x.dim() != 2 or x.shape[1] != k or tuple(y.shape) != (m, n):
         raise ValueError(f"x must be [M, {k}] and y [M, {n}], got {tuple(x.shape)} and {tuple(y.shape)}")
-    expected = expected_tiles or min(m, bank.num_experts)
     torch.ops.meswitch.mixed_delta_tiles(
         x, y, bank.packed, bank.scale, bank.offset, bank.salient_idx, bank.salient_val, tiles,
         n, k, grid.bits, grid.group_size, grid.layout_version, grid.symmetric, list(bank.splits),
-        tiles.shape[1] - 2, expected,
+        tiles.shape[1] - 2, launch_tiles(m, bank, expected_tiles), sums,
     )  # fmt: skip
     return y

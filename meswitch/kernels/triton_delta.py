@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from meswitch.kernels.bank import DeltaBank, ExpertRows
-from meswitch.kernels.launch_config import LaunchConfig, check_device_inputs, choose_config, gluon_fits
+from meswitch.kernels.launch_config import LaunchConfig, check_device_inputs, choose_config, gluon_fits, k_splits
 from meswitch.kernels.layout import LAYOUT_V1, LAYOUT_V2, v2_chunk
 from meswitch.kernels.ptx_planes import plane_bias, plane_biased, plane_scaled, plane_source, position_bias
 
@@ -290,17 +290,26 @@ def mixed_delta_triton(
     return launch(x, bank, rows.tiles(cfg.block_m, x.device), y, cfg)
 
 
-def launch(x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tensor, cfg: LaunchConfig) -> torch.Tensor:
+def launch(
+    x: torch.Tensor,
+    bank: DeltaBank,
+    tiles: torch.Tensor,
+    y: torch.Tensor,
+    cfg: LaunchConfig,
+    sums: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One launch over a tile table (:meth:`ExpertRows.tiles`, or :func:`~meswitch.kernels.bank.device_tiles`,
     whose unused tiles exit at once); no host read of the batch, so a CUDA graph can hold it.
 
-    A grouped bank is one launch when ``cfg.block_n`` divides every projection boundary (each N block then
-    reads one projection's salient columns), else one launch per projection."""
+    ``cfg.x_sums``: x's row sums per K split, fp32 ``[M, splits, 2]`` (:mod:`.row_sums`), are ``sums`` where
+    given, else computed by ``_x_sums_kernel`` first. A grouped bank is one launch when ``cfg.block_n`` divides
+    every projection boundary (each N block then reads one projection's salient columns), else one launch per
+    projection."""
     n, k = bank.grid.shape
     inner = bank.bounds[1:-1]
     if any(b % cfg.block_n for b in inner):
         for p, (a, b) in enumerate(itertools.pairwise(bank.bounds)):
-            launch(x, bank.part(p), tiles, y[:, a:b], cfg)
+            launch(x, bank.part(p), tiles, y[:, a:b], cfg, sums)
         return y
     b1, b2 = (*inner, n, n)[:2]
     offset = bank.offset if bank.offset is not None else bank.scale  # never read when symmetric
@@ -309,11 +318,11 @@ def launch(x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tenso
     if cfg.kernel == "gluon" and not gluon_fits(bank, cfg, x.device):
         raise ValueError(f"the Gluon decode kernel does not serve this launch ({cfg}, {bank.grid})")
     if bank.grid.layout_version == LAYOUT_V2:
-        chunks = bank.packed.shape[1]
         if cfg.epilogue_scale and bank.grid.group_size != 0:
             raise ValueError("epilogue scaling needs per-channel steps")
-        per_split = -(-chunks // cfg.split_k)
-        grid = (triton.cdiv(n, cfg.block_n), tiles.shape[0], -(-chunks // per_split))  # no split without a chunk
+        chunks = bank.packed.shape[1]
+        splits, per_split = k_splits(chunks, cfg.split_k)
+        grid = (triton.cdiv(n, cfg.block_n), tiles.shape[0], splits)
         if cfg.kernel == "gluon":
             from meswitch.kernels.gluon_delta import launch_gluon
 
@@ -321,14 +330,17 @@ def launch(x: torch.Tensor, bank: DeltaBank, tiles: torch.Tensor, y: torch.Tenso
             return y
         w = bank.packed.view(torch.int16)
         x_sums = cfg.x_sums and cfg.epilogue_scale
-        sums = tiles  # never read without X_SUMS
-        if x_sums:
-            sums = torch.empty((x.shape[0], grid[2], 2), dtype=torch.float32, device=x.device)
-            _x_sums_kernel[(x.shape[0], grid[2])](x, sums, k, per_split * v2_chunk(bank.grid.bits), x.stride(0),
+        if x_sums and sums is not None:
+            if tuple(sums.shape) != (x.shape[0], splits, 2) or sums.dtype != torch.float32 or not sums.is_contiguous():
+                raise ValueError(f"row sums must be contiguous fp32 [{x.shape[0]}, {splits}, 2], got "
+                                 f"{sums.dtype} {tuple(sums.shape)}")  # fmt: skip
+        elif x_sums:
+            sums = torch.empty((x.shape[0], splits, 2), dtype=torch.float32, device=x.device)
+            _x_sums_kernel[(x.shape[0], splits)](x, sums, k, per_split * v2_chunk(bank.grid.bits), x.stride(0),
                                                   BITS=bank.grid.bits, IS_BF16=x.dtype == torch.bfloat16,
                                                   BLOCK_K=512, num_warps=4)  # fmt: skip
         _delta_v2_kernel[grid](
-            x, y, w, bank.scale, offset, sidx, sval, tiles, sums,
+            x, y, w, bank.scale, offset, sidx, sval, tiles, sums if x_sums else tiles,  # never read without X_SUMS
             n, k, bank.grid.groups, bank.kmax, chunks, per_split, x.stride(0), y.stride(0),
             w.stride(0), w.stride(1), *strides,
             BITS=bank.grid.bits, GROUP=bank.grid.group_size, SYMMETRIC=bank.offset is None,

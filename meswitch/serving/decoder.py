@@ -34,6 +34,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from meswitch.kernels.bank import device_tiles
 from meswitch.kernels.decode_attention import decode_attention, decode_attention_reference, decode_mask
+from meswitch.kernels.row_sums import SumsPlan, row_sums, sum_weights
 from meswitch.serving.engine import EngineError, MixedExpertEngine
 from meswitch.serving.mixed import FusedLinears, MixedLinear, rms_rows
 from meswitch.serving.tiers import ExpertSlot
@@ -86,6 +87,10 @@ class DecoderConfig:
     # batch 32: 5.02-5.07 -> 4.88 ms; 8 experts: 14.06 -> 13.43 ms; benchmarks/results/decode-e2e-blas-2026-12-04.json).
     # None: leave it as it is.
     blas: str | None = "cublaslt"
+    # With compiled glue and the deltas apart, the residual add + RMS norm and SwiGLU also compute the row sums of
+    # the x they make that the delta kernel's epilogue needs (kernels/row_sums.py): q/k/v's, gate/up's and down's
+    # launches then neither accumulate them in their loop nor launch a kernel for them. False: the kernel's own.
+    glue_sums: bool = True
 
 
 GLUE_GRID_SETS = 16  # sets of quantization grids a batch may mix, per bucket (every subset of 4 grids)
@@ -98,15 +103,28 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, d_gate=None, d_up=None, act=F.s
     return act(gate) * up
 
 
+def swiglu_sums(gate: torch.Tensor, up: torch.Tensor, d_gate=None, d_up=None, sums: tuple = ()):
+    """:func:`swiglu` (SiLU) and its output's row sums against each of ``sums`` (:func:`row_sums`)."""
+    act = swiglu(gate, up, d_gate, d_up)
+    return act, row_sums(act, sums)
+
+
 def residual(x: torch.Tensor, y: torch.Tensor, d=None) -> torch.Tensor:
     """The residual stream after adding ``y`` and, where they come apart, its expert deltas ``d``."""
     return x + (y if d is None else y + d)
 
 
-def add_rms_rows(x: torch.Tensor, y: torch.Tensor, eps: float, weight: torch.Tensor, tables: list, d=None):
-    """:func:`residual`, and its RMS norm (:func:`rms_rows`)."""
+def rms_sums(x: torch.Tensor, eps: float, weight: torch.Tensor, tables: list, sums: tuple = ()):
+    """:func:`rms_rows` and its output's row sums against each of ``sums`` (:func:`row_sums`)."""
+    h = rms_rows(x, eps, weight, tables)
+    return h, row_sums(h, sums)
+
+
+def add_rms_rows(x: torch.Tensor, y: torch.Tensor, eps: float, weight: torch.Tensor, tables: list, d=None,
+                 sums: tuple = ()):  # fmt: skip
+    """:func:`residual`, its RMS norm (:func:`rms_rows`) and the norm's row sums against each of ``sums``."""
     x = residual(x, y, d)
-    return x, rms_rows(x, eps, weight, tables)
+    return x, *rms_sums(x, eps, weight, tables, sums)
 
 
 def row_block(rows: int) -> int:
@@ -162,7 +180,7 @@ class StaticDecoder:
         if glue if glue is not None else dev.type == "cuda":
             if getattr(cfg, "hidden_act", "silu") != "silu":
                 raise EngineError(f"compile_glue fuses SwiGLU; the model's activation is {cfg.hidden_act!r}")
-            fns = {"norm": rms_rows, "add_norm": add_rms_rows, "rope": apply_rotary_pos_emb, "swiglu": swiglu}
+            fns = {"norm": rms_sums, "add_norm": add_rms_rows, "rope": apply_rotary_pos_emb, "swiglu": swiglu_sums}
             # The batch dimension turns dynamic on the second bucket (dynamo's automatic dynamic shapes), so
             # each function compiles twice (batch 1, any batch) per set of grids a batch mixes (the norm's
             # slot tables): with three functions, 8 compilations where one per bucket made 28 (CPU warm-up
@@ -176,12 +194,18 @@ class StaticDecoder:
             # The deltas' buffers are cut from one a step, at offsets that may equal a width by chance: duck shapes
             # would then tie the two and recompile when they part (they did, on the CPU family's SwiGLU).
             distinct = torch.fx.experimental._config.patch(use_duck_shape=False)
-            self._glue = {k: distinct(patch(torch.compile(fn, dynamic=None, fullgraph=True))) for k, fn in fns.items()}
+            # Values rounded to bf16 inside a kernel stay rounded when read again (Inductor otherwise keeps them in
+            # fp32): x's row sums must be those of x as stored, or 2**7·Σx loses the delta's contribution.
+            rounded = torch._inductor.config.patch(emulate_precision_casts=True)
+            self._glue = {
+                k: distinct(patch(rounded(torch.compile(fn, dynamic=None, fullgraph=True)))) for k, fn in fns.items()
+            }
         self.captures = 0
         self._side = torch.cuda.Stream(dev) if self.config.overlap_deltas and dev.type == "cuda" else None
         # a decode step's delta outputs, per row: every projection's width (cut from one zeroed buffer a step)
         self._delta_width = sum(m.base.out_features for m in engine.model.modules() if isinstance(m, MixedLinear))
         self._fused = [self._fuse(layer) for layer in self.layers] if self.config.fuse_projections else None
+        self._sum_weights: dict[SumsPlan, torch.Tensor] = {}
 
     @staticmethod
     def _fuse(layer) -> tuple[FusedLinears, FusedLinears] | None:
@@ -203,13 +227,15 @@ class StaticDecoder:
         grouped = self.config.group_deltas
         mask = decode_mask(pos, span) if decode and not kernel else None
         apart = decode and self.config.overlap_deltas  # deltas added inside the residual add and SwiGLU
-        h = self._norm(self.layers[0].input_layernorm, x, decode)
+        # x's row sums for the delta kernel, from the glue that makes x: q/k/v's, gate/up's, down's launches
+        summed = apart and grouped and self._glue is not None and self.config.glue_sums and self._fused is not None
+        h, s_qkv = self._norm(self.layers[0].input_layernorm, x, decode, self._plan(0, 0, x, summed and kernel))
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             fused = self._fused[i] if self._fused else None
             d_qkv = [None] * 3
             if fused and apart and grouped and kernel:  # their deltas added inside the attention kernel
-                (q, k, v), d_qkv = fused[0].apart(h)
+                (q, k, v), d_qkv = fused[0].apart(h, s_qkv)
             else:
                 q, k, v = fused[0](h, grouped) if fused else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
             if kernel:  # decode, one token a row: the rotary embedding and the cache writes too
@@ -234,38 +260,65 @@ class StaticDecoder:
                                                        enable_gqa=group > 1)  # fmt: skip
             o = o.reshape(b, self.heads, t, self.head_dim)
             y, d = self._project(attn.o_proj, o.transpose(1, 2).reshape(b, t, -1), apart)
-            x, h = self._add_norm(x, y, layer.post_attention_layernorm, decode, d)
+            x, h, s_gate_up = self._add_norm(
+                x, y, layer.post_attention_layernorm, decode, d, self._plan(i, 1, x, summed)
+            )
             if fused and apart and grouped:
-                (gate, up), (d_gate, d_up) = fused[1].apart(h)
+                (gate, up), (d_gate, d_up) = fused[1].apart(h, s_gate_up)
             else:
                 gate, up = fused[1](h, grouped) if fused else (mlp.gate_proj(h), mlp.up_proj(h))
                 d_gate = d_up = None
+            s_down = {}
             if decode and self._glue:
-                act = self._glue["swiglu"](gate, up, d_gate, d_up)
+                grids, weights = self._plan(i, 2, gate, summed)
+                act, sums = self._glue["swiglu"](gate, up, d_gate, d_up, weights)
+                s_down = dict(zip(grids, sums, strict=True))
             else:
                 act = swiglu(gate, up, d_gate, d_up, mlp.act_fn)
-            after = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            y, d = self._project(mlp.down_proj, act, apart)
-            x, h = self._add_norm(x, y, after, decode, d)
+            last = i + 1 == len(self.layers)
+            after = self.norm if last else self.layers[i + 1].input_layernorm
+            y, d = self._project(mlp.down_proj, act, apart, s_down)
+            x, h, s_qkv = self._add_norm(
+                x, y, after, decode, d, self._plan(i + 1, 0, x, summed and kernel and not last)
+            )
         return h
 
     @staticmethod
-    def _project(module, x: torch.Tensor, apart: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _project(module, x: torch.Tensor, apart: bool, sums=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A projection's output and, where ``apart``, its expert deltas beside it (else None: added)."""
-        return module.apart(x) if apart and isinstance(module, MixedLinear) else (module(x), None)
+        return module.apart(x, sums) if apart and isinstance(module, MixedLinear) else (module(x), None)
 
-    def _norm(self, module, x: torch.Tensor, decode: bool) -> torch.Tensor:
+    def _plan(self, layer: int, which: int, like: torch.Tensor, wanted: bool) -> tuple[tuple, tuple]:
+        """(grids, weights): per grid of the step, the weight matrices (:func:`~meswitch.kernels.row_sums.
+        sum_weights`) that give the row sums the launch of layer ``layer``'s q/k/v (``which`` 0), gate/up (1) or
+        down (2) takes, for an x shaped like ``like``; nothing unless ``wanted`` and planned (a GPU)."""
+        fused = self._fused[layer] if wanted else None
+        if fused is None:  # not every projection is a mixed linear: they run as they come
+            return (), ()
+        names = fused[which].names if which < 2 else self.layers[layer].mlp.down_proj.weight_name
+        plans = self.engine.ctx.sums_plans(names, like)
+        for plan in plans.values():
+            if plan not in self._sum_weights:
+                self._sum_weights[plan] = sum_weights(plan, like.device)
+        return tuple(plans), tuple(self._sum_weights[p] for p in plans.values())
+
+    def _norm(self, module, x: torch.Tensor, decode: bool, plan=((), ())) -> tuple[torch.Tensor, dict]:
+        """The RMS norm and, from the compiled glue, its row sums for the next launch, per grid (:meth:`_plan`)."""
         if not (decode and self._glue):
-            return module(x)
-        return self._glue["norm"](x, module.eps, module.base.weight, self._tables(module))
+            return module(x), {}
+        grids, weights = plan
+        h, sums = self._glue["norm"](x, module.eps, module.base.weight, self._tables(module), weights)
+        return h, dict(zip(grids, sums, strict=True))
 
-    def _add_norm(self, x: torch.Tensor, y: torch.Tensor, module, decode: bool, d=None):
-        """The residual add and the next RMS norm: (x + y (+ deltas d), its norm); one compiled kernel in a decode
-        step."""
+    def _add_norm(self, x: torch.Tensor, y: torch.Tensor, module, decode: bool, d=None, plan=((), ())):
+        """The residual add and the next RMS norm: (x + y (+ deltas d), its norm, the norm's row sums per grid as
+        :meth:`_norm`); one compiled kernel in a decode step."""
         if not (decode and self._glue):
             x = residual(x, y, d)
-            return x, module(x)
-        return self._glue["add_norm"](x, y, module.eps, module.base.weight, self._tables(module), d)
+            return x, module(x), {}
+        grids, weights = plan
+        x, h, sums = self._glue["add_norm"](x, y, module.eps, module.base.weight, self._tables(module), d, weights)
+        return x, h, dict(zip(grids, sums, strict=True))
 
     def _tables(self, module) -> list:
         return [(s, t) for s, t, _ in self.engine.ctx.tables(module.name)]

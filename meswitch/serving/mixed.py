@@ -83,25 +83,33 @@ class BatchExperts:
         self.groups, self.batch, self.slots, self.tiles, self.width, self._host, self._rows = [], 0, {}, {}, 0, {}, {}
         self.side, self.scratch, self._cut = None, None, 0
 
-    def linear(self, name: str | tuple[str, ...], x: torch.Tensor, weight: torch.Tensor, bias, apart: bool = False):
-        """``F.linear(x, weight, bias)`` plus the banked deltas of ``name`` (:meth:`banked`). With a ``side``
-        stream the delta kernel runs there into a zeroed buffer while the GEMM runs here: the delta kernel is
-        bound by instruction issue and leaves most of the memory bandwidth to a GEMM beside it. ``apart``: return
-        ``(y, deltas)`` with the deltas not added (None when there are none), for the caller to add inside a
-        kernel it runs anyway (the residual add, SwiGLU); else ``y`` with them."""
+    def linear(
+        self,
+        name: str | tuple[str, ...],
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias,
+        apart: bool = False,
+        sums: Mapping | None = None,
+    ):
+        """``F.linear(x, weight, bias)`` plus the banked deltas of ``name`` (:meth:`banked`, with x's row ``sums``).
+        With a ``side`` stream the delta kernel runs there into a zeroed buffer while the GEMM runs here: the delta
+        kernel is bound by instruction issue and leaves most of the memory bandwidth to a GEMM beside it.
+        ``apart``: return ``(y, deltas)`` with the deltas not added (None when there are none), for the caller to
+        add inside a kernel it runs anyway (the residual add, SwiGLU); else ``y`` with them."""
         if not self.slots or (self.side is None and not apart):
             y = F.linear(x, weight, bias)
-            self.banked(name, x, y)
+            self.banked(name, x, y, sums)
             return (y, None) if apart else y
         deltas = self._zeros((*x.shape[:-1], weight.shape[0]), x)
         if self.side is None:
-            self.banked(name, x, deltas)
+            self.banked(name, x, deltas, sums)
             y = F.linear(x, weight, bias)
         else:
             main = torch.cuda.current_stream(x.device)
             self.side.wait_stream(main)
             with torch.cuda.stream(self.side):
-                self.banked(name, x, deltas)
+                self.banked(name, x, deltas, sums)
             y = F.linear(x, weight, bias)
             main.wait_stream(self.side)
         return (y, deltas) if apart else y.add_(deltas)
@@ -114,10 +122,11 @@ class BatchExperts:
         self._cut += n
         return self.scratch[self._cut - n : self._cut].view(shape)
 
-    def banked(self, name: str | tuple[str, ...], x: torch.Tensor, y: torch.Tensor) -> None:
+    def banked(self, name: str | tuple[str, ...], x: torch.Tensor, y: torch.Tensor, sums: Mapping | None = None):
         """``y += x·Δ̂ᵀ`` in place for every row whose expert is banked (``x`` [B, T, K], ``y`` [B, T, N]);
         ``name`` a tensor, or fused projections (:meth:`~meswitch.serving.banked.BankSet.fuse`) whose outputs
-        ``y`` concatenates: one launch adds all their deltas."""
+        ``y`` concatenates: one launch adds all their deltas. ``sums``: per grid, x's row sums as
+        :meth:`sums_plans` planned them (graph mode)."""
         if not self.slots:
             return
         from meswitch.kernels import ExpertRows, mixed_delta
@@ -131,13 +140,35 @@ class BatchExperts:
             if bank is None:
                 continue
             if grid in self.tiles:
-                mixed_delta_tiles(x2, bank, self.tiles[grid], y2)
+                given = (sums or {}).get(grid)
+                mixed_delta_tiles(x2, bank, self.tiles[grid], y2, sums=None if given is None else given.view(
+                    x2.shape[0], -1, 2))  # fmt: skip
                 continue
             rows = self._rows.get((grid, tokens))
             if rows is None:
                 ids = torch.tensor(self._host[grid]).repeat_interleave(tokens)
                 rows = self._rows[(grid, tokens)] = ExpertRows.from_ids(ids)
             mixed_delta(x2, bank, rows, y2)
+
+    def sums_plans(self, name: str | tuple[str, ...], x: torch.Tensor) -> dict:
+        """Graph mode where the Triton kernel runs: per grid of the step, the row sums of ``x`` [..., K] its launch
+        for ``name`` takes from the kernel that makes x (:func:`~meswitch.kernels.launch_config.sums_plan`); empty
+        elsewhere (the reference needs none)."""
+        from meswitch.kernels.launch_config import sums_plan
+        from meswitch.kernels.ops import launch_tiles, triton_available
+
+        if not (self.tiles and triton_available()):
+            return {}
+        rows, plans = x.numel() // x.shape[-1], {}
+        for grid, tiles in self.tiles.items():
+            gb = self.banks.grids[grid]
+            bank = gb.groups.get(name) if isinstance(name, tuple) else gb.banks.get(name)
+            if bank is None:
+                continue
+            plan = sums_plan(bank, tiles.shape[1] - 2, launch_tiles(rows, bank), x.device, x.dtype)
+            if plan is not None:
+                plans[grid] = plan
+        return plans
 
     def tables(self, name: str, kind: str = "dense"):
         """(row slots [B], the grid's table of ``name``, its vocabulary per slot) for each grid in the
@@ -203,9 +234,9 @@ class MixedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.add_delta(x, self.ctx.linear(self.weight_name, x, self.base.weight, self.base.bias), banked=False)
 
-    def apart(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def apart(self, x: torch.Tensor, sums: Mapping | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``forward`` with the banked deltas returned beside the output, not added (:meth:`BatchExperts.linear`)."""
-        y, deltas = self.ctx.linear(self.weight_name, x, self.base.weight, self.base.bias, apart=True)
+        y, deltas = self.ctx.linear(self.weight_name, x, self.base.weight, self.base.bias, apart=True, sums=sums)
         return self.add_delta(x, y, banked=False), deltas
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor, banked: bool = True) -> torch.Tensor:
@@ -279,9 +310,11 @@ class FusedLinears:
         parts = y.split(self.sizes, -1)
         return [m.add_delta(x, part, banked=not grouped) for m, part in zip(self.linears, parts, strict=True)]
 
-    def apart(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    def apart(
+        self, x: torch.Tensor, sums: Mapping | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Each projection's output and, apart, its banked deltas (grouped: one launch; None when there are none)."""
-        y, deltas = self.ctx.linear(self.names, x, self.weight, self.bias, apart=True)
+        y, deltas = self.ctx.linear(self.names, x, self.weight, self.bias, apart=True, sums=sums)
         parts = [m.add_delta(x, p, banked=False) for m, p in zip(self.linears, y.split(self.sizes, -1), strict=True)]
         return parts, list(deltas.split(self.sizes, -1)) if deltas is not None else [None] * len(parts)
 
