@@ -50,6 +50,8 @@ def configs_for(rows: int, experts: int) -> list[LaunchConfig]:
             for sk in (1, 2):
                 for st in (2, 3, 4):
                     out.append(LaunchConfig(block_m=bm, num_stages=st, split_k=sk, x_sums=True))
+                for st in (3, 4):  # at most 96 registers: 5 programs an SM instead of 4 (the loop spills nothing)
+                    out.append(LaunchConfig(block_m=bm, num_stages=st, split_k=sk, x_sums=True, maxnreg=96))
     else:
         for bm in (64, 128):
             for bn, nw in ((128, 4), (128, 8), (256, 8)):
@@ -105,7 +107,8 @@ def main(argv=None) -> None:
                             "graph_fraction": graph_gbps / copy_gbps})  # fmt: skip
             print(
                 f"{shape:20s} rows={rows:5d} E={experts:2d} bn={cfg.block_n:3d} bm={cfg.block_m:3d} w={cfg.num_warps} "
-                f"st={cfg.num_stages} sk={cfg.split_k} epi={int(cfg.epilogue_scale)} {cfg.kernel}: "
+                f"st={cfg.num_stages} sk={cfg.split_k} epi={int(cfg.epilogue_scale)} xs={int(cfg.x_sums)} "
+                f"reg={cfg.maxnreg or '-'} {cfg.kernel}: "
                 f"{r['ms'] * 1e3:8.1f} us "
                 f"{gbps / copy_gbps:5.1%}; graph {r['graph_ms'] * 1e3:8.1f} us {graph_gbps / copy_gbps:5.1%}",
                 flush=True,

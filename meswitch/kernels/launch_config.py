@@ -34,6 +34,10 @@ class LaunchConfig:
     # "triton": the tl.dot kernels, every path
     kernel: str = "triton"
     inflight: int = 1  # gluon: planes whose MMAs run while the next plane's codes are unpacked (1 or 2)
+    # triton: registers a thread may hold (ptxas spills past them). The decode loop with x's row sums given needs
+    # 128, which holds an SM to 4 programs of 4 warps; 96 lets 5 reside, spilling only outside the loop (sm_90,
+    # compiled here); None: ptxas's choice
+    maxnreg: int | None = None
 
 
 _SM_COUNT: dict[int, int] = {}

@@ -347,7 +347,7 @@ def launch(
             EPILOGUE_SCALE=cfg.epilogue_scale, EVEN_K=k % v2_chunk(bank.grid.bits) == 0,
             SPLIT_K=grid[2], BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SAL_BLOCK=SALIENT_BLOCK,
             PREFETCH_Y=cfg.prefetch_y, X_SUMS=x_sums,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
         )  # fmt: skip
     elif bank.grid.layout_version == LAYOUT_V1:
         grid = (triton.cdiv(n, cfg.block_n), tiles.shape[0], 1)
