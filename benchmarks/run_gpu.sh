@@ -3,6 +3,7 @@
 #   bash benchmarks/run_gpu.sh [tests] [sweep] [roofline] [capacity] [switch]   (default: these five)
 #   bash benchmarks/run_gpu.sh decode | speed | parity | ncu                    (one 10-minute call each)
 #   bash benchmarks/run_gpu.sh attention       (the decode attention kernel's launch sweep, about 3 minutes)
+#   AB_RUNS="TREE[+VAR=VALUE]..." bash benchmarks/run_gpu.sh ab   (the decode step, one process per tree, ABAB)
 # ROOFLINE_ARGS / NCU_ARGS pass arguments on (e.g. ROOFLINE_ARGS="--kernels triton gluon --no-baselines");
 # MESWITCH_DELTA_KERNEL=gluon runs decode on the Gluon kernel where it fits (ncu then writes ncu-gluon.json).
 #   bash benchmarks/run_gpu.sh demo-stage demo-setup smol-long [smol] [report-long] [report-smol] [reports] [router-long] [pack]
@@ -48,6 +49,21 @@ for step in $steps; do
     ncu) timeout "${NCU_TIMEOUT:-540}" python3 benchmarks/ncu_shapes.py --out "$OUT/ncu${MESWITCH_DELTA_KERNEL:+-$MESWITCH_DELTA_KERNEL}.json" \
            $NCU_ARGS 2>&1 | tail -n 60 ;;
     decode) timeout 480 python3 benchmarks/decode_e2e.py --out "$OUT/decode_e2e.json" 2>&1 | tee "$OUT/decode.log" ;;
+    ab) # one decode_e2e.py process per entry of AB_RUNS, in turn, AB_ROUNDS times (ABAB: machines and processes
+        # differ by more than most changes buy). An entry is a tree, `.` or a copy of the repository carried along
+        # (`git archive REV meswitch benchmarks | tar -x -C .ab/REV`), with `+VAR=VALUE` for the process's environment,
+        # e.g. AB_RUNS=". .+MESWITCH_DELTA_MAXNREG=96 .ab/f3a6293". AB_MODES, AB_EXPERTS, AB_BATCHES pick the rows;
+        # AB_ARGS passes more arguments on.
+      for round in $(seq "${AB_ROUNDS:-2}"); do
+        i=0
+        for run in ${AB_RUNS:?name the trees}; do
+          i=$((i + 1)); tree=${run%%+*}; envs=; [ "$tree" != "$run" ] && envs=${run#*+}
+          echo "--- round $round, $run ($(date +%T))"
+          env ${envs//+/ } timeout "${AB_TIMEOUT:-150}" python3 "$tree/benchmarks/decode_e2e.py" --prefill-tokens 0 \
+            --modes "${AB_MODES:-graph-compiled}" --experts-list "${AB_EXPERTS:-0,8,16}" --batches "${AB_BATCHES:-32,64}" \
+            --out "$OUT/ab-$round-$i.json" $AB_ARGS 2>&1 | grep '"mode"'
+        done
+      done ;;
     speed) timeout 480 python3 benchmarks/compress_speed.py --work /tmp/meswitch-cs --out "$OUT/compress-speed.json" \
              2>&1 | tail -n 30 ;;
     parity) fam=/tmp/meswitch-family-${FAMILY_SIZE:-tiny}

@@ -550,6 +550,10 @@ def test_a_launch_given_row_sums_takes_them_wherever_the_epilogue_scales(monkeyp
     plan = sums_plan(qkv, 16, 1, cpu, torch.float16)  # one tile: K split four ways
     assert (plan.splits, plan.span, plan.is_bf16) == (4, 1024, False)
     assert sums_plan(down, 64, 8, cpu, torch.bfloat16) is None  # prefill tiles scale in registers
+    assert config_for(down, 16, 8, cpu).maxnreg is None
+    monkeypatch.setenv("MESWITCH_DELTA_MAXNREG", "96")  # the register cap, for an A/B of the decode step
+    assert config_for(down, 16, 8, cpu).maxnreg == 96
+    monkeypatch.delenv("MESWITCH_DELTA_MAXNREG")
     torch.use_deterministic_algorithms(True)
     try:
         assert sums_plan(down, 16, 8, cpu, torch.bfloat16).splits == 1

@@ -128,6 +128,8 @@ def config_for(
                        epilogue_scale=epilogue, x_sums=epilogue and (sums_given or (mlp and split > 1)))  # fmt: skip
     if os.environ.get("MESWITCH_DELTA_KERNEL") == "gluon" and gluon_fits(bank, cfg, device):
         cfg = replace(cfg, kernel="gluon")
+    if os.environ.get("MESWITCH_DELTA_MAXNREG"):  # A/B of the register cap in the decode step (LaunchConfig.maxnreg)
+        cfg = replace(cfg, maxnreg=int(os.environ["MESWITCH_DELTA_MAXNREG"]))
     return cfg
 
 
