@@ -52,6 +52,9 @@ def configs_for(rows: int, experts: int) -> list[LaunchConfig]:
                     out.append(LaunchConfig(block_m=bm, num_stages=st, split_k=sk, x_sums=True))
                 for st in (3, 4):  # at most 96 registers: 5 programs an SM instead of 4 (the loop spills nothing)
                     out.append(LaunchConfig(block_m=bm, num_stages=st, split_k=sk, x_sums=True, maxnreg=96))
+                for reg in (None, 128):  # two planes a dot: fewer instructions, in 139 registers (128: capped)
+                    out.append(LaunchConfig(block_m=bm, num_stages=3, split_k=sk, x_sums=True, paired_planes=True,
+                                            maxnreg=reg))  # fmt: skip
     else:
         for bm in (64, 128):
             for bn, nw in ((128, 4), (128, 8), (256, 8)):
@@ -108,7 +111,7 @@ def main(argv=None) -> None:
             print(
                 f"{shape:20s} rows={rows:5d} E={experts:2d} bn={cfg.block_n:3d} bm={cfg.block_m:3d} w={cfg.num_warps} "
                 f"st={cfg.num_stages} sk={cfg.split_k} epi={int(cfg.epilogue_scale)} xs={int(cfg.x_sums)} "
-                f"reg={cfg.maxnreg or '-'} {cfg.kernel}: "
+                f"reg={cfg.maxnreg or '-'} pair={int(cfg.paired_planes)} {cfg.kernel}: "
                 f"{r['ms'] * 1e3:8.1f} us "
                 f"{gbps / copy_gbps:5.1%}; graph {r['graph_ms'] * 1e3:8.1f} us {graph_gbps / copy_gbps:5.1%}",
                 flush=True,

@@ -494,11 +494,13 @@ def test_precomputed_row_sums_give_the_loops_result(bits, symmetric, split_k, sa
     (given,) = row_sums(x, [sum_weights(plan, x.device)])
     capped = replace(cfg, maxnreg=96)  # and at most 96 registers a thread (LaunchConfig.maxnreg)
     got["given"] = launch(x, bank, tiles, y0.clone(), capped, given.view(len(ids), splits, 2))
+    paired = replace(cfg, paired_planes=True)  # and two planes a dot
+    got["paired"] = launch(x, bank, tiles, y0.clone(), paired, given.view(len(ids), splits, 2))
     with pytest.raises(ValueError, match="row sums must be"):
         launch(x, bank, tiles, y0.clone(), cfg, given)  # [M, 2S], not [M, S, 2]
     live = torch.tensor(ids, device=x.device) >= 0
     delta = want[live] - y0[live].float()
-    for way in (True, "given"):
+    for way in (True, "given", "paired"):
         assert torch.isnan(got[way][~live]).all(), "a base-only row was written"
         assert _rel(got[way][live].float() - y0[live].float(), delta) < 1e-2
         assert _rel(got[way][live].float() - y0[live].float(), got[False][live].float() - y0[live].float()) < 1e-2
@@ -551,9 +553,10 @@ def test_a_launch_given_row_sums_takes_them_wherever_the_epilogue_scales(monkeyp
     assert (plan.splits, plan.span, plan.is_bf16) == (4, 1024, False)
     assert sums_plan(down, 64, 8, cpu, torch.bfloat16) is None  # prefill tiles scale in registers
     assert config_for(down, 16, 8, cpu).maxnreg is None
-    monkeypatch.setenv("MESWITCH_DELTA_MAXNREG", "96")  # the register cap, for an A/B of the decode step
-    assert config_for(down, 16, 8, cpu).maxnreg == 96
-    monkeypatch.delenv("MESWITCH_DELTA_MAXNREG")
+    monkeypatch.setenv("MESWITCH_DELTA_CONFIG", '{"maxnreg": 96, "paired_planes": true}')  # an A/B in the step
+    overridden = config_for(down, 16, 8, cpu)
+    monkeypatch.delenv("MESWITCH_DELTA_CONFIG")
+    assert overridden == replace(config_for(down, 16, 8, cpu), maxnreg=96, paired_planes=True)
     torch.use_deterministic_algorithms(True)
     try:
         assert sums_plan(down, 16, 8, cpu, torch.bfloat16).splits == 1

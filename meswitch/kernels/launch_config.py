@@ -7,6 +7,7 @@ from the kernels lets the decoder and the op size a launch where Triton cannot b
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from dataclasses import dataclass, replace
 
@@ -38,6 +39,9 @@ class LaunchConfig:
     # 128, which holds an SM to 4 programs of 4 warps; 96 lets 5 reside, spilling only outside the loop (sm_90,
     # compiled here); None: ptxas's choice
     maxnreg: int | None = None
+    # triton, with x_sums: two planes a dot (K = 64): the loop 376 -> 344 instructions a chunk, in 139 registers
+    # (128 with maxnreg=128, no spill in the loop; sm_90, compiled here)
+    paired_planes: bool = False
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -128,9 +132,8 @@ def config_for(
                        epilogue_scale=epilogue, x_sums=epilogue and (sums_given or (mlp and split > 1)))  # fmt: skip
     if os.environ.get("MESWITCH_DELTA_KERNEL") == "gluon" and gluon_fits(bank, cfg, device):
         cfg = replace(cfg, kernel="gluon")
-    if os.environ.get("MESWITCH_DELTA_MAXNREG"):  # A/B of the register cap in the decode step (LaunchConfig.maxnreg)
-        cfg = replace(cfg, maxnreg=int(os.environ["MESWITCH_DELTA_MAXNREG"]))
-    return cfg
+    overrides = os.environ.get("MESWITCH_DELTA_CONFIG")  # an A/B of launch fields in the decode step, as JSON
+    return replace(cfg, **json.loads(overrides)) if overrides else cfg
 
 
 def k_splits(chunks: int, split_k: int) -> tuple[int, int]:

@@ -139,17 +139,29 @@ def _x_sums_kernel(x_ptr, sums_ptr, K, span, stride_xm, BITS: tl.constexpr, IS_B
 
 
 @triton.jit
+def _x_tile(x_rows, kk, mmask, K, EVEN_K: tl.constexpr):
+    """x at positions ``kk`` of the tile's rows, as the MMA's B operand ``[len(kk), BLOCK_M]``."""
+    if EVEN_K:
+        xp = tl.load(x_rows + kk[:, None], mask=mmask[None, :], other=0.0)
+    else:
+        xp = tl.load(x_rows + kk[:, None], mask=mmask[None, :] & (kk[:, None] < K), other=0.0)
+    return xp
+
+
+@triton.jit
 def _delta_v2_kernel(
     x_ptr, y_ptr, w_ptr, scale_ptr, offset_ptr, sidx_ptr, sval_ptr, tiles_ptr, sums_ptr,
     N, K, G, KMAX, n_chunks, chunks_per_split, stride_xm, stride_ym,
     stride_we, stride_wc, stride_se, stride_ie, stride_ve, B1, B2,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, EPILOGUE_SCALE: tl.constexpr,
     EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr, X_SUMS: tl.constexpr,
+    SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr, X_SUMS: tl.constexpr, PAIRED: tl.constexpr,
 ):  # fmt: skip
     """Layout-2 codes (bits 1, 2, 4). w_ptr is the packed tensor viewed as int16; ``stride_*`` are the expert
     (and chunk) strides of codes, steps, salient indices and values, so a bank may be a view along N. ``X_SUMS``:
-    the epilogue's row sums of x come from ``sums_ptr`` (:func:`_x_sums_kernel`), not from the loop."""
+    the epilogue's row sums of x come from ``sums_ptr`` (given, or :func:`_x_sums_kernel`), not from the loop.
+    ``PAIRED`` (with ``X_SUMS``): two planes a dot, their operands joined along K (planes p and p+1 are 64
+    consecutive positions of x): half the dots' waits, fences and descriptor work."""
     P: tl.constexpr = 16 // BITS
     CHUNK: tl.constexpr = 32 * P
     HALF_LEVELS: tl.constexpr = ((1 << BITS) - 1) / 2
@@ -186,12 +198,13 @@ def _delta_v2_kernel(
     c_end = tl.minimum(c_begin + chunks_per_split, n_chunks)
     for c in range(c_begin, c_end):
         words = tl.load(w_tile + c * stride_wc, mask=nmask[:, None], other=0)
-        for p in tl.static_range(P):
-            kk = c * CHUNK + p * 32 + offs_t
-            if EVEN_K:
-                xp = tl.load(x_rows + kk[:, None], mask=mmask[None, :], other=0.0)
-            else:
-                xp = tl.load(x_rows + kk[:, None], mask=mmask[None, :] & (kk[:, None] < K), other=0.0)
+        for p in tl.static_range(0, P if PAIRED else 0, 2):
+            xp = _x_tile(x_rows, c * CHUNK + p * 32 + tl.arange(0, 64), mmask, K, EVEN_K)
+            w0 = plane_biased(plane_source(words, BITS, p), BITS, p, IS_BF16)
+            w1 = plane_biased(plane_source(words, BITS, p + 1), BITS, p + 1, IS_BF16)
+            acc = tl.dot(tl.reshape(tl.permute(tl.join(w0, w1), (0, 2, 1)), (BLOCK_N, 64)), xp, acc)
+        for p in tl.static_range(0 if PAIRED else P):
+            xp = _x_tile(x_rows, c * CHUNK + p * 32 + offs_t, mmask, K, EVEN_K)
             src = plane_source(words, BITS, p)
             if EPILOGUE_SCALE:
                 wp = plane_biased(src, BITS, p, IS_BF16)
@@ -346,7 +359,7 @@ def launch(
             BITS=bank.grid.bits, GROUP=bank.grid.group_size, SYMMETRIC=bank.offset is None,
             EPILOGUE_SCALE=cfg.epilogue_scale, EVEN_K=k % v2_chunk(bank.grid.bits) == 0,
             SPLIT_K=grid[2], BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SAL_BLOCK=SALIENT_BLOCK,
-            PREFETCH_Y=cfg.prefetch_y, X_SUMS=x_sums,
+            PREFETCH_Y=cfg.prefetch_y, X_SUMS=x_sums, PAIRED=x_sums and cfg.paired_planes,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
         )  # fmt: skip
     elif bank.grid.layout_version == LAYOUT_V1:
