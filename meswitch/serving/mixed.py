@@ -140,9 +140,9 @@ class BatchExperts:
             if bank is None:
                 continue
             if grid in self.tiles:
-                given = (sums or {}).get(grid)
-                mixed_delta_tiles(x2, bank, self.tiles[grid], y2, sums=None if given is None else given.view(
-                    x2.shape[0], -1, 2))  # fmt: skip
+                given = (sums or {}).get(grid)  # [B, T, 2S] from the glue, read per row and split
+                given = None if given is None else given.view(x2.shape[0], -1, 2)
+                mixed_delta_tiles(x2, bank, self.tiles[grid], y2, sums=given)
                 continue
             rows = self._rows.get((grid, tokens))
             if rows is None:
