@@ -195,10 +195,11 @@ class StaticDecoder:
             # would then tie the two and recompile when they part (they did, on the CPU family's SwiGLU).
             distinct = torch.fx.experimental._config.patch(use_duck_shape=False)
             # Values rounded to bf16 inside a kernel stay rounded when read again (Inductor otherwise keeps them in
-            # fp32): x's row sums must be those of x as stored, or 2**7·Σx loses the delta's contribution.
-            rounded = torch._inductor.config.patch(emulate_precision_casts=True)
+            # fp32): x's row sums must be those of x as stored, or 2**7·Σx loses the delta's contribution. And each
+            # function one kernel: SwiGLU's row sums over a long row would otherwise split into two on a GPU.
+            inductor = torch._inductor.config.patch(emulate_precision_casts=True, split_reductions=False)
             self._glue = {
-                k: distinct(patch(rounded(torch.compile(fn, dynamic=None, fullgraph=True)))) for k, fn in fns.items()
+                k: distinct(patch(inductor(torch.compile(fn, dynamic=None, fullgraph=True)))) for k, fn in fns.items()
             }
         self.captures = 0
         self._side = torch.cuda.Stream(dev) if self.config.overlap_deltas and dev.type == "cuda" else None
