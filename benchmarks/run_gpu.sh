@@ -51,7 +51,8 @@ for step in $steps; do
     decode) timeout 480 python3 benchmarks/decode_e2e.py --out "$OUT/decode_e2e.json" 2>&1 | tee "$OUT/decode.log" ;;
     ab) # one decode_e2e.py process per entry of AB_RUNS, in turn, AB_ROUNDS times (ABAB: machines and processes
         # differ by more than most changes buy). An entry is a tree, `.` or a copy of the repository carried along
-        # (`git archive REV meswitch benchmarks | tar -x -C .ab/REV`), with `+VAR=VALUE` for the process's environment,
+        # (`git archive REV meswitch benchmarks/decode_e2e.py | tar -x -C .ab/REV`; git ignores .ab/: carry it), with
+        # `+VAR=VALUE` for the process's environment,
         # e.g. AB_RUNS=". .+MESWITCH_X_SUMS=0 .ab/f3a6293". AB_MODES, AB_EXPERTS, AB_BATCHES pick the rows;
         # AB_ARGS passes more arguments on.
       for round in $(seq "${AB_ROUNDS:-2}"); do
