@@ -344,9 +344,11 @@ def launch(
         w = bank.packed.view(torch.int16)
         x_sums = cfg.x_sums and cfg.epilogue_scale
         if x_sums and sums is not None:
-            if tuple(sums.shape) != (x.shape[0], splits, 2) or sums.dtype != torch.float32 or not sums.is_contiguous():
-                raise ValueError(f"row sums must be contiguous fp32 [{x.shape[0]}, {splits}, 2], got "
-                                 f"{sums.dtype} {tuple(sums.shape)}")  # fmt: skip
+            want = (x.shape[0], splits, 2)
+            if tuple(sums.shape) != want or sums.dtype != torch.float32 or not sums.is_contiguous() or (
+                    sums.device != x.device):  # fmt: skip
+                raise ValueError(f"row sums must be contiguous fp32 {list(want)} on {x.device}, got {sums.dtype} "
+                                 f"{list(sums.shape)} on {sums.device}")  # fmt: skip
         elif x_sums:
             sums = torch.empty((x.shape[0], splits, 2), dtype=torch.float32, device=x.device)
             _x_sums_kernel[(x.shape[0], splits)](x, sums, k, per_split * v2_chunk(bank.grid.bits), x.stride(0),
