@@ -50,9 +50,13 @@ def configs_for(rows: int, experts: int) -> list[LaunchConfig]:
             for sk in (1, 2):
                 for st in (2, 3, 4):
                     out.append(LaunchConfig(block_m=bm, num_stages=st, split_k=sk, x_sums=True))
-                for st in (3, 4):  # at most 96 registers: 5 programs an SM instead of 4 (the loop spills nothing)
-                    out.append(LaunchConfig(block_m=bm, num_stages=st, split_k=sk, x_sums=True, maxnreg=96))
-                for reg in (None, 128):  # two planes a dot: fewer instructions, in 139 registers (128: capped)
+                # register caps (Triton 3.6, sm_90: the loop spills nothing at these): 128 lets 4 programs of 4 warps
+                # share an SM where ptxas takes 129-143 registers (3 fit), 96 lets 5
+                for reg in (96, 128):
+                    out.append(LaunchConfig(block_m=bm, num_stages=3, split_k=sk, x_sums=True, maxnreg=reg))
+                out.append(LaunchConfig(block_m=bm, num_stages=4, split_k=sk, x_sums=True, maxnreg=96))
+                out.append(LaunchConfig(block_m=bm, num_stages=3, split_k=sk, maxnreg=128))  # the loop's own sums
+                for reg in (None, 128):  # two planes a dot: fewer instructions, in 138 registers (128: capped)
                     out.append(LaunchConfig(block_m=bm, num_stages=3, split_k=sk, x_sums=True, paired_planes=True,
                                             maxnreg=reg))  # fmt: skip
     else:

@@ -35,12 +35,11 @@ class LaunchConfig:
     # "triton": the tl.dot kernels, every path
     kernel: str = "triton"
     inflight: int = 1  # gluon: planes whose MMAs run while the next plane's codes are unpacked (1 or 2)
-    # triton: registers a thread may hold (ptxas spills past them). The decode loop with x's row sums given needs
-    # 128, which holds an SM to 4 programs of 4 warps; 96 lets 5 reside, spilling only outside the loop (sm_90,
-    # compiled here); None: ptxas's choice
+    # triton: registers a thread may hold (ptxas spills past them). ptxas gives the decode loop 128-143 (172 with
+    # 32-row tiles), which holds an SM to 3 or 4 programs of 4 warps; at 128 4 fit, at 96 5, with no spill inside
+    # the loop (Triton 3.6, sm_90, compiled here: NOTES-kernels.md); None: ptxas's choice
     maxnreg: int | None = None
-    # triton, with x_sums: two planes a dot (K = 64): the loop 376 -> 344 instructions a chunk, in 139 registers
-    # (128 with maxnreg=128, no spill in the loop; sm_90, compiled here)
+    # triton, with x_sums: two planes a dot (K = 64): the loop 367 -> 328 instructions a chunk, in 138 registers
     paired_planes: bool = False
 
 
