@@ -34,29 +34,9 @@ from meswitch.kernels.gluon_delta import _plane
 
 
 @gluon.jit
-def _consumer(
-    w_smem,
-    x_smem,
-    ready,
-    empty,
-    n_iter,
-    y_ptr,
-    scale_ptr,
-    offset_ptr,
-    sums_ptr,
-    tile,
-    e,
-    pid_n,
-    N,
-    count,
-    stride_ym,
-    BITS: gl.constexpr,
-    IS_BF16: gl.constexpr,
-    SPLIT_K: gl.constexpr,
-    BLOCK_N: gl.constexpr,
-    BLOCK_M: gl.constexpr,
-    STAGES: gl.constexpr,
-):
+def _consumer(w_smem, x_smem, ready, empty, n_iter, y_ptr, scale_ptr, offset_ptr, sums_ptr, tile, e, pid_n, N, count,
+              stride_ym, BITS: gl.constexpr, IS_BF16: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_N: gl.constexpr,
+              BLOCK_M: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
     P: gl.constexpr = 16 // BITS
     DT: gl.constexpr = x_smem.dtype
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
@@ -94,27 +74,9 @@ def _consumer(
 
 
 @gluon.jit
-def _producer(
-    w_smem,
-    x_smem,
-    ready,
-    empty,
-    n_iter,
-    w_ptr,
-    x_ptr,
-    tiles_ptr,
-    e,
-    c_begin,
-    pid_n,
-    N,
-    n_chunks,
-    stride_xm,
-    count,
-    BITS: gl.constexpr,
-    BLOCK_N: gl.constexpr,
-    BLOCK_M: gl.constexpr,
-    STAGES: gl.constexpr,
-):
+def _producer(w_smem, x_smem, ready, empty, n_iter, w_ptr, x_ptr, tiles_ptr, e, c_begin, pid_n, N, n_chunks,
+              stride_xm, count, BITS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+              STAGES: gl.constexpr):  # fmt: skip
     P: gl.constexpr = 16 // BITS
     CHUNK: gl.constexpr = 32 * P
     wc_l: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [1, 1], [1, 0])
@@ -136,26 +98,9 @@ def _producer(
 
 
 @gluon.jit
-def _delta_ws(
-    x_ptr,
-    y_ptr,
-    w_ptr,
-    scale_ptr,
-    offset_ptr,
-    tiles_ptr,
-    sums_ptr,
-    N,
-    n_chunks,
-    chunks_per_split,
-    stride_xm,
-    stride_ym,
-    BITS: gl.constexpr,
-    SPLIT_K: gl.constexpr,
-    BLOCK_N: gl.constexpr,
-    BLOCK_M: gl.constexpr,
-    STAGES: gl.constexpr,
-    num_warps: gl.constexpr,
-):
+def _delta_ws(x_ptr, y_ptr, w_ptr, scale_ptr, offset_ptr, tiles_ptr, sums_ptr, N, n_chunks, chunks_per_split,
+              stride_xm, stride_ym, BITS: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_N: gl.constexpr,
+              BLOCK_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     P: gl.constexpr = 16 // BITS
     DT: gl.constexpr = x_ptr.dtype.element_ty
     IS_BF16: gl.constexpr = gl.bfloat16 == DT
@@ -177,62 +122,12 @@ def _delta_ws(
     for j in gl.static_range(STAGES):
         mbarrier.init(ready.index(j), count=32)
         mbarrier.init(empty.index(j), count=1)
-    gl.warp_specialize(
-        [
-            (
-                _consumer,
-                (
-                    w_smem,
-                    x_smem,
-                    ready,
-                    empty,
-                    n_iter,
-                    y_ptr,
-                    scale_ptr,
-                    offset_ptr,
-                    sums_ptr,
-                    tile,
-                    e,
-                    pid_n,
-                    N,
-                    count,
-                    stride_ym,
-                    BITS,
-                    IS_BF16,
-                    SPLIT_K,
-                    BLOCK_N,
-                    BLOCK_M,
-                    STAGES,
-                ),
-            ),
-            (
-                _producer,
-                (
-                    w_smem,
-                    x_smem,
-                    ready,
-                    empty,
-                    n_iter,
-                    w_ptr,
-                    x_ptr,
-                    tile,
-                    e,
-                    c_begin,
-                    pid_n,
-                    N,
-                    n_chunks,
-                    stride_xm,
-                    count,
-                    BITS,
-                    BLOCK_N,
-                    BLOCK_M,
-                    STAGES,
-                ),
-            ),
-        ],
-        [1],
-        [48],
-    )
+    gl.warp_specialize([
+        (_consumer, (w_smem, x_smem, ready, empty, n_iter, y_ptr, scale_ptr, offset_ptr, sums_ptr, tile, e, pid_n, N,
+                     count, stride_ym, BITS, IS_BF16, SPLIT_K, BLOCK_N, BLOCK_M, STAGES)),
+        (_producer, (w_smem, x_smem, ready, empty, n_iter, w_ptr, x_ptr, tile, e, c_begin, pid_n, N, n_chunks,
+                     stride_xm, count, BITS, BLOCK_N, BLOCK_M, STAGES)),
+    ], [1], [48])  # fmt: skip
 
 
 POINTERS = {"x_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*i16", "scale_ptr": "*fp16", "offset_ptr": "*fp16",
