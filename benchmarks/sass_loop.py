@@ -111,17 +111,26 @@ def opcode(instruction: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
 
 
-def main_loop(instructions: list[str], labels: dict[str, int]) -> list[str]:
-    """The loop over K chunks: the shortest backward branch whose body has the codes' 16-bit MMAs (the salient
-    columns' loop has tf32 ones)."""
+def backward_loops(instructions: list[str], labels: dict[str, int]) -> list[list[str]]:
+    """Every loop's body: the instructions from a label to a branch back to it."""
     loops = []
     for i, ins in enumerate(instructions):
         m = re.search(r"BRA\s.*?\.(L_x_\d+)", ins)
         if m and labels.get(m.group(1), i + 1) <= i:
-            body = instructions[labels[m.group(1)] : i + 1]
-            if any(opcode(b) == "HGMMA" and re.search(r"\.B?F16\b", b) for b in body):
-                loops.append(body)
-    return min(loops, key=len)
+            loops.append(instructions[labels[m.group(1)] : i + 1])
+    return loops
+
+
+def innermost(loops: list[list[str]], holds) -> list[str]:
+    """The shortest loop with an instruction for which ``holds`` is true."""
+    return min((body for body in loops if any(holds(i) for i in body)), key=len)
+
+
+def main_loop(instructions: list[str], labels: dict[str, int]) -> list[str]:
+    """The loop over K chunks: the innermost holding the codes' 16-bit MMAs (the salient columns' loop has tf32
+    ones)."""
+    is_16_bit_mma = lambda i: opcode(i) == "HGMMA" and bool(re.search(r"\.B?F16\b", i))
+    return innermost(backward_loops(instructions, labels), is_16_bit_mma)
 
 
 def measure(label: str, fields: dict, splits: int) -> dict:

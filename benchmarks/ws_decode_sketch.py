@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import re
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import triton
-from sass_loop import opcode, registers, sass_lines
+from sass_loop import backward_loops, innermost, opcode, registers, sass_lines
 from triton.backends.compiler import GPUTarget
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -152,13 +151,9 @@ def main(argv=None) -> None:
     instructions, labels = sass_lines(cubin)
     print(f"registers at launch {registers(cubin)} (5 warps), shared {kernel.metadata.shared // 1024} KiB, spills "
           f"{sum(opcode(i) in ('LDL', 'STL') for i in instructions)}")  # fmt: skip
-    loops = []
-    for i, ins in enumerate(instructions):
-        m = re.search(r"BRA\s.*?\.(L_x_\d+)", ins)
-        if m and labels.get(m.group(1), i + 1) <= i:
-            loops.append(instructions[labels[m.group(1)] : i + 1])
-    for name, found in (("consumer", "HGMMA"), ("producer", "LDGSTS")):  # each the innermost loop holding its work
-        body = min((b for b in loops if any(opcode(x) == found for x in b)), key=len)
+    loops = backward_loops(instructions, labels)
+    for name, work in (("consumer", "HGMMA"), ("producer", "LDGSTS")):  # each the innermost loop holding its work
+        body = innermost(loops, lambda i, work=work: opcode(i) == work)
         ops = collections.Counter(opcode(x) for x in body)
         print(f"{name} loop: {len(body)} instructions a chunk {dict(ops.most_common(8))}")
 

@@ -120,6 +120,10 @@ class GridBanks:
         """The projections whose bank is a view of a group's."""
         return {name for names in self.groups for name in names}
 
+    def bank(self, name: str | tuple[str, ...]) -> DeltaBank | None:
+        """The bank of a tensor, or of sibling projections held as one (a tuple of their names); None if absent."""
+        return self.groups.get(name) if isinstance(name, tuple) else self.banks.get(name)
+
 
 @dataclass
 class ExpertTables:

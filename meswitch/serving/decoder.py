@@ -269,13 +269,7 @@ class StaticDecoder:
             else:
                 gate, up = fused[1](h, grouped) if fused else (mlp.gate_proj(h), mlp.up_proj(h))
                 d_gate = d_up = None
-            s_down = {}
-            if decode and self._glue:
-                grids, weights = self._plan(i, 2, gate, summed)
-                act, sums = self._glue["swiglu"](gate, up, d_gate, d_up, weights)
-                s_down = dict(zip(grids, sums, strict=True))
-            else:
-                act = swiglu(gate, up, d_gate, d_up, mlp.act_fn)
+            act, s_down = self._swiglu(mlp, gate, up, d_gate, d_up, decode, self._plan(i, 2, gate, summed))
             last = i + 1 == len(self.layers)
             after = self.norm if last else self.layers[i + 1].input_layernorm
             y, d = self._project(mlp.down_proj, act, apart, s_down)
@@ -320,6 +314,15 @@ class StaticDecoder:
         grids, weights = plan
         x, h, sums = self._glue["add_norm"](x, y, module.eps, module.base.weight, self._tables(module), d, weights)
         return x, h, dict(zip(grids, sums, strict=True))
+
+    def _swiglu(self, mlp, gate, up, d_gate, d_up, decode: bool, plan=((), ())) -> tuple[torch.Tensor, dict]:
+        """SwiGLU (deltas added where they came apart) and, from the compiled glue, its row sums per grid as
+        :meth:`_norm`."""
+        if not (decode and self._glue):
+            return swiglu(gate, up, d_gate, d_up, mlp.act_fn), {}
+        grids, weights = plan
+        act, sums = self._glue["swiglu"](gate, up, d_gate, d_up, weights)
+        return act, dict(zip(grids, sums, strict=True))
 
     def _tables(self, module) -> list:
         return [(s, t) for s, t, _ in self.engine.ctx.tables(module.name)]

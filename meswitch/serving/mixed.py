@@ -135,8 +135,7 @@ class BatchExperts:
         tokens = x.shape[1] if x.dim() == 3 else 1
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         for grid in self.slots:
-            gb = self.banks.grids[grid]
-            bank = gb.groups.get(name) if isinstance(name, tuple) else gb.banks.get(name)
+            bank = self.banks.grids[grid].bank(name)
             if bank is None:
                 continue
             if grid in self.tiles:
@@ -161,8 +160,7 @@ class BatchExperts:
             return {}
         rows, plans = x.numel() // x.shape[-1], {}
         for grid, tiles in self.tiles.items():
-            gb = self.banks.grids[grid]
-            bank = gb.groups.get(name) if isinstance(name, tuple) else gb.banks.get(name)
+            bank = self.banks.grids[grid].bank(name)
             if bank is None:
                 continue
             plan = sums_plan(bank, tiles.shape[1] - 2, launch_tiles(rows, bank), x.device, x.dtype)
