@@ -18,8 +18,11 @@ mixed, rows spread evenly over them):
 * ``graph-sdpa``: ``graph-compiled`` with PyTorch's SDPA (cuDNN) and two index writes for decode
   attention instead of the Triton kernel that also writes the new K/V (the default).
 * ``engine``: ``MixedExpertEngine.forward`` eagerly with a DynamicCache, as the scheduler used to drive it.
-* ``hf`` / ``hf-compile`` (base alone): transformers eager, and transformers with a StaticCache and
-  ``torch.compile(mode="reduce-overhead")``: what a user would pick instead.
+* ``hf`` / ``hf-compile`` / ``hf-generate`` (base alone): transformers eager; transformers with a StaticCache and
+  ``torch.compile(mode="reduce-overhead")``, stepped by hand; and transformers' own ``generate`` with a static
+  cache, which compiles its decode forward itself: what a user would pick instead. The compiled rows also count the
+  CUDA graphs captured during their timed steps (``graphs_captured_timed``: more than 0 means recording, not
+  replaying).
 
 Per row: ``ms`` (median step, synchronised), ``host_ms`` (until the call returns), ``gpu_ms`` (CUDA
 events around the step), tokens/s, and ``fraction_of_bytes_floor``: the step's bytes (every base
@@ -39,7 +42,10 @@ nothing is written to disk. Seam: ``InMemoryEngine`` hands the model in memory t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import functools
+import itertools
 import json
 import os
 import statistics
@@ -53,6 +59,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.generation.streamers import BaseStreamer
 
 from meswitch.checkpoints import ARCHITECTURES
 from meswitch.compression.delta import DeltaConfig
@@ -257,9 +264,33 @@ def graph_decode(dec: StaticDecoder, rows: list, prompt: int, warmup: int, steps
             "tokens": torch.stack(state["tokens"]).T.tolist(), "prompts": prompts}  # fmt: skip
 
 
+@contextlib.contextmanager
+def graph_captures(device: torch.device):
+    """When each CUDA graph inside the block began its capture (``time.perf_counter``). torch.compile's
+    cudagraph trees record a graph per distinct value of the compiled graph's int inputs, so captures during
+    timed steps mean a baseline that records instead of replaying (the 2026-12-04 runs warned of 9 sizes)."""
+    times: list[float] = []
+    if device.type != "cuda":
+        yield times
+        return
+    begin = torch.cuda.CUDAGraph.capture_begin
+
+    def counted(self, *args, **kwargs):
+        times.append(time.perf_counter())
+        return begin(self, *args, **kwargs)
+
+    torch.cuda.CUDAGraph.capture_begin = counted
+    try:
+        yield times
+    finally:
+        torch.cuda.CUDAGraph.capture_begin = begin
+
+
 def hf_decode(model, batch: int, prompt: int, warmup: int, steps: int, gen, compiled: bool) -> dict:
-    """transformers on the base alone: eager with a DynamicCache, or a StaticCache with the forward
-    compiled (``mode="reduce-overhead"``: CUDA graphs), what a user would pick instead."""
+    """transformers on the base alone, stepped by hand: eager with a DynamicCache, or a StaticCache with the
+    forward compiled (``mode="reduce-overhead"``: CUDA graphs). The positions live on the device and advance in
+    place, so no step waits on the host (a ``torch.tensor([p], device=...)`` a step copies from pageable memory
+    and synchronises)."""
     from transformers import StaticCache
 
     dev = next(model.parameters()).device
@@ -271,21 +302,67 @@ def hf_decode(model, batch: int, prompt: int, warmup: int, steps: int, gen, comp
     with torch.inference_mode():
         out = model(input_ids=ids, **{kw: cache}, cache_position=torch.arange(prompt, device=dev),
                     use_cache=True, logits_to_keep=1)  # fmt: skip
-    state = {"last": out.logits[:, -1].argmax(-1), "pos": prompt}
+        state = {"last": out.logits[:, -1].argmax(-1), "cache_position": torch.full((1,), prompt, device=dev),
+                 "position_ids": torch.full((batch, 1), prompt, device=dev)}  # fmt: skip
     timer = Timer(dev)
 
     def step():
-        p = state["pos"]
         with torch.inference_mode():
-            o = fwd(input_ids=state["last"][:, None], **{kw: cache},
-                    cache_position=torch.tensor([p], device=dev), position_ids=torch.full((batch, 1), p, device=dev),
-                    use_cache=True, logits_to_keep=1)  # fmt: skip
-        state["last"], state["pos"] = o.logits[:, -1].argmax(-1), p + 1
+            o = fwd(input_ids=state["last"][:, None], **{kw: cache}, cache_position=state["cache_position"],
+                    position_ids=state["position_ids"], use_cache=True, logits_to_keep=1)  # fmt: skip
+            state["last"] = o.logits[:, -1].argmax(-1)
+            state["cache_position"].add_(1)
+            state["position_ids"].add_(1)
         return o
 
-    for t in range(warmup + steps):
-        timer(step, t >= warmup)
-    return {**timer.result(), "mean_context": prompt + warmup + (steps + 1) / 2}
+    for _ in range(warmup):
+        timer(step, False)
+    with graph_captures(dev) as captured:
+        for _ in range(steps):
+            timer(step, True)
+    return {**timer.result(), "mean_context": prompt + warmup + (steps + 1) / 2, "graphs_captured_timed": len(captured)}
+
+
+class StepClock(BaseStreamer):
+    """A streamer that only notes when ``generate`` hands it tokens: the prompt, then one put a step, each after
+    the host has read the step's stop flag (so after the step's GPU work)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def hf_generate(model, batch: int, prompt: int, warmup: int, steps: int, gen) -> dict:
+    """transformers' own ``generate`` with ``cache_implementation="static"``, which compiles the decode forward
+    itself on a GPU (its ``CompileConfig``: ``mode="reduce-overhead"``): what a user of transformers runs. A first
+    call compiles and records; the second is timed step by step with :class:`StepClock`."""
+    dev = next(model.parameters()).device
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), generator=gen, device=dev)
+    new = warmup + steps + 1
+    kw = {"attention_mask": torch.ones_like(ids), "max_new_tokens": new, "min_new_tokens": new, "do_sample": False,
+          "cache_implementation": "static", "pad_token_id": 0}  # fmt: skip
+    with torch.inference_mode():
+        model.generate(ids, **kw)
+        clock = StepClock()
+        with graph_captures(dev) as captured:
+            model.generate(ids, streamer=clock, **kw)
+    if len(clock.times) != new + 1:
+        raise RuntimeError(f"generate handed the streamer {len(clock.times)} puts for {new} new tokens")
+    timed = clock.times[1 + warmup :]  # puts: the prompt, the prefill's token, then one a decode step
+    gaps = [b - a for a, b in itertools.pairwise(timed)]
+    return {"ms": round(1e3 * statistics.median(gaps), 3), "host_ms": None, "gpu_ms": None,
+            "mean_context": prompt + warmup + (steps + 1) / 2,
+            "graphs_captured_timed": sum(t > timed[0] for t in captured)}  # fmt: skip
+
+
+# what a user would run instead, on the base alone: (model, batch, prompt, warmup, steps, generator) -> timings
+BASELINES = {"hf": functools.partial(hf_decode, compiled=False),
+             "hf-compile": functools.partial(hf_decode, compiled=True), "hf-generate": hf_generate}  # fmt: skip
 
 
 def int_list(text: str) -> list[int]:
@@ -327,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--experts-list", type=int_list, default=[0, 1, 4, 8, 16], help="0: the base alone")
     ap.add_argument("--batches", type=int_list, default=[1, 8, 32, 64])
     ap.add_argument("--modes", default="graph,graph-compiled,graph-unfused,graph-ungrouped,graph-sdpa,engine,hf,"
-                                       "hf-compile",
+                                       "hf-compile,hf-generate",
                     help="graph (static decoder, CUDA graphs), graph-compiled (and its small ops fused by "
                          "torch.compile), graph-unfused (graph-compiled without the fused q/k/v and gate/up "
                          "GEMMs), graph-ungrouped (graph-compiled with a delta launch per projection, not per "
@@ -335,8 +412,9 @@ def main(argv: list[str] | None = None) -> None:
                          "beside them), graph-sdpa (graph-compiled with SDPA for decode attention), "
                          "graph-kernel-sums (graph-compiled with x's row sums from a kernel of their own, not from "
                          "the glue), engine (eager engine), hf (transformers eager, base alone), hf-compile "
-                         "(transformers static cache + torch.compile, base alone)")  # fmt: skip
-    ap.add_argument("--compile-batches", type=int_list, default=[32], help="batches for hf-compile (compiles are slow)")
+                         "(transformers static cache + torch.compile, stepped by hand, base alone), hf-generate "
+                         "(transformers' generate with a static cache, which compiles itself, base alone)")  # fmt: skip
+    ap.add_argument("--compile-batches", type=int_list, default=[32], help="batches of the compiled hf modes")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per configuration")
@@ -360,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     with device:
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
         plain = None
-        if modes & {"hf", "hf-compile"}:  # the same weights, unpatched: what a user runs with transformers
+        if modes & set(BASELINES):  # the same weights, unpatched: what a user runs with transformers
             plain = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
             plain.load_state_dict(model.state_dict())
     eng = InMemoryEngine(model, EngineConfig(device=args.device, payload="packed"))
@@ -422,7 +500,12 @@ def main(argv: list[str] | None = None) -> None:
                                        "their own (on the MLP's launches), not from the compiled norm and SwiGLU",
                   "engine": "meswitch MixedExpertEngine.forward eagerly (transformers model, DynamicCache)",
                   "hf": "transformers eager, DynamicCache, base alone",
-                  "hf-compile": "transformers StaticCache + torch.compile(mode='reduce-overhead'), base alone"},
+                  "hf-compile": "transformers StaticCache + torch.compile(mode='reduce-overhead'), stepped by hand "
+                                "with the positions on the device, base alone",
+                  "hf-generate": "transformers generate(cache_implementation='static'), which compiles its decode "
+                                 "forward (reduce-overhead) itself; ms from the streamer's per-step times (generate "
+                                 "reads its stop flag on the host every step, so no separate host and GPU times), "
+                                 "base alone"},
         "copy_bandwidth_GBps": round(bandwidth / 1e9, 1),
         "base_bytes_per_step": base_bytes,
         "expert_delta_bytes_per_step": delta_bytes,
@@ -458,16 +541,20 @@ def main(argv: list[str] | None = None) -> None:
             if "engine" in modes:
                 record("engine", experts, batch, engine_eager(eng, rows, args.prompt, 1, args.eager_steps, gen))
             if experts == 0 and "hf" in modes:
-                record("hf", 0, batch, hf_decode(plain, batch, args.prompt, 1, args.eager_steps, gen, compiled=False))
-            if experts == 0 and "hf-compile" in modes and batch in args.compile_batches:
+                record("hf", 0, batch, BASELINES["hf"](plain, batch, args.prompt, 1, args.eager_steps, gen))
+            for mode, run in BASELINES.items():
+                if mode == "hf" or experts or mode not in modes or batch not in args.compile_batches:
+                    continue
                 t0 = time.perf_counter()
                 try:
-                    r = hf_decode(plain, batch, args.prompt, 3, args.steps, gen, compiled=True)
+                    r = run(plain, batch, args.prompt, 3, args.steps, gen)
                 except Exception as exc:  # a baseline that fails is reported; the run goes on
-                    report.setdefault("errors", []).append(f"hf-compile batch {batch}: {exc!r}"[:2000])
+                    report.setdefault("errors", []).append(f"{mode} batch {batch}: {exc!r}"[:2000])
                     print(report["errors"][-1], flush=True)
                     continue
-                record("hf-compile", 0, batch, r)["compile_and_run_s"] = round(time.perf_counter() - t0, 1)
+                row = record(mode, 0, batch, r)
+                row["compile_and_run_s"] = round(time.perf_counter() - t0, 1)
+                row["graphs_captured_timed"] = r["graphs_captured_timed"]
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 

@@ -1,0 +1,69 @@
+"""The GPU benchmarks, run through on the CPU at a toy geometry (their ``--device cpu`` smoke path).
+
+GPU time comes in short sessions: a benchmark that fails after minutes of set-up wastes one. These runs check
+that each mode produces its row with the fields the results JSON promises; they say nothing of speed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def decode_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("decode") / "decode_e2e.json"
+    modes = "graph,graph-compiled,engine,hf,hf-compile,hf-generate"
+    _load("decode_e2e").main(["--device", "cpu", "--layers", "2", "--hidden", "64", "--inter", "128", "--heads", "4",
+                              "--kv", "2", "--vocab", "256", "--experts-list", "0,2", "--batches", "2",
+                              "--compile-batches", "2", "--modes", modes, "--prompt", "6", "--warmup", "1",
+                              "--steps", "3", "--eager-steps", "2", "--max-len", "32", "--prefill-tokens", "0",
+                              "--out", str(out)])  # fmt: skip
+    return json.loads(out.read_text())
+
+
+def test_the_decode_benchmark_gives_every_mode_its_row(decode_report):
+    rows = {(r["mode"], r["experts"]) for r in decode_report["rows"]}
+    expected = {(m, e) for m in ("graph", "graph-compiled", "engine") for e in (0, 2)}
+    expected |= {("hf", 0), ("hf-compile", 0), ("hf-generate", 0)}
+    assert rows == expected
+    assert "errors" not in decode_report
+    for r in decode_report["rows"]:
+        assert r["ms"] > 0 and r["fraction_of_bytes_floor"] > 0 and r["tokens_per_s"] > 0
+        assert {"gpu_ms", "host_ms", "bytes_floor_ms"} <= set(r)
+    assert {"device", "versions", "command", "date"} <= set(decode_report)
+
+
+def test_the_compiled_transformers_baselines_count_graphs_captured_while_timed(decode_report):
+    compiled = [r for r in decode_report["rows"] if r["mode"] in ("hf-compile", "hf-generate")]
+    assert len(compiled) == 2
+    # no CUDA graph on the CPU: the count is there, and zero
+    assert all(r["graphs_captured_timed"] == 0 and r["compile_and_run_s"] > 0 for r in compiled)
+
+
+def test_the_step_clock_times_generates_decode_steps():
+    """hf-generate's timing: one put for the prompt, one after prefill, then one a decode step."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    bench = _load("decode_e2e")
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    r = bench.hf_generate(model, 2, 5, 2, 4, torch.Generator().manual_seed(0))
+    assert r["ms"] > 0 and r["mean_context"] == 5 + 2 + 2.5
