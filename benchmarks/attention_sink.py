@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 from meswitch.checkpoints import Checkpoint, check_expert
-from meswitch.compression.calibration import CalibConfig, calibrate, read_texts, resolve_device
+from meswitch.compression.calibration import CalibConfig, calibrate, read_texts
 from meswitch.compression.delta import DeltaConfig
 from meswitch.compression.expert import ExpertInfo, compress_expert
 from meswitch.compression.reconstruct import open_artifact
+from meswitch.devices import resolve_device
 from meswitch.evaluation.evaluate import Evaluator
 from meswitch.evaluation.metrics import EvalData
 from meswitch.evaluation.report import _ratio_ci

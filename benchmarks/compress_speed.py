@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from meswitch.checkpoints import Checkpoint, check_expert
-from meswitch.compression.calibration import CalibConfig, calibrate, resolve_device
+from meswitch.compression.calibration import CalibConfig, calibrate
 from meswitch.compression.delta import DeltaConfig
 from meswitch.compression.expert import ExpertInfo, compress_expert
+from meswitch.devices import resolve_device
 from meswitch.synthetic import mistral_7b_config, write_synthetic_pair
 
 WORDS = [

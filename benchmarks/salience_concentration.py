@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 from meswitch.checkpoints import Checkpoint, check_expert
-from meswitch.compression.calibration import CalibConfig, calibrate, read_texts, resolve_device
+from meswitch.compression.calibration import CalibConfig, calibrate, read_texts
 from meswitch.compression.quantize import QuantSpec
 from meswitch.compression.salience import reconstruction_scores, shares_of
+from meswitch.devices import resolve_device
 from meswitch.expert_card import load_card
 
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from meswitch.artifacts import Manifest
 from meswitch.checkpoints import Checkpoint, check_expert
-from meswitch.compression.calibration import calibrate, read_texts, resolve_device
+from meswitch.compression.calibration import calibrate, read_texts
 from meswitch.compression.config import CalibConfig, DeltaConfig, calibration_for
 from meswitch.compression.expert import ExpertInfo, compress_expert
 from meswitch.compression.methods import get_method
 from meswitch.data.loading import DataSource
+from meswitch.devices import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -21,18 +21,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from meswitch.checkpoints import Checkpoint, CheckpointError, config_dtype
 from meswitch.compression.config import CalibConfig
 from meswitch.data.loading import DataSource, load_texts
+from meswitch.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
 LM_HEAD = "lm_head"
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
 
 
 def read_texts(source: DataSource | Path | str) -> list[str]:

@@ -24,10 +24,11 @@ import torch
 
 from meswitch.artifacts import read_manifest
 from meswitch.checkpoints import Checkpoint, check_expert, config_dtype
-from meswitch.compression.calibration import CalibConfig, calibrate, read_texts, resolve_device
+from meswitch.compression.calibration import CalibConfig, calibrate, read_texts
 from meswitch.compression.distill import DistillConfig, distill_artifact
 from meswitch.compression.expert import ExpertInfo, compress_expert
 from meswitch.compression.methods import BITDELTA, FIXED, MAGNITUDE, MESWITCH, get_method
+from meswitch.devices import resolve_device
 from meswitch.evaluation.evaluate import EvalResult, Evaluator
 from meswitch.evaluation.metrics import EvalData, gain_kept_ci, paired_ratio_ci, task_gain_kept_ci
 from meswitch.evaluation.variants import (

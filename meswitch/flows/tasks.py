@@ -277,8 +277,8 @@ def needs_calibration(config: PipelineConfig) -> bool:
 
 
 def calibration_key(expert_fp: str, calib_sha: str, config: PipelineConfig) -> str:
-    from meswitch.compression.calibration import resolve_device
     from meswitch.compression.config import calibration_for
+    from meswitch.devices import resolve_device
 
     device = resolve_device(config.device).type  # bf16 on a GPU, fp32 on the CPU: not the same statistics
     calib = asdict(calibration_for(config.compression, config.calibration))  # as calibrate runs it
@@ -332,8 +332,8 @@ def compress(
     """Write the artifact to ``out`` (atomically); a finished artifact of the same expert there is reused."""
     from meswitch.artifacts import ArtifactError, read_manifest
     from meswitch.checkpoints import Checkpoint
-    from meswitch.compression.calibration import resolve_device
     from meswitch.compression.expert import ExpertInfo, compress_expert
+    from meswitch.devices import resolve_device
 
     out_path = Path(out)  # named after ``key``: a finished artifact there was made from the same inputs
     with contextlib.suppress(ArtifactError):
@@ -363,7 +363,7 @@ def evaluate(
     config: PipelineConfig,
 ) -> dict:
     """KL, perplexity ratio and task scores of the compressed expert against the full one."""
-    from meswitch.compression.calibration import resolve_device
+    from meswitch.devices import resolve_device
     from meswitch.evaluation.evaluate import evaluate_artifact
     from meswitch.evaluation.metrics import EvalData
 
@@ -584,7 +584,7 @@ def _router_key(ctx: TaskRunContext, a: dict[str, Any]) -> str:
 @task(name="train-router", cache_key_fn=_router_key, persist_result=True)
 def train_router(card_dirs: list[str], base_dir: str, config: PipelineConfig, out: str, key: str) -> ArtifactRef:
     from meswitch.artifacts import ArtifactError, read_manifest
-    from meswitch.compression.calibration import resolve_device
+    from meswitch.devices import resolve_device
     from meswitch.routing import RouterJob
     from meswitch.routing import train_router as run_training
 

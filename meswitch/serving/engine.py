@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from meswitch import devices
 from meswitch.artifacts import ArtifactError
 from meswitch.checkpoints import Checkpoint, scan
 from meswitch.compression.delta import CompressedDelta
@@ -58,11 +59,10 @@ class EngineConfig:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EngineError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
+    try:
+        return devices.resolve_device(device)
+    except ValueError as exc:
+        raise EngineError(str(exc)) from None
 
 
 def resolve_payload(kind: str, device: torch.device) -> str:
