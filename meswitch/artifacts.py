@@ -19,7 +19,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,16 +104,85 @@ def _listed_files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
+# What a folder that is no artifact holds, as far as replacing it goes (``folder_kind``)
+MODEL_FOLDER = "model"  # a Hugging Face model folder (what `meswitch reconstruct` writes)
+EXPERT_FOLDER = "expert"  # a model folder with its expert.yaml (an inbox folder)
+_DESCRIBED = {MODEL_FOLDER: "a model folder", EXPERT_FOLDER: "an expert folder"}
+
+
+def folder_kind(folder: Path) -> str | None:
+    """What ``folder`` holds: its manifest's kind, ``expert`` or ``model`` for a model folder with or without an
+    expert.yaml, None for anything else. Read from the manifest's raw JSON, so a damaged artifact still tells."""
+    folder = Path(folder)
+    try:
+        kind = json.loads((folder / MANIFEST).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if isinstance(kind, str):
+        return kind
+    if (folder / "config.json").is_file():
+        return EXPERT_FOLDER if (folder / "expert.yaml").is_file() else MODEL_FOLDER
+    return None
+
+
+def _described(kind: str) -> str:
+    return _DESCRIBED.get(kind) or f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} artifact"
+
+
+def check_out(out: Path, kinds: str | tuple[str, ...], inputs: Iterable[Path | None] = ()) -> Path:
+    """``out`` as an absolute path, when writing a folder of one of ``kinds`` there loses nothing; else ArtifactError.
+
+    The atomic replace deletes whatever was at ``out``. Replacing a folder of the same kind is how a re-run updates
+    its output; a user's folder, a file, another kind of folder, or an ``out`` that is, holds or sits inside one of
+    the ``inputs`` would be lost, so commands call this before any work, and ``staging_dir`` before it replaces.
+    """
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    out = Path(os.path.abspath(out))  # "." has no name to stage a sibling by; its absolute path has
+    if not out.name:
+        raise ArtifactError(f"{out}: not a folder that can be replaced; choose another --out")
+    for given in inputs:
+        if given is not None and Path(given).exists() and (relation := _overlap(out, Path(given))):
+            raise ArtifactError(f"{out} {relation} the input {given}; choose another --out, apart from the inputs")
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise ArtifactError(f"{out} is a file, not a folder; choose another --out or remove it first")
+    have = folder_kind(out)
+    if have not in kinds and any(out.iterdir()):
+        want = " or ".join(_described(k) for k in kinds) or "an empty folder"
+        names = sorted(p.name for p in out.iterdir())
+        held = _described(have) if have else f"other files ({', '.join(names[:3])}{', …' if len(names) > 3 else ''})"
+        raise ArtifactError(
+            f"{out} exists and holds {held}, not {want}; writing there would delete it: "
+            "choose another --out or remove it first"
+        )
+    return out
+
+
+def _overlap(out: Path, source: Path) -> str | None:
+    """How ``out`` and an input overlap (links followed): it ``is`` the input, ``holds`` it, ``is inside`` it."""
+    out, source = out.resolve(), source.resolve()
+    if out == source:
+        return "is"
+    if source.is_relative_to(out):
+        return "holds"
+    if out.is_relative_to(source):
+        return "is inside"
+    return None
+
+
 @contextmanager
 def staging_dir(out: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``out``; on success it replaces ``out``, on failure it is removed.
 
     The rename is atomic on one filesystem, so readers see the old folder or the new one, never
-    a partial write. A writer killed before its rename leaves its hidden sibling behind: the next
-    writer of ``out`` removes it (``_abandoned``), so a killed run costs no disk for good. A full
-    disk is raised as an ``OSError`` that names the errno and ``out``, whichever writer hit it.
+    a partial write. What is staged replaces ``out`` only when ``out`` is absent, empty or of the
+    same kind (``check_out``): a user's folder is never deleted for it. A writer killed before its
+    rename leaves its hidden sibling behind: the next writer of ``out`` removes it (``_abandoned``),
+    so a killed run costs no disk for good. A full disk is raised as an ``OSError`` that names the
+    errno and ``out``, whichever writer hit it.
     """
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in _abandoned(out):
         shutil.rmtree(stale, ignore_errors=True)
@@ -121,6 +190,7 @@ def staging_dir(out: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=writer, suffix=".tmp", dir=out.parent))
     try:
         yield tmp
+        check_out(out, folder_kind(tmp) or ())
         if out.exists():
             old = out.with_name(f"{writer}old.tmp")
             out.rename(old)
@@ -222,4 +292,63 @@ def verify(folder: Path, base_fingerprint: str | None = None) -> Manifest:
             f"{folder}: made for base {str(manifest.base_fingerprint)[:16]}…, "
             f"but the base given is {base_fingerprint[:16]}…"
         )
+    check_records(folder, manifest)
     return manifest
+
+
+def check_records(folder: Path, manifest: Manifest) -> None:
+    """Refuse an expert-delta manifest whose tensor records disagree with the tensors stored (from the files'
+    headers, no tensor read): the checksums cover the files the manifest lists, not the manifest itself, so an
+    edited bit width or shape would otherwise surface as a shape error deep in decoding, naming neither."""
+    if manifest.kind != "expert-delta" or not manifest.tensors:
+        return
+    from safetensors import safe_open
+
+    stored: dict[str, list[int]] = {}
+    for rel in manifest.files:
+        if rel.endswith(".safetensors") and "/" not in rel:
+            with safe_open(Path(folder) / rel, framework="pt") as f:
+                stored.update((key, list(f.get_slice(key).get_shape())) for key in f.keys())
+    table = {r.name: (r.bits, r.shape) for r in manifest.layers}
+    for name, record in manifest.tensors.items():
+        try:
+            expected = _record_shapes(name, record)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{folder}: the manifest's record of tensor {name!r} is malformed ({e})") from e
+        for key, shape in expected.items():
+            if stored.get(key) != shape:
+                raise ArtifactError(
+                    f"{folder}: tensor {name!r}: the manifest's record ({_record_text(record)}) calls for {key} of "
+                    f"shape {shape}, the artifact holds {stored.get(key, 'none')}; the manifest was edited or does "
+                    "not belong to these files: compress the expert again"
+                )
+        if name in table and table[name] != (record.get("bits"), record["shape"]):
+            raise ArtifactError(
+                f"{folder}: tensor {name!r}: the manifest's layer table says {table[name][0]} bits and shape "
+                f"{table[name][1]}, its tensor record {record.get('bits')} bits and shape {record['shape']}; the "
+                "manifest was edited: compress the expert again"
+            )
+
+
+def _record_shapes(name: str, record: dict[str, Any]) -> dict[str, list[int]]:
+    """The stored tensors a manifest record calls for, by key, and their shapes (layout version 1)."""
+    shape = [int(d) for d in record["shape"]]
+    if record["kind"] == "quantized":
+        from meswitch.compression.config import SUPPORTED_BITS
+        from meswitch.compression.quantize import values_per_word
+
+        if record["bits"] not in SUPPORTED_BITS:
+            raise ValueError(f"bits {record['bits']!r} is not one of {SUPPORTED_BITS}")
+        n, k = shape
+        out = {f"{name}.packed": [n, -(-k // values_per_word(record["bits"]))]}
+    elif record["kind"] == "fp16_delta":
+        out = {f"{name}.delta": shape}
+    else:
+        raise ValueError(f"unknown kind {record['kind']!r}")
+    if record.get("extra_rows"):
+        out[f"{name}.extra_rows"] = [int(record["extra_rows"]), *shape[1:]]
+    return out
+
+
+def _record_text(record: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {record[k]}" for k in ("kind", "shape", "bits") if k in record)

@@ -346,8 +346,13 @@ def check_expert(
     """Refuse an expert that is not a fine-tune of ``base``: architecture, shapes, distance from the
     base (``max_relative_delta``, None to skip), finiteness.
 
-    Only the embedding and lm_head may have more rows than the base (an extended vocabulary).
+    Only the embedding and lm_head may have more rows than the base (an extended vocabulary). The base itself,
+    given as its own expert (the same folder, or weights of the same fingerprint), is refused: its delta is zero.
     """
+    if expert.path.resolve() == base.path.resolve():
+        raise CheckpointError(
+            f"{expert.path}: the expert is the base folder itself; give the fine-tuned expert's folder"
+        )
     where = expert.path / CONFIG
     if expert.architecture != base.architecture:
         raise CheckpointError(
@@ -379,6 +384,11 @@ def check_expert(
     if expert_scan.nonfinite:
         bad = list(expert_scan.nonfinite[:5])
         raise CheckpointError(f"{expert.file_of(bad[0])}: non-finite (NaN/Inf) weights in {bad}")
+    if expert_scan.fingerprint == base_scan.fingerprint:
+        raise CheckpointError(
+            f"{expert.path}: the same weights and config as the base {base.path} (fingerprint "
+            f"{base_scan.fingerprint[:16]}…), so there is no delta to compress; give the fine-tuned expert's folder"
+        )
     return Pairing(
         base_fingerprint=base_scan.fingerprint,
         expert_fingerprint=expert_scan.fingerprint,

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import yaml
 
-from meswitch.cli import build_parser
+from meswitch.cli import CommandError, build_parser
 from meswitch.cli.config_flags import config_from_flags
 from meswitch.compression.config import CalibConfig, DeltaConfig, calibration_for
 from meswitch.flows.config import load_config
@@ -32,7 +32,7 @@ def test_a_bad_value_is_refused_by_the_config_itself(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args([*COMPRESS, "--bits", "5"])
     assert "invalid choice: 5" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="salient >= 1 is a channel count"):
+    with pytest.raises(CommandError, match=r"^--salient >= 1 is a channel count"):  # named by its flag
         config_from_flags(DeltaConfig, build_parser().parse_args([*COMPRESS, "--salient", "2.5"]))
 
 

@@ -223,19 +223,27 @@ def test_report_rows_carry_every_figure_and_resume_from_finished_experts(family,
             assert key in r, key
         lo, hi = r["kl_ci"]
         assert lo <= r["kl"] <= hi and r["device"] == "cpu" and r["gain_kept_task"] is None
-        lo, hi = r["gain_kept_ppl_ci"]
-        assert lo <= r["gain_kept_ppl"] <= hi and lo < hi
+        if r["ppl_expert"] >= r["ppl_base"]:  # this toy expert gained nothing on its texts: no share of it to keep
+            assert r["gain_kept_ppl"] is None and r["gain_kept_ppl_ci"] is None
+        else:
+            lo, hi = r["gain_kept_ppl_ci"]
+            assert lo <= r["gain_kept_ppl"] <= hi and lo < hi
         # each text's summed NLL and its tokens give back the perplexities the row reports
         for model, units in (("base", "nll_text_units_base"), ("expert", "nll_text_units"),
                              ("compressed", "nll_text_units")):  # fmt: skip
             sums = r[f"nll_text_sums_{model}"]
             assert len(sums) == len(r[units]) == 6
             assert math.exp(sum(sums) / sum(r[units])) == pytest.approx(r[f"ppl_{model}"], abs=1e-4)
+    gained = {r["expert"] for r in data["rows"] if r["gain_kept_ppl"] is not None}
+    assert gained == {"alpha"}  # beta's toy fine-tune is worse than its base on its own texts
     for name, ref in data["references"].items():  # the bf16 copy's gain kept, with its interval, in the table
+        assert f"| {name} | expert rounded to bf16 (reference) | 16 | - | - | - | " in paths[0].read_text()
+        if name not in gained:
+            assert ref["bf16_rounded_gain_kept_ppl"] is None and ref["bf16_rounded_gain_kept_ppl_ci"] is None
+            continue
         lo, hi = ref["bf16_rounded_gain_kept_ppl_ci"]
         assert lo <= ref["bf16_rounded_gain_kept_ppl"] <= hi
         gain = f"{ref['bf16_rounded_gain_kept_ppl']:.3f} [{lo:.3f}, {hi:.3f}]"
-        assert f"| {name} | expert rounded to bf16 (reference) | 16 | - | - | - | " in paths[0].read_text()
         assert f" | {gain} | - |" in paths[0].read_text()
     for name in ("alpha", "beta"):
         ours, eq = rows[name, "meswitch"], rows[name, "fixed-eqbytes"]

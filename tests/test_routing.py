@@ -324,7 +324,7 @@ def test_cli_errors_are_one_line(fam, tmp_path, capsys):
 def test_cli_train_eval_route(fam, tmp_path, capsys):
     out = tmp_path / "r"
     rc = main(
-        ["router", "train", "--experts", str(fam / "experts"), "--out", str(out), "--epochs", "1",
+        ["router", "train", "--experts", str(fam / "experts"), "--out", str(out), "--backend", "mcq", "--epochs", "1",
          "--max-per-domain", "16", "--threshold", "0.3", "--json"]
     )  # fmt: skip
     assert rc == 0

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # Modules under meswitch.cli, each defining register(subparsers) -> None.
 COMMAND_MODULES = ["compress", "demo", "registry", "router", "pipeline", "serve"]
+# The status a shell gives a writer killed by SIGPIPE (128 + 13): what `meswitch ... | head` ends with
+BROKEN_PIPE_STATUS = 141
 
 
 class CommandError(Exception):
@@ -29,7 +32,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    """Run one command and return its exit status. A reader that stops early (``meswitch inspect A | head -1``)
+    ends it quietly, as it ends any Unix filter, not with a BrokenPipeError traceback."""
+    try:
+        try:
+            return _run(build_parser(), argv)
+        finally:
+            sys.stdout.flush()  # output still buffered meets a closed pipe here, not in the interpreter's last flush
+    except BrokenPipeError:
+        # what is left in the buffer goes nowhere: the interpreter's own flush at exit must not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE_STATUS
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse ``argv`` and run its command; a user-facing failure is one line on stderr and exit status 2."""
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -42,9 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        known = _user_errors()
-        if isinstance(e, known):
-            print(f"meswitch: error: {e}", file=sys.stderr)
+        if isinstance(e, _user_errors()):
+            print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise
 

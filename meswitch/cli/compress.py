@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meswitch.cli import CommandError
 from meswitch.cli.config_flags import add_config_flags, config_from_flags
-from meswitch.compression.config import CalibConfig, DeltaConfig
+from meswitch.compression.config import SUPPORTED_BITS, CalibConfig, DeltaConfig
 from meswitch.compression.methods import get_method, registered_methods
+from meswitch.devices import DEVICE_HELP, device_arg
+
+if TYPE_CHECKING:
+    from meswitch.compression.expert import ExpertInfo
+
+log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
@@ -27,10 +38,17 @@ def register(sub) -> None:
         "dataset folder, or a dataset id in the local Hugging Face cache (meswitch[data]); required for --method "
         f"{_calibrated_methods()} and --rounding gptq",
     )
-    p.add_argument("--out", type=Path, required=True, help="artifact folder to write (replaced atomically)")
-    p.add_argument("--name", help="expert name recorded in the manifest (default: the expert folder's name)")
-    p.add_argument("--domain", help="domain recorded in the manifest")
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="artifact folder to write: new, empty, or an earlier artifact of this command (replaced atomically)",
+    )
+    p.add_argument(
+        "--name", help="expert name recorded in the manifest (default: expert.yaml's name, else the folder's name)"
+    )
+    p.add_argument("--domain", help="domain recorded in the manifest (default: expert.yaml's domain)")
+    p.add_argument("--device", type=device_arg, default="auto", help=f"{DEVICE_HELP} (default auto)")
     p.add_argument("--json", action="store_true", help="print the manifest's metrics as JSON")
     add_config_flags(p.add_argument_group("compression"), DeltaConfig)
     add_config_flags(p.add_argument_group("calibration"), CalibConfig)
@@ -41,13 +59,31 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("reconstruct", help="write base + compressed delta as a full Hugging Face model folder")
+    p = sub.add_parser(
+        "reconstruct",
+        help="write base + compressed delta as a full Hugging Face model folder",
+        description="Add the artifact's dequantized delta to BASE, tensor by tensor, and write the compressed expert "
+        "as an ordinary Hugging Face folder (safetensors in the expert's dtype, its config and tokenizer) that "
+        "transformers loads; the artifact's checksums and its base's fingerprint are checked first.",
+    )
     p.add_argument("--base", type=Path, required=True, help="the base model folder the artifact was made against")
     p.add_argument("--artifact", type=Path, required=True, help="compressed expert artifact folder")
-    p.add_argument("--out", type=Path, required=True, help="model folder to write (replaced atomically)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="model folder to write: new, empty, or a model folder written before (replaced atomically)",
+    )
     p.set_defaults(func=_reconstruct)
 
-    p = sub.add_parser("evaluate", help="KL, perplexity and task score of a compressed expert against the full one")
+    p = sub.add_parser(
+        "evaluate",
+        help="KL, perplexity and task score of a compressed expert against the full one",
+        description="Score the held-out texts under the base, the full expert and the compressed expert (base + "
+        "the artifact's delta): KL(expert || compressed) per token, each model's perplexity, the share of the "
+        "expert's perplexity gain over the base that the compressed expert keeps, and task scores where the data "
+        "has prompt/answer rows. Three forward passes per text: a GPU helps.",
+    )
     p.add_argument("--base", type=Path, required=True, help="the base model folder")
     p.add_argument("--artifact", type=Path, required=True, help="compressed expert artifact folder")
     p.add_argument("--expert", type=Path, required=True, help="the full expert the artifact was made from")
@@ -57,8 +93,8 @@ def register(sub) -> None:
         required=True,
         help="held-out set ('text'; 'prompt'+'answer' for tasks): a file, dataset folder or cached dataset id",
     )
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many lines")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    p.add_argument("--limit", type=count_arg, default=0, help="evaluate at most this many lines (default 0: all)")
+    p.add_argument("--device", type=device_arg, default="auto", help=f"{DEVICE_HELP} (default auto)")
     p.add_argument(
         "--json",
         action="store_true",
@@ -83,7 +119,13 @@ def register(sub) -> None:
     defaults = ",".join(COMPARED)
     known = "; ".join(f"{v.name} ({v.help})" for v in report_methods())
     p.add_argument("--methods", default=defaults, help=f"comma-separated, of {known}; default {defaults}")
-    p.add_argument("--bits", default="2,3,4", help="comma-separated bit widths for meswitch/fixed/magnitude")
+    p.add_argument(
+        "--bits",
+        type=bit_widths_arg,
+        default=(2, 3, 4),
+        help=f"comma-separated bit widths for meswitch/fixed/magnitude, of {', '.join(map(str, SUPPORTED_BITS))} "
+        "(default 2,3,4)",
+    )
     p.add_argument("--experts", default="", help="comma-separated expert folder names (default: every expert)")
     p.add_argument(
         "--distill-steps",
@@ -91,23 +133,49 @@ def register(sub) -> None:
         default=100,
         help="scale-distillation steps of the *-distilled methods (default 100)",
     )
-    p.add_argument("--salient", type=float, default=0.01, help="salient channels: a fraction if < 1, else a count")
+    p.add_argument(
+        "--salient", type=float, default=0.01, help="salient channels: a fraction if < 1, else a count (default 0.01)"
+    )
     p.add_argument(
         "--salient-1bit",
         type=float,
         default=None,
         help="salient fraction at 1 bit (default: --salient); 0.0025 keeps a 1-bit delta of SmolLM2 under 1.1 bits",
     )
-    p.add_argument("--allocation", choices=["global", "layer"], default="global", help="as for compress")
+    p.add_argument(
+        "--allocation", choices=["global", "layer"], default="global", help="as for compress (default global)"
+    )
     p.add_argument(
         "--bit-budgets",
         default="",
         help="comma-separated bits per parameter of the *-budget methods, one per width of --bits (1.1 beside the "
         "1-bit rows, 2.3 beside the 2-bit ones)",
     )
-    p.add_argument("--limit", type=int, default=200, help="evaluation texts per expert (default 200)")
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    p.add_argument("--limit", type=count_arg, default=200, help="evaluation texts per expert (default 200; 0: all)")
+    p.add_argument("--device", type=device_arg, default="auto", help=f"{DEVICE_HELP} (default auto)")
     p.set_defaults(func=_report)
+
+
+def count_arg(text: str) -> int:
+    """An argparse ``type`` for a count where 0 means no limit: a negative one is refused when the flags are read."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or a positive count, got {value}")
+    return value
+
+
+def bit_widths_arg(text: str) -> tuple[int, ...]:
+    """An argparse ``type`` for comma-separated bit widths, each one of ``SUPPORTED_BITS`` (compress's --bits)."""
+    try:
+        widths = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if bad := [b for b in widths if b not in SUPPORTED_BITS]:
+        raise argparse.ArgumentTypeError(f"{bad} not among the widths {', '.join(map(str, SUPPORTED_BITS))}")
+    return widths
 
 
 def _calibrated_methods() -> str:
@@ -117,27 +185,27 @@ def _calibrated_methods() -> str:
 
 
 def _compress(args) -> int:
+    from meswitch.artifacts import check_out
     from meswitch.compression.api import CompressJob, run_compress
-    from meswitch.compression.expert import ExpertInfo
+    from meswitch.compression.expert import size_against_fp16
 
-    try:
-        delta = config_from_flags(DeltaConfig, args)
-    except ValueError as e:
-        raise CommandError(str(e)) from e
+    delta = config_from_flags(DeltaConfig, args)
     if get_method(args.method).needs_calibration and args.calib is None:
         raise CommandError(f"--calib is required for --method {args.method} (salience is measured on calibration text)")
     if args.rounding == "gptq" and args.calib is None:
         raise CommandError("--calib is required for --rounding gptq (it rounds against the calibration inputs)")
+    out = check_out(args.out, "expert-delta", inputs=[args.base, args.expert, args.calib])
     job = CompressJob(
         base=args.base,
         expert=args.expert,
         calib=args.calib,
-        out=args.out,
-        info=ExpertInfo(name=args.name or args.expert.resolve().name, domain=args.domain),
+        out=out,
+        info=_expert_info(args),
         delta=delta,
         calib_cfg=config_from_flags(CalibConfig, args),  # run_compress adds the Hessians gptq rounding needs
         device=args.device,
     )
+    start = time.perf_counter()
     try:
         manifest = run_compress(job)
     except ValueError as e:
@@ -148,10 +216,32 @@ def _compress(args) -> int:
     else:
         print(
             f"{args.out}: {m['bits_per_param']:.3f} bits/param, {m['delta_bytes']:,} bytes "
-            f"({m['fp16_delta_bytes'] / m['delta_bytes']:.1f}x smaller than the fp16 delta), "
-            f"{m['compress_seconds']:.1f} s on {m['device']}"
+            f"({size_against_fp16(m['delta_bytes'], m['fp16_delta_bytes'])} than the fp16 delta), "
+            f"{time.perf_counter() - start:.1f} s on {m['device']} (checks and calibration included; "
+            f"compressing the tensors took {m['compress_seconds']:.1f} s)"
         )
     return 0
+
+
+def _expert_info(args) -> ExpertInfo:
+    """What the manifest says of the expert: the flags, else its expert.yaml (as the pipeline records it), else the
+    folder's name. A swapped pair, where the base has a card and the expert none, is only warned of."""
+    from meswitch.compression.expert import ExpertInfo
+    from meswitch.expert_card import CARD, CardError, load_card
+
+    if (args.base / CARD).is_file() and not (args.expert / CARD).is_file():
+        log.warning("%s has an %s and %s has none: are --base and --expert swapped?", args.base, CARD, args.expert)
+    card = None
+    if (args.expert / CARD).is_file():
+        try:
+            card = load_card(args.expert)
+        except CardError as e:
+            log.warning("%s; the manifest takes --name, --domain and the folder's name instead", e)
+    return ExpertInfo(
+        name=args.name or (card.name if card else args.expert.resolve().name),
+        domain=args.domain or (card.domain if card else None),
+        description=card.description if card else None,
+    )
 
 
 def _inspect(args) -> int:
@@ -174,7 +264,6 @@ def _inspect(args) -> int:
     print(f"source fingerprint {manifest.source_fingerprint}")
     print(f"method  {json.dumps(manifest.method, sort_keys=True)}")
     print(f"metrics {json.dumps(manifest.metrics, sort_keys=True)}")
-    print(f"checksums: {status} ({len(manifest.files)} files)")
     added = {n: t["extra_rows"] for n, t in manifest.tensors.items() if t.get("extra_rows")}
     for name, rows in added.items():  # a vocabulary-extended expert: rows past the base's, kept whole
         print(
@@ -188,30 +277,39 @@ def _inspect(args) -> int:
                 f"{r.name:<44} {'x'.join(map(str, r.shape)):>12} {r.bits:>4} {r.salient:>5} "
                 f"{r.bits_per_param:>7.3f} {r.rel_error:>8.4f} {act:>8}"
             )
+    # the verdict last, below a table that can run to hundreds of rows; a failure on stderr too, past a pager
+    sys.stdout.flush()
+    if status == "ok":
+        print(f"checksums: ok ({len(manifest.files)} files)")
+    else:
+        print(f"checksums: {status}", file=sys.stderr)
     return 0 if status == "ok" else 1
 
 
 def _reconstruct(args) -> int:
+    from meswitch.artifacts import MODEL_FOLDER, check_out
     from meswitch.checkpoints import Checkpoint
     from meswitch.compression.reconstruct import reconstruct
 
-    out = reconstruct(Checkpoint(args.base), args.artifact, args.out)
+    out = check_out(args.out, MODEL_FOLDER, inputs=[args.base, args.artifact])
+    reconstruct(Checkpoint(args.base), args.artifact, out)
     print(f"wrote {out}")
     return 0
 
 
 def _evaluate(args) -> int:
+    from meswitch.artifacts import ArtifactError
+    from meswitch.devices import resolve_device
     from meswitch.evaluation.evaluate import evaluate_artifact
     from meswitch.evaluation.metrics import EvalData
 
     try:
+        device = resolve_device(args.device)
         data = EvalData.load(args.data, limit=args.limit)
     except ValueError as e:
         raise CommandError(str(e)) from e
-    from meswitch.artifacts import ArtifactError
-
     try:
-        result = evaluate_artifact(args.base, args.artifact, args.expert, data, device=args.device)
+        result = evaluate_artifact(args.base, args.artifact, args.expert, data, device=device)
     except (ArtifactError, ValueError) as e:
         raise CommandError(str(e)) from e
     full = result.to_dict(per_text=True)
@@ -221,6 +319,8 @@ def _evaluate(args) -> int:
     if args.json:
         print(json.dumps(full))
     else:
+        tasks = f" and {len(data.tasks)} tasks" if data.tasks else ""
+        print(f"scored {len(data.texts)} texts{tasks} of {args.data}")
         for k, v in result.to_dict().items():
             print(f"{k:<22} {v}")
     return 0
@@ -233,7 +333,7 @@ def _report(args) -> int:
     try:
         cfg = ReportConfig(
             methods=tuple(args.methods.split(",")),
-            bits=tuple(int(b) for b in args.bits.split(",")),
+            bits=args.bits,
             salient=args.salient,
             salient_1bit=args.salient_1bit,
             allocation=args.allocation,
@@ -243,7 +343,7 @@ def _report(args) -> int:
             distill=DistillConfig(steps=args.distill_steps),
             experts=tuple(e for e in args.experts.split(",") if e),
         )
-    except ValueError as e:
+    except ValueError as e:  # ReportConfig checks every method x width x budget before any work
         raise CommandError(str(e)) from e
     paths = run_report(args.family, args.out, cfg)
     for p in paths:

@@ -3,7 +3,8 @@
 A field's name, type and default make its flag (``--seq-len`` for ``seq_len``, ``--x/--no-x`` for a bool; an
 optional ``float | None`` field takes a float or stays None);
 its metadata holds the help text and, where needed, ``flag`` (another name) and ``choices``. Help and
-choices may be functions, called when the parser is built, so that registered methods are listed.
+choices may be functions, called when the parser is built, so that registered methods are listed. A value the
+config's own checks refuse comes back as a one-line CommandError naming the flag.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import argparse
 import dataclasses
 import typing
 from typing import Any, TypeVar
+
+from meswitch.cli import CommandError
+from meswitch.compression.config import ConfigError
 
 T = TypeVar("T")
 
@@ -31,12 +35,22 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
             options["type"] = kind
             if "choices" in meta:
                 options["choices"] = _value(meta["choices"])
-        parser.add_argument(meta.get("flag", "--" + f.name.replace("_", "-")), **options)
+        parser.add_argument(_flag(f), **options)
 
 
 def config_from_flags(cls: type[T], args: argparse.Namespace) -> T:
-    """The dataclass ``cls`` from the flags :func:`add_config_flags` added (its own checks raise ValueError)."""
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    """The dataclass ``cls`` from the flags :func:`add_config_flags` added. A value its own checks refuse raises
+    CommandError naming the flag (``--samples must be at least 1, got 0``), which the CLI prints as one line."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{name: getattr(args, name) for name in fields})
+    except ConfigError as e:
+        raise CommandError(f"{_flag(fields[e.field_name])} {e.problem}") from e
+
+
+def _flag(f: dataclasses.Field) -> str:
+    """A field's flag: its metadata's ``flag``, else ``--`` and its name with dashes (``--seq-len``)."""
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
 
 
 def _unoptional(kind: Any) -> Any:

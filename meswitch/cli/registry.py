@@ -57,7 +57,13 @@ def register(sub) -> None:
 
     p = reg.add_parser("pull", help="download a version, verify every checksum, and copy it to a folder")
     p.add_argument("ref", metavar="NAME@ALIAS|NAME/VERSION")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write (replaced atomically)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="folder to write: new, empty, or an artifact of the same kind (replaced atomically)",
+    )
     p.add_argument("--base-fingerprint", help="refuse an artifact made for another base")
     p.set_defaults(func=_handler(_pull))
 
@@ -185,6 +191,10 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    resolved = _registry().pull(args.ref, args.out, base_fingerprint=args.base_fingerprint)
+    from meswitch.artifacts import KINDS, check_out
+
+    # before the download: --out may hold an artifact (of the pulled kind, checked again when it is replaced)
+    out = check_out(args.out, KINDS)
+    resolved = _registry().pull(args.ref, out, base_fingerprint=args.base_fingerprint)
     print(f"{resolved.name} version {resolved.version} -> {resolved.path} (verified)")
     return 0

@@ -8,9 +8,23 @@ import time
 from pathlib import Path
 
 from meswitch.cli import CommandError
+from meswitch.cli.compress import count_arg
+from meswitch.devices import DEVICE_HELP, device_arg
+
+# Flags that only the MCQ backend reads; given with the embedding backend they are refused, not ignored
+MCQ_ONLY = {
+    "init_from": "--init-from",
+    "steps": "--steps",
+    "epochs": "--epochs",
+    "lr": "--lr",
+    "batch_size": "--batch-size",
+}
+ORDERS_HELP = "MCQ: override how many option orders are averaged, 0 (all) to the router's number of domains"
 
 
 def register(sub) -> None:
+    from meswitch.routing.mcq import MCQConfig
+
     p = sub.add_parser(
         "router",
         help="train or evaluate a router that sends each query to the expert of its domain",
@@ -35,8 +49,19 @@ def register(sub) -> None:
         metavar="DIR",
         help="expert folders (each with expert.yaml), or folders of expert folders (e.g. FAMILY/experts)",
     )
-    t.add_argument("--out", type=Path, required=True, help="router artifact folder to write (replaced atomically)")
-    t.add_argument("--backend", choices=["mcq", "embedding"], default="mcq", help="default: mcq")
+    t.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="router artifact folder to write: new, empty, or an earlier router (replaced atomically)",
+    )
+    t.add_argument(
+        "--backend",
+        choices=["embedding", "mcq"],
+        default="embedding",
+        help="embedding (default): a classifier on sentence embeddings, trained in seconds; mcq: the paper's LLM "
+        "router, fine-tuned for 1600 steps by default (minutes on a GPU, several on CPU even for the micro family)",
+    )
     t.add_argument(
         "--base-model",
         type=Path,
@@ -55,35 +80,37 @@ def register(sub) -> None:
     t.add_argument(
         "--lr", type=float, help="MCQ: peak learning rate (default by model size: 1e-3 under 100M parameters)"
     )
-    t.add_argument("--batch-size", type=int, help="MCQ: queries per step")
+    t.add_argument("--batch-size", type=int, help=f"MCQ: queries per step (default {MCQConfig.batch_size})")
     t.add_argument("--lora-r", type=int, default=8, help="MCQ LoRA rank (default 8)")
     t.add_argument("--max-length", type=int, default=512, help="router context in tokens (default 512)")
     t.add_argument(
         "--orders",
-        type=int,
+        type=count_arg,
         default=0,
         help="MCQ: option orders averaged per query when routing (default 0: every cyclic shift; 1: listed order)",
     )
     t.add_argument("--encoder", default="auto", help="embedding: auto, packaged, or a model folder (default auto)")
-    t.add_argument("--threshold", type=float, default=0.5, help="confidence below which queries fall back")
+    t.add_argument(
+        "--threshold", type=float, default=0.5, help="confidence below which queries fall back (default 0.5)"
+    )
     t.add_argument("--default-expert", help="expert that gets fallback queries (default: the base model)")
     t.add_argument("--max-per-domain", type=int, default=256, help="training queries per domain (default 256)")
     t.add_argument("--name", default="router", help="name recorded in the manifest")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of data sampling and training (default 0)")
     t.add_argument("--threads", type=int, help="MCQ: torch threads while fine-tuning (default: torch's)")
-    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    t.add_argument("--device", type=device_arg, default="auto", help=f"{DEVICE_HELP} (default auto)")
     t.add_argument("--json", action="store_true", help="print the manifest's metrics as JSON")
     t.set_defaults(func=_train)
 
     e = rsub.add_parser("eval", help="accuracy, confusion matrix and latency of a router on labelled queries")
     e.add_argument("router", type=Path, help="router artifact folder")
     e.add_argument("--data", type=Path, required=True, help="JSONL with 'text' and 'domain' per line")
-    e.add_argument("--limit", type=int, help="evaluate at most this many lines")
+    e.add_argument("--limit", type=count_arg, default=0, help="evaluate at most this many lines (default 0: all)")
     e.add_argument("--base-model", type=Path, help="base model for a LoRA / un-fine-tuned MCQ router, if moved")
     e.add_argument("--threshold", type=float, help="override the artifact's confidence threshold")
-    e.add_argument("--orders", type=int, help="MCQ: override how many option orders are averaged (0: all)")
+    e.add_argument("--orders", type=count_arg, help=ORDERS_HELP)
     e.add_argument("--no-latency", action="store_true", help="route in batches; skip per-query timing")
-    e.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    e.add_argument("--device", type=device_arg, default="auto", help=f"{DEVICE_HELP} (default auto)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=_eval)
 
@@ -98,28 +125,52 @@ def register(sub) -> None:
     r.add_argument("--file", help="queries, one per line (.jsonl: a 'text' field per line); - reads stdin")
     r.add_argument("--base-model", type=Path, help="base model for a LoRA / un-fine-tuned MCQ router, if moved")
     r.add_argument("--threshold", type=float, help="override the artifact's confidence threshold")
-    r.add_argument("--orders", type=int, help="MCQ: override how many option orders are averaged (0: all)")
-    r.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    r.add_argument("--orders", type=count_arg, help=ORDERS_HELP)
+    r.add_argument("--device", type=device_arg, default="auto", help=f"{DEVICE_HELP} (default auto)")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     r.set_defaults(func=_route)
 
 
 def _load(args):
+    from meswitch.devices import resolve_device
     from meswitch.routing import load_router
 
+    _check_orders(args.router, args.orders)
     try:
+        device = str(resolve_device(args.device))
         return load_router(
-            args.router, base_model=args.base_model, device=args.device, threshold=args.threshold, orders=args.orders
+            args.router, base_model=args.base_model, device=device, threshold=args.threshold, orders=args.orders
         )
     except ValueError as e:
         raise CommandError(str(e)) from e
 
 
+def _check_orders(router: Path, orders: int | None) -> None:
+    """Refuse an --orders the router cannot use, from its manifest, before its model is loaded: only an MCQ router
+    averages option orders, and it has one order per domain (the backend would quietly use fewer)."""
+    if orders is None:
+        return
+    from meswitch.artifacts import read_manifest
+
+    manifest = read_manifest(router)
+    backend = manifest.method.get("backend")
+    if backend != "mcq":
+        raise CommandError(f"--orders applies to MCQ routers; {router} is a {backend} router")
+    domains = len(manifest.metadata.get("domains", []))
+    if orders > domains:
+        raise CommandError(f"--orders {orders}: {router} routes over {domains} domains, so 0 (all) to {domains}")
+
+
 def _train(args) -> int:
+    from meswitch.artifacts import check_out
+    from meswitch.devices import resolve_device
     from meswitch.routing import RouterJob, train_router
     from meswitch.routing.embedding import EmbeddingConfig
     from meswitch.routing.mcq import MCQConfig
 
+    if args.backend != "mcq" and (given := [flag for key, flag in MCQ_ONLY.items() if getattr(args, key) is not None]):
+        raise CommandError(f"{', '.join(given)} apply only to --backend mcq (the default backend is embedding)")
+    out = check_out(args.out, "router", inputs=[*args.experts, args.base_model, args.init_from])
     mcq_overrides = {
         k: v
         for k, v in {"steps": args.steps, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}.items()
@@ -128,7 +179,7 @@ def _train(args) -> int:
     try:
         job = RouterJob(
             experts=args.experts,
-            out=args.out,
+            out=out,
             backend=args.backend,
             base_model=args.base_model,
             mcq=MCQConfig(
@@ -146,7 +197,7 @@ def _train(args) -> int:
             max_per_domain=args.max_per_domain,
             seed=args.seed,
             name=args.name,
-            device=args.device,
+            device=str(resolve_device(args.device)),
             init_from=args.init_from,
         )
         manifest = train_router(job)
@@ -170,7 +221,7 @@ def _eval(args) -> int:
         rows = read_labelled(args.data)
     except ValueError as e:
         raise CommandError(str(e)) from e
-    if args.limit:
+    if args.limit:  # 0: every row
         rows = rows[: args.limit]
     router = _load(args)
     try:

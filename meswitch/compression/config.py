@@ -20,6 +20,16 @@ SUPPORTED_BITS = (1, 2, 3, 4, 8)
 BUDGET_BITS = (1, 2, 3, 4)  # the widths a bit budget gives matrices (compression/bit_budget.py)
 ALLOCATIONS = ("layer", "global")
 ROUNDINGS = ("nearest", "gptq")
+PER_TENSOR = -1  # group_size of one step size per matrix, BitDelta's grid (the value quantize.PER_TENSOR repeats)
+
+
+class ConfigError(ValueError):
+    """A setting out of its range, raised by the configs' own checks. It keeps the field's name apart, so that the
+    CLI can name the flag (``--samples must be at least 1, got 0``) where the pipeline's YAML names the key."""
+
+    def __init__(self, field_name: str, problem: str) -> None:
+        super().__init__(f"{field_name} {problem}")
+        self.field_name, self.problem = field_name, problem
 
 
 def setting(default: Any, help: str | Callable[[], str], **cli: Any) -> Any:
@@ -35,7 +45,9 @@ class DeltaConfig:
     method: str = setting("meswitch", methods_help, choices=method_names)
     bits: int = setting(2, "bits of the non-salient part", choices=SUPPORTED_BITS)
     salient: float = setting(0.01, "salient input channels per matrix: a fraction of them if < 1, else a count")
-    group_size: int = setting(0, "group size along the input dim (0: per output channel)", flag="--group")
+    group_size: int = setting(
+        0, "group size along the input dim (0: per output channel; -1: one step size per matrix)", flag="--group"
+    )
     symmetric: bool = setting(False, "symmetric grid (no zero point stored)")
     clip_search: bool = setting(True, "search a clipping ratio per row that minimises the (weighted) error")
     # layer: every matrix keeps its own count; global: the same total, spread over the matrices by their
@@ -66,21 +78,29 @@ class DeltaConfig:
     )
 
     def __post_init__(self) -> None:
-        get_method(self.method)  # raises, naming the registered methods
+        if self.method not in method_names():
+            raise ConfigError("method", f"must be one of {method_names()}, got {self.method!r}")
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError("bits", f"must be one of {SUPPORTED_BITS}, got {self.bits}")
         if self.salient < 0:
-            raise ValueError(f"salient must be >= 0, got {self.salient}")
+            raise ConfigError("salient", f"must be >= 0, got {self.salient}")
         if self.salient >= 1 and self.salient != int(self.salient):
-            raise ValueError(f"salient >= 1 is a channel count and must be whole, got {self.salient}")
+            raise ConfigError("salient", f">= 1 is a channel count and must be whole, got {self.salient}")
+        if self.group_size < PER_TENSOR:  # a size that does not divide a matrix's inputs is refused at that matrix
+            raise ConfigError(
+                "group_size",
+                f"must be -1 (per matrix), 0 (per output channel) or a positive size, got {self.group_size}",
+            )
         if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+            raise ConfigError("allocation", f"must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+            raise ConfigError("rounding", f"must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.bit_budget is not None:
             if "bits" in get_method(self.method).grid:
-                raise ValueError(f"method {self.method!r} fixes its own bit width: it takes no bit budget")
+                raise ConfigError("bit_budget", f"is not taken by method {self.method!r}: it fixes its own bit width")
             if self.bit_budget < BUDGET_BITS[0]:
-                raise ValueError(
-                    f"bit_budget {self.bit_budget} is below the smallest width, {BUDGET_BITS[0]} bit per parameter"
+                raise ConfigError(
+                    "bit_budget", f"{self.bit_budget} is below the smallest width, {BUDGET_BITS[0]} bit per parameter"
                 )
 
     def quant_spec(self) -> QuantSpec:
@@ -111,6 +131,15 @@ class CalibConfig:
     # Also gather each linear's full input Hessian Σ x xᵀ [K, K] (what GPTQ rounding needs) in place of its diagonal.
     # Memory: K² floats per linear, kept on the CPU (about 0.5 GB for SmolLM2-135M).
     hessian: bool = setting(False, "gather each linear's full input Hessian (--rounding gptq turns it on)")
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.skip_first < self.seq_len:  # at least one position of every sequence must count
+            raise ConfigError(
+                "skip_first", f"must be in [0, {self.seq_len}), below the sequence length, got {self.skip_first}"
+            )
 
 
 def calibration_for(delta: DeltaConfig, calib: CalibConfig) -> CalibConfig:

@@ -271,13 +271,21 @@ def compress_expert(
         )
         seal(tmp, manifest)
     log.info(
-        "%s: %.3f bits/param, %d bytes (%.1fx smaller than the fp16 delta)",
+        "%s: %.3f bits/param, %d bytes (%s than the fp16 delta)",
         info.name,
         manifest.metrics["bits_per_param"],
         total_bytes,
-        2 * num_params / total_bytes,
+        size_against_fp16(total_bytes, 2 * num_params),
     )
     return manifest
+
+
+def size_against_fp16(delta_bytes: int, fp16_delta_bytes: int) -> str:
+    """``5.9x smaller`` or ``1.2x larger``: a delta's bytes against its fp16 delta's, the ratio read the right way
+    round (many salient channels, 8 bits or small groups can cost more than fp16)."""
+    if delta_bytes <= fp16_delta_bytes:
+        return f"{fp16_delta_bytes / delta_bytes:.1f}x smaller"
+    return f"{delta_bytes / fp16_delta_bytes:.1f}x larger"
 
 
 def _method_record(config: DeltaConfig, plan: Plan | None = None) -> dict:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from meswitch.checkpoints import Checkpoint, scan
@@ -19,6 +22,7 @@ from meswitch.evaluation.metrics import (
     EvalData,
     Likelihood,
     compare,
+    gain_kept,
     likelihood,
     task_score_name,
     task_scores,
@@ -26,6 +30,7 @@ from meswitch.evaluation.metrics import (
 
 # A per-text list's field metadata: ``meswitch evaluate --json`` prints it, the summary leaves it out
 PER_TEXT = {"per_text": True}
+Scores = TypeVar("Scores", Likelihood, Comparison)
 
 
 @dataclass
@@ -42,7 +47,8 @@ class EvalResult:
     ppl_expert: float
     ppl_compressed: float
     ppl_ratio: float
-    gain_retained: float  # (ppl_base - ppl_compressed) / (ppl_base - ppl_expert): 1.0 is lossless
+    gain_retained: float | None  # (ppl_base - ppl_compressed) / (ppl_base - ppl_expert): 1.0 is lossless; None
+    # where the expert gained nothing over its base
     task_score_base: float | None
     task_score_expert: float | None
     task_score_compressed: float | None
@@ -115,7 +121,7 @@ class Evaluator:
 
     @cached_property
     def _expert_nll(self) -> Likelihood:
-        return self._likelihood(self.expert, self.tokenizer)
+        return self._likelihood(self.expert, self.tokenizer, "expert")
 
     @cached_property
     def ppl_expert(self) -> float:
@@ -135,7 +141,7 @@ class Evaluator:
 
     @cached_property
     def _base_nll(self) -> Likelihood:
-        return self._likelihood(self._base_model, _tokenizer(self.base_dir))
+        return self._likelihood(self._base_model, _tokenizer(self.base_dir), "base")
 
     @cached_property
     def ppl_base(self) -> float:
@@ -158,11 +164,12 @@ class Evaluator:
         """The full expert with its weights rounded to bf16, scored like an artifact: the error a merged bf16
         copy of the expert carries before any compression (zero for an expert saved in bf16), in KL and in
         gain kept, with the per-text figures of :class:`EvalResult`."""
-        return self.score(copy.deepcopy(self.expert).to(torch.bfloat16).float())
+        return self.score(copy.deepcopy(self.expert).to(torch.bfloat16).float(), "bf16 expert")
 
-    def score(self, model) -> dict:
-        """Any model in the compressed expert's place: mean KL, perplexity, gain kept and the per-text lists."""
-        c = self._compare(model)
+    def score(self, model, what: str = "compressed") -> dict:
+        """Any model in the compressed expert's place (``what`` names it on the progress bar): mean KL, perplexity,
+        gain kept and the per-text lists."""
+        c = self._compare(model, what)
         ppl = c.perplexity(self.per_char)
         return {
             "kl": float(f"{sum(c.kl_sums) / max(sum(c.tokens), 1):.6g}"),
@@ -172,10 +179,10 @@ class Evaluator:
             **self._per_text(c),
         }
 
-    def _gain_kept(self, ppl: float) -> float:
+    def _gain_kept(self, ppl: float) -> float | None:
         """The share of the expert's perplexity gain over the base that a model of perplexity ``ppl`` keeps."""
-        gain = self.ppl_base - self.ppl_expert
-        return round((self.ppl_base - ppl) / gain, 4) if abs(gain) > 1e-9 else float("nan")
+        kept = gain_kept(self.ppl_base, self.ppl_expert, ppl)
+        return None if kept is None else round(kept, 4)
 
     def _per_text(self, c: Comparison) -> dict:
         """:class:`EvalResult`'s per-text lists for a candidate compared with the expert. NLL sums to 1e-5 nats:
@@ -189,21 +196,34 @@ class Evaluator:
             "nll_text_units": [int(n) for n in c.units(self.per_char)],
         }
 
-    def _likelihood(self, model, tokenizer) -> Likelihood:
-        return likelihood(
-            model, tokenizer, self.data.texts, self.max_len, self.batch_size, score_from=self.data.score_from
+    def _likelihood(self, model, tokenizer, what: str) -> Likelihood:
+        return self._batched(
+            Likelihood,
+            what,
+            lambda texts, starts: likelihood(model, tokenizer, texts, self.max_len, len(texts), starts),
         )
 
-    def _compare(self, model) -> Comparison:
-        return compare(
-            self.expert,
-            model,
-            self.tokenizer,
-            self.data.texts,
-            self.max_len,
-            batch_size=self.batch_size,
-            score_from=self.data.score_from,
+    def _compare(self, model, what: str) -> Comparison:
+        return self._batched(
+            Comparison,
+            what,
+            lambda texts, starts: compare(self.expert, model, self.tokenizer, texts, self.max_len, len(texts), starts),
         )
+
+    def _batched(
+        self, kind: type[Scores], what: str, score: Callable[[Sequence[str], Sequence[int] | None], Scores]
+    ) -> Scores:
+        """``score`` over the texts a batch at a time, behind a progress bar (a pass over a real model's eval set
+        takes tens of seconds on a CPU). The batches are those ``score`` would make itself: the same figures."""
+        texts, starts, size = self.data.texts, self.data.score_from, self.batch_size
+        out = kind()
+        with tqdm(total=len(texts), desc=f"evaluate {what}", unit="text") as bar:
+            for i in range(0, len(texts), size):
+                part = score(texts[i : i + size], None if starts is None else starts[i : i + size])
+                for f in dataclasses.fields(out):
+                    getattr(out, f.name).extend(getattr(part, f.name))
+                bar.update(len(part.tokens))
+        return out
 
     def evaluate(self, artifact: Path) -> EvalResult:
         reader = open_artifact(artifact, self.base, self.base_fingerprint)
@@ -219,8 +239,9 @@ class Evaluator:
         task_c = _mean(items_c)
         self.release_base()
         task_gain = None
-        if task_c is not None and self.task_expert != self.task_base:
-            task_gain = round((task_c - self.task_base) / (self.task_expert - self.task_base), 4)
+        if task_c is not None:
+            task_gain = gain_kept(self.task_base, self.task_expert, task_c, higher_is_better=True)
+            task_gain = None if task_gain is None else round(task_gain, 4)
         return EvalResult(
             name=m.name,
             domain=m.domain,

@@ -203,6 +203,20 @@ def paired_ratio_ci(
     return paired_bootstrap_ci([a, b], lambda x, y: x.sum(-1) / y.sum(-1).clamp_min(1e-300), resamples, level, seed)
 
 
+# An expert's gain over its base at most this large is no gain: the share of it kept would be rounding noise
+NO_GAIN = 1e-9
+
+
+def gain_kept(base: float, expert: float, compressed: float, higher_is_better: bool = False) -> float | None:
+    """The share of the expert's gain over the base that the compressed expert keeps (1.0: lossless, 0.0: no better
+    than the base); for perplexity ``(base - compressed) / (base - expert)``. None where the expert gained nothing,
+    its figure no better than the base's: a ratio of two losses would read as a share kept (1.11 for a compressed
+    expert that lost more than the expert did)."""
+    sign = 1.0 if higher_is_better else -1.0
+    gain = sign * (expert - base)
+    return sign * (compressed - base) / gain if gain > NO_GAIN else None
+
+
 # Per model, (each text's summed negative log-likelihood, each text's tokens or characters)
 TextNLL = tuple[Sequence[float], Sequence[float]]
 

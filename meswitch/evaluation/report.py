@@ -26,7 +26,7 @@ from meswitch.artifacts import read_manifest
 from meswitch.checkpoints import Checkpoint, check_expert, config_dtype
 from meswitch.compression.calibration import CalibConfig, calibrate, read_texts
 from meswitch.compression.distill import DistillConfig, distill_artifact
-from meswitch.compression.expert import ExpertInfo, compress_expert
+from meswitch.compression.expert import ExpertInfo, compress_expert, size_against_fp16
 from meswitch.compression.methods import BITDELTA, FIXED, MAGNITUDE, MESWITCH, get_method
 from meswitch.devices import resolve_device
 from meswitch.evaluation.evaluate import EvalResult, Evaluator
@@ -35,9 +35,9 @@ from meswitch.evaluation.variants import (
     BITDELTA_DISTILLED,
     COMPARED,
     EQUAL_BYTES,
+    check_variants,
     equal_bytes_group,
     report_method,
-    report_method_names,
     report_methods,
     variants,
 )
@@ -67,9 +67,7 @@ class ReportConfig:
     experts: tuple[str, ...] = ()  # expert folder names to report on; empty: every expert of the family
 
     def __post_init__(self) -> None:
-        known = report_method_names()
-        if unknown := set(self.methods) - set(known):
-            raise ValueError(f"unknown report methods {sorted(unknown)}; known: {', '.join(known)}")
+        check_variants(self)  # before any work: a missing bit budget, a width the quantizer lacks, ...
 
 
 def run_report(family: Path, out: Path, cfg: ReportConfig | None = None) -> list[Path]:
@@ -238,13 +236,19 @@ _GAIN_FIGURES = ("nll_text_sums_base", "nll_text_units_base", "nll_text_sums_exp
 
 def _gain_ci(figures: dict) -> list[float] | None:
     """95% paired-bootstrap interval of the gain kept in perplexity from a row's per-text figures; None without
-    them (rows of an older report) or without a gain to keep (the expert no better than its base)."""
+    them (rows of an older report) or without a gain to keep (the expert no better than its base: None, or NaN in
+    an older report)."""
     columns = [figures.get(k) for k in _GAIN_FIGURES]
-    if not all(columns) or not math.isfinite(figures.get("gain_retained", math.nan)):
+    if not all(columns) or not _is_gain(figures.get("gain_retained")):
         return None
     nb, ub, ne, ue, nc, uc = columns
     _, lo, hi = gain_kept_ci((nb, ub), (ne, ue), (nc, uc))
     return [round(lo, 4), round(hi, 4)]
+
+
+def _is_gain(kept: float | None) -> bool:
+    """Whether a gain kept is a number: not None (the expert gained nothing) nor NaN (how older reports wrote it)."""
+    return kept is not None and math.isfinite(kept)
 
 
 def _task_gain_ci(figures: dict) -> list[float] | None:
@@ -345,10 +349,11 @@ def claims(rows: list[dict], bits: int) -> dict:
             continue
 
         def curve(method: str, key: str, name: str = name) -> list[Point]:
+            """The method's points; none for the gain kept where the expert gained nothing to keep."""
             points = [
                 (r["bits_per_param"], r[key], r.get("kl_text_sums") if key == "kl" else None)
                 for r in rows
-                if r["name"] == name and r["method"] == method
+                if r["name"] == name and r["method"] == method and (key == "kl" or _is_gain(r[key]))
             ]
             return sorted(points, key=lambda p: p[0])
 
@@ -471,7 +476,7 @@ def targets_markdown(goals: dict) -> str:
 
 def _gain_cell(gain: float | None, ci: list[float] | None, digits: int = 3) -> str:
     """A gain kept with its interval: 0.992 [0.985, 0.999]; ``-`` where there is no gain to keep."""
-    if gain is None or gain != gain:
+    if not _is_gain(gain):
         return "-"
     return f"{gain:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
@@ -542,7 +547,7 @@ def claims_markdown(checks: dict) -> str:
 
 def markdown_table(rows: list[dict], references: dict | None = None) -> str:
     head = (
-        "| expert | method | bits | bits/param | delta MB | x smaller than fp16 | KL | ppl ratio | gain kept [95% CI] "
+        "| expert | method | bits | bits/param | delta MB | vs the fp16 delta | KL | ppl ratio | gain kept [95% CI] "
         "| task |\n"
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
@@ -556,9 +561,10 @@ def markdown_table(rows: list[dict], references: dict | None = None) -> str:
         if r["task_score_expert"] is not None:
             task += f" / {r['task_score_expert']:.2f}"
         gain = _gain_cell(r["gain_retained"], r.get("gain_kept_ppl_ci"))
+        size = size_against_fp16(r["delta_bytes"], r["fp16_delta_bytes"])
         lines.append(
             f"| {r['name']} | {r['method']} | {_bits_cell(r)} | {r['bits_per_param']:.3f} | "
-            f"{r['delta_bytes'] / 1e6:.3f} | {r['fp16_delta_bytes'] / r['delta_bytes']:.1f} | {r['kl']:.4f} | "
+            f"{r['delta_bytes'] / 1e6:.3f} | {size} | {r['kl']:.4f} | "
             f"{r['ppl_ratio']:.4f} | {gain} | {task} |"
         )
     return head + "\n".join(lines) + "\n"

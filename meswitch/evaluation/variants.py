@@ -2,6 +2,7 @@
 
 A variant changes its method's settings (GPTQ rounding, the equal-bytes group size, a bit budget in place of
 one width) or follows it with scale distillation. Its name is what the report's rows, table and plot call it.
+:func:`check_variants` refuses, before any work, a report whose rows cannot all be made.
 Cheap to import (no torch), so the CLI lists them.
 """
 
@@ -31,6 +32,7 @@ class ReportMethod:
     help: str
     marker: str  # its points in the plot (matplotlib format)
     adjust: Adjust | None = None
+    budgeted: bool = False  # a bit budget in place of one width: the one of ``bit_budgets`` at each width (budget_at)
     distilled: bool = False  # scale distillation after compression
 
 
@@ -55,12 +57,11 @@ def budget_at(bits: int, budgets: tuple[float, ...]) -> float:
     so a budget row sits beside the uniform rows it is compared with."""
     fits = [b for b in budgets if math.floor(b) == bits]
     if not fits:
-        raise ValueError(f"a bit-budget method at {bits} bits needs a budget in [{bits}, {bits + 1}), got {budgets}")
+        given = ", ".join(map(str, budgets)) or "none"
+        raise ValueError(
+            f"a bit-budget method at {bits} bits needs a budget in [{bits}, {bits + 1}) (--bit-budgets), got {given}"
+        )
     return fits[0]
-
-
-def _budget(c: DeltaConfig, cfg: ReportConfig, _k: list[int]) -> DeltaConfig:
-    return replace(c, bit_budget=budget_at(c.bits, cfg.bit_budgets))
 
 
 def _gptq(c: DeltaConfig, _cfg: ReportConfig, _k: list[int]) -> DeltaConfig:
@@ -102,14 +103,32 @@ def report_method(name: str) -> ReportMethod:
 def variants(cfg: ReportConfig, in_features: list[int] | None = None) -> list[tuple[str, DeltaConfig]]:
     """(report method, compression config) pairs, one per bit width (once for a method that fixes its own);
     ``in_features`` (every quantized matrix's K) sizes the equal-bytes groups."""
+    return [
+        (variant.name, variant.adjust(config, cfg, in_features or []) if variant.adjust else config)
+        for variant, config in _configs(cfg)
+    ]
+
+
+def check_variants(cfg: ReportConfig) -> None:
+    """Raise ValueError, before any work, where the report's methods x bits x budgets cannot all be made: an
+    unknown method, a width the quantizer has not, a bit-budget method at a width without its budget, a salient
+    setting out of range. (The equal-bytes group size needs the base's shapes: it is checked when they are read.)"""
+    _configs(cfg)
+
+
+def _configs(cfg: ReportConfig) -> list[tuple[ReportMethod, DeltaConfig]]:
+    """Each report method's compression config at each of its widths, with its bit budget, before ``adjust``."""
     out = []
     for name in cfg.methods:
         variant = report_method(name)
         method = get_method(variant.method)
         for bits in (method.grid["bits"],) if "bits" in method.grid else cfg.bits:
             salient = cfg.salient_1bit if bits == 1 and cfg.salient_1bit is not None else cfg.salient
-            config = DeltaConfig(method.name, bits, salient if method.selects else 0, allocation=cfg.allocation)
-            out.append((name, variant.adjust(config, cfg, in_features or []) if variant.adjust else config))
+            budget = budget_at(bits, cfg.bit_budgets) if variant.budgeted else None
+            config = DeltaConfig(
+                method.name, bits, salient if method.selects else 0, allocation=cfg.allocation, bit_budget=budget
+            )
+            out.append((variant, config))
     return out
 
 
@@ -140,24 +159,24 @@ MESWITCH_GPTQ_DISTILLED = register_variant(
 MESWITCH_BUDGET = register_variant(
     ReportMethod(
         "meswitch-budget", MESWITCH.name,
-        "a width per matrix by its weighted error under the --bit-budgets value at each width", "v-", adjust=_budget,
+        "a width per matrix by its weighted error under the --bit-budgets value at each width", "v-", budgeted=True,
     )
 )  # fmt: skip
 MESWITCH_BUDGET_GPTQ = register_variant(
     ReportMethod(
-        "meswitch-budget-gptq", MESWITCH.name, "meswitch-budget with GPTQ rounding", "v:",
-        adjust=lambda c, cfg, k: _gptq(_budget(c, cfg, k), cfg, k),
+        "meswitch-budget-gptq", MESWITCH.name, "meswitch-budget with GPTQ rounding", "v:", adjust=_gptq,
+        budgeted=True,
     )
 )  # fmt: skip
 MESWITCH_BUDGET_DISTILLED = register_variant(
     ReportMethod(
         "meswitch-budget-distilled", MESWITCH.name, "meswitch-budget, then its step sizes fitted end to end", "v--",
-        adjust=_budget, distilled=True,
+        budgeted=True, distilled=True,
     )
 )  # fmt: skip
 MESWITCH_BUDGET_GPTQ_DISTILLED = register_variant(
     ReportMethod(
         "meswitch-budget-gptq-distilled", MESWITCH.name, "meswitch-budget-gptq, then its step sizes fitted end to end",
-        "v-.", adjust=lambda c, cfg, k: _gptq(_budget(c, cfg, k), cfg, k), distilled=True,
+        "v-.", adjust=_gptq, budgeted=True, distilled=True,
     )
 )  # fmt: skip
