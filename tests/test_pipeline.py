@@ -8,9 +8,7 @@ shares them: one first run (happy path and bad experts together), one re-run, on
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +28,7 @@ from pipeline_fixtures import (  # noqa: F401
     wait_for,
     write_config,
 )
+from servers import stop_group
 
 pytestmark = pytest.mark.slow
 
@@ -223,25 +222,13 @@ def test_submitted_new_domain_triggers_a_run_that_retrains_the_router(scenario, 
 
             runs = wait_for(finished, 420, "the on-arrival flow run", interval=3)
     finally:
-        _stop(server)
+        stop_group(server)
     assert runs[0].state.is_completed(), (runs[0].state.message, log.read_text()[-4000:])
     assert "production" in reg.aliases("meswitch-expert-definitions")
     router = reg.get_version("meswitch-router", alias="production")
     assert router.version > before
     assert router.tags["routing_key"] == ",".join(f"{d}={d}" for d in sorted([*GOOD, "definitions"]))
     assert float(router.tags["heldout_accuracy"]) >= 0.5
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a process group we started: SIGTERM, then SIGKILL."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def test_dask_runner_compresses_experts_in_parallel_on_two_workers(

@@ -70,7 +70,11 @@ def register(sub) -> None:
     )
     p.add_argument("expert", type=Path, metavar="EXPERT_DIR")
     p.add_argument("--inbox", required=True, help="the inbox folder or s3://bucket/prefix")
-    p.add_argument("--name", help="folder name in the inbox (default: EXPERT_DIR's name)")
+    p.add_argument(
+        "--name", help="folder name in the inbox: lowercase letters, digits, '.', '_', '-' (default: EXPERT_DIR's name)"
+    )
+    p.add_argument("--replace", action="store_true", help="replace an entry of the same name already in the inbox")
+    p.add_argument("--create-inbox", action="store_true", help="make the local inbox folder when it does not exist")
     p.add_argument("--no-event", action="store_true", help="copy only")
     p.set_defaults(func=_submit)
 
@@ -92,16 +96,23 @@ def _flow_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check(args) -> None:
-    from meswitch.flows.config import is_registry_ref
+    """Refuse what would fail the flow, in one line each, before Prefect starts (its traceback buries them)."""
+    from meswitch.flows.config import is_registry_ref, load_config
     from meswitch.flows.runtime import quiet_defaults
 
     quiet_defaults()  # before Prefect is imported
-    if not is_registry_ref(args.base) and not (Path(args.base) / "config.json").is_file():
+    registered = is_registry_ref(args.base)
+    if not registered and not (Path(args.base) / "config.json").is_file():
         raise CommandError(f"{args.base}: not a model folder (no config.json) nor a registered base")
     for flag in ("config", "gates", "router_test"):
         path = getattr(args, flag)
         if path is not None and not path.is_file():
             raise CommandError(f"--{flag.replace('_', '-')} {path}: file not found")
+    try:
+        load_config(args.config, args.gates)
+    except ValueError as e:
+        raise CommandError(" ".join(str(e).split())) from e  # a YAML error's own lines, on one
+    from meswitch.flows.inbox import InboxError, scan_inbox
     from meswitch.registry.errors import RegistryError
     from meswitch.registry.uri import parse_location
 
@@ -109,8 +120,20 @@ def _check(args) -> None:
         inbox = parse_location(args.inbox)
     except RegistryError as e:
         raise CommandError(f"--inbox {e}") from e
-    if not inbox.is_s3 and not inbox.path.is_dir():
-        raise CommandError(f"--inbox {args.inbox}: folder not found")
+    if not inbox.is_s3:
+        if not inbox.path.is_dir():
+            raise CommandError(f"--inbox {args.inbox}: folder not found")
+        try:
+            scan_inbox(inbox.path)  # an expert folder given as the inbox; S3 inboxes are scanned by the flow
+        except InboxError as e:
+            raise CommandError(f"--inbox {e}") from e
+    if registered:
+        from meswitch.registry import open_registry
+
+        try:
+            open_registry().get(args.base)
+        except RegistryError as e:
+            raise CommandError(f"--base {args.base}: {e}") from e
 
 
 def _params(args) -> dict:
@@ -160,11 +183,9 @@ def _run(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        from meswitch.flows.summary import ExpertOutcome, PipelineSummary, RouterOutcome
+        from meswitch.flows.summary import PipelineSummary
 
-        s = PipelineSummary(summary["inbox"], summary["base"], experts=[ExpertOutcome(**e) for e in summary["experts"]])
-        s.router = RouterOutcome(**summary["router"]) if summary.get("router") else None
-        print(s.markdown())
+        print(PipelineSummary.from_dict(summary).markdown())
         print(f"report: {summary['report_dir']}\nMLflow: {summary['mlflow']}")
     return 0
 
@@ -180,6 +201,7 @@ def _serve(args) -> int:
         from meswitch.flows.deployments import serve_pipeline
 
         print(f"serving the expert pipeline for {args.inbox} against {url}")
+        print(f"for `meswitch submit` to start a run at once, in its shell: export PREFECT_API_URL={url}", flush=True)
         serve_pipeline(_params(args), cron=None if args.no_schedule else args.cron, on_arrival=not args.no_events)
     return 0
 
@@ -189,14 +211,16 @@ def _submit(args) -> int:
 
     quiet_defaults()
     from meswitch.flows.deployments import emit_arrival
-    from meswitch.flows.inbox import submit
+    from meswitch.flows.inbox import InboxError, submit
 
     if not args.expert.is_dir():
         raise CommandError(f"{args.expert}: not a folder")
     name = args.name or args.expert.resolve().name
-    uri = submit(args.expert, args.inbox, name)
+    try:
+        uri = submit(args.expert, args.inbox, name, replace=args.replace, create_inbox=args.create_inbox)
+    except InboxError as e:
+        raise CommandError(str(e)) from e
     print(f"copied {args.expert} to {uri}")
-    if not args.no_event:
-        sent = emit_arrival(name, args.inbox, uri)
-        print("emitted meswitch.expert.arrived" if sent else "no Prefect server (PREFECT_API_URL): no event emitted")
+    if not args.no_event and emit_arrival(name, args.inbox, uri):  # it says itself why it sent none
+        print("emitted meswitch.expert.arrived")
     return 0

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import errno
 import logging
 import os
+import socket
 from pathlib import Path
 
 from meswitch.cli import CommandError
+from meswitch.devices import DEVICE_HELP, device_arg
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +24,8 @@ def register(sub) -> None:
         "/v1/completions, /healthz and /metrics. Alias moves are picked up by polling and POST /admin/reload.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    p.add_argument("--port", type=port_arg, default=8000, help="port, 1-65535 (default 8000)")
+    p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
     p.add_argument(
         "--gpu-memory-budget",
@@ -84,6 +88,40 @@ def _gib(value: float | None) -> int | None:
     return None if value is None else int(value * (1 << 30))
 
 
+def port_arg(text: str) -> int:
+    """An argparse ``type`` for ``--port``: a TCP port, refused by name when the flags are parsed."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port must be a whole number from 1 to 65535, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be from 1 to 65535, got {port}")
+    return port
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind ``host:port`` and let go, so a busy port is refused in a second, not after minutes of loading models.
+
+    SO_REUSEADDR as uvicorn sets it: a port that only lingers in TIME_WAIT is free to it, and so to this check.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise CommandError(f"--host {host}: cannot resolve it ({e.strerror})") from e
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise CommandError(
+                    f"port {port} on {host} is in use: another process holds it (another meswitch serve?); "
+                    "stop it or pick another --port"
+                ) from e
+            raise CommandError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -93,6 +131,7 @@ def _serve(args) -> int:
             f"--host {args.host} exposes the server beyond this machine without authentication: pass --api-key "
             "(or set MESWITCH_API_KEY), or --allow-no-auth if that is what you want"
         )
+    check_port_free(args.host, args.port)
     try:
         import uvicorn
 
@@ -115,6 +154,10 @@ def _serve(args) -> int:
         torch.set_num_threads(args.threads)
     if args.base is not None:
         source = LocalSource(args.base, args.experts, args.router)
+        try:
+            source.check()
+        except LoadError as e:
+            raise CommandError(f"cannot serve the folders given: {e}") from e
     else:
         if args.experts or args.router:
             raise CommandError("--experts and --router need --base (local folders); without it the registry is used")
@@ -145,9 +188,16 @@ def _serve(args) -> int:
         manager.start()
     except LoadError as e:
         raise CommandError(f"nothing to serve from {source.describe()}: {e}") from e
+    if args.router is not None and manager.current.router is None:
+        manager.close()
+        raise CommandError(f"--router {args.router}: {manager.current.refused.get('router', 'not loaded')}")
     if not manager.current.experts and not args.allow_no_experts:
         manager.close()
-        hint = "--experts DIR..." if args.base else "the registry's experts (meswitch registry list)"
+        if args.base:
+            given = ", ".join(map(str, args.experts)) or "none given"
+            hint = f"--experts ({given}): give compressed expert artifacts or folders of them"
+        else:
+            hint = "the registry's experts (meswitch registry list)"
         raise CommandError(
             f"no expert to serve from {source.describe()}: check {hint}, or pass --allow-no-experts to serve the "
             "base alone"

@@ -76,7 +76,11 @@ def emit_arrival(name: str, inbox: str | Path, uri: str) -> bool:
     import os
 
     if not os.environ.get("PREFECT_API_URL"):
-        log.warning("PREFECT_API_URL is not set: no event emitted; the next scheduled scan picks %s up", name)
+        log.warning(
+            "PREFECT_API_URL is not set: no event emitted, so the next scheduled scan picks %s up (to start a run at "
+            "once, export PREFECT_API_URL as `meswitch pipeline serve` prints it)",
+            name,
+        )
         return False
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
@@ -91,4 +95,10 @@ def emit_arrival(name: str, inbox: str | Path, uri: str) -> bool:
         payload={"inbox": inbox_id(inbox), "expert": name, "uri": uri},
     )
     EventsWorker.drain_all(timeout=30)
+    if event is None:
+        log.warning(
+            "Prefect at %s emitted no event for %s; the next scheduled scan picks it up",
+            os.environ["PREFECT_API_URL"],
+            name,
+        )
     return event is not None

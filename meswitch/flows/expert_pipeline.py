@@ -38,6 +38,7 @@ from meswitch.data.loading import fingerprint as data_fingerprint
 from meswitch.flows import tasks as t
 from meswitch.flows.config import BASE_PREFIX, PipelineConfig, is_registry_ref, load_config
 from meswitch.flows.gates import check_expert_gates, check_router_gates, per_domain_accuracy, task_ratio
+from meswitch.flows.inbox import empty_inbox
 from meswitch.flows.summary import FAILED, PRODUCTION, REJECTED, ExpertOutcome, PipelineSummary, RouterOutcome
 
 log = logging.getLogger(__name__)
@@ -298,9 +299,11 @@ def expert_pipeline(
     base_fp = base_print.fingerprint
 
     summary = PipelineSummary(inbox=str(inbox))
-    fresh: list[ExpertInput] = []
-    names: dict[str, str] = {}
-    for entry in io.scan_inbox(str(inbox)):
+    entries = io.scan_inbox(str(inbox))
+    if not entries:
+        summary.notes.append(empty_inbox(str(inbox)))
+    readable: list[ExpertInput] = []
+    for entry in entries:
         if not entry.has_card:
             summary.experts.append(ExpertOutcome(entry.name, REJECTED, reasons=[f"{entry.uri}: {NO_CARD}"]))
             continue
@@ -310,21 +313,21 @@ def expert_pipeline(
             summary.experts.append(ExpertOutcome(entry.name, REJECTED, reasons=[got.error]))
             continue
         card = got.card
-        if card.name in names:
-            reason = f"expert name {card.name!r} is also used by inbox entry {names[card.name]!r}"
-            summary.experts.append(ExpertOutcome(entry.name, REJECTED, card.name, card.domain, [reason]))
-            continue
-        names[card.name] = entry.name
         fp = _stored(t.fingerprint, work)(folder, entry.stamp)
         if fp.error:
             summary.experts.append(ExpertOutcome(entry.name, REJECTED, card.name, card.domain, [fp.error]))
             continue
-        done = io.registry_lookup(EXPERT_PREFIX + card.name, fp.fingerprint, base_fp)
+        readable.append(ExpertInput(entry.name, folder, card, fp.fingerprint))
+
+    fresh: list[ExpertInput] = []
+    for expert in _one_per_name(readable, base, base_fp, config, work, summary):
+        done = io.registry_lookup(expert.model, expert.fingerprint, base_fp)
         if done is not None:
-            logger.info("%s: already processed (version %s, %s)", card.name, done["version"], done["pipeline.status"])
-            summary.experts.append(ExpertOutcome.from_registry(entry.name, card.name, done))
+            name = expert.card.name
+            logger.info("%s: already processed (version %s, %s)", name, done["version"], done["pipeline.status"])
+            summary.experts.append(ExpertOutcome.from_registry(expert.entry, name, done))
             continue
-        fresh.append(ExpertInput(entry.name, folder, card, fp.fingerprint))
+        fresh.append(expert)
 
     if fresh:
         io.mlflow_experiment()  # before the experts' sub-flows run at once
@@ -362,12 +365,40 @@ def expert_pipeline(
     summary.write(report)
     create_markdown_artifact(summary.markdown(), key="expert-pipeline-summary", description="meswitch pipeline run")
     logger.info("summary\n%s", summary.markdown())
-    failed = [e.name or e.entry for e in summary.failed]
+    failed = [e.entry for e in summary.failed]
     failed += ["base"] if summary.base_error else []
     failed += ["router"] if summary.router.status == FAILED else []
     if failed:
         raise PipelineFailed(f"{', '.join(failed)} failed (see the summary in {report}); run again to resume")
     return summary.to_dict()
+
+
+def _one_per_name(
+    experts: list[ExpertInput], base: str, base_fp: str, config: PipelineConfig, work: Path, summary: PipelineSummary
+) -> list[ExpertInput]:
+    """The experts to go on with, one per expert name; the other entries that share a name are rejected.
+
+    Entries sharing a name are validated first (cached: their sub-flows reuse the result), so that a broken
+    copy neither claims the name nor hides its own fault behind the clash: invalid ones go on, to be rejected
+    with their reason, and the first valid one keeps the name.
+    """
+    by_name: dict[str, list[ExpertInput]] = {}
+    for expert in experts:
+        by_name.setdefault(expert.card.name, []).append(expert)
+    kept = []
+    for name, group in by_name.items():
+        if len(group) == 1:
+            kept += group
+            continue
+        validate = _stored(t.validate, work)
+        limit = config.validation.max_relative_delta
+        ok = {e.entry: validate(base, e.folder, base_fp, e.fingerprint, limit).ok for e in group}
+        valid = [e for e in group if ok[e.entry]]
+        kept += [e for e in group if not ok[e.entry]] + valid[:1]
+        for e in valid[1:]:
+            reason = f"expert name {name!r} is also used by inbox entry {valid[0].entry!r}"
+            summary.experts.append(ExpertOutcome(e.entry, REJECTED, name, e.card.domain, [reason]))
+    return sorted(kept, key=lambda e: e.entry)
 
 
 def _register_base(io, base: str, base_fp: str, name: str, work: Path) -> tuple[str | None, str | None]:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from meswitch.expert_card import CARD
-from meswitch.registry.uri import is_s3, parse_location
+from meswitch.expert_card import CARD, NAME_RE
+from meswitch.registry.uri import Location, is_s3, parse_location
 
 if TYPE_CHECKING:
     from meswitch.registry.store import S3Store
@@ -76,38 +76,96 @@ def fetch_entry(entry: InboxEntry, cache_dir: Path) -> Path:
     return final
 
 
-def submit(expert_dir: Path | str, inbox: str | Path, name: str | None = None) -> str:
+class InboxError(ValueError):
+    """The inbox cannot be used as asked: it is an expert folder itself, or a submitted name is unsafe or taken."""
+
+
+def empty_inbox(inbox: str | Path) -> str:
+    """What a scan that found nothing tells the user: normal for a scheduled scan, a likely typo for a one-off run."""
+    return (
+        f"no expert folders found in {inbox}: an inbox holds one sub-folder per expert, each with an {CARD} "
+        f"(meswitch submit EXPERT_DIR --inbox {inbox} copies one in)"
+    )
+
+
+def _expert_folder_as_inbox(inbox: str | Path) -> InboxError:
+    return InboxError(
+        f"{inbox} is an expert folder (it holds {CARD}), not an inbox of them: pass its parent as --inbox, "
+        f"or submit it with meswitch submit {inbox} --inbox INBOX"
+    )
+
+
+def check_entry_name(name: str) -> str:
+    """``name`` when it can name an inbox entry: one visible path component, as an expert's name in its card
+    (lowercase letters, digits, '.', '_', '-'), so that a submit neither escapes the inbox nor hides from scans."""
+    if not NAME_RE.match(name):
+        raise InboxError(
+            f"inbox entry name {name!r} must be 1-63 lowercase letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit (no '/'); choose one with --name"
+        )
+    return name
+
+
+def submit(
+    expert_dir: Path | str,
+    inbox: str | Path,
+    name: str | None = None,
+    *,
+    replace: bool = False,
+    create_inbox: bool = False,
+) -> str:
     """Copy an expert folder into the inbox so that it appears whole or not at all; return its inbox URI.
 
     Locally the copy goes to a hidden folder that is then renamed; on S3, ``expert.yaml`` is uploaded
-    last, and the scanner ignores a prefix until it has one.
+    last, and the scanner ignores a prefix until it has one. An entry of the same name is refused unless
+    ``replace``; a local inbox that does not exist is refused (a typo would start a new one) unless
+    ``create_inbox``.
     """
     src = Path(expert_dir)
     if not (src / CARD).is_file():
         raise FileNotFoundError(f"{src / CARD}: missing; every expert folder needs an expert.yaml")
-    name = name or src.resolve().name
+    name = check_entry_name(name or src.resolve().name)
     where = parse_location(inbox)
     if where.is_s3:
-        dest = where.join(name)
-        store = _store(str(dest))
-        files = sorted(p for p in src.rglob("*") if p.is_file())
-        files.sort(key=lambda p: p.name == CARD)  # the card last: it marks the upload complete
-        for path in files:
-            store.upload_file(path, str(dest.join(path.relative_to(src).as_posix())))
-        return str(dest)
+        return _submit_s3(src, where.join(name), replace)
     inbox = where.path
-    inbox.mkdir(parents=True, exist_ok=True)
+    if not inbox.is_dir():
+        if not create_inbox:
+            raise FileNotFoundError(f"{inbox}: no such inbox folder (pass --create-inbox to make it)")
+        inbox.mkdir()  # its parent must exist: a typo one level up is still refused
+        log.info("created the inbox folder %s", inbox)
     dest = inbox / name
+    if dest.exists() and not replace:
+        raise InboxError(f"{dest}: the inbox already holds an entry {name!r}; pass --replace to replace it")
     tmp = inbox / f".{name}.part-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if dest.exists():
-        old = inbox / f".{name}.old-{os.getpid()}"
-        dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(dest)
+    try:
+        shutil.copytree(src, tmp)
+        if dest.exists():
+            old = inbox / f".{name}.old-{os.getpid()}"
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a copy that failed half-way leaves nothing behind
+    return str(dest)
+
+
+def _submit_s3(src: Path, dest: Location, replace: bool) -> str:
+    """Upload ``src`` under ``dest``, the card last; an entry there already is removed first, its card first,
+    so that a scan never reads a mix of the old and the new files."""
+    store = _store(str(dest))
+    old = store.list_files(str(dest))
+    if old and not replace:
+        raise InboxError(f"{dest}: the inbox already holds this entry; pass --replace to replace it")
+    for rel, _etag, _size in sorted(old, key=lambda f: f[0] != CARD):
+        store.delete_file(str(dest.join(rel)))
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == CARD)  # the card last: it marks the upload complete
+    for path in files:
+        store.upload_file(path, str(dest.join(path.relative_to(src).as_posix())))
     return str(dest)
 
 
@@ -117,6 +175,8 @@ def submit(expert_dir: Path | str, inbox: str | Path, name: str | None = None) -
 def _scan_local(inbox: Path) -> list[InboxEntry]:
     if not inbox.is_dir():
         raise FileNotFoundError(f"{inbox}: inbox folder not found")
+    if (inbox / CARD).is_file():
+        raise _expert_folder_as_inbox(inbox)
     entries = []
     for folder in sorted(p for p in inbox.iterdir() if p.is_dir() and not p.name.startswith(".")):
         h = hashlib.sha256()
@@ -141,6 +201,8 @@ def _scan_s3(inbox: str) -> list[InboxEntry]:
     root = parse_location(inbox)
     groups: dict[str, list[tuple[str, str, int]]] = {}
     for rel, etag, size in _store(inbox).list_files(inbox):
+        if rel == CARD:
+            raise _expert_folder_as_inbox(inbox)
         if "/" not in rel:
             continue  # a file directly in the inbox, not an expert folder
         folder, rest = rel.split("/", 1)

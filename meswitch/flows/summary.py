@@ -75,6 +75,16 @@ class PipelineSummary:
     router: RouterOutcome | None = None
     mlflow: str = ""
     report_dir: str | None = None
+    notes: list[str] = field(default_factory=list)  # what the user should know beyond the table: an empty inbox
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PipelineSummary:
+        """The summary ``to_dict`` wrote (a flow run's result), for printing it again."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"experts", "router"}
+        summary = cls(**{k: v for k, v in d.items() if k in known})
+        summary.experts = [ExpertOutcome(**e) for e in d.get("experts", [])]
+        summary.router = RouterOutcome(**d["router"]) if d.get("router") else None
+        return summary
 
     @property
     def failed(self) -> list[ExpertOutcome]:
@@ -83,16 +93,19 @@ class PipelineSummary:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["promoted"] = [e.name for e in self.experts if e.status == PRODUCTION and e.processed]
-        d["rejected"] = {e.name or e.entry: e.reasons for e in self.experts if e.status == REJECTED and e.processed}
-        d["skipped"] = [e.name or e.entry for e in self.experts if not e.processed]
-        d["failed"] = {e.name or e.entry: e.reasons for e in self.failed}
+        # by inbox entry: several entries may name one expert, and each has its own reasons
+        d["rejected"] = {e.entry: e.reasons for e in self.experts if e.status == REJECTED and e.processed}
+        d["skipped"] = [e.entry for e in self.experts if not e.processed]
+        d["failed"] = {e.entry: e.reasons for e in self.failed}
         return d
 
     def markdown(self) -> str:
-        lines = [
-            "| entry | expert | domain | status | new | bits/param | bytes | KL | ppl ratio | gates | version |",
-            "|---|---|---|---|---|---:|---:|---:|---:|---|---:|",
-        ]
+        lines = []
+        if self.experts:
+            lines += [
+                "| entry | expert | domain | status | new | bits/param | bytes | KL | ppl ratio | gates | version |",
+                "|---|---|---|---|---|---:|---:|---:|---:|---|---:|",
+            ]
         for e in self.experts:
             gate = {True: "pass", False: "fail", None: "-"}[e.gates_passed]
             lines.append(
@@ -100,10 +113,10 @@ class PipelineSummary:
                 f"{_f(e.bits_per_param, 3)} | {e.delta_bytes or '-'} | {_f(e.kl, 4)} | {_f(e.ppl_ratio, 4)} | "
                 f"{gate} | {e.version or '-'} |"
             )
-        out = "\n".join(lines) + "\n"
+        out = "".join(f"{line}\n" for line in [*lines, *self.notes])
         if self.base or self.base_error:
             out += f"\nBase: {self.base or 'not registered: ' + str(self.base_error)}\n"
-        reasons = [(e.name or e.entry, e.status, r) for e in self.experts for r in e.reasons]
+        reasons = [(e.entry, e.status, r) for e in self.experts for r in e.reasons]
         if reasons:
             out += "\n" + "\n".join(f"- {n} ({s}): {r}" for n, s, r in reasons) + "\n"
         if self.router is not None:

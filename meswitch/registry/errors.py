@@ -21,7 +21,7 @@ class NotFound(RegistryError, LookupError):
 
 
 class AccessDenied(RegistryError):
-    """The object store refused the credentials (wrong key, missing permission)."""
+    """The object store refused the credentials (wrong key, missing permission), or none were found."""
 
 
 class Unavailable(RegistryError):

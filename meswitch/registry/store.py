@@ -24,6 +24,7 @@ from meswitch.registry.errors import (
     NotFound,
     RegistryError,
     Unavailable,
+    chain,
     is_transient,
     s3_error_code,
 )
@@ -237,8 +238,15 @@ class S3Store(ObjectStore):
         return f"{self.uri} at {self.config.s3_endpoint_url or 'AWS S3'}"
 
     def _translate(self, exc: BaseException, what: str) -> BaseException:
-        """Turn a refused credential, a missing object, or a server that still did not answer after
+        """Turn a refused or missing credential, a missing object, or a server that still did not answer after
         botocore's retries into this module's errors; else keep it."""
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+        if any(isinstance(e, (NoCredentialsError, PartialCredentialsError)) for e in chain(exc)):
+            return AccessDenied(
+                f"{what}: no credentials for the object store {self.where()} ({exc}). Set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or set MESWITCH_ARTIFACT_URI to a folder for a local store."
+            )
         code = s3_error_code(exc)
         if code in _DENIED:
             key = self.config.aws_access_key_id or "(from the default credential chain)"
@@ -370,6 +378,13 @@ class S3Store(ObjectStore):
             self.client.upload_file(str(path), bucket, key, Config=self.transfer)
         except Exception as e:
             raise self._translate(e, f"upload {location}") from e
+
+    def delete_file(self, location: str) -> None:
+        bucket, key = self._split(location)
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key)
+        except Exception as e:
+            raise self._translate(e, f"delete {location}") from e
 
 
 def open_store(uri: str | Path | Location, config: RegistryConfig) -> ObjectStore:

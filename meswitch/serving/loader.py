@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from meswitch.artifacts import MANIFEST, ArtifactError, read_manifest
+from meswitch.artifacts import MANIFEST, ArtifactError, Manifest, read_manifest
 from meswitch.checkpoints import CONFIG
 from meswitch.compression.expert import SOURCE_DIR
+from meswitch.expert_card import CARD
 from meswitch.serving.batching import Scheduler, SchedulerConfig, StepObserver
 from meswitch.serving.engine import EngineConfig, MixedExpertEngine
 from meswitch.serving.tiers import ExpertSlot, TierObserver
@@ -33,6 +34,7 @@ from meswitch.serving.tiers import ExpertSlot, TierObserver
 log = logging.getLogger(__name__)
 
 EXPERT_PREFIX, BASE_PREFIX, ROUTER_NAME = "meswitch-expert-", "meswitch-base-", "meswitch-router"
+COMPRESS_FIRST = "run meswitch compress first (--base BASE --expert DIR --out ARTIFACT)"
 
 
 class LoadError(Exception):
@@ -99,36 +101,84 @@ class LocalSource:
     def describe(self) -> str:
         return f"local folders (base {self.base})"
 
-    def _artifact_folders(self) -> list[Path]:
-        found = []
-        for p in self.expert_paths:
-            if (p / MANIFEST).is_file():
-                found.append(p)
-            elif p.is_dir():
-                found += sorted(q for q in p.iterdir() if (q / MANIFEST).is_file() and not q.name.startswith("."))
-        return found
+    def _expert_artifacts(self, path: Path, errors: dict[str, str]) -> list[tuple[Path, Manifest]]:
+        """The expert artifacts ``path`` names: itself, or the artifact folders directly inside it.
+
+        A path that can serve no expert goes into ``errors`` with what to do (a typo, an uncompressed expert
+        folder, another kind of artifact); a folder with nothing in it yet is no error: artifacts put there
+        later are served from the next poll.
+        """
+        if not path.is_dir():
+            errors[str(path)] = f"{path}: {'not a folder' if path.exists() else 'not found'}"
+            return []
+        if (path / MANIFEST).is_file():
+            m = _manifest(path, errors)
+            if m is not None and m.kind != "expert-delta":
+                errors[str(path)] = f"{path}: an artifact of kind {m.kind!r}, not a compressed expert"
+                return []
+            return [] if m is None else [(path, m)]
+        if _is_model_folder(path):
+            errors[str(path)] = f"{path}: an expert folder, not a compressed artifact: {COMPRESS_FIRST}"
+            return []
+        inside = sorted(q for q in path.iterdir() if (q / MANIFEST).is_file() and not q.name.startswith("."))
+        if not inside and any(_is_model_folder(q) for q in path.iterdir()):
+            errors[str(path)] = f"{path}: holds expert folders but no compressed artifact: {COMPRESS_FIRST}"
+        found = [(q, _manifest(q, errors)) for q in inside]
+        return [(q, m) for q, m in found if m is not None and m.kind == "expert-delta"]
+
+    def _router_ref(self, errors: dict[str, str]) -> ArtifactRef | None:
+        """The router folder when it is a router artifact; else None, and why in ``errors``."""
+        if self.router is None:
+            return None
+        try:
+            kind = read_manifest(self.router).kind
+        except ArtifactError as e:
+            errors["router"] = str(e) if self.router.is_dir() else f"{self.router}: router not found"
+            return None
+        if kind != "router":
+            errors["router"] = (
+                f"{self.router}: an artifact of kind {kind!r}, not a router (meswitch router train writes one)"
+            )
+            return None
+        return ArtifactRef(ROUTER_NAME, folder_version(self.router), self.router)
 
     def resolve(self) -> Resolution:
         if not (self.base / CONFIG).is_file():
             raise LoadError(f"{self.base}: not a model folder (no {CONFIG})")
         experts, errors = {}, {}
-        for folder in self._artifact_folders():
-            try:
-                m = read_manifest(folder)
-            except ArtifactError as e:
-                errors[folder.name] = str(e)
-                continue
-            if m.kind != "expert-delta":
-                continue
-            if m.name in experts:
-                errors[m.name] = f"two artifacts name expert {m.name!r}: {experts[m.name].path} and {folder}"
-                continue
-            experts[m.name] = ArtifactRef(m.name, folder_version(folder), folder)
-        router = None
-        if self.router is not None:
-            router = ArtifactRef(ROUTER_NAME, folder_version(self.router), self.router)
+        for path in self.expert_paths:
+            for folder, m in self._expert_artifacts(path, errors):
+                if m.name in experts:
+                    errors[m.name] = f"two artifacts name expert {m.name!r}: {experts[m.name].path} and {folder}"
+                    continue
+                experts[m.name] = ArtifactRef(m.name, folder_version(folder), folder)
+        router = self._router_ref(errors)
         base = ArtifactRef(self.base_name, folder_version(self.base), self.base)
         return Resolution(base, experts, router, errors)
+
+    def check(self) -> None:
+        """Raise LoadError naming every folder given that cannot be served, and why.
+
+        For start-up: a path typed on the command line must serve or say so; a later poll that meets a
+        bad folder refuses it and keeps serving the rest.
+        """
+        errors = self.resolve().errors
+        if errors:
+            raise LoadError("; ".join(errors.values()))
+
+
+def _manifest(folder: Path, errors: dict[str, str]) -> Manifest | None:
+    """The artifact's manifest, or None with the reason in ``errors`` (under the folder's name)."""
+    try:
+        return read_manifest(folder)
+    except ArtifactError as e:
+        errors[folder.name] = str(e)
+        return None
+
+
+def _is_model_folder(folder: Path) -> bool:
+    """A Hugging Face model or expert folder (not yet compressed into an artifact)."""
+    return folder.is_dir() and ((folder / CONFIG).is_file() or (folder / CARD).is_file())
 
 
 class RegistrySource:
@@ -171,10 +221,15 @@ class RegistrySource:
             bases = self._bases_of_experts(bases, live) or bases
         if len(bases) != 1:
             names = [b.removeprefix(BASE_PREFIX) for b in bases]
-            raise LoadError(
-                f"need exactly one base model with alias {self.alias!r}, found {names or 'none'}"
-                + ("" if self.base_name or not names else " (choose one with --base-name NAME)")
-            )
+            if names:
+                hint = "" if self.base_name else " (choose one with --base-name NAME)"
+            else:
+                hint = (
+                    f" in the registry at {self.registry.config.describe()['tracking_uri']}: fill it with "
+                    "`meswitch pipeline run --inbox DIR --base DIR`, or serve local folders with "
+                    "`meswitch serve --base DIR --experts ARTIFACT...`"
+                )
+            raise LoadError(f"need exactly one base model with alias {self.alias!r}, found {names or 'none'}{hint}")
         base_res = self.registry.resolve(bases[0], self.alias)
         base = ArtifactRef(bases[0].removeprefix(BASE_PREFIX), str(base_res.version), base_res.path)
         fingerprint = base_res.manifest.base_fingerprint or base_res.manifest.source_fingerprint
@@ -416,6 +471,8 @@ class ModelManager:
                     report.refused["router"] = f"version {res.router.version} refused: {type(e).__name__}: {e}"
                     if old_ok:
                         router, router_ref = prev.router, prev.router_ref
+        if router is not None and (unserved := _unserved_domains(router, experts)):
+            log.warning("router domains %s have no loaded expert: the base answers their queries", unserved)
         if scheduler is None:
             scheduler = Scheduler(engine, self.scheduler_config, observer=self._step_observer()).start()
         # The resolution is recorded as seen (refused versions included), so a refused version is
@@ -506,6 +563,12 @@ class ModelManager:
         dep = self.current
         if dep is not None:
             dep.scheduler.stop()
+
+
+def _unserved_domains(router, experts: dict[str, ModelEntry]) -> list[str]:
+    """The router's domains whose expert is not loaded: ``auto`` sends their queries to the base, silently
+    for the client, so the operator is told when the deployment goes live."""
+    return sorted(domain for domain, expert in router.experts.items() if expert not in experts)
 
 
 def _tokenizer(folder: Path):
