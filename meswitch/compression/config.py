@@ -20,7 +20,7 @@ SUPPORTED_BITS = (1, 2, 3, 4, 8)
 BUDGET_BITS = (1, 2, 3, 4)  # the widths a bit budget gives matrices (compression/bit_budget.py)
 ALLOCATIONS = ("layer", "global")
 ROUNDINGS = ("nearest", "gptq")
-PER_TENSOR = -1  # group_size of one step size per matrix, BitDelta's grid (the value quantize.PER_TENSOR repeats)
+PER_TENSOR = -1  # group_size of one step size per matrix, BitDelta's grid
 
 
 class ConfigError(ValueError):

@@ -13,9 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from meswitch.compression.config import SUPPORTED_BITS
-
-PER_TENSOR = -1  # group_size value: one step size for the whole matrix (BitDelta)
+from meswitch.compression.config import PER_TENSOR, SUPPORTED_BITS
 
 
 @dataclass(frozen=True)
