@@ -105,14 +105,18 @@ def _listed_files(folder: Path) -> list[str]:
 
 
 # What a folder that is no artifact holds, as far as replacing it goes (``folder_kind``)
-MODEL_FOLDER = "model"  # a Hugging Face model folder (what `meswitch reconstruct` writes)
+MODEL_FOLDER = "model"  # a Hugging Face model folder
 EXPERT_FOLDER = "expert"  # a model folder with its expert.yaml (an inbox folder)
-_DESCRIBED = {MODEL_FOLDER: "a model folder", EXPERT_FOLDER: "an expert folder"}
+RECONSTRUCTED = "reconstructed"  # a model folder `meswitch reconstruct` wrote: it holds RECONSTRUCTED_MARK
+RECONSTRUCTED_MARK = "reconstructed.json"
+_DESCRIBED = {MODEL_FOLDER: "a model folder", EXPERT_FOLDER: "an expert folder",
+              RECONSTRUCTED: "a reconstructed model folder"}  # fmt: skip
 
 
 def folder_kind(folder: Path) -> str | None:
-    """What ``folder`` holds: its manifest's kind, ``expert`` or ``model`` for a model folder with or without an
-    expert.yaml, None for anything else. Read from the manifest's raw JSON, so a damaged artifact still tells."""
+    """What ``folder`` holds: its manifest's kind; for a model folder ``expert`` (with an expert.yaml),
+    ``reconstructed`` (marked by `meswitch reconstruct`) or ``model``; None for anything else. Read from the
+    manifest's raw JSON, so a damaged artifact still tells."""
     folder = Path(folder)
     try:
         kind = json.loads((folder / MANIFEST).read_text()).get("kind")
@@ -121,7 +125,9 @@ def folder_kind(folder: Path) -> str | None:
     if isinstance(kind, str):
         return kind
     if (folder / "config.json").is_file():
-        return EXPERT_FOLDER if (folder / "expert.yaml").is_file() else MODEL_FOLDER
+        if (folder / "expert.yaml").is_file():
+            return EXPERT_FOLDER
+        return RECONSTRUCTED if (folder / RECONSTRUCTED_MARK).is_file() else MODEL_FOLDER
     return None
 
 

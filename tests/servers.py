@@ -30,19 +30,6 @@ HOST = "127.0.0.1"
 NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
 
-def stop_group(proc: subprocess.Popen, first: int = signal.SIGTERM, timeout: float = 30) -> None:
-    """Stop a process group a test started (``start_new_session``): ``first`` (Prefect's runner lets go of SIGTERM
-    slowly: SIGINT for it), then SIGKILL after ``timeout`` seconds."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, first)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def free_ports(n: int) -> list[int]:
     """``n`` distinct ports free on loopback right now (held open together so none repeats)."""
     socks = []

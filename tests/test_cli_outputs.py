@@ -82,6 +82,18 @@ def test_compress_refuses_an_out_it_would_destroy_before_any_work(pair, tmp_path
     assert os.getcwd() in err and "PosixPath" not in err and (user / "notes.txt").is_file()
 
 
+def test_a_group_size_that_does_not_divide_the_inputs_is_refused_before_calibration(
+    pair, tmp_path, capsys, monkeypatch
+):  # fmt: skip
+    monkeypatch.setattr("meswitch.compression.api.calibrate", _never)
+    out = tmp_path / "art"
+    assert main(_compress(pair, out, "--group", "7")) == 2
+    err = capsys.readouterr().err.strip()
+    expected = "error: --group 7 does not divide the inputs of every matrix (this model's have 64 or 128); try 32 or 64"
+    assert err.endswith(expected), err
+    assert not out.exists()
+
+
 def test_compress_reruns_into_its_own_artifact_but_not_into_another_kind(pair, tmp_path, capsys):
     out = tmp_path / "empty"
     out.mkdir()
@@ -108,6 +120,12 @@ def test_every_writer_keeps_a_user_folder_and_replaces_its_own_kind(pair, tmp_pa
     assert (recon / "model.safetensors").is_file()
     assert main([*args, str(user)]) == 2 and "remove it first" in capsys.readouterr().err
     assert main([*args, str(pair.art)]) == 2 and "is the input" in capsys.readouterr().err
+    assert json.loads((recon / "reconstructed.json").read_text())["artifact"] == str(pair.art.resolve())
+    model = tmp_path / "a-model"  # a model folder reconstruct did not write (a download, a fine-tune) is kept
+    shutil.copytree(pair.base, model)
+    assert main([*args, str(model)]) == 2
+    assert "holds a model folder, not a reconstructed model folder" in capsys.readouterr().err
+    assert (model / "model.safetensors").is_file()
     assert verify(pair.art)
     # router train and registry pull: refused before any training or download
     monkeypatch.setattr("meswitch.routing.train_router", _never)

@@ -28,7 +28,8 @@ from pipeline_fixtures import (  # noqa: F401
     wait_for,
     write_config,
 )
-from servers import stop_group
+
+from meswitch.processes import stop_group
 
 pytestmark = pytest.mark.slow
 

@@ -27,10 +27,10 @@ from pipeline_fixtures import (  # noqa: F401
     wait_for,
     write_config,
 )
-from servers import stop_group
 from serving_fixtures import served_family  # noqa: F401
 
 from meswitch.cli import main
+from meswitch.processes import stop_group
 
 
 @contextlib.contextmanager
@@ -342,6 +342,13 @@ def test_submit_refuses_unsafe_names_and_leaves_nothing_behind(pipeline_family, 
     with pytest.raises(shutil.Error):
         submit(broken, inbox)
     assert list(inbox.iterdir()) == []  # the half-made copy is gone
+    capitals = tmp_path / "Math Expert"  # a folder name that cannot name an entry: the card's name does
+    shutil.copytree(expert, capitals)
+    assert submit(capitals, inbox) == str(inbox / "math")
+    assert (inbox / "math" / "expert.yaml").is_file()
+    (capitals / "expert.yaml").write_text("name: Math\n")  # neither name valid: refused, naming the rule
+    with pytest.raises(InboxError, match="'Math Expert' must be 1-63 lowercase letters"):
+        submit(capitals, inbox)
 
 
 def test_submit_neither_replaces_nor_creates_unless_asked(pipeline_family, tmp_path, capsys, monkeypatch):  # noqa: F811

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from meswitch.cli import CommandError
-from meswitch.cli.config_flags import add_config_flags, config_from_flags
-from meswitch.compression.config import SUPPORTED_BITS, CalibConfig, DeltaConfig
+from meswitch.cli.config_flags import add_config_flags, config_from_flags, flag_error
+from meswitch.compression.config import SUPPORTED_BITS, CalibConfig, ConfigError, DeltaConfig
 from meswitch.compression.methods import get_method, registered_methods
 from meswitch.devices import DEVICE_HELP, device_arg
 
@@ -208,6 +208,8 @@ def _compress(args) -> int:
     start = time.perf_counter()
     try:
         manifest = run_compress(job)
+    except ConfigError as e:
+        raise flag_error(DeltaConfig, e) from e
     except ValueError as e:
         raise CommandError(str(e)) from e
     m = manifest.metrics
@@ -287,11 +289,11 @@ def _inspect(args) -> int:
 
 
 def _reconstruct(args) -> int:
-    from meswitch.artifacts import MODEL_FOLDER, check_out
+    from meswitch.artifacts import RECONSTRUCTED, check_out
     from meswitch.checkpoints import Checkpoint
     from meswitch.compression.reconstruct import reconstruct
 
-    out = check_out(args.out, MODEL_FOLDER, inputs=[args.base, args.artifact])
+    out = check_out(args.out, RECONSTRUCTED, inputs=[args.base, args.artifact])
     reconstruct(Checkpoint(args.base), args.artifact, out)
     print(f"wrote {out}")
     return 0

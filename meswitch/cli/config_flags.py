@@ -41,11 +41,17 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
 def config_from_flags(cls: type[T], args: argparse.Namespace) -> T:
     """The dataclass ``cls`` from the flags :func:`add_config_flags` added. A value its own checks refuse raises
     CommandError naming the flag (``--samples must be at least 1, got 0``), which the CLI prints as one line."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
     try:
-        return cls(**{name: getattr(args, name) for name in fields})
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
     except ConfigError as e:
-        raise CommandError(f"{_flag(fields[e.field_name])} {e.problem}") from e
+        raise flag_error(cls, e) from e
+
+
+def flag_error(cls: type, e: ConfigError) -> CommandError:
+    """``e``, raised by a check of ``cls``'s field (at parsing or later, against the model), as one line naming
+    the field's flag."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == e.field_name)
+    return CommandError(f"{_flag(f)} {e.problem}")
 
 
 def _flag(f: dataclasses.Field) -> str:

@@ -71,7 +71,9 @@ def register(sub) -> None:
     p.add_argument("expert", type=Path, metavar="EXPERT_DIR")
     p.add_argument("--inbox", required=True, help="the inbox folder or s3://bucket/prefix")
     p.add_argument(
-        "--name", help="folder name in the inbox: lowercase letters, digits, '.', '_', '-' (default: EXPERT_DIR's name)"
+        "--name",
+        help="folder name in the inbox: lowercase letters, digits, '.', '_', '-' (default: EXPERT_DIR's name, or "
+        "where that has capitals or spaces the expert's name in its expert.yaml)",
     )
     p.add_argument("--replace", action="store_true", help="replace an entry of the same name already in the inbox")
     p.add_argument("--create-inbox", action="store_true", help="make the local inbox folder when it does not exist")

@@ -10,7 +10,7 @@ from meswitch.artifacts import Manifest
 from meswitch.checkpoints import Checkpoint, check_expert
 from meswitch.compression.calibration import calibrate, read_texts
 from meswitch.compression.config import CalibConfig, DeltaConfig, calibration_for
-from meswitch.compression.expert import ExpertInfo, compress_expert
+from meswitch.compression.expert import ExpertInfo, check_grouping, compress_expert
 from meswitch.compression.methods import get_method
 from meswitch.data.loading import DataSource
 from meswitch.devices import resolve_device
@@ -38,6 +38,7 @@ def run_compress(job: CompressJob) -> Manifest:
     device = resolve_device(job.device)
     base, expert = Checkpoint(job.base), Checkpoint(job.expert)
     pairing = check_expert(base, expert)
+    check_grouping(base, job.delta)
     method = get_method(job.delta.method)
     stats = None
     if job.calib is not None and job.delta.uses_calibration:

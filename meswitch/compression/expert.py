@@ -32,7 +32,7 @@ from meswitch.compression.bit_budget import (
     residual_error,
 )
 from meswitch.compression.calibration import LM_HEAD, diagonal
-from meswitch.compression.config import DeltaConfig
+from meswitch.compression.config import ConfigError, DeltaConfig
 from meswitch.compression.delta import channel_weights, compress_delta, delta_nbytes, relative_errors
 from meswitch.compression.methods import get_method
 from meswitch.compression.refine import refine_steps
@@ -70,6 +70,23 @@ def stats_key(ckpt: Checkpoint, name: str) -> str:
 def is_quantized(ckpt: Checkpoint, name: str) -> bool:
     """Tensors stored as low-bit codes: every linear's weight, the LM head and the input embedding."""
     return is_linear_weight(ckpt, name) or name == ckpt.spec.embed
+
+
+def check_grouping(base: Checkpoint, config: DeltaConfig) -> None:
+    """Refuse a group size that does not divide some quantized matrix's inputs, from the headers alone: before
+    calibration, not minutes in at that matrix."""
+    g = config.group_size
+    if g <= 0:
+        return
+    widths = sorted({base.shape(n)[-1] for n in base.keys() if is_quantized(base, n)})
+    if any(k % g for k in widths):
+        fits = [str(d) for d in (32, 64, 128, 256) if all(k % d == 0 for k in widths)]
+        hint = f"try {' or '.join(fits)}" if fits else "use 0 (per output channel)"
+        raise ConfigError(
+            "group_size",
+            f"{g} does not divide the inputs of every matrix (this model's have {' or '.join(map(str, widths))}"
+            f"); {hint}",
+        )
 
 
 def second_moment(
@@ -192,6 +209,7 @@ def compress_expert(
     input channels equally (the uncalibrated baselines).
     """
     t0 = time.perf_counter()
+    check_grouping(base, config)
     spec = base.spec
     if config.rounding == "gptq" and not (stats and next(iter(stats.values())).dim() == 2):
         raise ValueError("rounding 'gptq' needs calibration Hessians: calibrate with CalibConfig(hessian=True)")

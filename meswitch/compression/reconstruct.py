@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from meswitch.artifacts import Manifest, staging_dir, verify
+from meswitch.artifacts import RECONSTRUCTED_MARK, Manifest, staging_dir, verify
 from meswitch.checkpoints import CONFIG, Checkpoint, config_dtype, scan
 from meswitch.compression.delta import CompressedDelta
 from meswitch.compression.expert import SHARD_BYTES, SOURCE_DIR
@@ -111,7 +111,8 @@ def expert_tensors(
 
 
 def reconstruct(base: Checkpoint, artifact: Path, out: Path) -> Path:
-    """Write the compressed expert as a full HF folder (config, tokenizer, safetensors shards)."""
+    """Write the compressed expert as a full HF folder (config, tokenizer, safetensors shards) and a
+    ``reconstructed.json`` naming the artifact and base it came from."""
     reader = open_artifact(artifact, base)
     with staging_dir(out) as tmp:
         shard: dict[str, torch.Tensor] = {}
@@ -142,6 +143,10 @@ def reconstruct(base: Checkpoint, artifact: Path, out: Path) -> Path:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
         for f in (Path(artifact) / SOURCE_DIR).iterdir():
             shutil.copy2(f, tmp / f.name)
+        # what it was made from; it also marks the folder as one a later reconstruct may replace (check_out)
+        mark = {"artifact": str(Path(artifact).resolve()), "base": str(Path(base.path).resolve()),
+                "expert": reader.manifest.name}  # fmt: skip
+        (tmp / RECONSTRUCTED_MARK).write_text(json.dumps(mark, indent=2) + "\n")
     return Path(out)
 
 

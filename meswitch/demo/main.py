@@ -25,7 +25,6 @@ import logging
 import os
 import random
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from meswitch.data.loading import load_rows
 from meswitch.demo.chat_family import CHAT_SIZES
 from meswitch.demo.family import SIZES
 from meswitch.evaluation.metrics import FINAL_NUMBER, NEXT_LINE, task_hit
+from meswitch.processes import stop_group
 from meswitch.routing.dataset import read_labelled
 
 log = logging.getLogger("meswitch.demo")
@@ -218,7 +218,7 @@ def serve_and_ask(family: Path, out: Path, device: str = "auto") -> list[dict[st
                 answers.append(row)
         return answers
     finally:
-        _stop(proc)
+        stop_group(proc, timeout=20)
 
 
 MAX_TOKENS = 64  # enough for a worked answer to an arithmetic problem
@@ -441,17 +441,6 @@ def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.loads(r.read())
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def _short(text: str, n: int) -> str:

@@ -13,6 +13,7 @@ every tensor) is computed once per stamp and cached.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from meswitch.expert_card import CARD, NAME_RE
+from meswitch.expert_card import CARD, NAME_RE, CardError, load_card
 from meswitch.registry.uri import Location, is_s3, parse_location
 
 if TYPE_CHECKING:
@@ -106,6 +107,18 @@ def check_entry_name(name: str) -> str:
     return name
 
 
+def _default_name(src: Path) -> str:
+    """The folder's name, or where that cannot name an entry (``Math-Expert``) the expert's name from its card."""
+    folder = src.resolve().name
+    if NAME_RE.match(folder):
+        return folder
+    with contextlib.suppress(CardError):
+        card = load_card(src).name
+        log.info("inbox entry %r (the expert's name in its card): the folder name %r cannot name one", card, folder)
+        return card
+    return folder  # refused by check_entry_name, which says what a name may hold
+
+
 def submit(
     expert_dir: Path | str,
     inbox: str | Path,
@@ -116,6 +129,9 @@ def submit(
 ) -> str:
     """Copy an expert folder into the inbox so that it appears whole or not at all; return its inbox URI.
 
+    The entry is named ``name``, else the folder's name, else (a folder name with capitals or spaces) the
+    expert's name from its card.
+
     Locally the copy goes to a hidden folder that is then renamed; on S3, ``expert.yaml`` is uploaded
     last, and the scanner ignores a prefix until it has one. An entry of the same name is refused unless
     ``replace``; a local inbox that does not exist is refused (a typo would start a new one) unless
@@ -124,7 +140,7 @@ def submit(
     src = Path(expert_dir)
     if not (src / CARD).is_file():
         raise FileNotFoundError(f"{src / CARD}: missing; every expert folder needs an expert.yaml")
-    name = check_entry_name(name or src.resolve().name)
+    name = check_entry_name(name or _default_name(src))
     where = parse_location(inbox)
     if where.is_s3:
         return _submit_s3(src, where.join(name), replace)

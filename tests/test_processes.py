@@ -1,0 +1,50 @@
+"""stop_group: a whole process group ends, a child that ignores the first signal included."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from meswitch.processes import stop_group
+
+# a parent and a child that ignores SIGTERM; the parent prints the child's PID once both run
+_TREE = """
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
+    stdout=subprocess.PIPE, text=True)
+child.stdout.readline()
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for its parent's reaper counts as gone
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_stop_group_kills_a_child_that_ignores_sigterm():
+    proc = subprocess.Popen([sys.executable, "-c", _TREE], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    child = int(proc.stdout.readline())
+    t0 = time.monotonic()
+    stop_group(proc, timeout=1)
+    assert proc.returncode is not None
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), "the child that ignored SIGTERM outlived the group's stop"
+    assert time.monotonic() - t0 < 10
+
+
+def test_stop_group_of_a_finished_process_is_quiet():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    proc.wait()
+    stop_group(proc, timeout=1)  # the group is gone: no ProcessLookupError
+    assert proc.returncode == 0
