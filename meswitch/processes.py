@@ -1,4 +1,5 @@
-"""Child process groups: started with ``start_new_session``, stopped as a whole (a server and its workers)."""
+"""Processes we started: whether one is alive, and stopping a group (``start_new_session``: a server and its
+workers) as a whole."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 
 def stop_group(proc: subprocess.Popen, first: int = signal.SIGTERM, timeout: float = 30) -> None:
@@ -31,3 +33,22 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (a child of ours not yet reaped, which this reaps) counts as gone; a process
+    of another user counts as alive."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(ChildProcessError, OSError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True

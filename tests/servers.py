@@ -26,6 +26,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from meswitch.processes import pid_alive
+
 HOST = "127.0.0.1"
 NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
@@ -110,7 +112,7 @@ class _Process:
         if self.proc is not None:
             return self.proc.poll() is None
         pid = self.pid
-        return pid is not None and _alive(pid) and self._is_ours(pid)
+        return pid is not None and pid_alive(pid) and self._is_ours(pid)
 
     def _is_ours(self, pid: int) -> bool:
         """The PID file may be stale and the PID reused: only signal a process that is our server."""
@@ -128,7 +130,7 @@ class _Process:
             if self.proc is not None:
                 if self.proc.poll() is not None:
                     return True
-            elif not _alive(pid):
+            elif not pid_alive(pid):
                 return True
             time.sleep(0.05)
         return False
@@ -136,7 +138,7 @@ class _Process:
     def stop(self, grace_s: float = 2.0) -> None:
         """SIGTERM the process group, wait ``grace_s``, then SIGKILL it and wait until it is gone."""
         pid = self.pid
-        if pid is not None and (self.proc is not None or (_alive(pid) and self._is_ours(pid))):
+        if pid is not None and (self.proc is not None or (pid_alive(pid) and self._is_ours(pid))):
             for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, sig)
@@ -161,24 +163,6 @@ class _Process:
                 f"{self.name} exited with status {self.proc.returncode} after {waited:.1f}s; "
                 f"log {self.log_file}:\n{_tail(self.log_file)}"
             )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child counts as gone.
-    with contextlib.suppress(ChildProcessError, OSError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 @dataclass(frozen=True)

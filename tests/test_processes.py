@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from meswitch.processes import stop_group
+from meswitch.processes import pid_alive, stop_group
 
 # a parent and a child that ignores SIGTERM; the parent prints the child's PID once both run
 _TREE = """
@@ -21,15 +21,6 @@ time.sleep(60)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for its parent's reaper counts as gone
-        return f.read().split(")")[-1].split()[0] != "Z"
-
-
 def test_stop_group_kills_a_child_that_ignores_sigterm():
     proc = subprocess.Popen([sys.executable, "-c", _TREE], stdout=subprocess.PIPE, text=True, start_new_session=True)
     child = int(proc.stdout.readline())
@@ -37,9 +28,9 @@ def test_stop_group_kills_a_child_that_ignores_sigterm():
     stop_group(proc, timeout=1)
     assert proc.returncode is not None
     deadline = time.monotonic() + 10
-    while _alive(child) and time.monotonic() < deadline:
+    while pid_alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(child), "the child that ignored SIGTERM outlived the group's stop"
+    assert not pid_alive(child), "the child that ignored SIGTERM outlived the group's stop"
     assert time.monotonic() - t0 < 10
 
 
@@ -48,3 +39,12 @@ def test_stop_group_of_a_finished_process_is_quiet():
     proc.wait()
     stop_group(proc, timeout=1)  # the group is gone: no ProcessLookupError
     assert proc.returncode == 0
+
+
+def test_pid_alive_counts_a_zombie_as_gone():
+    assert pid_alive(os.getpid())
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while pid_alive(proc.pid) and time.monotonic() < deadline:  # exits, then is a zombie until reaped
+        time.sleep(0.05)
+    assert not pid_alive(proc.pid)

@@ -45,6 +45,7 @@ from meswitch.demo.corpora import (
     load_corpus,
     routing_queries,
 )
+from meswitch.processes import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -730,19 +731,9 @@ def _remove_stale(folder: Path, prefix: str) -> None:
     """Delete the build folders (``<prefix><pid>``) that a killed build left, and ours from an earlier call."""
     for path in folder.glob(f"{prefix}*"):
         pid = path.name.removeprefix(prefix)
-        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+        if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
             log.info("removing %s, left by an interrupted build", path)
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _device(spec: FamilySpec) -> torch.device:
