@@ -546,17 +546,21 @@ def test_a_launch_given_row_sums_takes_them_wherever_the_epilogue_scales(monkeyp
     qkv = DeltaBank.random(1, (6144, 4096), bits=2)
     for bank, tiles in ((qkv, 8), (qkv, 1), (down, 4), (down, 8)):
         alone, given = (config_for(bank, 16, tiles, cpu, sums_given=g) for g in (False, True))
-        assert given.x_sums and replace(given, x_sums=alone.x_sums) == alone
+        same = {f: getattr(alone, f) for f in ("x_sums", "paired_planes", "maxnreg")}
+        assert given.x_sums and replace(given, **same) == alone  # K split as without them
     plan = sums_plan(down, 16, 8, cpu, torch.bfloat16)
     assert (plan.k, plan.splits, plan.span, plan.bits, plan.is_bf16) == (14336, 2, 7168, 2, True)
     plan = sums_plan(qkv, 16, 1, cpu, torch.float16)  # one tile: K split four ways
     assert (plan.splits, plan.span, plan.is_bf16) == (4, 1024, False)
     assert sums_plan(down, 64, 8, cpu, torch.bfloat16) is None  # prefill tiles scale in registers
-    assert config_for(down, 16, 8, cpu).maxnreg is None
+    paired = config_for(down, 16, 8, cpu)  # 16-row tiles with the sums: two planes a dot in 128 registers
+    assert paired.paired_planes and paired.maxnreg == 128
+    assert config_for(down, 32, 8, cpu).maxnreg is None and not config_for(down, 32, 8, cpu).paired_planes
+    assert not config_for(qkv, 16, 8, cpu).paired_planes  # no sums given, none of its own: the loop sums
     monkeypatch.setenv("MESWITCH_DELTA_CONFIG", '{"maxnreg": 96, "paired_planes": true}')  # an A/B in the step
     overridden = config_for(down, 16, 8, cpu)
     monkeypatch.delenv("MESWITCH_DELTA_CONFIG")
-    assert overridden == replace(config_for(down, 16, 8, cpu), maxnreg=96, paired_planes=True)
+    assert overridden == replace(config_for(down, 16, 8, cpu), maxnreg=96)
     torch.use_deterministic_algorithms(True)
     try:
         assert sums_plan(down, 16, 8, cpu, torch.bfloat16).splits == 1

@@ -127,8 +127,14 @@ def config_for(
     split = max(split, 2) if mlp else split
     if torch.are_deterministic_algorithms_enabled():
         split = 1  # split K adds partial sums into y with atomics, in no fixed order
+    x_sums = epilogue and (sums_given or (mlp and split > 1))
+    # 16-row tiles with the sums outside the loop: two planes a dot in at most 128 registers (4 programs an SM where
+    # ptxas gives 138: 3); in the step on the H200, 16 experts at batch 32 18.2 -> 17.7 ms, 8 and 16 at batch 64
+    # 13.15 -> 12.75 and 19.30 -> 18.55 ms (NOTES-kernels.md); 32-row tiles lose with it
+    paired = x_sums and block_m == 16
     cfg = LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=4, num_stages=3,
-                       epilogue_scale=epilogue, x_sums=epilogue and (sums_given or (mlp and split > 1)))  # fmt: skip
+                       epilogue_scale=epilogue, x_sums=x_sums, paired_planes=paired,
+                       maxnreg=128 if paired else None)  # fmt: skip
     if os.environ.get("MESWITCH_DELTA_KERNEL") == "gluon" and gluon_fits(bank, cfg, device):
         cfg = replace(cfg, kernel="gluon")
     overrides = os.environ.get("MESWITCH_DELTA_CONFIG")  # an A/B of launch fields in the decode step, as JSON
