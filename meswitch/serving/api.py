@@ -19,10 +19,10 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +37,7 @@ from meswitch.serving.metrics import ServingMetrics
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+T = TypeVar("T")
 
 
 @dataclass
@@ -79,7 +80,7 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # a 64-bit integer, as torch seeds its generators
     # OpenAI's: subtract penalty * (times the token was generated) / penalty * (generated at all) from its logit
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -211,11 +212,9 @@ class Server:
             return JSONResponse(e.body(), status_code=e.status)
 
         @app.exception_handler(RequestValidationError)
-        async def invalid(_request: Request, e: RequestValidationError):
-            first = e.errors()[0] if e.errors() else {}
-            where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-            msg = f"{where}: {first.get('msg', 'invalid request')}" if where else str(first.get("msg", "invalid body"))
-            return JSONResponse(APIError(400, msg, param=where or None).body(), status_code=400)
+        async def invalid(request: Request, e: RequestValidationError):
+            error = _invalid_body(e, request.headers.get("content-type"))
+            return JSONResponse(error.body(), status_code=error.status)
 
         @app.exception_handler(StarletteHTTPException)
         async def http_error(_request: Request, e: StarletteHTTPException):
@@ -266,12 +265,12 @@ class Server:
             return {"object": "list", "data": data}
 
         @app.post("/v1/chat/completions", dependencies=[auth])
-        async def chat(body: ChatBody):
-            return await self._complete("chat", body)
+        async def chat(body: ChatBody, request: Request):
+            return await self._complete("chat", body, request)
 
         @app.post("/v1/completions", dependencies=[auth])
-        async def completions(body: CompletionBody):
-            return await self._complete("completion", body)
+        async def completions(body: CompletionBody, request: Request):
+            return await self._complete("completion", body, request)
 
         @app.post("/admin/reload", dependencies=[auth])
         async def reload():
@@ -316,7 +315,7 @@ class Server:
         }
 
     # ---- generation --------------------------------------------------------------------------
-    async def _complete(self, kind: str, body: ChatBody | CompletionBody):
+    async def _complete(self, kind: str, body: ChatBody | CompletionBody, request: Request):
         t0 = time.perf_counter()
         endpoint = "chat" if kind == "chat" else "completions"
         if self.inflight >= self.config.max_concurrent:
@@ -351,10 +350,10 @@ class Server:
         status = "499"  # until proven otherwise: the client went away
         try:
             with stack:
-                text, finish, error = "", None, None
-                async for piece, fin, err in self._pieces(job):
-                    text += piece
-                    finish, error = fin or finish, err or error
+                answer = await _unless_disconnected(request, self._whole(job))
+                if answer is None:  # nobody to answer; leaving the block cancels the sequence
+                    return Response(status_code=499)
+                text, finish, error = answer
                 if error:
                     status = "500"
                     raise APIError(500, f"generation failed: {error}", "server_error")
@@ -391,7 +390,7 @@ class Server:
             raise APIError(400, "logprobs are not supported", param="logprobs")
         if getattr(body, "echo", None):
             raise APIError(400, "echo is not supported", param="echo")
-        context = dep.engine.max_positions
+        context = dep.scheduler.max_len
         max_prompt = min(cfg.max_prompt_tokens or context - 1, context - 1)
         field = "messages" if kind == "chat" else "prompt"
         if kind == "chat":
@@ -473,8 +472,7 @@ class Server:
         try:
             dep.scheduler.submit(req)
         except SchedulerError as e:
-            code = "context_length_exceeded" if "context" in str(e) else None
-            raise APIError(400, str(e), code=code) from e
+            raise APIError(400, str(e), code=e.code, param=field if e.param == "prompt" else e.param) from e
         self.metrics.prompt_tokens.labels(entry.name).inc(len(ids))
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         return _Job(
@@ -519,6 +517,14 @@ class Server:
             entry = dep.base
         self.metrics.routed.labels(entry.name, str(routing["fallback"]).lower()).inc()
         return entry, routing
+
+    async def _whole(self, job: _Job) -> tuple[str, str | None, str | None]:
+        """(text, finish_reason, error) of the whole answer."""
+        text, finish, error = "", None, None
+        async for piece, fin, err in self._pieces(job):
+            text += piece
+            finish, error = fin or finish, err or error
+        return text, finish, error
 
     async def _pieces(self, job: _Job) -> AsyncIterator[tuple[str, str | None, str | None]]:
         """(text, finish_reason, error) as tokens arrive; the last item has the finish reason."""
@@ -610,6 +616,42 @@ class Server:
 
 def _sse(obj: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+def _invalid_body(e: RequestValidationError, content_type: str | None) -> APIError:
+    """OpenAI's 400 for a body that does not validate: the field at fault as ``param``, or, when the body is
+    not a JSON object at all (malformed, empty, sent as a form), what is wrong with it and how to send it."""
+    first = e.errors()[0] if e.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "JSON decode error")
+        return APIError(400, f"the body is not valid JSON: {detail} at character {where}")
+    if where:
+        return APIError(400, f"{where}: {first.get('msg', 'invalid value')}", param=where)
+    if content_type and "json" not in content_type.lower():
+        return APIError(400, f"the body must be JSON sent with Content-Type: application/json, not {content_type!r}")
+    return APIError(400, f"the body must be a JSON object with the request's fields: {first.get('msg', 'invalid')}")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has hung up (the body was read before the handler ran: nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None (``work`` cancelled) if the client hangs up first. uvicorn never cancels a
+    handler whose client went away, so an abandoned whole answer would otherwise generate to its max_tokens
+    for nobody, holding its batch row and its place under --max-concurrent."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    return task.result() if task in done else None
 
 
 # ---- running it ---------------------------------------------------------------------------------

@@ -35,6 +35,9 @@ from meswitch.serving.tiers import ExpertSlot
 log = logging.getLogger(__name__)
 
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
+# Below this temperature a row is sampled greedily: dividing float32 logits by ~1e-38 overflows and the
+# softmax turns to NaN, and sampling that cold is greedy anyway (vLLM's _SAMPLING_EPS).
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -77,7 +80,12 @@ class StepObserver(Protocol):
 
 
 class SchedulerError(Exception):
-    """A request the scheduler cannot take (the message is fit for a 4xx answer)."""
+    """A request the scheduler cannot take: the message is fit for a 4xx answer, ``param`` names the
+    request field at fault and ``code`` is OpenAI's error code, if any."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
 @dataclass
@@ -237,19 +245,25 @@ class Scheduler:
         if free:
             self.engine.remove_expert(slot)
 
+    @property
+    def max_len(self) -> int:
+        """Positions one sequence may use, prompt and answer: the model's context, or the static cache's rows."""
+        return self.engine.max_positions if self.decoder is None else self.decoder.config.max_len
+
     def validate(self, prompt: list[int], slot: ExpertSlot | None, max_new_tokens: int) -> None:
         if not prompt:
-            raise SchedulerError("the prompt is empty")
+            raise SchedulerError("the prompt is empty", param="prompt")
         vocab = self.engine.base_vocab if slot is None else slot.vocab
         if max(prompt) >= vocab or min(prompt) < 0:
-            raise SchedulerError(f"prompt token ids must be in [0, {vocab})")
+            raise SchedulerError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         if max_new_tokens < 1:
-            raise SchedulerError("max_tokens must be at least 1")
-        limit = self.engine.max_positions if self.decoder is None else self.decoder.config.max_len
-        if len(prompt) + max_new_tokens > limit:
+            raise SchedulerError("max_tokens must be at least 1", param="max_tokens")
+        if len(prompt) + max_new_tokens > self.max_len:
             raise SchedulerError(
-                f"prompt ({len(prompt)} tokens) plus max_tokens ({max_new_tokens}) exceeds the model's "
-                f"context of {limit} tokens"
+                f"prompt ({len(prompt)} tokens) plus max_tokens ({max_new_tokens}) exceeds the context of "
+                f"{self.max_len} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
             )
 
     def submit(self, req: GenRequest) -> GenRequest:
@@ -414,7 +428,7 @@ class Scheduler:
 
     # ---- tokens out --------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, seqs: list[GenRequest]) -> torch.Tensor:
-        """Greedy where temperature is 0, else temperature + nucleus sampling (seeded per request if asked);
+        """Greedy where temperature is (nearly) 0, else temperature + nucleus sampling (seeded per request if asked);
         OpenAI's frequency and presence penalties first, for the rows that ask for them."""
         logits = logits.float()
         penalised = [i for i, r in enumerate(seqs) if r.counts and (r.frequency_penalty or r.presence_penalty)]
@@ -426,7 +440,7 @@ class Scheduler:
             n = torch.tensor(list(r.counts.values()), device=logits.device, dtype=logits.dtype)
             logits[i, ids] -= r.frequency_penalty * n + r.presence_penalty
         out = logits.argmax(-1)
-        hot = [i for i, r in enumerate(seqs) if r.temperature > 0]
+        hot = [i for i, r in enumerate(seqs) if r.temperature >= MIN_TEMPERATURE]
         if not hot:
             return out
         idx = torch.tensor(hot, device=logits.device)

@@ -1,0 +1,140 @@
+"""The HTTP API at the edges a client hits: a bad request fails alone, never the batch it joins; a client
+that hangs up frees its row; bodies that are no JSON object, refusals and the static cache's length get a 4xx
+that names what is wrong. Real servers on loopback over the micro family (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from serving_fixtures import served_family, torch_threads  # noqa: F401
+
+from meswitch.serving.api import Server, ServerConfig, ServerThread
+from meswitch.serving.batching import SchedulerConfig
+from meswitch.serving.engine import EngineConfig
+from meswitch.serving.loader import LocalSource, ModelManager
+
+# The base's greedy answer to this prompt runs to max_tokens (no end-of-sequence): a row that stays in the batch.
+LONG = {"model": "base", "prompt": "Once", "max_tokens": 200, "temperature": 0}
+
+
+@dataclass
+class Served:
+    manager: ModelManager
+    api: Server
+    thread: ServerThread
+
+    def post(self, path: str, **kw) -> httpx.Response:
+        return httpx.post(f"{self.thread.url}{path}", timeout=60, **kw)
+
+
+def _serve(family, engine: EngineConfig, scheduler: SchedulerConfig):
+    manager = ModelManager(LocalSource(family.base, [family.artifact_dir()]), engine, scheduler)
+    manager.start()
+    api = Server(manager, ServerConfig())
+    thread = ServerThread(api.app).start()
+    try:
+        yield Served(manager, api, thread)
+    finally:
+        thread.stop()
+        manager.close()
+
+
+@pytest.fixture(scope="module")
+def live(served_family):  # noqa: F811
+    with torch_threads(1):
+        yield from _serve(served_family, EngineConfig(device="cpu"), SchedulerConfig(max_batch=8, window_s=0.002))
+
+
+@pytest.fixture(scope="module")
+def static(served_family):  # noqa: F811
+    """Static decode (the GPU's default path, run eagerly on the CPU) over a cache of 64 positions a sequence."""
+    with torch_threads(1):
+        yield from _serve(
+            served_family,
+            EngineConfig(device="cpu", payload="packed"),
+            SchedulerConfig(max_batch=4, window_s=0.002, static=True, static_max_len=64),
+        )
+
+
+def _wait(condition, what: str, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [({"temperature": 1.0, "seed": 2**70}, 400), ({"temperature": 1e-40}, 200)],
+    ids=["seed-beyond-64-bits", "temperature-1e-40"],
+)
+def test_a_bad_sampling_request_fails_alone_never_the_batch_it_joins(live, extra, status):
+    sched = live.manager.current.scheduler
+    bad_body = {"model": "math", "prompt": "hi", "max_tokens": 4, **extra}
+    with httpx.stream("POST", f"{live.thread.url}/v1/completions", json={**LONG, "stream": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # the neighbour is decoding
+        bad: dict[str, httpx.Response] = {}
+        with live.manager.current.engine.hold():  # the bad request joins the running batch at the next step
+            t = threading.Thread(target=lambda: bad.update(r=live.post("/v1/completions", json=bad_body)))
+            t.start()
+            _wait(lambda: bad or sched.load["waiting"], "the bad request never reached the scheduler")
+        t.join(60)
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert "error" not in events[-1], events[-1]  # the neighbour finished its answer
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert bad["r"].status_code == status, bad["r"].text
+    if status == 400:
+        assert bad["r"].json()["error"]["param"] == "seed"
+    else:  # that cold is greedy
+        greedy = live.post("/v1/completions", json={**bad_body, "temperature": 0}).json()
+        assert bad["r"].json()["choices"][0]["text"] == greedy["choices"][0]["text"]
+
+
+def test_a_client_that_hangs_up_on_a_whole_answer_frees_its_place(live):
+    body = json.dumps(LONG).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    with live.manager.current.engine.hold():  # no token comes while the client is there, or after
+        with socket.create_connection((live.thread.host, live.thread.port)) as s:
+            s.sendall(f"{head}\r\n\r\n".encode() + body)
+            _wait(lambda: live.api.inflight == 1, "the request never started")
+        _wait(lambda: live.api.inflight == 0, "the abandoned request still holds its place")
+    _wait(live.manager.current.scheduler.idle, "the abandoned sequence is still generating")
+    assert live.post("/v1/completions", json={**LONG, "max_tokens": 2}).status_code == 200
+
+
+def test_a_body_that_is_no_json_object_gets_a_400_that_says_what_to_send(live):
+    json_type = {"Content-Type": "application/json"}
+    r = live.post("/v1/completions", content=b'{"model": "base", "prompt": ', headers=json_type)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] is None  # not the character position
+    r = live.post("/v1/completions", content=json.dumps(LONG).encode(), headers={"Content-Type": "text/plain"})
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"]
+
+
+def test_refusals_past_the_context_or_the_vocabulary_name_their_parameter(live):
+    r = live.post("/v1/completions", json={**LONG, "max_tokens": 600})  # under --max-tokens, over the 512 context
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "max_tokens" and error["code"] == "context_length_exceeded"
+    r = live.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "hi"}],
+                                                "max_tokens": 600})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = live.post("/v1/completions", json={"model": "base", "prompt": [1, 10**6], "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_the_static_cache_cuts_the_default_max_tokens_and_limits_the_prompt(static):
+    chat = {"model": "math", "messages": [{"role": "user", "content": "What is two plus two? Tell me."}]}
+    r = static.post("/v1/chat/completions", json={**chat, "temperature": 0})  # no max_tokens: 256 would not fit
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["total_tokens"] <= 64
+    r = static.post("/v1/completions", json={"model": "math", "prompt": "word " * 40, "max_tokens": 2})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "prompt" and error["code"] == "context_length_exceeded"
+    assert "the limit is 63" in error["message"]
