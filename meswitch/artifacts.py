@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meswitch.processes import pid_alive
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 KINDS = ("expert-delta", "router", "base")
@@ -178,15 +180,16 @@ def _overlap(out: Path, source: Path) -> str | None:
 
 
 @contextmanager
-def staging_dir(out: Path) -> Iterator[Path]:
+def staging_dir(out: Path, checked: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling of ``out``; on success it replaces ``out``, on failure it is removed.
 
     The rename is atomic on one filesystem, so readers see the old folder or the new one, never
     a partial write. What is staged replaces ``out`` only when ``out`` is absent, empty or of the
-    same kind (``check_out``): a user's folder is never deleted for it. A writer killed before its
-    rename leaves its hidden sibling behind: the next writer of ``out`` removes it (``_abandoned``),
-    so a killed run costs no disk for good. A full disk is raised as an ``OSError`` that names the
-    errno and ``out``, whichever writer hit it.
+    same kind (``check_out``): a user's folder is never deleted for it (``checked=False``: the caller
+    has decided that ``out`` goes, whatever it holds, as ``submit --replace`` does). A writer killed
+    before its rename leaves its hidden sibling behind: the next writer of ``out`` removes it
+    (``_abandoned``), so a killed run costs no disk for good. A full disk is raised as an ``OSError``
+    that names the errno and ``out``, whichever writer hit it.
     """
     out = Path(os.path.abspath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +199,8 @@ def staging_dir(out: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=writer, suffix=".tmp", dir=out.parent))
     try:
         yield tmp
-        check_out(out, folder_kind(tmp) or ())
+        if checked:
+            check_out(out, folder_kind(tmp) or ())
         if out.exists():
             old = out.with_name(f"{writer}old.tmp")
             out.rename(old)
@@ -225,19 +229,9 @@ def _abandoned(out: Path) -> list[Path]:
     found = []
     for path in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
         m = pattern.fullmatch(path.name)
-        if m and m["host"] == socket.gethostname() and not _running(int(m["pid"])):
+        if m and m["host"] == socket.gethostname() and not pid_alive(int(m["pid"])):
             found.append(path)
     return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def seal(folder: Path, manifest: Manifest) -> Manifest:

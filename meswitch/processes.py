@@ -20,14 +20,15 @@ def stop_group(proc: subprocess.Popen, first: int = signal.SIGTERM, timeout: flo
         os.killpg(proc.pid, first)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=timeout)
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
+    while group_alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group ``pgid`` remains (a zombie not yet reaped counts)."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:

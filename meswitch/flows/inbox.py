@@ -4,7 +4,7 @@
       math-expert/            a Hugging Face folder (config.json, *.safetensors, tokenizer)
         expert.yaml           name, domain, description, examples, calibration, evaluation
         calib.jsonl eval.jsonl
-      .code-expert.part-1234/ hidden: still arriving (``submit`` copies, then renames)
+      .code-expert.HOST-1234.x1y2.tmp/  hidden: still arriving (``submit`` copies, then renames)
 
 Each entry gets a ``stamp``: a hash of its files' names, sizes and modification times (ETags on
 S3). It is cheap to compute and changes whenever a file does, so the content fingerprint (a read of
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from meswitch.artifacts import staging_dir
 from meswitch.expert_card import CARD, NAME_RE, CardError, load_card
 from meswitch.registry.uri import Location, is_s3, parse_location
 
@@ -153,19 +154,9 @@ def submit(
     dest = inbox / name
     if dest.exists() and not replace:
         raise InboxError(f"{dest}: the inbox already holds an entry {name!r}; pass --replace to replace it")
-    tmp = inbox / f".{name}.part-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        shutil.copytree(src, tmp)
-        if dest.exists():
-            old = inbox / f".{name}.old-{os.getpid()}"
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a copy that failed half-way leaves nothing behind
+    # hidden until renamed, so scans skip it; a copy that fails leaves nothing, a killed one's the next submit removes
+    with staging_dir(dest, checked=False) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
     return str(dest)
 
 

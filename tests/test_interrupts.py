@@ -1,0 +1,218 @@
+"""Long commands stopped part-way by a real signal, then run again: what is left, what the re-run does.
+
+Each test starts the installed ``meswitch`` command (or a writer of its own) as a child process and signals it at a
+known point: while its staging folder exists, that is while it writes. The experts are wider than the micro family's
+(tiny_models, 512 x 2048 matrices), so that writing one takes about a second, not milliseconds. The pipeline runs on
+the embedded registry (MLflow on SQLite, artifacts in a folder) and Prefect's ephemeral API, as a user's first
+``meswitch pipeline run`` does: no registry server is needed.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from pipeline_fixtures import write_config
+from tiny_models import calib_file, make_base, make_expert
+
+from meswitch.artifacts import staging_dir, verify
+from meswitch.processes import group_alive
+
+MESWITCH = str(Path(sys.executable).with_name("meswitch"))  # the installed command
+EXPERTS = {"alpha": "prose", "beta": "verse"}
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    """A base and two carded experts (``inbox/alpha``, ``inbox/beta``) with calibration and evaluation text."""
+    root = tmp_path_factory.mktemp("wide")
+    base = make_base(root / "base", hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+                     num_attention_heads=8, num_key_value_heads=4)  # fmt: skip
+    for seed, (name, domain) in enumerate(EXPERTS.items(), start=1):
+        expert = make_expert(base, root / "inbox" / name, seed=seed)
+        calib_file(expert / "calib.jsonl")
+        calib_file(expert / "eval.jsonl", n=6)
+        card = {"name": name, "domain": domain, "description": f"{domain} texts", "examples": [f"write {domain}"]}
+        (expert / "expert.yaml").write_text(yaml.safe_dump(card))
+    return root
+
+
+def _start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    with open(log, "w") as out:  # the child's own process group: what it leaves running is found by its id
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _signal_when(proc: subprocess.Popen, pattern: str, sig: int, log: Path, timeout: float = 120) -> list[str]:
+    """Send ``sig`` to ``proc`` as soon as a path matches ``pattern``; return the paths that matched."""
+    deadline = time.monotonic() + timeout
+    while not (found := glob.glob(pattern)):
+        assert proc.poll() is None, f"it ended before it was signalled: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{pattern}: never appeared"
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    return found
+
+
+def _ended(proc: subprocess.Popen, log: Path, timeout: float = 60) -> tuple[int, str]:
+    """(exit status, output) of ``proc``; whatever of its group is still running is killed after the check."""
+    try:
+        return proc.wait(timeout), log.read_text()
+    finally:
+        _kill_group(proc.pid)
+
+
+def _kill_group(pgid: int) -> None:
+    if group_alive(pgid):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def test_compress_stopped_by_sigterm_while_writing_keeps_the_earlier_artifact_and_leaves_no_staging(wide, tmp_path):
+    """SIGTERM (``kill``, a supervisor, ``timeout``) while the new artifact is being written: the staging folder is
+    removed as for Ctrl-C, the earlier artifact at --out is untouched, one line says why, exit status 143."""
+    from meswitch.cli import main
+
+    expert, out = wide / "inbox" / "alpha", tmp_path / "alpha"
+    cmd = ["compress", "--base", str(wide / "base"), "--expert", str(expert), "--calib", str(expert / "calib.jsonl"),
+           "--out", str(out)]  # fmt: skip
+    assert main(cmd) == 0
+    before = (out / "manifest.json").read_text()
+    log = tmp_path / "compress.log"
+    proc = _start([MESWITCH, *cmd], log)
+    _signal_when(proc, f"{tmp_path}/.alpha.*.tmp", signal.SIGTERM, log)
+    rc, output = _ended(proc, log)
+    assert (rc, output.splitlines()[-1]) == (143, "terminated"), output[-3000:]
+    assert "Traceback" not in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alpha", "compress.log"]  # no hidden staging folder
+    verify(out)
+    assert (out / "manifest.json").read_text() == before
+
+
+def _registry_env(root: Path, prefect_home: Path) -> dict[str, str]:
+    """The child's environment: the embedded registry under ``root/home``, Prefect's ephemeral API (no
+    PREFECT_API_URL) with its database in ``prefect_home``, nothing of the other tests' servers."""
+    own = ("MLFLOW_", "MESWITCH_", "PREFECT_", "AWS_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(own)}
+    return {**env, "MESWITCH_HOME": str(root / "home"), "PREFECT_HOME": str(prefect_home)}
+
+
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory) -> Path:
+    """One database for the children's ephemeral APIs: only the first start migrates it (about 11 s here)."""
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+def _pipeline(wide: Path, root: Path) -> list[str]:
+    config, gates = write_config(root, router={"max_per_domain": 16})
+    return [MESWITCH, "pipeline", "run", "--inbox", str(wide / "inbox"), "--base", str(wide / "base"),
+            "--config", str(config), "--gates", str(gates), "--work-dir", str(root / "work")]  # fmt: skip
+
+
+def _expert_versions(env: dict[str, str]) -> dict[str, dict]:
+    """{expert name: tags} of every expert version in the registry that ``env`` names."""
+    from meswitch.registry import Registry
+    from meswitch.registry.config import RegistryConfig
+
+    found = {}
+    for m in Registry(RegistryConfig.from_env(env)).list_models():
+        if m.name.startswith("meswitch-expert-"):
+            (v,) = m.versions
+            found[m.name.removeprefix("meswitch-expert-")] = {"version": v.version, **v.tags}
+    return found
+
+
+@pytest.mark.slow
+def test_pipeline_run_stopped_by_ctrl_c_stops_at_once_and_the_next_run_resumes(wide, prefect_home, tmp_path):
+    """Ctrl-C while the first expert is compressed: the run stops there, not after that expert's evaluation and
+    publishing, and the next expert never starts; nothing is registered, no staging folder is left, exit 130 with
+    one line. The next run processes both experts and registers each once."""
+    env, log = _registry_env(tmp_path, prefect_home), tmp_path / "interrupted.log"
+    artifacts = tmp_path / "work" / "artifacts"
+    proc = _start(_pipeline(wide, tmp_path), log, env)
+    _signal_when(proc, f"{artifacts}/.alpha-*.tmp", signal.SIGINT, log, timeout=180)
+    rc, output = _ended(proc, log)
+    assert rc == 130 and "interrupted" in output.splitlines(), output[-3000:]
+    assert "Traceback" not in output and "expert-beta" not in output  # the next expert never started
+    assert not list(artifacts.iterdir())
+    assert not _expert_versions(env)
+
+    log = tmp_path / "again.log"
+    rc, output = _ended(_start(_pipeline(wide, tmp_path), log, env), log, timeout=300)
+    assert rc == 0, output[-3000:]
+    summary = json.loads((tmp_path / "work" / "reports" / "pipeline_summary.json").read_text())
+    assert {e["entry"]: (e["status"], e["processed"]) for e in summary["experts"]} == {
+        "alpha": ("production", True), "beta": ("production", True)}  # fmt: skip
+    versions = _expert_versions(env)
+    assert {name: (v["version"], v["pipeline.status"]) for name, v in versions.items()} == {
+        "alpha": (1, "production"), "beta": (1, "production")}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_pipeline_run_stopped_by_sigterm_leaves_no_prefect_server_running(wide, prefect_home, tmp_path):
+    """SIGTERM while the flow runs: the ephemeral Prefect API server that the run started (a uvicorn process) is
+    stopped with it, not left running on its port for good; exit 143 with one line."""
+    env, log = _registry_env(tmp_path, prefect_home), tmp_path / "terminated.log"
+    proc = _start(_pipeline(wide, tmp_path), log, env)
+    try:
+        _signal_when(proc, f"{tmp_path}/work/artifacts/.alpha-*.tmp", signal.SIGTERM, log, timeout=180)
+        rc = proc.wait(60)
+        output = log.read_text()
+        assert rc == 143 and "terminated" in output.splitlines(), output[-3000:]
+        deadline = time.monotonic() + 10
+        while group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not group_alive(proc.pid), "a process the run started outlived it (the Prefect API server)"
+    finally:
+        _kill_group(proc.pid)
+
+
+def test_a_submit_killed_mid_copy_leaves_nothing_once_the_next_submit_is_done(wide, tmp_path):
+    """SIGKILL (no clean-up possible) while ``meswitch submit`` copies an expert into the inbox: its hidden copy is
+    never scanned, and the next submit of that entry removes it rather than leaving a checkpoint's worth of disk
+    behind for good."""
+    from meswitch.flows.inbox import scan_inbox, submit
+
+    src, inbox = tmp_path / "alpha", tmp_path / "inbox"
+    (src / "shards").mkdir(parents=True)  # thousands of files: the copy lasts long enough to be caught in it
+    for f in (wide / "inbox" / "alpha").iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    for i in range(3000):
+        (src / "shards" / f"{i:05d}.txt").write_text("x")
+    inbox.mkdir()
+    log = tmp_path / "submit.log"
+    proc = _start([MESWITCH, "submit", str(src), "--inbox", str(inbox), "--no-event"], log)
+    _signal_when(proc, f"{inbox}/.alpha*", signal.SIGKILL, log)
+    assert proc.wait(30) == -signal.SIGKILL
+    assert [p.name for p in inbox.iterdir() if p.name.startswith(".")] and not scan_inbox(inbox)
+    submit(src, inbox)
+    assert sorted(p.name for p in inbox.iterdir()) == ["alpha"]
+    assert [e.name for e in scan_inbox(inbox)] == ["alpha"]
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from meswitch.artifacts import staging_dir
+with staging_dir(sys.argv[1]) as tmp:
+    (tmp / "delta-00000.safetensors").write_bytes(b"half")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_writer_killed_before_its_parent_reaps_it_leaves_nothing_after_the_next_write(tmp_path):
+    """A writer SIGKILLed mid-write whose parent (a script, a supervisor) has not reaped it yet is a zombie, not a
+    running writer: the next write of its artifact removes its staging folder."""
+    out = tmp_path / "math"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(out)])
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # it has ended; left unreaped, a zombie
+    assert len(list(tmp_path.glob(".math.*.tmp"))) == 1
+    with staging_dir(out) as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["math"]
+    proc.wait()
