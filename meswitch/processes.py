@@ -1,5 +1,5 @@
-"""Processes we started: whether one is alive, and stopping a group (``start_new_session``: a server and its
-workers) as a whole."""
+"""Processes: whether one is alive, stopping a group we started (``start_new_session``: a server and its
+workers) as a whole, and SIGTERM handled as Ctrl-C is, so that a stopped command cleans up after itself."""
 
 from __future__ import annotations
 
@@ -7,8 +7,39 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a supervisor, ``timeout``) raised where the main thread is, as Ctrl-C raises
+    KeyboardInterrupt: the same clean-up runs (a staging folder removed, a server started for the run stopped)
+    instead of the process vanishing with its hidden folders and child servers left behind."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM raises ``Terminated`` in the main thread (signals reach no other)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def stopped_by(e: KeyboardInterrupt) -> tuple[str, int]:
+    """The one line and the exit status of a command an interrupt stopped, as a shell reports one that a signal
+    stopped: ``interrupted``, 130 for Ctrl-C; ``terminated``, 143 for SIGTERM."""
+    return ("terminated", 128 + signal.SIGTERM) if isinstance(e, Terminated) else ("interrupted", 128 + signal.SIGINT)
 
 
 def stop_group(proc: subprocess.Popen, first: int = signal.SIGTERM, timeout: float = 30) -> None:

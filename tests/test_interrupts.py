@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_fixtures import write_config
+from pipeline_fixtures import pipeline_family, write_config  # noqa: F401
 from tiny_models import calib_file, make_base, make_expert
 
 from meswitch.artifacts import staging_dir, verify
@@ -67,6 +67,13 @@ def _ended(proc: subprocess.Popen, log: Path, timeout: float = 60) -> tuple[int,
         return proc.wait(timeout), log.read_text()
     finally:
         _kill_group(proc.pid)
+
+
+def _assert_group_ends(proc: subprocess.Popen, what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not group_alive(proc.pid), what
 
 
 def _kill_group(pgid: int) -> None:
@@ -165,10 +172,7 @@ def test_pipeline_run_stopped_by_sigterm_leaves_no_prefect_server_running(wide, 
         rc = proc.wait(60)
         output = log.read_text()
         assert rc == 143 and "terminated" in output.splitlines(), output[-3000:]
-        deadline = time.monotonic() + 10
-        while group_alive(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not group_alive(proc.pid), "a process the run started outlived it (the Prefect API server)"
+        _assert_group_ends(proc, "a process the run started outlived it (the Prefect API server)")
     finally:
         _kill_group(proc.pid)
 
@@ -216,3 +220,29 @@ def test_a_writer_killed_before_its_parent_reaps_it_leaves_nothing_after_the_nex
         (tmp / "manifest.json").write_text("{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["math"]
     proc.wait()
+
+
+@pytest.mark.slow
+def test_the_demo_stopped_by_sigterm_stops_everything_it_started(pipeline_family, tmp_path):  # noqa: F811
+    """``make demo`` runs ``python -m meswitch.demo.main``, not the CLI: SIGTERM while its pipeline runs ends it as
+    the commands end (one line, exit 143, no traceback) with nothing of its process group left running (the
+    Prefect API it started)."""
+    log = tmp_path / "demo.log"
+    cmd = [sys.executable, "-m", "meswitch.demo.main", "--out", str(tmp_path / "demo"), "--size", "micro",
+           "--family", str(pipeline_family), "--no-serve"]  # fmt: skip
+    proc = _start(cmd, log, {**os.environ, "MESWITCH_REGISTRY_RETRIES": "1"})
+    try:
+        deadline = time.monotonic() + 180
+        while "running the expert pipeline" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the demo's pipeline never started"
+            time.sleep(0.05)
+        time.sleep(2)  # into the flow
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+        output = log.read_text()
+        assert rc == 143 and output.splitlines()[-1] == "terminated", output[-3000:]
+        assert "Traceback" not in output, output[-3000:]
+        _assert_group_ends(proc, "a process the demo started outlived it")
+    finally:
+        _kill_group(proc.pid)

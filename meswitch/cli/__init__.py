@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import logging
 import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator
+
+from meswitch.processes import sigterm_raises, stopped_by
 
 # Modules under meswitch.cli, each defining register(subparsers) -> None.
 COMMAND_MODULES = ["compress", "demo", "registry", "router", "pipeline", "serve"]
@@ -20,12 +18,6 @@ BROKEN_PIPE_STATUS = 141
 
 class CommandError(Exception):
     """A user-facing failure: printed as one line, exit status 2."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a supervisor, ``timeout``) raised where the main thread is, as Ctrl-C raises
-    KeyboardInterrupt: the same clean-up runs (a staging folder removed, a Prefect API server started for the run
-    stopped) instead of the process vanishing with its hidden folders and child servers left behind."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,34 +56,17 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        with _sigterm_raises():
+        with sigterm_raises():
             return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
-        stopped = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
-        print("terminated" if stopped == signal.SIGTERM else "interrupted", file=sys.stderr)
-        return 128 + stopped  # as a shell reports a command that a signal stopped: 130 for Ctrl-C, 143 for SIGTERM
+        line, status = stopped_by(e)
+        print(line, file=sys.stderr)
+        return status
     except Exception as e:
         if isinstance(e, _user_errors()):
             print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """While a command runs, SIGTERM raises ``Terminated`` in the main thread (signals reach no other)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
