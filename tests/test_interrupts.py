@@ -10,7 +10,6 @@ the embedded registry (MLflow on SQLite, artifacts in a folder) and Prefect's ep
 from __future__ import annotations
 
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -120,45 +119,6 @@ def _pipeline(wide: Path, root: Path) -> list[str]:
     config, gates = write_config(root, router={"max_per_domain": 16})
     return [MESWITCH, "pipeline", "run", "--inbox", str(wide / "inbox"), "--base", str(wide / "base"),
             "--config", str(config), "--gates", str(gates), "--work-dir", str(root / "work")]  # fmt: skip
-
-
-def _expert_versions(env: dict[str, str]) -> dict[str, dict]:
-    """{expert name: tags} of every expert version in the registry that ``env`` names."""
-    from meswitch.registry import Registry
-    from meswitch.registry.config import RegistryConfig
-
-    found = {}
-    for m in Registry(RegistryConfig.from_env(env)).list_models():
-        if m.name.startswith("meswitch-expert-"):
-            (v,) = m.versions
-            found[m.name.removeprefix("meswitch-expert-")] = {"version": v.version, **v.tags}
-    return found
-
-
-@pytest.mark.slow
-def test_pipeline_run_stopped_by_ctrl_c_stops_at_once_and_the_next_run_resumes(wide, prefect_home, tmp_path):
-    """Ctrl-C while the first expert is compressed: the run stops there, not after that expert's evaluation and
-    publishing, and the next expert never starts; nothing is registered, no staging folder is left, exit 130 with
-    one line. The next run processes both experts and registers each once."""
-    env, log = _registry_env(tmp_path, prefect_home), tmp_path / "interrupted.log"
-    artifacts = tmp_path / "work" / "artifacts"
-    proc = _start(_pipeline(wide, tmp_path), log, env)
-    _signal_when(proc, f"{artifacts}/.alpha-*.tmp", signal.SIGINT, log, timeout=180)
-    rc, output = _ended(proc, log)
-    assert rc == 130 and "interrupted" in output.splitlines(), output[-3000:]
-    assert "Traceback" not in output and "expert-beta" not in output  # the next expert never started
-    assert not list(artifacts.iterdir())
-    assert not _expert_versions(env)
-
-    log = tmp_path / "again.log"
-    rc, output = _ended(_start(_pipeline(wide, tmp_path), log, env), log, timeout=300)
-    assert rc == 0, output[-3000:]
-    summary = json.loads((tmp_path / "work" / "reports" / "pipeline_summary.json").read_text())
-    assert {e["entry"]: (e["status"], e["processed"]) for e in summary["experts"]} == {
-        "alpha": ("production", True), "beta": ("production", True)}  # fmt: skip
-    versions = _expert_versions(env)
-    assert {name: (v["version"], v["pipeline.status"]) for name, v in versions.items()} == {
-        "alpha": (1, "production"), "beta": (1, "production")}  # fmt: skip
 
 
 @pytest.mark.slow

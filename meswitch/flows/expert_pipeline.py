@@ -39,7 +39,6 @@ from meswitch.flows import tasks as t
 from meswitch.flows.config import BASE_PREFIX, PipelineConfig, is_registry_ref, load_config
 from meswitch.flows.gates import check_expert_gates, check_router_gates, per_domain_accuracy, task_ratio
 from meswitch.flows.inbox import empty_inbox
-from meswitch.flows.runtime import interruptible, interrupting_workers
 from meswitch.flows.summary import FAILED, PRODUCTION, REJECTED, ExpertOutcome, PipelineSummary, RouterOutcome
 
 log = logging.getLogger(__name__)
@@ -193,7 +192,7 @@ def run_expert(expert: ExpertInput, base_dir: str, base_fp: str, config: Pipelin
     run that fails at publishing keeps its calibration, compression and evaluation for the next run.
     """
     sub = process_expert.with_options(result_storage=Path(work_dir) / "results")
-    with interruptible(), transaction(commit_mode=CommitMode.EAGER):
+    with transaction(commit_mode=CommitMode.EAGER):
         return sub(expert, base_dir, base_fp, config, work_dir)
 
 
@@ -332,17 +331,16 @@ def expert_pipeline(
 
     if fresh:
         io.mlflow_experiment()  # before the experts' sub-flows run at once
-        with interrupting_workers():
-            futures = run_expert.map(fresh, unmapped(base), unmapped(base_fp), unmapped(config), unmapped(str(work)))
-            for expert, future in zip(fresh, futures, strict=True):
-                future.wait()
-                if future.state.is_completed():
-                    summary.experts.append(future.result())
-                    continue
-                error = _error_of(future)
-                logger.error("%s failed: %s", expert.card.name, error)
-                outcome = ExpertOutcome(expert.entry, FAILED, expert.card.name, expert.card.domain, [error])
-                summary.experts.append(dataclasses.replace(outcome, fingerprint=expert.fingerprint))
+        futures = run_expert.map(fresh, unmapped(base), unmapped(base_fp), unmapped(config), unmapped(str(work)))
+        for expert, future in zip(fresh, futures, strict=True):
+            future.wait()
+            if future.state.is_completed():
+                summary.experts.append(future.result())
+                continue
+            error = _error_of(future)
+            logger.error("%s failed: %s", expert.card.name, error)
+            outcome = ExpertOutcome(expert.entry, FAILED, expert.card.name, expert.card.domain, [error])
+            summary.experts.append(dataclasses.replace(outcome, fingerprint=expert.fingerprint))
 
     # What serving loads: the base, then the router over the production experts (either is retried next run).
     known = None if registered_base else io.registered_base(base_fp)

@@ -3,20 +3,17 @@
 ``meswitch pipeline run`` needs no server: Prefect's ephemeral API starts in-process. Dask
 workers and served deployments run in other processes, which must reach the same API, so for
 them an API is started first (an ephemeral one, or a full ``prefect server start`` when schedules
-must fire) and ``PREFECT_API_URL`` is exported to every child process. Experts run in worker
-threads, which an interrupt of the flow reaches too (``interruptible``, ``interrupting_workers``).
+must fire) and ``PREFECT_API_URL`` is exported to every child process.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -154,50 +151,3 @@ def task_runner(dask: str | None = None, workers: int = 2, parallel: int = 1):
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=max(1, parallel))
-
-
-_workers: set[int] = set()  # idents of the worker threads inside ``interruptible`` now
-_workers_lock = threading.Lock()
-_interrupted = threading.Event()  # set by an interrupt inside ``interrupting_workers``, until the next one
-
-
-@contextlib.contextmanager
-def interruptible() -> Iterator[None]:
-    """Mark this worker thread's work as one that an interrupt inside ``interrupting_workers`` stops; work that
-    starts after the interrupt (the next expert, taken from the queue) does not start at all."""
-    ident = threading.get_ident()
-    with _workers_lock:
-        if _interrupted.is_set():
-            raise KeyboardInterrupt
-        _workers.add(ident)
-    try:
-        yield
-    finally:
-        with _workers_lock:
-            _workers.discard(ident)
-
-
-@contextlib.contextmanager
-def interrupting_workers() -> Iterator[None]:
-    """Pass an interrupt of the main thread (Ctrl-C, SIGTERM) on to the workers inside ``interruptible``.
-
-    A signal is raised in the main thread only, and the thread pool's exit waits for its workers: without this,
-    Ctrl-C would wait for a whole expert (compression, evaluation, publishing) and the next one could start; a
-    second Ctrl-C would abort the process. Each worker gets KeyboardInterrupt at its next Python instruction, so
-    it stops as a killed run does (what it was writing is a staging folder, removed; a version is registered
-    whole or not at all), and the next run resumes.
-    """
-    with _workers_lock:  # a worker interrupted in its clean-up may not have struck itself off
-        _workers.clear()
-        _interrupted.clear()
-    try:
-        yield
-    except BaseException as e:
-        if not isinstance(e, Exception):
-            with _workers_lock:
-                _interrupted.set()
-                for ident in _workers:
-                    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                        ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt)
-                    )
-        raise
