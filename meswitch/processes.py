@@ -1,5 +1,6 @@
 """Processes: whether one is alive, stopping a group we started (``start_new_session``: a server and its
-workers) as a whole, and SIGTERM handled as Ctrl-C is, so that a stopped command cleans up after itself."""
+workers) as a whole, and SIGTERM handled as Ctrl-C is, so that a stopped command cleans up after itself, its
+worker threads included."""
 
 from __future__ import annotations
 
@@ -17,6 +18,37 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, a supervisor, ``timeout``) raised where the main thread is, as Ctrl-C raises
     KeyboardInterrupt: the same clean-up runs (a staging folder removed, a server started for the run stopped)
     instead of the process vanishing with its hidden folders and child servers left behind."""
+
+
+class Stopped(RuntimeError):
+    """Raised by ``check_stop`` in a worker thread once the thread waiting for it was interrupted."""
+
+
+# Signals reach the main thread only. A worker thread (an expert compressed by the pipeline's task runner) learns of
+# one through this event, at its next ``check_stop`` (between matrices, blocks, batches), instead of running its
+# whole expert to the end while the interrupted command waits for it.
+_stop = threading.Event()
+
+
+def check_stop() -> None:
+    """Raise ``Stopped`` if the thread that waits for this one was interrupted; long loops call it once a step."""
+    if _stop.is_set():
+        raise Stopped("stopped: the command was interrupted")
+
+
+@contextlib.contextmanager
+def stopping_workers() -> Iterator[None]:
+    """Run a block that waits for worker threads: an interrupt raised in it (Ctrl-C's KeyboardInterrupt, SIGTERM as
+    ``Terminated`` or as Prefect's own TerminationSignal: a BaseException that is not an Exception) makes their
+    next ``check_stop`` raise, so that the wait for them after it is short. A failure (an Exception) stops nothing:
+    their results are still worth keeping. Entering clears an earlier stop."""
+    _stop.clear()
+    try:
+        yield
+    except BaseException as e:
+        if not isinstance(e, Exception):
+            _stop.set()
+        raise
 
 
 @contextlib.contextmanager

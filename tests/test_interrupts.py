@@ -122,9 +122,13 @@ def _pipeline(wide: Path, root: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_pipeline_run_stopped_by_sigterm_leaves_no_prefect_server_running(wide, prefect_home, tmp_path):
-    """SIGTERM while the flow runs: the ephemeral Prefect API server that the run started (a uvicorn process) is
-    stopped with it, not left running on its port for good; exit 143 with one line."""
+def test_pipeline_run_stopped_by_sigterm_stops_its_expert_and_leaves_no_prefect_server_running(
+    wide, prefect_home, tmp_path
+):
+    """SIGTERM while an expert is being compressed (in a worker thread of the flow's task runner, which signals do
+    not reach): the compression stops at its next matrix, rather than the expert running on to be evaluated and
+    published while the command waits, and nothing half-written is left; the ephemeral Prefect API server that the
+    run started (a uvicorn process) is stopped with it, not left running on its port for good; exit 143, one line."""
     env, log = _registry_env(tmp_path, prefect_home), tmp_path / "terminated.log"
     proc = _start(_pipeline(wide, tmp_path), log, env)
     try:
@@ -132,6 +136,9 @@ def test_pipeline_run_stopped_by_sigterm_leaves_no_prefect_server_running(wide, 
         rc = proc.wait(60)
         output = log.read_text()
         assert rc == 143 and "terminated" in output.splitlines(), output[-3000:]
+        assert not list((tmp_path / "work" / "artifacts").iterdir()), "the stopped expert's compression went on"
+        assert "Stopped: stopped: the command was interrupted" in output, output[-3000:]
+        assert "Traceback" not in output, output[-3000:]  # one line for each task the stop ended, not four tracebacks
         _assert_group_ends(proc, "a process the run started outlived it (the Prefect API server)")
     finally:
         _kill_group(proc.pid)
@@ -158,6 +165,49 @@ def test_a_submit_killed_mid_copy_leaves_nothing_once_the_next_submit_is_done(wi
     submit(src, inbox)
     assert sorted(p.name for p in inbox.iterdir()) == ["alpha"]
     assert [e.name for e in scan_inbox(inbox)] == ["alpha"]
+
+
+def test_an_s3_submit_stopped_mid_upload_leaves_no_entry_and_the_next_submit_goes_through(
+    wide, s3_server, tmp_path, monkeypatch
+):
+    """Ctrl-C while ``meswitch submit`` uploads an expert to an S3 inbox: the files it had uploaded are deleted
+    (an entry without its card would sit in the inbox for good, and refuse the same submit run again), exit 130,
+    one line; and an entry that never got its card (a submit killed outright) is replaced by the next submit."""
+    from meswitch.flows.inbox import submit
+
+    src = tmp_path / "alpha"
+    (src / "shards").mkdir(parents=True)  # hundreds of objects: the upload lasts long enough to be caught in it
+    for f in (wide / "inbox" / "alpha").iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    for i in range(400):
+        (src / "shards" / f"{i:05d}.txt").write_text("x")
+    inbox = f"s3://{s3_server.bucket}/interrupted-{time.time_ns()}"
+    prefix = inbox.split("/", 3)[3] + "/alpha/"
+    client, env = s3_server.client(), {**os.environ, **s3_server.env(), "MESWITCH_HOME": str(tmp_path / "home")}
+
+    def stored() -> list[str]:
+        return [o["Key"] for o in client.list_objects_v2(Bucket=s3_server.bucket, Prefix=prefix).get("Contents", [])]
+
+    log = tmp_path / "submit.log"
+    proc = _start([MESWITCH, "submit", str(src), "--inbox", inbox, "--no-event"], log, env)
+    try:
+        deadline = time.monotonic() + 60
+        while not stored():
+            assert proc.poll() is None, f"it ended before it was signalled: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "nothing was uploaded"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        rc, output = _ended(proc, log)
+    finally:
+        _kill_group(proc.pid)
+    assert (rc, output.splitlines()[-1]) == (130, "interrupted"), output[-3000:]
+    assert stored() == [], "the stopped upload left files in the inbox"
+    client.put_object(Bucket=s3_server.bucket, Key=prefix + "config.json", Body=b"{}")  # a killed submit's remains
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    submit(wide / "inbox" / "alpha", inbox)  # no --replace needed: that entry never got its card
+    expert = sorted(p.name for p in (wide / "inbox" / "alpha").iterdir())
+    assert sorted(k.removeprefix(prefix) for k in stored()) == expert
 
 
 _KILLED_WRITER = """

@@ -180,12 +180,14 @@ def test_pipeline_run_refuses_a_bad_config_or_base_or_inbox_in_one_line(
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     base = str(pipeline_family / "base")
-    bad_yaml, unknown = tmp_path / "bad.yaml", tmp_path / "unknown.yaml"
+    bad_yaml, unknown, group = tmp_path / "bad.yaml", tmp_path / "unknown.yaml", tmp_path / "group.yaml"
     bad_yaml.write_text("compression: {bits: 2\n  x: [\n")
     unknown.write_text("unknown_key: 1\n")
+    group.write_text("compression: {group_size: 7}\n")  # fits no matrix: refused before calibration
     cases = [
         (["--base", base, "--config", str(bad_yaml)], f"{bad_yaml}: invalid YAML"),
         (["--base", base, "--config", str(unknown)], "unknown keys ['unknown_key'] for PipelineConfig; known: ["),
+        (["--base", base, "--config", str(group)], f"{group}: compression: group_size 7 does not divide the inputs"),
         (["--base", "meswitch-base-nosuch@production"], "--base meswitch-base-nosuch@production: "),
     ]
     for args, phrase in cases:

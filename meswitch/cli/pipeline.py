@@ -111,9 +111,18 @@ def _check(args) -> None:
         if path is not None and not path.is_file():
             raise CommandError(f"--{flag.replace('_', '-')} {path}: file not found")
     try:
-        load_config(args.config, args.gates)
+        config = load_config(args.config, args.gates)
     except ValueError as e:
         raise CommandError(" ".join(str(e).split())) from e  # a YAML error's own lines, on one
+    if not registered:  # from the headers: a group size that fits no matrix is refused now, not after calibration
+        from meswitch.checkpoints import Checkpoint
+        from meswitch.compression.config import ConfigError
+        from meswitch.compression.expert import check_grouping
+
+        try:
+            check_grouping(Checkpoint(args.base), config.compression)
+        except ConfigError as e:
+            raise CommandError(f"{args.config or 'pipeline config'}: compression: {e}") from e
     from meswitch.flows.inbox import InboxError, scan_inbox
     from meswitch.registry.errors import RegistryError
     from meswitch.registry.uri import parse_location

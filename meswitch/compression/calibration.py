@@ -22,6 +22,7 @@ from meswitch.checkpoints import Checkpoint, CheckpointError, config_dtype
 from meswitch.compression.config import CalibConfig
 from meswitch.data.loading import DataSource, load_texts
 from meswitch.devices import resolve_device
+from meswitch.processes import check_stop
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ def calibrate(
 
     stats: dict[str, torch.Tensor] = {}
     for i in tqdm(range(expert.num_layers), desc=f"calibrate {expert.path.name}", unit="block"):
+        check_stop()
         block = layers[i]
         _materialize(block, expert.block_tensors(i), device, dtype)
         hooks = []

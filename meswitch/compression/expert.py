@@ -37,6 +37,7 @@ from meswitch.compression.delta import channel_weights, compress_delta, delta_nb
 from meswitch.compression.methods import get_method
 from meswitch.compression.refine import refine_steps
 from meswitch.compression.salience import allocate_salient, reconstruction_scores
+from meswitch.processes import check_stop
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ def plan_matrices(
     scores: dict[int, dict[str, torch.Tensor]] = {w: {} for w in widths}
     shapes: dict[str, tuple[int, int]] = {}
     for name in tqdm(quantized, desc="plan matrices", unit="tensor"):
+        check_stop()
         b = base.get(name, device).float()
         delta = expert.get(name, device).float()[: b.shape[0]] - b
         s = channel_weights(second_moment(base, name, stats, device), delta.shape[1], delta.device)
@@ -224,6 +226,7 @@ def compress_expert(
         if config.allocates_globally or config.bit_budget is not None:
             plan = plan_matrices(base, expert, stats, config, names, device)
         for name in tqdm(names, desc=f"compress {info.name}", unit="tensor"):
+            check_stop()
             b = base.get(name, device).float()
             e = expert.get(name, device).float()
             num_params += e.numel()

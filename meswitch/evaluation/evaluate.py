@@ -27,6 +27,7 @@ from meswitch.evaluation.metrics import (
     task_score_name,
     task_scores,
 )
+from meswitch.processes import check_stop
 
 # A per-text list's field metadata: ``meswitch evaluate --json`` prints it, the summary leaves it out
 PER_TEXT = {"per_text": True}
@@ -219,6 +220,7 @@ class Evaluator:
         out = kind()
         with tqdm(total=len(texts), desc=f"evaluate {what}", unit="text") as bar:
             for i in range(0, len(texts), size):
+                check_stop()
                 part = score(texts[i : i + size], None if starts is None else starts[i : i + size])
                 for f in dataclasses.fields(out):
                     getattr(out, f.name).extend(getattr(part, f.name))

@@ -39,7 +39,9 @@ from meswitch.flows import tasks as t
 from meswitch.flows.config import BASE_PREFIX, PipelineConfig, is_registry_ref, load_config
 from meswitch.flows.gates import check_expert_gates, check_router_gates, per_domain_accuracy, task_ratio
 from meswitch.flows.inbox import empty_inbox
+from meswitch.flows.runtime import stopped_in_one_line
 from meswitch.flows.summary import FAILED, PRODUCTION, REJECTED, ExpertOutcome, PipelineSummary, RouterOutcome
+from meswitch.processes import check_stop, stopping_workers
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,7 @@ def process_expert(expert: ExpertInput, base_dir: str, base_fp: str, config: Pip
         "source_fingerprint": expert.fingerprint,
     }
 
+    check_stop()  # an expert queued behind one that Ctrl-C stopped does not start
     v = t.validate(base_dir, expert.folder, base_fp, expert.fingerprint, config.validation.max_relative_delta)
     if not v.ok:
         logger.warning("%s rejected: %s", card.name, v.reason)
@@ -144,6 +147,7 @@ def process_expert(expert: ExpertInput, base_dir: str, base_fp: str, config: Pip
     eval_sha = data_fingerprint(card.evaluation_data)
     result = t.evaluate(base_dir, artifact, expert.folder, card.evaluation_data, expert.fingerprint, eval_sha, config)
 
+    check_stop()  # from here on the expert is logged, published and promoted as a whole (seconds)
     report = check_expert_gates(result, config.gates)
     status = PRODUCTION if report.passed else REJECTED
     size = {k: artifact.metrics.get(k) for k in SIZE_METRICS}
@@ -281,6 +285,7 @@ def expert_pipeline(
     work pool, where no model folder is at hand); it is then fetched from the registry, not registered again.
     """
     logger = get_run_logger()
+    stopped_in_one_line()
     config = load_config(config_file, gates_file)
     if router_test_queries:
         config = config.replace(router=dataclasses.replace(config.router, test_queries=str(router_test_queries)))
@@ -331,16 +336,17 @@ def expert_pipeline(
 
     if fresh:
         io.mlflow_experiment()  # before the experts' sub-flows run at once
-        futures = run_expert.map(fresh, unmapped(base), unmapped(base_fp), unmapped(config), unmapped(str(work)))
-        for expert, future in zip(fresh, futures, strict=True):
-            future.wait()
-            if future.state.is_completed():
-                summary.experts.append(future.result())
-                continue
-            error = _error_of(future)
-            logger.error("%s failed: %s", expert.card.name, error)
-            outcome = ExpertOutcome(expert.entry, FAILED, expert.card.name, expert.card.domain, [error])
-            summary.experts.append(dataclasses.replace(outcome, fingerprint=expert.fingerprint))
+        with stopping_workers():  # Ctrl-C or SIGTERM here stops the experts in progress at their next step
+            futures = run_expert.map(fresh, unmapped(base), unmapped(base_fp), unmapped(config), unmapped(str(work)))
+            for expert, future in zip(fresh, futures, strict=True):
+                future.wait()
+                if future.state.is_completed():
+                    summary.experts.append(future.result())
+                    continue
+                error = _error_of(future)
+                logger.error("%s failed: %s", expert.card.name, error)
+                outcome = ExpertOutcome(expert.entry, FAILED, expert.card.name, expert.card.domain, [error])
+                summary.experts.append(dataclasses.replace(outcome, fingerprint=expert.fingerprint))
 
     # What serving loads: the base, then the router over the production experts (either is retried next run).
     known = None if registered_base else io.registered_base(base_fp)

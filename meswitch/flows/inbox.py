@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tqdm.auto import tqdm
+
 from meswitch.artifacts import staging_dir
 from meswitch.expert_card import CARD, NAME_RE, CardError, load_card
 from meswitch.registry.uri import Location, is_s3, parse_location
@@ -162,17 +164,32 @@ def submit(
 
 def _submit_s3(src: Path, dest: Location, replace: bool) -> str:
     """Upload ``src`` under ``dest``, the card last; an entry there already is removed first, its card first,
-    so that a scan never reads a mix of the old and the new files."""
+    so that a scan never reads a mix of the old and the new files. An entry without a card is an upload that
+    never finished (the scans skip it): it is replaced without ``replace``. An upload that fails or is
+    interrupted deletes what it wrote, rather than leaving a card-less entry behind."""
     store = _store(str(dest))
     old = store.list_files(str(dest))
-    if old and not replace:
+    if any(rel == CARD for rel, _, _ in old) and not replace:
         raise InboxError(f"{dest}: the inbox already holds this entry; pass --replace to replace it")
+    if old and not replace:
+        log.info("%s: replacing an upload that never finished (%d files, no %s)", dest, len(old), CARD)
     for rel, _etag, _size in sorted(old, key=lambda f: f[0] != CARD):
         store.delete_file(str(dest.join(rel)))
     files = sorted(p for p in src.rglob("*") if p.is_file())
     files.sort(key=lambda p: p.name == CARD)  # the card last: it marks the upload complete
-    for path in files:
-        store.upload_file(path, str(dest.join(path.relative_to(src).as_posix())))
+    written: list[str] = []
+    total = sum(p.stat().st_size for p in files)
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"upload {src.name}", disable=None) as bar:
+            for path in files:
+                written.append(str(dest.join(path.relative_to(src).as_posix())))
+                store.upload_file(path, written[-1], bar.update)
+    except BaseException:  # Ctrl-C, SIGTERM, a lost connection: nothing half-uploaded stays
+        log.warning("%s: upload stopped; deleting the %d files it wrote", dest, len(written))
+        with contextlib.suppress(Exception):
+            for location in written:
+                store.delete_file(location)
+        raise
     return str(dest)
 
 

@@ -36,6 +36,26 @@ def quiet_defaults() -> None:
         os.environ.setdefault(k, v)
 
 
+class _StoppedInOneLine(logging.Filter):
+    """Prefect logs every task and sub-flow that fails with its traceback: after Ctrl-C, each expert stopped in
+    a worker (``processes.Stopped``) would print four of them. Its one line says enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from meswitch.processes import Stopped
+
+        if record.exc_info and isinstance(record.exc_info[1], Stopped):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def stopped_in_one_line() -> None:
+    """Install ``_StoppedInOneLine`` on Prefect's run loggers (once; after Prefect has set up its logging)."""
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _StoppedInOneLine) for f in logger.filters):
+            logger.addFilter(_StoppedInOneLine())
+
+
 def start_ephemeral_api() -> None:
     """Start Prefect's ephemeral API now rather than on the first flow run, so a caller can overlap its
     start (a subprocess that migrates a new database: ~11 s on 2 cores) with other work; flows in this

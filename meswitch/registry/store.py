@@ -372,10 +372,10 @@ class S3Store(ObjectStore):
         except Exception as e:
             raise self._translate(e, f"download {location}") from e
 
-    def upload_file(self, path: Path, location: str) -> None:
+    def upload_file(self, path: Path, location: str, progress: Progress | None = None) -> None:
         bucket, key = self._split(location)
         try:
-            self.client.upload_file(str(path), bucket, key, Config=self.transfer)
+            self.client.upload_file(str(path), bucket, key, Config=self.transfer, Callback=progress)
         except Exception as e:
             raise self._translate(e, f"upload {location}") from e
 
