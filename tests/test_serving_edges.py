@@ -4,6 +4,7 @@ that names what is wrong. Real servers on loopback over the micro family (no moc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -138,3 +139,33 @@ def test_the_static_cache_cuts_the_default_max_tokens_and_limits_the_prompt(stat
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == "prompt" and error["code"] == "context_length_exceeded"
     assert "the limit is 63" in error["message"]
+
+
+def test_a_server_stopped_without_waiting_cancels_its_sequences_quietly(live, caplog):
+    """A second Ctrl-C makes uvicorn exit without waiting for answers: its event loop closes while the scheduler
+    thread still decodes their sequences. They are cancelled, with no "Event loop is closed" traceback for every
+    event of every request."""
+    api = Server(live.manager, ServerConfig())
+    thread = ServerThread(api.app).start()
+    sched = live.manager.current.scheduler
+    decoding, lines = threading.Event(), []
+
+    def ask() -> None:
+        body = {**LONG, "stream": True}
+        with contextlib.suppress(httpx.HTTPError), httpx.stream("POST", f"{thread.url}/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                decoding.set()
+
+    client = threading.Thread(target=ask)
+    client.start()
+    assert decoding.wait(30), "no token came"
+    with live.manager.current.engine.hold():  # no token comes until the server is gone
+        thread.server.should_exit = thread.server.force_exit = True  # what uvicorn does on a second Ctrl-C
+        thread.thread.join(30)
+        assert not thread.thread.is_alive()
+    _wait(sched.idle, "the sequence of the stopped server is still decoding")
+    client.join(30)
+    assert "data: [DONE]" not in lines  # it was stopped, not answered to the end
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+    assert live.post("/v1/completions", json={**LONG, "max_tokens": 2}).status_code == 200

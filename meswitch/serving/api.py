@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -461,7 +462,7 @@ class Server:
             prompt=ids,
             slot=entry.slot,
             max_new_tokens=max_tokens,
-            on_event=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
+            on_event=_ignore,  # set below: it cancels the request it belongs to
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,
@@ -469,6 +470,7 @@ class Server:
             frequency_penalty=body.frequency_penalty or 0.0,
             presence_penalty=body.presence_penalty or 0.0,
         )
+        req.on_event = functools.partial(_to_loop, loop, queue, req)
         try:
             dep.scheduler.submit(req)
         except SchedulerError as e:
@@ -652,6 +654,20 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None
         if not task.done():
             task.cancel()
     return task.result() if task in done else None
+
+
+def _ignore(ev: Event) -> None:
+    pass
+
+
+def _to_loop(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, req: GenRequest, ev: Event) -> None:
+    """Hand the scheduler thread's event to the request's handler; once the server's loop is closed (a second
+    Ctrl-C stops uvicorn without waiting for answers) nobody waits for it: the sequence is cancelled, quietly,
+    rather than the scheduler logging "Event loop is closed" tracebacks for every token of every request."""
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, ev)
+    except RuntimeError:  # the loop is closed
+        req.cancelled = True
 
 
 # ---- running it ---------------------------------------------------------------------------------
