@@ -13,6 +13,11 @@ the naive PyTorch path (dequantize each expert's delta to bf16, then matmul) and
 delta matmul per expert. ``ms`` times the delta op alone; ``base_plus_delta_ms`` adds the bf16
 base GEMM (torch) before it, with bytes counting the base weight too.
 
+``--sums-given`` launches as the decode step does: x's row sums come with x (the decoder's norm and SwiGLU
+compute them, ``meswitch.kernels.row_sums``; here before timing), so every decode launch with steps in the
+epilogue takes them from outside its loop (16-row tiles: two planes a dot in 128 registers), not only the MLP's
+launches of 8 or more tiles, which otherwise compute them in a kernel of their own, timed with the delta.
+
     python benchmarks/kernel_roofline.py --out benchmarks/results/kernel_roofline-DATE.json
 """
 
@@ -36,9 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meswitch.compression.quantize import step_params
 from meswitch.kernels import DeltaBank, ExpertRows
-from meswitch.kernels.launch_config import choose_config
+from meswitch.kernels.launch_config import LaunchConfig, choose_config, config_for, sums_plan
 from meswitch.kernels.layout import LAYOUT_V1
-from meswitch.kernels.triton_delta import mixed_delta_triton
+from meswitch.kernels.row_sums import row_sums, sum_weights
+from meswitch.kernels.triton_delta import launch, mixed_delta_triton
 
 SHAPES = {"q/o 4096x4096": (4096, 4096), "k/v 1024x4096": (1024, 4096), "gate/up 14336x4096": (14336, 4096),
           "down 4096x14336": (4096, 14336)}  # fmt: skip
@@ -79,6 +85,20 @@ def rows_for(rows: int, experts: int, first_expert: int) -> tuple[ExpertRows, li
         starts.append(starts[-1] + c)
     segs = [(first_expert + i, starts[i], starts[i + 1]) for i in range(experts)]
     return ExpertRows.from_segments(starts, [first_expert + i for i in range(experts)], device="cuda"), segs
+
+
+def step_launch(
+    bank: DeltaBank, er: ExpertRows, segs: list[tuple[int, int, int]], x: torch.Tensor
+) -> tuple[LaunchConfig, torch.Tensor, torch.Tensor | None]:
+    """(config, tile table, row sums) of the launch the decode step makes for these rows: sized for their tiles,
+    with x's row sums given where the config takes them (``launch_config.sums_plan``), computed here as the
+    decoder's glue computes them with x (``row_sums.row_sums``), outside the time of the launch."""
+    block_m = choose_config(bank, er, x.device).block_m
+    tiles = sum(-(-(b - a) // block_m) for _, a, b in segs)
+    cfg = config_for(bank, block_m, tiles, x.device, sums_given=True)
+    plan = sums_plan(bank, block_m, tiles, x.device, x.dtype)
+    sums = None if plan is None else row_sums(x, [sum_weights(plan, x.device)])[0].view(x.shape[0], -1, 2)
+    return cfg, er.tiles(block_m, x.device), sums
 
 
 def naive_dequant_bf16(bank: DeltaBank, e: int) -> torch.Tensor:
@@ -124,7 +144,7 @@ class Rotation:
         fn(*s)
 
 
-def bench_case(bank, naive_bank, dense, base_ws, n, k, rows, experts, config, with_baselines=True):
+def bench_case(bank, naive_bank, dense, base_ws, n, k, rows, experts, config, with_baselines=True, sums_given=False):
     per_expert = bank.nbytes_per_expert()
     active = experts * per_expert
     io_bytes = rows * k * 2 + 2 * rows * n * 2
@@ -136,36 +156,39 @@ def bench_case(bank, naive_bank, dense, base_ws, n, k, rows, experts, config, wi
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         y = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16) * 0.01
         er.tiles((config or choose_config(bank, er, x.device)).block_m, x.device)
-        sets.append((x, y, er, segs))
+        sets.append((x, y, er, segs, step_launch(bank, er, segs, x) if sums_given else None))
     rot = Rotation(sets)
 
-    def run_kernel(x, y, er, segs):
-        mixed_delta_triton(x, bank, er, y, config)
+    def run_kernel(x, y, er, segs, step):
+        if step is None:
+            mixed_delta_triton(x, bank, er, y, config)
+        else:
+            launch(x, bank, step[1], y, step[0], step[2])
 
     ms = do_bench(lambda: rot(run_kernel), warmup=25, rep=200, return_mode="median")
-    used = config or choose_config(bank, sets[0][2], sets[0][0].device)
+    used = sets[0][4][0] if sums_given else config or choose_config(bank, sets[0][2], sets[0][0].device)
     out = {"ms": ms, "bytes": active + io_bytes, "rotation_sets": nsets, "config": used.__dict__}
     out["graph_ms"] = graph_ms(lambda s: run_kernel(*s), sets)
     if not with_baselines:
         return out
 
-    def run_naive(x, y, er, segs):
+    def run_naive(x, y, er, segs, step):
         for e, a, b in segs:
             w = naive_dequant_bf16(naive_bank, e % naive_bank.num_experts)
             y[a:b].addmm_(x[a:b], w.T)
 
-    def run_dense(x, y, er, segs):
+    def run_dense(x, y, er, segs, step):
         for e, a, b in segs:
             y[a:b].addmm_(x[a:b], dense[e % dense.shape[0]].T)
 
     out["naive_ms"] = do_bench(lambda: rot(run_naive), warmup=10, rep=100, return_mode="median")
     out["dense_ms"] = do_bench(lambda: rot(run_dense), warmup=10, rep=100, return_mode="median")
 
-    def run_base_delta(x, y, er, segs, wb):
+    def run_base_delta(x, y, er, segs, step, wb):
         torch.mm(x, wb.T, out=y)
-        mixed_delta_triton(x, bank, er, y, config)
+        run_kernel(x, y, er, segs, step)
 
-    def run_base(x, y, er, segs, wb):
+    def run_base(x, y, er, segs, step, wb):
         torch.mm(x, wb.T, out=y)
 
     rot_b = Rotation([(*s, base_ws[i % len(base_ws)]) for i, s in enumerate(sets)])
@@ -197,6 +220,10 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", type=int, nargs="*", default=list(ROWS))
     ap.add_argument("--experts", type=int, nargs="*", default=list(EXPERTS))
     ap.add_argument("--no-baselines", action="store_true", help="time the kernel only")
+    ap.add_argument(
+        "--sums-given", action="store_true",
+        help="launch as the decode step does: x's row sums given with x (see above)",
+    )  # fmt: skip
     ap.add_argument(
         "--kernels", nargs="*", default=["triton"], choices=["triton", "gluon"],
         help="triton: the tl.dot kernels (the default); gluon: the Gluon decode kernel where it fits "
@@ -233,7 +260,7 @@ def main(argv=None) -> None:
                 continue
             os.environ["MESWITCH_DELTA_KERNEL"] = kern
             baselines = not args.no_baselines and kern == args.kernels[0]
-            r = bench_case(bank, naive_bank, dense, base_ws, n, k, rows, experts, None, baselines)
+            r = bench_case(bank, naive_bank, dense, base_ws, n, k, rows, experts, None, baselines, args.sums_given)
             gbps = r["bytes"] / r["ms"] / 1e6
             row = {
                 "kernel": r["config"]["kernel"],
@@ -250,6 +277,7 @@ def main(argv=None) -> None:
                 "graph_ms": round(r["graph_ms"], 5),
                 "graph_fraction_of_copy_bandwidth": round(r["bytes"] / r["graph_ms"] / 1e6 / copy_gbps, 3),
                 "rotation_sets": r["rotation_sets"],
+                "sums_given": args.sums_given,
                 "launch": r["config"],
             }
             if "naive_ms" in r:
