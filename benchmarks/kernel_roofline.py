@@ -88,12 +88,13 @@ def rows_for(rows: int, experts: int, first_expert: int) -> tuple[ExpertRows, li
 
 
 def step_launch(
-    bank: DeltaBank, er: ExpertRows, segs: list[tuple[int, int, int]], x: torch.Tensor
+    bank: DeltaBank, er: ExpertRows, segs: list[tuple[int, int, int]], x: torch.Tensor, block_m: int | None = None
 ) -> tuple[LaunchConfig, torch.Tensor, torch.Tensor | None]:
     """(config, tile table, row sums) of the launch the decode step makes for these rows: sized for their tiles,
     with x's row sums given where the config takes them (``launch_config.sums_plan``), computed here as the
-    decoder's glue computes them with x (``row_sums.row_sums``), outside the time of the launch."""
-    block_m = choose_config(bank, er, x.device).block_m
+    decoder's glue computes them with x (``row_sums.row_sums``), outside the time of the launch. ``block_m``:
+    the tiles' rows (``DecoderConfig.block_m``), else the kernel's own choice for the longest segment."""
+    block_m = block_m or choose_config(bank, er, x.device).block_m
     tiles = sum(-(-(b - a) // block_m) for _, a, b in segs)
     cfg = config_for(bank, block_m, tiles, x.device, sums_given=True)
     plan = sums_plan(bank, block_m, tiles, x.device, x.dtype)
@@ -144,7 +145,9 @@ class Rotation:
         fn(*s)
 
 
-def bench_case(bank, naive_bank, dense, base_ws, n, k, rows, experts, config, with_baselines=True, sums_given=False):
+def bench_case(
+    bank, naive_bank, dense, base_ws, n, k, rows, experts, config, with_baselines=True, sums_given=False, block_m=None
+):
     per_expert = bank.nbytes_per_expert()
     active = experts * per_expert
     io_bytes = rows * k * 2 + 2 * rows * n * 2
@@ -156,7 +159,7 @@ def bench_case(bank, naive_bank, dense, base_ws, n, k, rows, experts, config, wi
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         y = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16) * 0.01
         er.tiles((config or choose_config(bank, er, x.device)).block_m, x.device)
-        sets.append((x, y, er, segs, step_launch(bank, er, segs, x) if sums_given else None))
+        sets.append((x, y, er, segs, step_launch(bank, er, segs, x, block_m) if sums_given else None))
     rot = Rotation(sets)
 
     def run_kernel(x, y, er, segs, step):
@@ -224,12 +227,15 @@ def main(argv=None) -> None:
         "--sums-given", action="store_true",
         help="launch as the decode step does: x's row sums given with x (see above)",
     )  # fmt: skip
+    ap.add_argument("--block-m", type=int, help="with --sums-given: rows a tile (8: 8-row tiles; default: 16-64)")
     ap.add_argument(
         "--kernels", nargs="*", default=["triton"], choices=["triton", "gluon"],
         help="triton: the tl.dot kernels (the default); gluon: the Gluon decode kernel where it fits "
         "(MESWITCH_DELTA_KERNEL=gluon); both: each case timed with each, side by side",
     )  # fmt: skip
     args = ap.parse_args(argv)
+    if args.block_m and not args.sums_given:
+        ap.error("--block-m needs --sums-given (the step's launch)")
 
     torch.manual_seed(0)
     copy_gbps = copy_bandwidth()
@@ -260,7 +266,9 @@ def main(argv=None) -> None:
                 continue
             os.environ["MESWITCH_DELTA_KERNEL"] = kern
             baselines = not args.no_baselines and kern == args.kernels[0]
-            r = bench_case(bank, naive_bank, dense, base_ws, n, k, rows, experts, None, baselines, args.sums_given)
+            r = bench_case(
+                bank, naive_bank, dense, base_ws, n, k, rows, experts, None, baselines, args.sums_given, args.block_m
+            )
             gbps = r["bytes"] / r["ms"] / 1e6
             row = {
                 "kernel": r["config"]["kernel"],

@@ -377,7 +377,7 @@ def test_kernel_on_compressed_experts(dtype):
 
 @gpu
 @pytest.mark.parametrize("split_k", [2, 5])
-@pytest.mark.parametrize("block_m,epilogue", [(16, True), (32, True), (64, False), (128, False)])
+@pytest.mark.parametrize("block_m,epilogue", [(8, True), (16, True), (32, True), (64, False), (128, False)])
 def test_kernel_launch_variants(split_k, block_m, epilogue):
     from meswitch.kernels.launch_config import LaunchConfig
 
@@ -465,7 +465,8 @@ def test_mixed_delta_dispatches_to_triton():
         (2, False, 2, 0, 1000),
     ],
 )
-def test_precomputed_row_sums_give_the_loops_result(bits, symmetric, split_k, salient, k):
+@pytest.mark.parametrize("block_m", [8, 16])
+def test_precomputed_row_sums_give_the_loops_result(bits, symmetric, split_k, salient, k, block_m):
     """``LaunchConfig.x_sums``: x's row sums from one small kernel, not from every N block's loop, with split K
     (each split its rows' sums over its part of K) and K not a whole number of chunks: the reference's delta, and
     the same as the sums accumulated in the loop; and the same again with the sums given, as the kernel that makes x
@@ -484,10 +485,10 @@ def test_precomputed_row_sums_give_the_loops_result(bits, symmetric, split_k, sa
     y0 = (torch.randn(len(ids), 96, generator=g) * 0.01).to(dtype).to(device)
     y0[torch.tensor(ids) < 0] = float("nan")  # poison: a write to a base-only row shows
     want = mixed_delta_reference(x.float(), bank, ids, y0.float().clone())
-    tiles = ExpertRows.from_ids(ids).tiles(16, x.device)
+    tiles = ExpertRows.from_ids(ids).tiles(block_m, x.device)  # 8: the 8-row tiles of 4-row segments
     got = {}
     for sums in (False, True):  # the last cfg takes the sums
-        cfg = LaunchConfig(block_n=32, block_m=16, split_k=split_k, num_stages=2, x_sums=sums)
+        cfg = LaunchConfig(block_n=32, block_m=block_m, split_k=split_k, num_stages=2, x_sums=sums)
         got[sums] = launch(x, bank, tiles, y0.clone(), cfg)
     splits, per_split = k_splits(bank.packed.shape[1], split_k)
     plan = SumsPlan(k, per_split * v2_chunk(bits), splits, bits, dtype == torch.bfloat16)

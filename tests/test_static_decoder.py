@@ -389,6 +389,10 @@ def test_graph_replay_gives_the_eager_decoders_tokens_on_the_gpu(tmp_path):
     assert greedy(own, rows) == greedy(graph, rows) and not own._sum_weights
     torch.testing.assert_close(logits(graph, rows, forced), logits(own, rows, forced), atol=5e-2, rtol=2e-2)
 
+    # 8-row tiles (DecoderConfig.block_m; the default 16): the same logits
+    rows8 = StaticDecoder(eng, DecoderConfig(**{**cfg.__dict__, "block_m": 8}))
+    torch.testing.assert_close(logits(graph, rows, forced), logits(rows8, rows, forced), atol=5e-2, rtol=2e-2)
+
     warm = StaticDecoder(eng, cfg)
     wanted = 2 * 2 * len(cfg.buckets)  # base rows and the one grid, at the spans 16 and 32 the answers reach
     assert warm.warm_up(spans=(16, 32)) == wanted
