@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -72,6 +73,48 @@ def stopped_by(e: KeyboardInterrupt) -> tuple[str, int]:
     """The one line and the exit status of a command an interrupt stopped, as a shell reports one that a signal
     stopped: ``interrupted``, 130 for Ctrl-C; ``terminated``, 143 for SIGTERM."""
     return ("terminated", 128 + signal.SIGTERM) if isinstance(e, Terminated) else ("interrupted", 128 + signal.SIGINT)
+
+
+# Stops PID once the process that started this one is gone; exits when PID is. Ctrl-C reaches it with its
+# process group, as it reaches the process it watches for: it ignores it, and goes on watching.
+_WATCHDOG = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+parent, pid = int(sys.argv[1]), int(sys.argv[2])
+def alive(group=False):
+    try:
+        (os.killpg if group else os.kill)(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+while os.getppid() == parent:
+    if not alive():
+        sys.exit(0)
+    time.sleep(0.5)
+try:  # a leader of its own group (start_new_session) is stopped with its group: a server's workers too
+    leads = os.getpgid(pid) == pid
+except ProcessLookupError:
+    sys.exit(0)
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    if not alive(leads):
+        break
+    try:
+        os.killpg(pid, sig) if leads else os.kill(pid, sig)
+    except ProcessLookupError:
+        break
+    for _ in range(50):
+        if not alive(leads):
+            break
+        time.sleep(0.1)
+"""
+
+
+def stop_when_this_process_dies(pid: int) -> subprocess.Popen:
+    """Start a watchdog that stops ``pid`` (a server this process started; with its group, where it leads one)
+    when this process dies, however it dies: SIGKILL and the kernel's out-of-memory killer run none of our
+    clean-up, and a server started by a library (Prefect's API) would be left running on its port for good. The
+    watchdog ends with ``pid``."""
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(pid)], stdin=subprocess.DEVNULL)
 
 
 def stop_group(proc: subprocess.Popen, first: int = signal.SIGTERM, timeout: float = 30) -> None:

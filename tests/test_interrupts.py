@@ -144,6 +144,20 @@ def test_pipeline_run_stopped_by_sigterm_stops_its_expert_and_leaves_no_prefect_
         _kill_group(proc.pid)
 
 
+@pytest.mark.slow
+def test_pipeline_run_killed_outright_leaves_no_prefect_server_running(wide, prefect_home, tmp_path):
+    """SIGKILL (``kill -9``, the out-of-memory killer) runs none of the run's clean-up: the ephemeral Prefect API
+    server it started (a uvicorn process of its own) is stopped all the same, by a watchdog, not left running."""
+    env, log = _registry_env(tmp_path, prefect_home), tmp_path / "killed.log"
+    proc = _start(_pipeline(wide, tmp_path), log, env)
+    try:
+        _signal_when(proc, f"{tmp_path}/work/artifacts/.alpha-*.tmp", signal.SIGKILL, log, timeout=180)
+        assert proc.wait(30) == -signal.SIGKILL
+        _assert_group_ends(proc, "the Prefect API server outlived the run killed outright", timeout=20)
+    finally:
+        _kill_group(proc.pid)
+
+
 def test_a_submit_killed_mid_copy_leaves_nothing_once_the_next_submit_is_done(wide, tmp_path):
     """SIGKILL (no clean-up possible) while ``meswitch submit`` copies an expert into the inbox: its hidden copy is
     never scanned, and the next submit of that entry removes it rather than leaving a checkpoint's worth of disk
@@ -208,6 +222,50 @@ def test_an_s3_submit_stopped_mid_upload_leaves_no_entry_and_the_next_submit_goe
     submit(wide / "inbox" / "alpha", inbox)  # no --replace needed: that entry never got its card
     expert = sorted(p.name for p in (wide / "inbox" / "alpha").iterdir())
     assert sorted(k.removeprefix(prefix) for k in stored()) == expert
+
+
+_SERVER_STARTER = """
+import subprocess, sys, time
+from meswitch.processes import stop_when_this_process_dies
+worker = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+leader = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(600)"
+server = subprocess.Popen([sys.executable, "-c", leader], start_new_session=True)
+stop_when_this_process_dies(server.pid)
+print(server.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_server_group_is_stopped_when_the_process_that_started_it_is_killed_outright():
+    """``stop_when_this_process_dies``: a server started in a group of its own, with a worker that ignores SIGTERM,
+    outlives a parent killed by SIGKILL only until the watchdog notices (SIGTERM to the group, SIGKILL after 5 s)."""
+    parent = subprocess.Popen([sys.executable, "-c", _SERVER_STARTER], stdout=subprocess.PIPE, text=True)
+    server = int(parent.stdout.readline())
+    try:
+        deadline = time.monotonic() + 30
+        while len(_group_pids(server)) < 2:  # the leader and its worker
+            assert time.monotonic() < deadline, "the server's worker never started"
+            time.sleep(0.05)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while group_alive(server):
+            assert time.monotonic() < deadline, "the server's group outlived the process that started it"
+            time.sleep(0.1)
+    finally:
+        _kill_group(server)
+
+
+def _group_pids(pgid: int) -> list[int]:
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(stat.split("/")[2]))
+    return found
 
 
 _KILLED_WRITER = """

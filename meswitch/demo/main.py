@@ -41,7 +41,7 @@ from meswitch.data.loading import load_rows
 from meswitch.demo.chat_family import CHAT_SIZES
 from meswitch.demo.family import SIZES
 from meswitch.evaluation.metrics import FINAL_NUMBER, NEXT_LINE, task_hit
-from meswitch.processes import sigterm_raises, stop_group, stopped_by
+from meswitch.processes import sigterm_raises, stop_group, stop_when_this_process_dies, stopped_by
 from meswitch.routing.dataset import read_labelled
 
 log = logging.getLogger("meswitch.demo")
@@ -203,6 +203,7 @@ def serve_and_ask(family: Path, out: Path, device: str = "auto") -> list[dict[st
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=os.environ.copy(),
                                 start_new_session=True)  # fmt: skip
+        stop_when_this_process_dies(proc.pid)  # should the demo be killed outright
     try:
         _wait_healthy(port, proc, log_path)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as r:

@@ -40,7 +40,7 @@ def run_pipeline(
     """
     import contextlib
 
-    from meswitch.flows.runtime import quiet_defaults, shared_api, task_runner
+    from meswitch.flows.runtime import quiet_defaults, shared_api, start_ephemeral_api, task_runner
 
     quiet_defaults()
     from meswitch.flows.config import is_registry_ref
@@ -57,6 +57,8 @@ def run_pipeline(
         base_name=base_name,
     )
     pipeline = expert_pipeline.with_options(task_runner=task_runner(dask, dask_workers, parallel))
+    if not dask:
+        start_ephemeral_api()  # started here, not by Prefect on the first call: stopped even if this process is killed
     api = shared_api() if dask else contextlib.nullcontext()
     with api:
         return pipeline(**params, return_state=return_state)

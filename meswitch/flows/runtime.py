@@ -19,6 +19,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from meswitch.processes import stop_when_this_process_dies
+
 log = logging.getLogger(__name__)
 
 QUIET = {
@@ -61,11 +63,27 @@ def start_ephemeral_api() -> None:
     start (a subprocess that migrates a new database: ~11 s on 2 cores) with other work; flows in this
     process then find it running (Prefect keeps one per process). Nothing to do when an API is configured."""
     quiet_defaults()
-    if os.environ.get("PREFECT_API_URL"):
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:  # from the environment or a Prefect profile
         return
     from prefect.server.api.server import SubprocessASGIServer
 
-    SubprocessASGIServer().start()
+    _tied(SubprocessASGIServer())
+
+
+_watched: set[int] = set()
+
+
+def _tied(server) -> None:
+    """Start Prefect's ``SubprocessASGIServer`` (once: Prefect keeps one a port) and have it stopped when this
+    process dies, even by SIGKILL (:func:`~meswitch.processes.stop_when_this_process_dies`); Prefect stops it
+    only at a clean exit."""
+    server.start()
+    pid = server.server_process.pid
+    if pid not in _watched:
+        _watched.add(pid)
+        stop_when_this_process_dies(pid)
 
 
 @contextlib.contextmanager
@@ -88,7 +106,7 @@ def shared_api(full: bool = False, home: Path | None = None) -> Iterator[str]:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
-    server.start()
+    _tied(server)
     try:
         with _api_url(server.api_url):
             yield server.api_url
@@ -119,6 +137,7 @@ def _prefect_server(home: Path | None) -> Iterator[str]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    stop_when_this_process_dies(proc.pid)
     url = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + 120
