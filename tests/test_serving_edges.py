@@ -169,3 +169,71 @@ def test_a_server_stopped_without_waiting_cancels_its_sequences_quietly(live, ca
     assert "data: [DONE]" not in lines  # it was stopped, not answered to the end
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
     assert live.post("/v1/completions", json={**LONG, "max_tokens": 2}).status_code == 200
+
+
+def test_a_second_ctrl_c_cuts_the_answers_in_progress_short_and_stops_cleanly(live, caplog):
+    """``serve_forever`` (what ``meswitch serve`` runs) in this, the main thread, sent real SIGINTs: the first stops
+    taking requests and waits for the answers in progress; the second cuts them short (each ends at its next step
+    with what it has: a whole answer, a stream that ends with [DONE]), and the server stops with no traceback."""
+    import os
+    import signal
+
+    from servers import free_ports
+
+    from meswitch.serving.api import serve_forever
+
+    api, port = Server(live.manager, ServerConfig()), free_ports(1)[0]
+    url, events, started = f"http://127.0.0.1:{port}/v1/completions", {"whole": [], "stream": []}, threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", url, json={**LONG, "stream": True}, timeout=60) as r:
+            for line in r.iter_lines():
+                events["stream"].append(line)
+                if len(events["stream"]) == 1:
+                    started.wait(30)
+
+    def whole() -> None:
+        events["whole"].append(httpx.post(url, json=LONG, timeout=60))
+
+    def drive() -> None:
+        try:
+            _wait(lambda: _listening(port), "the server never listened", 30)
+            clients = [threading.Thread(target=stream), threading.Thread(target=whole)]
+            for c in clients:
+                c.start()
+            started.wait(30)  # the stream has its first token
+            _wait(lambda: api.inflight == 2, "the whole answer never started")
+            with live.manager.current.engine.hold():  # no token comes while the server is told to stop
+                os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: it waits for the two answers
+                time.sleep(0.5)
+                assert api.inflight == 2, "the first Ctrl-C did not wait for the answers in progress"
+                os.kill(os.getpid(), signal.SIGINT)  # the second: cut them short
+            for c in clients:
+                c.join(30)
+        except BaseException as e:  # reported by the main thread, once the server is stopped
+            errors.append(e)
+            for _ in range(3):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises the first Ctrl-C again once it has stopped
+        serve_forever(api, "127.0.0.1", port)
+    driver.join(60)
+    assert not errors, errors
+    answer = events["whole"][0]
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] < LONG["max_tokens"]  # cut short
+    assert [line for line in events["stream"] if line][-1] == "data: [DONE]"
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+    assert "cut short" in caplog.text
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True

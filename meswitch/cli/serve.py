@@ -133,9 +133,9 @@ def _serve(args) -> int:
         )
     check_port_free(args.host, args.port)
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 (the extra's check: serve_forever imports it)
 
-        from meswitch.serving.api import Server, ServerConfig
+        from meswitch.serving.api import Server, ServerConfig, serve_forever
         from meswitch.serving.metrics import ServingMetrics
     except ImportError as e:
         raise CommandError(f"serving needs the 'serve' extra (pip install 'meswitch[serve]'): {e}") from e
@@ -224,7 +224,7 @@ def _serve(args) -> int:
         args.port,
     )
     try:
-        uvicorn.run(server.app, host=args.host, port=args.port, log_level="info")
+        serve_forever(server, args.host, args.port)
     finally:
         manager.close()
     return 0

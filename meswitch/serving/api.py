@@ -200,6 +200,7 @@ class Server:
         self.config = config or ServerConfig()
         self.metrics = metrics or ServingMetrics()
         self.inflight = 0
+        self._jobs: dict[str, _Job] = {}  # the generations in progress, by request id
         self._router_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meswitch-router")
         self.app = self._build()
 
@@ -334,6 +335,8 @@ class Server:
             dep = stack.enter_context(self._deployment())
             job = await self._start(kind, body, dep, t0)
             stack.callback(self._cancel_if_running, job)
+            self._jobs[job.id] = job
+            stack.callback(self._jobs.pop, job.id, None)
         except APIError as e:
             self._finish_request(endpoint, self._label(body.model), str(e.status), t0)
             stack.close()
@@ -378,6 +381,14 @@ class Server:
         self.metrics.inflight.set(self.inflight)
         self.metrics.requests.labels(endpoint, model, status).inc()
         self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - t0)
+
+    def cancel_all(self) -> int:
+        """Cancel every generation in progress (a server told to stop now): each answers with what it has at the
+        next step. Returns how many were cancelled."""
+        jobs = list(self._jobs.values())
+        for job in jobs:
+            self._cancel_if_running(job)
+        return len(jobs)
 
     def _cancel_if_running(self, job: _Job) -> None:
         if not job.req.finished:
@@ -671,6 +682,32 @@ def _to_loop(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, req: GenRequ
 
 
 # ---- running it ---------------------------------------------------------------------------------
+
+
+def serve_forever(server: Server, host: str, port: int) -> None:
+    """uvicorn serving ``server`` in this (the main) thread until Ctrl-C or SIGTERM, as ``meswitch serve`` runs.
+
+    The first Ctrl-C stops taking requests and waits for the answers in progress (uvicorn's graceful shutdown). A
+    second cancels them (:meth:`Server.cancel_all`): each ends at its next step with what it has, and the server
+    stops cleanly. uvicorn's own second Ctrl-C stopped it without waiting, cancelling the requests' tasks under
+    them (a traceback for each, and "Event loop is closed" from the scheduler thread); a third Ctrl-C still does.
+    """
+    import signal
+
+    import uvicorn
+
+    class Uvicorn(uvicorn.Server):
+        cut = False
+
+        def handle_exit(self, sig: int, frame) -> None:
+            if sig == signal.SIGINT and self.should_exit and not self.cut:
+                self.cut = True
+                n = server.cancel_all()
+                log.warning("Ctrl-C again: %d answers in progress cut short; once more quits at once", n)
+                return
+            super().handle_exit(sig, frame)
+
+    Uvicorn(uvicorn.Config(server.app, host=host, port=port, log_level="info")).run()
 
 
 class ServerThread:
