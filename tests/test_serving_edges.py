@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+import torch
 from serving_fixtures import served_family, torch_threads  # noqa: F401
 
 from meswitch.serving.api import Server, ServerConfig, ServerThread
@@ -237,3 +238,35 @@ def _listening(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_a_prefill_that_fails_fails_its_own_requests_not_the_running_batch(live, monkeypatch):
+    """A failure in the prefill of requests joining a running batch (a GPU out of memory on a long prompt, say;
+    simulated here by the engine's forward raising on that prompt, as no allocation can be made to fail on a CPU)
+    fails those requests with a 500, and the sequences already decoding finish their answers."""
+    engine = live.manager.current.engine
+    forward = engine.forward
+    tok = live.manager.current.base.tokenizer
+
+    def failing_forward(input_ids, *args, **kwargs):
+        if input_ids.shape[1] > 1 and (input_ids == marker).any(dim=1).all():  # the prefill of the marked prompt
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(input_ids, *args, **kwargs)
+
+    marker = tok("zebra", add_special_tokens=False)["input_ids"][-1]
+    monkeypatch.setattr(engine, "forward", failing_forward)
+    sched = live.manager.current.scheduler
+    with httpx.stream("POST", f"{live.thread.url}/v1/completions", json={**LONG, "stream": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # the neighbour is decoding
+        bad: dict[str, httpx.Response] = {}
+        body = {"model": "math", "prompt": "zebra zebra", "max_tokens": 4}
+        with engine.hold():  # it joins the running batch at the next step
+            t = threading.Thread(target=lambda: bad.update(r=live.post("/v1/completions", json=body)))
+            t.start()
+            _wait(lambda: bad or sched.load["waiting"], "the request never reached the scheduler")
+        t.join(60)
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert bad["r"].status_code == 500 and "out of memory (simulated)" in bad["r"].text, bad["r"].text
+    assert "error" not in events[-1], events[-1]  # the neighbour finished its answer
+    assert events[-1]["choices"][0]["finish_reason"] == "length"

@@ -328,8 +328,19 @@ class Scheduler:
             cohort = self._pick()
             if cohort:
                 self._cohort = cohort
-                self._prefill(cohort)
-                self._cohort = []
+                try:
+                    self._prefill(cohort)
+                except Exception as e:
+                    if self._batch is not None and any(r is s for r in cohort for s in self._batch.seqs):
+                        raise  # it had joined the batch: the batch's state is in doubt, all of it fails
+                    # the running batch never saw it (its own cache, or cache rows past the batch's): it goes on
+                    log.exception(
+                        "prefill of %d requests failed; the %d running go on", len(cohort), len(self._batch or [])
+                    )
+                    for r in cohort:
+                        self._finish(r, ERROR, f"{type(e).__name__}: {e}")
+                finally:
+                    self._cohort = []
                 return
         if self._batch:
             self._decode()
