@@ -180,16 +180,18 @@ def _overlap(out: Path, source: Path) -> str | None:
 
 
 @contextmanager
-def staging_dir(out: Path, checked: bool = True) -> Iterator[Path]:
+def staging_dir(out: Path, checked: bool = True, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``out``; on success it replaces ``out``, on failure it is removed.
 
     The rename is atomic on one filesystem, so readers see the old folder or the new one, never
     a partial write. What is staged replaces ``out`` only when ``out`` is absent, empty or of the
     same kind (``check_out``): a user's folder is never deleted for it (``checked=False``: the caller
-    has decided that ``out`` goes, whatever it holds, as ``submit --replace`` does). A writer killed
-    before its rename leaves its hidden sibling behind: the next writer of ``out`` removes it
-    (``_abandoned``), so a killed run costs no disk for good. A full disk is raised as an ``OSError``
-    that names the errno and ``out``, whichever writer hit it.
+    has decided that ``out`` goes, whatever it holds, as ``submit --replace`` does). ``keep_existing``:
+    ``out`` is named by its content (a cache by hash, a stored artifact), so one already there, put by a
+    concurrent writer, is kept and the staged copy dropped. A writer killed before its rename leaves its
+    hidden sibling behind: the next writer of ``out`` removes it (``_abandoned``), so a killed run costs
+    no disk for good. A full disk is raised as an ``OSError`` that names the errno and ``out``, whichever
+    writer hit it.
     """
     out = Path(os.path.abspath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -199,6 +201,14 @@ def staging_dir(out: Path, checked: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=writer, suffix=".tmp", dir=out.parent))
     try:
         yield tmp
+        if keep_existing:
+            try:
+                tmp.rename(out)
+            except OSError:
+                if not out.is_dir():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # the same content, put there first by another writer
+            return
         if checked:
             check_out(out, folder_kind(tmp) or ())
         if out.exists():

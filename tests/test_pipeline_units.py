@@ -161,6 +161,19 @@ def test_a_killed_writers_staging_folder_is_removed_by_the_next_write_and_a_live
     assert not abandoned.exists() and live.exists() and other.exists() and (out / "manifest.json").is_file()
 
 
+def test_a_folder_named_by_its_content_is_kept_when_a_concurrent_writer_got_there_first(tmp_path):
+    """``staging_dir(keep_existing=True)`` (the registry's cache, a stored artifact, a downloaded inbox entry): the
+    folder already there holds the same content, so it stays, and the staged copy is dropped, not left hidden."""
+    from meswitch.artifacts import staging_dir
+
+    out = tmp_path / "3f2a9c"
+    with staging_dir(out, checked=False, keep_existing=True) as tmp:
+        (tmp / "a").write_text("first")
+        with staging_dir(out, checked=False, keep_existing=True) as other:  # another writer finishes first
+            (other / "a").write_text("second")
+    assert (out / "a").read_text() == "second" and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
 def test_s3_inbox_scan_and_fetch(tiny_expert, s3_server, tmp_path, monkeypatch):
     from meswitch.flows.inbox import InboxEntry, fetch_entry, scan_inbox, submit
 
@@ -265,6 +278,8 @@ def test_cli_refuses_missing_inputs_before_starting_anything(tmp_path, capsys):
     (tmp_path / "base" / "config.json").write_text("{}")
     assert main(["pipeline", "run", "--inbox", str(tmp_path / "missing"), "--base", str(tmp_path / "base")]) == 2
     assert "--inbox" in capsys.readouterr().err
+    assert main(["pipeline", "run", "--inbox", str(tmp_path / "inbox"), "--base", str(tmp_path / "base")]) == 2
+    assert "--base" in (err := capsys.readouterr().err) and "no *.safetensors weights" in err, err
     assert main(["submit", str(tmp_path / "base"), "--inbox", str(tmp_path / "inbox"), "--no-event"]) == 2
     assert "expert.yaml" in capsys.readouterr().err
 

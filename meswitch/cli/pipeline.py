@@ -114,15 +114,6 @@ def _check(args) -> None:
         config = load_config(args.config, args.gates)
     except ValueError as e:
         raise CommandError(" ".join(str(e).split())) from e  # a YAML error's own lines, on one
-    if not registered:  # from the headers: a group size that fits no matrix is refused now, not after calibration
-        from meswitch.checkpoints import Checkpoint
-        from meswitch.compression.config import ConfigError
-        from meswitch.compression.expert import check_grouping
-
-        try:
-            check_grouping(Checkpoint(args.base), config.compression)
-        except ConfigError as e:
-            raise CommandError(f"{args.config or 'pipeline config'}: compression: {e}") from e
     from meswitch.flows.inbox import InboxError, scan_inbox
     from meswitch.registry.errors import RegistryError
     from meswitch.registry.uri import parse_location
@@ -138,6 +129,17 @@ def _check(args) -> None:
             scan_inbox(inbox.path)  # an expert folder given as the inbox; S3 inboxes are scanned by the flow
         except InboxError as e:
             raise CommandError(f"--inbox {e}") from e
+    if not registered:  # from the headers: a group size that fits no matrix is refused now, not after calibration
+        from meswitch.checkpoints import Checkpoint, CheckpointError
+        from meswitch.compression.config import ConfigError
+        from meswitch.compression.expert import check_grouping
+
+        try:
+            check_grouping(Checkpoint(args.base), config.compression)
+        except CheckpointError as e:
+            raise CommandError(f"--base {e}") from e
+        except ConfigError as e:
+            raise CommandError(f"{args.config or 'pipeline config'}: compression: {e}") from e
     if registered:
         from meswitch.registry import open_registry
 

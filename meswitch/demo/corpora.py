@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from meswitch.artifacts import staging_dir
+
 log = logging.getLogger(__name__)
 
 # The four domains of the family (the paper's instruction/math/code/Chinese, with English prose
@@ -97,8 +99,7 @@ def load_corpus(domain: str, *, seed: int = 0, n_generated: int = 20000, cache: 
     source, docs, copyright_text = build(cache)
     if not docs:
         raise CorpusUnavailable(f"source {name} yielded no documents")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache))
-    try:
+    with staging_dir(folder, checked=False) as tmp:  # a corpus of an older parser is replaced whole
         _write_jsonl(tmp / "docs.jsonl", docs)
         (tmp / "copyright").write_text(copyright_text, encoding="utf-8")
         (tmp / "source.json").write_text(
@@ -109,11 +110,6 @@ def load_corpus(domain: str, *, seed: int = 0, n_generated: int = 20000, cache: 
             ),
             encoding="utf-8",
         )
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("corpus %s: %d documents (%s; %s)", name, len(docs), source.origin, source.licence)
     return Corpus(domain, source, docs)
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,25 +56,25 @@ def scan_inbox(inbox: str | Path) -> list[InboxEntry]:
 def fetch_entry(entry: InboxEntry, cache_dir: Path) -> Path:
     """A local folder with the entry's files: the folder itself, or a verified download of an S3 prefix.
 
-    Downloads go to ``cache_dir/<stamp>`` through a temporary folder renamed into place, so a
-    failed download leaves nothing that looks complete.
+    Downloads go to ``cache_dir/<stamp>`` through a staging folder renamed into place (``staging_dir``), so
+    a failed download leaves nothing that looks complete, and one killed outright is removed by the next.
     """
     if not entry.is_s3:
         return Path(entry.uri)
     final = Path(cache_dir) / entry.stamp[:32] / entry.name
     if final.is_dir():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".part", dir=final.parent))
-    try:
-        store = _store(entry.uri)
-        for rel, _etag, _size in store.list_files(entry.uri):
+    store = _store(entry.uri)
+    files = store.list_files(entry.uri)
+    with (
+        staging_dir(final, checked=False, keep_existing=True) as tmp,
+        tqdm(total=sum(size for _, _, size in files), unit="B", unit_scale=True, desc=f"download {entry.name}",
+             disable=None) as bar,
+    ):  # fmt: skip
+        for rel, _etag, _size in files:
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            store.download_file(str(parse_location(entry.uri).join(rel)), target)
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            store.download_file(str(parse_location(entry.uri).join(rel)), target, bar.update)
     return final
 
 

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -550,12 +549,9 @@ class Registry:
                 with contextlib.suppress(OSError):  # another process may be replacing it too
                     final.rename(aside)
                 shutil.rmtree(aside, ignore_errors=True)
-        cache.mkdir(parents=True, exist_ok=True)
-        _remove_stale_parts(cache)
         store = self.store_for(info.source)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", suffix=".part", dir=cache))
         what = f"{info.name}/{info.version} from {info.source}"
-        try:
+        with staging_dir(final, checked=False, keep_existing=True) as tmp:  # a concurrent resolver's copy stays
             try:
                 store.fetch(info.source, tmp)  # botocore retries each S3 request
                 got = content_hash(tmp)
@@ -566,13 +562,6 @@ class Registry:
                 raise IntegrityError(f"download of {what} failed verification; nothing was cached: {e}") from e
             except RegistryError as e:
                 raise type(e)(f"download of {what} failed; nothing was cached: {e}") from e
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not final.is_dir():  # else a concurrent resolver put the same content there first
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return final
 
     def pull(self, ref: str | Ref, out: Path | str, *, base_fingerprint: str | None = None) -> Resolved:
@@ -597,12 +586,3 @@ def open_registry(config: RegistryConfig | None = None) -> Registry:
     """The registry for ``config`` (default: the environment's now), made once per configuration and shared,
     so that flows, serving and the CLI use one MLflow client and one S3 client per bucket."""
     return _shared(config or RegistryConfig.from_env())
-
-
-def _remove_stale_parts(cache: Path, older_than_s: float = 24 * 3600) -> None:
-    """Downloads interrupted by a crash leave ``.<hash>.*.part`` folders behind; clear old ones."""
-    cutoff = time.time() - older_than_s
-    for part in cache.glob(".*.part"):
-        with contextlib.suppress(OSError):
-            if part.stat().st_mtime < cutoff:
-                shutil.rmtree(part, ignore_errors=True)

@@ -12,11 +12,10 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from meswitch.artifacts import MANIFEST, ArtifactError, Manifest, sha256_file, verify
+from meswitch.artifacts import MANIFEST, ArtifactError, Manifest, sha256_file, staging_dir, verify
 from meswitch.registry.config import RegistryConfig
 from meswitch.registry.errors import (
     AccessDenied,
@@ -125,9 +124,7 @@ class LocalStore(ObjectStore):
                 aside = dest.with_name(f".{dest.name}.damaged-{os.getpid()}")
                 dest.rename(aside)
                 shutil.rmtree(aside, ignore_errors=True)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
-        try:
+        with staging_dir(dest, checked=False, keep_existing=True) as tmp:  # by content: a copy there stays
             manifest = _manifest_from_bytes((Path(folder) / MANIFEST).read_bytes(), str(folder))
             for rel in artifact_files(manifest):
                 target = tmp / rel
@@ -135,9 +132,6 @@ class LocalStore(ObjectStore):
                 shutil.copyfile(Path(folder) / rel, target)
                 if progress:
                     progress(target.stat().st_size)
-            _rename_unless_present(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def check(self, location: str, digest: str) -> Manifest:
         dest = self.path(location)
@@ -162,15 +156,6 @@ class LocalStore(ObjectStore):
             target = Path(dest) / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / rel, target)
-
-
-def _rename_unless_present(tmp: Path, dest: Path) -> None:
-    """Move ``tmp`` to ``dest`` atomically; if another writer got there first, keep theirs."""
-    try:
-        os.rename(tmp, dest)
-    except OSError:
-        if not dest.is_dir():
-            raise
 
 
 # Error codes an S3 server returns for refused credentials and for missing things.
@@ -365,10 +350,10 @@ class S3Store(ObjectStore):
         found = [(o["Key"][len(base) :], o.get("ETag", ""), o["Size"]) for p in pages for o in p.get("Contents", [])]
         return sorted(found)
 
-    def download_file(self, location: str, dest: Path) -> None:
+    def download_file(self, location: str, dest: Path, progress: Progress | None = None) -> None:
         bucket, key = self._split(location)
         try:
-            self.client.download_file(bucket, key, str(dest), Config=self.transfer)
+            self.client.download_file(bucket, key, str(dest), Config=self.transfer, Callback=progress)
         except Exception as e:
             raise self._translate(e, f"download {location}") from e
 
