@@ -4,7 +4,8 @@
 #   bash benchmarks/run_gpu.sh decode | speed | parity | ncu                    (one 10-minute call each)
 #   bash benchmarks/run_gpu.sh attention       (the decode attention kernel's launch sweep, about 3 minutes)
 #   AB_RUNS="TREE[+VAR=VALUE]..." bash benchmarks/run_gpu.sh ab   (the decode step, one process per tree, ABAB)
-# ROOFLINE_ARGS / NCU_ARGS pass arguments on (e.g. ROOFLINE_ARGS="--kernels triton gluon --no-baselines");
+# ROOFLINE_ARGS / NCU_ARGS pass arguments on (e.g. ROOFLINE_ARGS="--kernels triton gluon --no-baselines"; the step's
+# launches: ROOFLINE_ARGS="--sums-given [--block-m 8]"), ROOFLINE_NAME names its JSON (kernel_roofline-NAME.json);
 # MESWITCH_DELTA_KERNEL=gluon runs decode on the Gluon kernel where it fits (ncu then writes ncu-gluon.json).
 #   bash benchmarks/run_gpu.sh demo-stage demo-setup smol-long [smol] [report-long] [report-smol] [reports] [router-long] [pack]
 # (the real family, issue 11: the packages and corpora staged as for the demo, `STAGE_EXTRAS="real" bash
@@ -40,8 +41,9 @@ for step in $steps; do
              tests/test_static_decoder.py -q -x -p no:cacheprovider -k "kernel_ or dispatches or gluon or on_the_gpu or deltas_of_q_k_v or precomputed_row_sums" \
              2>&1 | tail -n 40 | tee "$OUT/tests.log" || { status=1; break; } ;;
     sweep) timeout "${SWEEP_TIMEOUT:-420}" python3 benchmarks/kernel_sweep.py --out "$OUT/kernel_sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
-    roofline) timeout "${ROOFLINE_TIMEOUT:-420}" python3 benchmarks/kernel_roofline.py --out "$OUT/kernel_roofline.json" \
-                $ROOFLINE_ARGS 2>&1 | tee "$OUT/roofline.log" ;;
+    roofline) timeout "${ROOFLINE_TIMEOUT:-420}" python3 benchmarks/kernel_roofline.py \
+                --out "$OUT/kernel_roofline${ROOFLINE_NAME:+-$ROOFLINE_NAME}.json" \
+                $ROOFLINE_ARGS 2>&1 | tee "$OUT/roofline${ROOFLINE_NAME:+-$ROOFLINE_NAME}.log" ;;
     capacity) timeout 120 python3 benchmarks/capacity.py --allocate --out "$OUT/capacity${CAPACITY_NAME:+-$CAPACITY_NAME}.json" \
                 $CAPACITY_ARGS 2>&1 | tail -n 30 ;;
     attention) timeout 300 python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" 2>&1 | tail -n 30 ;;
