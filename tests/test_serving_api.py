@@ -349,3 +349,5 @@ def test_static_decoding_without_a_gpu_is_refused_with_the_flag_to_use(served_fa
     assert "--decode static needs a GPU" in capsys.readouterr().err
     assert main([*args, "--kv-positions", "0"]) != 0
     assert "--kv-positions must be at least 1" in capsys.readouterr().err
+    assert main([*args, "--shutdown-timeout", "-1"]) != 0
+    assert "--shutdown-timeout must be 0 or more seconds, got -1" in capsys.readouterr().err

@@ -172,10 +172,12 @@ def test_a_server_stopped_without_waiting_cancels_its_sequences_quietly(live, ca
     assert live.post("/v1/completions", json={**LONG, "max_tokens": 2}).status_code == 200
 
 
-def test_a_second_ctrl_c_cuts_the_answers_in_progress_short_and_stops_cleanly(live, caplog):
+@pytest.mark.parametrize("cut", ["second-ctrl-c", "shutdown-timeout"])
+def test_a_second_ctrl_c_or_the_shutdown_timeout_cuts_the_answers_in_progress_short(live, caplog, cut):
     """``serve_forever`` (what ``meswitch serve`` runs) in this, the main thread, sent real SIGINTs: the first stops
-    taking requests and waits for the answers in progress; the second cuts them short (each ends at its next step
-    with what it has: a whole answer, a stream that ends with [DONE]), and the server stops with no traceback."""
+    taking requests and waits for the answers in progress; a second, or ``shutdown_timeout`` seconds, cuts them
+    short (each ends at its next step with what it has: a whole answer, a stream that ends with [DONE]), and the
+    server stops with no traceback."""
     import os
     import signal
 
@@ -207,9 +209,10 @@ def test_a_second_ctrl_c_cuts_the_answers_in_progress_short_and_stops_cleanly(li
             _wait(lambda: api.inflight == 2, "the whole answer never started")
             with live.manager.current.engine.hold():  # no token comes while the server is told to stop
                 os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: it waits for the two answers
-                time.sleep(0.5)
+                time.sleep(0.5)  # (past the timeout of 0.3 s: cut short already, to end at their next step)
                 assert api.inflight == 2, "the first Ctrl-C did not wait for the answers in progress"
-                os.kill(os.getpid(), signal.SIGINT)  # the second: cut them short
+                if cut == "second-ctrl-c":
+                    os.kill(os.getpid(), signal.SIGINT)  # the second: cut them short
             for c in clients:
                 c.join(30)
         except BaseException as e:  # reported by the main thread, once the server is stopped
@@ -220,8 +223,9 @@ def test_a_second_ctrl_c_cuts_the_answers_in_progress_short_and_stops_cleanly(li
 
     driver = threading.Thread(target=drive)
     driver.start()
+    timeout = None if cut == "second-ctrl-c" else 0.3
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises the first Ctrl-C again once it has stopped
-        serve_forever(api, "127.0.0.1", port)
+        serve_forever(api, "127.0.0.1", port, shutdown_timeout=timeout)
     driver.join(60)
     assert not errors, errors
     answer = events["whole"][0]
@@ -229,7 +233,7 @@ def test_a_second_ctrl_c_cuts_the_answers_in_progress_short_and_stops_cleanly(li
     assert answer.json()["usage"]["completion_tokens"] < LONG["max_tokens"]  # cut short
     assert [line for line in events["stream"] if line][-1] == "data: [DONE]"
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
-    assert "cut short" in caplog.text
+    assert ("Ctrl-C again: 2 answers" if timeout is None else "after 0.3 s: 2 answers") in caplog.text
 
 
 def _listening(port: int) -> bool:

@@ -57,6 +57,11 @@ def register(sub) -> None:
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the model's context)")
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask (default 1024)")
     p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before 429 (default 64)")
+    p.add_argument(
+        "--shutdown-timeout", type=float, default=25.0,
+        help="on Ctrl-C or SIGTERM, seconds to let the answers in progress finish before they are cut short (each "
+        "ends with what it has; default 25, inside Kubernetes' 30 s of grace; a second Ctrl-C cuts them at once)",
+    )  # fmt: skip
     p.add_argument("--max-batch", type=int, default=32, help="sequences per forward pass (default 32)")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="when idle, wait this long to batch (default 5)")
     p.add_argument(
@@ -143,6 +148,8 @@ def _serve(args) -> int:
 
     if args.kv_positions < 1:
         raise CommandError(f"--kv-positions must be at least 1, got {args.kv_positions}")
+    if args.shutdown_timeout < 0:
+        raise CommandError(f"--shutdown-timeout must be 0 or more seconds, got {args.shutdown_timeout:g}")
     if args.decode == "static" and not (args.device != "cpu" and torch.cuda.is_available()):
         raise CommandError("--decode static needs a GPU (it decodes the packed payload, kept on a GPU); use auto")
 
@@ -224,7 +231,7 @@ def _serve(args) -> int:
         args.port,
     )
     try:
-        serve_forever(server, args.host, args.port)
+        serve_forever(server, args.host, args.port, args.shutdown_timeout)
     finally:
         manager.close()
     return 0

@@ -684,13 +684,16 @@ def _to_loop(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, req: GenRequ
 # ---- running it ---------------------------------------------------------------------------------
 
 
-def serve_forever(server: Server, host: str, port: int) -> None:
+def serve_forever(server: Server, host: str, port: int, shutdown_timeout: float | None = 25.0) -> None:
     """uvicorn serving ``server`` in this (the main) thread until Ctrl-C or SIGTERM, as ``meswitch serve`` runs.
 
-    The first Ctrl-C stops taking requests and waits for the answers in progress (uvicorn's graceful shutdown). A
-    second cancels them (:meth:`Server.cancel_all`): each ends at its next step with what it has, and the server
-    stops cleanly. uvicorn's own second Ctrl-C stopped it without waiting, cancelling the requests' tasks under
-    them (a traceback for each, and "Event loop is closed" from the scheduler thread); a third Ctrl-C still does.
+    The first Ctrl-C (or SIGTERM) stops taking requests and waits for the answers in progress (uvicorn's graceful
+    shutdown), ``shutdown_timeout`` seconds at most (None: for as long as they take); then, or at a second Ctrl-C,
+    they are cut short (:meth:`Server.cancel_all`): each ends at its next step with what it has, and the server
+    stops cleanly. The default ends them before an orchestrator's usual 30 s of grace runs out (Kubernetes sends
+    SIGKILL then), so that clients get answers, not reset connections. uvicorn's own second Ctrl-C stopped it
+    without waiting, cancelling the requests' tasks under them (a traceback for each, and "Event loop is closed"
+    from the scheduler thread); a third Ctrl-C still does.
     """
     import signal
 
@@ -701,11 +704,19 @@ def serve_forever(server: Server, host: str, port: int) -> None:
 
         def handle_exit(self, sig: int, frame) -> None:
             if sig == signal.SIGINT and self.should_exit and not self.cut:
+                self.cut_short("Ctrl-C again")
+                return
+            if not self.should_exit and shutdown_timeout is not None:
+                timer = threading.Timer(shutdown_timeout, self.cut_short, (f"after {shutdown_timeout:g} s",))
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
+        def cut_short(self, why: str) -> None:
+            if not self.cut:
                 self.cut = True
                 n = server.cancel_all()
-                log.warning("Ctrl-C again: %d answers in progress cut short; once more quits at once", n)
-                return
-            super().handle_exit(sig, frame)
+                log.warning("%s: %d answers in progress cut short; Ctrl-C again quits at once", why, n)
 
     Uvicorn(uvicorn.Config(server.app, host=host, port=port, log_level="info")).run()
 
