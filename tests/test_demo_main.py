@@ -74,6 +74,28 @@ def test_answers_table_marks_checkable_answers_and_counts_them():
     )
 
 
+def test_family_scores_read_both_families_layouts(tmp_path):
+    """The chat family keeps each expert's task scores in its entry; the tiny (and micro) family names the metric
+    there and keeps the scores under ``task_scores`` (``make demo --size tiny`` failed on it at the summary)."""
+    chat = {"experts": {"math": {"ppl_own_domain": 1.1, "base_ppl_own_domain": 3.1,
+                                 "task": {"metric": "final-number-exact-match", "prompts": 48, "expert": 0.48,
+                                          "base": 0.17}}}}  # fmt: skip
+    tiny = {"experts": {"math": {"ppl_own_domain": 2.0, "base_ppl_own_domain": 4.0, "task": "arithmetic-exact-match"},
+                        "code": {"ppl_own_domain": 5.0, "base_ppl_own_domain": 6.0, "task": None}},
+            "task_scores": {"math": {"metric": "arithmetic-exact-match", "prompts": 8, "base": 0.0,
+                                     "expert": 0.25}}}  # fmt: skip
+    for name, doc in (("chat", chat), ("tiny", tiny)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "family.json").write_text(json.dumps(doc))
+    assert demo.family_scores(tmp_path / "chat")["math"] == {
+        "ppl": 1.1, "base_ppl": 3.1, "task_metric": "final-number-exact-match", "task_prompts": 48,
+        "task_score": 0.48, "base_task_score": 0.17, "token_accuracy": None,
+    }  # fmt: skip
+    scores = demo.family_scores(tmp_path / "tiny")
+    assert scores["math"]["task_metric"] == "arithmetic-exact-match" and scores["math"]["task_score"] == 0.25
+    assert scores["code"]["task_metric"] is None and scores["code"]["ppl"] == 5.0
+
+
 def test_real_families_are_cached_outside_the_checkout(tmp_path, monkeypatch):
     monkeypatch.setenv("MESWITCH_CACHE", str(tmp_path / "cache" / "corpora"))
     assert demo.default_family(tmp_path / "out", "smol") == tmp_path / "cache" / "families" / "smol"

@@ -284,10 +284,12 @@ def questions(family: Path) -> list[dict[str, Any]]:
 
 def family_scores(family: Path) -> dict[str, dict]:
     """Per expert, what family.json measured on its held-out data: perplexity and task score, expert against base."""
-    experts = json.loads((family / "family.json").read_text()).get("experts", {})
+    doc = json.loads((family / "family.json").read_text())
     out = {}
-    for name, e in experts.items():
-        task = e.get("task") or {}
+    for name, e in doc.get("experts", {}).items():
+        task = e.get("task")
+        if not isinstance(task, dict):  # the tiny family: the metric's name, its scores under task_scores
+            task = doc.get("task_scores", {}).get(name) or {}
         out[name] = {"ppl": e.get("ppl_own_domain"), "base_ppl": e.get("base_ppl_own_domain"),
                      "task_metric": task.get("metric"), "task_prompts": task.get("prompts"),
                      "task_score": task.get("expert"), "base_task_score": task.get("base"),
