@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -52,8 +52,20 @@ def stopping_workers() -> Iterator[None]:
         raise
 
 
+def exit_status_of(main: Callable[[], int]) -> int:
+    """``main()``, with SIGTERM raised as Ctrl-C is; stopped by either, the one line and the status a shell gives a
+    command a signal stopped: ``interrupted``, 130 for Ctrl-C; ``terminated``, 143 for SIGTERM."""
+    try:
+        with _sigterm_raises():
+            return main()
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+
+
 @contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
+def _sigterm_raises() -> Iterator[None]:
     """While the block runs, SIGTERM raises ``Terminated`` in the main thread (signals reach no other)."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -67,12 +79,6 @@ def sigterm_raises() -> Iterator[None]:
 
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
-
-
-def stopped_by(e: KeyboardInterrupt) -> tuple[str, int]:
-    """The one line and the exit status of a command an interrupt stopped, as a shell reports one that a signal
-    stopped: ``interrupted``, 130 for Ctrl-C; ``terminated``, 143 for SIGTERM."""
-    return ("terminated", 128 + signal.SIGTERM) if isinstance(e, Terminated) else ("interrupted", 128 + signal.SIGINT)
 
 
 # Stops PID once the process that started this one is gone; exits when PID is. Ctrl-C reaches it with its

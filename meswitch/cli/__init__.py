@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from meswitch.processes import sigterm_raises, stopped_by
+from meswitch.processes import exit_status_of
 
 # Modules under meswitch.cli, each defining register(subparsers) -> None.
 COMMAND_MODULES = ["compress", "demo", "registry", "router", "pipeline", "serve"]
@@ -56,12 +56,7 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        with sigterm_raises():
-            return int(args.func(args) or 0)
-    except KeyboardInterrupt as e:
-        line, status = stopped_by(e)
-        print(line, file=sys.stderr)
-        return status
+        return exit_status_of(lambda: int(args.func(args) or 0))
     except Exception as e:
         if isinstance(e, _user_errors()):
             print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)

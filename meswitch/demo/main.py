@@ -41,7 +41,7 @@ from meswitch.data.loading import load_rows
 from meswitch.demo.chat_family import CHAT_SIZES
 from meswitch.demo.family import SIZES
 from meswitch.evaluation.metrics import FINAL_NUMBER, NEXT_LINE, task_hit
-from meswitch.processes import sigterm_raises, stop_group, stop_when_this_process_dies, stopped_by
+from meswitch.processes import exit_status_of, stop_group, stop_when_this_process_dies
 from meswitch.routing.dataset import read_labelled
 
 log = logging.getLogger("meswitch.demo")
@@ -73,13 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in ("httpx", "httpcore", "prefect", "mlflow", "distributed", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        with sigterm_raises():  # Ctrl-C or SIGTERM: the server and the pipeline's work stop, one line, no traceback
-            return demo(args)
-    except KeyboardInterrupt as e:
-        line, status = stopped_by(e)
-        print(line, file=sys.stderr)
-        return status
+    return exit_status_of(lambda: demo(args))  # Ctrl-C or SIGTERM: its server and pipeline stop, one line, no traceback
 
 
 def demo(args: argparse.Namespace) -> int:
