@@ -81,46 +81,40 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
-# Stops PID once the process that started this one is gone; exits when PID is. Ctrl-C reaches it with its
-# process group, as it reaches the process it watches for: it ignores it, and goes on watching.
-_WATCHDOG = """
-import os, signal, sys, time
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-parent, pid = int(sys.argv[1]), int(sys.argv[2])
-def alive(group=False):
-    try:
-        (os.killpg if group else os.kill)(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-while os.getppid() == parent:
-    if not alive():
-        sys.exit(0)
-    time.sleep(0.5)
-try:  # a leader of its own group (start_new_session) is stopped with its group: a server's workers too
-    leads = os.getpgid(pid) == pid
-except ProcessLookupError:
-    sys.exit(0)
-for sig in (signal.SIGTERM, signal.SIGKILL):
-    if not alive(leads):
-        break
-    try:
-        os.killpg(pid, sig) if leads else os.kill(pid, sig)
-    except ProcessLookupError:
-        break
-    for _ in range(50):
-        if not alive(leads):
-            break
-        time.sleep(0.1)
-"""
-
-
 def stop_when_this_process_dies(pid: int) -> subprocess.Popen:
     """Start a watchdog that stops ``pid`` (a server this process started; with its group, where it leads one)
     when this process dies, however it dies: SIGKILL and the kernel's out-of-memory killer run none of our
     clean-up, and a server started by a library (Prefect's API) would be left running on its port for good. The
     watchdog ends with ``pid``."""
-    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(pid)], stdin=subprocess.DEVNULL)
+    watch = f"from meswitch.processes import _watch; _watch({os.getpid()}, {pid})"
+    return subprocess.Popen([sys.executable, "-c", watch], stdin=subprocess.DEVNULL)
+
+
+def _watch(parent: int, pid: int) -> None:
+    """The watchdog's loop: while ``parent`` lives, wait for ``pid`` to end; once ``parent`` is gone, SIGTERM
+    ``pid`` (its group where it leads one), then SIGKILL after 5 s. Ctrl-C reaches the watchdog with its process
+    group, as it reaches the process it watches for: it ignores it, and goes on watching."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while os.getppid() == parent:
+        if not pid_alive(pid):
+            return
+        time.sleep(0.5)
+    try:  # a leader of its own group (start_new_session) is stopped with its group: a server's workers too
+        leads = os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return
+
+    def alive() -> bool:
+        return group_alive(pid) if leads else pid_alive(pid)
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not alive():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, sig) if leads else os.kill(pid, sig)
+        deadline = time.monotonic() + 5
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def stop_group(proc: subprocess.Popen, first: int = signal.SIGTERM, timeout: float = 30) -> None:
