@@ -140,7 +140,7 @@ def _check(args) -> None:
             raise CommandError(f"--base {e}") from e
         except ConfigError as e:
             raise CommandError(f"{args.config or 'pipeline config'}: compression: {e}") from e
-    if registered:
+    else:
         from meswitch.registry import open_registry
 
         try:
