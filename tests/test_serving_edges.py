@@ -181,7 +181,7 @@ def test_a_second_ctrl_c_or_the_shutdown_timeout_cuts_the_answers_in_progress_sh
     import os
     import signal
 
-    from servers import free_ports
+    from servers import free_ports, port_open
 
     from meswitch.serving.api import serve_forever
 
@@ -201,7 +201,7 @@ def test_a_second_ctrl_c_or_the_shutdown_timeout_cuts_the_answers_in_progress_sh
 
     def drive() -> None:
         try:
-            _wait(lambda: _listening(port), "the server never listened", 30)
+            _wait(lambda: port_open(port), "the server never listened", 30)
             clients = [threading.Thread(target=stream), threading.Thread(target=whole)]
             for c in clients:
                 c.start()
@@ -234,14 +234,6 @@ def test_a_second_ctrl_c_or_the_shutdown_timeout_cuts_the_answers_in_progress_sh
     assert [line for line in events["stream"] if line][-1] == "data: [DONE]"
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
     assert ("Ctrl-C again: 2 answers" if timeout is None else "after 0.3 s: 2 answers") in caplog.text
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 def test_a_prefill_that_fails_fails_its_own_requests_not_the_running_batch(live, monkeypatch):
