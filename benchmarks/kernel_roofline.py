@@ -28,7 +28,6 @@ import datetime as dt
 import itertools
 import json
 import math
-import os
 import platform
 import sys
 from pathlib import Path
@@ -228,11 +227,6 @@ def main(argv=None) -> None:
         help="launch as the decode step does: x's row sums given with x (see above)",
     )  # fmt: skip
     ap.add_argument("--block-m", type=int, help="with --sums-given: rows a tile (8: 8-row tiles; default: 16-64)")
-    ap.add_argument(
-        "--kernels", nargs="*", default=["triton"], choices=["triton", "gluon"],
-        help="triton: the tl.dot kernels (the default); gluon: the Gluon decode kernel where it fits "
-        "(MESWITCH_DELTA_KERNEL=gluon); both: each case timed with each, side by side",
-    )  # fmt: skip
     args = ap.parse_args(argv)
     if args.block_m and not args.sums_given:
         ap.error("--block-m needs --sums-given (the step's launch)")
@@ -250,28 +244,22 @@ def main(argv=None) -> None:
         pool = min(128, max(max(args.experts), math.ceil(ROTATE_BYTES / per_expert) * max(args.experts) // 4))
         pool = max(pool, max(args.experts))
         bank = synthetic_bank(name, pool, salient)
-        errs = {}
-        for kern in args.kernels:
-            os.environ["MESWITCH_DELTA_KERNEL"] = kern
-            errs[kern] = check_once(bank, n, k)
-        err = max(errs.values())
+        err = check_once(bank, n, k)
         dense_count = max(args.experts) if n * k * 2 * max(args.experts) > ROTATE_BYTES else 16
         naive_bank = DeltaBank.random(dense_count, (n, k), salient=salient, layout_version=LAYOUT_V1, device="cuda")
         dense = torch.randn(dense_count, n, k, device="cuda", dtype=torch.bfloat16) * 0.01
         base_ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
                    for _ in range(max(1, math.ceil(ROTATE_BYTES / (n * k * 2))))]  # fmt: skip
-        print(f"{name}: {pool} synthetic experts of {per_expert / 1e6:.2f} MB, check err {err:.1e} {errs}", flush=True)
-        for rows, experts, kern in itertools.product(args.rows, args.experts, args.kernels):
+        print(f"{name}: {pool} synthetic experts of {per_expert / 1e6:.2f} MB, check err {err:.1e}", flush=True)
+        for rows, experts in itertools.product(args.rows, args.experts):
             if experts > rows:
                 continue
-            os.environ["MESWITCH_DELTA_KERNEL"] = kern
-            baselines = not args.no_baselines and kern == args.kernels[0]
             r = bench_case(
-                bank, naive_bank, dense, base_ws, n, k, rows, experts, None, baselines, args.sums_given, args.block_m
-            )
+                bank, naive_bank, dense, base_ws, n, k, rows, experts, None, not args.no_baselines, args.sums_given,
+                args.block_m,
+            )  # fmt: skip
             gbps = r["bytes"] / r["ms"] / 1e6
             row = {
-                "kernel": r["config"]["kernel"],
                 "shape": name,
                 "n": n,
                 "k": k,

@@ -115,7 +115,7 @@ def main(argv=None) -> None:
             print(
                 f"{shape:20s} rows={rows:5d} E={experts:2d} bn={cfg.block_n:3d} bm={cfg.block_m:3d} w={cfg.num_warps} "
                 f"st={cfg.num_stages} sk={cfg.split_k} epi={int(cfg.epilogue_scale)} xs={int(cfg.x_sums)} "
-                f"reg={cfg.maxnreg or '-'} pair={int(cfg.paired_planes)} {cfg.kernel}: "
+                f"reg={cfg.maxnreg or '-'} pair={int(cfg.paired_planes)}: "
                 f"{r['ms'] * 1e3:8.1f} us "
                 f"{gbps / copy_gbps:5.1%}; graph {r['graph_ms'] * 1e3:8.1f} us {graph_gbps / copy_gbps:5.1%}",
                 flush=True,

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {"q/o 4096x4096": (4096, 4096), "k/v 1024x4096": (1024, 4096), "gate/up 14336x4096": (14336, 4096),
           "down 4096x14336": (4096, 14336)}  # fmt: skip
-KERNEL = "regex:_delta_v2_"  # the Triton kernel or the Gluon decode kernel, as the launch rules pick
+KERNEL = "regex:_delta_v2_"  # the delta kernel, as the launch rules configure it
 METRICS = {
     "gpu__time_duration.sum": "duration_ns",
     "dram__throughput.avg.pct_of_peak_sustained_elapsed": "dram_pct_of_peak",

@@ -4,9 +4,8 @@
 #   bash benchmarks/run_gpu.sh decode | speed | parity | ncu                    (one 10-minute call each)
 #   bash benchmarks/run_gpu.sh attention       (the decode attention kernel's launch sweep, about 3 minutes)
 #   AB_RUNS="TREE[+VAR=VALUE]..." bash benchmarks/run_gpu.sh ab   (the decode step, one process per tree, ABAB)
-# ROOFLINE_ARGS / NCU_ARGS pass arguments on (e.g. ROOFLINE_ARGS="--kernels triton gluon --no-baselines"; the step's
-# launches: ROOFLINE_ARGS="--sums-given [--block-m 8]"), ROOFLINE_NAME names its JSON (kernel_roofline-NAME.json);
-# MESWITCH_DELTA_KERNEL=gluon runs decode on the Gluon kernel where it fits (ncu then writes ncu-gluon.json).
+# ROOFLINE_ARGS / NCU_ARGS pass arguments on (e.g. ROOFLINE_ARGS="--no-baselines"; the step's launches:
+# ROOFLINE_ARGS="--sums-given [--block-m 8]"), ROOFLINE_NAME names its JSON (kernel_roofline-NAME.json).
 #   bash benchmarks/run_gpu.sh demo-stage demo-setup smol-long [smol] [report-long] [report-smol] [reports] [router-long] [pack]
 # (the real family, issue 11: the packages and corpora staged as for the demo, `STAGE_EXTRAS="real" bash
 # benchmarks/stage_demo.sh`). REPORT_NAME names a report's folder (default: the step) and REPORT_FAMILY its
@@ -38,7 +37,7 @@ for step in $steps; do
   echo "=== $step ($(date +%T))"
   case $step in
     tests) timeout 300 python3 -m pytest tests/test_kernels.py tests/test_grouped_delta.py tests/test_decode_attention.py \
-             tests/test_static_decoder.py -q -x -p no:cacheprovider -k "kernel_ or dispatches or gluon or on_the_gpu or deltas_of_q_k_v or precomputed_row_sums" \
+             tests/test_static_decoder.py -q -x -p no:cacheprovider -k "kernel_ or dispatches or on_the_gpu or deltas_of_q_k_v or precomputed_row_sums" \
              2>&1 | tail -n 40 | tee "$OUT/tests.log" || { status=1; break; } ;;
     sweep) timeout "${SWEEP_TIMEOUT:-420}" python3 benchmarks/kernel_sweep.py --out "$OUT/kernel_sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
     roofline) timeout "${ROOFLINE_TIMEOUT:-420}" python3 benchmarks/kernel_roofline.py \
@@ -48,7 +47,7 @@ for step in $steps; do
                 $CAPACITY_ARGS 2>&1 | tail -n 30 ;;
     attention) timeout 300 python3 benchmarks/attention_sweep.py --out "$OUT/attention_sweep.json" 2>&1 | tail -n 30 ;;
     switch) timeout 120 python3 benchmarks/switch_cost.py --out "$OUT/switch_cost.json" 2>&1 | tail -n 30 ;;
-    ncu) timeout "${NCU_TIMEOUT:-540}" python3 benchmarks/ncu_shapes.py --out "$OUT/ncu${MESWITCH_DELTA_KERNEL:+-$MESWITCH_DELTA_KERNEL}.json" \
+    ncu) timeout "${NCU_TIMEOUT:-540}" python3 benchmarks/ncu_shapes.py --out "$OUT/ncu.json" \
            $NCU_ARGS 2>&1 | tail -n 60 ;;
     decode) timeout 480 python3 benchmarks/decode_e2e.py --out "$OUT/decode_e2e.json" 2>&1 | tee "$OUT/decode.log" ;;
     ab) # one decode_e2e.py process per entry of AB_RUNS, in turn, AB_ROUNDS times (ABAB: machines and processes

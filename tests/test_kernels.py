@@ -387,45 +387,6 @@ def test_kernel_launch_variants(split_k, block_m, epilogue):
 
 
 @gpu
-@pytest.mark.parametrize(
-    "bits,block_m,split_k,inflight",
-    [(2, 8, 1, 1), (2, 16, 1, 1), (2, 16, 1, 2), (2, 32, 3, 2), (1, 16, 2, 1), (4, 32, 1, 2), (4, 16, 4, 1)],
-)
-@pytest.mark.parametrize("symmetric,dtype", [(False, torch.bfloat16), (True, torch.float16)])
-@pytest.mark.parametrize("salient", [0, 40])
-def test_gluon_decode_kernel(bits, block_m, split_k, inflight, symmetric, dtype, salient):
-    """The Gluon decode kernel (asynchronous plane MMAs) against the reference: every code width it takes, both
-    tile heights, split K, no salient columns and more than one block of them, N not a multiple of 128."""
-    from meswitch.kernels.launch_config import LaunchConfig, gluon_fits
-
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the Gluon kernel issues wgmma: Hopper only (elsewhere the Triton kernel serves decode)")
-    bank = DeltaBank.random(8, (320, 2048), bits=bits, salient=salient, symmetric=symmetric, device="cuda")
-    cfg = LaunchConfig(block_m=block_m, split_k=split_k, num_stages=3, kernel="gluon", inflight=inflight)
-    assert gluon_fits(bank, cfg, torch.device("cuda"))
-    for m, experts in ((1, 1), (13, 4), (block_m, 1), (40, 8)):
-        ids = _ids(m, experts, base_only_every=5 if m > 2 else 0, seed=m + bits)
-        _check_kernel(bank, ids, dtype=dtype, config=cfg, seed=m * 7 + split_k)
-
-
-@gpu
-def test_gluon_kernel_refuses_what_it_does_not_serve():
-    from meswitch.kernels.launch_config import LaunchConfig, gluon_fits
-    from meswitch.kernels.triton_delta import mixed_delta_triton
-
-    cuda = torch.device("cuda")
-    uneven = DeltaBank.random(2, (128, 640), bits=2, device="cuda")  # K not a whole number of 256-position chunks
-    cfg = LaunchConfig(block_m=16, kernel="gluon")
-    assert not gluon_fits(uneven, cfg, cuda)
-    assert not gluon_fits(DeltaBank.random(2, (128, 512), bits=2, group_size=128, device="cuda"), cfg, cuda)
-    assert not gluon_fits(DeltaBank.random(2, (128, 512), bits=2, device="cuda"), LaunchConfig(block_m=64), cuda)
-    x = torch.randn(2, 640, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="Gluon"):
-        y = torch.zeros(2, 128, device="cuda", dtype=torch.bfloat16)
-        mixed_delta_triton(x, uneven, ExpertRows.from_ids([0, 1]), y, cfg)
-
-
-@gpu
 def test_kernel_rejects_bad_inputs():
     from meswitch.kernels.triton_delta import mixed_delta_triton
 

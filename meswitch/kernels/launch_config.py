@@ -31,15 +31,11 @@ class LaunchConfig:
     prefetch_y: bool = False
     # epilogue scaling: x's row sums from one small kernel a launch, not accumulated in every N block's loop
     x_sums: bool = False
-    # "gluon": the decode kernel with asynchronous plane MMAs (kernels/gluon_delta.py; see gluon_fits);
-    # "triton": the tl.dot kernels, every path
-    kernel: str = "triton"
-    inflight: int = 1  # gluon: planes whose MMAs run while the next plane's codes are unpacked (1 or 2)
-    # triton: registers a thread may hold (ptxas spills past them). ptxas gives the decode loop 128-143 (172 with
+    # registers a thread may hold (ptxas spills past them). ptxas gives the decode loop 128-143 (172 with
     # 32-row tiles), which holds an SM to 3 or 4 programs of 4 warps; at 128 4 fit, at 96 5, with no spill inside
     # the loop (Triton 3.6, sm_90, compiled here: NOTES-kernels.md); None: ptxas's choice
     maxnreg: int | None = None
-    # triton, with x_sums: two planes a dot (K = 64): the loop 367 -> 328 instructions a chunk, in 138 registers
+    # with x_sums: two planes a dot (K = 64): the loop 367 -> 328 instructions a chunk, in 138 registers
     paired_planes: bool = False
 
 
@@ -51,19 +47,6 @@ def _sm_count(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
-
-
-def gluon_fits(bank: DeltaBank, cfg: LaunchConfig, device: torch.device) -> bool:
-    """Whether the Gluon decode kernel serves this launch: Hopper (wgmma), layout-2 codes with per-channel steps
-    applied in the epilogue, 8, 16 or 32 rows a tile, 128 channels a program, K a whole number of chunks, one
-    matrix's bank stored whole (not grouped, not a projection's view of a grouped one)."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
-        return False
-    if bank.splits or not all(t.is_contiguous() for t in (bank.packed, bank.scale, bank.salient_val)):
-        return False
-    g = bank.grid
-    return (g.layout_version == LAYOUT_V2 and g.group_size == 0 and cfg.epilogue_scale and cfg.block_m in (8, 16, 32)
-            and cfg.block_n == 128 and cfg.num_warps == 4 and g.shape[1] % v2_chunk(g.bits) == 0)  # fmt: skip
 
 
 def _row_block(max_segment: int) -> int:
@@ -94,9 +77,7 @@ def config_for(
     registers beyond. Prefill: 256 x 128 tiles and 8 warps, 128 x 128 when that leaves SMs idle.
     K is split 2-4 ways when the grid is under about one program per SM: each program's serial
     chain of per-plane MMAs, not bandwidth, bounds small grids; never under
-    ``torch.use_deterministic_algorithms`` (split programs add into y with atomics). The Gluon decode
-    kernel runs only where asked (``MESWITCH_DELTA_KERNEL=gluon``) and where it fits (:func:`gluon_fits`):
-    on the H200 it has not yet beaten this kernel (benchmarks/NOTES-kernels.md). A grouped bank's N block is
+    ``torch.use_deterministic_algorithms`` (split programs add into y with atomics). A grouped bank's N block is
     the widest that divides every projection boundary (:func:`block_within`). Epilogue scaling takes x's row sums
     from outside the loop (``LaunchConfig.x_sums``) where the caller gives them (``sums_given``: the kernel that
     made x computed them, :mod:`.row_sums`), and on the MLP's shapes (N·K of 48 Mi or more) with 8 or more row
@@ -135,8 +116,6 @@ def config_for(
     cfg = LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=4, num_stages=3,
                        epilogue_scale=epilogue, x_sums=x_sums, paired_planes=paired,
                        maxnreg=128 if paired else None)  # fmt: skip
-    if os.environ.get("MESWITCH_DELTA_KERNEL") == "gluon" and gluon_fits(bank, cfg, device):
-        cfg = replace(cfg, kernel="gluon")
     overrides = os.environ.get("MESWITCH_DELTA_CONFIG")  # an A/B of launch fields in the decode step, as JSON
     return replace(cfg, **json.loads(overrides)) if overrides else cfg
 
@@ -149,9 +128,9 @@ def k_splits(chunks: int, split_k: int) -> tuple[int, int]:
 
 def sums_plan(bank: DeltaBank, block_m: int, tiles: int, device: torch.device, dtype: torch.dtype) -> SumsPlan | None:
     """The row sums a launch (:func:`config_for` with ``sums_given``) takes from the kernel that makes its x; None
-    where it takes none (the Gluon kernel sums by MMA, prefill tiles scale in registers)."""
+    where it takes none (prefill tiles scale in registers)."""
     cfg = config_for(bank, block_m, tiles, device, sums_given=True)
-    if not cfg.x_sums or cfg.kernel != "triton":
+    if not cfg.x_sums:
         return None
     splits, per_split = k_splits(bank.packed.shape[1], cfg.split_k)
     bits = bank.grid.bits

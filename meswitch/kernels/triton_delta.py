@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from meswitch.kernels.bank import DeltaBank, ExpertRows
-from meswitch.kernels.launch_config import LaunchConfig, check_device_inputs, choose_config, gluon_fits, k_splits
+from meswitch.kernels.launch_config import LaunchConfig, check_device_inputs, choose_config, k_splits
 from meswitch.kernels.layout import LAYOUT_V1, LAYOUT_V2, v2_chunk
 from meswitch.kernels.ptx_planes import plane_bias, plane_biased, plane_scaled, plane_source, position_bias
 
@@ -328,19 +328,12 @@ def launch(
     offset = bank.offset if bank.offset is not None else bank.scale  # never read when symmetric
     sidx, sval = (bank.salient_idx, bank.salient_val) if bank.kmax else (tiles, bank.scale)  # never read
     strides = (bank.scale.stride(0), sidx.stride(0), sval.stride(0), b1, b2)
-    if cfg.kernel == "gluon" and not gluon_fits(bank, cfg, x.device):
-        raise ValueError(f"the Gluon decode kernel does not serve this launch ({cfg}, {bank.grid})")
     if bank.grid.layout_version == LAYOUT_V2:
         if cfg.epilogue_scale and bank.grid.group_size != 0:
             raise ValueError("epilogue scaling needs per-channel steps")
         chunks = bank.packed.shape[1]
         splits, per_split = k_splits(chunks, cfg.split_k)
         grid = (triton.cdiv(n, cfg.block_n), tiles.shape[0], splits)
-        if cfg.kernel == "gluon":
-            from meswitch.kernels.gluon_delta import launch_gluon
-
-            launch_gluon(grid, x, y, bank, offset, sidx, sval, tiles, per_split, cfg)
-            return y
         w = bank.packed.view(torch.int16)
         x_sums = cfg.x_sums and cfg.epilogue_scale
         if x_sums and sums is not None:
