@@ -1,7 +1,7 @@
 """How fast can a kernel merely *read* the delta kernel's codes, in its grid and access pattern? (GPU)
 
-The decode kernel (in Triton, or as it was in Gluon) reached 42-47% of copy bandwidth on the large shapes with 8-16 experts
-however its loop is written (benchmarks/NOTES-kernels.md). This kernel keeps only the loads: each program
+The decode kernel (in Triton, or as it was in Gluon) reached 42-47% of copy bandwidth on the large shapes with
+8-16 experts however its loop is written (benchmarks/NOTES-kernels.md). This kernel keeps only the loads: each program
 streams one expert's ``[BLOCK_N, 16]`` int32 code tile per chunk, exactly as the delta kernel does, and
 folds the words with xor (so the loads cannot be dropped); no activations, no MMA, no epilogue. ``DEPTH``
 chunks' loads are issued before any is used (the bytes in flight per program, as a cp.async ring's depth).
