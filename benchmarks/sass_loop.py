@@ -34,8 +34,9 @@ from meswitch.kernels.launch_config import LaunchConfig
 from meswitch.kernels.triton_delta import SALIENT_BLOCK, _delta_v2_kernel
 
 POINTERS = {"x_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*i16", "scale_ptr": "*fp16", "offset_ptr": "*fp16",
-            "sidx_ptr": "*i32", "sval_ptr": "*fp16", "tiles_ptr": "*i32", "sums_ptr": "*fp32"}  # fmt: skip
-ALIGNED = {"N", "K", "stride_xm", "stride_ym", "stride_we", "stride_wc", "B1", "B2"}  # multiples of 16 at launch
+            "sidx_ptr": "*i32", "sval_ptr": "*fp16", "tiles_ptr": "*i32", "sums_ptr": "*fp32", "x8_ptr": "*fp8e4nv",
+            "r_ptr": "*fp32"}  # fmt: skip
+ALIGNED = {"N", "K", "stride_xm", "stride_ym", "stride_x8m", "stride_we", "stride_wc", "B1", "B2"}  # multiples of 16
 REGISTERS_PER_SM = 65536
 # (label, LaunchConfig fields, K splits): the decode cases of NOTES-kernels.md
 CASES = [
@@ -49,6 +50,12 @@ CASES = [
     ("sums given, 32-row tiles, capped at 128", {"x_sums": True, "block_m": 32, "maxnreg": 128}, 2),
     ("sums given, two planes a dot", {"x_sums": True, "paired_planes": True}, 2),
     ("sums given, two planes a dot, capped at 128", {"x_sums": True, "paired_planes": True, "maxnreg": 128}, 2),
+    ("sums given, 8-row tiles", {"x_sums": True, "block_m": 8}, 2),
+    ("FP8 planes (e4m3), K split in 2", {"fp8_planes": True}, 2),
+    ("FP8 planes (e4m3), K unsplit", {"fp8_planes": True}, 1),
+    ("FP8 planes (e4m3), capped at 128", {"fp8_planes": True, "maxnreg": 128}, 2),
+    ("FP8 planes (e4m3), capped at 96", {"fp8_planes": True, "maxnreg": 96}, 2),
+    ("FP8 planes (e4m3), 32-row tiles", {"fp8_planes": True, "block_m": 32}, 2),
 ]
 
 
@@ -57,9 +64,11 @@ def compile_loop(cfg: LaunchConfig, splits: int, bits: int = 2):
     chunks)."""
     consts = dict(BITS=bits, GROUP=0, SYMMETRIC=False, EPILOGUE_SCALE=True, EVEN_K=True, SPLIT_K=splits,
                   BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SAL_BLOCK=SALIENT_BLOCK, PREFETCH_Y=cfg.prefetch_y,
-                  X_SUMS=cfg.x_sums, PAIRED=cfg.x_sums and cfg.paired_planes)  # fmt: skip
+                  X_SUMS=cfg.x_sums or cfg.fp8_planes, PAIRED=cfg.x_sums and cfg.paired_planes,
+                  FP8=cfg.fp8_planes)  # fmt: skip
     names = _delta_v2_kernel.arg_names
-    signature = {n: "constexpr" if n in consts else POINTERS.get(n, "i32") for n in names}
+    pointers = {**POINTERS, "w_ptr": "*i8"} if cfg.fp8_planes else POINTERS
+    signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
     constexprs = {(i,): consts[n] for i, n in enumerate(names) if n in consts}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in POINTERS or n in ALIGNED}
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
@@ -127,10 +136,12 @@ def innermost(loops: list[list[str]], holds) -> list[str]:
 
 
 def main_loop(instructions: list[str], labels: dict[str, int]) -> list[str]:
-    """The loop over K chunks: the innermost holding the codes' 16-bit MMAs (the salient columns' loop has tf32
-    ones)."""
-    is_16_bit_mma = lambda i: opcode(i) == "HGMMA" and bool(re.search(r"\.B?F16\b", i))
-    return innermost(backward_loops(instructions, labels), is_16_bit_mma)
+    """The loop over K chunks: the innermost holding the codes' 16-bit or FP8 MMAs (the salient columns' loop has
+    tf32 ones)."""
+    is_codes_mma = lambda i: (
+        (opcode(i) in ("HGMMA", "HMMA") and bool(re.search(r"\.B?F16\b", i))) or (opcode(i) == "QGMMA")
+    )
+    return innermost(backward_loops(instructions, labels), is_codes_mma)
 
 
 def measure(label: str, fields: dict, splits: int) -> dict:

@@ -468,6 +468,98 @@ def test_precomputed_row_sums_give_the_loops_result(bits, symmetric, split_k, sa
         assert _rel(got[way][live].float() - y0[live].float(), got[False][live].float() - y0[live].float()) < 1e-2
 
 
+def test_e4m3_positions_name_the_code_each_byte_of_a_chunk_holds():
+    """FP8 plane q of byte j of a chunk (its bits [q*bits, ...), read from the words as little-endian bytes) is the
+    code of chunk position ``e4m3_positions(bits)[q*64 + j]``: a permutation of the chunk, so the activations the
+    FP8 planes meet are x's positions in that order."""
+    from meswitch.kernels.layout import e4m3_positions
+
+    for bits in (1, 2):
+        order = e4m3_positions(bits)
+        assert torch.equal(order.sort().values, torch.arange(v2_chunk(bits)))
+        k = 3 * v2_chunk(bits)
+        codes = torch.randint(0, 1 << bits, (5, k), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+        packed = pack_v2(codes, bits)  # [chunks, N, 16]
+        for c in range(packed.shape[0]):
+            byte = packed[c].contiguous().view(torch.uint8).long()  # [N, 64]
+            for q in range(8 // bits):
+                got = (byte >> (bits * q)) & ((1 << bits) - 1)
+                want = codes[:, c * v2_chunk(bits) + order[q * 64 : (q + 1) * 64]].long()
+                assert torch.equal(got, want), (bits, c, q)
+    with pytest.raises(ValueError, match="1, 2"):
+        e4m3_positions(4)
+
+
+def _e4m3_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as the FP8 planes meet it: each row scaled by max|x| / 448, rounded to e4m3, scaled back (fp32)."""
+    xf = x.float()
+    r = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 448
+    return (xf / r).clamp(-448, 448).to(torch.float8_e4m3fn).float() * r
+
+
+@kernel
+@pytest.mark.parametrize("bits,symmetric,split_k,k", [(2, False, 1, 512), (2, True, 2, 1000), (1, False, 2, 1024),
+                                                      (1, True, 1, 700)])  # fmt: skip
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_fp8_planes_give_the_delta_of_x_rounded_to_e4m3(bits, symmetric, split_k, k, block_m):
+    """``LaunchConfig.fp8_planes``: the planes on FP8 tensor cores against x rounded to e4m3 per row. Where x is
+    exactly r·e4m3 (r a power of two) the launch gives the reference's delta, salient columns included; for any x
+    without salient columns, the reference's delta of x rounded as above; against x itself an error of a few % of
+    the delta (the rounding, on the delta's product only). With split K and K not a whole number of chunks."""
+    from meswitch.kernels.launch_config import LaunchConfig
+    from meswitch.kernels.triton_delta import launch
+
+    dtype = torch.bfloat16 if CUDA else torch.float16  # the interpreter's bf16 dot is wrong
+    device = "cuda" if CUDA else "cpu"
+    ids = [0, -1, 2, 2, 1, 3, 0, -1, 3, 1, 2, 0]
+    live = torch.tensor(ids, device=device) >= 0
+    g = torch.Generator().manual_seed(k + split_k)
+    y0 = (torch.randn(len(ids), 96, generator=g) * 0.01).to(dtype).to(device)
+    y0[~live] = float("nan")  # poison: a write to a base-only row shows
+    cfg = LaunchConfig(block_n=32, block_m=block_m, split_k=split_k, num_stages=2, fp8_planes=True)
+    tiles = ExpertRows.from_ids(ids).tiles(block_m, device)
+
+    def delta(out: torch.Tensor) -> torch.Tensor:
+        assert torch.isnan(out[~live]).all(), "a base-only row was written"
+        return out[live].float() - y0[live].float()
+
+    exact = torch.randint(-448, 449, (len(ids), k), generator=g).float()
+    exact = (exact.to(torch.float8_e4m3fn).float() * 2.0**-5).to(dtype).to(device)
+    exact[:, 3] = 14.0  # max|x| = 448 · 2^-5: r a power of two, so x / r is exact in e4m3
+    salient = DeltaBank.random(4, (96, k), bits=bits, salient=7, symmetric=symmetric,
+                               generator=torch.Generator().manual_seed(bits)).to(device)  # fmt: skip
+    want = mixed_delta_reference(exact.float(), salient, ids, y0.float().clone())
+    assert _rel(delta(launch(exact, salient, tiles, y0.clone(), cfg)), delta(want)) < 2e-3
+
+    x = (torch.randn(len(ids), k, generator=g) * 2).to(dtype).to(device)
+    plain = DeltaBank.random(4, (96, k), bits=bits, symmetric=symmetric,
+                             generator=torch.Generator().manual_seed(bits + 10)).to(device)  # fmt: skip
+    got = delta(launch(x, plain, tiles, y0.clone(), cfg))
+    assert _rel(got, delta(mixed_delta_reference(_e4m3_rows(x), plain, ids, y0.float().clone()))) < 2e-3
+    assert _rel(got, delta(mixed_delta_reference(x.float(), plain, ids, y0.float().clone()))) < 0.06
+
+
+@kernel
+def test_fp8_planes_refuse_what_they_cannot_hold():
+    """4-bit codes (e4m3 has 3 mantissa bits), per-group steps and row sums given for the bf16 planes are refused
+    with a message, never run."""
+    from meswitch.kernels.launch_config import LaunchConfig
+    from meswitch.kernels.triton_delta import launch
+
+    device = "cuda" if CUDA else "cpu"
+    dtype = torch.bfloat16 if CUDA else torch.float16
+    x = torch.randn(2, 512, device=device).to(dtype)
+    y = torch.zeros(2, 64, device=device, dtype=dtype)
+    tiles = ExpertRows.from_ids([0, 1]).tiles(16, device)
+    cfg = LaunchConfig(block_n=32, block_m=16, num_stages=2, fp8_planes=True)
+    for bank in (DeltaBank.random(2, (64, 512), bits=4), DeltaBank.random(2, (64, 512), bits=2, group_size=128)):
+        with pytest.raises(ValueError, match="FP8 planes need"):
+            launch(x, bank.to(device), tiles, y, replace(cfg, epilogue_scale=bank.grid.group_size == 0))
+    sums = torch.zeros(2, 1, 2, device=device)
+    with pytest.raises(ValueError, match="compute their own row sums"):
+        launch(x, DeltaBank.random(2, (64, 512), bits=2).to(device), tiles, y, cfg, sums)
+
+
 def test_the_mlp_shapes_with_many_row_tiles_take_precomputed_row_sums(monkeypatch):
     """``config_for``'s rule from the H200 A/B (NOTES-kernels.md): row sums from their own kernel and K split in
     two only on the MLP's shapes with 8 or more row tiles; off with MESWITCH_X_SUMS=0 and in deterministic mode.
@@ -523,6 +615,11 @@ def test_a_launch_given_row_sums_takes_them_wherever_the_epilogue_scales(monkeyp
     overridden = config_for(down, 16, 8, cpu)
     monkeypatch.delenv("MESWITCH_DELTA_CONFIG")
     assert overridden == replace(config_for(down, 16, 8, cpu), maxnreg=96)
+    monkeypatch.setenv("MESWITCH_DELTA_CONFIG", '{"fp8_planes": true}')  # FP8 planes where they fit, and no sums
+    assert config_for(down, 16, 8, cpu).fp8_planes and sums_plan(down, 16, 8, cpu, torch.bfloat16) is None
+    assert not config_for(DeltaBank.random(1, (4096, 4096), bits=4), 16, 8, cpu).fp8_planes  # 4-bit codes
+    assert not config_for(down, 8, 8, cpu).fp8_planes  # 8-row tiles
+    monkeypatch.delenv("MESWITCH_DELTA_CONFIG")
     torch.use_deterministic_algorithms(True)
     try:
         assert sums_plan(down, 16, 8, cpu, torch.bfloat16).splits == 1

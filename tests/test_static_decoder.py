@@ -326,7 +326,7 @@ def test_the_decoder_refuses_what_it_cannot_serve(served_family):  # noqa: F811
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="graphs need a GPU; the captured step runs eagerly above")
-def test_graph_replay_gives_the_eager_decoders_tokens_on_the_gpu(tmp_path):
+def test_graph_replay_gives_the_eager_decoders_tokens_on_the_gpu(tmp_path, monkeypatch):
     import shutil
 
     from serving_fixtures import compress
@@ -392,6 +392,14 @@ def test_graph_replay_gives_the_eager_decoders_tokens_on_the_gpu(tmp_path):
     # 8-row tiles (DecoderConfig.block_m; the default 16): the same logits
     rows8 = StaticDecoder(eng, DecoderConfig(**{**cfg.__dict__, "block_m": 8}))
     torch.testing.assert_close(logits(graph, rows, forced), logits(rows8, rows, forced), atol=5e-2, rtol=2e-2)
+
+    # FP8 planes (LaunchConfig.fp8_planes, opt-in for an A/B in the step): replayed as eager, and the logits within
+    # the rounding of x to e4m3, which touches the delta's product only
+    monkeypatch.setenv("MESWITCH_DELTA_CONFIG", '{"fp8_planes": true}')
+    fp8, fp8_eager = (StaticDecoder(eng, DecoderConfig(**{**cfg.__dict__, "graphs": g})) for g in (True, False))
+    assert greedy(fp8, rows) == greedy(fp8_eager, rows)
+    torch.testing.assert_close(logits(graph, rows, forced), logits(fp8, rows, forced), atol=0.15, rtol=5e-2)
+    monkeypatch.delenv("MESWITCH_DELTA_CONFIG")
 
     warm = StaticDecoder(eng, cfg)
     wanted = 2 * 2 * len(cfg.buckets)  # base rows and the one grid, at the spans 16 and 32 the answers reach

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from meswitch.kernels.bank import DeltaBank, ExpertRows
-from meswitch.kernels.layout import LAYOUT_V2, v2_chunk
+from meswitch.kernels.layout import E4M3_BITS, LAYOUT_V2, v2_chunk
 from meswitch.kernels.row_sums import SumsPlan
 
 
@@ -37,6 +37,11 @@ class LaunchConfig:
     maxnreg: int | None = None
     # with x_sums: two planes a dot (K = 64): the loop 367 -> 328 instructions a chunk, in 138 registers
     paired_planes: bool = False
+    # 1- and 2-bit codes, epilogue scaling, 16- or 32-row tiles: the planes on FP8 tensor cores, four codes a register
+    # (ptx_planes.plane_e4m3) against x rounded to e4m3 per row (an error on the delta's product only; the salient
+    # columns take x): half the MMAs and unpacking of the bf16 planes, x in e4m3 from a kernel of its own. Opt-in
+    # until measured (MESWITCH_DELTA_CONFIG='{"fp8_planes": true}' in the step, where it fits)
+    fp8_planes: bool = False
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -47,6 +52,14 @@ def _sm_count(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+def fp8_fits(bank: DeltaBank, cfg: LaunchConfig) -> bool:
+    """Whether a launch can take ``cfg.fp8_planes``: e4m3's 3 mantissa bits hold 1- and 2-bit codes; the epilogue
+    applies per-channel steps; 16 or 32 rows a tile (Triton issues 8-row tiles' FP8 dots as converts to fp16)."""
+    g = bank.grid
+    return (g.layout_version == LAYOUT_V2 and g.bits in E4M3_BITS and g.group_size == 0 and cfg.epilogue_scale
+            and cfg.block_m in (16, 32))  # fmt: skip
 
 
 def _row_block(max_segment: int) -> int:
@@ -117,7 +130,8 @@ def config_for(
                        epilogue_scale=epilogue, x_sums=x_sums, paired_planes=paired,
                        maxnreg=128 if paired else None)  # fmt: skip
     overrides = os.environ.get("MESWITCH_DELTA_CONFIG")  # an A/B of launch fields in the decode step, as JSON
-    return replace(cfg, **json.loads(overrides)) if overrides else cfg
+    cfg = replace(cfg, **json.loads(overrides)) if overrides else cfg
+    return replace(cfg, fp8_planes=False) if cfg.fp8_planes and not fp8_fits(bank, cfg) else cfg
 
 
 def k_splits(chunks: int, split_k: int) -> tuple[int, int]:
@@ -128,9 +142,9 @@ def k_splits(chunks: int, split_k: int) -> tuple[int, int]:
 
 def sums_plan(bank: DeltaBank, block_m: int, tiles: int, device: torch.device, dtype: torch.dtype) -> SumsPlan | None:
     """The row sums a launch (:func:`config_for` with ``sums_given``) takes from the kernel that makes its x; None
-    where it takes none (prefill tiles scale in registers)."""
+    where it takes none (prefill tiles scale in registers; FP8 planes sum x in e4m3 themselves)."""
     cfg = config_for(bank, block_m, tiles, device, sums_given=True)
-    if not cfg.x_sums:
+    if not cfg.x_sums or cfg.fp8_planes:
         return None
     splits, per_split = k_splits(bank.packed.shape[1], cfg.split_k)
     bits = bank.grid.bits

@@ -62,6 +62,24 @@ def position_biases(k: int, bits: int, is_bf16: bool) -> torch.Tensor:
     return torch.exp2(((7 if is_bf16 else 10) - place).float())
 
 
+E4M3_BITS = (1, 2)
+E4M3_PLANE_WIDTH = 64  # K positions per FP8 plane: 16 words x 4 bytes
+
+
+def e4m3_positions(bits: int) -> torch.Tensor:
+    """int64 [C]: for each K position of a chunk as the FP8 planes order it, the position in the chunk whose code it
+    meets (``ptx_planes.plane_e4m3``). FP8 plane ``q`` (of ``8 // bits``) reads bits ``[q*bits, ...)`` of each byte
+    ``j`` of the chunk's 16 words: byte ``b`` of word ``i`` holds layout-2 plane ``q + (8 // bits) * (b % 2)`` at
+    position ``2i + b // 2``. The activations are written in this order (their K permuted within each chunk, as the
+    MMA needs nothing else), so layout 2 serves both the bf16 and the FP8 planes."""
+    if bits not in E4M3_BITS:
+        raise ValueError(f"FP8 planes hold {E4M3_BITS}-bit codes (e4m3 has 3 mantissa bits), got {bits} bits")
+    d = torch.arange(v2_chunk(bits))
+    q, j = d // E4M3_PLANE_WIDTH, d % E4M3_PLANE_WIDTH
+    b = j % 4
+    return (q + (8 // bits) * (b % 2)) * PLANE_WIDTH + 2 * (j // 4) + b // 2
+
+
 def _check_v2_bits(bits: int) -> None:
     if bits not in V2_BITS:
         raise ValueError(f"layout 2 packs {V2_BITS}-bit codes, got {bits} bits")

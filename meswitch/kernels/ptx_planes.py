@@ -6,6 +6,10 @@ plane is one ``lop3`` per register (mask the two codes of a word's half-words an
 variant adds two packed FMAs for ``code·s + o``. The constants are computed at compile time. Under Triton's
 CPU interpreter (``TRITON_INTERPRET=1``), which runs no PTX, each plane is the same bit trick written in
 Triton one half-word at a time, so the kernels can be tested on a machine without a GPU.
+
+FP8 planes (:func:`plane_e4m3`, 1- and 2-bit codes): the same words read as bytes, one code of each byte masked
+into the low mantissa bits of an e4m3 value whose exponent makes it ``8 + code``: four MMA operands a register
+(FP8 tensor cores take them at twice bf16's rate) for one shift and one ``lop3``.
 """
 
 from __future__ import annotations
@@ -144,3 +148,45 @@ def plane_scaled(src, s, o, BITS: tl.constexpr, p: tl.constexpr, IS_BF16: tl.con
             _scaled_asm(BITS, p, False), "=r,r,r,r", [src, s, o], dtype=tl.float16, is_pure=True, pack=2
         )
     return w
+
+
+E4M3_BIAS = 8.0  # 0x50 as e4m3: exponent 10 (bias 7), so the low mantissa bits count whole units from 8
+
+
+@constexpr_function
+def _e4m3_consts(bits: int) -> tuple[int, int]:
+    """(mask, magic) over a word's four bytes: each byte's low ``bits`` bits, and the exponent of 8 or-ed in."""
+    return ((1 << bits) - 1) * 0x01010101, 0x50505050
+
+
+@constexpr_function
+def _e4m3_asm(bits, q):
+    mask, magic = _e4m3_consts(bits)
+    if q == 0:
+        return f"lop3.b32 $0, $1, {mask:#x}, {magic:#x}, 0xEA;"
+    return f"{{ .reg .b32 t; shr.u32 t, $1, {bits * q}; lop3.b32 $0, t, {mask:#x}, {magic:#x}, 0xEA; }}"
+
+
+@triton.jit
+def plane_e4m3(bytes8, BITS: tl.constexpr, q: tl.constexpr):
+    """FP8 plane ``q`` of int8 code bytes: each byte's codes at bits ``[BITS*q, BITS*(q+1))`` as e4m3
+    ``8 + code`` (:data:`E4M3_BIAS`). The shift crosses into the byte above; the mask drops what it brings."""
+    if INTERPRET:
+        b = ((bytes8.to(tl.int32) & 0xFF) >> (BITS * q)) & ((1 << BITS) - 1)
+        w = (b | 0x50).to(tl.int8).to(tl.float8e4nv, bitcast=True)
+    else:
+        w = tl.inline_asm_elementwise(_e4m3_asm(BITS, q), "=r,r", [bytes8], dtype=tl.float8e4nv, is_pure=True,
+                                      pack=4)  # fmt: skip
+    return w
+
+
+@triton.jit
+def to_e4m3(v):
+    """fp32 ``v`` (within ±448) rounded to e4m3, to nearest even. Triton's interpreter rounds a value that carries
+    into the next power of two down to the power below (31.6 -> 16), so there the mantissa is rounded to 3 bits in
+    fp32 first and the conversion left exact (e4m3's subnormals, under 2^-6, round once more, as a GPU rounds them)."""
+    if INTERPRET:
+        b = v.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFFF + ((b >> 20) & 1)) & -0x100000
+        v = b.to(tl.float32, bitcast=True)
+    return v.to(tl.float8e4nv)

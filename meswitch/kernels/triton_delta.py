@@ -37,9 +37,18 @@ import triton
 import triton.language as tl
 
 from meswitch.kernels.bank import DeltaBank, ExpertRows
-from meswitch.kernels.launch_config import LaunchConfig, check_device_inputs, choose_config, k_splits
-from meswitch.kernels.layout import LAYOUT_V1, LAYOUT_V2, v2_chunk
-from meswitch.kernels.ptx_planes import plane_bias, plane_biased, plane_scaled, plane_source, position_bias
+from meswitch.kernels.launch_config import LaunchConfig, check_device_inputs, choose_config, fp8_fits, k_splits
+from meswitch.kernels.layout import E4M3_BITS, LAYOUT_V1, LAYOUT_V2, v2_chunk
+from meswitch.kernels.ptx_planes import (
+    E4M3_BIAS,
+    plane_bias,
+    plane_biased,
+    plane_e4m3,
+    plane_scaled,
+    plane_source,
+    position_bias,
+    to_e4m3,
+)
 
 SALIENT_BLOCK = 32
 
@@ -139,6 +148,38 @@ def _x_sums_kernel(x_ptr, sums_ptr, K, span, stride_xm, BITS: tl.constexpr, IS_B
 
 
 @triton.jit
+def _x_e4m3_kernel(x_ptr, x8_ptr, r_ptr, sums_ptr, K, n_chunks, chunks_per_split, stride_xm, stride_x8m,
+                   BITS: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """The FP8 planes' activations: per row, ``r = max|x| / 448`` and ``x8 = x / r`` rounded to e4m3, written
+    in the planes' K order (:func:`~meswitch.kernels.layout.e4m3_positions`, zeros past K); per K split, the epilogue's
+    sums of ``r·x8`` as the bf16 planes' (``Σx``, ``Σ bias·x``, the bias :data:`E4M3_BIAS` at every position)."""
+    CHUNK: tl.constexpr = 32 * (16 // BITS)
+    m = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)))
+    r = tl.maximum(tl.max(amax, 0), 1e-30) / 448.0
+    d = tl.arange(0, CHUNK)
+    j = d % 64
+    src = (d // 64 + (8 // BITS) * (j % 2)) * 32 + 2 * (j // 4) + (j % 4) // 2
+    total = tl.zeros([CHUNK], dtype=tl.float32)
+    for c in range(split * chunks_per_split, tl.minimum((split + 1) * chunks_per_split, n_chunks)):
+        kk = c * CHUNK + src
+        xv = tl.load(x_ptr + m * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+        x8 = to_e4m3(tl.clamp(xv / r, -448.0, 448.0))
+        tl.store(x8_ptr + m * stride_x8m + c * CHUNK + d, x8)
+        total += x8.to(tl.float32)
+    sx = r * tl.sum(total, 0)
+    at = sums_ptr + (m * tl.num_programs(1) + split) * 2
+    tl.store(at, sx)
+    tl.store(at + 1, sx * E4M3_BIAS)
+    if split == 0:
+        tl.store(r_ptr + m, r)
+
+
+@triton.jit
 def _x_tile(x_rows, kk, mmask, K, EVEN_K: tl.constexpr):
     """x at positions ``kk`` of the tile's rows, as the MMA's B operand ``[len(kk), BLOCK_M]``."""
     if EVEN_K:
@@ -150,18 +191,21 @@ def _x_tile(x_rows, kk, mmask, K, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _delta_v2_kernel(
-    x_ptr, y_ptr, w_ptr, scale_ptr, offset_ptr, sidx_ptr, sval_ptr, tiles_ptr, sums_ptr,
-    N, K, G, KMAX, n_chunks, chunks_per_split, stride_xm, stride_ym,
+    x_ptr, y_ptr, w_ptr, scale_ptr, offset_ptr, sidx_ptr, sval_ptr, tiles_ptr, sums_ptr, x8_ptr, r_ptr,
+    N, K, G, KMAX, n_chunks, chunks_per_split, stride_xm, stride_ym, stride_x8m,
     stride_we, stride_wc, stride_se, stride_ie, stride_ve, B1, B2,
     BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, EPILOGUE_SCALE: tl.constexpr,
     EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr, X_SUMS: tl.constexpr, PAIRED: tl.constexpr,
+    FP8: tl.constexpr,
 ):  # fmt: skip
-    """Layout-2 codes (bits 1, 2, 4). w_ptr is the packed tensor viewed as int16; ``stride_*`` are the expert
-    (and chunk) strides of codes, steps, salient indices and values, so a bank may be a view along N. ``X_SUMS``:
-    the epilogue's row sums of x come from ``sums_ptr`` (given, or :func:`_x_sums_kernel`), not from the loop.
-    ``PAIRED`` (with ``X_SUMS``): two planes a dot, their operands joined along K (planes p and p+1 are 64
-    consecutive positions of x): half the dots' waits, fences and descriptor work."""
+    """Layout-2 codes (bits 1, 2, 4). w_ptr is the packed tensor viewed as int16 (int8 with ``FP8``); ``stride_*``
+    are the expert (and chunk) strides of codes, steps, salient indices and values, so a bank may be a view along N.
+    ``X_SUMS``: the epilogue's row sums of x come from ``sums_ptr`` (given, or :func:`_x_sums_kernel`), not from the
+    loop. ``PAIRED`` (with ``X_SUMS``): two planes a dot, their operands joined along K (planes p and p+1 are 64
+    consecutive positions of x): half the dots' waits, fences and descriptor work. ``FP8`` (with ``X_SUMS``, bits 1
+    and 2): the planes on FP8 tensor cores, four codes a register (:func:`plane_e4m3`) against x8 and its row
+    scales r from :func:`_x_e4m3_kernel`; the salient columns still take x."""
     P: tl.constexpr = 16 // BITS
     CHUNK: tl.constexpr = 32 * P
     HALF_LEVELS: tl.constexpr = ((1 << BITS) - 1) / 2
@@ -174,7 +218,8 @@ def _delta_v2_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     offs_t = tl.arange(0, 32)
-    w_tile = w_ptr + e * stride_we + offs_n[:, None] * 32 + offs_t[None, :]
+    offs_b = tl.arange(0, 64)
+    w_tile = w_ptr + e * stride_we + offs_n[:, None] * (64 if FP8 else 32) + (offs_b if FP8 else offs_t)[None, :]
     x_rows = x_ptr + rows[None, :] * stride_xm
     srow = scale_ptr + e * stride_se + offs_n * G
     orow = offset_ptr + e * stride_se + offs_n * G
@@ -196,29 +241,37 @@ def _delta_v2_kernel(
         s2, o2 = _steps_2d(srow, orow, 0, nmask, SYMMETRIC, HALF_LEVELS, DT, BLOCK_N)
     c_begin = tl.program_id(2) * chunks_per_split
     c_end = tl.minimum(c_begin + chunks_per_split, n_chunks)
-    for c in range(c_begin, c_end):
-        words = tl.load(w_tile + c * stride_wc, mask=nmask[:, None], other=0)
-        for p in tl.static_range(0, P if PAIRED else 0, 2):
-            xp = _x_tile(x_rows, c * CHUNK + p * 32 + tl.arange(0, 64), mmask, K, EVEN_K)
-            w0 = plane_biased(plane_source(words, BITS, p), BITS, p, IS_BF16)
-            w1 = plane_biased(plane_source(words, BITS, p + 1), BITS, p + 1, IS_BF16)
-            acc = tl.dot(tl.reshape(tl.permute(tl.join(w0, w1), (0, 2, 1)), (BLOCK_N, 64)), xp, acc)
-        for p in tl.static_range(0 if PAIRED else P):
-            xp = _x_tile(x_rows, c * CHUNK + p * 32 + offs_t, mmask, K, EVEN_K)
-            src = plane_source(words, BITS, p)
-            if EPILOGUE_SCALE:
-                wp = plane_biased(src, BITS, p, IS_BF16)
-                acc = tl.dot(wp, xp, acc)
-                if not X_SUMS:
-                    xf = xp.to(tl.float32)
-                    xs += xf
-                    xb += xf * plane_bias(BITS, p, IS_BF16)
-            else:
-                if GROUP > 0 and (p == 0 or (p * 32) % GROUP == 0):  # a new step-size group starts here
-                    g = (c * CHUNK + p * 32) // GROUP
-                    s2, o2 = _steps_2d(srow, orow, g, nmask, SYMMETRIC, HALF_LEVELS, DT, BLOCK_N)
-                wp = plane_scaled(src, s2, o2, BITS, p, IS_BF16)
-                acc = tl.dot(wp, xp, acc)
+    x8_rows = x8_ptr + rows[None, :] * stride_x8m
+    if FP8:
+        for c in range(c_begin, c_end):
+            bytes8 = tl.load(w_tile + c * stride_wc, mask=nmask[:, None], other=0)
+            for q in tl.static_range(8 // BITS):  # x8 holds each chunk in the planes' order: 64 positions a plane
+                xp = tl.load(x8_rows + (c * CHUNK + q * 64 + offs_b)[:, None], mask=mmask[None, :], other=0.0)
+                acc = tl.dot(plane_e4m3(bytes8, BITS, q), xp, acc)
+    else:
+        for c in range(c_begin, c_end):
+            words = tl.load(w_tile + c * stride_wc, mask=nmask[:, None], other=0)
+            for p in tl.static_range(0, P if PAIRED else 0, 2):
+                xp = _x_tile(x_rows, c * CHUNK + p * 32 + tl.arange(0, 64), mmask, K, EVEN_K)
+                w0 = plane_biased(plane_source(words, BITS, p), BITS, p, IS_BF16)
+                w1 = plane_biased(plane_source(words, BITS, p + 1), BITS, p + 1, IS_BF16)
+                acc = tl.dot(tl.reshape(tl.permute(tl.join(w0, w1), (0, 2, 1)), (BLOCK_N, 64)), xp, acc)
+            for p in tl.static_range(0 if PAIRED else P):
+                xp = _x_tile(x_rows, c * CHUNK + p * 32 + offs_t, mmask, K, EVEN_K)
+                src = plane_source(words, BITS, p)
+                if EPILOGUE_SCALE:
+                    wp = plane_biased(src, BITS, p, IS_BF16)
+                    acc = tl.dot(wp, xp, acc)
+                    if not X_SUMS:
+                        xf = xp.to(tl.float32)
+                        xs += xf
+                        xb += xf * plane_bias(BITS, p, IS_BF16)
+                else:
+                    if GROUP > 0 and (p == 0 or (p * 32) % GROUP == 0):  # a new step-size group starts here
+                        g = (c * CHUNK + p * 32) // GROUP
+                        s2, o2 = _steps_2d(srow, orow, g, nmask, SYMMETRIC, HALF_LEVELS, DT, BLOCK_N)
+                    wp = plane_scaled(src, s2, o2, BITS, p, IS_BF16)
+                    acc = tl.dot(wp, xp, acc)
 
     if EPILOGUE_SCALE:
         if X_SUMS:  # this split's sums of its rows
@@ -228,6 +281,8 @@ def _delta_v2_kernel(
         else:
             sum_x = tl.sum(xs, axis=0)
             sum_bx = tl.sum(xb, axis=0)
+        if FP8:  # the product ran on x8 = x / r
+            acc = acc * tl.load(r_ptr + rows, mask=mmask, other=0.0)[None, :]
         out = s[:, None] * (acc - sum_bx[None, :]) + o[:, None] * sum_x[None, :]
     else:
         out = acc
@@ -315,9 +370,10 @@ def launch(
     whose unused tiles exit at once); no host read of the batch, so a CUDA graph can hold it.
 
     ``cfg.x_sums``: x's row sums per K split, fp32 ``[M, splits, 2]`` (:mod:`.row_sums`), are ``sums`` where
-    given, else computed by ``_x_sums_kernel`` first. A grouped bank is one launch when ``cfg.block_n`` divides
-    every projection boundary (each N block then reads one projection's salient columns), else one launch per
-    projection."""
+    given, else computed by ``_x_sums_kernel`` first. ``cfg.fp8_planes``: x in e4m3 and its sums from
+    ``_x_e4m3_kernel`` first (``sums`` are the bf16 planes' and are not taken). A grouped bank is one launch when
+    ``cfg.block_n`` divides every projection boundary (each N block then reads one projection's salient columns),
+    else one launch per projection."""
     n, k = bank.grid.shape
     inner = bank.bounds[1:-1]
     if any(b % cfg.block_n for b in inner):
@@ -334,9 +390,25 @@ def launch(
         chunks = bank.packed.shape[1]
         splits, per_split = k_splits(chunks, cfg.split_k)
         grid = (triton.cdiv(n, cfg.block_n), tiles.shape[0], splits)
-        w = bank.packed.view(torch.int16)
-        x_sums = cfg.x_sums and cfg.epilogue_scale
-        if x_sums and sums is not None:
+        fp8 = cfg.fp8_planes
+        if fp8 and not fp8_fits(bank, cfg):
+            raise ValueError(
+                f"FP8 planes need {E4M3_BITS}-bit codes with per-channel steps in the epilogue and "
+                f"16 or 32 rows a tile, not {bank.grid.bits}-bit, group {bank.grid.group_size}, {cfg}"
+            )
+        if fp8 and sums is not None:
+            raise ValueError("FP8 planes compute their own row sums (of x in e4m3); given sums are the bf16 planes'")
+        w = bank.packed.view(torch.int8 if fp8 else torch.int16)
+        x_sums = fp8 or (cfg.x_sums and cfg.epilogue_scale)
+        x8, xr = tiles, tiles  # never read without FP8
+        if fp8:
+            chunk = v2_chunk(bank.grid.bits)
+            x8 = torch.empty((x.shape[0], chunks * chunk), dtype=torch.float8_e4m3fn, device=x.device)
+            xr = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+            sums = torch.empty((x.shape[0], splits, 2), dtype=torch.float32, device=x.device)
+            _x_e4m3_kernel[(x.shape[0], splits)](x, x8, xr, sums, k, chunks, per_split, x.stride(0), x8.stride(0),
+                                                  BITS=bank.grid.bits, BLOCK_K=1024, num_warps=4)  # fmt: skip
+        elif x_sums and sums is not None:
             want = (x.shape[0], splits, 2)
             if tuple(sums.shape) != want or sums.dtype != torch.float32 or not sums.is_contiguous() or (
                     sums.device != x.device):  # fmt: skip
@@ -349,12 +421,12 @@ def launch(
                                                   BLOCK_K=512, num_warps=4)  # fmt: skip
         _delta_v2_kernel[grid](
             x, y, w, bank.scale, offset, sidx, sval, tiles, sums if x_sums else tiles,  # never read without X_SUMS
-            n, k, bank.grid.groups, bank.kmax, chunks, per_split, x.stride(0), y.stride(0),
+            x8, xr, n, k, bank.grid.groups, bank.kmax, chunks, per_split, x.stride(0), y.stride(0), x8.stride(0),
             w.stride(0), w.stride(1), *strides,
             BITS=bank.grid.bits, GROUP=bank.grid.group_size, SYMMETRIC=bank.offset is None,
             EPILOGUE_SCALE=cfg.epilogue_scale, EVEN_K=k % v2_chunk(bank.grid.bits) == 0,
             SPLIT_K=grid[2], BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SAL_BLOCK=SALIENT_BLOCK,
-            PREFETCH_Y=cfg.prefetch_y, X_SUMS=x_sums, PAIRED=x_sums and cfg.paired_planes,
+            PREFETCH_Y=cfg.prefetch_y, X_SUMS=x_sums, PAIRED=x_sums and cfg.paired_planes and not fp8, FP8=fp8,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
         )  # fmt: skip
     elif bank.grid.layout_version == LAYOUT_V1:
