@@ -113,9 +113,9 @@ def main(argv=None) -> None:
         "expert": reader.manifest.name,
         "texts": len(data.texts),
         "tokens": tokens,
-        "kl_per_token": {k: round(v, 6) for k, v in kl.items()},
-        "e4m3_adds_to_kl": round(added, 6),
-        "e4m3_adds_fraction_of_compression_kl": round(added / kl["expert_vs_compressed"], 4),
+        "kl_per_token": {k: float(f"{v:.4g}") for k, v in kl.items()},
+        "e4m3_adds_to_kl": float(f"{added:.4g}"),
+        "e4m3_adds_fraction_of_compression_kl": float(f"{added / kl['expert_vs_compressed']:.4g}"),
     }
     print(json.dumps(report, indent=2))
     if args.out:

@@ -67,3 +67,35 @@ def test_the_step_clock_times_generates_decode_steps():
     model = LlamaForCausalLM(cfg).eval()
     r = bench.hf_generate(model, 2, 5, 2, 4, torch.Generator().manual_seed(0))
     assert r["ms"] > 0 and r["mean_context"] == 5 + 2 + 2.5
+
+
+def test_the_fp8_activation_benchmark_measures_the_rounding_on_a_tiny_expert(tmp_path):
+    """fp8_activation_kl.py on a tiny compressed expert: the per-row e4m3 rounding it applies is the kernel's (the
+    row's largest value exact, every other within e4m3's half step), it moves the compressed expert's logits, and
+    its KL figures are finite, with the rounding costing less than the compression itself."""
+    import shutil
+
+    import torch
+    from serving_fixtures import compress
+    from tiny_models import calib_file, make_base, make_expert
+
+    bench = _load("fp8_activation_kl")
+    x = torch.randn(5, 300, dtype=torch.float64) * torch.logspace(-2, 2, 300, dtype=torch.float64)  # outlier columns
+    q = bench.e4m3_rows(x)
+    r = x.abs().amax(-1, keepdim=True) / 448
+    assert torch.equal(q.abs().amax(-1), x.abs().amax(-1))
+    normal = x.abs() / r >= 2**-6  # e4m3's normal range: 3 mantissa bits, a relative half step of 2^-4
+    assert ((q - x).abs() <= x.abs() * 2**-4 + 1e-12)[normal].all() and not torch.equal(q, x)
+
+    base = make_base(tmp_path / "base")
+    expert = make_expert(base, tmp_path / "expert", seed=3)
+    shutil.copy(calib_file(tmp_path / "calib.jsonl"), expert / "calib.jsonl")
+    art = compress(base, expert, tmp_path / "art", "e3", None)
+    out = tmp_path / "fp8.json"
+    bench.main(["--base", str(base), "--expert", str(expert), "--artifact", str(art), "--data",
+                str(expert / "calib.jsonl"), "--limit", "6", "--out", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    kl = report["kl_per_token"]
+    assert report["tokens"] > 6 * 20 and all(v == v and v >= 0 for v in kl.values())
+    assert kl["compressed_vs_e4m3"] > 0  # the rounding reached the logits
+    assert abs(report["e4m3_adds_to_kl"]) < kl["expert_vs_compressed"]

@@ -170,7 +170,8 @@ def _e4m3_asm(bits, q):
 @triton.jit
 def plane_e4m3(bytes8, BITS: tl.constexpr, q: tl.constexpr):
     """FP8 plane ``q`` of int8 code bytes: each byte's codes at bits ``[BITS*q, BITS*(q+1))`` as e4m3
-    ``8 + code`` (:data:`E4M3_BIAS`). The shift crosses into the byte above; the mask drops what it brings."""
+    ``8 + code`` (:data:`E4M3_BIAS`). The word's shift brings each byte's neighbour's low bits into its top bits; the
+    mask drops them."""
     if INTERPRET:
         b = ((bytes8.to(tl.int32) & 0xFF) >> (BITS * q)) & ((1 << BITS) - 1)
         w = (b | 0x50).to(tl.int8).to(tl.float8e4nv, bitcast=True)
