@@ -150,7 +150,7 @@ def plane_scaled(src, s, o, BITS: tl.constexpr, p: tl.constexpr, IS_BF16: tl.con
     return w
 
 
-E4M3_BIAS = 8.0  # 0x50 as e4m3: exponent 10 (bias 7), so the low mantissa bits count whole units from 8
+E4M3_BIAS = tl.constexpr(8.0)  # 0x50 as e4m3: exponent 10 (bias 7), so the low mantissa bits count whole units from 8
 
 
 @constexpr_function
