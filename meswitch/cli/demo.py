@@ -44,7 +44,7 @@ def register(sub) -> None:
         choices=_SIZES + _CHAT_SIZES,
         default="tiny",
         help="micro: seconds, for tests; tiny (default): minutes on 2 CPU cores; small: for a GPU; smol: the real "
-        "pretrained SmolLM2-135M-Instruct fine-tuned into chat experts (about 13 minutes on 2 idle CPU cores; "
+        "pretrained SmolLM2-135M-Instruct fine-tuned into chat experts (15-22 minutes on 2 idle CPU cores; "
         "resumable); smol-long: the same with 600-step fine-tunes, for a GPU",
     )
     p.add_argument(

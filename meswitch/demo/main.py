@@ -150,7 +150,7 @@ def build(family: Path, size: str) -> Path:
     if (family / "family.json").is_file():
         log.info("demo family: %s (already built)", family)
     else:
-        log.info("building the %s demo family in %s (about ten minutes on two CPU cores, once)", size, family)
+        log.info("building the %s demo family in %s (15-22 minutes on two CPU cores, once)", size, family)
     return build_chat_family(family, size=size) if size in CHAT_SIZES else build_family(family, size=size)
 
 
