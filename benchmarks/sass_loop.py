@@ -38,7 +38,8 @@ POINTERS = {"x_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*i16", "scale_ptr": "*
             "r_ptr": "*fp32"}  # fmt: skip
 ALIGNED = {"N", "K", "stride_xm", "stride_ym", "stride_x8m", "stride_we", "stride_wc", "B1", "B2"}  # multiples of 16
 REGISTERS_PER_SM = 65536
-# (label, LaunchConfig fields, K splits): the decode cases of NOTES-kernels.md
+PREFILL = {"block_n": 256, "block_m": 128, "num_warps": 8}
+# (label, LaunchConfig fields, K splits): the decode cases of NOTES-kernels.md, then prefill tiles
 CASES = [
     ("sums in the loop", {}, 2),
     ("sums in the loop, capped at 128", {"maxnreg": 128}, 2),
@@ -56,13 +57,17 @@ CASES = [
     ("FP8 planes (e4m3), capped at 128", {"fp8_planes": True, "maxnreg": 128}, 2),
     ("FP8 planes (e4m3), capped at 96", {"fp8_planes": True, "maxnreg": 96}, 2),
     ("FP8 planes (e4m3), 32-row tiles", {"fp8_planes": True, "block_m": 32}, 2),
+    # prefill tiles as config_for makes them (256 channels x 128 rows, 8 warps)
+    ("prefill, steps in registers (the default)", {**PREFILL, "epilogue_scale": False}, 1),
+    ("prefill, steps in the epilogue, sums given", {**PREFILL, "x_sums": True}, 1),
+    ("prefill, FP8 planes (e4m3)", {**PREFILL, "fp8_planes": True}, 1),
 ]
 
 
 def compile_loop(cfg: LaunchConfig, splits: int, bits: int = 2):
     """The compiled kernel for ``cfg`` (per-channel steps in the epilogue, bf16 activations, K a whole number of
     chunks)."""
-    consts = dict(BITS=bits, GROUP=0, SYMMETRIC=False, EPILOGUE_SCALE=True, EVEN_K=True, SPLIT_K=splits,
+    consts = dict(BITS=bits, GROUP=0, SYMMETRIC=False, EPILOGUE_SCALE=cfg.epilogue_scale, EVEN_K=True, SPLIT_K=splits,
                   BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SAL_BLOCK=SALIENT_BLOCK, PREFETCH_Y=cfg.prefetch_y,
                   X_SUMS=cfg.x_sums or cfg.fp8_planes, PAIRED=cfg.x_sums and cfg.paired_planes,
                   FP8=cfg.fp8_planes)  # fmt: skip
@@ -176,8 +181,8 @@ def main(argv=None) -> None:
     if args.out:
         report = {"date": dt.date.today().isoformat(), "device": "none (ahead-of-time compile for sm_90)",
                   "versions": {"triton": triton.__version__}, "command": " ".join(["python", *sys.argv]),
-                  "kernel": "_delta_v2_kernel decode: 128 output channels x 16 rows a program, 4 warps, 3 stages, "
-                            "2-bit codes, bf16 activations", "rows": rows}  # fmt: skip
+                  "kernel": "_delta_v2_kernel: decode 128 output channels x 16 rows a program, 4 warps, prefill 256 x "
+                            "128, 8 warps; 3 stages, 2-bit codes, bf16 activations", "rows": rows}  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -500,7 +500,7 @@ def _e4m3_rows(x: torch.Tensor) -> torch.Tensor:
 @kernel
 @pytest.mark.parametrize("bits,symmetric,split_k,k", [(2, False, 1, 512), (2, True, 2, 1000), (1, False, 2, 1024),
                                                       (1, True, 1, 700)])  # fmt: skip
-@pytest.mark.parametrize("block_m", [16, 32])
+@pytest.mark.parametrize("block_m", [16, 32, 64])
 def test_fp8_planes_give_the_delta_of_x_rounded_to_e4m3(bits, symmetric, split_k, k, block_m):
     """``LaunchConfig.fp8_planes``: the planes on FP8 tensor cores against x rounded to e4m3 per row. Where x is
     exactly r·e4m3 (r a power of two) the launch gives the reference's delta, salient columns included; for any x
@@ -619,6 +619,8 @@ def test_a_launch_given_row_sums_takes_them_wherever_the_epilogue_scales(monkeyp
     assert config_for(down, 16, 8, cpu).fp8_planes and sums_plan(down, 16, 8, cpu, torch.bfloat16) is None
     assert not config_for(DeltaBank.random(1, (4096, 4096), bits=4), 16, 8, cpu).fp8_planes  # 4-bit codes
     assert not config_for(down, 8, 8, cpu).fp8_planes  # 8-row tiles
+    prefill = config_for(down, 128, 8, cpu)  # prefill tiles too, scaling in the epilogue (x's sums come with x8)
+    assert prefill.fp8_planes and prefill.epilogue_scale and prefill.block_m == 128
     monkeypatch.delenv("MESWITCH_DELTA_CONFIG")
     torch.use_deterministic_algorithms(True)
     try:

@@ -37,10 +37,10 @@ class LaunchConfig:
     maxnreg: int | None = None
     # with x_sums: two planes a dot (K = 64): the loop 367 -> 328 instructions a chunk, in 138 registers
     paired_planes: bool = False
-    # 1- and 2-bit codes, epilogue scaling, 16- or 32-row tiles: the planes on FP8 tensor cores, four codes a register
-    # (ptx_planes.plane_e4m3) against x rounded to e4m3 per row (an error on the delta's product only; the salient
-    # columns take x): half the MMAs and unpacking of the bf16 planes, x in e4m3 from a kernel of its own. Opt-in
-    # until measured (MESWITCH_DELTA_CONFIG='{"fp8_planes": true}' in the step, where it fits)
+    # 1- and 2-bit codes, epilogue scaling, 16 rows a tile or more: the planes on FP8 tensor cores, four codes a
+    # register (ptx_planes.plane_e4m3) against x rounded to e4m3 per row (an error on the delta's product only; the
+    # salient columns take x): half the MMAs and unpacking of the bf16 planes, x in e4m3 from a kernel of its own.
+    # Opt-in until measured (MESWITCH_DELTA_CONFIG='{"fp8_planes": true}': decode and prefill, where it fits)
     fp8_planes: bool = False
 
 
@@ -56,10 +56,10 @@ def _sm_count(device: torch.device) -> int:
 
 def fp8_fits(bank: DeltaBank, cfg: LaunchConfig) -> bool:
     """Whether a launch can take ``cfg.fp8_planes``: e4m3's 3 mantissa bits hold 1- and 2-bit codes; the epilogue
-    applies per-channel steps; 16 or 32 rows a tile (Triton issues 8-row tiles' FP8 dots as converts to fp16)."""
+    applies per-channel steps; 16 rows a tile or more (Triton issues 8-row tiles' FP8 dots as converts to fp16)."""
     g = bank.grid
     return (g.layout_version == LAYOUT_V2 and g.bits in E4M3_BITS and g.group_size == 0 and cfg.epilogue_scale
-            and cfg.block_m in (16, 32))  # fmt: skip
+            and cfg.block_m >= 16)  # fmt: skip
 
 
 def _row_block(max_segment: int) -> int:
@@ -107,8 +107,8 @@ def config_for(
         programs = -(-n // block_n) * max(tiles, 1)
         split = max(1, min(4, -(-3 * sms // (2 * programs)), chunks // 4)) if programs < sms else 1
         split = 1 if torch.are_deterministic_algorithms_enabled() else split
-        return LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=8, num_stages=3,
-                            epilogue_scale=False)  # fmt: skip
+        return _overridden(bank, LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=8,
+                                              num_stages=3, epilogue_scale=False))  # fmt: skip
     block_n = block_within(128, bank)
     programs = -(-n // block_n) * max(tiles, 1)
     split = 4 if programs * 2 <= sms else 2 if programs <= 1.25 * sms else 1
@@ -129,9 +129,18 @@ def config_for(
     cfg = LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=4, num_stages=3,
                        epilogue_scale=epilogue, x_sums=x_sums, paired_planes=paired,
                        maxnreg=128 if paired else None)  # fmt: skip
-    overrides = os.environ.get("MESWITCH_DELTA_CONFIG")  # an A/B of launch fields in the decode step, as JSON
+    return _overridden(bank, cfg)
+
+
+def _overridden(bank: DeltaBank, cfg: LaunchConfig) -> LaunchConfig:
+    """``MESWITCH_DELTA_CONFIG``: launch fields as JSON over every config :func:`config_for` makes, decode and
+    prefill (an A/B in the step); FP8 planes only where they fit, with the epilogue scaling they need."""
+    overrides = os.environ.get("MESWITCH_DELTA_CONFIG")
     cfg = replace(cfg, **json.loads(overrides)) if overrides else cfg
-    return replace(cfg, fp8_planes=False) if cfg.fp8_planes and not fp8_fits(bank, cfg) else cfg
+    if cfg.fp8_planes:
+        fp8 = replace(cfg, epilogue_scale=True)  # x's sums come with x8, so any tile height scales there
+        cfg = fp8 if fp8_fits(bank, fp8) else replace(cfg, fp8_planes=False)
+    return cfg
 
 
 def k_splits(chunks: int, split_k: int) -> tuple[int, int]:

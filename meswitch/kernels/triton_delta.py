@@ -394,7 +394,7 @@ def launch(
         if fp8 and not fp8_fits(bank, cfg):
             raise ValueError(
                 f"FP8 planes need {E4M3_BITS}-bit codes with per-channel steps in the epilogue and "
-                f"16 or 32 rows a tile, not {bank.grid.bits}-bit, group {bank.grid.group_size}, {cfg}"
+                f"16 rows a tile or more, not {bank.grid.bits}-bit, group {bank.grid.group_size}, {cfg}"
             )
         if fp8 and sums is not None:
             raise ValueError("FP8 planes compute their own row sums (of x in e4m3); given sums are the bf16 planes'")
