@@ -165,6 +165,32 @@ def test_the_kernel_reads_a_projections_view_of_a_grouped_bank():
     _assert_delta(got, y0, want)
 
 
+@kernel
+@pytest.mark.parametrize("block_n", [32, 64])  # one launch; one per projection (64 does not divide 96)
+def test_fp8_planes_serve_a_grouped_bank_and_its_projections_views(block_n):
+    """FP8 planes (``LaunchConfig.fp8_planes``) over a grouped bank, whole and through each projection's view (the
+    codes read as bytes with the group's strides): the reference's delta where x is exactly r·e4m3, salient columns
+    included."""
+    from meswitch.kernels.triton_delta import launch
+
+    parts, bank = _group((64, 32, 48), (3, 0, 40), seed=7)
+    bank = bank.to(DEVICE)
+    dtype = torch.bfloat16 if CUDA else torch.float16  # the interpreter's bf16 dot is wrong
+    _, y0, _ = _kernel_case(parts, bank, dtype, seed=7)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(-448, 449, (len(IDS), bank.grid.shape[1]), generator=g).float().to(torch.float8_e4m3fn)
+    x = (x.float() * 2.0**-5).to(dtype).to(DEVICE)
+    x[:, 5] = 14.0  # max|x| = 448 · 2^-5: r a power of two, so x / r is exact in e4m3
+    want = _each(x.float(), [p.to(DEVICE) for p in parts], IDS, y0.float().clone())
+    cfg = LaunchConfig(block_n=block_n, block_m=16, num_stages=2, fp8_planes=True)
+    tiles = ExpertRows.from_ids(IDS).tiles(16, x.device)
+    _assert_delta(launch(x, bank, tiles, y0.clone(), cfg), y0, want)
+    got = y0.clone()
+    for p, (a, b) in enumerate(itertools.pairwise(bank.bounds)):
+        launch(x, bank.part(p), tiles, got[:, a:b], cfg)
+    _assert_delta(got, y0, want)
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
