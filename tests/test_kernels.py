@@ -621,6 +621,10 @@ def test_a_launch_given_row_sums_takes_them_wherever_the_epilogue_scales(monkeyp
     assert not config_for(down, 8, 8, cpu).fp8_planes  # 8-row tiles
     prefill = config_for(down, 128, 8, cpu)  # prefill tiles too, scaling in the epilogue (x's sums come with x8)
     assert prefill.fp8_planes and prefill.epilogue_scale and prefill.block_m == 128
+    for wrong in ('{"fp8": true}', "fp8_planes=1", "[1]"):  # a misspelt field, not JSON, not an object
+        monkeypatch.setenv("MESWITCH_DELTA_CONFIG", wrong)
+        with pytest.raises(ValueError, match="MESWITCH_DELTA_CONFIG"):
+            config_for(down, 16, 8, cpu)
     monkeypatch.delenv("MESWITCH_DELTA_CONFIG")
     torch.use_deterministic_algorithms(True)
     try:

@@ -136,11 +136,24 @@ def _overridden(bank: DeltaBank, cfg: LaunchConfig) -> LaunchConfig:
     """``MESWITCH_DELTA_CONFIG``: launch fields as JSON over every config :func:`config_for` makes, decode and
     prefill (an A/B in the step); FP8 planes only where they fit, with the epilogue scaling they need."""
     overrides = os.environ.get("MESWITCH_DELTA_CONFIG")
-    cfg = replace(cfg, **json.loads(overrides)) if overrides else cfg
+    cfg = replace(cfg, **_launch_fields(overrides)) if overrides else cfg
     if cfg.fp8_planes:
         fp8 = replace(cfg, epilogue_scale=True)  # x's sums come with x8, so any tile height scales there
         cfg = fp8 if fp8_fits(bank, fp8) else replace(cfg, fp8_planes=False)
     return cfg
+
+
+def _launch_fields(text: str) -> dict:
+    """``MESWITCH_DELTA_CONFIG`` read as LaunchConfig fields; anything else is one error naming the variable, here
+    rather than as a TypeError inside a served step."""
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"MESWITCH_DELTA_CONFIG is not JSON ({e}): {text!r}") from None
+    known = LaunchConfig.__dataclass_fields__
+    if not isinstance(fields, dict) or set(fields) - set(known):
+        raise ValueError(f"MESWITCH_DELTA_CONFIG must be a JSON object of launch fields ({', '.join(known)}): {text!r}")
+    return fields
 
 
 def k_splits(chunks: int, split_k: int) -> tuple[int, int]:
