@@ -481,6 +481,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": {"torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__},
         "command": " ".join(["python", *sys.argv]),
+        "delta_config_override": os.environ.get("MESWITCH_DELTA_CONFIG") or None,  # launch fields of an A/B
         "synthetic": True,
         "data": "SYNTHETIC: random bf16 base and random 2-bit experts with the shapes and bytes of real ones",
         "geometry": {"layers": args.layers, "hidden": args.hidden, "inter": args.inter, "heads": args.heads,

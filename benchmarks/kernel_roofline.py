@@ -28,6 +28,7 @@ import datetime as dt
 import itertools
 import json
 import math
+import os
 import platform
 import sys
 from pathlib import Path
@@ -315,6 +316,7 @@ def write_report(out: Path, copy_gbps: float, results: list[dict]) -> None:
         "python": platform.python_version(),
         "date": dt.date.today().isoformat(),
         "command": " ".join(["python", *sys.argv]),
+        "delta_config_override": os.environ.get("MESWITCH_DELTA_CONFIG") or None,  # launch fields of an A/B
         "data": "SYNTHETIC random 2-bit per-channel deltas, 1% salient columns (shapes and bytes of real experts)",
         "timing": "ms: triton.testing.do_bench median of single launches (L2 flushed, input sets rotated), host "
         "launch overhead included where it exceeds the flush; graph_ms: the same launches in one CUDA graph over "

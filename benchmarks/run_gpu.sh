@@ -3,6 +3,7 @@
 #   bash benchmarks/run_gpu.sh [tests] [sweep] [roofline] [capacity] [switch]   (default: these five)
 #   bash benchmarks/run_gpu.sh decode | speed | parity | ncu                    (one 10-minute call each)
 #   bash benchmarks/run_gpu.sh attention       (the decode attention kernel's launch sweep, about 3 minutes)
+#   bash benchmarks/run_gpu.sh fp8 | fp8-prefill   (FP8 planes against the default: roofline and step; prefill)
 #   AB_RUNS="TREE[+VAR=VALUE]..." bash benchmarks/run_gpu.sh ab   (the decode step, one process per tree, ABAB)
 # ROOFLINE_ARGS / NCU_ARGS pass arguments on (e.g. ROOFLINE_ARGS="--no-baselines"; the step's launches:
 # ROOFLINE_ARGS="--sums-given [--block-m 8]"), ROOFLINE_NAME names its JSON (kernel_roofline-NAME.json).
@@ -50,6 +51,20 @@ for step in $steps; do
     ncu) timeout "${NCU_TIMEOUT:-540}" python3 benchmarks/ncu_shapes.py --out "$OUT/ncu.json" \
            $NCU_ARGS 2>&1 | tail -n 60 ;;
     decode) timeout 480 python3 benchmarks/decode_e2e.py --out "$OUT/decode_e2e.json" 2>&1 | tee "$OUT/decode.log" ;;
+    fp8) # FP8 planes (LaunchConfig.fp8_planes, opt-in) against the default: the roofline as the step launches, then
+         # the decode step, one process a setting (the cap of 128 registers for decode tiles; NOTES-kernels.md)
+      MESWITCH_DELTA_CONFIG='{"fp8_planes":true,"maxnreg":128}' timeout 240 python3 benchmarks/kernel_roofline.py \
+        --sums-given --no-baselines --rows 1 8 32 64 --out "$OUT/kernel_roofline-fp8.json" 2>&1 | tail -n 40
+      for cfg in '' '{"fp8_planes":true,"maxnreg":128}' '' '{"fp8_planes":true,"maxnreg":128}'; do
+        MESWITCH_DELTA_CONFIG=$cfg timeout 150 python3 benchmarks/decode_e2e.py --prefill-tokens 0 --modes graph-compiled \
+          --experts-list 0,8,16 --batches 32,64 --out "$OUT/decode-fp8-$((++n))${cfg:+-on}.json" 2>&1 | grep '"mode"'
+      done ;;
+    fp8-prefill) # the 2,048-token prefill with 8 experts against the base alone, without and with FP8 planes (no cap:
+                 # prefill tiles take 255 registers)
+      for cfg in '' '{"fp8_planes":true}'; do
+        MESWITCH_DELTA_CONFIG=$cfg timeout 240 python3 benchmarks/decode_e2e.py --modes graph-compiled --experts-list 8 \
+          --batches 32 --out "$OUT/decode-prefill${cfg:+-fp8}.json" 2>&1 | grep -E '"mode"|prefill'
+      done ;;
     ab) # one decode_e2e.py process per entry of AB_RUNS, in turn, AB_ROUNDS times (ABAB: machines and processes
         # differ by more than most changes buy). An entry is a tree, `.` or a copy of the repository carried along
         # (`git archive REV meswitch benchmarks/decode_e2e.py | tar -x -C .ab/REV`; git ignores .ab/: carry it), with
