@@ -173,8 +173,8 @@ def plane_e4m3(bytes8, BITS: tl.constexpr, q: tl.constexpr):
     ``8 + code`` (:data:`E4M3_BIAS`). The word's shift brings each byte's neighbour's low bits into its top bits; the
     mask drops them."""
     if INTERPRET:
-        b = ((bytes8.to(tl.int32) & 0xFF) >> (BITS * q)) & ((1 << BITS) - 1)
-        w = (b | 0x50).to(tl.int8).to(tl.float8e4nv, bitcast=True)
+        b = ((bytes8.to(tl.int32) & 0xFF) >> (BITS * q)) & (_e4m3_consts(BITS)[0] & 0xFF)
+        w = (b | (_e4m3_consts(BITS)[1] & 0xFF)).to(tl.int8).to(tl.float8e4nv, bitcast=True)
     else:
         w = tl.inline_asm_elementwise(_e4m3_asm(BITS, q), "=r,r", [bytes8], dtype=tl.float8e4nv, is_pure=True,
                                       pack=4)  # fmt: skip
