@@ -266,3 +266,46 @@ def test_a_prefill_that_fails_fails_its_own_requests_not_the_running_batch(live,
     assert bad["r"].status_code == 500 and "out of memory (simulated)" in bad["r"].text, bad["r"].text
     assert "error" not in events[-1], events[-1]  # the neighbour finished its answer
     assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("path", ["live", "static"])
+def test_an_expert_whose_logits_turn_nan_fails_its_own_request_and_the_batch_decodes_on(path, request, monkeypatch):
+    """A decode step where one row's logits are NaN (an expert whose forward overflowed: simulated by setting that
+    expert's rows of the step's output to NaN, as no validated expert can be made to overflow the CPU's float32)
+    fails that request with a 500 that names the expert; the base's sequence in the same batch finishes its answer.
+    Both decode paths: the dynamic cache's forward and the static decoder's step."""
+    served = request.getfixturevalue(path)
+    sched = served.manager.current.scheduler
+    target = sched.decoder if path == "static" else served.manager.current.engine
+    name = "decode" if path == "static" else "forward"
+    step = getattr(target, name)
+
+    def overflowing(*args, **kwargs):
+        out = step(*args, **kwargs)
+        slots = args[2] if path == "static" else args[1]
+        rows = [i for i, s in enumerate(slots) if s is not None and s.name == "math"]
+        decoding = path == "static" or args[0].shape[1] == 1  # the prompt's own step stays finite: the row decodes
+        if rows and decoding:
+            out = out.clone()
+            out[rows] = float("nan")
+        return out
+
+    monkeypatch.setattr(target, name, overflowing)
+    body = {**LONG, "max_tokens": 40} if path == "static" else LONG  # the static cache holds 64 positions
+    with httpx.stream("POST", f"{served.thread.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # the neighbour is decoding
+        bad: dict[str, httpx.Response] = {}
+        expert_body = {"model": "math", "prompt": "hi", "max_tokens": 8, "temperature": 0.7}
+        with served.manager.current.engine.hold():  # it joins the running batch at the next step
+            t = threading.Thread(target=lambda: bad.update(r=served.post("/v1/completions", json=expert_body)))
+            t.start()
+            _wait(lambda: bad or sched.load["waiting"], "the request never reached the scheduler")
+        t.join(60)
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert bad["r"].status_code == 500, bad["r"].text
+    assert "expert 'math' gave NaN or infinite logits at token 2" in bad["r"].text, bad["r"].text
+    assert "error" not in events[-1], events[-1]  # the neighbour finished its answer
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    monkeypatch.undo()
+    assert served.post("/v1/completions", json={**expert_body, "temperature": 0}).status_code == 200

@@ -38,6 +38,9 @@ STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
 # Below this temperature a row is sampled greedily: dividing float32 logits by ~1e-38 overflows and the
 # softmax turns to NaN, and sampling that cold is greedy anyway (vLLM's _SAMPLING_EPS).
 MIN_TEMPERATURE = 1e-5
+# The token _sample gives a row whose logits are not all finite (an expert's forward that overflowed): that
+# request fails alone, the batch's other rows go on (their rows of the step are independent of it).
+NOT_FINITE = -1
 
 
 @dataclass
@@ -440,11 +443,12 @@ class Scheduler:
     # ---- tokens out --------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, seqs: list[GenRequest]) -> torch.Tensor:
         """Greedy where temperature is (nearly) 0, else temperature + nucleus sampling (seeded per request if asked);
-        OpenAI's frequency and presence penalties first, for the rows that ask for them."""
+        OpenAI's frequency and presence penalties first, for the rows that ask for them. A row with a NaN or
+        infinite logit gets ``NOT_FINITE`` (checked on the device, read with the tokens: no sync of its own)."""
         logits = logits.float()
+        broken = ~torch.isfinite(logits).all(-1)
+        logits = logits.masked_fill(broken[:, None], 0.0)  # a valid distribution for multinomial; the row fails
         penalised = [i for i, r in enumerate(seqs) if r.counts and (r.frequency_penalty or r.presence_penalty)]
-        if penalised:
-            logits = logits.clone()  # the model's output is an inference tensor: not updated in place
         for i in penalised:
             r = seqs[i]
             ids = torch.tensor(list(r.counts), device=logits.device)
@@ -453,7 +457,7 @@ class Scheduler:
         out = logits.argmax(-1)
         hot = [i for i, r in enumerate(seqs) if r.temperature >= MIN_TEMPERATURE]
         if not hot:
-            return out
+            return out.masked_fill(broken, NOT_FINITE)
         idx = torch.tensor(hot, device=logits.device)
         temps = torch.tensor([seqs[i].temperature for i in hot], device=logits.device)
         top_p = torch.tensor([seqs[i].top_p for i in hot], device=logits.device)
@@ -471,10 +475,20 @@ class Scheduler:
                     gen = torch.Generator(device=logits.device).manual_seed(r.seed)
                     r._gen = gen
             out[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
-        return out
+        return out.masked_fill(broken, NOT_FINITE)
 
     def _emit(self, seqs: list[GenRequest], tokens: list[int]) -> None:
         for r, tok in zip(seqs, tokens, strict=True):
+            if tok == NOT_FINITE:
+                who = f"expert {r.slot.name!r}" if r.slot is not None else "the base model"
+                log.error("request %s: %s gave non-finite logits at token %d", r.id, who, r.generated + 1)
+                self._finish(
+                    r,
+                    ERROR,
+                    f"{who} gave NaN or infinite logits at token {r.generated + 1}; "
+                    "the other requests of the batch go on",
+                )
+                continue
             r.generated += 1
             if r.frequency_penalty or r.presence_penalty:
                 r.counts[tok] = r.counts.get(tok, 0) + 1
