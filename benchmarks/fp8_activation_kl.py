@@ -28,12 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from meswitch.checkpoints import Checkpoint
 from meswitch.compression.reconstruct import load_expert_model, open_artifact
 from meswitch.evaluation.metrics import EvalData
-
-
-def e4m3_rows(x: torch.Tensor) -> torch.Tensor:
-    """x as the FP8 planes meet it: each row (last dimension) scaled by max|x| / 448, rounded to e4m3, scaled back."""
-    r = x.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 448
-    return (x / r).clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype) * r
+from meswitch.kernels import e4m3_rows
 
 
 def add_e4m3_error(model: torch.nn.Module, reader) -> list:
@@ -49,7 +44,7 @@ def add_e4m3_error(model: torch.nn.Module, reader) -> list:
 
         def hook(mod, args, out, planes=planes):
             x = args[0]
-            return out + (e4m3_rows(x) - x) @ planes.T.to(x.dtype)
+            return out + (e4m3_rows(x).to(x.dtype) - x) @ planes.T.to(x.dtype)
 
         handles.append(module.register_forward_hook(hook))
     return handles

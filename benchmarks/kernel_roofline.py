@@ -211,8 +211,10 @@ def check_once(bank, n, k):
     ref = mixed_delta_reference(x, bank, er, y.clone()).float() - y.float()
     got = mixed_delta_triton(x, bank, er, y.clone()).float() - y.float()
     err = float((got - ref).norm() / ref.norm())
-    if not err < 1e-2:
-        raise RuntimeError(f"kernel disagrees with the reference: relative error {err:.2e}")
+    # FP8 planes (MESWITCH_DELTA_CONFIG) meet x rounded to e4m3: a few % of the delta (tests/test_kernels.py)
+    bound = 0.06 if choose_config(bank, er, x.device).fp8_planes else 1e-2
+    if not err < bound:
+        raise RuntimeError(f"kernel disagrees with the reference: relative error {err:.2e} (bound {bound})")
     return err
 
 
@@ -291,7 +293,8 @@ def main(argv=None) -> None:
                 )
             results.append(row)
             print(
-                f"{name:20s} {row['kernel']:6s} rows={rows:5d} experts={experts:2d} {r['ms'] * 1e3:8.1f} us "
+                f"{name:20s} rows={rows:5d} experts={experts:2d} bm={r['config']['block_m']:2d} "
+                f"{r['ms'] * 1e3:8.1f} us "
                 f"{gbps:7.0f} GB/s {gbps / copy_gbps:5.1%} graph {r['graph_ms'] * 1e3:7.1f} us "
                 f"{row['graph_fraction_of_copy_bandwidth']:5.1%}"
                 + (

@@ -22,6 +22,7 @@ from meswitch.kernels import (
     LAYOUT_V2,
     DeltaBank,
     ExpertRows,
+    e4m3_rows,
     mixed_delta,
     mixed_delta_reference,
     repack_v1_to_v2,
@@ -490,13 +491,6 @@ def test_e4m3_positions_name_the_code_each_byte_of_a_chunk_holds():
         e4m3_positions(4)
 
 
-def _e4m3_rows(x: torch.Tensor) -> torch.Tensor:
-    """x as the FP8 planes meet it: each row scaled by max|x| / 448, rounded to e4m3, scaled back (fp32)."""
-    xf = x.float()
-    r = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 448
-    return (xf / r).clamp(-448, 448).to(torch.float8_e4m3fn).float() * r
-
-
 @kernel
 @pytest.mark.parametrize("bits,symmetric,split_k,k", [(2, False, 1, 512), (2, True, 2, 1000), (1, False, 2, 1024),
                                                       (1, True, 1, 700)])  # fmt: skip
@@ -510,6 +504,8 @@ def test_fp8_planes_give_the_delta_of_x_rounded_to_e4m3(bits, symmetric, split_k
     from meswitch.kernels.triton_delta import launch
 
     dtype = torch.bfloat16 if CUDA else torch.float16  # the interpreter's bf16 dot is wrong
+    # y's own rounding, once a K split (bf16: 2.7-2.8e-3 with two splits on an H100), far below the e4m3 error (~3%)
+    tol = 5e-3 if dtype == torch.bfloat16 else 2e-3
     device = "cuda" if CUDA else "cpu"
     ids = [0, -1, 2, 2, 1, 3, 0, -1, 3, 1, 2, 0]
     live = torch.tensor(ids, device=device) >= 0
@@ -529,13 +525,13 @@ def test_fp8_planes_give_the_delta_of_x_rounded_to_e4m3(bits, symmetric, split_k
     salient = DeltaBank.random(4, (96, k), bits=bits, salient=7, symmetric=symmetric,
                                generator=torch.Generator().manual_seed(bits)).to(device)  # fmt: skip
     want = mixed_delta_reference(exact.float(), salient, ids, y0.float().clone())
-    assert _rel(delta(launch(exact, salient, tiles, y0.clone(), cfg)), delta(want)) < 2e-3
+    assert _rel(delta(launch(exact, salient, tiles, y0.clone(), cfg)), delta(want)) < tol
 
     x = (torch.randn(len(ids), k, generator=g) * 2).to(dtype).to(device)
     plain = DeltaBank.random(4, (96, k), bits=bits, symmetric=symmetric,
                              generator=torch.Generator().manual_seed(bits + 10)).to(device)  # fmt: skip
     got = delta(launch(x, plain, tiles, y0.clone(), cfg))
-    assert _rel(got, delta(mixed_delta_reference(_e4m3_rows(x), plain, ids, y0.float().clone()))) < 2e-3
+    assert _rel(got, delta(mixed_delta_reference(e4m3_rows(x), plain, ids, y0.float().clone()))) < tol
     assert _rel(got, delta(mixed_delta_reference(x.float(), plain, ids, y0.float().clone()))) < 0.06
 
 

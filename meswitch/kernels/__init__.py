@@ -6,7 +6,7 @@ Importing this package needs no Triton; the kernels load on first use on a CUDA 
 from meswitch.kernels.bank import BankGrid, DeltaBank, ExpertRows
 from meswitch.kernels.layout import LAYOUT_V1, LAYOUT_V2, repack_v1_to_v2, repack_v2_to_v1
 from meswitch.kernels.ops import mixed_delta
-from meswitch.kernels.reference import mixed_delta_reference
+from meswitch.kernels.reference import e4m3_rows, mixed_delta_reference
 
 __all__ = [
     "LAYOUT_V1",
@@ -14,6 +14,7 @@ __all__ = [
     "BankGrid",
     "DeltaBank",
     "ExpertRows",
+    "e4m3_rows",
     "mixed_delta",
     "mixed_delta_reference",
     "repack_v1_to_v2",

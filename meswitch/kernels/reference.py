@@ -53,3 +53,12 @@ def mixed_delta_reference(
         w = bank.dequantize(e).to(x.device)
         y[idx] = (y[idx].float() + x[idx].float() @ w.T).to(y.dtype)
     return y
+
+
+def e4m3_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as ``LaunchConfig.fp8_planes`` meets it: each row (last dimension) scaled by ``r = max|x| / 448``, rounded
+    to e4m3, scaled back, in float32 (float64 stays float64). The FP8 planes' reference is the op above on this x
+    (the salient columns keep x itself)."""
+    xf = x if x.dtype == torch.float64 else x.float()
+    r = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 448
+    return (xf / r).clamp(-448, 448).to(torch.float8_e4m3fn).to(xf.dtype) * r
