@@ -63,10 +63,12 @@ from transformers.generation.streamers import BaseStreamer
 
 from meswitch.checkpoints import ARCHITECTURES
 from meswitch.compression.delta import DeltaConfig
-from meswitch.kernels import DeltaBank, mixed_delta_reference
+from meswitch.kernels import DeltaBank, ExpertRows, mixed_delta_reference
 from meswitch.kernels.bank import device_tiles
+from meswitch.kernels.launch_config import choose_config
 from meswitch.kernels.layout import LAYOUT_V1
 from meswitch.kernels.ops import mixed_delta_tiles
+from meswitch.kernels.reference import FP8_PLANES_ERROR
 from meswitch.serving.banked import Grid, GridBanks, bank_nbytes
 from meswitch.serving.decoder import DecoderConfig, StaticDecoder
 from meswitch.serving.engine import EngineConfig, MixedExpertEngine, _cache_kwarg, resolve_device, resolve_dtype
@@ -161,15 +163,17 @@ def check_delta(eng: InMemoryEngine, slots: list[ExpertSlot], gen: torch.Generat
         tiles = device_tiles(torch.tensor(ids, device=eng.device), 16)
         tiled = mixed_delta_tiles(x[:, 0], bank, tiles, y[:, 0].clone())
         ref = mixed_delta_reference(x[:, 0], bank, ids, y[:, 0].clone()).float() - y[:, 0].float()
+        fp8 = choose_config(bank, ExpertRows.from_ids(ids), eng.device).fp8_planes  # MESWITCH_DELTA_CONFIG
+        bound = FP8_PLANES_ERROR if fp8 else CHECK_BOUND
         if not torch.equal(tiled[:2], y[:2, 0]):
             raise RuntimeError(f"{name}: base-only rows changed (device tiles)")
         err_t = float((tiled.float() - y[:, 0].float() - ref).norm() / ref.norm())
-        if not err_t < CHECK_BOUND:
+        if not err_t < bound:
             raise RuntimeError(f"{name}: device-tile delta disagrees with the reference, relative error {err_t:.2e}")
         if not torch.equal(got[:2], y[:2]):
             raise RuntimeError(f"{name}: base-only rows changed")
         err = float((got[:, 0].float() - y[:, 0].float() - ref).norm() / ref.norm())
-        if not err < CHECK_BOUND:
+        if not err < bound:
             raise RuntimeError(f"{name}: delta disagrees with the reference, relative error {err:.2e}")
         worst = max(worst, err)
     return worst
