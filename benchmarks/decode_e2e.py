@@ -163,7 +163,8 @@ def check_delta(eng: InMemoryEngine, slots: list[ExpertSlot], gen: torch.Generat
         tiles = device_tiles(torch.tensor(ids, device=eng.device), 16)
         tiled = mixed_delta_tiles(x[:, 0], bank, tiles, y[:, 0].clone())
         ref = mixed_delta_reference(x[:, 0], bank, ids, y[:, 0].clone()).float() - y[:, 0].float()
-        fp8 = choose_config(bank, ExpertRows.from_ids(ids), eng.device).fp8_planes  # MESWITCH_DELTA_CONFIG
+        # MESWITCH_DELTA_CONFIG's FP8 planes, on a GPU (elsewhere the reference runs)
+        fp8 = eng.device.type == "cuda" and choose_config(bank, ExpertRows.from_ids(ids), eng.device).fp8_planes
         bound = FP8_PLANES_ERROR if fp8 else CHECK_BOUND
         if not torch.equal(tiled[:2], y[:2, 0]):
             raise RuntimeError(f"{name}: base-only rows changed (device tiles)")
