@@ -66,7 +66,7 @@ for step in $steps; do
       done ;;
     fp8-prefill) # the 2,048-token prefill with 8 experts against the base alone, without and with FP8 planes (no cap:
                  # prefill tiles take 255 registers). Prefill runs on the uncompiled `graph` decoder: that mode alone,
-                 # a short decode beside it (no glue to compile), about two minutes a process
+                 # with a short decode beside it (no glue to compile)
       for cfg in '' '{"fp8_planes":true}'; do
         MESWITCH_DELTA_CONFIG=$cfg timeout 240 python3 benchmarks/decode_e2e.py --modes graph --experts-list 8 \
           --batches 32 --steps 16 --out "$OUT/decode-prefill${cfg:+-fp8}.json" 2>&1 | grep -E '"mode"|prefill'
