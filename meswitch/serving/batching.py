@@ -447,8 +447,9 @@ class Scheduler:
         infinite logit gets ``NOT_FINITE`` (checked on the device, read with the tokens: no sync of its own)."""
         logits = logits.float()
         broken = ~torch.isfinite(logits).all(-1)
-        logits = logits.masked_fill(broken[:, None], 0.0)  # a valid distribution for multinomial; the row fails
         penalised = [i for i, r in enumerate(seqs) if r.counts and (r.frequency_penalty or r.presence_penalty)]
+        if penalised:
+            logits = logits.clone()  # the model's output is an inference tensor: not updated in place
         for i in penalised:
             r = seqs[i]
             ids = torch.tensor(list(r.counts), device=logits.device)
@@ -461,7 +462,9 @@ class Scheduler:
         idx = torch.tensor(hot, device=logits.device)
         temps = torch.tensor([seqs[i].temperature for i in hot], device=logits.device)
         top_p = torch.tensor([seqs[i].top_p for i in hot], device=logits.device)
-        probs = F.softmax(logits.index_select(0, idx) / temps[:, None], dim=-1)
+        # a broken row still needs a valid distribution for multinomial (its token is replaced below)
+        hot_logits = logits.index_select(0, idx).masked_fill(broken.index_select(0, idx)[:, None], 0.0)
+        probs = F.softmax(hot_logits / temps[:, None], dim=-1)
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p[:, None]  # keep the smallest prefix reaching top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
