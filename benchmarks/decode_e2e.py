@@ -14,7 +14,8 @@ mixed, rows spread evenly over them):
 * ``graph-serial``: ``graph-compiled`` with each projection's expert deltas after its base GEMM on one stream,
   not on a second stream beside it (the default, ``DecoderConfig.overlap_deltas``).
 * ``graph-kernel-sums``: ``graph-compiled`` with x's row sums for the delta kernel's epilogue from a kernel of their
-  own on the MLP's launches, not from the compiled norm and SwiGLU that make x (``DecoderConfig.glue_sums``).
+  own on the MLP's launches, not from the compiled norm and SwiGLU that make x (``DecoderConfig.glue_sums``); with
+  FP8 planes, x in e4m3 from a kernel of its own before every launch, not from the glue.
 * ``graph-sdpa``: ``graph-compiled`` with PyTorch's SDPA (cuDNN) and two index writes for decode
   attention instead of the Triton kernel that also writes the new K/V (the default).
 * ``engine``: ``MixedExpertEngine.forward`` eagerly with a DynamicCache, as the scheduler used to drive it.

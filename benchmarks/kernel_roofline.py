@@ -16,7 +16,9 @@ base GEMM (torch) before it, with bytes counting the base weight too.
 ``--sums-given`` launches as the decode step does: x's row sums come with x (the decoder's norm and SwiGLU
 compute them, ``meswitch.kernels.row_sums``; here before timing), so every decode launch with steps in the
 epilogue takes them from outside its loop (16-row tiles: two planes a dot in 128 registers), not only the MLP's
-launches of 8 or more tiles, which otherwise compute them in a kernel of their own, timed with the delta.
+launches of 8 or more tiles, which otherwise compute them in a kernel of their own, timed with the delta. With
+FP8 planes (``MESWITCH_DELTA_CONFIG='{"fp8_planes": true}'``) x in e4m3 comes with x the same way, where without
+``--sums-given`` a kernel of its own rounds it before each launch, timed with the delta.
 
     python benchmarks/kernel_roofline.py --out benchmarks/results/kernel_roofline-DATE.json
 """
@@ -44,7 +46,7 @@ from meswitch.kernels import DeltaBank, ExpertRows
 from meswitch.kernels.launch_config import LaunchConfig, choose_config, config_for, sums_plan
 from meswitch.kernels.layout import LAYOUT_V1
 from meswitch.kernels.reference import FP8_PLANES_ERROR
-from meswitch.kernels.row_sums import row_sums, sum_weights
+from meswitch.kernels.row_sums import launch_args, launch_inputs, sum_weights
 from meswitch.kernels.triton_delta import launch, mixed_delta_triton
 
 SHAPES = {"q/o 4096x4096": (4096, 4096), "k/v 1024x4096": (1024, 4096), "gate/up 14336x4096": (14336, 4096),
@@ -90,17 +92,18 @@ def rows_for(rows: int, experts: int, first_expert: int) -> tuple[ExpertRows, li
 
 def step_launch(
     bank: DeltaBank, er: ExpertRows, segs: list[tuple[int, int, int]], x: torch.Tensor, block_m: int | None = None
-) -> tuple[LaunchConfig, torch.Tensor, torch.Tensor | None]:
-    """(config, tile table, row sums) of the launch the decode step makes for these rows: sized for their tiles,
-    with x's row sums given where the config takes them (``launch_config.sums_plan``), computed here as the
-    decoder's glue computes them with x (``row_sums.row_sums``), outside the time of the launch. ``block_m``:
-    the tiles' rows (``DecoderConfig.block_m``), else the kernel's own choice for the longest segment."""
+) -> tuple[LaunchConfig, torch.Tensor, dict]:
+    """(config, tile table, given inputs) of the launch the decode step makes for these rows: sized for their
+    tiles, with x's row sums (and with FP8 planes x in e4m3) given where the config takes them
+    (``launch_config.sums_plan``), computed here as the decoder's glue computes them with x
+    (``row_sums.launch_inputs``), outside the time of the launch. ``block_m``: the tiles' rows
+    (``DecoderConfig.block_m``), else the kernel's own choice for the longest segment."""
     block_m = block_m or choose_config(bank, er, x.device).block_m
     tiles = sum(-(-(b - a) // block_m) for _, a, b in segs)
     cfg = config_for(bank, block_m, tiles, x.device, sums_given=True)
     plan = sums_plan(bank, block_m, tiles, x.device, x.dtype)
-    sums = None if plan is None else row_sums(x, [sum_weights(plan, x.device)])[0].view(x.shape[0], -1, 2)
-    return cfg, er.tiles(block_m, x.device), sums
+    given = None if plan is None else launch_inputs(x, [sum_weights(plan, x.device)])[0]
+    return cfg, er.tiles(block_m, x.device), launch_args(given, x.shape[0])
 
 
 def naive_dequant_bf16(bank: DeltaBank, e: int) -> torch.Tensor:
@@ -167,7 +170,7 @@ def bench_case(
         if step is None:
             mixed_delta_triton(x, bank, er, y, config)
         else:
-            launch(x, bank, step[1], y, step[0], step[2])
+            launch(x, bank, step[1], y, step[0], **step[2])
 
     ms = do_bench(lambda: rot(run_kernel), warmup=25, rep=200, return_mode="median")
     used = sets[0][4][0] if sums_given else config or choose_config(bank, sets[0][2], sets[0][0].device)

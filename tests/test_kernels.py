@@ -120,6 +120,37 @@ def test_row_sums_are_each_splits_sums_of_x_and_of_its_plane_biased_x():
     torch.testing.assert_close(got.double(), torch.stack(want, -1), rtol=1e-6, atol=1e-3)
 
 
+@pytest.mark.parametrize("bits", [1, 2])
+def test_e4m3_inputs_are_x_rounded_per_row_in_the_fp8_planes_order_with_its_split_sums(bits):
+    """What FP8 planes take of x (``row_sums.e4m3_inputs``, the glue's and the kernel test's reference): x8 in the
+    planes' K order (``layout.e4m3_positions`` in each chunk, zeros past K) is ``e4m3_rows(x) / r``, the row's
+    largest |x| lands on 448, and per K split (whole chunks, the last shorter) ``(Σ r·x8, 8·Σ r·x8)``."""
+    from meswitch.kernels.layout import e4m3_positions
+    from meswitch.kernels.row_sums import SumsPlan, e4m3_inputs, launch_args, launch_inputs, sum_weights
+
+    k, chunk = 1000, v2_chunk(bits)
+    plan = SumsPlan(k=k, span=chunk, splits=-(-k // chunk), bits=bits, is_bf16=True, fp8=True)
+    x = torch.randn(2, 3, k, generator=torch.Generator().manual_seed(bits)).bfloat16()
+    x8, r, sums = e4m3_inputs(x, *sum_weights(plan))
+    assert x8.dtype == torch.float8_e4m3fn and x8.shape == (2, 3, plan.padded)
+    assert r.shape == (2, 3) and sums.shape == (2, 3, plan.width)
+    assert torch.equal(x8.float().abs().amax(-1), torch.full((2, 3), 448.0))
+    rounded = e4m3_rows(x)
+    for c in range(plan.splits):
+        at = c * chunk + e4m3_positions(bits)
+        inside = at < k
+        part = x8[..., c * chunk : (c + 1) * chunk].float() * r[..., None]
+        assert torch.equal(part[..., inside], rounded[..., at[inside]]), c
+        assert not part[..., ~inside].any()  # past K: zeros
+        want = rounded[..., c * chunk : (c + 1) * chunk].double().sum(-1)
+        torch.testing.assert_close(sums[..., 2 * c].double(), want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(sums[..., 2 * c + 1], 8 * sums[..., 2 * c])
+    (given,) = launch_inputs(x, [sum_weights(plan)])  # as the glue hands them to the launch
+    args = launch_args(given, 6)
+    assert args["x8"].shape == (6, plan.padded) and args["r"].shape == (6,)
+    assert args["sums"].shape == (6, plan.splits, 2)
+
+
 def test_layout_errors():
     with pytest.raises(ValueError, match="layout 2 packs"):
         pack_v2(torch.zeros(2, 64, dtype=torch.uint8), 3)
@@ -537,6 +568,54 @@ def test_fp8_planes_give_the_delta_of_x_rounded_to_e4m3(bits, symmetric, split_k
 
 
 @kernel
+@pytest.mark.parametrize("bits,split_k,k", [(2, 2, 1000), (1, 1, 1024), (2, 3, 2048)])
+def test_fp8_planes_take_x_in_e4m3_from_the_kernel_that_made_x(bits, split_k, k):
+    """x in e4m3, its row scales and their sums as the decoder's glue computes them (``row_sums.e4m3_inputs``) are
+    what ``_x_e4m3_kernel`` writes before a launch that is given none, and the launch given them adds the same
+    delta; given piecemeal, to bf16 planes or mis-shaped, they are refused with a message."""
+    from meswitch.kernels import triton_delta
+    from meswitch.kernels.launch_config import LaunchConfig, k_splits
+    from meswitch.kernels.row_sums import SumsPlan, launch_args, launch_inputs, sum_weights
+
+    dtype = torch.bfloat16 if CUDA else torch.float16  # the interpreter's bf16 dot is wrong
+    device = "cuda" if CUDA else "cpu"
+    ids = [0, -1, 2, 2, 1, 3, 0, -1, 3, 1, 2, 0]
+    g = torch.Generator().manual_seed(k + bits)
+    bank = DeltaBank.random(4, (96, k), bits=bits, salient=5, generator=g).to(device)
+    x = (torch.randn(len(ids), k, generator=g) * 2).to(dtype).to(device)
+    y0 = (torch.randn(len(ids), 96, generator=g) * 0.01).to(dtype).to(device)
+    tiles = ExpertRows.from_ids(ids).tiles(16, device)
+    cfg = LaunchConfig(block_n=32, block_m=16, split_k=split_k, num_stages=2, fp8_planes=True)
+    chunks = bank.packed.shape[1]
+    splits, per_split = k_splits(chunks, split_k)
+    plan = SumsPlan(k, per_split * v2_chunk(bits), splits, bits, dtype == torch.bfloat16, fp8=True)
+    given = launch_args(launch_inputs(x, [sum_weights(plan, device)])[0], len(ids))
+
+    x8 = torch.empty(len(ids), chunks * v2_chunk(bits), dtype=torch.float8_e4m3fn, device=device)
+    r, sums = torch.empty(len(ids), device=device), torch.empty(len(ids), splits, 2, device=device)
+    triton_delta._x_e4m3_kernel[(len(ids), splits)](x, x8, r, sums, k, chunks, per_split, x.stride(0), x8.stride(0),
+                                                    BITS=bits, BLOCK_K=1024)  # fmt: skip
+    assert torch.equal(r, given["r"])
+    same = (x8.float() == given["x8"].float()).float().mean()
+    assert same > 0.999  # the interpreter rounds e4m3's subnormals twice (ptx_planes.to_e4m3): rarely one step off
+    torch.testing.assert_close(sums, given["sums"], rtol=1e-5, atol=1e-3)
+
+    own = triton_delta.launch(x, bank, tiles, y0.clone(), cfg)
+    taken = triton_delta.launch(x, bank, tiles, y0.clone(), cfg, **given)
+    live = torch.tensor(ids, device=device) >= 0
+    assert torch.equal(taken[~live], y0[~live])
+    assert _rel(taken[live].float() - y0[live].float(), own[live].float() - y0[live].float()) < 2e-3
+    with pytest.raises(ValueError, match="go together"):
+        triton_delta.launch(x, bank, tiles, y0.clone(), cfg, given["sums"], x8=given["x8"])
+    with pytest.raises(ValueError, match="go together"):  # to bf16 planes
+        triton_delta.launch(x, bank, tiles, y0.clone(), replace(cfg, fp8_planes=False), **given)
+    with pytest.raises(ValueError, match="x in e4m3 must be"):
+        triton_delta.launch(x, bank, tiles, y0.clone(), cfg, given["sums"], given["x8"][:, :-1], given["r"])
+    with pytest.raises(ValueError, match="row scales must be"):
+        triton_delta.launch(x, bank, tiles, y0.clone(), cfg, given["sums"], given["x8"], given["r"].double())
+
+
+@kernel
 def test_fp8_planes_refuse_what_they_cannot_hold():
     """4-bit codes (e4m3 has 3 mantissa bits), per-group steps and row sums given for the bf16 planes are refused
     with a message, never run."""
@@ -553,7 +632,7 @@ def test_fp8_planes_refuse_what_they_cannot_hold():
         with pytest.raises(ValueError, match="FP8 planes need"):
             launch(x, bank.to(device), tiles, y, replace(cfg, epilogue_scale=bank.grid.group_size == 0))
     sums = torch.zeros(2, 1, 2, device=device)
-    with pytest.raises(ValueError, match="compute their own row sums"):
+    with pytest.raises(ValueError, match="with x8 and r"):
         launch(x, DeltaBank.random(2, (64, 512), bits=2).to(device), tiles, y, cfg, sums)
 
 
@@ -613,7 +692,7 @@ def test_a_launch_given_row_sums_takes_them_wherever_the_epilogue_scales(monkeyp
     monkeypatch.delenv("MESWITCH_DELTA_CONFIG")
     assert overridden == replace(config_for(down, 16, 8, cpu), maxnreg=96)
     monkeypatch.setenv("MESWITCH_DELTA_CONFIG", '{"fp8_planes": true}')  # FP8 planes where they fit, and no sums
-    assert config_for(down, 16, 8, cpu).fp8_planes and sums_plan(down, 16, 8, cpu, torch.bfloat16) is None
+    assert config_for(down, 16, 8, cpu).fp8_planes and sums_plan(down, 16, 8, cpu, torch.bfloat16).fp8
     assert not config_for(DeltaBank.random(1, (4096, 4096), bits=4), 16, 8, cpu).fp8_planes  # 4-bit codes
     assert not config_for(down, 8, 8, cpu).fp8_planes  # 8-row tiles
     prefill = config_for(down, 128, 8, cpu)  # prefill tiles too, scaling in the epilogue (x's sums come with x8)

@@ -14,7 +14,7 @@ from serving_fixtures import check_continuous_batching, reconstructed, served_fa
 from meswitch.kernels import DeltaBank, ExpertRows, mixed_delta_reference
 from meswitch.kernels.bank import device_tiles
 from meswitch.kernels.ops import mixed_delta_tiles, tile_rows
-from meswitch.kernels.row_sums import SumsPlan, row_sums, sum_weights
+from meswitch.kernels.row_sums import SumsPlan, e4m3_inputs, launch_args, launch_inputs, row_sums, sum_weights
 from meswitch.serving.batching import SchedulerConfig
 from meswitch.serving.decoder import DecoderConfig, StaticDecoder, length_bucket
 from meswitch.serving.engine import EngineConfig, EngineError, MixedExpertEngine
@@ -225,13 +225,21 @@ def test_the_compiled_glue_gives_the_row_sums_of_what_it_stores(packed):
     act, (act_sums,) = dec._glue["swiglu"](gate, up, None, None, weights[:1])
     assert torch.equal(act, torch.nn.functional.silu(gate) * up)
     assert _rel(act_sums, row_sums(act, weights[:1])[0]) < 1e-5
+    # FP8 planes: x in e4m3 in their order, its row scales and sums, from what the glue stores
+    fp8 = (sum_weights(SumsPlan(512, 256, 2, 2, True, fp8=True)),)
+    for h, (got,) in (dec._glue["add_norm"](x, y, 1e-5, w, [], d, fp8)[1:], dec._glue["swiglu"](gate, up, d, y, fp8)):
+        x8, r, sums = e4m3_inputs(h, *fp8[0])
+        assert got[0].dtype == torch.float8_e4m3fn and torch.equal(got[0].float(), x8.float())
+        assert torch.equal(got[1], r) and _rel(got[2], sums) < 1e-6
 
 
-def test_the_glue_hands_each_delta_launch_the_row_sums_of_its_x(packed, monkeypatch):
+@pytest.mark.parametrize("fp8", [False, True])
+def test_the_glue_hands_each_delta_launch_the_row_sums_of_its_x(packed, monkeypatch, fp8):
     """With ``glue_sums`` the norm before q/k/v and gate/up and SwiGLU before down hand their launches x's row sums
-    as each launch plans them. The plans need the GPU's SM count and the Triton kernel, which this machine lacks: both
-    are patched in (the H200's 132 SMs), and the op runs its reference, which ignores the sums, so the steps must
-    equal those without them; every sums tensor that reached the op is checked against x."""
+    as each launch plans them, and with FP8 planes x in e4m3 and its row scales too. The plans need the GPU's SM
+    count and the Triton kernel, which this machine lacks: both are patched in (the H200's 132 SMs), and the op runs
+    its reference, which ignores them, so the steps must equal those without them; every input that reached the op
+    is checked against x."""
     from meswitch.kernels import launch_config, ops
     from meswitch.kernels.launch_config import sums_plan
     from meswitch.kernels.ops import launch_tiles
@@ -239,23 +247,29 @@ def test_the_glue_hands_each_delta_launch_the_row_sums_of_its_x(packed, monkeypa
     eng, slots = packed
     monkeypatch.setattr(launch_config, "_sm_count", lambda device: 132)
     monkeypatch.setattr(ops, "triton_available", lambda: True)
+    if fp8:
+        monkeypatch.setenv("MESWITCH_DELTA_CONFIG", '{"fp8_planes": true}')
     seen, real = [], ops.mixed_delta_tiles
 
-    def spy(x, bank, tiles, y, *, sums=None, **kw):
-        seen.append((x.clone(), bank, tiles.shape[1] - 2, sums))
-        return real(x, bank, tiles, y, sums=sums, **kw)
+    def spy(x, bank, tiles, y, **kw):
+        seen.append((x.clone(), bank, tiles.shape[1] - 2, kw))
+        return real(x, bank, tiles, y, **kw)
 
     monkeypatch.setattr(ops, "mixed_delta_tiles", spy)
     glue = {"compile_glue": True}
     (_, *without), (dec, *given) = (_prefill_and_step(eng, slots, **glue, glue_sums=g) for g in (False, True))
     torch.testing.assert_close(given, without, **TOL)
-    summed = [(x, bank, block_m, sums) for x, bank, block_m, sums in seen if sums is not None]
+    summed = [(x, bank, block_m, kw) for x, bank, block_m, kw in seen if kw.get("sums") is not None]
     grids = {eng.banks.index(slots[name].key)[0] for name in sorted(slots)[:2]}  # _prefill_and_step's two experts
     assert len(summed) == 3 * len(dec.layers) * len(grids)  # q/k/v, gate/up, down: a launch each per grid
-    for x, bank, block_m, sums in summed:
+    for x, bank, block_m, kw in summed:
         plan = sums_plan(bank, block_m, launch_tiles(x.shape[0], bank), x.device, x.dtype)
-        assert sums.shape == (x.shape[0], plan.splits, 2)
-        torch.testing.assert_close(sums.view(x.shape[0], -1), row_sums(x, [sum_weights(plan)])[0])
+        assert plan.fp8 == fp8 and set(kw) == ({"sums", "x8", "r"} if fp8 else {"sums"})
+        want = launch_args(launch_inputs(x, [sum_weights(plan)])[0], x.shape[0])
+        assert kw["sums"].shape == (x.shape[0], plan.splits, 2)
+        assert _rel(kw["sums"], want["sums"]) < 1e-5  # the compiled reduction's order, not eager's
+        if fp8:
+            assert torch.equal(kw["x8"].float(), want["x8"].float()) and torch.equal(kw["r"], want["r"])
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -399,6 +413,11 @@ def test_graph_replay_gives_the_eager_decoders_tokens_on_the_gpu(tmp_path, monke
     fp8, fp8_eager = (StaticDecoder(eng, DecoderConfig(**{**cfg.__dict__, "graphs": g})) for g in (True, False))
     assert greedy(fp8, rows) == greedy(fp8_eager, rows)
     torch.testing.assert_close(logits(graph, rows, forced), logits(fp8, rows, forced), atol=0.15, rtol=5e-2)
+    # x in e4m3 from the compiled glue (row_sums.e4m3_inputs) against the kernel's own rounding before each launch
+    assert any(plan.fp8 for plan in fp8._sum_weights), "no FP8 launch took x in e4m3 from the glue"
+    fp8_own = StaticDecoder(eng, DecoderConfig(**{**cfg.__dict__, "glue_sums": False}))
+    assert greedy(fp8_own, rows) == greedy(fp8, rows)
+    torch.testing.assert_close(logits(fp8, rows, forced), logits(fp8_own, rows, forced), atol=5e-2, rtol=2e-2)
     monkeypatch.delenv("MESWITCH_DELTA_CONFIG")
 
     warm = StaticDecoder(eng, cfg)

@@ -163,14 +163,15 @@ def k_splits(chunks: int, split_k: int) -> tuple[int, int]:
 
 
 def sums_plan(bank: DeltaBank, block_m: int, tiles: int, device: torch.device, dtype: torch.dtype) -> SumsPlan | None:
-    """The row sums a launch (:func:`config_for` with ``sums_given``) takes from the kernel that makes its x; None
-    where it takes none (prefill tiles scale in registers; FP8 planes sum x in e4m3 themselves)."""
+    """The row sums a launch (:func:`config_for` with ``sums_given``) takes from the kernel that makes its x, and
+    with FP8 planes x in e4m3 too (``SumsPlan.fp8``); None where it takes none (prefill tiles scale in registers)."""
     cfg = config_for(bank, block_m, tiles, device, sums_given=True)
-    if not cfg.x_sums or cfg.fp8_planes:
+    if not (cfg.x_sums or cfg.fp8_planes):
         return None
     splits, per_split = k_splits(bank.packed.shape[1], cfg.split_k)
     bits = bank.grid.bits
-    return SumsPlan(bank.grid.shape[1], per_split * v2_chunk(bits), splits, bits, dtype == torch.bfloat16)
+    return SumsPlan(bank.grid.shape[1], per_split * v2_chunk(bits), splits, bits, dtype == torch.bfloat16,
+                    cfg.fp8_planes)  # fmt: skip
 
 
 def block_within(want: int, bank: DeltaBank) -> int:

@@ -64,6 +64,7 @@ def position_biases(k: int, bits: int, is_bf16: bool) -> torch.Tensor:
 
 E4M3_BITS = (1, 2)
 E4M3_PLANE_WIDTH = 64  # K positions per FP8 plane: 16 words x 4 bytes
+E4M3_BIAS = 8.0  # an FP8 plane's operand is 8 + code (ptx_planes.plane_e4m3), at every position
 
 
 def e4m3_positions(bits: int) -> torch.Tensor:

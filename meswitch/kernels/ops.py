@@ -75,6 +75,8 @@ def _mixed_delta_tiles(
     block_m: int,
     expected_tiles: int,
     sums: torch.Tensor | None = None,
+    x8: torch.Tensor | None = None,
+    r: torch.Tensor | None = None,
 ) -> None:
     grid = BankGrid((n, k), bits, group_size, symmetric, layout_version)
     bank = DeltaBank(grid, packed, scale, offset, salient_idx, salient_val, tuple(splits))
@@ -83,14 +85,14 @@ def _mixed_delta_tiles(
         from meswitch.kernels.triton_delta import launch
 
         check_device_inputs(x, bank, y)
-        launch(x, bank, tiles, y, config_for(bank, block_m, expected_tiles, x.device, sums is not None), sums)
+        launch(x, bank, tiles, y, config_for(bank, block_m, expected_tiles, x.device, sums is not None), sums, x8, r)
         return
     mixed_delta_reference(x, bank, tile_rows(tiles), y)
 
 
 @_mixed_delta_tiles.register_fake
 def _(x, y, packed, scale, offset, salient_idx, salient_val, tiles, n, k, bits, group_size, layout_version,
-      symmetric, splits, block_m, expected_tiles, sums=None) -> None:  # fmt: skip
+      symmetric, splits, block_m, expected_tiles, sums=None, x8=None, r=None) -> None:  # fmt: skip
     return None
 
 
@@ -117,6 +119,8 @@ def mixed_delta_tiles(
     *,
     expected_tiles: int | None = None,
     sums: torch.Tensor | None = None,
+    x8: torch.Tensor | None = None,
+    r: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``mixed_delta`` over a device-built tile table (:func:`~meswitch.kernels.bank.device_tiles`).
 
@@ -126,7 +130,8 @@ def mixed_delta_tiles(
     concatenated) in one launch. ``expected_tiles`` (default: :func:`launch_tiles`) sizes the launch heuristics.
     ``sums``: x's row sums as :func:`~meswitch.kernels.launch_config.sums_plan` plans them for this launch, from
     the kernel that made x (the Triton kernel then neither accumulates them nor launches a kernel for them; the
-    reference ignores them).
+    reference ignores them); with FP8 planes also x in e4m3 and its row scales, ``x8`` and ``r``
+    (:func:`~meswitch.kernels.row_sums.e4m3_inputs`).
     """
     m = x.shape[0]
     if tiles.dim() != 2 or tiles.shape[0] != m:
@@ -138,6 +143,6 @@ def mixed_delta_tiles(
     torch.ops.meswitch.mixed_delta_tiles(
         x, y, bank.packed, bank.scale, bank.offset, bank.salient_idx, bank.salient_val, tiles,
         n, k, grid.bits, grid.group_size, grid.layout_version, grid.symmetric, list(bank.splits),
-        tiles.shape[1] - 2, launch_tiles(m, bank, expected_tiles), sums,
+        tiles.shape[1] - 2, launch_tiles(m, bank, expected_tiles), sums, x8, r,
     )  # fmt: skip
     return y

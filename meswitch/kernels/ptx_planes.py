@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import constexpr_function
 
+from meswitch.kernels import layout
+
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
@@ -150,7 +152,8 @@ def plane_scaled(src, s, o, BITS: tl.constexpr, p: tl.constexpr, IS_BF16: tl.con
     return w
 
 
-E4M3_BIAS = tl.constexpr(8.0)  # 0x50 as e4m3: exponent 10 (bias 7), so the low mantissa bits count whole units from 8
+# 0x50 as e4m3: exponent 10 (bias 7), so the low mantissa bits count whole units from 8
+E4M3_BIAS = tl.constexpr(layout.E4M3_BIAS)
 
 
 @constexpr_function

@@ -365,20 +365,23 @@ def launch(
     y: torch.Tensor,
     cfg: LaunchConfig,
     sums: torch.Tensor | None = None,
+    x8: torch.Tensor | None = None,
+    r: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One launch over a tile table (:meth:`ExpertRows.tiles`, or :func:`~meswitch.kernels.bank.device_tiles`,
     whose unused tiles exit at once); no host read of the batch, so a CUDA graph can hold it.
 
     ``cfg.x_sums``: x's row sums per K split, fp32 ``[M, splits, 2]`` (:mod:`.row_sums`), are ``sums`` where
-    given, else computed by ``_x_sums_kernel`` first. ``cfg.fp8_planes``: x in e4m3 and its sums from
-    ``_x_e4m3_kernel`` first (``sums`` are the bf16 planes' and are not taken). A grouped bank is one launch when
+    given, else computed by ``_x_sums_kernel`` first. ``cfg.fp8_planes``: x in e4m3 in the planes' K order, each
+    row's scale and the sums of the rounded x (``x8``, ``r``, ``sums``: :func:`~meswitch.kernels.row_sums.
+    e4m3_inputs`) where given, all three, else from ``_x_e4m3_kernel`` first. A grouped bank is one launch when
     ``cfg.block_n`` divides every projection boundary (each N block then reads one projection's salient columns),
     else one launch per projection."""
     n, k = bank.grid.shape
     inner = bank.bounds[1:-1]
     if any(b % cfg.block_n for b in inner):
         for p, (a, b) in enumerate(itertools.pairwise(bank.bounds)):
-            launch(x, bank.part(p), tiles, y[:, a:b], cfg, sums)
+            launch(x, bank.part(p), tiles, y[:, a:b], cfg, sums, x8, r)
         return y
     b1, b2 = (*inner, n, n)[:2]
     offset = bank.offset if bank.offset is not None else bank.scale  # never read when symmetric
@@ -396,32 +399,35 @@ def launch(
                 f"FP8 planes need {E4M3_BITS}-bit codes with per-channel steps in the epilogue and "
                 f"16 rows a tile or more, not {bank.grid.bits}-bit, group {bank.grid.group_size}, {cfg}"
             )
-        if fp8 and sums is not None:
-            raise ValueError("FP8 planes compute their own row sums (of x in e4m3); given sums are the bf16 planes'")
+        given = [t is not None for t in (x8, r)]
+        if any(given) and not (fp8 and all(given) and sums is not None):
+            raise ValueError("x in e4m3 (x8), its row scales (r) and their sums go together, to FP8 planes only")
+        if fp8 and sums is not None and x8 is None:
+            raise ValueError("FP8 planes take the sums of x in e4m3 with x8 and r (given alone: the bf16 planes')")
         w = bank.packed.view(torch.int8 if fp8 else torch.int16)
         x_sums = fp8 or (cfg.x_sums and cfg.epilogue_scale)
-        x8, xr = tiles, tiles  # never read without FP8
-        if fp8:
-            chunk = v2_chunk(bank.grid.bits)
-            x8 = torch.empty((x.shape[0], chunks * chunk), dtype=torch.float8_e4m3fn, device=x.device)
-            xr = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-            sums = torch.empty((x.shape[0], splits, 2), dtype=torch.float32, device=x.device)
-            _x_e4m3_kernel[(x.shape[0], splits)](x, x8, xr, sums, k, chunks, per_split, x.stride(0), x8.stride(0),
-                                                  BITS=bank.grid.bits, BLOCK_K=1024, num_warps=4)  # fmt: skip
+        m, chunk = x.shape[0], v2_chunk(bank.grid.bits)
+        if fp8 and x8 is None:
+            x8 = torch.empty((m, chunks * chunk), dtype=torch.float8_e4m3fn, device=x.device)
+            r = torch.empty(m, dtype=torch.float32, device=x.device)
+            sums = torch.empty((m, splits, 2), dtype=torch.float32, device=x.device)
+            _x_e4m3_kernel[(m, splits)](x, x8, r, sums, k, chunks, per_split, x.stride(0), x8.stride(0),
+                                        BITS=bank.grid.bits, BLOCK_K=1024, num_warps=4)  # fmt: skip
+        elif fp8:
+            _check_given(x8, (m, chunks * chunk), torch.float8_e4m3fn, x.device, "x in e4m3", row_major=True)
+            _check_given(r, (m,), torch.float32, x.device, "row scales")
+            _check_given(sums, (m, splits, 2), torch.float32, x.device, "row sums")
         elif x_sums and sums is not None:
-            want = (x.shape[0], splits, 2)
-            if tuple(sums.shape) != want or sums.dtype != torch.float32 or not sums.is_contiguous() or (
-                    sums.device != x.device):  # fmt: skip
-                raise ValueError(f"row sums must be contiguous fp32 {list(want)} on {x.device}, got {sums.dtype} "
-                                 f"{list(sums.shape)} on {sums.device}")  # fmt: skip
+            _check_given(sums, (m, splits, 2), torch.float32, x.device, "row sums")
         elif x_sums:
             sums = torch.empty((x.shape[0], splits, 2), dtype=torch.float32, device=x.device)
             _x_sums_kernel[(x.shape[0], splits)](x, sums, k, per_split * v2_chunk(bank.grid.bits), x.stride(0),
                                                   BITS=bank.grid.bits, IS_BF16=x.dtype == torch.bfloat16,
                                                   BLOCK_K=512, num_warps=4)  # fmt: skip
+        x8, r = (x8, r) if fp8 else (tiles, tiles)  # never read without FP8
         _delta_v2_kernel[grid](
             x, y, w, bank.scale, offset, sidx, sval, tiles, sums if x_sums else tiles,  # never read without X_SUMS
-            x8, xr, n, k, bank.grid.groups, bank.kmax, chunks, per_split, x.stride(0), y.stride(0), x8.stride(0),
+            x8, r, n, k, bank.grid.groups, bank.kmax, chunks, per_split, x.stride(0), y.stride(0), x8.stride(0),
             w.stride(0), w.stride(1), *strides,
             BITS=bank.grid.bits, GROUP=bank.grid.group_size, SYMMETRIC=bank.offset is None,
             EPILOGUE_SCALE=cfg.epilogue_scale, EVEN_K=k % v2_chunk(bank.grid.bits) == 0,
@@ -442,3 +448,12 @@ def launch(
     else:
         raise ValueError(f"unknown layout_version {bank.grid.layout_version}")
     return y
+
+
+def _check_given(t: torch.Tensor, shape: tuple, dtype: torch.dtype, device, what: str, row_major: bool = False):
+    """A launch input from the kernel that made x: its shape, dtype and device, contiguous (``row_major``: along
+    its rows only), or an error naming it, never a wrong read."""
+    dense = t.stride(-1) == 1 if row_major else t.is_contiguous()
+    if tuple(t.shape) != shape or t.dtype != dtype or t.device != device or not dense:
+        raise ValueError(f"{what} must be {'row-major' if row_major else 'contiguous'} {dtype} {list(shape)} on "
+                         f"{device}, got {t.dtype} {list(t.shape)} on {t.device}")  # fmt: skip

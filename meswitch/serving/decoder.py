@@ -34,7 +34,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from meswitch.kernels.bank import device_tiles
 from meswitch.kernels.decode_attention import decode_attention, decode_attention_reference, decode_mask
-from meswitch.kernels.row_sums import SumsPlan, row_sums, sum_weights
+from meswitch.kernels.row_sums import SumsPlan, launch_inputs, sum_weights
 from meswitch.serving.engine import EngineError, MixedExpertEngine
 from meswitch.serving.mixed import FusedLinears, MixedLinear, rms_rows
 from meswitch.serving.tiers import ExpertSlot
@@ -88,8 +88,9 @@ class DecoderConfig:
     # None: leave it as it is.
     blas: str | None = "cublaslt"
     # With compiled glue and the deltas apart, the residual add + RMS norm and SwiGLU also compute the row sums of
-    # the x they make that the delta kernel's epilogue needs (kernels/row_sums.py): q/k/v's, gate/up's and down's
-    # launches then neither accumulate them in their loop nor launch a kernel for them. False: the kernel's own.
+    # the x they make that the delta kernel's epilogue needs (kernels/row_sums.py), and for FP8 planes x in e4m3:
+    # q/k/v's, gate/up's and down's launches then neither accumulate them in their loop nor launch a kernel for
+    # them. False: the kernel's own.
     glue_sums: bool = True
 
 
@@ -104,9 +105,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, d_gate=None, d_up=None, act=F.s
 
 
 def swiglu_sums(gate: torch.Tensor, up: torch.Tensor, d_gate=None, d_up=None, sums: tuple = ()):
-    """:func:`swiglu` (SiLU) and its output's row sums against each of ``sums`` (:func:`row_sums`)."""
+    """:func:`swiglu` (SiLU) and what each delta launch of ``sums`` takes of its output (:func:`launch_inputs`)."""
     act = swiglu(gate, up, d_gate, d_up)
-    return act, row_sums(act, sums)
+    return act, launch_inputs(act, sums)
 
 
 def residual(x: torch.Tensor, y: torch.Tensor, d=None) -> torch.Tensor:
@@ -115,14 +116,14 @@ def residual(x: torch.Tensor, y: torch.Tensor, d=None) -> torch.Tensor:
 
 
 def rms_sums(x: torch.Tensor, eps: float, weight: torch.Tensor, tables: list, sums: tuple = ()):
-    """:func:`rms_rows` and its output's row sums against each of ``sums`` (:func:`row_sums`)."""
+    """:func:`rms_rows` and what each delta launch of ``sums`` takes of its output (:func:`launch_inputs`)."""
     h = rms_rows(x, eps, weight, tables)
-    return h, row_sums(h, sums)
+    return h, launch_inputs(h, sums)
 
 
 def add_rms_rows(x: torch.Tensor, y: torch.Tensor, eps: float, weight: torch.Tensor, tables: list, d=None,
                  sums: tuple = ()):  # fmt: skip
-    """:func:`residual`, its RMS norm (:func:`rms_rows`) and the norm's row sums against each of ``sums``."""
+    """:func:`residual`, its RMS norm (:func:`rms_rows`) and what each delta launch of ``sums`` takes of it."""
     x = residual(x, y, d)
     return x, *rms_sums(x, eps, weight, tables, sums)
 
@@ -206,7 +207,7 @@ class StaticDecoder:
         # a decode step's delta outputs, per row: every projection's width (cut from one zeroed buffer a step)
         self._delta_width = sum(m.base.out_features for m in engine.model.modules() if isinstance(m, MixedLinear))
         self._fused = [self._fuse(layer) for layer in self.layers] if self.config.fuse_projections else None
-        self._sum_weights: dict[SumsPlan, torch.Tensor] = {}
+        self._sum_weights: dict[SumsPlan, torch.Tensor | tuple] = {}
 
     @staticmethod
     def _fuse(layer) -> tuple[FusedLinears, FusedLinears] | None:
@@ -284,9 +285,10 @@ class StaticDecoder:
         return module.apart(x, sums) if apart and isinstance(module, MixedLinear) else (module(x), None)
 
     def _plan(self, layer: int, which: int, like: torch.Tensor, wanted: bool) -> tuple[tuple, tuple]:
-        """(grids, weights): per grid of the step, the weight matrices (:func:`~meswitch.kernels.row_sums.
-        sum_weights`) that give the row sums the launch of layer ``layer``'s q/k/v (``which`` 0), gate/up (1) or
-        down (2) takes, for an x shaped like ``like``; nothing unless ``wanted`` and planned (a GPU)."""
+        """(grids, constants): per grid of the step, the constants (:func:`~meswitch.kernels.row_sums.
+        sum_weights`) that give what the launch of layer ``layer``'s q/k/v (``which`` 0), gate/up (1) or down (2)
+        takes of an x shaped like ``like`` (row sums; with FP8 planes x in e4m3 too); nothing unless ``wanted``
+        and planned (a GPU)."""
         fused = self._fused[layer] if wanted else None
         if fused is None:  # not every projection is a mixed linear: they run as they come
             return (), ()

@@ -131,6 +131,7 @@ class BatchExperts:
             return
         from meswitch.kernels import ExpertRows, mixed_delta
         from meswitch.kernels.ops import mixed_delta_tiles
+        from meswitch.kernels.row_sums import launch_args
 
         tokens = x.shape[1] if x.dim() == 3 else 1
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
@@ -139,9 +140,8 @@ class BatchExperts:
             if bank is None:
                 continue
             if grid in self.tiles:
-                given = (sums or {}).get(grid)  # [B, T, 2S] from the glue, read per row and split
-                given = None if given is None else given.view(x2.shape[0], -1, 2)
-                mixed_delta_tiles(x2, bank, self.tiles[grid], y2, sums=given)
+                given = launch_args((sums or {}).get(grid), x2.shape[0])  # from the glue, read per row
+                mixed_delta_tiles(x2, bank, self.tiles[grid], y2, **given)
                 continue
             rows = self._rows.get((grid, tokens))
             if rows is None:
