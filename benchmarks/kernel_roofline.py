@@ -45,7 +45,7 @@ from meswitch.compression.quantize import step_params
 from meswitch.kernels import DeltaBank, ExpertRows
 from meswitch.kernels.launch_config import LaunchConfig, choose_config, config_for, sums_plan
 from meswitch.kernels.layout import LAYOUT_V1
-from meswitch.kernels.reference import FP8_PLANES_ERROR
+from meswitch.kernels.reference import error_bound
 from meswitch.kernels.row_sums import launch_args, launch_inputs, sum_weights
 from meswitch.kernels.triton_delta import launch, mixed_delta_triton
 
@@ -215,7 +215,7 @@ def check_once(bank, n, k):
     ref = mixed_delta_reference(x, bank, er, y.clone()).float() - y.float()
     got = mixed_delta_triton(x, bank, er, y.clone()).float() - y.float()
     err = float((got - ref).norm() / ref.norm())
-    bound = FP8_PLANES_ERROR if choose_config(bank, er, x.device).fp8_planes else 1e-2  # MESWITCH_DELTA_CONFIG
+    bound = error_bound(choose_config(bank, er, x.device).fp8_planes)  # FP8 planes: by MESWITCH_DELTA_CONFIG
     if not err < bound:
         raise RuntimeError(f"kernel disagrees with the reference: relative error {err:.2e} (bound {bound})")
     return err

@@ -46,6 +46,8 @@ def test_the_decode_benchmark_gives_every_mode_its_row(decode_report):
         assert r["ms"] > 0 and r["fraction_of_bytes_floor"] > 0 and r["tokens_per_s"] > 0
         assert {"gpu_ms", "host_ms", "bytes_floor_ms"} <= set(r)
     assert {"device", "versions", "command", "date"} <= set(decode_report)
+    # the engine's delta against the reference (the reference itself on the CPU), held to bf16's bound
+    assert decode_report["check_relative_error"] < decode_report["check_bound"] == 1e-2
 
 
 def test_the_compiled_transformers_baselines_count_graphs_captured_while_timed(decode_report):
