@@ -34,3 +34,18 @@ def test_auto_and_cpu_resolve_on_any_machine():
 def test_cuda_without_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match="CUDA is not available"):
         resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_autocast_runs_in_bf16_on_a_cpu_only_where_it_computes_bf16_natively(monkeypatch, native):
+    """Emulated bf16 on a CPU (AVX2 only) ran a matmul 20x slower than fp32: there autocast stays off. The probe is
+    patched both ways (this machine has one answer); asked off, it is off everywhere."""
+    from meswitch import devices
+
+    assert isinstance(devices.cpu_has_bf16(), bool)
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: native)
+    a, b = torch.randn(4, 8), torch.randn(8, 2)
+    with devices.bf16_autocast(torch.device("cpu")):
+        assert torch.mm(a, b).dtype == (torch.bfloat16 if native else torch.float32)
+    with devices.bf16_autocast(torch.device("cpu"), enabled=False):
+        assert torch.mm(a, b).dtype == torch.float32

@@ -25,6 +25,7 @@ from meswitch.artifacts import Manifest, read_manifest, seal, staging_dir
 from meswitch.checkpoints import Checkpoint
 from meswitch.compression.calibration import CalibConfig, token_chunks
 from meswitch.compression.reconstruct import load_expert_model, open_artifact
+from meswitch.devices import bf16_autocast
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def fit_multipliers(
     deltas = {n: reader.delta(n, device) for n in names}
     mult = [torch.ones(_rows(reader, n, deltas[n], cfg.per_row), device=device, requires_grad=True) for n in names]
     opt = torch.optim.Adam(mult, lr=cfg.lr)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu")
+    autocast = bf16_autocast(device)
     batches = ids.split(cfg.batch_size)
     for step in tqdm(range(cfg.steps), desc=f"distill {reader.manifest.name}", unit="step", leave=False):
         batch = batches[step % len(batches)].to(device)

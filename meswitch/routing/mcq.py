@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from meswitch.devices import bf16_autocast
 from meswitch.routing.dataset import Example
 from meswitch.routing.prompt import LETTERS, Option, PromptEncoder, letter_token_ids
 
@@ -64,7 +65,8 @@ class MCQConfig:
     loss: str = "letters"  # letters: cross-entropy over the option letters only; vocab: over the whole vocabulary
     threads: int | None = None  # torch threads while training (None: leave as set)
     # forward passes in bf16 autocast while training (weights and optimizer stay fp32): 2-3x faster on CPUs
-    # with bf16 units, for a pretrained model such as SmolLM2; off by default, as the tiny routers need fp32
+    # with bf16 units, for a pretrained model such as SmolLM2 (on others fp32: devices.bf16_autocast); off by
+    # default, as the tiny routers need fp32
     autocast: bool = False
     seed: int = 0
 
@@ -279,7 +281,7 @@ def _finetune(model, tokenizer, options: Sequence[Option], train: Sequence[Examp
             seqs.append(ids)
             targets.append([o.domain for o in perm].index(ex.domain))
             shown.append(letter_ids[: len(perm)])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+        with bf16_autocast(device, cfg.autocast):
             logits = last_token_logits(model, seqs, pad_id, device).float()
         target = torch.tensor(targets, device=device)
         cand = torch.stack(shown)  # [B, n]: the token ids of the letters each query was shown
