@@ -5,6 +5,7 @@ worker threads included."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import subprocess
@@ -60,8 +61,22 @@ def exit_status_of(main: Callable[[], int]) -> int:
             return main()
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
+        _drop_quietly(e)
         print("terminated" if terminated else "interrupted", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+
+
+def _drop_quietly(e: BaseException) -> None:
+    """Free what the interrupt's frames held, now, with its objects' complaints silenced: an object the signal cut
+    in its constructor (a progress bar: tqdm's ``__del__`` then fails on the attribute it never set) would otherwise
+    print "Exception ignored in ..." and a traceback after the one line, as the interpreter collects it."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        e.__traceback__ = None  # its frames, and what only they held, go here
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
 
 
 @contextlib.contextmanager

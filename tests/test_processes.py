@@ -48,3 +48,27 @@ def test_pid_alive_counts_a_zombie_as_gone():
     while pid_alive(proc.pid) and time.monotonic() < deadline:  # exits, then is a zombie until reaped
         time.sleep(0.05)
     assert not pid_alive(proc.pid)
+
+
+def test_an_interrupt_that_cuts_an_object_in_its_constructor_ends_on_its_one_line(capsys, monkeypatch):
+    """A signal raised inside a constructor (a progress bar's: tqdm's ``__del__`` then fails on what it never set)
+    leaves a half-built object whose collection would print "Exception ignored in ..." after ``interrupted``: it is
+    collected at once, quietly, and the hook the process had is back afterwards."""
+    import sys
+
+    from meswitch.processes import exit_status_of
+
+    class HalfBuilt:
+        def __init__(self):
+            raise KeyboardInterrupt
+
+        def __del__(self):
+            self.pos  # noqa: B018  (never set: AttributeError, as tqdm's close())
+
+    deleted, seen = [], []
+    monkeypatch.setattr(HalfBuilt, "__del__", lambda self: (deleted.append(1), self.pos))
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    assert exit_status_of(lambda: HalfBuilt()) == 130
+    assert deleted == [1] and seen == []  # collected during the clean-up, its complaint silenced
+    assert sys.unraisablehook == seen.append
+    assert capsys.readouterr().err == "interrupted\n"
