@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from meswitch.kernels.bank import DeltaBank, ExpertRows
+from meswitch.kernels.row_sums import e4m3_scale, to_e4m3
 
 
 def as_expert_rows(experts: ExpertRows | torch.Tensor | Sequence[int]) -> ExpertRows:
@@ -73,5 +74,5 @@ def e4m3_rows(x: torch.Tensor) -> torch.Tensor:
     to e4m3, scaled back, in float32 (float64 stays float64). The FP8 planes' reference is the op above on this x
     (the salient columns keep x itself)."""
     xf = x if x.dtype == torch.float64 else x.float()
-    r = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 448
-    return (xf / r).clamp(-448, 448).to(torch.float8_e4m3fn).to(xf.dtype) * r
+    r = e4m3_scale(xf)
+    return to_e4m3(xf, r).to(xf.dtype) * r

@@ -58,23 +58,16 @@ class SumsPlan:
 def sum_weights(plan: SumsPlan, device: torch.device | str | None = None) -> torch.Tensor | tuple:
     """The constants the launch's sums are reductions against. bf16 planes: fp32 ``[2·splits, k]``, per split its
     positions' indicator and their plane biases. FP8 planes: ``(positions, weights)``, for each position of x8 the
-    position of x it holds (``k``: padding), and per split its x8 positions' indicator and that times
-    :data:`E4M3_BIAS` (a K split is whole chunks, and the planes' order permutes positions within a chunk)."""
+    position of x it holds (``k``: padding), and per split its x8 positions' indicator (a K split is whole chunks,
+    and the planes' order permutes positions within a chunk; ``Σ bias·x`` is :data:`E4M3_BIAS` times the sum)."""
+    at = torch.arange(plan.padded if plan.fp8 else plan.k)
+    inside = [((at >= s * plan.span) & (at < (s + 1) * plan.span)).float() for s in range(plan.splits)]
     if plan.fp8:
         chunk = v2_chunk(plan.bits)
-        at = torch.arange(plan.padded)
         positions = (at // chunk) * chunk + e4m3_positions(plan.bits).repeat(plan.padded // chunk)
-        positions = positions.clamp(max=plan.k)
-        bias = torch.full((plan.padded,), E4M3_BIAS)
-    else:
-        at = torch.arange(plan.k)
-        bias = position_biases(plan.k, plan.bits, plan.is_bf16)
-    rows = []
-    for s in range(plan.splits):
-        inside = ((at >= s * plan.span) & (at < (s + 1) * plan.span)).float()
-        rows += [inside, inside * bias]
-    weights = torch.stack(rows).to(device)
-    return (positions.to(device), weights) if plan.fp8 else weights
+        return positions.clamp(max=plan.k).to(device), torch.stack(inside).to(device)
+    bias = position_biases(plan.k, plan.bits, plan.is_bf16)
+    return torch.stack([w for i in inside for w in (i, i * bias)]).to(device)
 
 
 def row_sums(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -93,11 +86,21 @@ def e4m3_inputs(
     ``[..., 2·splits]``, of ``r·x8`` as the bf16 planes' (``Σx``, ``Σ bias·x``). As ``_x_e4m3_kernel`` computes
     them (the kernel's reference, and the decoder's glue, which computes them with x)."""
     xf = x.float()
-    r = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / E4M3_MAX
-    x8 = (F.pad(xf, (0, 1))[..., positions] / r).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    r = e4m3_scale(xf)
+    x8 = to_e4m3(F.pad(xf, (0, 1))[..., positions], r)
     q = x8.float()
-    sums = torch.stack([(q * w).sum(-1) for w in weights.unbind(0)], -1) * r
-    return x8, r.squeeze(-1), sums
+    sums = [(q * w).sum(-1, keepdim=True) * r for w in weights.unbind(0)]  # Σx a split; Σ bias·x is 8 times it
+    return x8, r.squeeze(-1), torch.cat([t for s in sums for t in (s, s * E4M3_BIAS)], -1)
+
+
+def e4m3_scale(x: torch.Tensor) -> torch.Tensor:
+    """Each row's (last dimension's) scale for FP8 planes: ``max|x| / 448``, so its largest value lands on e4m3's."""
+    return x.abs().amax(-1, keepdim=True).clamp_min(1e-30) / E4M3_MAX
+
+
+def to_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x / scale`` rounded to e4m3 (to nearest even, within ±448)."""
+    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def launch_inputs(x: torch.Tensor, constants: Sequence) -> list:
