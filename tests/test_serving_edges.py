@@ -309,3 +309,76 @@ def test_an_expert_whose_logits_turn_nan_fails_its_own_request_and_the_batch_dec
     assert events[-1]["choices"][0]["finish_reason"] == "length"
     monkeypatch.undo()
     assert served.post("/v1/completions", json={**expert_body, "temperature": 0}).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["live", "static"])
+def test_a_failed_decode_step_costs_its_requests_a_prefill_not_their_answers(path, request, monkeypatch, caplog):
+    """A decode step that raises (a GPU out of memory while the batch held the most: simulated by the step raising
+    torch's OutOfMemoryError once, as no allocation can be made to fail on a CPU) sends each of its requests back to
+    be prefilled with its prompt and what it had emitted: both answers, an expert's and the base's decoding in one
+    batch, come back whole and equal to the answers of a run without the failure. Both decode paths."""
+    served = request.getfixturevalue(path)
+    sched = served.manager.current.scheduler
+    target = sched.decoder if path == "static" else served.manager.current.engine
+    name = "decode" if path == "static" else "forward"
+    bodies = [{"model": "math", "prompt": "hi", "max_tokens": 12, "temperature": 0},
+              {"model": "base", "prompt": "Once", "max_tokens": 20, "temperature": 0}]  # fmt: skip
+
+    def both() -> list[httpx.Response]:
+        out: dict[int, httpx.Response] = {}
+        with served.manager.current.engine.hold():  # both join one batch
+            threads = [threading.Thread(target=lambda i=i, b=b: out.update({i: served.post("/v1/completions", json=b)}))
+                       for i, b in enumerate(bodies)]  # fmt: skip
+            for t in threads:
+                t.start()
+            _wait(lambda: sum(sched.load.values()) == 2, "the requests never reached the scheduler")
+        for t in threads:
+            t.join(60)
+        return [out[i] for i in range(len(bodies))]
+
+    want = [r.json()["choices"][0]["text"] for r in both()]
+    step = getattr(target, name)
+    calls = {"decode": 0}
+
+    def failing_once(*args, **kwargs):
+        decoding = path == "static" or args[0].shape[1] == 1
+        if decoding:
+            calls["decode"] += 1
+            if calls["decode"] == 5:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, failing_once)
+    with caplog.at_level("WARNING", logger="meswitch.serving.batching"):
+        got = both()
+    assert calls["decode"] > 5  # it failed, and decoding went on after it
+    assert "2 requests go back to the queue" in caplog.text
+    assert [r.status_code for r in got] == [200, 200], [r.text for r in got]
+    assert [r.json()["choices"][0]["text"] for r in got] == want
+    assert [r.json()["usage"]["completion_tokens"] for r in got] == [12, 20]
+
+
+@pytest.mark.parametrize("path", ["live", "static"])
+def test_a_request_in_a_second_failed_step_fails_with_its_error_and_the_server_goes_on(path, request, monkeypatch):
+    """Every decode step raising (simulated, as above): a request is sent back once and fails at its second failed
+    step, with a 500 that gives the error; the scheduler thread lives on and answers the next request."""
+    served = request.getfixturevalue(path)
+    sched = served.manager.current.scheduler
+    target = sched.decoder if path == "static" else served.manager.current.engine
+    name = "decode" if path == "static" else "forward"
+    step = getattr(target, name)
+    calls = {"decode": 0}
+
+    def failing(*args, **kwargs):
+        if path == "static" or args[0].shape[1] == 1:
+            calls["decode"] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, failing)
+    body = {"model": "math", "prompt": "hi", "max_tokens": 6, "temperature": 0}
+    r = served.post("/v1/completions", json=body)
+    assert r.status_code == 500 and "out of memory (simulated)" in r.text, r.text
+    assert calls["decode"] == 2  # sent back once, failed the second time
+    monkeypatch.undo()
+    assert served.post("/v1/completions", json=body).status_code == 200

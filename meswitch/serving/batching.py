@@ -72,10 +72,19 @@ class GenRequest:
     cancelled: bool = False
     generated: int = 0
     finished: bool = False
+    # the tokens emitted so far, prefilled after the prompt if a failed step sends the request back to the queue
+    emitted: list[int] = field(default_factory=list)
+    recomputed: bool = False  # it was sent back once: a second failed step fails it
 
     @property
     def vocab(self) -> int | None:
         return None if self.slot is None else self.slot.vocab
+
+    @property
+    def context(self) -> list[int]:
+        """What its prefill reads: the prompt, and after a failed step the tokens it had emitted (the last of them
+        not yet read by the model), so that the prefill's last position gives the next token."""
+        return self.prompt + self.emitted if self.emitted else self.prompt
 
 
 class StepObserver(Protocol):
@@ -287,7 +296,9 @@ class Scheduler:
 
     @property
     def load(self) -> dict[str, int]:
-        return {"running": len(self._batch) if self._batch else 0, "waiting": len(self._waiting) + len(self._inbox)}
+        """Requests decoding or in the prefill under way (``running``), and queued (``waiting``)."""
+        running = (len(self._batch) if self._batch else 0) + len(self._cohort)
+        return {"running": running, "waiting": len(self._waiting) + len(self._inbox)}
 
     def idle(self) -> bool:
         return not self._batch and not self._waiting and not self._inbox
@@ -304,9 +315,9 @@ class Scheduler:
                 self._inbox.clear()
             try:
                 self._step()
-            except Exception as e:  # a failed forward fails its rows, never the thread
+            except Exception as e:  # a failed forward sends its rows back once, fails them the second time
                 log.exception("batch step failed")
-                self._fail_all(f"{type(e).__name__}: {e}")
+                self._recompute(f"{type(e).__name__}: {e}")
 
     def _should_prefill(self) -> bool:
         if not self._waiting:
@@ -359,7 +370,10 @@ class Scheduler:
             if req.cancelled:
                 self._finish(req, CANCELLED)
                 continue
-            n = max(longest, len(req.prompt))
+            if req.recomputed and cohort:  # back from a failed step: prefilled alone, to fail alone if it fails again
+                skipped.append(req)
+                break
+            n = max(longest, len(req.context))
             first = not cohort and not running
             over_tokens = n * (len(cohort) + 1) > self.config.max_prefill_tokens
             slots = [*running, *(r.slot for r in cohort), req.slot]
@@ -370,6 +384,8 @@ class Scheduler:
                 continue
             cohort.append(req)
             longest = n
+            if req.recomputed:
+                break
         self._waiting.extendleft(reversed(skipped))
         return cohort
 
@@ -379,18 +395,19 @@ class Scheduler:
         t0 = time.perf_counter()
         cohort.sort(key=_order_key)
         dev = self.engine.device
-        length = max(len(r.prompt) for r in cohort)
+        contexts = [r.context for r in cohort]
+        length = max(len(c) for c in contexts)
         ids = torch.zeros(len(cohort), length, dtype=torch.long)
         mask = torch.zeros(len(cohort), length, dtype=torch.long)
-        for i, r in enumerate(cohort):
-            ids[i, length - len(r.prompt) :] = torch.tensor(r.prompt)
-            mask[i, length - len(r.prompt) :] = 1
+        for i, c in enumerate(contexts):
+            ids[i, length - len(c) :] = torch.tensor(c)
+            mask[i, length - len(c) :] = 1
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         cache = DynamicCache()
         mask = mask.to(dev)
         logits = self.engine.forward(ids, [r.slot for r in cohort], mask, pos, cache, logits_to_keep=1)[:, -1]
         tokens = self._sample(logits, cohort)
-        lengths = torch.tensor([len(r.prompt) for r in cohort], device=dev)
+        lengths = torch.tensor([len(c) for c in contexts], device=dev)
         new = _Batch(list(cohort), cache, mask, lengths, tokens)
         if self._batch is None:
             self._batch = new
@@ -406,15 +423,16 @@ class Scheduler:
         t0 = time.perf_counter()
         start = len(self._batch) if self._batch else 0
         rows = range(start, start + len(cohort))
-        logits = self.decoder.prefill(rows, [r.prompt for r in cohort], [r.slot for r in cohort])
+        contexts = [r.context for r in cohort]
+        logits = self.decoder.prefill(rows, contexts, [r.slot for r in cohort])
         tokens = self._sample(logits, cohort)
-        new = _StaticBatch(self.decoder, list(cohort), [len(r.prompt) for r in cohort], tokens)
+        new = _StaticBatch(self.decoder, list(cohort), [len(c) for c in contexts], tokens)
         if self._batch is None:
             self._batch = new
         else:
             self._batch.join(new)
         self._emit(cohort, tokens.tolist())
-        self._observe("prefill", len(cohort), sum(len(r.prompt) for r in cohort), t0)
+        self._observe("prefill", len(cohort), sum(len(c) for c in contexts), t0)
 
     def _decode(self) -> None:
         t0 = time.perf_counter()
@@ -493,6 +511,7 @@ class Scheduler:
                 )
                 continue
             r.generated += 1
+            r.emitted.append(tok)
             if r.frequency_penalty or r.presence_penalty:
                 r.counts[tok] = r.counts.get(tok, 0) + 1
             reason = None
@@ -544,8 +563,20 @@ class Scheduler:
         else:
             self._batch = None
 
-    def _fail_all(self, error: str) -> None:
+    def _recompute(self, error: str) -> None:
+        """After a step that raised (a GPU out of memory while the batch held the most, say), the batch's state is
+        in doubt: every request in it goes back to the front of the queue, to be prefilled again with what it has
+        emitted (vLLM's preemption by recompute), each in a prefill of its own (:meth:`_pick`). A passing failure
+        costs its requests a prefill, not their answers; a prefill that fails again fails its one request; a
+        request caught in a second failed step fails with the error."""
         rows = (list(self._batch.seqs) if self._batch else []) + self._cohort
         self._batch, self._cohort = None, []
+        again = [r for r in rows if not r.finished and not r.recomputed]
         for r in rows:
-            self._finish(r, ERROR, error)
+            if r.recomputed:
+                self._finish(r, ERROR, error)
+        for r in again:
+            r.recomputed = True
+        self._waiting.extendleft(reversed(again))
+        if again:
+            log.warning("%d requests go back to the queue, to be prefilled with what they emitted", len(again))
