@@ -417,7 +417,8 @@ def main(argv: list[str] | None = None) -> None:
                          "fused group), graph-serial (graph-compiled with the deltas after the base GEMMs, not "
                          "beside them), graph-sdpa (graph-compiled with SDPA for decode attention), "
                          "graph-kernel-sums (graph-compiled with x's row sums from a kernel of their own, not from "
-                         "the glue), graph-rows8 (graph-compiled with 8-row delta tiles, not 16), engine (eager "
+                         "the glue), graph-rows8 / graph-rows16 (graph-compiled with 8- or 16-row delta tiles for "
+                         "every batch, not 8 or 16 by the batch's most rows on one expert), engine (eager "
                          "engine), hf (transformers eager, base alone), hf-compile "
                          "(transformers static cache + torch.compile, stepped by hand, base alone), hf-generate "
                          "(transformers' generate with a static cache, which compiles itself, base alone)")  # fmt: skip
@@ -455,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     variants = {"graph": {"compile_glue": False}, "graph-compiled": {}, "graph-unfused": {"fuse_projections": False},
                 "graph-ungrouped": {"group_deltas": False}, "graph-sdpa": {"attention_kernel": False},
                 "graph-serial": {"overlap_deltas": False}, "graph-kernel-sums": {"glue_sums": False},
-                "graph-rows8": {"block_m": 8}}  # fmt: skip
+                "graph-rows8": {"block_m": 8}, "graph-rows16": {"block_m": 16}}  # fmt: skip
     shape = {"max_rows": max(buckets), "max_len": args.max_len, "buckets": buckets, "compile_glue": True}
     decoders = {
         mode: StaticDecoder(eng, DecoderConfig(**{**shape, **changes}))

@@ -53,15 +53,16 @@ for step in $steps; do
     decode) timeout 480 python3 benchmarks/decode_e2e.py --out "$OUT/decode_e2e.json" 2>&1 | tee "$OUT/decode.log" ;;
     fp8) # FP8 planes (LaunchConfig.fp8_planes, opt-in) against the default: the roofline as the step launches (x in
          # e4m3 given with x; FP8_ROOFLINE=0 skips it), then the decode step, one process a setting, FP8_ROUNDS rounds
-         # (the cap of 128 registers for decode tiles; NOTES-kernels.md); FP8_MODES=graph-compiled,graph-kernel-sums
-         # adds, for the FP8 setting, x in e4m3 from a kernel of its own against the glue's (raise AB_TIMEOUT).
-         # Within one 10-minute call: the roofline and one round, or two rounds.
+         # (the cap of 128 registers for decode tiles; NOTES-kernels.md). FP8 planes take 16-row tiles or more, so
+         # both settings run graph-rows16 (the default step picks 8-row tiles for batches of many experts, where the
+         # planes stay bf16); FP8_MODES picks the FP8 setting's modes. Within one 10-minute call: the roofline and
+         # one round, or two rounds.
       [ "${FP8_ROOFLINE:-1}" = 1 ] && MESWITCH_DELTA_CONFIG='{"fp8_planes":true,"maxnreg":128}' timeout 240 \
         python3 benchmarks/kernel_roofline.py --sums-given --no-baselines --rows 1 8 32 64 \
         --out "$OUT/kernel_roofline-fp8.json" 2>&1 | tail -n 40
       for round in $(seq "${FP8_ROUNDS:-1}"); do
         for cfg in '' '{"fp8_planes":true,"maxnreg":128}'; do
-          modes=graph-compiled; [ -n "$cfg" ] && modes=${FP8_MODES:-graph-compiled}
+          modes=graph-rows16; [ -n "$cfg" ] && modes=${FP8_MODES:-graph-rows16}
           MESWITCH_DELTA_CONFIG=$cfg timeout "${AB_TIMEOUT:-150}" python3 benchmarks/decode_e2e.py --prefill-tokens 0 \
             --modes "$modes" --experts-list 0,8,16 --batches 32,64 \
             --out "$OUT/decode-fp8-$round${cfg:+-on}.json" 2>&1 | grep '"mode"'

@@ -16,7 +16,7 @@ from meswitch.kernels.bank import device_tiles
 from meswitch.kernels.ops import mixed_delta_tiles, tile_rows
 from meswitch.kernels.row_sums import SumsPlan, e4m3_inputs, launch_args, launch_inputs, row_sums, sum_weights
 from meswitch.serving.batching import SchedulerConfig
-from meswitch.serving.decoder import DecoderConfig, StaticDecoder, length_bucket
+from meswitch.serving.decoder import ROW_BLOCKS, DecoderConfig, StaticDecoder, length_bucket, row_block
 from meswitch.serving.engine import EngineConfig, EngineError, MixedExpertEngine
 from meswitch.serving.mixed import BatchExperts, FusedLinears, MixedLinear
 
@@ -256,7 +256,7 @@ def test_the_glue_hands_each_delta_launch_the_row_sums_of_its_x(packed, monkeypa
         return real(x, bank, tiles, y, **kw)
 
     monkeypatch.setattr(ops, "mixed_delta_tiles", spy)
-    glue = {"compile_glue": True}
+    glue = {"compile_glue": True, "block_m": 16 if fp8 else None}  # FP8 planes take 16-row tiles or more
     (_, *without), (dec, *given) = (_prefill_and_step(eng, slots, **glue, glue_sums=g) for g in (False, True))
     torch.testing.assert_close(given, without, **TOL)
     summed = [(x, bank, block_m, kw) for x, bank, block_m, kw in seen if kw.get("sums") is not None]
@@ -276,6 +276,25 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def test_a_step_tiles_the_delta_rows_by_8_unless_an_expert_has_more_rows_in_the_batch(packed, monkeypatch):
+    """``DecoderConfig.block_m=None``: 8-row delta tiles while no expert has more than 8 rows in the batch (many
+    experts with few rows each: half the padding of 16), 16 beyond; a fixed ``block_m`` for every batch."""
+    assert [row_block(n) for n in (1, 8, 9, 16, 64)] == [8, 8, 16, 16, 16]
+    eng, slots = packed
+    one = slots[sorted(slots)[0]]
+    cfg = DecoderConfig(max_rows=16, max_len=32, buckets=(16,), min_len_bucket=16, compile_glue=False)
+    picked = []
+    for block_m, rows in ((None, [one] * 9), (None, [one] * 8 + [None] * 8), (16, [one] * 2)):
+        dec = StaticDecoder(eng, DecoderConfig(**{**cfg.__dict__, "block_m": block_m}))
+        step = dec._decode_step
+        monkeypatch.setattr(
+            dec, "_decode_step", lambda st, grids, *a, step=step: picked.append(a[2]) or step(st, grids, *a)
+        )
+        last = dec.prefill(range(len(rows)), [[5, 6]] * len(rows), rows).argmax(-1)
+        dec.decode(last, [2] * len(rows), rows)
+    assert picked == [16, 8, 16]
+
+
 def test_warm_up_runs_every_bucket_without_touching_the_cache_or_the_answers(packed, monkeypatch):
     eng, slots = packed
     rows = [slots[sorted(slots)[0]], None, slots[sorted(slots)[2]]]
@@ -289,12 +308,15 @@ def test_warm_up_runs_every_bucket_without_touching_the_cache_or_the_answers(pac
     cold, warm = StaticDecoder(eng, cfg), StaticDecoder(eng, cfg)
     steps, step = [], warm._decode_step
     monkeypatch.setattr(
-        warm, "_decode_step", lambda st, grids, *a: steps.append((len(st["tokens"]), grids)) or step(st, grids, *a)
+        warm,
+        "_decode_step",
+        lambda st, grids, *a: steps.append((len(st["tokens"]), grids, a[2])) or step(st, grids, *a),
     )
     assert warm.warm_up(spans=(16, 32)) == 0  # no graphs on the CPU: each step ran once, eagerly
     grids = sorted(eng.banks.grids, key=repr)
-    assert len(grids) == 1 and len(steps) == 2 * 2 * 2  # buckets x (base rows, the one grid) x spans
-    assert set(steps) == {(b, g) for b in (1, 4) for g in [(), (grids[0],)]}
+    assert len(grids) == 1 and len(steps) == 2 * 3 * 2  # buckets x (base rows, the one grid at 8 and 16) x spans
+    want = {(b, (), 8) for b in (1, 4)} | {(b, (grids[0],), m) for b in (1, 4) for m in ROW_BLOCKS}
+    assert set(steps) == want  # a base batch at the row block it is given (8), unused there
     assert all(k[:4].abs().sum() == 0 for k in warm.k)  # rows 0..3 untouched: warm-up writes the scratch row
     monkeypatch.undo()
     (want_tokens, want_logits), (tokens, logits) = answers(cold), answers(warm)
@@ -403,25 +425,28 @@ def test_graph_replay_gives_the_eager_decoders_tokens_on_the_gpu(tmp_path, monke
     assert greedy(own, rows) == greedy(graph, rows) and not own._sum_weights
     torch.testing.assert_close(logits(graph, rows, forced), logits(own, rows, forced), atol=5e-2, rtol=2e-2)
 
-    # 8-row tiles (DecoderConfig.block_m; the default 16): the same logits
-    rows8 = StaticDecoder(eng, DecoderConfig(**{**cfg.__dict__, "block_m": 8}))
-    torch.testing.assert_close(logits(graph, rows, forced), logits(rows8, rows, forced), atol=5e-2, rtol=2e-2)
+    # 8- and 16-row tiles, each for every batch (DecoderConfig.block_m; the default picks by the batch): the same
+    for block_m in ROW_BLOCKS:
+        fixed = StaticDecoder(eng, DecoderConfig(**{**cfg.__dict__, "block_m": block_m}))
+        torch.testing.assert_close(logits(graph, rows, forced), logits(fixed, rows, forced), atol=5e-2, rtol=2e-2)
 
     # FP8 planes (LaunchConfig.fp8_planes, opt-in for an A/B in the step): replayed as eager, and the logits within
     # the rounding of x to e4m3, which touches the delta's product only
     monkeypatch.setenv("MESWITCH_DELTA_CONFIG", '{"fp8_planes": true}')
-    fp8, fp8_eager = (StaticDecoder(eng, DecoderConfig(**{**cfg.__dict__, "graphs": g})) for g in (True, False))
+    rows16 = {**cfg.__dict__, "block_m": 16}  # FP8 planes take 16-row tiles or more
+    fp8, fp8_eager = (StaticDecoder(eng, DecoderConfig(**{**rows16, "graphs": g})) for g in (True, False))
     assert greedy(fp8, rows) == greedy(fp8_eager, rows)
     torch.testing.assert_close(logits(graph, rows, forced), logits(fp8, rows, forced), atol=0.15, rtol=5e-2)
     # x in e4m3 from the compiled glue (row_sums.e4m3_inputs) against the kernel's own rounding before each launch
     assert any(plan.fp8 for plan in fp8._sum_weights), "no FP8 launch took x in e4m3 from the glue"
-    fp8_own = StaticDecoder(eng, DecoderConfig(**{**cfg.__dict__, "glue_sums": False}))
+    fp8_own = StaticDecoder(eng, DecoderConfig(**{**rows16, "glue_sums": False}))
     assert greedy(fp8_own, rows) == greedy(fp8, rows)
     torch.testing.assert_close(logits(fp8, rows, forced), logits(fp8_own, rows, forced), atol=5e-2, rtol=2e-2)
     monkeypatch.delenv("MESWITCH_DELTA_CONFIG")
 
     warm = StaticDecoder(eng, cfg)
-    wanted = 2 * 2 * len(cfg.buckets)  # base rows and the one grid, at the spans 16 and 32 the answers reach
+    # base rows, and the one grid at 8 and 16 rows a tile, at the spans 16 and 32 the answers reach
+    wanted = (1 + len(ROW_BLOCKS)) * 2 * len(cfg.buckets)
     assert warm.warm_up(spans=(16, 32)) == wanted
     assert greedy(warm, rows) == greedy(eager, rows)
     assert warm.captures == wanted  # the first real batches replayed what warm-up captured

@@ -50,11 +50,15 @@ class DecoderConfig:
     max_len: int = 2048  # positions per sequence
     buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # batch sizes captured; a batch runs in the next one up
     min_len_bucket: int = 128  # attention reads the cache up to a power of two >= the longest row, at least this
-    # Rows per tile of the delta kernel in a captured step; None: the batch's most rows on one expert,
-    # rounded up to 16, 32 or 64 (a graph per choice), so no expert's codes stream twice. 16 measured
-    # faster even so (7B, one expert, H200: batch 32 12.6 ms vs 13.2, batch 64 14.7 vs 16.4): the
-    # kernel is bound by each program's chain of MMAs, and more 16-row tiles mean more programs.
-    block_m: int | None = 16
+    # Rows per tile of the delta kernel in a captured step; None: 8 where no expert has more than 8 rows in the
+    # batch, else 16 (ROW_BLOCKS, a graph per choice, both captured by warm_up). 8-row tiles halve the padding of
+    # many experts' few rows each (7B on an H100, one process: 8 experts at batch 32 13.38 -> 12.80 ms, 16 at
+    # batch 64 20.10 -> 18.75) and lose where an expert has more (1 expert at batch 32 8.97 -> 9.98 ms;
+    # benchmarks/results/decode-rows8-h100-2026-12-05.json). 32- and 64-row tiles, which stream an expert's codes
+    # once for more rows, lost to 16 (one expert, H200: batch 32 13.2 vs 12.6 ms, batch 64 16.4 vs 14.7): the
+    # kernel is bound by each program's chain of MMAs, and more tiles mean more programs. FP8 planes (opt-in,
+    # kernels/launch_config.py) take 16 rows a tile or more: with 8 the launch keeps bf16 planes.
+    block_m: int | None = None
     graphs: bool = True  # capture CUDA graphs on a GPU; False: every step eager (what graphs are tested against)
     # Fuse a decode step's small ops (RMS norms with their slot tables and the residual adds before them,
     # SwiGLU; the rotary embedding where the attention kernel is off) with torch.compile: some 20 kernels per
@@ -128,9 +132,12 @@ def add_rms_rows(x: torch.Tensor, y: torch.Tensor, eps: float, weight: torch.Ten
     return x, *rms_sums(x, eps, weight, tables, sums)
 
 
+ROW_BLOCKS = (8, 16)  # the delta kernel's rows a tile that DecoderConfig.block_m=None picks from
+
+
 def row_block(rows: int) -> int:
-    """Tile rows for an expert with ``rows`` rows in the batch: 16, 32 or 64 (then split in tiles)."""
-    return 16 if rows <= 16 else 32 if rows <= 32 else 64
+    """Rows a delta tile for a batch whose most rows on one expert are ``rows``: 8 up to 8, else 16."""
+    return ROW_BLOCKS[0] if rows <= ROW_BLOCKS[0] else ROW_BLOCKS[1]
 
 
 def length_bucket(longest: int, config: DecoderConfig) -> int:
@@ -406,12 +413,13 @@ class StaticDecoder:
         kernels and the fused glue for its shapes: seconds for the first batch of every new size).
 
         Every bucket (default: all) and span (default: the shortest) for a batch of base rows and for a
-        batch on each quantization grid the banks hold now; all rows write to the scratch row, so no cached
-        sequence is touched. A grid that arrives later is captured on its first batch. Returns how many
-        graphs were captured (none without graphs: then each step runs once, eagerly)."""
+        batch on each quantization grid the banks hold now, at each row block of the delta tiles; all rows
+        write to the scratch row, so no cached sequence is touched. A grid that arrives later is captured on
+        its first batch. Returns how many graphs were captured (none without graphs: then each step runs
+        once, eagerly)."""
         eng, before = self.engine, self.captures
         grids = sorted(eng.banks.grids, key=repr)
-        block_m = self.config.block_m or row_block(1)
+        blocks = (self.config.block_m,) if self.config.block_m else ROW_BLOCKS  # a base batch takes the first
         with eng.batch([], eager=False):
             for bucket in buckets or self.config.buckets:
                 static = self._inputs(bucket)
@@ -422,7 +430,8 @@ class StaticDecoder:
                     for g in used:
                         self._slots(static, g).fill_(-1)
                     for span in spans or (length_bucket(1, self.config),):
-                        self._step(static, used, span, block_m, replay=False)
+                        for block_m in blocks if used else blocks[:1]:
+                            self._step(static, used, span, block_m, replay=False)
         return self.captures - before
 
     def _step(self, static: dict, grids: tuple, span: int, block_m: int, replay: bool = True) -> torch.Tensor:
