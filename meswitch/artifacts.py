@@ -189,13 +189,13 @@ def staging_dir(out: Path, checked: bool = True, keep_existing: bool = False) ->
     has decided that ``out`` goes, whatever it holds, as ``submit --replace`` does). ``keep_existing``:
     ``out`` is named by its content (a cache by hash, a stored artifact), so one already there, put by a
     concurrent writer, is kept and the staged copy dropped. A writer killed before its rename leaves its
-    hidden sibling behind: the next writer of ``out`` removes it (``_abandoned``), so a killed run costs
+    hidden sibling behind: the next writer of ``out`` removes it (:func:`abandoned`), so a killed run costs
     no disk for good. A full disk is raised as an ``OSError`` that names the errno and ``out``, whichever
     writer hit it.
     """
     out = Path(os.path.abspath(out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in _abandoned(out):
+    for stale in abandoned(out.parent, out.name):
         shutil.rmtree(stale, ignore_errors=True)
     writer = f".{out.name}.{socket.gethostname()}-{os.getpid()}."
     tmp = Path(tempfile.mkdtemp(prefix=writer, suffix=".tmp", dir=out.parent))
@@ -233,13 +233,15 @@ def _disk_full(e: BaseException) -> int | None:
     return None
 
 
-def _abandoned(out: Path) -> list[Path]:
-    """Staging siblings of ``out`` left by writers on this host that no longer run (killed mid-write)."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?P<host>.+)-(?P<pid>\d+)\.[^.]+\.tmp")
+def abandoned(parent: Path, name: str | None = None) -> list[Path]:
+    """Staging folders in ``parent`` (of ``name``, or of any) left by writers on this host that no longer run:
+    :func:`staging_dir`'s ``.NAME.HOST-PID.*.tmp``. Another host's or a live writer's are never listed."""
+    stem = re.escape(name) if name else ".+"
+    pattern = re.compile(rf"\.{stem}\.{re.escape(socket.gethostname())}-(?P<pid>\d+)\.[^.]+\.tmp")
     found = []
-    for path in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+    for path in Path(parent).glob(f".{glob.escape(name) if name else '*'}.*.tmp"):
         m = pattern.fullmatch(path.name)
-        if m and m["host"] == socket.gethostname() and not pid_alive(int(m["pid"])):
+        if m and path.is_dir() and not pid_alive(int(m["pid"])):
             found.append(path)
     return found
 

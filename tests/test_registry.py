@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -153,6 +154,51 @@ def test_damaged_cache_copy_is_fetched_again(registry, make_artifact, name):
     again = registry.resolve(name, "candidate")
     assert again.path == path
     assert (again.path / "delta.safetensors").read_bytes() == b"good bytes"
+
+
+def test_prune_cache_keeps_what_aliases_need_and_frees_the_rest(registry, cli, make_artifact, name):
+    """``prune_cache`` (``meswitch registry prune-cache``): of four cached versions it keeps production's and the
+    one a rollback would return to, and candidate's; it removes the fourth and a download killed on this host
+    (a staging folder whose writer is gone), never a live writer's staging folder or a folder that is no cached
+    version; a dry run removes nothing; a pruned version resolves again from the object store."""
+    import socket
+    import subprocess
+    import sys
+
+    versions = [registry.publish(make_artifact("p", f"version {i}".encode()), name) for i in range(4)]
+    for v in versions[:3]:
+        registry.promote(name, v)  # production: 1, 2, 3 in turn -> 3, and a rollback returns to 2
+    registry.set_alias(name, "candidate", versions[3])  # version 1: history that no alias needs
+    paths = {v: registry.resolve(name, version=v).path for v in versions}
+    cache = registry.config.cache_dir
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    killed = cache / f".{paths[versions[0]].name}.{host}-{int(gone.stdout)}.abc123.tmp"
+    live = cache / f".{paths[versions[0]].name}.{host}-{os.getpid()}.def456.tmp"
+    other = cache / "notes"
+    for folder in (killed, live, other):
+        folder.mkdir()
+        (folder / "part").write_bytes(b"x" * 1000)
+
+    code, out, _ = cli("prune-cache", "--dry-run", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["dry_run"] and all(p.is_dir() for p in (*paths.values(), killed, live, other))
+    assert report["removed"] == [paths[versions[0]].name] and report["abandoned"] == [killed.name]
+    kept = report["kept"]
+    assert kept[paths[versions[2]].name] == [f"{name}@production"]
+    assert kept[paths[versions[1]].name] == [f"{name}@production rollback"]
+    assert kept[paths[versions[3]].name] == [f"{name}@candidate"]
+    size = sum(f.stat().st_size for f in paths[versions[0]].rglob("*") if f.is_file())
+    assert report["freed_bytes"] == size + 1000
+
+    code, out, _ = cli("prune-cache")
+    assert code == 0 and "removed 1 version and 1 abandoned download, 0.0 MB" in out, out
+    assert not paths[versions[0]].exists() and not killed.exists()
+    assert all(p.is_dir() for p in (paths[versions[1]], paths[versions[2]], paths[versions[3]], live, other))
+    assert not list(cache.glob(f".{paths[versions[0]].name}.*.pruned.tmp"))  # renamed aside, then deleted
+    again = registry.resolve(name, version=versions[0])  # fetched and verified again
+    assert again.path == paths[versions[0]] and (again.path / "delta.safetensors").read_bytes() == b"version 0"
+    assert registry.rollback(name) == versions[1]  # from the cache: it was kept
 
 
 BAD_NAMES = [

@@ -1,4 +1,4 @@
-"""`meswitch registry publish | list | show | promote | rollback | pull`: the model registry from a shell.
+"""`meswitch registry publish | list | show | promote | rollback | pull | prune-cache`: the registry from a shell.
 
 The registry needs the ``registry`` extra (mlflow, boto3); it is imported only when one of these
 commands runs, so ``meswitch --help`` and the other commands work without it.
@@ -66,6 +66,19 @@ def register(sub) -> None:
     )
     p.add_argument("--base-fingerprint", help="refuse an artifact made for another base")
     p.set_defaults(func=_handler(_pull))
+
+    p = reg.add_parser(
+        "prune-cache",
+        help="free the download cache of versions no alias needs",
+        description="Resolving a version (serving, pull) keeps a verified copy in the download cache "
+        "(MESWITCH_CACHE_DIR; default: MESWITCH_HOME/cache), one folder per content hash, and never removes it. "
+        "This removes every cached version that no alias points at and that no alias would roll back to, and the "
+        "staging folders of downloads killed on this host. What it removes stays in the object store and is "
+        "fetched again (and verified) when resolved.",
+    )
+    p.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_handler(_prune_cache))
 
 
 def _handler(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -187,6 +200,26 @@ def _promote(args: argparse.Namespace) -> int:
 def _rollback(args: argparse.Namespace) -> int:
     version = _registry().rollback(args.name, alias=args.alias)
     print(f"{args.name}@{args.alias} -> version {version}")
+    return 0
+
+
+def _prune_cache(args: argparse.Namespace) -> int:
+    reg = _registry()
+    done = reg.prune_cache(dry_run=args.dry_run)
+    if args.json:
+        json.dump({"cache": str(reg.config.cache_dir), **done.to_dict()}, sys.stdout, indent=2)
+        print()
+        return 0
+    verb = "would remove" if done.dry_run else "removed"
+    for digest in done.removed:
+        print(f"{verb} {digest[:16]}… (no alias needs it)")
+    for name in done.abandoned:
+        print(f"{verb} {name} (a download killed mid-way)")
+    for digest, aliases in done.kept.items():
+        print(f"kept {digest[:16]}… ({', '.join(aliases)})")
+    n, k = len(done.removed), len(done.abandoned)
+    what = f"{n} version{'s' * (n != 1)} and {k} abandoned download{'s' * (k != 1)}"
+    print(f"{reg.config.cache_dir}: {verb} {what}, {done.freed_bytes / 1e6:.1f} MB")
     return 0
 
 

@@ -33,9 +33,17 @@ from meswitch.registry.store import content_hash
 from meswitch.registry.uri import Location, is_s3, parse_location
 
 if TYPE_CHECKING:
-    from meswitch.registry.client import ModelInfo, Registry, Resolved, VersionInfo, manifest_tags, open_registry
+    from meswitch.registry.client import (
+        CachePrune,
+        ModelInfo,
+        Registry,
+        Resolved,
+        VersionInfo,
+        manifest_tags,
+        open_registry,
+    )
 
-_FACADE = {"ModelInfo", "Registry", "Resolved", "VersionInfo", "manifest_tags", "open_registry"}
+_FACADE = {"CachePrune", "ModelInfo", "Registry", "Resolved", "VersionInfo", "manifest_tags", "open_registry"}
 
 
 def __getattr__(name: str) -> Any:
@@ -46,6 +54,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AccessDenied",
+    "CachePrune",
     "IntegrityError",
     "InvalidName",
     "Location",

@@ -12,7 +12,9 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meswitch.artifacts import ArtifactError, Manifest, read_manifest, staging_dir, verify
+from meswitch.artifacts import ArtifactError, Manifest, abandoned, read_manifest, staging_dir, verify
 from meswitch.registry.config import RegistryConfig
 from meswitch.registry.errors import IntegrityError, InvalidName, NotFound, RegistryError
 from meswitch.registry.names import (
@@ -92,6 +94,23 @@ class ModelInfo:
             "tags": self.tags,
             "versions": [v.to_dict() for v in self.versions],
         }
+
+
+@dataclass
+class CachePrune:
+    """What :meth:`Registry.prune_cache` removed from the download cache (or would, with ``dry_run``)."""
+
+    kept: dict[str, list[str]]  # content hash -> the aliases that need it ("NAME@ALIAS", "NAME@ALIAS rollback")
+    removed: list[str]  # content hashes of versions no alias needs (fetched again if asked for)
+    abandoned: list[str]  # staging folders of downloads killed on this host
+    freed_bytes: int
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+DIGEST = re.compile(r"[0-9a-f]{64}")  # a cached version's folder: its content hash
 
 
 @dataclass
@@ -533,6 +552,51 @@ class Registry:
             )
         return Resolved(name, info.version, path, manifest, digest, alias if version is None else None)
 
+    def needed(self) -> dict[str, list[str]]:
+        """Content hash -> the aliases that need it: every alias's version, and the version ``rollback`` would
+        point it back at (so a rollback finds its files in the cache)."""
+        needed: dict[str, list[str]] = {}
+        for model in self.list_models():
+            hashes = {v.version: v for v in model.versions}
+            for alias, current in model.aliases.items():
+                back = [v for v in _history(model.tags, alias) if v != current]
+                back = [v for v in back if v in hashes and not hashes[v].rejected][-1:]
+                for version, label in [(current, ""), *((v, " rollback") for v in back)]:
+                    digest = hashes[version].content_hash if version in hashes else None
+                    if digest:
+                        needed.setdefault(digest, []).append(f"{model.name}@{alias}{label}")
+        return needed
+
+    def prune_cache(self, dry_run: bool = False) -> CachePrune:
+        """Free the download cache of what no alias needs (:meth:`needed`): other versions' folders, and the
+        staging folders of downloads killed on this host. Everything removed is in the object store and is
+        fetched (and verified) again if resolved. Folders that are no cached version are left alone; a folder
+        goes by a rename first, so a concurrent resolver sees it whole or not at all."""
+        cache = self.config.cache_dir
+        if not cache.is_dir():
+            return CachePrune({}, [], [], 0, dry_run)
+        needed = self.needed()
+        kept, removed, freed = {}, [], 0
+        for path in sorted(cache.iterdir()):
+            if not (path.is_dir() and DIGEST.fullmatch(path.name)):
+                continue
+            if path.name in needed:
+                kept[path.name] = needed[path.name]
+                continue
+            removed.append(path.name)
+            freed += _bytes(path)
+            if not dry_run:
+                _remove(path)
+        stale = abandoned(cache)
+        for path in stale:
+            freed += _bytes(path)
+            if not dry_run:
+                shutil.rmtree(path, ignore_errors=True)
+        if not dry_run:
+            log.info("cache %s: removed %d versions and %d abandoned downloads, %d bytes", cache, len(removed),
+                     len(stale), freed)  # fmt: skip
+        return CachePrune(kept, removed, [p.name for p in stale], freed, dry_run)
+
     def _cached(self, info: VersionInfo, digest: str, verify_cached: bool) -> Path:
         cache = self.config.cache_dir
         final = cache / digest
@@ -545,10 +609,8 @@ class Registry:
                 return final
             except ArtifactError as e:
                 log.warning("cached copy is damaged (%s); fetching it again", e)
-                aside = final.with_name(f".{digest}.damaged-{os.getpid()}.part")
                 with contextlib.suppress(OSError):  # another process may be replacing it too
-                    final.rename(aside)
-                shutil.rmtree(aside, ignore_errors=True)
+                    _remove(final, "damaged")
         store = self.store_for(info.source)
         what = f"{info.name}/{info.version} from {info.source}"
         with staging_dir(final, checked=False, keep_existing=True) as tmp:  # a concurrent resolver's copy stays
@@ -575,6 +637,18 @@ class Registry:
             shutil.copytree(resolved.path, tmp, dirs_exist_ok=True)
             manifest = verify(tmp)
         return Resolved(resolved.name, resolved.version, out, manifest, resolved.content_hash, resolved.alias)
+
+
+def _bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _remove(folder: Path, why: str = "pruned") -> None:
+    """Rename ``folder`` aside (atomic: readers see it whole or gone), then delete it. The aside name is a
+    staging folder's, so one left by a kill is swept as abandoned."""
+    aside = folder.with_name(f".{folder.name}.{socket.gethostname()}-{os.getpid()}.{why}.tmp")
+    folder.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=8)
