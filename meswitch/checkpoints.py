@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from meswitch.processes import reraise_interrupt
+
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -175,6 +177,7 @@ class Checkpoint:
             with safe_open(self._files[name], framework="pt", device=str(device)) as f:
                 return f.get_tensor(name)
         except Exception as e:  # safetensors raises several types for a corrupt file
+            reraise_interrupt(e)  # or torch turned a SIGTERM into one
             raise CheckpointError(f"{self._files[name]}: cannot read tensor {name!r} ({e})") from e
 
     def tensors(self, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
@@ -192,6 +195,7 @@ class Checkpoint:
                     try:
                         yield name, handle.get_tensor(name)
                     except Exception as e:
+                        reraise_interrupt(e)
                         raise CheckpointError(f"{f}: cannot read tensor {name!r} ({e})") from e
 
     def block_tensors(self, i: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -55,15 +55,33 @@ def stopping_workers() -> Iterator[None]:
 
 def exit_status_of(main: Callable[[], int]) -> int:
     """``main()``, with SIGTERM raised as Ctrl-C is; stopped by either, the one line and the status a shell gives a
-    command a signal stopped: ``interrupted``, 130 for Ctrl-C; ``terminated``, 143 for SIGTERM."""
+    command a signal stopped: ``interrupted``, 130 for Ctrl-C; ``terminated``, 143 for SIGTERM. Also where main
+    reported a failure after a signal arrived: an extension that the interrupt was raised in may turn it into an
+    error of its own (torch, reading a tensor: "could not determine the shape of object type ..."), which the
+    signal caused."""
     try:
         with _sigterm_raises():
-            return main()
+            status = main()
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
         _drop_quietly(e)
-        print("terminated" if terminated else "interrupted", file=sys.stderr)
-        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+        return _stopped_by(Terminated if terminated else KeyboardInterrupt)
+    seen = _interrupt
+    return _stopped_by(seen) if status and seen is not None else status
+
+
+def _stopped_by(kind: type[KeyboardInterrupt]) -> int:
+    terminated = issubclass(kind, Terminated)
+    print("terminated" if terminated else "interrupted", file=sys.stderr)
+    return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+
+
+def reraise_interrupt(error: BaseException) -> None:
+    """Raise the interrupt (Ctrl-C, SIGTERM) that arrived while :func:`exit_status_of` ran, from ``error``: call it
+    where an extension's error is turned into a message of ours, as the extension may have turned the interrupt
+    into that error (a tensor read cut by SIGTERM is no corrupt file)."""
+    if _interrupt is not None:
+        raise _interrupt() from error
 
 
 def _drop_quietly(e: BaseException) -> None:
@@ -79,21 +97,42 @@ def _drop_quietly(e: BaseException) -> None:
         sys.unraisablehook = previous
 
 
+# The interrupt that arrived while _sigterm_raises ran (None: none), kept beyond the exception it raised, which an
+# extension may have swallowed or replaced
+_interrupt: type[KeyboardInterrupt] | None = None
+
+
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    """While the block runs, SIGTERM raises ``Terminated`` in the main thread (signals reach no other)."""
+    """While the block runs, SIGTERM raises ``Terminated`` in the main thread (signals reach no other), and both it
+    and Ctrl-C (where Python's own handler has it) are remembered (``_interrupt``)."""
+    global _interrupt
+    _interrupt = None
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    if ctrl_c is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if ctrl_c is signal.default_int_handler:
+            signal.signal(signal.SIGINT, ctrl_c)
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
+    global _interrupt
+    _interrupt = Terminated
     raise Terminated()
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    global _interrupt
+    _interrupt = KeyboardInterrupt
+    raise KeyboardInterrupt()
 
 
 def stop_when_this_process_dies(pid: int) -> subprocess.Popen:

@@ -72,3 +72,47 @@ def test_an_interrupt_that_cuts_an_object_in_its_constructor_ends_on_its_one_lin
     assert deleted == [1] and seen == []  # collected during the clean-up, its complaint silenced
     assert sys.unraisablehook == seen.append
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_sigterm_that_an_extension_turns_into_its_own_error_still_ends_as_terminated(capsys):
+    """SIGTERM raised inside an extension that reports it as an error of its own (torch reading a tensor: "could
+    not determine the shape of object type ..."; here a real SIGTERM to this process, caught and replaced as the
+    extension does): where the code calls ``reraise_interrupt`` it becomes the interrupt again, and where it only
+    reports the error and fails, the command still ends on ``terminated``, 143. A failure with no signal stays
+    the failure it is."""
+    import signal
+
+    from meswitch.processes import exit_status_of, reraise_interrupt
+
+    def read_tensor():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        except BaseException as e:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from e
+
+    def careful() -> int:
+        try:
+            read_tensor()
+        except ValueError as e:
+            reraise_interrupt(e)
+            print("error: cannot read tensor", file=sys.stderr)
+            return 2
+        return 0
+
+    def reports_only() -> int:
+        try:
+            read_tensor()
+        except ValueError:
+            print("error: cannot read tensor", file=sys.stderr)
+            return 2
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert exit_status_of(careful) == 143
+    assert capsys.readouterr().err == "terminated\n"
+    assert exit_status_of(reports_only) == 143
+    assert capsys.readouterr().err == "error: cannot read tensor\nterminated\n"
+    assert exit_status_of(lambda: 2) == 2 and capsys.readouterr().err == ""  # the last signal is forgotten
+    assert signal.getsignal(signal.SIGTERM) is before  # the handlers are back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
