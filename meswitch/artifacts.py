@@ -197,7 +197,7 @@ def staging_dir(out: Path, checked: bool = True, keep_existing: bool = False) ->
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in abandoned(out.parent, out.name):
         shutil.rmtree(stale, ignore_errors=True)
-    writer = f".{out.name}.{socket.gethostname()}-{os.getpid()}."
+    writer = _writer(out)
     tmp = Path(tempfile.mkdtemp(prefix=writer, suffix=".tmp", dir=out.parent))
     try:
         yield tmp
@@ -231,6 +231,19 @@ def _disk_full(e: BaseException) -> int | None:
         if (isinstance(e, OSError) and e.errno == code) or f"(os error {code})" in str(e):
             return code
     return None
+
+
+def _writer(out: Path) -> str:
+    """The prefix of this process's staging folders for ``out``: ``.NAME.HOST-PID.`` (then a tag and ``.tmp``)."""
+    return f".{out.name}.{socket.gethostname()}-{os.getpid()}."
+
+
+def remove_aside(folder: Path, why: str) -> None:
+    """Rename ``folder`` aside (atomic: readers see it whole or gone), then delete it. The aside name is a staging
+    folder's (tagged ``why``), so one left by a kill is swept as :func:`abandoned`."""
+    aside = folder.with_name(f"{_writer(folder)}{why}.tmp")
+    folder.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def abandoned(parent: Path, name: str | None = None) -> list[Path]:

@@ -63,9 +63,8 @@ def exit_status_of(main: Callable[[], int]) -> int:
         with _sigterm_raises():
             status = main()
     except KeyboardInterrupt as e:
-        terminated = isinstance(e, Terminated)
         _drop_quietly(e)
-        return _stopped_by(Terminated if terminated else KeyboardInterrupt)
+        return _stopped_by(type(e))
     seen = _interrupt
     return _stopped_by(seen) if status and seen is not None else status
 

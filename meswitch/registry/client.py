@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +21,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meswitch.artifacts import ArtifactError, Manifest, abandoned, read_manifest, staging_dir, verify
+from meswitch.artifacts import (
+    ArtifactError,
+    Manifest,
+    abandoned,
+    read_manifest,
+    remove_aside,
+    staging_dir,
+    verify,
+)
 from meswitch.registry.config import RegistryConfig
 from meswitch.registry.errors import IntegrityError, InvalidName, NotFound, RegistryError
 from meswitch.registry.names import (
@@ -166,6 +173,12 @@ def _gates_passed(gates: Any) -> bool | None:
 def _history(tags: dict[str, str], alias: str) -> list[int]:
     raw = tags.get(HISTORY_TAG.format(alias=alias), "")
     return [int(v) for v in raw.split(",") if v.strip().isdigit()]
+
+
+def _rollback_target(history: list[int], current: int, usable: Callable[[int], bool]) -> int | None:
+    """What ``rollback`` points an alias back at: the last version of its history, other than ``current``, that
+    ``usable`` accepts (registered, not rejected); asked from the end, so no more often than it must be."""
+    return next((v for v in reversed(history) if v != current and usable(v)), None)
 
 
 class Registry:
@@ -484,21 +497,17 @@ class Registry:
             raise NotFound(f"{name}@{alias} is not set; nothing to roll back")
         current = int(current)
         history = _history(dict(rm.tags), alias)
-        while history and history[-1] == current:
-            history.pop()
-        while history:
+
+        def usable(version: int) -> bool:
             try:
-                candidate = self.get_version(name, version=history[-1])
+                return not self.get_version(name, version=version).rejected
             except NotFound:
-                history.pop()
-                continue
-            if candidate.rejected or candidate.version == current:
-                history.pop()
-                continue
-            break
-        if not history:
+                return False
+
+        target = _rollback_target(history, current, usable)
+        if target is None:
             raise RegistryError(f"{name}@{alias} is version {current} and has no earlier version to roll back to")
-        target = history[-1]
+        history = history[: len(history) - history[::-1].index(target)]  # what came after it is dropped
         self._call(f"set {name}@{alias}", self.client.set_registered_model_alias, name, alias, str(target))
         self._write_history(name, alias, history)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -557,14 +566,13 @@ class Registry:
         point it back at (so a rollback finds its files in the cache)."""
         needed: dict[str, list[str]] = {}
         for model in self.list_models():
-            hashes = {v.version: v for v in model.versions}
+            digests = {v.version: v.content_hash for v in model.versions}
+            usable = {v.version for v in model.versions if not v.rejected}
             for alias, current in model.aliases.items():
-                back = [v for v in _history(model.tags, alias) if v != current]
-                back = [v for v in back if v in hashes and not hashes[v].rejected][-1:]
-                for version, label in [(current, ""), *((v, " rollback") for v in back)]:
-                    digest = hashes[version].content_hash if version in hashes else None
-                    if digest:
-                        needed.setdefault(digest, []).append(f"{model.name}@{alias}{label}")
+                back = _rollback_target(_history(model.tags, alias), current, usable.__contains__)
+                for version, label in ((current, ""), (back, " rollback")):
+                    if digests.get(version):
+                        needed.setdefault(digests[version], []).append(f"{model.name}@{alias}{label}")
         return needed
 
     def prune_cache(self, dry_run: bool = False) -> CachePrune:
@@ -586,7 +594,7 @@ class Registry:
             removed.append(path.name)
             freed += _bytes(path)
             if not dry_run:
-                _remove(path)
+                remove_aside(path, "pruned")
         stale = abandoned(cache)
         for path in stale:
             freed += _bytes(path)
@@ -610,7 +618,7 @@ class Registry:
             except ArtifactError as e:
                 log.warning("cached copy is damaged (%s); fetching it again", e)
                 with contextlib.suppress(OSError):  # another process may be replacing it too
-                    _remove(final, "damaged")
+                    remove_aside(final, "damaged")
         store = self.store_for(info.source)
         what = f"{info.name}/{info.version} from {info.source}"
         with staging_dir(final, checked=False, keep_existing=True) as tmp:  # a concurrent resolver's copy stays
@@ -641,14 +649,6 @@ class Registry:
 
 def _bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def _remove(folder: Path, why: str = "pruned") -> None:
-    """Rename ``folder`` aside (atomic: readers see it whole or gone), then delete it. The aside name is a
-    staging folder's, so one left by a kill is swept as abandoned."""
-    aside = folder.with_name(f".{folder.name}.{socket.gethostname()}-{os.getpid()}.{why}.tmp")
-    folder.rename(aside)
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=8)

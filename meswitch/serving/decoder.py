@@ -419,7 +419,8 @@ class StaticDecoder:
         once, eagerly)."""
         eng, before = self.engine, self.captures
         grids = sorted(eng.banks.grids, key=repr)
-        blocks = (self.config.block_m,) if self.config.block_m else ROW_BLOCKS  # a base batch takes the first
+        blocks = (self.config.block_m,) if self.config.block_m else ROW_BLOCKS
+        base = (self.config.block_m or row_block(1),)  # a batch of base rows, as decode picks it
         with eng.batch([], eager=False):
             for bucket in buckets or self.config.buckets:
                 static = self._inputs(bucket)
@@ -430,7 +431,7 @@ class StaticDecoder:
                     for g in used:
                         self._slots(static, g).fill_(-1)
                     for span in spans or (length_bucket(1, self.config),):
-                        for block_m in blocks if used else blocks[:1]:
+                        for block_m in blocks if used else base:
                             self._step(static, used, span, block_m, replay=False)
         return self.captures - before
 
