@@ -16,7 +16,9 @@ base GEMM (torch) before it, with bytes counting the base weight too.
 ``--sums-given`` launches as the decode step does: x's row sums come with x (the decoder's norm and SwiGLU
 compute them, ``meswitch.kernels.row_sums``; here before timing), so every decode launch with steps in the
 epilogue takes them from outside its loop (16-row tiles: two planes a dot in 128 registers), not only the MLP's
-launches of 8 or more tiles, which otherwise compute them in a kernel of their own, timed with the delta. With
+launches of 8 or more tiles, which otherwise compute them in a kernel of their own, timed with the delta; and
+in tiles of as many rows as the step picks (8 where no expert has more than 8 rows, else 16: ``row_block``), not
+the library path's one tile per segment of up to 64 rows (``choose_config``). With
 FP8 planes (``MESWITCH_DELTA_CONFIG='{"fp8_planes": true}'``) x in e4m3 comes with x the same way, where without
 ``--sums-given`` a kernel of its own rounds it before each launch, timed with the delta.
 
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meswitch.compression.quantize import step_params
 from meswitch.kernels import DeltaBank, ExpertRows
-from meswitch.kernels.launch_config import LaunchConfig, choose_config, config_for, sums_plan
+from meswitch.kernels.launch_config import LaunchConfig, choose_config, config_for, row_block, sums_plan
 from meswitch.kernels.layout import LAYOUT_V1
 from meswitch.kernels.reference import error_bound
 from meswitch.kernels.row_sums import launch_args, launch_inputs, sum_weights
@@ -97,8 +99,8 @@ def step_launch(
     tiles, with x's row sums (and with FP8 planes x in e4m3) given where the config takes them
     (``launch_config.sums_plan``), computed here as the decoder's glue computes them with x
     (``row_sums.launch_inputs``), outside the time of the launch. ``block_m``: the tiles' rows
-    (``DecoderConfig.block_m``), else the kernel's own choice for the longest segment."""
-    block_m = block_m or choose_config(bank, er, x.device).block_m
+    (``DecoderConfig.block_m``), else the step's own choice for the longest segment (``row_block``: 8 or 16)."""
+    block_m = block_m or row_block(max(b - a for _, a, b in segs))
     tiles = sum(-(-(b - a) // block_m) for _, a, b in segs)
     cfg = config_for(bank, block_m, tiles, x.device, sums_given=True)
     plan = sums_plan(bank, block_m, tiles, x.device, x.dtype)
@@ -232,7 +234,10 @@ def main(argv=None) -> None:
         "--sums-given", action="store_true",
         help="launch as the decode step does: x's row sums given with x (see above)",
     )  # fmt: skip
-    ap.add_argument("--block-m", type=int, help="with --sums-given: rows a tile (8: 8-row tiles; default: 16-64)")
+    ap.add_argument(
+        "--block-m", type=int,
+        help="with --sums-given: rows a tile (default: the step's, 8 where an expert has at most 8 rows, else 16)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if args.block_m and not args.sums_given:
         ap.error("--block-m needs --sums-given (the step's launch)")

@@ -5,9 +5,14 @@ as ``kernel_roofline.py``. For each case the driver runs this script again under
 none``: the clocks stay as they are) in target mode, which launches that case's kernel three times to compile
 and warm, then once more: the launch ncu profiles. It reads ncu's CSV and writes, per case, the kernel's
 duration, DRAM throughput (% of peak and bytes), SM and memory-pipe utilisation, achieved occupancy,
-registers per thread, and the top warp-stall reasons: what bounds the shape (latency, issue or bandwidth).
+registers per thread, and the top warp-stall reasons: what bounds the shape (latency, issue or bandwidth),
+named in each case's ``limit`` by the rule of :func:`limit`.
 
-    python benchmarks/ncu_shapes.py --out ncu.json [--rows 1 8 32 64] [--experts 1 4 16]
+``--sums-given`` profiles the launch as the decode step makes it (x's row sums given with x, tiles of 8 or 16
+rows as the step picks them: ``kernel_roofline.step_launch``), where the default profiles the library path
+(``mixed_delta_triton``: one tile per segment, row sums in the loop or from a kernel of their own).
+
+    python benchmarks/ncu_shapes.py --out ncu.json [--sums-given] [--rows 1 8 32 64] [--experts 1 4 16]
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SHAPES = {"q/o 4096x4096": (4096, 4096), "k/v 1024x4096": (1024, 4096), "gate/up 14336x4096": (14336, 4096),
-          "down 4096x14336": (4096, 14336)}  # fmt: skip
+from kernel_roofline import SHAPES
+
+# the delta launches of a decode step: q/k/v's and gate/up's grouped, o and down alone
+STEP_SHAPES = ("q/k/v grouped 6144x4096", "q/o 4096x4096", "gate/up grouped 28672x4096", "down 4096x14336")
 KERNEL = "regex:_delta_v2_"  # the delta kernel, as the launch rules configure it
 METRICS = {
     "gpu__time_duration.sum": "duration_ns",
@@ -38,6 +45,16 @@ METRICS = {
     "sm__warps_active.avg.pct_of_peak_sustained_active": "achieved_occupancy_pct",
     "launch__registers_per_thread": "registers_per_thread",
     "launch__grid_size": "grid_size",
+}
+# read from the sections' raw page where this ncu has them (named outright, a missing one would fail the run)
+OPTIONAL = {
+    "smsp__issue_active.avg.pct_of_peak_sustained_active": "issue_active_pct",
+    "sm__maximum_warps_per_active_cycle_pct": "theoretical_occupancy_pct",
+    "launch__occupancy_limit_registers": "blocks_per_sm_by_registers",
+    "launch__occupancy_limit_shared_mem": "blocks_per_sm_by_shared_memory",
+    "launch__shared_mem_per_block": "shared_mem_per_block",
+    "lts__t_sector_hit_rate.pct": "l2_hit_rate_pct",
+    "device__attribute_multiprocessor_count": "sms",
 }
 # Collected through ncu's sections (a metric named outright that this ncu lacks would fail the whole run);
 # the warp-state section gives every stall reason this GPU has (gmma included on Hopper) in cycles per issue.
@@ -54,23 +71,27 @@ def cases(args) -> list[tuple[str, int, int]]:
 def target(args) -> None:
     """Launch one case (the first of ``cases``): three warm-up launches, then the profiled one."""
     import torch
+    from kernel_roofline import rows_for, step_launch, synthetic_bank
 
-    from meswitch.kernels import DeltaBank, ExpertRows
-    from meswitch.kernels.triton_delta import mixed_delta_triton
+    from meswitch.kernels.launch_config import choose_config
+    from meswitch.kernels.triton_delta import launch, mixed_delta_triton
 
     torch.manual_seed(0)
     shape, rows, experts = cases(args)[0]
     n, k = SHAPES[shape]
-    bank = DeltaBank.random(experts, (n, k), bits=2, salient=round(0.01 * k), device="cuda")
-    per = [rows // experts + (1 if i < rows % experts else 0) for i in range(experts)]
-    starts = [0]
-    for c in per:
-        starts.append(starts[-1] + c)
-    er = ExpertRows.from_segments(starts, list(range(experts)), device="cuda")
+    bank = synthetic_bank(shape, experts, round(0.01 * k))
+    er, segs = rows_for(rows, experts, 0)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     y = torch.zeros(rows, n, device="cuda", dtype=torch.bfloat16)
+    if args.sums_given:
+        cfg, tiles, given = step_launch(bank, er, segs, x, args.block_m)
+        run = lambda: launch(x, bank, tiles, y, cfg, **given)
+    else:
+        cfg = choose_config(bank, er, x.device)
+        run = lambda: mixed_delta_triton(x, bank, er, y)
+    print("LAUNCH " + json.dumps(cfg.__dict__), flush=True)
     for _ in range(4):  # ncu skips the first three (--launch-skip 3)
-        mixed_delta_triton(x, bank, er, y)
+        run()
     torch.cuda.synchronize()
 
 
@@ -81,11 +102,28 @@ def parse(text: str) -> dict:
     out = {"kernel": rec.get("Kernel Name")}
     for metric, key in METRICS.items():
         out[key] = _num(rec.get(metric))
+    for metric, key in OPTIONAL.items():
+        if metric in rec:
+            out[key] = _num(rec[metric])
     out["tensor_pipes_pct"] = {m: _num(v) for m, v in rec.items() if m and TENSOR_PIPE.fullmatch(m) and _num(v)}
     stalls = {m.group(1): _num(v) for k, v in rec.items() if k and (m := STALL.fullmatch(k))}
     out["stalls"] = dict(sorted(((r, v) for r, v in stalls.items() if v), key=lambda kv: -kv[1]))
     out["top_stalls"] = dict(list(out["stalls"].items())[:4])
     return out
+
+
+def limit(r: dict) -> str:
+    """What bounds a launch, from its counters: DRAM at 70% of peak or more is bandwidth; else a tensor pipe or
+    the issue slots at 60% or more; else latency, named by the top stall (a grid under one program an SM says so)."""
+    if (r.get("dram_pct_of_peak") or 0) >= 70:
+        return "bandwidth"
+    if max(r.get("tensor_pipes_pct", {}).values(), default=0) >= 60:
+        return "tensor cores"
+    if (r.get("issue_active_pct") or 0) >= 60:
+        return "instruction issue"
+    top = next(iter(r.get("stalls", {})), "?")
+    small = r.get("sms") and r.get("grid_size") and r["grid_size"] < r["sms"]
+    return f"latency ({top}{', grid under one program an SM' if small else ''})"
 
 
 def _num(v) -> float | None:
@@ -106,15 +144,20 @@ def drive(args) -> None:
             str(ncu), "--clock-control", "none", "--csv", "--page", "raw", "-k", KERNEL, "--launch-skip", "3",
             "--launch-count", "1", *sections, "--metrics", ",".join(METRICS), sys.executable, __file__, "--target",
             "--shapes", shape, "--rows", str(rows), "--experts", str(experts),
+            *(["--sums-given"] if args.sums_given else []), *(["--block-m", str(args.block_m)] if args.block_m else []),
         ]  # fmt: skip
         run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if run.returncode != 0 or '"ID"' not in run.stdout:
             raise SystemExit(f"ncu failed ({run.returncode}) on {shape} {rows} {experts}:\n{run.stderr[-3000:]}")
-        r = {"shape": shape, "rows": rows, "experts": experts, **parse(run.stdout)}
+        cfg = json.loads(next(ln for ln in run.stdout.splitlines() if ln.startswith("LAUNCH "))[7:])
+        r = {"shape": shape, "rows": rows, "experts": experts, "launch": cfg, **parse(run.stdout)}
+        r["limit"] = limit(r)
         results.append(r)
-        print(shape, rows, experts, r["duration_ns"], r["dram_pct_of_peak"], r["top_stalls"], flush=True)
+        print(shape, rows, experts, f"bm={cfg['block_m']} split={cfg['split_k']}", r["duration_ns"],
+              r["dram_pct_of_peak"], r.get("issue_active_pct"), r["limit"], r["top_stalls"], flush=True)  # fmt: skip
         report = {"command": " ".join(["python", *sys.argv]), "ncu": " ".join(cmd[:12]), "host": platform.node(),
-                  "note": "SYNTHETIC 2-bit deltas, Mistral-7B shapes; one launch each", "results": results}  # fmt: skip
+                  "sums_given": args.sums_given, "note": "SYNTHETIC 2-bit deltas, Mistral-7B shapes; one launch each",
+                  "results": results}  # fmt: skip
         args.out.write_text(json.dumps(report, indent=2) + "\n")  # after every case: a cut run keeps the rest
 
 
@@ -122,10 +165,14 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="result JSON (driver mode)")
     ap.add_argument("--target", action="store_true", help="launch the cases (what ncu runs)")
-    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--shapes", nargs="*", default=list(STEP_SHAPES), choices=list(SHAPES))
     ap.add_argument("--rows", type=int, nargs="*", default=[1, 8, 32, 64])
     ap.add_argument("--experts", type=int, nargs="*", default=[1, 4, 16])
+    ap.add_argument("--sums-given", action="store_true", help="profile the launch as the decode step makes it")
+    ap.add_argument("--block-m", type=int, help="with --sums-given: rows a tile (default: the step's choice)")
     args = ap.parse_args(argv)
+    if args.block_m and not args.sums_given:
+        ap.error("--block-m needs --sums-given (the step's launch)")
     if args.target:
         target(args)
     elif args.out:

@@ -13,10 +13,11 @@ from serving_fixtures import check_continuous_batching, reconstructed, served_fa
 
 from meswitch.kernels import DeltaBank, ExpertRows, mixed_delta_reference
 from meswitch.kernels.bank import device_tiles
+from meswitch.kernels.launch_config import ROW_BLOCKS, row_block
 from meswitch.kernels.ops import mixed_delta_tiles, tile_rows
 from meswitch.kernels.row_sums import SumsPlan, e4m3_inputs, launch_args, launch_inputs, row_sums, sum_weights
 from meswitch.serving.batching import SchedulerConfig
-from meswitch.serving.decoder import ROW_BLOCKS, DecoderConfig, StaticDecoder, length_bucket, row_block
+from meswitch.serving.decoder import DecoderConfig, StaticDecoder, length_bucket
 from meswitch.serving.engine import EngineConfig, EngineError, MixedExpertEngine
 from meswitch.serving.mixed import BatchExperts, FusedLinears, MixedLinear
 

@@ -62,6 +62,15 @@ def fp8_fits(bank: DeltaBank, cfg: LaunchConfig) -> bool:
             and cfg.block_m >= 16)  # fmt: skip
 
 
+ROW_BLOCKS = (8, 16)  # the rows a tile the decode step's launches pick from (DecoderConfig.block_m=None)
+
+
+def row_block(rows: int) -> int:
+    """Rows a delta tile in the decode step for a batch whose most rows on one expert are ``rows``: 8 up to 8,
+    else 16 (more tiles, each program's MMA chain shorter, beat larger tiles there: NOTES-kernels.md)."""
+    return ROW_BLOCKS[0] if rows <= ROW_BLOCKS[0] else ROW_BLOCKS[1]
+
+
 def _row_block(max_segment: int) -> int:
     for bm in (16, 32, 64):
         if max_segment <= bm:

@@ -34,6 +34,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from meswitch.kernels.bank import device_tiles
 from meswitch.kernels.decode_attention import decode_attention, decode_attention_reference, decode_mask
+from meswitch.kernels.launch_config import ROW_BLOCKS, row_block
 from meswitch.kernels.row_sums import SumsPlan, launch_inputs, sum_weights
 from meswitch.serving.engine import EngineError, MixedExpertEngine
 from meswitch.serving.mixed import FusedLinears, MixedLinear, rms_rows
@@ -130,14 +131,6 @@ def add_rms_rows(x: torch.Tensor, y: torch.Tensor, eps: float, weight: torch.Ten
     """:func:`residual`, its RMS norm (:func:`rms_rows`) and what each delta launch of ``sums`` takes of it."""
     x = residual(x, y, d)
     return x, *rms_sums(x, eps, weight, tables, sums)
-
-
-ROW_BLOCKS = (8, 16)  # the delta kernel's rows a tile that DecoderConfig.block_m=None picks from
-
-
-def row_block(rows: int) -> int:
-    """Rows a delta tile for a batch whose most rows on one expert are ``rows``: 8 up to 8, else 16."""
-    return ROW_BLOCKS[0] if rows <= ROW_BLOCKS[0] else ROW_BLOCKS[1]
 
 
 def length_bucket(longest: int, config: DecoderConfig) -> int:
