@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime as dt
 import io
 import json
 import os
@@ -137,6 +138,10 @@ def drive(args) -> None:
     ncu = shutil.which("ncu") or next(iter(sorted(Path("/opt/nvidia").glob("nsight-compute/*/ncu"))), None)
     if ncu is None:
         raise SystemExit("ncu (Nsight Compute) is not on this machine")
+    import torch
+    import triton
+
+    device, versions = torch.cuda.get_device_name(), {"torch": torch.__version__, "triton": triton.__version__}
     sections = [a for s in SECTIONS for a in ("--section", s)]
     results = []
     for shape, rows, experts in cases(args):
@@ -155,7 +160,8 @@ def drive(args) -> None:
         results.append(r)
         print(shape, rows, experts, f"bm={cfg['block_m']} split={cfg['split_k']}", r["duration_ns"],
               r["dram_pct_of_peak"], r.get("issue_active_pct"), r["limit"], r["top_stalls"], flush=True)  # fmt: skip
-        report = {"command": " ".join(["python", *sys.argv]), "ncu": " ".join(cmd[:12]), "host": platform.node(),
+        report = {"date": dt.date.today().isoformat(), "device": device, "versions": versions,
+                  "command": " ".join(["python", *sys.argv]), "ncu": " ".join(cmd[:12]), "host": platform.node(),
                   "sums_given": args.sums_given, "note": "SYNTHETIC 2-bit deltas, Mistral-7B shapes; one launch each",
                   "results": results}  # fmt: skip
         args.out.write_text(json.dumps(report, indent=2) + "\n")  # after every case: a cut run keeps the rest

@@ -457,6 +457,8 @@ def test_mixed_delta_dispatches_to_triton():
         (1, False, 3, 0, 2048),
         (4, True, 1, 5, 512),
         (2, False, 2, 0, 1000),
+        (2, False, 2, 70, 1024),  # three blocks of salient columns dealt round two K splits
+        (2, True, 3, 40, 2048),  # two blocks, three splits: one takes none
     ],
 )
 @pytest.mark.parametrize("block_m", [8, 16])

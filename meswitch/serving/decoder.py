@@ -52,13 +52,14 @@ class DecoderConfig:
     buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # batch sizes captured; a batch runs in the next one up
     min_len_bucket: int = 128  # attention reads the cache up to a power of two >= the longest row, at least this
     # Rows per tile of the delta kernel in a captured step; None: 8 where no expert has more than 8 rows in the
-    # batch, else 16 (ROW_BLOCKS, a graph per choice, both captured by warm_up). 8-row tiles halve the padding of
-    # many experts' few rows each (7B on an H100, one process: 8 experts at batch 32 13.38 -> 12.80 ms, 16 at
-    # batch 64 20.10 -> 18.75) and lose where an expert has more (1 expert at batch 32 8.97 -> 9.98 ms;
-    # benchmarks/results/decode-rows8-h100-2026-12-05.json). 32- and 64-row tiles, which stream an expert's codes
-    # once for more rows, lost to 16 (one expert, H200: batch 32 13.2 vs 12.6 ms, batch 64 16.4 vs 14.7): the
-    # kernel is bound by each program's chain of MMAs, and more tiles mean more programs. FP8 planes (opt-in,
-    # kernels/launch_config.py) take 16 rows a tile or more: with 8 the launch keeps bf16 planes.
+    # batch, else 16 (launch_config.row_block, a graph per choice, both captured by warm_up). 8-row tiles halve the
+    # padding of many experts' few rows each (7B, one process: 8 experts at batch 32 13.38 -> 12.80 ms on an H100,
+    # 12.81 -> 11.75 on an H200; 16 at batch 64 20.10 -> 18.75 and 19.45 -> 17.14) and lose where an expert has
+    # more (1 expert at batch 32 8.97 -> 9.98 ms; benchmarks/results/decode-rows8-{h100,h200}-2026-12-05.json).
+    # 32- and 64-row tiles, which stream an expert's codes once for more rows, lost to 16 (one expert, H200: batch
+    # 32 13.2 vs 12.6 ms, batch 64 16.4 vs 14.7): the kernel is bound by each program's chain of MMAs, and more
+    # tiles mean more programs. FP8 planes (opt-in, kernels/launch_config.py) take 16 rows a tile or more: with 8
+    # the launch keeps bf16 planes.
     block_m: int | None = None
     graphs: bool = True  # capture CUDA graphs on a GPU; False: every step eager (what graphs are tested against)
     # Fuse a decode step's small ops (RMS norms with their slot tables and the residual adds before them,
