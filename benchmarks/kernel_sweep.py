@@ -79,12 +79,12 @@ def configs_for(rows: int, experts: int) -> list[LaunchConfig]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--configs", help="JSON list of LaunchConfig fields, used for every decode case")
+    ap.add_argument("--configs", help="JSON list of LaunchConfig fields for each case (no block_m: the case's)")
     ap.add_argument("--decode-only", action="store_true")
     ap.add_argument("--tag", default="", help="label written with each result (e.g. the environment)")
     ap.add_argument("--cases", help="SHAPE:ROWS:EXPERTS;... instead of the built-in cases (SHAPE as in SHAPES)")
     args = ap.parse_args(argv)
-    fixed = [LaunchConfig(**c) for c in json.loads(args.configs)] if args.configs else None
+    fixed = json.loads(args.configs) if args.configs else None  # a config without block_m takes the case's
     copy_gbps = copy_bandwidth()
     print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     results = []
@@ -103,8 +103,7 @@ def main(argv=None) -> None:
         bank = banks[shape]
         seg = -(-rows // experts)
         bm = 16 if seg <= 16 else 32 if seg <= 32 else 64 if seg <= 64 else 128
-        todo = [LaunchConfig(**{**c.__dict__, "block_m": c.block_m if c.block_m != LaunchConfig.block_m else bm})
-                for c in fixed] if fixed else configs_for(rows, experts)  # fmt: skip
+        todo = [LaunchConfig(**{"block_m": bm, **c}) for c in fixed] if fixed else configs_for(rows, experts)
         for cfg in todo:
             try:
                 r = bench_case(bank, None, None, None, n, k, rows, experts, cfg, with_baselines=False)
