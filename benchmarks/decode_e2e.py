@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
                          "fused group), graph-serial (graph-compiled with the deltas after the base GEMMs, not "
                          "beside them), graph-sdpa (graph-compiled with SDPA for decode attention), "
                          "graph-kernel-sums (graph-compiled with x's row sums from a kernel of their own, not from "
-                         "the glue), graph-rows8 / graph-rows16 (graph-compiled with 8- or 16-row delta tiles for "
+                         "the glue), graph-rows8 / 16 / 32 / 64 (graph-compiled with delta tiles of that many rows for "
                          "every batch, not 8 or 16 by the batch's most rows on one expert), engine (eager "
                          "engine), hf (transformers eager, base alone), hf-compile "
                          "(transformers static cache + torch.compile, stepped by hand, base alone), hf-generate "
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     variants = {"graph": {"compile_glue": False}, "graph-compiled": {}, "graph-unfused": {"fuse_projections": False},
                 "graph-ungrouped": {"group_deltas": False}, "graph-sdpa": {"attention_kernel": False},
                 "graph-serial": {"overlap_deltas": False}, "graph-kernel-sums": {"glue_sums": False},
-                "graph-rows8": {"block_m": 8}, "graph-rows16": {"block_m": 16}}  # fmt: skip
+                **{f"graph-rows{m}": {"block_m": m} for m in (8, 16, 32, 64)}}  # fmt: skip
     shape = {"max_rows": max(buckets), "max_len": args.max_len, "buckets": buckets, "compile_glue": True}
     decoders = {
         mode: StaticDecoder(eng, DecoderConfig(**{**shape, **changes}))
