@@ -283,11 +283,22 @@ def seal_base(base_dir: Path, out: Path, name: str, fingerprint: str) -> Manifes
         return seal(tmp, Manifest(kind="base", name=name, base_fingerprint=fingerprint, source_fingerprint=fingerprint))
 
 
-def read_manifest(folder: Path) -> Manifest:
-    """Parse ``manifest.json`` without checking files (cheap; for listings)."""
-    path = Path(folder) / MANIFEST
+def manifest_path(folder: Path) -> Path:
+    """``folder``'s manifest file, or an error that says what the path is instead (missing, a file, no manifest)."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise ArtifactError(f"{folder}: no such artifact folder")
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: a file, not an artifact folder")
+    path = folder / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{folder}: no {MANIFEST}; not a meswitch artifact")
+    return path
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Parse ``manifest.json`` without checking files (cheap; for listings)."""
+    path = manifest_path(folder)
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -186,6 +186,16 @@ def test_inspect_prints_a_failed_verdict_last_on_stderr(pair, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1].startswith("checksums: ok")
 
 
+def test_inspect_says_what_a_path_that_is_no_artifact_is(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    for path, said in [("nowhere", "no such artifact folder"), ("file.txt", "a file, not an artifact folder"),
+                       ("empty", "no manifest.json; not a meswitch artifact")]:  # fmt: skip
+        assert main(["inspect", str(tmp_path / path)]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / path}: {said}" in err and len(err.strip().splitlines()) == 1
+
+
 def test_an_edited_bit_width_is_one_error_naming_the_tensor_and_the_artifact(pair, tmp_path, capsys):
     art = shutil.copytree(pair.art, tmp_path / "art")
     text = (art / "manifest.json").read_text()

@@ -318,6 +318,8 @@ def test_cli_errors_are_one_line(fam, tmp_path, capsys):
     assert "expert.yaml: missing" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
     assert main(["route", str(tmp_path / "nowhere"), "q"]) == 2
+    assert "no such artifact folder" in capsys.readouterr().err
+    assert main(["route", str(bare), "q"]) == 2
     assert "no manifest.json" in capsys.readouterr().err
 
 

@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from meswitch.artifacts import MANIFEST, ArtifactError, Manifest, sha256_file, staging_dir, verify
+from meswitch.artifacts import MANIFEST, ArtifactError, Manifest, manifest_path, sha256_file, staging_dir, verify
 from meswitch.registry.config import RegistryConfig
 from meswitch.registry.errors import (
     AccessDenied,
@@ -51,10 +51,7 @@ def content_hash_of_manifest(manifest_bytes: bytes) -> str:
 
 def content_hash(folder: Path) -> str:
     """Content hash of an artifact folder (from its manifest; ``verify`` checks the files themselves)."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(f"{folder}: no {MANIFEST}; not a meswitch artifact")
-    return content_hash_of_manifest(path.read_bytes())
+    return content_hash_of_manifest(manifest_path(folder).read_bytes())
 
 
 def artifact_files(manifest: Manifest) -> list[str]:
