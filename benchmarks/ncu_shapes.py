@@ -50,6 +50,7 @@ METRICS = {
 # read from the sections' raw page where this ncu has them (named outright, a missing one would fail the run)
 OPTIONAL = {
     "smsp__issue_active.avg.pct_of_peak_sustained_active": "issue_active_pct",
+    "sm__inst_issued.avg.pct_of_peak_sustained_active": "issue_active_pct",  # "issue slots busy", where ncu names it so
     "sm__maximum_warps_per_active_cycle_pct": "theoretical_occupancy_pct",
     "launch__occupancy_limit_registers": "blocks_per_sm_by_registers",
     "launch__occupancy_limit_shared_mem": "blocks_per_sm_by_shared_memory",
@@ -114,14 +115,17 @@ def parse(text: str) -> dict:
 
 
 def limit(r: dict) -> str:
-    """What bounds a launch, from its counters: DRAM at 70% of peak or more is bandwidth; else a tensor pipe or
-    the issue slots at 60% or more; else latency, named by the top stall (a grid under one program an SM says so)."""
+    """What bounds a launch, from its counters: DRAM at 70% of peak or more is bandwidth; else a tensor pipe, the
+    issue slots or the SM's busiest unit (speed-of-light SM throughput) at 60% or more; else latency, named by the
+    top stall (a grid under one program an SM says so)."""
     if (r.get("dram_pct_of_peak") or 0) >= 70:
         return "bandwidth"
     if max(r.get("tensor_pipes_pct", {}).values(), default=0) >= 60:
         return "tensor cores"
     if (r.get("issue_active_pct") or 0) >= 60:
         return "instruction issue"
+    if (r.get("sm_pct_of_peak") or 0) >= 60:
+        return "SM throughput (issue or an ALU pipe)"
     top = next(iter(r.get("stalls", {})), "?")
     small = r.get("sms") and r.get("grid_size") and r["grid_size"] < r["sms"]
     return f"latency ({top}{', grid under one program an SM' if small else ''})"
