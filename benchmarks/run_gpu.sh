@@ -6,7 +6,8 @@
 #   bash benchmarks/run_gpu.sh fp8 | fp8-prefill   (FP8 planes against the default: roofline and step; prefill)
 #   AB_RUNS="TREE[+VAR=VALUE]..." bash benchmarks/run_gpu.sh ab   (the decode step, one process per tree, ABAB)
 # ROOFLINE_ARGS / NCU_ARGS pass arguments on (e.g. ROOFLINE_ARGS="--no-baselines"; the step's launches:
-# ROOFLINE_ARGS="--sums-given [--block-m 8]"), ROOFLINE_NAME names its JSON (kernel_roofline-NAME.json).
+# ROOFLINE_ARGS="--sums-given [--block-m 8]", NCU_ARGS="--sums-given --rows 1 32 64 --experts 1 4 16", about 5 minutes),
+# ROOFLINE_NAME names its JSON (kernel_roofline-NAME.json).
 #   bash benchmarks/run_gpu.sh demo-stage demo-setup smol-long [smol] [report-long] [report-smol] [reports] [router-long] [pack]
 # (the real family, issue 11: the packages and corpora staged as for the demo, `STAGE_EXTRAS="real" bash
 # benchmarks/stage_demo.sh`). REPORT_NAME names a report's folder (default: the step) and REPORT_FAMILY its
