@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_roofline import SHAPES, bench_case, copy_bandwidth, write_report
 
 from meswitch.kernels import DeltaBank
-from meswitch.kernels.launch_config import LaunchConfig
+from meswitch.kernels.launch_config import LaunchConfig, segment_block
 
 CASES = [  # (shape, rows, experts)
     ("q/o 4096x4096", 1, 1),
@@ -39,7 +39,7 @@ def configs_for(rows: int, experts: int) -> list[LaunchConfig]:
     seg = -(-rows // experts)
     out = []
     if seg <= 64:
-        bm = 16 if seg <= 16 else 32 if seg <= 32 else 64
+        bm = segment_block(seg)
         for bn, nw in ((64, 4), (128, 4), (256, 8)):
             for st in (3, 4, 6):
                 out.append(LaunchConfig(block_n=bn, block_m=bm, num_warps=nw, num_stages=st, epilogue_scale=True))
@@ -102,7 +102,7 @@ def main(argv=None) -> None:
             banks[shape] = DeltaBank.random(64, (n, k), bits=2, salient=round(0.01 * k), device="cuda")
         bank = banks[shape]
         seg = -(-rows // experts)
-        bm = 16 if seg <= 16 else 32 if seg <= 32 else 64 if seg <= 64 else 128
+        bm = segment_block(seg)
         todo = [LaunchConfig(**{"block_m": bm, **c}) for c in fixed] if fixed else configs_for(rows, experts)
         for cfg in todo:
             try:

@@ -71,7 +71,9 @@ def row_block(rows: int) -> int:
     return ROW_BLOCKS[0] if rows <= ROW_BLOCKS[0] else ROW_BLOCKS[1]
 
 
-def _row_block(max_segment: int) -> int:
+def segment_block(max_segment: int) -> int:
+    """Rows a delta tile on the library path (:func:`choose_config`): one tile for the longest segment, 16 to 128
+    (the decode step tiles by :func:`row_block` instead)."""
     for bm in (16, 32, 64):
         if max_segment <= bm:
             return bm
@@ -83,7 +85,7 @@ def choose_config(bank: DeltaBank, rows: ExpertRows, device: torch.device) -> La
     key = ("config", bank.grid, bank.splits, str(device))
     cached = rows._tiles.get(key)
     if cached is None:
-        block_m = _row_block(rows.max_segment)
+        block_m = segment_block(rows.max_segment)
         tiles = sum(-(-(b - a) // block_m) for a, b in itertools.pairwise(rows.seg_starts))
         cached = rows._tiles[key] = config_for(bank, block_m, tiles, device)
     return cached
