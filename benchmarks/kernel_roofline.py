@@ -207,17 +207,18 @@ def bench_case(
     return out
 
 
-def check_once(bank, n, k):
-    """A quick kernel-vs-reference check on this bank before timing it."""
+def check_once(bank, n, k, rows=16, experts=4, config=None):
+    """A quick kernel-vs-reference check on this bank (and launch config) before timing it."""
     from meswitch.kernels import mixed_delta_reference
 
-    er, _ = rows_for(16, 4, 0)
-    x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(16, n, device="cuda", dtype=torch.bfloat16) * 0.01
+    er, _ = rows_for(rows, experts, 0)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16) * 0.01
     ref = mixed_delta_reference(x, bank, er, y.clone()).float() - y.float()
-    got = mixed_delta_triton(x, bank, er, y.clone()).float() - y.float()
+    got = mixed_delta_triton(x, bank, er, y.clone(), config).float() - y.float()
     err = float((got - ref).norm() / ref.norm())
-    bound = error_bound(choose_config(bank, er, x.device).fp8_planes)  # FP8 planes: by MESWITCH_DELTA_CONFIG
+    cfg = config or choose_config(bank, er, x.device)
+    bound = error_bound(cfg.fp8_planes)  # FP8 planes: by MESWITCH_DELTA_CONFIG or the config
     if not err < bound:
         raise RuntimeError(f"kernel disagrees with the reference: relative error {err:.2e} (bound {bound})")
     return err

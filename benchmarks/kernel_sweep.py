@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_roofline import SHAPES, bench_case, copy_bandwidth, write_report
+from kernel_roofline import SHAPES, bench_case, check_once, copy_bandwidth, write_report
 
 from meswitch.kernels import DeltaBank
 from meswitch.kernels.launch_config import LaunchConfig, segment_block
@@ -106,6 +106,7 @@ def main(argv=None) -> None:
         todo = [LaunchConfig(**{"block_m": bm, **c}) for c in fixed] if fixed else configs_for(rows, experts)
         for cfg in todo:
             try:
+                err = check_once(bank, n, k, rows, experts, cfg)  # each config against the reference first
                 r = bench_case(bank, None, None, None, n, k, rows, experts, cfg, with_baselines=False)
             except Exception as exc:  # a config the compiler or the device refuses: record and go on
                 print(f"{shape} rows={rows} E={experts} {cfg}: FAILED {type(exc).__name__}: {exc}"[:300], flush=True)
@@ -116,7 +117,7 @@ def main(argv=None) -> None:
             graph_gbps = r["bytes"] / r["graph_ms"] / 1e6  # launched from a CUDA graph, as decode runs it
             results.append({"shape": shape, "rows": rows, "experts": experts, "config": cfg.__dict__, "tag": args.tag,
                             "ms": r["ms"], "gbps": gbps, "fraction": gbps / copy_gbps, "graph_ms": r["graph_ms"],
-                            "graph_fraction": graph_gbps / copy_gbps})  # fmt: skip
+                            "graph_fraction": graph_gbps / copy_gbps, "rel_err": err})  # fmt: skip
             print(
                 f"{shape:20s} rows={rows:5d} E={experts:2d} bn={cfg.block_n:3d} bm={cfg.block_m:3d} w={cfg.num_warps} "
                 f"st={cfg.num_stages} sk={cfg.split_k} epi={int(cfg.epilogue_scale)} xs={int(cfg.x_sums)} "
