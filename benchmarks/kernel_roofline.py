@@ -17,10 +17,16 @@ base GEMM (torch) before it, with bytes counting the base weight too.
 compute them, ``meswitch.kernels.row_sums``; here before timing), so every decode launch with steps in the
 epilogue takes them from outside its loop (16-row tiles: two planes a dot in 128 registers), not only the MLP's
 launches of 8 or more tiles, which otherwise compute them in a kernel of their own, timed with the delta; and
-in tiles of as many rows as the step picks (8 where no expert has more than 8 rows, else 16: ``row_block``), not
+in tiles of as many rows as the step picks (8 where no expert has more than 8 rows, 16 up to 32, else 64:
+``row_block``), not
 the library path's one tile per segment of up to 64 rows (``choose_config``). With
 FP8 planes (``MESWITCH_DELTA_CONFIG='{"fp8_planes": true}'``) x in e4m3 comes with x the same way, where without
 ``--sums-given`` a kernel of its own rounds it before each launch, timed with the delta.
+
+Each row also says what a launch of its shape could reach at best (``attainable_fraction``): its bytes at copy
+bandwidth, or its FLOPs at the dense bf16 rate cuBLAS reaches on this device (measured in the run), whichever is
+longer, plus the GPU time of an empty launch of the same grid from a CUDA graph (``empty_launch_ms``: start, one
+load and store a program, drain) -- what no kernel of that grid avoids.
 
     python benchmarks/kernel_roofline.py --out benchmarks/results/kernel_roofline-DATE.json
 """
@@ -39,6 +45,7 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -80,6 +87,30 @@ def copy_bandwidth(nbytes: int = 2 * 2**30) -> float:
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
     return 2 * nbytes / ms / 1e6
+
+
+def matmul_tflops(size: int = 8192) -> float:
+    """Dense bf16 GEMM rate cuBLAS reaches here (TFLOP/s): the compute floor's rate."""
+    a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms = do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
+    return 2 * size**3 / ms / 1e9
+
+
+@triton.jit
+def _empty_kernel(ptr):
+    pid = (
+        tl.program_id(0)
+        + tl.program_id(1) * tl.num_programs(0)
+        + tl.program_id(2) * tl.num_programs(0) * tl.num_programs(1)
+    )
+    tl.store(ptr + pid, tl.load(ptr + pid) + 1)
+
+
+def empty_launch_ms(grid: tuple[int, int, int], num_warps: int, launches: int = 16) -> float:
+    """GPU time per launch of a kernel that does nothing but exist (one load and store a program) on ``grid``,
+    back to back in a CUDA graph as the step's launches run."""
+    buf = torch.zeros(math.prod(grid), dtype=torch.int32, device="cuda")
+    return graph_ms(lambda _: _empty_kernel[grid](buf, num_warps=num_warps), [None] * launches)
 
 
 def rows_for(rows: int, experts: int, first_expert: int) -> tuple[ExpertRows, list[tuple[int, int, int]]]:
@@ -245,7 +276,8 @@ def main(argv=None) -> None:
 
     torch.manual_seed(0)
     copy_gbps = copy_bandwidth()
-    print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)", flush=True)
+    tflops = matmul_tflops()
+    print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write); bf16 GEMM {tflops:.0f} TFLOP/s", flush=True)
     results = []
     for name in args.shapes:
         n, k = SHAPES[name]
@@ -271,6 +303,10 @@ def main(argv=None) -> None:
                 args.block_m,
             )  # fmt: skip
             gbps = r["bytes"] / r["ms"] / 1e6
+            cfg, segs = r["config"], rows_for(rows, experts, 0)[1]
+            tiles = sum(-(-(b - a) // cfg["block_m"]) for _, a, b in segs)
+            empty = empty_launch_ms((-(-n // cfg["block_n"]), tiles, cfg["split_k"]), cfg["num_warps"])
+            bytes_ms, flops_ms = r["bytes"] / copy_gbps / 1e6, 2 * rows * n * k / tflops / 1e9
             row = {
                 "shape": name,
                 "n": n,
@@ -284,6 +320,9 @@ def main(argv=None) -> None:
                 "tflops": round(2 * rows * n * k / r["ms"] / 1e9, 1),
                 "graph_ms": round(r["graph_ms"], 5),
                 "graph_fraction_of_copy_bandwidth": round(r["bytes"] / r["graph_ms"] / 1e6 / copy_gbps, 3),
+                "empty_launch_ms": round(empty, 5),
+                "flops_floor_ms": round(flops_ms, 5),
+                "attainable_fraction": round(bytes_ms / (max(bytes_ms, flops_ms) + empty), 3),
                 "rotation_sets": r["rotation_sets"],
                 "sums_given": args.sums_given,
                 "launch": r["config"],
@@ -305,7 +344,8 @@ def main(argv=None) -> None:
                 f"{name:20s} rows={rows:5d} experts={experts:2d} bm={r['config']['block_m']:2d} "
                 f"{r['ms'] * 1e3:8.1f} us "
                 f"{gbps:7.0f} GB/s {gbps / copy_gbps:5.1%} graph {r['graph_ms'] * 1e3:7.1f} us "
-                f"{row['graph_fraction_of_copy_bandwidth']:5.1%}"
+                f"{row['graph_fraction_of_copy_bandwidth']:5.1%} (empty launch {empty * 1e3:.1f} us, at best "
+                f"{row['attainable_fraction']:5.1%})"
                 + (
                     f"  naive x{row['speedup_vs_naive']:.1f} dense x{row['speedup_vs_dense_bf16']:.2f}"
                     f"  base {row['base_ms'] * 1e3:.1f} us base+delta {row['base_plus_delta_ms'] * 1e3:.1f} us"
@@ -316,11 +356,11 @@ def main(argv=None) -> None:
             )
         del bank, naive_bank, dense, base_ws
         torch.cuda.empty_cache()
-        write_report(args.out, copy_gbps, results)  # after each shape: a cut-short run keeps its rows
+        write_report(args.out, copy_gbps, results, tflops)  # after each shape: a cut-short run keeps its rows
     print(f"wrote {args.out}")
 
 
-def write_report(out: Path, copy_gbps: float, results: list[dict]) -> None:
+def write_report(out: Path, copy_gbps: float, results: list[dict], gemm_tflops: float | None = None) -> None:
     report = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -336,6 +376,7 @@ def write_report(out: Path, copy_gbps: float, results: list[dict]) -> None:
         "bytes_counted": "each active expert's packed codes + steps + salient idx/values once, x read, y read+write; "
         "base_plus_delta adds the bf16 base weight",
         "copy_bandwidth_gbps": round(copy_gbps, 1),
+        **({"bf16_gemm_tflops": round(gemm_tflops, 1)} if gemm_tflops else {}),
         "rows": results,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

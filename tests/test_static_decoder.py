@@ -13,7 +13,7 @@ from serving_fixtures import check_continuous_batching, reconstructed, served_fa
 
 from meswitch.kernels import DeltaBank, ExpertRows, mixed_delta_reference
 from meswitch.kernels.bank import device_tiles
-from meswitch.kernels.launch_config import ROW_BLOCKS, row_block
+from meswitch.kernels.launch_config import ROW_BLOCKS, row_block, row_blocks
 from meswitch.kernels.ops import mixed_delta_tiles, tile_rows
 from meswitch.kernels.row_sums import SumsPlan, e4m3_inputs, launch_args, launch_inputs, row_sums, sum_weights
 from meswitch.serving.batching import SchedulerConfig
@@ -279,8 +279,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_a_step_tiles_the_delta_rows_by_8_unless_an_expert_has_more_rows_in_the_batch(packed, monkeypatch):
     """``DecoderConfig.block_m=None``: 8-row delta tiles while no expert has more than 8 rows in the batch (many
-    experts with few rows each: half the padding of 16), 16 beyond; a fixed ``block_m`` for every batch."""
-    assert [row_block(n) for n in (1, 8, 9, 16, 64)] == [8, 8, 16, 16, 16]
+    experts with few rows each: half the padding of 16), 16 up to 32, one 64-row tile beyond (an expert's codes
+    unpacked once); a fixed ``block_m`` for every batch."""
+    assert [row_block(n) for n in (1, 8, 9, 16, 32, 33, 64)] == [8, 8, 16, 16, 16, 64, 64]
+    assert [row_blocks(b) for b in (1, 8, 16, 32, 64)] == [(8,), (8,), (8, 16), (8, 16), ROW_BLOCKS]
     eng, slots = packed
     one = slots[sorted(slots)[0]]
     cfg = DecoderConfig(max_rows=16, max_len=32, buckets=(16,), min_len_bucket=16, compile_glue=False)
@@ -300,7 +302,7 @@ def test_warm_up_runs_every_bucket_without_touching_the_cache_or_the_answers(pac
     eng, slots = packed
     rows = [slots[sorted(slots)[0]], None, slots[sorted(slots)[2]]]
     prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14]]
-    cfg = DecoderConfig(max_rows=4, max_len=64, buckets=(1, 4), min_len_bucket=16, compile_glue=False)
+    cfg = DecoderConfig(max_rows=16, max_len=64, buckets=(1, 16), min_len_bucket=16, compile_glue=False)
 
     def answers(dec):
         last = dec.prefill(range(3), prompts, rows).argmax(-1)
@@ -315,10 +317,12 @@ def test_warm_up_runs_every_bucket_without_touching_the_cache_or_the_answers(pac
     )
     assert warm.warm_up(spans=(16, 32)) == 0  # no graphs on the CPU: each step ran once, eagerly
     grids = sorted(eng.banks.grids, key=repr)
-    assert len(grids) == 1 and len(steps) == 2 * 3 * 2  # buckets x (base rows, the one grid at 8 and 16) x spans
-    want = {(b, (), 8) for b in (1, 4)} | {(b, (grids[0],), m) for b in (1, 4) for m in ROW_BLOCKS}
+    # per span: base rows in each bucket, the one grid at 8 rows a tile in bucket 1 and at 8 and 16 in bucket 16
+    # (no batch of 16 rows has more than 32 on an expert: no 64-row tile)
+    assert len(grids) == 1 and len(steps) == (2 + 3) * 2
+    want = {(b, (), 8) for b in (1, 16)} | {(1, (grids[0],), 8)} | {(16, (grids[0],), m) for m in (8, 16)}
     assert set(steps) == want  # a base batch at the row block it is given (8), unused there
-    assert all(k[:4].abs().sum() == 0 for k in warm.k)  # rows 0..3 untouched: warm-up writes the scratch row
+    assert all(k[:16].abs().sum() == 0 for k in warm.k)  # rows 0..15 untouched: warm-up writes the scratch row
     monkeypatch.undo()
     (want_tokens, want_logits), (tokens, logits) = answers(cold), answers(warm)
     assert tokens == want_tokens
@@ -446,8 +450,8 @@ def test_graph_replay_gives_the_eager_decoders_tokens_on_the_gpu(tmp_path, monke
     monkeypatch.delenv("MESWITCH_DELTA_CONFIG")
 
     warm = StaticDecoder(eng, cfg)
-    # base rows, and the one grid at 8 and 16 rows a tile, at the spans 16 and 32 the answers reach
-    wanted = (1 + len(ROW_BLOCKS)) * 2 * len(cfg.buckets)
+    # base rows, and the one grid at each row block a bucket's batch can pick, at the spans 16 and 32 the answers reach
+    wanted = sum(1 + len(row_blocks(b)) for b in cfg.buckets) * 2
     assert warm.warm_up(spans=(16, 32)) == wanted
     assert greedy(warm, rows) == greedy(eager, rows)
     assert warm.captures == wanted  # the first real batches replayed what warm-up captured

@@ -34,7 +34,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from meswitch.kernels.bank import device_tiles
 from meswitch.kernels.decode_attention import decode_attention, decode_attention_reference, decode_mask
-from meswitch.kernels.launch_config import ROW_BLOCKS, row_block
+from meswitch.kernels.launch_config import row_block, row_blocks
 from meswitch.kernels.row_sums import SumsPlan, launch_inputs, sum_weights
 from meswitch.serving.engine import EngineError, MixedExpertEngine
 from meswitch.serving.mixed import FusedLinears, MixedLinear, rms_rows
@@ -52,14 +52,15 @@ class DecoderConfig:
     buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # batch sizes captured; a batch runs in the next one up
     min_len_bucket: int = 128  # attention reads the cache up to a power of two >= the longest row, at least this
     # Rows per tile of the delta kernel in a captured step; None: 8 where no expert has more than 8 rows in the
-    # batch, else 16 (launch_config.row_block, a graph per choice, both captured by warm_up). 8-row tiles halve the
-    # padding of many experts' few rows each (7B, one process: 8 experts at batch 32 13.38 -> 12.80 ms on an H100,
-    # 12.81 -> 11.75 on an H200; 16 at batch 64 20.10 -> 18.75 and 19.45 -> 17.14) and lose where an expert has
-    # more (1 expert at batch 32 8.97 -> 9.98 ms; benchmarks/results/decode-rows8-{h100,h200}-2026-12-05.json).
-    # 32- and 64-row tiles, which stream an expert's codes once for more rows, lost to 16 (one expert, H200: batch
-    # 32 13.2 vs 12.6 ms, batch 64 16.4 vs 14.7): the kernel is bound by each program's chain of MMAs, and more
-    # tiles mean more programs. FP8 planes (opt-in, kernels/launch_config.py) take 16 rows a tile or more: with 8
-    # the launch keeps bf16 planes.
+    # batch, 16 up to 32, else 64 (launch_config.row_block, a graph per choice a bucket can make, captured by
+    # warm_up). 8-row tiles halve the padding of many experts' few rows each (7B, one process: 8 experts at batch 32
+    # 13.38 -> 12.80 ms on an H100, 12.81 -> 11.75 on an H200; 16 at batch 64 20.10 -> 18.75 and 19.45 -> 17.14)
+    # and lose where an expert has more (1 expert at batch 32 8.97 -> 9.98 ms;
+    # benchmarks/results/decode-rows8-{h100,h200}-2026-12-05.json). Up to 32 rows on one expert 16-row tiles
+    # match or beat 32 and 64 (more programs, each one's chain of MMAs shorter: 4 experts at batch 32, H200, 9.05
+    # ms against 10.59 and 13.01); beyond, one 64-row tile unpacks an expert's codes once for all its rows (1
+    # expert at batch 64 10.23 -> 9.35 ms; benchmarks/results/decode-rows-big-h200-2026-12-06.json). FP8 planes
+    # (opt-in, kernels/launch_config.py) take 16 rows a tile or more: with 8 the launch keeps bf16 planes.
     block_m: int | None = None
     graphs: bool = True  # capture CUDA graphs on a GPU; False: every step eager (what graphs are tested against)
     # Fuse a decode step's small ops (RMS norms with their slot tables and the residual adds before them,
@@ -407,16 +408,16 @@ class StaticDecoder:
         kernels and the fused glue for its shapes: seconds for the first batch of every new size).
 
         Every bucket (default: all) and span (default: the shortest) for a batch of base rows and for a
-        batch on each quantization grid the banks hold now, at each row block of the delta tiles; all rows
+        batch on each quantization grid the banks hold now, at each row block a batch of that size can pick; all rows
         write to the scratch row, so no cached sequence is touched. A grid that arrives later is captured on
         its first batch. Returns how many graphs were captured (none without graphs: then each step runs
         once, eagerly)."""
         eng, before = self.engine, self.captures
         grids = sorted(eng.banks.grids, key=repr)
-        blocks = (self.config.block_m,) if self.config.block_m else ROW_BLOCKS
         base = (self.config.block_m or row_block(1),)  # a batch of base rows, as decode picks it
         with eng.batch([], eager=False):
             for bucket in buckets or self.config.buckets:
+                blocks = (self.config.block_m,) if self.config.block_m else row_blocks(bucket)
                 static = self._inputs(bucket)
                 static["tokens"].zero_()
                 static["pos"].zero_()
