@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
                          "beside them), graph-sdpa (graph-compiled with SDPA for decode attention), "
                          "graph-kernel-sums (graph-compiled with x's row sums from a kernel of their own, not from "
                          "the glue), graph-rows8 / 16 / 32 / 64 (graph-compiled with delta tiles of that many rows for "
-                         "every batch, not 8 or 16 by the batch's most rows on one expert), engine (eager "
+                         "every batch, not 8, 16 or 64 by the batch's most rows on one expert), engine (eager "
                          "engine), hf (transformers eager, base alone), hf-compile "
                          "(transformers static cache + torch.compile, stepped by hand, base alone), hf-generate "
                          "(transformers' generate with a static cache, which compiles itself, base alone)")  # fmt: skip

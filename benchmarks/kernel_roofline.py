@@ -18,10 +18,9 @@ compute them, ``meswitch.kernels.row_sums``; here before timing), so every decod
 epilogue takes them from outside its loop (16-row tiles: two planes a dot in 128 registers), not only the MLP's
 launches of 8 or more tiles, which otherwise compute them in a kernel of their own, timed with the delta; and
 in tiles of as many rows as the step picks (8 where no expert has more than 8 rows, 16 up to 32, else 64:
-``row_block``), not
-the library path's one tile per segment of up to 64 rows (``choose_config``). With
-FP8 planes (``MESWITCH_DELTA_CONFIG='{"fp8_planes": true}'``) x in e4m3 comes with x the same way, where without
-``--sums-given`` a kernel of its own rounds it before each launch, timed with the delta.
+``row_block``), not the library path's one tile per segment of up to 64 rows (``choose_config``). With FP8 planes
+(``MESWITCH_DELTA_CONFIG='{"fp8_planes": true}'``) x in e4m3 comes with x the same way, where without ``--sums-given``
+a kernel of its own rounds it before each launch, timed with the delta.
 
 Each row also says what a launch of its shape could reach at best (``attainable_fraction``): its bytes at copy
 bandwidth, or its FLOPs at the dense bf16 rate cuBLAS reaches on this device (measured in the run), whichever is
@@ -130,7 +129,7 @@ def step_launch(
     tiles, with x's row sums (and with FP8 planes x in e4m3) given where the config takes them
     (``launch_config.sums_plan``), computed here as the decoder's glue computes them with x
     (``row_sums.launch_inputs``), outside the time of the launch. ``block_m``: the tiles' rows
-    (``DecoderConfig.block_m``), else the step's own choice for the longest segment (``row_block``: 8 or 16)."""
+    (``DecoderConfig.block_m``), else the step's own choice for the longest segment (``row_block``: 8, 16 or 64)."""
     block_m = block_m or row_block(max(b - a for _, a, b in segs))
     tiles = sum(-(-(b - a) // block_m) for _, a, b in segs)
     cfg = config_for(bank, block_m, tiles, x.device, sums_given=True)
@@ -268,7 +267,7 @@ def main(argv=None) -> None:
     )  # fmt: skip
     ap.add_argument(
         "--block-m", type=int,
-        help="with --sums-given: rows a tile (default: the step's, 8 where an expert has at most 8 rows, else 16)",
+        help="with --sums-given: rows a tile (default: the step's row_block: 8, 16 or 64 by an expert's most rows)",
     )  # fmt: skip
     args = ap.parse_args(argv)
     if args.block_m and not args.sums_given:

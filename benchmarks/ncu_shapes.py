@@ -8,8 +8,8 @@ duration, DRAM throughput (% of peak and bytes), SM and memory-pipe utilisation,
 registers per thread, and the top warp-stall reasons: what bounds the shape (latency, issue or bandwidth),
 named in each case's ``limit`` by the rule of :func:`limit`.
 
-``--sums-given`` profiles the launch as the decode step makes it (x's row sums given with x, tiles of 8 or 16
-rows as the step picks them: ``kernel_roofline.step_launch``), where the default profiles the library path
+``--sums-given`` profiles the launch as the decode step makes it (x's row sums given with x, tiles of 8, 16 or
+64 rows as the step picks them: ``kernel_roofline.step_launch``), where the default profiles the library path
 (``mixed_delta_triton``: one tile per segment, row sums in the loop or from a kernel of their own).
 
     python benchmarks/ncu_shapes.py --out ncu.json [--sums-given] [--rows 1 8 32 64] [--experts 1 4 16]

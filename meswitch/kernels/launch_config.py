@@ -63,14 +63,17 @@ def fp8_fits(bank: DeltaBank, cfg: LaunchConfig) -> bool:
 
 
 ROW_BLOCKS = (8, 16, 64)  # the rows a tile the decode step's launches pick from (DecoderConfig.block_m=None)
+WIDE_FROM = 33  # most rows on one expert from which the step takes its widest tiles
 
 
 def row_block(rows: int) -> int:
     """Rows a delta tile in the decode step for a batch whose most rows on one expert are ``rows``: 8 up to 8,
     16 up to 32, else 64. Many experts with few rows each: 8 halves the padding; up to 32, more tiles (more
-    programs, each one's MMA chain shorter) beat larger ones; beyond, one tile streams and unpacks an expert's
-    codes once for all its rows (one expert at batch 64 on the H200: 10.23 -> 9.35 ms a step; NOTES-kernels.md)."""
-    return 8 if rows <= 8 else 16 if rows <= 32 else 64
+    programs, each one's MMA chain shorter) match or beat larger ones; beyond, one tile streams and unpacks an
+    expert's codes once for all its rows (one expert at batch 64 on the H200: 10.23 -> 9.35 ms a step;
+    NOTES-kernels.md)."""
+    narrow, mid, wide = ROW_BLOCKS
+    return narrow if rows <= narrow else mid if rows < WIDE_FROM else wide
 
 
 def row_blocks(bucket: int) -> tuple[int, ...]:

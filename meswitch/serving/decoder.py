@@ -57,9 +57,10 @@ class DecoderConfig:
     # 13.38 -> 12.80 ms on an H100, 12.81 -> 11.75 on an H200; 16 at batch 64 20.10 -> 18.75 and 19.45 -> 17.14)
     # and lose where an expert has more (1 expert at batch 32 8.97 -> 9.98 ms;
     # benchmarks/results/decode-rows8-{h100,h200}-2026-12-05.json). Up to 32 rows on one expert 16-row tiles
-    # match or beat 32 and 64 (more programs, each one's chain of MMAs shorter: 4 experts at batch 32, H200, 9.05
-    # ms against 10.59 and 13.01); beyond, one 64-row tile unpacks an expert's codes once for all its rows (1
-    # expert at batch 64 10.23 -> 9.35 ms; benchmarks/results/decode-rows-big-h200-2026-12-06.json). FP8 planes
+    # match or beat 32 and 64 (more programs, each one's chain of MMAs shorter; H200: 1 expert at batch 32 7.77 ms
+    # against 7.73 and 8.49, 4 experts at batch 64 9.95 against 11.07 and 14.15); beyond, one 64-row tile unpacks
+    # an expert's codes once for all its rows (1 expert at batch 64 10.23 -> 9.35 ms;
+    # benchmarks/results/decode-rows-big-h200-2026-12-06.json). FP8 planes
     # (opt-in, kernels/launch_config.py) take 16 rows a tile or more: with 8 the launch keeps bf16 planes.
     block_m: int | None = None
     graphs: bool = True  # capture CUDA graphs on a GPU; False: every step eager (what graphs are tested against)
