@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meswitch.compression.quantize import step_params
 from meswitch.kernels import DeltaBank, ExpertRows
-from meswitch.kernels.launch_config import LaunchConfig, choose_config, config_for, row_block, sums_plan
+from meswitch.kernels.launch_config import LaunchConfig, choose_config, config_for, k_splits, row_block, sums_plan
 from meswitch.kernels.layout import LAYOUT_V1
 from meswitch.kernels.reference import error_bound
 from meswitch.kernels.row_sums import launch_args, launch_inputs, sum_weights
@@ -206,7 +206,9 @@ def bench_case(
 
     ms = do_bench(lambda: rot(run_kernel), warmup=25, rep=200, return_mode="median")
     used = sets[0][4][0] if sums_given else config or choose_config(bank, sets[0][2], sets[0][0].device)
-    out = {"ms": ms, "bytes": active + io_bytes, "rotation_sets": nsets, "config": used.__dict__}
+    tiles = sets[0][4][1] if sums_given else sets[0][2].tiles(used.block_m, sets[0][0].device)
+    grid = (-(-n // used.block_n), tiles.shape[0], k_splits(bank.packed.shape[1], used.split_k)[0])  # as launch's
+    out = {"ms": ms, "bytes": active + io_bytes, "rotation_sets": nsets, "config": used.__dict__, "grid": grid}
     out["graph_ms"] = graph_ms(lambda s: run_kernel(*s), sets)
     if not with_baselines:
         return out
@@ -302,9 +304,7 @@ def main(argv=None) -> None:
                 args.block_m,
             )  # fmt: skip
             gbps = r["bytes"] / r["ms"] / 1e6
-            cfg, segs = r["config"], rows_for(rows, experts, 0)[1]
-            tiles = sum(-(-(b - a) // cfg["block_m"]) for _, a, b in segs)
-            empty = empty_launch_ms((-(-n // cfg["block_n"]), tiles, cfg["split_k"]), cfg["num_warps"])
+            empty = empty_launch_ms(r["grid"], r["config"]["num_warps"])
             bytes_ms, flops_ms = r["bytes"] / copy_gbps / 1e6, 2 * rows * n * k / tflops / 1e9
             row = {
                 "shape": name,
