@@ -5,6 +5,7 @@ worker threads included."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import signal
@@ -14,6 +15,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class Terminated(KeyboardInterrupt):
@@ -43,8 +47,10 @@ def stopping_workers() -> Iterator[None]:
     """Run a block that waits for worker threads: an interrupt raised in it (Ctrl-C's KeyboardInterrupt, SIGTERM as
     ``Terminated`` or as Prefect's own TerminationSignal: a BaseException that is not an Exception) makes their
     next ``check_stop`` raise, so that the wait for them after it is short. A failure (an Exception) stops nothing:
-    their results are still worth keeping. Entering clears an earlier stop."""
-    _stop.clear()
+    their results are still worth keeping. Entering clears an earlier stop, unless an interrupt came since
+    :func:`exit_status_of` began (raised, it may have been swallowed before this block)."""
+    if _interrupt is None:
+        _stop.clear()
     try:
         yield
     except BaseException as e:
@@ -55,18 +61,26 @@ def stopping_workers() -> Iterator[None]:
 
 def exit_status_of(main: Callable[[], int]) -> int:
     """``main()``, with SIGTERM raised as Ctrl-C is; stopped by either, the one line and the status a shell gives a
-    command a signal stopped: ``interrupted``, 130 for Ctrl-C; ``terminated``, 143 for SIGTERM. Also where main
-    reported a failure after a signal arrived: an extension that the interrupt was raised in may turn it into an
-    error of its own (torch, reading a tensor: "could not determine the shape of object type ..."), which the
-    signal caused."""
+    command a signal stopped: ``interrupted``, 130 for Ctrl-C; ``terminated``, 143 for SIGTERM. Also wherever else
+    the interrupt went once raised: an extension that it was raised in may turn it into an error of its own (torch,
+    reading a tensor: "could not determine the shape of object type ..."; pydantic, serializing Prefect's settings:
+    ``PydanticSerializationError``), which the signal caused, or swallow it, and main returns as if none came."""
+    global _interrupt
     try:
         with _sigterm_raises():
             status = main()
     except KeyboardInterrupt as e:
         _drop_quietly(e)
         return _stopped_by(type(e))
-    seen = _interrupt
-    return _stopped_by(seen) if status and seen is not None else status
+    except (Exception, SystemExit) as e:  # SystemExit: main's own "failed: ..." exit
+        if _interrupt is None:
+            raise
+        _drop_quietly(e)
+        return _stopped_by(_interrupt)
+    else:
+        return status if _interrupt is None else _stopped_by(_interrupt)
+    finally:
+        _interrupt = None  # what comes after in this process (a test's next command) starts with none
 
 
 def _stopped_by(kind: type[KeyboardInterrupt]) -> int:
@@ -99,6 +113,7 @@ def _drop_quietly(e: BaseException) -> None:
 # The interrupt that arrived while _sigterm_raises ran (None: none), kept beyond the exception it raised, which an
 # extension may have swallowed or replaced
 _interrupt: type[KeyboardInterrupt] | None = None
+_commanding = False  # True while _sigterm_raises runs: SIGTERM is ours to handle (sigterm_stays_ours)
 
 
 @contextlib.contextmanager
@@ -107,31 +122,75 @@ def _sigterm_raises() -> Iterator[None]:
     and Ctrl-C (where Python's own handler has it) are remembered (``_interrupt``)."""
     global _interrupt
     _interrupt = None
+    _stop.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _commanding
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     ctrl_c = signal.getsignal(signal.SIGINT)
     if ctrl_c is signal.default_int_handler:
         signal.signal(signal.SIGINT, _raise_interrupted)
+    hook, sys.unraisablehook = sys.unraisablehook, functools.partial(_interrupt_again, sys.unraisablehook)
+    _commanding = True
     try:
         yield
     finally:
+        _commanding = False
+        sys.unraisablehook = hook
         signal.signal(signal.SIGTERM, previous)
         if ctrl_c is signal.default_int_handler:
             signal.signal(signal.SIGINT, ctrl_c)
 
 
+def sigterm_stays_ours(fn: Callable[..., T]) -> Callable[..., T]:
+    """Wrap a Prefect flow's body: run by a command of ours (under :func:`exit_status_of`, in the main thread),
+    SIGTERM there raises ``Terminated`` and is remembered, as everywhere else in the command. Prefect's flow engine
+    puts a handler of its own in while a flow runs, which raises its ``TerminationSignal`` and records nothing:
+    swallowed where it lands, the command ran on to the end and exited 0. Run by anything else (a Prefect worker,
+    whose cancellation is a SIGTERM its engine must see), the body runs as it is."""
+
+    @functools.wraps(fn)
+    def body(*args, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()
+        if not (_commanding and main_thread) or signal.getsignal(signal.SIGTERM) is _raise_terminated:
+            return fn(*args, **kwargs)
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return body
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
-    global _interrupt
-    _interrupt = Terminated
+    _remember(Terminated)
     raise Terminated()
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
-    global _interrupt
-    _interrupt = KeyboardInterrupt
+    _remember(KeyboardInterrupt)
     raise KeyboardInterrupt()
+
+
+def _remember(kind: type[KeyboardInterrupt]) -> None:
+    """Record the interrupt, and stop the worker threads at their next ``check_stop`` even if the exception about to
+    be raised is swallowed where it lands (code that catches BaseException, a ``__del__``)."""
+    global _interrupt
+    _interrupt = kind
+    _stop.set()
+
+
+def _interrupt_again(hook: Callable, unraisable: object) -> None:
+    """``sys.unraisablehook`` while a command runs. An interrupt of ours raised where Python cannot propagate it (a
+    weakref callback, as SQLAlchemy's, or a ``__del__``: "Exception ignored in ...") would print a traceback and be
+    lost, the command running on; it is remembered already, so it is sent again a moment later instead, to land in
+    code that raises it. Anything else goes to the hook that was there."""
+    if not isinstance(getattr(unraisable, "exc_value", None), KeyboardInterrupt) or _interrupt is None:
+        return hook(unraisable)
+    sig = signal.SIGTERM if issubclass(_interrupt, Terminated) else signal.SIGINT
+    threading.Timer(0.01, lambda: _commanding and os.kill(os.getpid(), sig)).start()
 
 
 def stop_when_this_process_dies(pid: int) -> subprocess.Popen:

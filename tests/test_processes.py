@@ -115,3 +115,127 @@ def test_a_sigterm_that_an_extension_turns_into_its_own_error_still_ends_as_term
     assert capsys.readouterr().err == "error: cannot read tensor\nterminated\n"
     assert exit_status_of(lambda: 2) == 2 and capsys.readouterr().err == ""  # the last signal is forgotten
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # the handlers are back
+
+
+def test_a_sigterm_turned_into_an_uncaught_error_or_swallowed_still_ends_as_terminated(capsys):
+    """Where the interrupt goes once raised: into an extension's error that escapes the command (pydantic
+    serializing Prefect's settings while Prefect imports: ``PydanticSerializationError``, seen with SIGTERM half a
+    second into the demo's pipeline), or into code that swallows it and returns as if none came. Either way the
+    command ends on ``terminated``, 143, with no traceback, and a worker thread's next ``check_stop`` raises
+    (it would otherwise run its expert to the end). An error with no signal still escapes as it is."""
+    import contextlib
+    import signal
+    import threading
+
+    import pytest
+
+    from meswitch.processes import Stopped, check_stop, exit_status_of
+
+    def signalled():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here
+
+    def escapes() -> int:
+        try:
+            signalled()
+        except BaseException as e:
+            raise RuntimeError("Error calling function `_ser_model`: Terminated: ") from e
+        return 0
+
+    stopped = []
+
+    def expert():
+        with pytest.raises(Stopped):
+            check_stop()
+        stopped.append(True)
+
+    def swallows() -> int:
+        with contextlib.suppress(BaseException):  # as the code that loses it does
+            signalled()
+        worker = threading.Thread(target=expert)
+        worker.start()
+        worker.join()
+        return 0
+
+    assert exit_status_of(escapes) == 143
+    assert capsys.readouterr().err == "terminated\n"
+    assert exit_status_of(swallows) == 143 and len(stopped) == 1
+    assert capsys.readouterr().err == "terminated\n"
+    assert exit_status_of(lambda: check_stop() or 0) == 0  # the next command starts with no stop pending
+    with pytest.raises(RuntimeError, match="no signal"):
+        exit_status_of(lambda: (_ for _ in ()).throw(RuntimeError("no signal")))
+
+
+def test_a_flow_body_run_by_a_command_takes_sigterm_back_from_the_flow_engine(capsys):
+    """Prefect's flow engine installs its own SIGTERM handler while a flow runs (here a stand-in installed the same
+    way); a body wrapped in ``sigterm_stays_ours`` run under ``exit_status_of`` has ours back, so a SIGTERM there is
+    remembered (and ends the command on ``terminated`` though the body swallows it), and the engine's handler is
+    back after the body. Outside a command (a Prefect worker's run) the engine's handler stays."""
+    import contextlib
+    import signal
+
+    from meswitch.processes import exit_status_of, sigterm_stays_ours
+
+    def engines(signum, frame):
+        raise SystemExit("the engine's handler")
+
+    seen = []
+
+    @sigterm_stays_ours
+    def body(send: bool) -> int:
+        seen.append(signal.getsignal(signal.SIGTERM) is engines)
+        if send:
+            with contextlib.suppress(BaseException):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+        return 0
+
+    def command(send: bool) -> int:
+        previous = signal.signal(signal.SIGTERM, engines)  # as capture_sigterm does around the flow
+        try:
+            status = body(send)
+            seen.append(signal.getsignal(signal.SIGTERM) is engines)
+            return status
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    assert exit_status_of(lambda: command(True)) == 143 and seen == [False, True]
+    assert capsys.readouterr().err == "terminated\n"
+    seen.clear()
+    assert exit_status_of(lambda: command(False)) == 0 and seen == [False, True] and capsys.readouterr().err == ""
+    seen.clear()
+    command(False)  # no command of ours around it
+    assert seen == [True, True]
+
+
+def test_a_sigterm_raised_in_a_weakref_callback_is_sent_again_and_stops_the_command(capsys):
+    """A signal handler runs wherever the main thread is; in a weakref callback (SQLAlchemy's, as the demo's
+    pipeline starts) its exception cannot propagate: Python prints "Exception ignored in ..." with a traceback and
+    goes on. The command instead receives the signal again a moment later, in code that raises it, and ends on its
+    one line."""
+    import signal
+    import weakref
+
+    from meswitch.processes import exit_status_of
+
+    class Collected:
+        pass
+
+    def callback(ref):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler raises here, inside the callback
+
+    reached = []
+
+    def command() -> int:
+        obj = Collected()
+        ref = weakref.ref(obj, callback)
+        del obj  # the callback runs now
+        for i in range(100):  # the signal sent again lands here
+            time.sleep(0.02)
+            reached.append(i)
+        return 0 if ref() is None else 1
+
+    assert exit_status_of(command) == 143
+    assert capsys.readouterr().err == "terminated\n"  # no "Exception ignored", no traceback
+    assert len(reached) < 50

@@ -41,7 +41,7 @@ from meswitch.flows.gates import check_expert_gates, check_router_gates, per_dom
 from meswitch.flows.inbox import empty_inbox
 from meswitch.flows.runtime import stopped_in_one_line
 from meswitch.flows.summary import FAILED, PRODUCTION, REJECTED, ExpertOutcome, PipelineSummary, RouterOutcome
-from meswitch.processes import check_stop, stopping_workers
+from meswitch.processes import check_stop, sigterm_stays_ours, stopping_workers
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ def _stored(task_obj, work: Path):
 
 
 @flow(name="process-expert", flow_run_name="expert-{expert.card.name}", validate_parameters=False)
+@sigterm_stays_ours
 def process_expert(expert: ExpertInput, base_dir: str, base_fp: str, config: PipelineConfig, work_dir: str):
     """Validate, calibrate, compress, evaluate, gate, log, publish and promote one expert."""
     logger = get_run_logger()
@@ -209,6 +210,7 @@ def routing_key(experts: list[dict]) -> str:
 
 
 @flow(name="update-router", validate_parameters=False)
+@sigterm_stays_ours
 def update_router(base_dir: str, base_fp: str, config: PipelineConfig, work_dir: str) -> RouterOutcome:
     """Retrain, evaluate, register and promote the router when the production domains changed."""
     logger = get_run_logger()
@@ -264,6 +266,7 @@ def update_router(base_dir: str, base_fp: str, config: PipelineConfig, work_dir:
 
 
 @flow(name="expert-pipeline", log_prints=True)
+@sigterm_stays_ours
 def expert_pipeline(
     inbox: str,
     base: str,
