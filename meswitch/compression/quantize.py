@@ -160,8 +160,11 @@ def _codes(wg, scale, offset, levels, shape) -> torch.Tensor:
 
 
 def _error(wg, cw, scale, offset, levels) -> torch.Tensor:
-    q = torch.round((wg - offset.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, levels)
-    return (((q * scale.unsqueeze(-1) + offset.unsqueeze(-1)) - wg) ** 2 * cw).sum(-1)
+    """Weighted squared error of the round trip per row/group: q·s + o - w = s·(q - x) with x = (w - o) / s, so
+    the search (20 candidates a matrix) takes two temporaries and works in place on them."""
+    x = (wg - offset.unsqueeze(-1)).div_(scale.unsqueeze(-1))
+    d = torch.round(x).clamp_(0, levels).sub_(x)
+    return d.square_().mul_(cw).sum(-1).mul_(scale * scale)
 
 
 def _keep_best(best, err, scale, offset):
