@@ -15,9 +15,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
-
-T = TypeVar("T")
 
 
 class Terminated(KeyboardInterrupt):
@@ -113,7 +110,7 @@ def _drop_quietly(e: BaseException) -> None:
 # The interrupt that arrived while _sigterm_raises ran (None: none), kept beyond the exception it raised, which an
 # extension may have swallowed or replaced
 _interrupt: type[KeyboardInterrupt] | None = None
-_commanding = False  # True while _sigterm_raises runs: SIGTERM is ours to handle (sigterm_stays_ours)
+_commanding = False  # True while _sigterm_raises runs: SIGTERM is ours to handle (take_back_sigterm)
 
 
 @contextlib.contextmanager
@@ -143,25 +140,15 @@ def _sigterm_raises() -> Iterator[None]:
             signal.signal(signal.SIGINT, ctrl_c)
 
 
-def sigterm_stays_ours(fn: Callable[..., T]) -> Callable[..., T]:
-    """Wrap a Prefect flow's body: run by a command of ours (under :func:`exit_status_of`, in the main thread),
-    SIGTERM there raises ``Terminated`` and is remembered, as everywhere else in the command. Prefect's flow engine
-    puts a handler of its own in while a flow runs, which raises its ``TerminationSignal`` and records nothing:
-    swallowed where it lands, the command ran on to the end and exited 0. Run by anything else (a Prefect worker,
-    whose cancellation is a SIGTERM its engine must see), the body runs as it is."""
-
-    @functools.wraps(fn)
-    def body(*args, **kwargs):
-        main_thread = threading.current_thread() is threading.main_thread()
-        if not (_commanding and main_thread) or signal.getsignal(signal.SIGTERM) is _raise_terminated:
-            return fn(*args, **kwargs)
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-    return body
+def take_back_sigterm() -> None:
+    """Call first thing in a Prefect flow's body. Run by a command of ours (under :func:`exit_status_of`, in the
+    main thread), SIGTERM there raises ``Terminated`` and is remembered again, as everywhere else in the command:
+    Prefect's flow engine puts a handler of its own in while a flow runs, which raises its ``TerminationSignal``
+    and records nothing, so one swallowed where it landed left the command running on to exit 0. The engine puts
+    ours back as the flow ends (it restores the handler it found). Run by anything else (a Prefect worker, whose
+    cancellation is a SIGTERM its engine must see), nothing changes."""
+    if _commanding and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _raise_terminated(signum: int, frame: object) -> None:

@@ -2,7 +2,7 @@
 
 ``prefect_api`` starts Prefect's ephemeral API server once per session (PREFECT_HOME in a temporary
 folder) and exports PREFECT_API_URL, so Dask workers and served deployments in child processes reach
-the same server. ``pipeline_family`` is the micro family with its fifth (extra) domain; set
+the same server. ``micro_family`` is the micro family with its fifth (extra) domain; set
 MESWITCH_PIPELINE_FAMILY to a prebuilt one (same size and seed) to skip the build while developing.
 """
 
@@ -64,7 +64,10 @@ def prefect_api(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def pipeline_family(tmp_path_factory) -> Path:
+def micro_family(tmp_path_factory) -> Path:
+    """The micro demo family (seed 0) with its extra domain, built once a session (half a minute on 2 cores) for
+    the pipeline, routing and serving tests (its core experts are the same without the extra domain). Tests read
+    it; one that changes an expert works on a copy."""
     from meswitch.demo import build_family
 
     where = os.environ.get("MESWITCH_PIPELINE_FAMILY") or tmp_path_factory.mktemp("pipeline") / "family"

@@ -9,7 +9,6 @@ for the registry test. Import the fixtures into a test module with
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import threading
 from dataclasses import dataclass
@@ -86,23 +85,21 @@ _built: dict[str, ServedFamily] = {}
 
 
 @pytest.fixture(scope="session")
-def served_family(tmp_path_factory) -> ServedFamily:
-    """Built once per test session, however many modules import it (each import is its own fixture to pytest)."""
+def served_family(tmp_path_factory, micro_family) -> ServedFamily:
+    """Built once per test session, however many modules import it (each import is its own fixture to pytest),
+    from the session's micro family (conftest) and its four core experts."""
     with _lock:
         if "family" not in _built:
-            _built["family"] = _build(tmp_path_factory)
+            _built["family"] = _build(tmp_path_factory, micro_family)
         return _built["family"]
 
 
-def _build(tmp_path_factory) -> ServedFamily:
-    from meswitch.demo import build_family
+def _build(tmp_path_factory, root: Path) -> ServedFamily:
     from meswitch.routing import RouterJob, train_router
     from meswitch.routing.embedding import EmbeddingConfig
 
     with torch_threads(1):
         work = tmp_path_factory.mktemp("served")
-        # A prebuilt micro family (same size and seed) may be named to skip the build while developing.
-        root = build_family(Path(os.environ.get("MESWITCH_SERVING_FAMILY", work / "family")), size="micro", seed=0)
         experts, domains, artifacts = {}, {}, {}
         for folder in sorted((root / "experts").iterdir()):
             card = load_card(folder)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_fixtures import pipeline_family, write_config  # noqa: F401
+from pipeline_fixtures import write_config
 from tiny_models import calib_file, make_base, make_expert
 
 from meswitch.artifacts import staging_dir, verify
@@ -292,13 +292,13 @@ def test_a_writer_killed_before_its_parent_reaps_it_leaves_nothing_after_the_nex
 
 
 @pytest.mark.slow
-def test_the_demo_stopped_by_sigterm_stops_everything_it_started(pipeline_family, tmp_path):  # noqa: F811
+def test_the_demo_stopped_by_sigterm_stops_everything_it_started(micro_family, tmp_path):
     """``make demo`` runs ``python -m meswitch.demo.main``, not the CLI: SIGTERM while its pipeline runs ends it as
     the commands end (one line, exit 143, no traceback) with nothing of its process group left running (the
     Prefect API it started)."""
     log = tmp_path / "demo.log"
     cmd = [sys.executable, "-m", "meswitch.demo.main", "--out", str(tmp_path / "demo"), "--size", "micro",
-           "--family", str(pipeline_family), "--no-serve"]  # fmt: skip
+           "--family", str(micro_family), "--no-serve"]  # fmt: skip
     proc = _start(cmd, log, {**os.environ, "MESWITCH_REGISTRY_RETRIES": "1"})
     try:
         deadline = time.monotonic() + 180

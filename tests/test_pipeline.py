@@ -16,11 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pipeline_fixtures import (  # noqa: F401
+from pipeline_fixtures import (
     add_bad_experts,
     make_inbox,
-    pipeline_family,
-    prefect_api,
     rename_card,
     router_queries,
     task_runs_since,
@@ -65,13 +63,13 @@ class Scenario:
 
 
 @pytest.fixture(scope="module")
-def scenario(prefect_api, pipeline_family, registry_env, tmp_path_factory) -> Scenario:  # noqa: F811
+def scenario(prefect_api, micro_family, registry_env, tmp_path_factory) -> Scenario:
     root = tmp_path_factory.mktemp("scenario")
-    inbox = make_inbox(pipeline_family, root / "inbox", GOOD)
-    bad = add_bad_experts(pipeline_family, inbox)
+    inbox = make_inbox(micro_family, root / "inbox", GOOD)
+    bad = add_bad_experts(micro_family, inbox)
     config, gates = write_config(root)
-    queries = router_queries(pipeline_family, root / "queries.jsonl")
-    return Scenario(pipeline_family, inbox, root / "work", config, gates, queries, bad)
+    queries = router_queries(micro_family, root / "queries.jsonl")
+    return Scenario(micro_family, inbox, root / "work", config, gates, queries, bad)
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +231,7 @@ def test_submitted_new_domain_triggers_a_run_that_retrains_the_router(scenario, 
 
 
 def test_dask_runner_compresses_experts_in_parallel_on_two_workers(
-    prefect_api, pipeline_family, s3_server, tmp_path, monkeypatch  # noqa: F811
+    prefect_api, micro_family, s3_server, tmp_path, monkeypatch
 ):  # fmt: skip
     """A local Dask cluster of two worker processes runs two experts' sub-flows at the same time. The inbox
     is on S3; the gates here are impossible (KL must be 0), so both experts are registered as rejected, with
@@ -255,9 +253,9 @@ def test_dask_runner_compresses_experts_in_parallel_on_two_workers(
     monkeypatch.setenv("MESWITCH_HOME", str(tmp_path / "home"))  # the embedded registry: SQLite + a folder
     inbox = f"s3://{s3_server.bucket}/dask-inbox-{time.time_ns()}"
     for name in ("code", "math"):
-        submit(pipeline_family / "experts" / name, inbox)
+        submit(micro_family / "experts" / name, inbox)
     config, gates = write_config(tmp_path, gates={"max_kl": 0.0})
-    state = run_pipeline(inbox, pipeline_family / "base", config_file=config, gates_file=gates,
+    state = run_pipeline(inbox, micro_family / "base", config_file=config, gates_file=gates,
                          work_dir=tmp_path / "work", dask="local", dask_workers=2, return_state=True)  # fmt: skip
     assert state.is_completed(), state.message
     outcomes = _outcomes(state.result())
@@ -278,7 +276,7 @@ def test_dask_runner_compresses_experts_in_parallel_on_two_workers(
 
 
 def test_object_store_outage_fails_the_run_and_a_rerun_resumes(
-    prefect_api, pipeline_family, s3_server, tmp_path, monkeypatch  # noqa: F811
+    prefect_api, micro_family, s3_server, tmp_path, monkeypatch
 ):  # fmt: skip
     """With MLflow unreachable, the run fails at its first registry call, after retries, having computed
     nothing. With the object store unreachable, publishing fails after its retries and nothing is
@@ -296,20 +294,20 @@ def test_object_store_outage_fails_the_run_and_a_rerun_resumes(
     dead = f"http://127.0.0.1:{free_ports(1)[0]}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", dead)
-    inbox = make_inbox(pipeline_family, tmp_path / "inbox", ["english"])
+    inbox = make_inbox(micro_family, tmp_path / "inbox", ["english"])
     config, gates = write_config(tmp_path)
     args = dict(config_file=config, gates_file=gates, work_dir=tmp_path / "work", return_state=True)
 
     with monkeypatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_ports(1)[0]}")
         t = time.time()
-        state = run_pipeline(inbox, pipeline_family / "base", **args)
+        state = run_pipeline(inbox, micro_family / "base", **args)
         assert state.is_failed() and "MLflow" in state.message, state.message
         tasks = task_runs_since(t)
         assert ("registry-lookup", "Failed") in tasks and not {n for n, _ in tasks} & {"calibrate", "compress"}
 
     t0 = time.time()
-    state = run_pipeline(inbox, pipeline_family / "base", **args)
+    state = run_pipeline(inbox, micro_family / "base", **args)
     assert state.is_failed()
     assert "english" in state.message and "run again to resume" in state.message
     tasks = task_runs_since(t0)
@@ -320,7 +318,7 @@ def test_object_store_outage_fails_the_run_and_a_rerun_resumes(
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_server.endpoint_url)
     t1 = time.time()
-    state = run_pipeline(inbox, pipeline_family / "base", **args)
+    state = run_pipeline(inbox, micro_family / "base", **args)
     assert state.is_completed(), state.message
     assert _outcomes(state.result())["english"]["status"] == "production"
     tasks = task_runs_since(t1)

@@ -19,9 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_fixtures import (  # noqa: F401
-    pipeline_family,
-    prefect_api,
+from pipeline_fixtures import (
     rename_card,
     use_registry,
     wait_for,
@@ -175,11 +173,11 @@ def test_an_s3_store_without_credentials_is_one_line_naming_the_variables(
 
 
 def test_pipeline_run_refuses_a_bad_config_or_base_or_inbox_in_one_line(
-    embedded_registry, pipeline_family, tmp_path, capsys  # noqa: F811
+    embedded_registry, micro_family, tmp_path, capsys
 ):  # fmt: skip
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    base = str(pipeline_family / "base")
+    base = str(micro_family / "base")
     bad_yaml, unknown, group = tmp_path / "bad.yaml", tmp_path / "unknown.yaml", tmp_path / "group.yaml"
     bad_yaml.write_text("compression: {bits: 2\n  x: [\n")
     unknown.write_text("unknown_key: 1\n")
@@ -194,7 +192,7 @@ def test_pipeline_run_refuses_a_bad_config_or_base_or_inbox_in_one_line(
         assert main(["pipeline", "run", "--inbox", str(inbox), *args]) == 2
         err = capsys.readouterr().err
         assert phrase in err.splitlines()[-1] and "Traceback" not in err, err  # one line (MLflow may log above)
-    expert = pipeline_family / "experts" / "math"
+    expert = micro_family / "experts" / "math"
     assert main(["pipeline", "run", "--inbox", str(expert), "--base", base]) == 2
     err = capsys.readouterr().err
     assert f"{expert} is an expert folder" in err and "pass its parent as --inbox" in err, err
@@ -217,13 +215,13 @@ def registry_env(s3_server, edges_mlflow, tmp_path, monkeypatch) -> dict[str, st
 
 @pytest.mark.slow
 def test_an_empty_inbox_is_said_to_be_empty_and_the_run_goes_on(
-    prefect_api, pipeline_family, registry_env, tmp_path, capsys  # noqa: F811
+    prefect_api, micro_family, registry_env, tmp_path, capsys
 ):  # fmt: skip
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     config, gates = write_config(tmp_path)
     args = ["--config", str(config), "--gates", str(gates), "--work-dir", str(tmp_path / "work")]
-    rc = main(["pipeline", "run", "--inbox", str(inbox), "--base", str(pipeline_family / "base"), *args])
+    rc = main(["pipeline", "run", "--inbox", str(inbox), "--base", str(micro_family / "base"), *args])
     out = capsys.readouterr().out
     assert rc == 0  # a scheduled scan of an empty inbox is normal: it must not fail
     assert f"no expert folders found in {inbox}" in out and "| entry |" not in out, out
@@ -263,16 +261,16 @@ def _broken_copies(family: Path, inbox: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_entries_sharing_a_name_each_report_their_own_fault(
-    prefect_api, pipeline_family, registry_env, tmp_path  # noqa: F811
+    prefect_api, micro_family, registry_env, tmp_path
 ):  # fmt: skip
     from meswitch.flows import run_pipeline
     from meswitch.flows.summary import PipelineSummary
 
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    expected = _broken_copies(pipeline_family, inbox)
+    expected = _broken_copies(micro_family, inbox)
     config, gates = write_config(tmp_path)
-    state = run_pipeline(inbox, pipeline_family / "base", config_file=config, gates_file=gates,
+    state = run_pipeline(inbox, micro_family / "base", config_file=config, gates_file=gates,
                          work_dir=tmp_path / "work", base_name="edges", return_state=True)  # fmt: skip
     assert state.is_completed(), state.message
     summary = state.result()
@@ -290,11 +288,11 @@ def test_entries_sharing_a_name_each_report_their_own_fault(
 
 
 @pytest.mark.slow
-def test_pipeline_serve_prints_the_api_url_to_export(prefect_api, pipeline_family, tmp_path):  # noqa: F811
+def test_pipeline_serve_prints_the_api_url_to_export(prefect_api, micro_family, tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     cmd = [sys.executable, "-m", "meswitch", "pipeline", "serve", "--inbox", str(inbox),
-           "--base", str(pipeline_family / "base"), "--no-events", "--cron", "0 0 1 1 *"]  # fmt: skip
+           "--base", str(micro_family / "base"), "--no-events", "--cron", "0 0 1 1 *"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:  # what it prints comes before it serves: once its deployment is registered, it has printed all of it
         wait_for(lambda: _deployment_for(inbox) or proc.poll() is not None, 120, "the served deployment")
@@ -328,10 +326,10 @@ def _delete_deployment(name: str) -> None:
 # -- 8: submit --------------------------------------------------------------------------------------------------------
 
 
-def test_submit_refuses_unsafe_names_and_leaves_nothing_behind(pipeline_family, tmp_path):  # noqa: F811
+def test_submit_refuses_unsafe_names_and_leaves_nothing_behind(micro_family, tmp_path):
     from meswitch.flows.inbox import InboxError, submit
 
-    expert = pipeline_family / "experts" / "math"
+    expert = micro_family / "experts" / "math"
     inbox = tmp_path / "box" / "inbox"
     inbox.mkdir(parents=True)
     for name in ("../escape", "a/b", ".", ".hidden", "Math"):
@@ -353,11 +351,11 @@ def test_submit_refuses_unsafe_names_and_leaves_nothing_behind(pipeline_family, 
         submit(capitals, inbox)
 
 
-def test_submit_neither_replaces_nor_creates_unless_asked(pipeline_family, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_submit_neither_replaces_nor_creates_unless_asked(micro_family, tmp_path, capsys, monkeypatch):
     from meswitch.flows.inbox import InboxError, submit
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    expert = pipeline_family / "experts" / "math"
+    expert = micro_family / "experts" / "math"
     inbox = tmp_path / "inbox"
     with pytest.raises(FileNotFoundError, match="no such inbox folder"):
         submit(expert, inbox)
@@ -382,7 +380,7 @@ def test_submit_neither_replaces_nor_creates_unless_asked(pipeline_family, tmp_p
 
 
 def test_s3_submit_replaces_whole_and_an_expert_prefix_is_no_inbox(
-    pipeline_family, s3_server, tmp_path, monkeypatch  # noqa: F811
+    micro_family, s3_server, tmp_path, monkeypatch
 ):  # fmt: skip
     from meswitch.flows.inbox import InboxError, scan_inbox, submit
     from meswitch.registry import open_registry
@@ -391,14 +389,14 @@ def test_s3_submit_replaces_whole_and_an_expert_prefix_is_no_inbox(
         monkeypatch.setenv(k, v)
     inbox = f"s3://{s3_server.bucket}/edges-inbox-{time.time_ns()}"
     old = tmp_path / "old"
-    shutil.copytree(pipeline_family / "experts" / "math", old)
+    shutil.copytree(micro_family / "experts" / "math", old)
     (old / "stale.txt").write_text("from the first copy")
     uri = submit(old, inbox, "math")
     with pytest.raises(InboxError, match="pass --replace"):
-        submit(pipeline_family / "experts" / "math", inbox, "math")
-    submit(pipeline_family / "experts" / "math", inbox, "math", replace=True)
+        submit(micro_family / "experts" / "math", inbox, "math")
+    submit(micro_family / "experts" / "math", inbox, "math", replace=True)
     stored = {rel for rel, _, _ in open_registry().store_for(uri).list_files(uri)}
-    assert stored == {p.name for p in (pipeline_family / "experts" / "math").iterdir()}  # no stale.txt
+    assert stored == {p.name for p in (micro_family / "experts" / "math").iterdir()}  # no stale.txt
     expert_prefix = f"{inbox}/math"
     with pytest.raises(InboxError, match="is an expert folder"):
         scan_inbox(expert_prefix)

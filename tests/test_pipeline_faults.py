@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pipeline_fixtures import (  # noqa: F401
+from pipeline_fixtures import (
     make_inbox,
-    pipeline_family,
-    prefect_api,
     router_queries,
     task_runs_since,
     use_registry,
@@ -37,7 +35,7 @@ FULL_DISK = "mount -t tmpfs -o size=64k meswitch-full"  # smaller than one artif
 
 
 @pytest.fixture
-def registry_env(prefect_api, s3_server, tmp_path, monkeypatch) -> dict[str, str]:  # noqa: F811
+def registry_env(prefect_api, s3_server, tmp_path, monkeypatch) -> dict[str, str]:
     """MLflow's registry in a SQLite file of this test, artifacts on the S3 server; inherited by child processes."""
     prefix, tracking = f"faults-{os.getpid()}-{time.time_ns()}", f"sqlite:///{tmp_path / 'mlflow.db'}"
     return use_registry(monkeypatch, s3_server, prefix, tracking, tmp_path / "home")
@@ -107,7 +105,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def test_flow_killed_mid_batch_resumes_without_recompressing_or_partial_versions(
-    pipeline_family, registry_env, tmp_path  # noqa: F811
+    micro_family, registry_env, tmp_path
 ):  # fmt: skip
     """SIGKILL the flow's process once the first expert is registered, while the next one is being compressed;
     run again: the finished expert is skipped (same version, not compressed again), no version was registered
@@ -115,7 +113,7 @@ def test_flow_killed_mid_batch_resumes_without_recompressing_or_partial_versions
     every expert ends registered."""
     from meswitch.registry import Registry
 
-    batch = Batch(pipeline_family, tmp_path, BATCH)
+    batch = Batch(micro_family, tmp_path, BATCH)
     artifacts, log = batch.artifacts, tmp_path / "killed.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(batch.cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -167,14 +165,14 @@ def _on_a_full_disk(folder: Path, cmd: list[str]) -> list[str]:
 
 
 def test_disk_full_while_writing_an_artifact_fails_cleanly_and_registers_nothing(
-    pipeline_family, registry_env, tmp_path  # noqa: F811
+    micro_family, registry_env, tmp_path
 ):  # fmt: skip
     """The work folder's artifacts on a tmpfs of 64 KiB: compressing fails with "No space left on device", the
     expert is reported failed with that reason, no version is registered and nothing is left in the folder;
     the next run, with room, compresses and registers it."""
     from meswitch.registry import Registry
 
-    batch = Batch(pipeline_family, tmp_path, ["english"])
+    batch = Batch(micro_family, tmp_path, ["english"])
     artifacts = batch.artifacts
     artifacts.mkdir(parents=True)
     probe = subprocess.run(_on_a_full_disk(artifacts, ["true"]), capture_output=True, text=True)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_fixtures import prefect_api  # noqa: F401
 from tiny_models import calib_file, make_base, make_expert
 
 from meswitch.flows.config import load_config
@@ -209,7 +208,7 @@ def test_an_expert_of_another_base_is_refused_with_a_clear_reason(tiny_expert, t
 # -- Prefect: the GPU limit and the deployments -------------------------------------------------------------
 
 
-def test_gpu_slots_limit_how_many_gpu_tasks_run_at_once(prefect_api):  # noqa: F811
+def test_gpu_slots_limit_how_many_gpu_tasks_run_at_once(prefect_api):
     from meswitch.flows.config import PipelineConfig
     from meswitch.flows.tasks import ensure_gpu_limit, gpu_slot
 
@@ -249,7 +248,7 @@ def test_gpu_slots_limit_how_many_gpu_tasks_run_at_once(prefect_api):  # noqa: F
     assert PipelineConfig(gpu_slots=None).resolved_gpu_slots() == 0  # no GPU here: no limit by default
 
 
-def test_deployments_schedule_and_arrival_trigger(prefect_api, tmp_path):  # noqa: F811
+def test_deployments_schedule_and_arrival_trigger(prefect_api, tmp_path):
     from meswitch.flows.deployments import ARRIVED, build_deployments, inbox_id
 
     params = {"inbox": str(tmp_path / "inbox" / ".." / "inbox"), "base": "/models/base"}

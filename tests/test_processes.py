@@ -167,22 +167,22 @@ def test_a_sigterm_turned_into_an_uncaught_error_or_swallowed_still_ends_as_term
 
 
 def test_a_flow_body_run_by_a_command_takes_sigterm_back_from_the_flow_engine(capsys):
-    """Prefect's flow engine installs its own SIGTERM handler while a flow runs (here a stand-in installed the same
-    way); a body wrapped in ``sigterm_stays_ours`` run under ``exit_status_of`` has ours back, so a SIGTERM there is
-    remembered (and ends the command on ``terminated`` though the body swallows it), and the engine's handler is
-    back after the body. Outside a command (a Prefect worker's run) the engine's handler stays."""
+    """Prefect's flow engine installs its own SIGTERM handler while a flow runs and restores the one it found after
+    (here a stand-in doing the same); a body that calls ``take_back_sigterm`` run under ``exit_status_of`` has ours
+    again, so a SIGTERM there is remembered (and ends the command on ``terminated`` though the body swallows it).
+    Outside a command (a Prefect worker's run) the engine's handler stays."""
     import contextlib
     import signal
 
-    from meswitch.processes import exit_status_of, sigterm_stays_ours
+    from meswitch.processes import exit_status_of, take_back_sigterm
 
     def engines(signum, frame):
         raise SystemExit("the engine's handler")
 
     seen = []
 
-    @sigterm_stays_ours
     def body(send: bool) -> int:
+        take_back_sigterm()
         seen.append(signal.getsignal(signal.SIGTERM) is engines)
         if send:
             with contextlib.suppress(BaseException):
@@ -190,22 +190,21 @@ def test_a_flow_body_run_by_a_command_takes_sigterm_back_from_the_flow_engine(ca
                 time.sleep(5)
         return 0
 
-    def command(send: bool) -> int:
+    def flow(send: bool) -> int:
         previous = signal.signal(signal.SIGTERM, engines)  # as capture_sigterm does around the flow
         try:
-            status = body(send)
-            seen.append(signal.getsignal(signal.SIGTERM) is engines)
-            return status
+            return body(send)
         finally:
             signal.signal(signal.SIGTERM, previous)
 
-    assert exit_status_of(lambda: command(True)) == 143 and seen == [False, True]
+    assert exit_status_of(lambda: flow(True)) == 143 and seen == [False]
     assert capsys.readouterr().err == "terminated\n"
     seen.clear()
-    assert exit_status_of(lambda: command(False)) == 0 and seen == [False, True] and capsys.readouterr().err == ""
+    assert exit_status_of(lambda: flow(False)) == 0 and seen == [False] and capsys.readouterr().err == ""
     seen.clear()
-    command(False)  # no command of ours around it
-    assert seen == [True, True]
+    before = signal.getsignal(signal.SIGTERM)
+    flow(False)  # no command of ours around it
+    assert seen == [True] and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_sigterm_raised_in_a_weakref_callback_is_sent_again_and_stops_the_command(capsys):

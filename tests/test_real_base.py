@@ -95,6 +95,29 @@ def test_missing_package_names_the_install_command(monkeypatch):
         gguf_path()
 
 
+def test_the_gguf_is_parsed_once_while_the_base_is_materialized(tmp_path: Path):
+    """transformers makes a ``gguf.GGUFReader`` for the tokenizer, the config and the weights; inside
+    ``_one_parse`` a file's reader is made once and handed out again, and the class is back after it."""
+    import gguf
+    import numpy as np
+
+    from meswitch.demo.smollm2 import _one_parse
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("test.value", 7)
+    writer.add_tensor("t", np.arange(8, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    made = gguf.GGUFReader
+    with _one_parse():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first and int(first.fields["test.value"].parts[-1][0]) == 7
+    assert gguf.GGUFReader is made and made(path) is not first
+
+
 def test_chat_rows_score_the_reply_and_carry_the_task(smol_base: Path):
     tok = AutoTokenizer.from_pretrained(smol_base)
     doc = load_corpus("math", n_generated=50).docs[0]

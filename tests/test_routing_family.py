@@ -1,14 +1,14 @@
 """Routers on the micro demo family: held-out accuracy over four domains, then five after retraining.
 
-The family is built once per module (about a minute on 2 CPU cores); set MESWITCH_ROUTING_FAMILY to a
-prebuilt micro family with its extra domain (``build_family(DIR, size="micro", extra_domain=True)``)
+The family is the session's ``micro_family`` (conftest; built once, about half a minute on 2 CPU cores); set
+MESWITCH_PIPELINE_FAMILY to a prebuilt micro family with its extra domain
+(``build_family(DIR, size="micro", extra_domain=True)``)
 to skip the build while developing.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -23,11 +23,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory) -> Path:
-    from meswitch.demo import build_family
-
-    where = os.environ.get("MESWITCH_ROUTING_FAMILY") or tmp_path_factory.mktemp("routing") / "family"
-    return build_family(Path(where), size="micro", seed=0, extra_domain=True)
+def family(micro_family) -> Path:
+    return micro_family
 
 
 @pytest.fixture(autouse=True)

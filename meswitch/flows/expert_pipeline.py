@@ -41,7 +41,7 @@ from meswitch.flows.gates import check_expert_gates, check_router_gates, per_dom
 from meswitch.flows.inbox import empty_inbox
 from meswitch.flows.runtime import stopped_in_one_line
 from meswitch.flows.summary import FAILED, PRODUCTION, REJECTED, ExpertOutcome, PipelineSummary, RouterOutcome
-from meswitch.processes import check_stop, sigterm_stays_ours, stopping_workers
+from meswitch.processes import check_stop, stopping_workers, take_back_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +102,9 @@ def _stored(task_obj, work: Path):
 
 
 @flow(name="process-expert", flow_run_name="expert-{expert.card.name}", validate_parameters=False)
-@sigterm_stays_ours
 def process_expert(expert: ExpertInput, base_dir: str, base_fp: str, config: PipelineConfig, work_dir: str):
     """Validate, calibrate, compress, evaluate, gate, log, publish and promote one expert."""
+    take_back_sigterm()
     logger = get_run_logger()
     work, card, io = Path(work_dir), expert.card, t.io_tasks(config)
     worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -210,9 +210,9 @@ def routing_key(experts: list[dict]) -> str:
 
 
 @flow(name="update-router", validate_parameters=False)
-@sigterm_stays_ours
 def update_router(base_dir: str, base_fp: str, config: PipelineConfig, work_dir: str) -> RouterOutcome:
     """Retrain, evaluate, register and promote the router when the production domains changed."""
+    take_back_sigterm()
     logger = get_run_logger()
     work, io = Path(work_dir), t.io_tasks(config)
     experts = io.production_experts(base_fp)
@@ -266,7 +266,6 @@ def update_router(base_dir: str, base_fp: str, config: PipelineConfig, work_dir:
 
 
 @flow(name="expert-pipeline", log_prints=True)
-@sigterm_stays_ours
 def expert_pipeline(
     inbox: str,
     base: str,
@@ -287,6 +286,7 @@ def expert_pipeline(
     ``base`` may also name a registered base, ``meswitch-base-NAME@production`` (as on a Kubernetes
     work pool, where no model folder is at hand); it is then fetched from the registry, not registered again.
     """
+    take_back_sigterm()
     logger = get_run_logger()
     stopped_in_one_line()
     config = load_config(config_file, gates_file)
