@@ -9,9 +9,11 @@ it as it would read any user's base.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -93,12 +95,13 @@ def materialize_base(out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     t0 = time.perf_counter()
     log.info("reading %s (%.0f MB) and dequantizing it", src.name, src.stat().st_size / 1e6)
     folder = src.parent
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=src.name)
-    # Some transformers versions (5.17) read no pad token from the GGUF; batching needs one: the end of turn.
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=src.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
-    )
+    with _one_parse():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=src.name)
+        # Some transformers versions (5.17) read no pad token from the GGUF; batching needs one: the end of turn.
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=src.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+        )
     model.config.quantization_config = None  # dequantized: an ordinary model from here on
     model.config.name_or_path = NAME
     model.to(dtype)
@@ -125,6 +128,30 @@ def materialize_base(out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
         (tmp / SOURCE_JSON).write_text(json.dumps(asdict(source), indent=2) + "\n", encoding="utf-8")
     log.info("%s written to %s in %.0f s", NAME, out, time.perf_counter() - t0)
     return out
+
+
+@contextlib.contextmanager
+def _one_parse() -> Iterator[None]:
+    """transformers opens the GGUF once for the tokenizer, once for the config and once for the weights, and each
+    ``gguf.GGUFReader`` parses every field (the 49,152-token vocabulary among them) in Python: some 10 s each on
+    two CPU cores. While the block runs, a reader made for a file is made once and handed out again (it maps the
+    file read-only, and nothing here changes it)."""
+    import gguf
+
+    made = gguf.GGUFReader
+    readers: dict[tuple, object] = {}
+
+    def reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = made(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = made
 
 
 def _version(package: str) -> str:
