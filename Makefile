@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest -q -p no:cacheprovider --durations=40
 
 demo: $(STAMP)
 	$(PY) -m meswitch.demo.main --out $(DEMO_DIR) --size $(DEMO_SIZE)
