@@ -14,6 +14,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,16 @@ if "HF_DATASETS_CACHE" not in os.environ:
 # a fixture of its own to pytest, and the session-scoped family (half a minute to train) and Prefect API (a server)
 # would be made again for every module that imports them.
 from pipeline_fixtures import micro_family, prefect_api  # noqa: F401
+
+
+@pytest.fixture(scope="session")
+def micro_core_family(tmp_path_factory) -> Path:
+    """The micro demo family (seed 0, its four core domains), built once a session (half a minute on 2 cores):
+    ``<tmp>/family``. The demo family's own tests check the build on it; ``micro_family`` adds the extra domain to
+    a copy of it."""
+    from meswitch.demo import build_family
+
+    return build_family(tmp_path_factory.mktemp("demo") / "family", size="micro", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -64,14 +64,17 @@ def prefect_api(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def micro_family(tmp_path_factory) -> Path:
-    """The micro demo family (seed 0) with its extra domain, built once a session (half a minute on 2 cores) for
-    the pipeline, routing and serving tests (its core experts are the same without the extra domain). Tests read
-    it; one that changes an expert works on a copy."""
+def micro_family(tmp_path_factory, micro_core_family: Path) -> Path:
+    """The micro demo family (seed 0) with its extra domain, for the pipeline, routing and serving tests: a copy of
+    the session's core family (conftest) with the extra expert trained onto it (the base and the core experts do
+    not depend on it). Tests read it; one that changes an expert works on a copy."""
     from meswitch.demo import build_family
 
-    where = os.environ.get("MESWITCH_PIPELINE_FAMILY") or tmp_path_factory.mktemp("pipeline") / "family"
-    return build_family(Path(where), size="micro", seed=0, extra_domain=True)
+    if where := os.environ.get("MESWITCH_PIPELINE_FAMILY"):
+        return build_family(Path(where), size="micro", seed=0, extra_domain=True)
+    where = tmp_path_factory.mktemp("pipeline") / "family"
+    shutil.copytree(micro_core_family, where)
+    return build_family(where, size="micro", seed=0, extra_domain=True)
 
 
 def use_registry(mp: pytest.MonkeyPatch, s3_server, prefix: str, tracking_uri: str, home: Path) -> dict[str, str]:

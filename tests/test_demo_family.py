@@ -27,10 +27,10 @@ CARD_FIELDS = {"name", "domain", "description", "examples", "calibration", "eval
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
-@pytest.fixture(scope="session")
-def micro_family(tmp_path_factory) -> Path:
-    """The micro demo family, built once per session: ``<tmp>/family``."""
-    return build_family(tmp_path_factory.mktemp("demo") / "family", size="micro", seed=0)
+@pytest.fixture
+def core(micro_core_family: Path) -> Path:
+    """The session's micro family, four core domains (conftest), built once for every test that reads it."""
+    return micro_core_family
 
 
 def _rows(path: Path) -> list[dict]:
@@ -45,19 +45,19 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_layout(micro_family: Path):
+def test_layout(core: Path):
     for name in HF_FILES:
-        assert (micro_family / "base" / name).is_file(), name
+        assert (core / "base" / name).is_file(), name
     for d in CORE_DOMAINS:
-        folder = micro_family / "experts" / d
+        folder = core / "experts" / d
         for name in (*HF_FILES, "expert.yaml", "calib.jsonl", "eval.jsonl"):
             assert (folder / name).is_file(), folder / name
         for split in ("train", "calib", "eval"):
-            assert _rows(micro_family / "data" / d / f"{split}.jsonl"), (d, split)
-    assert not (micro_family / "extra").exists()
+            assert _rows(core / "data" / d / f"{split}.jsonl"), (d, split)
+    assert not (core / "extra").exists()
     # nothing left beside the family by the atomic build
-    assert [p.name for p in micro_family.parent.iterdir()] == ["family"]
-    family = _family(micro_family)
+    assert [p.name for p in core.parent.iterdir()] == ["family"]
+    family = _family(core)
     assert (family["size"], family["seed"]) == ("micro", 0)
     assert set(family["experts"]) == set(CORE_DOMAINS)
     assert set(family["perplexity"]) == {"base", *CORE_DOMAINS}
@@ -67,30 +67,30 @@ def test_layout(micro_family: Path):
     assert family["wall_seconds"]["total"] > 0
 
 
-def test_models_load_offline_and_are_mistral_with_gqa(micro_family: Path, monkeypatch):
+def test_models_load_offline_and_are_mistral_with_gqa(core: Path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     spec = SIZES["micro"]
-    base = AutoModelForCausalLM.from_pretrained(micro_family / "base")
+    base = AutoModelForCausalLM.from_pretrained(core / "base")
     assert type(base).__name__ == "MistralForCausalLM"
     assert base.config.num_key_value_heads < base.config.num_attention_heads
     assert base.config.tie_word_embeddings is False
     assert base.config.hidden_size == spec.hidden_size and base.config.vocab_size == spec.vocab_size
     assert base.lm_head.weight.data_ptr() != base.model.embed_tokens.weight.data_ptr()
-    tok = AutoTokenizer.from_pretrained(micro_family / "base")
+    tok = AutoTokenizer.from_pretrained(core / "base")
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
     assert tok.decode(tok("床前明月光 x = 42")["input_ids"], skip_special_tokens=True) == "床前明月光 x = 42"
     for d in CORE_DOMAINS:
-        expert = AutoModelForCausalLM.from_pretrained(micro_family / "experts" / d)
+        expert = AutoModelForCausalLM.from_pretrained(core / "experts" / d)
         assert type(expert).__name__ == "MistralForCausalLM"
-        assert _sha(micro_family / "experts" / d / "tokenizer.json") == _sha(micro_family / "base" / "tokenizer.json")
+        assert _sha(core / "experts" / d / "tokenizer.json") == _sha(core / "base" / "tokenizer.json")
 
 
-def test_experts_are_full_fine_tunes_of_the_base(micro_family: Path):
-    base = load_file(micro_family / "base" / "model.safetensors")
+def test_experts_are_full_fine_tunes_of_the_base(core: Path):
+    base = load_file(core / "base" / "model.safetensors")
     for d in CORE_DOMAINS:
-        expert = load_file(micro_family / "experts" / d / "model.safetensors")
+        expert = load_file(core / "experts" / d / "model.safetensors")
         assert expert.keys() == base.keys()
         for name, w in base.items():
             assert expert[name].dtype == torch.float32
@@ -99,9 +99,9 @@ def test_experts_are_full_fine_tunes_of_the_base(micro_family: Path):
                 assert torch.linalg.matrix_rank(expert[name] - w) > 8, (d, name)
 
 
-def test_expert_cards(micro_family: Path):
+def test_expert_cards(core: Path):
     for d in CORE_DOMAINS:
-        folder = micro_family / "experts" / d
+        folder = core / "experts" / d
         card = yaml.safe_load((folder / "expert.yaml").read_text(encoding="utf-8"))
         assert set(card) == CARD_FIELDS
         assert card["name"] == d and card["domain"] == d
@@ -109,19 +109,19 @@ def test_expert_cards(micro_family: Path):
         assert len(card["examples"]) >= 10 and all(isinstance(e, str) and e for e in card["examples"])
         assert (card["calibration"], card["evaluation"]) == ("calib.jsonl", "eval.jsonl")
         assert card["task"] == ("arithmetic-exact-match" if d == "math" else None)
-        assert (folder / "calib.jsonl").read_bytes() == (micro_family / "data" / d / "calib.jsonl").read_bytes()
-        assert (folder / "eval.jsonl").read_bytes() == (micro_family / "data" / d / "eval.jsonl").read_bytes()
+        assert (folder / "calib.jsonl").read_bytes() == (core / "data" / d / "calib.jsonl").read_bytes()
+        assert (folder / "eval.jsonl").read_bytes() == (core / "data" / d / "eval.jsonl").read_bytes()
     # the house's card reader accepts them
     from meswitch.expert_card import load_card
 
-    assert load_card(micro_family / "experts" / "math").task == "arithmetic-exact-match"
+    assert load_card(core / "experts" / "math").task == "arithmetic-exact-match"
 
 
-def test_math_eval_lines_carry_prompt_and_exact_answer(micro_family: Path):
+def test_math_eval_lines_carry_prompt_and_exact_answer(core: Path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(micro_family / "base")
-    rows = _rows(micro_family / "data" / "math" / "eval.jsonl")
+    tok = AutoTokenizer.from_pretrained(core / "base")
+    rows = _rows(core / "data" / "math" / "eval.jsonl")
     for row in rows:
         assert row["text"] == row["prompt"] + row["answer"]
         assert row["prompt"].endswith("Answer: ") and row["answer"].isdigit()
@@ -162,48 +162,46 @@ def test_arithmetic_answers_are_right():
     assert checked == 300
 
 
-def test_splits_are_disjoint(micro_family: Path):
+def test_splits_are_disjoint(core: Path):
     for d in CORE_DOMAINS:
-        texts = {
-            s: [r["text"] for r in _rows(micro_family / "data" / d / f"{s}.jsonl")] for s in ("train", "calib", "eval")
-        }
+        texts = {s: [r["text"] for r in _rows(core / "data" / d / f"{s}.jsonl")] for s in ("train", "calib", "eval")}
         for s, rows in texts.items():
             assert all(rows) and len(set(rows)) == len(rows), (d, s)
         assert not set(texts["train"]) & set(texts["eval"]), d
         assert not set(texts["train"]) & set(texts["calib"]), d
         assert not set(texts["calib"]) & set(texts["eval"]), d
-    train, test = (_rows(micro_family / "routing" / f"{s}.jsonl") for s in ("train", "test"))
+    train, test = (_rows(core / "routing" / f"{s}.jsonl") for s in ("train", "test"))
     assert {r["domain"] for r in train} == {r["domain"] for r in test} == set(CORE_DOMAINS)
     assert not {r["text"] for r in train} & {r["text"] for r in test}
     for d in CORE_DOMAINS:
         assert sum(r["domain"] == d for r in test) >= SIZES["micro"].routing_test // 2, d
 
 
-def test_experts_beat_the_base_on_their_own_domain(micro_family: Path):
+def test_experts_beat_the_base_on_their_own_domain(core: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from meswitch.evaluation.metrics import perplexity
 
-    family = _family(micro_family)
+    family = _family(core)
     for d in CORE_DOMAINS:
         info = family["experts"][d]
         assert info["ppl_own_domain"] < 0.95 * info["base_ppl_own_domain"], (d, info)
     # the recorded figures are what the saved models give
-    tok = AutoTokenizer.from_pretrained(micro_family / "base")
-    texts = [r["text"] for r in _rows(micro_family / "data" / "chinese" / "eval.jsonl")][: SIZES["micro"].eval_texts]
-    expert = AutoModelForCausalLM.from_pretrained(micro_family / "experts" / "chinese")
+    tok = AutoTokenizer.from_pretrained(core / "base")
+    texts = [r["text"] for r in _rows(core / "data" / "chinese" / "eval.jsonl")][: SIZES["micro"].eval_texts]
+    expert = AutoModelForCausalLM.from_pretrained(core / "experts" / "chinese")
     ppl = perplexity(expert, tok, texts, max_len=SIZES["micro"].seq_len)
     assert ppl == pytest.approx(family["perplexity"]["chinese"]["chinese"], rel=1e-3)
 
 
-def test_second_build_is_a_no_op(micro_family: Path, caplog):
-    before = {p: p.stat().st_mtime_ns for p in micro_family.rglob("*") if p.is_file()}
+def test_second_build_is_a_no_op(core: Path, caplog):
+    before = {p: p.stat().st_mtime_ns for p in core.rglob("*") if p.is_file()}
     with caplog.at_level(logging.INFO, logger="meswitch.demo.family"):
-        assert build_family(micro_family, size="micro", seed=0) == micro_family
+        assert build_family(core, size="micro", seed=0) == core
     assert "nothing to do" in caplog.text
-    assert {p: p.stat().st_mtime_ns for p in micro_family.rglob("*") if p.is_file()} == before
+    assert {p: p.stat().st_mtime_ns for p in core.rglob("*") if p.is_file()} == before
     with pytest.raises(FileExistsError, match="seed 0"):
-        build_family(micro_family, size="micro", seed=1)
+        build_family(core, size="micro", seed=1)
 
 
 def test_a_failed_build_leaves_nothing(tmp_path: Path, monkeypatch):
@@ -225,7 +223,7 @@ def test_refuses_a_non_empty_folder_without_family_json(tmp_path: Path):
     assert [p.name for p in tmp_path.iterdir()] == ["stuff.txt"]
 
 
-def test_same_seed_gives_identical_tensors(micro_family: Path, tmp_path: Path):
+def test_same_seed_gives_identical_tensors(core: Path, tmp_path: Path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = tmp_path / f".again.building-{dead.pid}"  # as a killed build leaves it
@@ -233,7 +231,7 @@ def test_same_seed_gives_identical_tensors(micro_family: Path, tmp_path: Path):
     again = build_family(tmp_path / "again", size="micro", seed=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]
     for rel in ["base", *(f"experts/{d}" for d in CORE_DOMAINS)]:
-        a, b = load_file(micro_family / rel / "model.safetensors"), load_file(again / rel / "model.safetensors")
+        a, b = load_file(core / rel / "model.safetensors"), load_file(again / rel / "model.safetensors")
         assert a.keys() == b.keys()
         for name in a:
             assert torch.equal(a[name], b[name]), (rel, name)
@@ -243,13 +241,13 @@ def test_same_seed_gives_identical_tensors(micro_family: Path, tmp_path: Path):
         "routing/test.jsonl",
         *(f"data/{d}/{s}.jsonl" for d in CORE_DOMAINS for s in ("train", "calib", "eval")),
     ]:
-        assert _sha(micro_family / rel) == _sha(again / rel), rel
-    assert _family(again)["perplexity"] == _family(micro_family)["perplexity"]
+        assert _sha(core / rel) == _sha(again / rel), rel
+    assert _family(again)["perplexity"] == _family(core)["perplexity"]
 
 
-def test_extra_domain_is_added_without_touching_the_family(micro_family: Path, tmp_path: Path):
+def test_extra_domain_is_added_without_touching_the_family(core: Path, tmp_path: Path):
     root = tmp_path / "family"
-    shutil.copytree(micro_family, root)
+    shutil.copytree(core, root)
     untouched = {
         rel: _sha(root / rel)
         for rel in ["base/model.safetensors", "experts/code/model.safetensors", "data/math/eval.jsonl"]
@@ -296,7 +294,7 @@ def test_corpora_are_cached(tmp_path: Path, monkeypatch):
     assert corpora.load_corpus("code").docs == first.docs
 
 
-def test_cli_help_and_no_op(micro_family: Path, capsys):
+def test_cli_help_and_no_op(core: Path, capsys):
     from meswitch.cli import build_parser, main
 
     parser = build_parser()
@@ -305,8 +303,8 @@ def test_cli_help_and_no_op(micro_family: Path, capsys):
     help_text = capsys.readouterr().out
     for word in ("--out", "--size", "--seed", "--extra-domain", "micro", "tiny", "small"):
         assert word in help_text
-    assert main(["demo-family", "--out", str(micro_family), "--size", "micro"]) == 0
+    assert main(["demo-family", "--out", str(core), "--size", "micro"]) == 0
     assert "ready" in capsys.readouterr().out
-    assert main(["demo-family", "--out", str(micro_family), "--size", "tiny"]) == 2
-    assert main(["demo-family", "--out", str(micro_family), "--size", "micro", "--experts", "code"]) == 2
+    assert main(["demo-family", "--out", str(core), "--size", "tiny"]) == 2
+    assert main(["demo-family", "--out", str(core), "--size", "micro", "--experts", "code"]) == 2
     assert "--experts applies to the real family" in capsys.readouterr().err

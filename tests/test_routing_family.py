@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from meswitch.cli import main
 from meswitch.routing import RouterJob, evaluate_router, load_router, read_labelled, train_router
@@ -25,15 +24,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def family(micro_family) -> Path:
     return micro_family
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a small shared CPU two threads per process fight other jobs and run far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
