@@ -116,14 +116,14 @@ _commanding = False  # True while _sigterm_raises runs: SIGTERM is ours to handl
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
     """While the block runs, SIGTERM raises ``Terminated`` in the main thread (signals reach no other), and both it
-    and Ctrl-C (where Python's own handler has it) are remembered (``_interrupt``)."""
-    global _interrupt
+    and Ctrl-C (where Python's own handler has it) are remembered (``_interrupt``); one raised where it cannot
+    propagate is sent again (``_interrupt_again``)."""
+    global _interrupt, _commanding
     _interrupt = None
     _stop.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    global _commanding
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     ctrl_c = signal.getsignal(signal.SIGINT)
     if ctrl_c is signal.default_int_handler:

@@ -27,9 +27,9 @@ if "HF_DATASETS_CACHE" not in os.environ:
     os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="meswitch-tests-datasets-")
     atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 
-# Fixtures of the pipeline's tests, defined here once: imported into each test module instead, each import would be
-# a fixture of its own to pytest, and the session-scoped family (half a minute to train) and Prefect API (a server)
-# would be made again for every module that imports them.
+# Fixtures of the pipeline, routing and serving tests, defined here once: imported into each test module instead,
+# each import would be a fixture of its own to pytest, and the session-scoped family and Prefect API (a server) would
+# be made again for every module that imports them.
 from pipeline_fixtures import micro_family, prefect_api  # noqa: F401
 
 
