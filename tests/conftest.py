@@ -27,10 +27,11 @@ if "HF_DATASETS_CACHE" not in os.environ:
     os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="meswitch-tests-datasets-")
     atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 
-# Fixtures of the pipeline, routing and serving tests, defined here once: imported into each test module instead,
-# each import would be a fixture of its own to pytest, and the session-scoped family and Prefect API (a server) would
-# be made again for every module that imports them.
+# Session fixtures of the pipeline, routing and serving tests, registered here once: imported into each test module
+# instead, each import would be a fixture of its own to pytest, and the family, the served family and the Prefect API
+# (a server) would be made again for every module that imports them.
 from pipeline_fixtures import micro_family, prefect_api  # noqa: F401
+from serving_fixtures import served_family  # noqa: F401
 
 
 @pytest.fixture(scope="session")

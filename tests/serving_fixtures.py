@@ -1,9 +1,8 @@
 """Fixtures for the serving tests: the micro demo family, compressed, with a router; servers on loopback.
 
-``served_family`` builds once per session: ``build_family(size="micro")``, every expert compressed
-(2-bit, calibrated), an embedding router over the experts' domains, and a sealed ``base`` artifact
-for the registry test. Import the fixtures into a test module with
-``from serving_fixtures import served_family  # noqa: F401``.
+``served_family`` builds once per session (registered in conftest, so pytest holds one fixture for every module):
+the session's micro family, every core expert compressed (2-bit, calibrated), an embedding router over the experts'
+domains, and a sealed ``base`` artifact for the registry test.
 """
 
 from __future__ import annotations
@@ -80,18 +79,10 @@ def torch_threads(n: int):
         torch.set_num_threads(old)
 
 
-_lock = threading.Lock()
-_built: dict[str, ServedFamily] = {}
-
-
 @pytest.fixture(scope="session")
 def served_family(tmp_path_factory, micro_family) -> ServedFamily:
-    """Built once per test session, however many modules import it (each import is its own fixture to pytest),
-    from the session's micro family (conftest) and its four core experts."""
-    with _lock:
-        if "family" not in _built:
-            _built["family"] = _build(tmp_path_factory, micro_family)
-        return _built["family"]
+    """The session's micro family (conftest) and its four core experts, compressed, with a router."""
+    return _build(tmp_path_factory, micro_family)
 
 
 def _build(tmp_path_factory, root: Path) -> ServedFamily:

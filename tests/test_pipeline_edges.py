@@ -25,7 +25,6 @@ from pipeline_fixtures import (
     wait_for,
     write_config,
 )
-from serving_fixtures import served_family  # noqa: F401
 
 from meswitch.cli import main
 from meswitch.processes import stop_group
@@ -75,7 +74,7 @@ def refused_before_serving(monkeypatch):
 
 
 @pytest.mark.usefixtures("refused_before_serving")
-def test_serve_names_each_folder_it_cannot_serve_and_why(served_family, tmp_path, capsys):  # noqa: F811
+def test_serve_names_each_folder_it_cannot_serve_and_why(served_family, tmp_path, capsys):
     math_artifact = served_family.artifacts["math"]
     cases = {
         str(tmp_path / "nonexist"): "nonexist: not found",
@@ -95,7 +94,7 @@ def test_serve_names_each_folder_it_cannot_serve_and_why(served_family, tmp_path
 
 
 @pytest.mark.usefixtures("refused_before_serving")
-def test_serve_fails_when_the_router_given_does_not_load(served_family, tmp_path, capsys):  # noqa: F811
+def test_serve_fails_when_the_router_given_does_not_load(served_family, tmp_path, capsys):
     router = tmp_path / "router"
     shutil.copytree(served_family.router, router)
     (router / "classifier.safetensors").write_bytes(b"altered")  # a router artifact whose checksum fails
@@ -105,7 +104,7 @@ def test_serve_fails_when_the_router_given_does_not_load(served_family, tmp_path
     assert rc == 2 and f"--router {router}: version" in err and "refused" in err, err
 
 
-def test_a_router_domain_without_its_expert_is_warned_about_at_start(served_family):  # noqa: F811
+def test_a_router_domain_without_its_expert_is_warned_about_at_start(served_family):
     from meswitch.serving.engine import EngineConfig
     from meswitch.serving.loader import LocalSource, ModelManager
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
-from serving_fixtures import greedy, served_family, torch_threads  # noqa: F401
+from serving_fixtures import greedy, torch_threads
 
 from meswitch.checkpoints import Checkpoint
 from meswitch.compression.reconstruct import load_expert_model, open_artifact
@@ -37,7 +37,7 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def live(served_family):  # noqa: F811
+def live(served_family):
     with torch_threads(1):
         metrics = ServingMetrics()
         source = LocalSource(served_family.base, [served_family.artifact_dir()], served_family.router)
@@ -55,14 +55,14 @@ def live(served_family):  # noqa: F811
             manager.close()
 
 
-def _greedy_text(served_family, name: str, ids: list[int], n: int, tokenizer) -> str:  # noqa: F811
+def _greedy_text(served_family, name: str, ids: list[int], n: int, tokenizer) -> str:
     base = Checkpoint(served_family.base)
     model = load_expert_model(base, open_artifact(served_family.artifacts[name], base))
     out = greedy(model, ids, n, {tokenizer.eos_token_id, model.config.eos_token_id})
     return tokenizer.decode(out, skip_special_tokens=True)
 
 
-def test_models_lists_every_expert_the_base_and_auto(live, served_family):  # noqa: F811
+def test_models_lists_every_expert_the_base_and_auto(live, served_family):
     models = {m.id: m for m in live.client().models.list()}
     assert set(models) == {*served_family.artifacts, "base", "auto"}
     for name, domain in served_family.domains.items():
@@ -71,7 +71,7 @@ def test_models_lists_every_expert_the_base_and_auto(live, served_family):  # no
     assert models["auto"].model_extra["meswitch"]["domains"] == {d: n for n, d in served_family.domains.items()}
 
 
-def test_pinned_completion_and_chat_equal_the_reconstructed_expert(live, served_family):  # noqa: F811
+def test_pinned_completion_and_chat_equal_the_reconstructed_expert(live, served_family):
     client = live.client()
     name = sorted(served_family.artifacts)[0]
     tok = live.manager.current.experts[name].tokenizer
@@ -93,7 +93,7 @@ def test_pinned_completion_and_chat_equal_the_reconstructed_expert(live, served_
     assert "routing" not in c.model_extra  # pinned: nothing was routed
 
 
-def test_streaming_gives_the_same_text_as_a_whole_answer(live, served_family):  # noqa: F811
+def test_streaming_gives_the_same_text_as_a_whole_answer(live, served_family):
     client = live.client()
     name = sorted(served_family.artifacts)[-1]
     messages = [{"role": "user", "content": "Tell me something."}]
@@ -118,7 +118,7 @@ def test_streaming_gives_the_same_text_as_a_whole_answer(live, served_family):  
     assert streamed[-1].choices[0].finish_reason == plain.choices[0].finish_reason
 
 
-def test_auto_routes_each_query_to_its_domains_expert(live, served_family):  # noqa: F811
+def test_auto_routes_each_query_to_its_domains_expert(live, served_family):
     client = live.client()
     router = live.manager.current.router
     experts = {d: n for n, d in served_family.domains.items()}
@@ -163,7 +163,7 @@ def test_authentication_on_and_off(live):
     assert live.client(keyed=False, key="anything").models.list().data  # auth off: any key works
 
 
-def test_oversize_and_invalid_requests_get_clear_4xx(live, served_family):  # noqa: F811
+def test_oversize_and_invalid_requests_get_clear_4xx(live, served_family):
     client = live.client()
     name = sorted(served_family.artifacts)[0]
     long_prompt = " ".join(["word"] * 400)
@@ -189,7 +189,7 @@ def test_oversize_and_invalid_requests_get_clear_4xx(live, served_family):  # no
     assert e.value.body["code"] == "model_not_found"
 
 
-def test_concurrency_limit_answers_429_while_full(live, served_family):  # noqa: F811
+def test_concurrency_limit_answers_429_while_full(live, served_family):
     tight = ServerThread(Server(live.manager, ServerConfig(max_concurrent=1, **LIMITS), live.metrics).app).start()
     try:
         client = openai.OpenAI(base_url=f"{tight.url}/v1", api_key="x", max_retries=0, timeout=60)
@@ -214,7 +214,7 @@ def test_concurrency_limit_answers_429_while_full(live, served_family):  # noqa:
     assert load["running"] + load["waiting"] <= 8
 
 
-def test_stop_sequences_cut_the_text(live, served_family):  # noqa: F811
+def test_stop_sequences_cut_the_text(live, served_family):
     client = live.client()
     name = sorted(served_family.artifacts)[1]
     full = client.completions.create(model=name, prompt="Once", max_tokens=24, temperature=0).choices[0].text
@@ -228,14 +228,14 @@ def test_stop_sequences_cut_the_text(live, served_family):  # noqa: F811
     assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
 
 
-def test_seeded_sampling_is_reproducible(live, served_family):  # noqa: F811
+def test_seeded_sampling_is_reproducible(live, served_family):
     client = live.client()
     name = sorted(served_family.artifacts)[0]
     args = dict(model=name, prompt="Some text", max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
     assert client.completions.create(**args).choices[0].text == client.completions.create(**args).choices[0].text
 
 
-def test_health_and_metrics(live, served_family):  # noqa: F811
+def test_health_and_metrics(live, served_family):
     client = live.client()
     name = sorted(served_family.artifacts)[0]
     client.completions.create(model=name, prompt="hello", max_tokens=3, temperature=0)
@@ -264,7 +264,7 @@ def test_health_and_metrics(live, served_family):  # noqa: F811
     assert counted and counted[0] >= 3  # (other tests of this module may have asked for unknown names too)
 
 
-def test_unknown_chat_roles_are_refused_with_400(live, served_family):  # noqa: F811
+def test_unknown_chat_roles_are_refused_with_400(live, served_family):
     name = sorted(served_family.artifacts)[0]
     with pytest.raises(openai.BadRequestError) as e:
         live.client().chat.completions.create(
@@ -275,7 +275,7 @@ def test_unknown_chat_roles_are_refused_with_400(live, served_family):  # noqa: 
     assert "role" in str(e.value)
 
 
-def test_meswitch_serve_command_serves_on_loopback(served_family, tmp_path):  # noqa: F811
+def test_meswitch_serve_command_serves_on_loopback(served_family, tmp_path):
     import os
     import signal
     import subprocess
@@ -312,7 +312,7 @@ def test_meswitch_serve_command_serves_on_loopback(served_family, tmp_path):  # 
         assert proc.wait(30) is not None
 
 
-def test_serve_refuses_to_expose_an_unauthenticated_server(served_family, monkeypatch, capsys):  # noqa: F811
+def test_serve_refuses_to_expose_an_unauthenticated_server(served_family, monkeypatch, capsys):
     from meswitch.cli import main
 
     monkeypatch.delenv("MESWITCH_API_KEY", raising=False)
@@ -332,7 +332,7 @@ def test_serve_refuses_to_expose_an_unauthenticated_server(served_family, monkey
     assert "without authentication" in err and "--api-key" in err and "--allow-no-auth" in err
 
 
-def test_serving_no_expert_is_an_error_unless_asked_for(served_family, tmp_path, capsys):  # noqa: F811
+def test_serving_no_expert_is_an_error_unless_asked_for(served_family, tmp_path, capsys):
     from meswitch.cli import main
 
     rc = main(["serve", "--base", str(served_family.base), "--experts", str(tmp_path), "--device", "cpu"])
@@ -341,7 +341,7 @@ def test_serving_no_expert_is_an_error_unless_asked_for(served_family, tmp_path,
     assert "no expert to serve" in err and "--allow-no-experts" in err
 
 
-def test_static_decoding_without_a_gpu_is_refused_with_the_flag_to_use(served_family, capsys):  # noqa: F811
+def test_static_decoding_without_a_gpu_is_refused_with_the_flag_to_use(served_family, capsys):
     from meswitch.cli import main
 
     args = ["serve", "--base", str(served_family.base), "--experts", str(served_family.artifact_dir())]

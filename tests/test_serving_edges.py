@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 import torch
-from serving_fixtures import served_family, torch_threads  # noqa: F401
+from serving_fixtures import torch_threads
 
 from meswitch.serving.api import Server, ServerConfig, ServerThread
 from meswitch.serving.batching import SchedulerConfig
@@ -48,13 +48,13 @@ def _serve(family, engine: EngineConfig, scheduler: SchedulerConfig):
 
 
 @pytest.fixture(scope="module")
-def live(served_family):  # noqa: F811
+def live(served_family):
     with torch_threads(1):
         yield from _serve(served_family, EngineConfig(device="cpu"), SchedulerConfig(max_batch=8, window_s=0.002))
 
 
 @pytest.fixture(scope="module")
-def static(served_family):  # noqa: F811
+def static(served_family):
     """Static decode (the GPU's default path, run eagerly on the CPU) over a cache of 64 positions a sequence."""
     with torch_threads(1):
         yield from _serve(

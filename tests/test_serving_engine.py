@@ -15,7 +15,6 @@ from serving_fixtures import (  # noqa: F401
     check_continuous_batching,
     compress,
     reconstructed,
-    served_family,
     torch_threads,
 )
 from tiny_models import calib_file, make_base, make_expert, save_model
@@ -38,7 +37,7 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module", params=["dense", "packed"])
-def engine(served_family, request):  # noqa: F811
+def engine(served_family, request):
     """Dense: Δ̂ dequantized once per expert; packed: banked codes through mixed_delta (its reference on CPU)."""
     eng = MixedExpertEngine(served_family.base, EngineConfig(device="cpu", payload=request.param))
     slots = {name: eng.add_expert(art) for name, art in served_family.artifacts.items()}
@@ -144,7 +143,7 @@ def test_extended_vocabulary_and_base_rows_in_one_batch(tmp_path, payload):
     assert torch.isneginf(got[[0, 2], :, eng.base_vocab :]).all()  # rows without those tokens never sample them
 
 
-def test_artifacts_for_another_base_or_tampered_are_refused(served_family, tmp_path):  # noqa: F811
+def test_artifacts_for_another_base_or_tampered_are_refused(served_family, tmp_path):
     eng = MixedExpertEngine(served_family.base, EngineConfig(device="cpu"))
     other = make_base(tmp_path / "other-base")
     shutil.copy(next(iter(served_family.experts.values())) / "calib.jsonl", tmp_path / "calib.jsonl")
@@ -205,7 +204,7 @@ def test_host_copies_share_one_buffer_and_keep_every_tensor():
     assert nbytes(out) >= sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def test_an_artifacts_tensors_read_at_once_and_their_bytes_from_the_headers(served_family):  # noqa: F811
+def test_an_artifacts_tensors_read_at_once_and_their_bytes_from_the_headers(served_family):
     folder = next(iter(served_family.artifacts.values()))
     reader = DeltaReader(folder, read_manifest(folder))
     keys = stored_keys(reader)

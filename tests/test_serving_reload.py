@@ -8,7 +8,7 @@ import time
 import httpx
 import openai
 import pytest
-from serving_fixtures import base_artifact, compress, served_family, torch_threads  # noqa: F401
+from serving_fixtures import base_artifact, compress, torch_threads
 
 from meswitch.artifacts import staging_dir
 from meswitch.serving.api import Server, ServerConfig, ServerThread
@@ -37,7 +37,7 @@ def _corrupt_copy(src, dest) -> None:
     shard.write_bytes(bytes(data))
 
 
-def test_promotion_during_a_stream_and_a_corrupt_version(served_family, tmp_path):  # noqa: F811
+def test_promotion_during_a_stream_and_a_corrupt_version(served_family, tmp_path):
     name, other = sorted(served_family.artifacts)[:2]
     domain = served_family.domains[name]
     live = tmp_path / "live"
@@ -112,7 +112,7 @@ def own_mlflow_server(tmp_path_factory, s3_server):
     server.stop()
 
 
-def test_registry_production_aliases_are_served_and_followed(served_family, s3_server, own_mlflow_server, tmp_path):  # noqa: F811
+def test_registry_production_aliases_are_served_and_followed(served_family, s3_server, own_mlflow_server, tmp_path):
     from meswitch.registry import Registry, RegistryConfig
 
     env = {**s3_server.env("serving-test"), "MLFLOW_TRACKING_URI": own_mlflow_server.url}

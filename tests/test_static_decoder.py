@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serving_fixtures import check_continuous_batching, reconstructed, served_family, torch_threads  # noqa: F401
+from serving_fixtures import check_continuous_batching, reconstructed, torch_threads  # noqa: F401
 
 from meswitch.kernels import DeltaBank, ExpertRows, mixed_delta_reference
 from meswitch.kernels.bank import device_tiles
@@ -68,7 +68,7 @@ def test_length_buckets_are_powers_of_two_within_the_cache():
 
 
 @pytest.fixture(scope="module")
-def packed(served_family):  # noqa: F811
+def packed(served_family):
     eng = MixedExpertEngine(served_family.base, EngineConfig(device="cpu", payload="packed"))
     slots = {name: eng.add_expert(art) for name, art in served_family.artifacts.items()}
     return eng, slots
@@ -329,7 +329,7 @@ def test_warm_up_runs_every_bucket_without_touching_the_cache_or_the_answers(pac
     torch.testing.assert_close(logits, want_logits, **TOL)
 
 
-def test_slots_are_reused_in_place_and_capacity_avoids_reallocation(served_family):  # noqa: F811
+def test_slots_are_reused_in_place_and_capacity_avoids_reallocation(served_family):
     arts = sorted(served_family.artifacts.items())
     eng = MixedExpertEngine(served_family.base, EngineConfig(device="cpu", payload="packed", bank_capacity=2))
     a = eng.add_expert(arts[0][1])
@@ -352,7 +352,7 @@ def test_slots_are_reused_in_place_and_capacity_avoids_reallocation(served_famil
     assert gb.version > version and gb.capacity == 3  # full: the tables grew, graphs must be captured again
 
 
-def test_the_decoder_refuses_what_it_cannot_serve(served_family):  # noqa: F811
+def test_the_decoder_refuses_what_it_cannot_serve(served_family):
     dense = MixedExpertEngine(served_family.base, EngineConfig(device="cpu", payload="dense"))
     with pytest.raises(EngineError, match="needs the packed payload"):
         StaticDecoder(dense)
