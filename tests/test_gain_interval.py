@@ -7,7 +7,7 @@ import torch
 from tiny_models import make_family
 
 from meswitch.evaluation.evaluate import Evaluator
-from meswitch.evaluation.metrics import EvalData, gain_kept_ci
+from meswitch.evaluation.metrics import EvalData, Scorer, gain_kept_ci
 from meswitch.evaluation.report import TARGET_2BIT, _gain_ci, _task_gain_ci, targets, targets_markdown
 
 
@@ -75,6 +75,31 @@ def test_evaluator_per_text_figures_give_the_perplexities_and_the_gain_interval(
     lo, hi = _gain_ci(ref)
     assert lo <= ref["gain_retained"] <= hi and ref["gain_retained"] != 1.0 and hi - lo > 0
     assert _ppl(ref["nll_text_sums_compressed"], ref["nll_text_units"]) == pytest.approx(ref["ppl"], rel=1e-4)
+
+
+def test_the_expert_runs_once_for_its_likelihood_and_every_comparison(evaluator):
+    """The evaluator keeps the expert's log-probabilities: scoring two candidates after the expert's perplexity
+    runs the expert's forward no more, and the figures are those of scoring it again each time."""
+    ev = evaluator
+    _ = ev.ppl_expert
+
+    def scored_twice() -> tuple[list[dict], bool]:
+        """Two candidates' figures, and whether the expert's own forward ran (not a copy's: copies keep hooks)."""
+        calls = []
+        hook = ev.expert.register_forward_hook(lambda module, *args: calls.append(module is ev.expert))
+        try:
+            return [ev.score(ev._base_model), ev.rounded_to_bf16()], any(calls)
+        finally:
+            hook.remove()
+
+    kept, ran = scored_twice()
+    assert not ran and len(ev._reference._kept) == 1 and ev._reference._bytes > 0
+    ev._reference, reference = Scorer(ev.expert), ev._reference  # keeps nothing: the expert runs for each
+    try:
+        again, ran = scored_twice()
+    finally:
+        ev._reference = reference
+    assert ran and kept == again
 
 
 def test_targets_say_whether_the_interval_still_admits_the_gain_target():

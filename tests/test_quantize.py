@@ -204,3 +204,24 @@ def test_gptq_survives_dead_input_channels():
 def test_unknown_rounding_is_refused():
     with pytest.raises(ValueError, match="rounding must be one of"):
         DeltaConfig(rounding="stochastic")
+
+
+SPECS = [QuantSpec(bits=2), QuantSpec(bits=3, symmetric=True), QuantSpec(bits=4, group_size=64)]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_the_clip_search_by_row_blocks_picks_what_the_whole_matrix_search_picks(spec, monkeypatch):
+    """On a CPU the clip search takes a block of rows at a time (to stay in cache): the codes and steps are those
+    of one pass over the whole matrix, including rows of a last, shorter block."""
+    from meswitch.compression import quantize as q
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(2000, 640, generator=g) * 0.02
+    w[:, 5] *= 30  # an outlier column, so the clip ratios differ row to row
+    weight = torch.rand(640, generator=g)
+    assert 2000 % (q._CPU_BLOCK // 640) and w.numel() > 2 * q._CPU_BLOCK  # three blocks, the last shorter
+    blocks = q.quantize(w, spec, weight)
+    monkeypatch.setattr(q, "_CPU_BLOCK", 1 << 40)
+    whole = q.quantize(w, spec, weight)
+    assert torch.equal(blocks.codes, whole.codes) and torch.equal(blocks.scale, whole.scale)
+    assert (blocks.offset is None) == spec.symmetric and (spec.symmetric or torch.equal(blocks.offset, whole.offset))

@@ -13,7 +13,9 @@ from meswitch.evaluation.metrics import (
     Task,
     exact_match,
     next_line_token_accuracy,
+    task_decided,
     task_gain_kept_ci,
+    task_hit,
     task_hits,
     task_score_name,
     task_scores,
@@ -85,18 +87,27 @@ class ListTokenizer:
 
 class Replying(nn.Module):
     """A stand-in for a generating model (the test is of the bookkeeping, not of a model): it replies to each
-    prompt with a fixed text."""
+    prompt with a fixed text, a character a step, and stops a row as generate does, at the stopping criteria's
+    word (the row padded from there) or at ``max_new_tokens``; ``steps`` counts the batches' steps."""
 
     def __init__(self, replies: dict[str, str]):
         super().__init__()
-        self.replies = replies
+        self.replies, self.steps = replies, 0
         self.anchor = nn.Parameter(torch.zeros(1))
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id):
+    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id, stopping_criteria):
         prompts = ["".join(chr(i) for i in row.tolist() if i) for row in input_ids]
-        width = max(len(self.replies[p]) for p in prompts)
-        out = [[ord(c) for c in self.replies[p]] + [0] * (width - len(self.replies[p])) for p in prompts]
-        return torch.cat([input_ids, torch.tensor(out)], dim=1)
+        done = torch.zeros(len(prompts), dtype=torch.bool)
+        for step in range(max_new_tokens):
+            if done.all():
+                break
+            nxt = [ord(self.replies[p][step]) if step < len(self.replies[p]) else 0 for p in prompts]
+            input_ids = torch.cat([input_ids, torch.tensor(nxt).masked_fill(done, 0)[:, None]], dim=1)
+            done |= torch.tensor(nxt) == 0
+            for criterion in stopping_criteria:
+                done |= criterion(input_ids, None)
+            self.steps += 1
+        return input_ids
 
 
 def test_task_hits_and_scores_keep_the_tasks_order_across_metrics_and_batches():
@@ -110,6 +121,9 @@ def test_task_hits_and_scores_keep_the_tasks_order_across_metrics_and_batches():
     model = Replying({"q1": " so the answer is 7.", "q2": "7 apples", "q3": " 4 and 8", "q4": "55", "q5": " 11"})
     tok = ListTokenizer()
     assert task_hits(model, tok, tasks, batch_size=2) == [True, True, False, False, True]
+    # each batch stops once its rows are decided: q1 with its last character (20), q3 ended before; q2 and q4 one
+    # character past their answers (2); q5 needs its end of reply (3 characters and the end: 4)
+    assert model.steps == 20 + 2 + 4
     assert exact_match(model, tok, tasks) == pytest.approx(3 / 5)
     assert tok.padding_side == "right"  # restored
     assert task_scores(model, tok, tasks) == [1.0, 1.0, 0.0, 0.0, 1.0]
@@ -134,3 +148,28 @@ def test_task_gain_interval_judges_three_problems_of_two_hundred():
     assert point == pytest.approx(150 / 153)
     assert lo < point < hi and hi >= 0.995  # 98.0% by the point; the interval still admits 99.5%
     assert lo > 0.95  # but not much less: the three are paired against the expert, not the whole sample
+
+
+@pytest.mark.parametrize(
+    ("metric", "reply", "answer", "decided_at"),
+    [
+        (NEXT_LINE, "\n    return y + 1\n    z = 2\n", "    return y + 1", "\n    return y + 1\n"),
+        (NEXT_LINE, "  # tail\n\n  \nreturn 3\nmore", "return 3", "  # tail\n\n  \nreturn 3\n"),
+        (NEXT_LINE, "\nreturn 3", "return 3", None),  # the line may go on
+        (FINAL_NUMBER, "So 3 + 4 = 7. The answer is 12. Or 7.", "12", "So 3 + 4 = 7. The answer is 12."),
+        (FINAL_NUMBER, "The answer is $-5, not 6", "-5", "The answer is $-5,"),
+        (FINAL_NUMBER, "3 and 4 and 7", "7", None),  # no stated answer: the last number, which may change
+        (TASK_EXACT_MATCH, "12 apples", "12", "12 "),
+        (TASK_EXACT_MATCH, "123", "12", "123"),
+        (TASK_EXACT_MATCH, "7 apples", "12", "7"),
+    ],
+)
+def test_a_verdict_is_decided_only_where_no_longer_reply_can_change_it(metric, reply, answer, decided_at):
+    """The first prefix of ``reply`` that :func:`task_decided` accepts is ``decided_at`` (None: none before the
+    whole reply), and from there on every prefix has the whole reply's verdict: generation may stop there."""
+    prefixes = [reply[:n] for n in range(len(reply) + 1)]
+    first = next((p for p in prefixes if task_decided(metric, p, answer)), None)
+    assert first == decided_at
+    for p in prefixes:
+        if task_decided(metric, p, answer):
+            assert task_hit(metric, p, answer) == task_hit(metric, reply, answer), p

@@ -21,6 +21,7 @@ from meswitch.evaluation.metrics import (
     Comparison,
     EvalData,
     Likelihood,
+    Scorer,
     compare,
     gain_kept,
     likelihood,
@@ -102,13 +103,24 @@ def _tokenizer(folder: Path):
 class Evaluator:
     """Holds the full expert and the base figures, so many artifacts of one expert cost one load each."""
 
-    def __init__(self, base_dir: Path, expert_dir: Path, data: EvalData, device="cpu", max_len: int = 256):
+    def __init__(
+        self,
+        base_dir: Path,
+        expert_dir: Path,
+        data: EvalData,
+        device="cpu",
+        max_len: int = 256,
+        keep_bytes: int = 2 << 30,
+    ):
+        """``keep_bytes``: how much of the expert's log-probabilities to keep between artifacts (:class:`Scorer`):
+        past it, batches are scored again."""
         self.base = Checkpoint(base_dir)
         self.base_dir, self.expert_dir = Path(base_dir), Path(expert_dir)
         self.data, self.device, self.max_len = data, torch.device(device), max_len
         self.batch_size = 32 if self.device.type == "cuda" else 8  # on a GPU, fewer launches per text
         self.tokenizer = _tokenizer(expert_dir)
         self.expert = AutoModelForCausalLM.from_pretrained(expert_dir, dtype=torch.float32).to(self.device).eval()
+        self._reference = Scorer(self.expert, keep_bytes)  # the expert's log-probabilities, one pass for all
         # An expert that added tokens reads the texts in other tokens than its base: perplexities per character
         self.per_char = Checkpoint(expert_dir).config.get("vocab_size") != self.base.config.get("vocab_size")
 
@@ -122,7 +134,7 @@ class Evaluator:
 
     @cached_property
     def _expert_nll(self) -> Likelihood:
-        return self._likelihood(self.expert, self.tokenizer, "expert")
+        return self._likelihood(self._reference, self.tokenizer, "expert")
 
     @cached_property
     def ppl_expert(self) -> float:
@@ -205,11 +217,10 @@ class Evaluator:
         )
 
     def _compare(self, model, what: str) -> Comparison:
-        return self._batched(
-            Comparison,
-            what,
-            lambda texts, starts: compare(self.expert, model, self.tokenizer, texts, self.max_len, len(texts), starts),
-        )
+        def score(texts, starts):
+            return compare(self._reference, model, self.tokenizer, texts, self.max_len, len(texts), starts)
+
+        return self._batched(Comparison, what, score)
 
     def _batched(
         self, kind: type[Scores], what: str, score: Callable[[Sequence[str], Sequence[int] | None], Scores]

@@ -98,14 +98,13 @@ class Likelihood:
     def perplexity(self, per_char: bool = False) -> float:
         return math.exp(sum(self.nll_sums) / max(sum(self.units(per_char)), 1))
 
-    def _add(self, logprobs: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Append a batch's texts from the model's log-probabilities; returns where tokens are scored."""
+    def _add(self, logprobs: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor) -> None:
+        """Append a batch's texts from the model's log-probabilities at their scored positions
+        (``[scored tokens, vocabulary]``, :meth:`Scorer.logprobs`)."""
         valid = weight.bool()
-        nll = -logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1) * valid
-        self.nll_sums += nll.double().sum(-1).tolist()
+        self.nll_sums += _per_text(-logprobs.gather(-1, ids[:, 1:][valid][:, None]).squeeze(-1), valid)
         self.tokens += valid.sum(-1).tolist()
         self.chars += weight.sum(-1).tolist()
-        return valid
 
 
 @dataclass
@@ -116,9 +115,39 @@ class Comparison(Likelihood):
     kl_sums: list[float] = field(default_factory=list)
 
 
-def _logprobs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities of each next token, in fp32."""
-    return F.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+def _per_text(values: torch.Tensor, valid: torch.Tensor) -> list[float]:
+    """Per text, the sum of ``values`` (one per scored position, in ``valid``'s order) in fp64."""
+    full = torch.zeros(valid.shape, dtype=values.dtype, device=values.device)
+    full[valid] = values
+    return full.double().sum(-1).tolist()
+
+
+class Scorer:
+    """A model's log-probabilities of each next token at the scored positions of a batch, in fp32.
+
+    ``keep_bytes``: keep them per batch, up to that many bytes, and hand them out again when the same batch comes
+    back: an evaluator compares every artifact of an expert with the expert on the same texts, and the expert's
+    own likelihood is read off the same log-probabilities, so the expert's forward runs once an evaluation set
+    instead of once an artifact (about 200 KB a scored token of a 49k vocabulary)."""
+
+    def __init__(self, model, keep_bytes: int = 0):
+        self.model, self.keep_bytes = model, keep_bytes
+        self._kept: dict[tuple, torch.Tensor] = {}
+        self._bytes = 0
+
+    def logprobs(self, ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        key = (tuple(ids.shape), ids.cpu().numpy().tobytes(), valid.cpu().numpy().tobytes())
+        if key in self._kept:
+            return self._kept[key]
+        out = F.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits[:, :-1][valid].float(), -1)
+        if self._bytes + out.nbytes <= self.keep_bytes:
+            self._kept[key] = out
+            self._bytes += out.nbytes
+        return out
+
+
+def _scorer(model) -> Scorer:
+    return model if isinstance(model, Scorer) else Scorer(model)
 
 
 @torch.no_grad()
@@ -126,11 +155,13 @@ def likelihood(
     model, tokenizer, texts: Sequence[str], max_len: int = 256, batch_size: int = 8, score_from=None
 ) -> Likelihood:
     """The model's negative log-likelihood per text on the texts' scored tokens (padding excluded; see
-    :func:`_batches`), by the same arithmetic as :func:`compare`'s candidate, so the same model scores alike."""
-    device = next(model.parameters()).device
+    :func:`_batches`), by the same arithmetic as :func:`compare`'s candidate, so the same model scores alike.
+    ``model``: a model, or a :class:`Scorer` that keeps its log-probabilities for a comparison to come."""
+    scorer = _scorer(model)
+    device = next(scorer.model.parameters()).device
     out = Likelihood()
     for ids, mask, scored in _batches(tokenizer, texts, max_len, batch_size, device, score_from):
-        out._add(_logprobs(model, ids, mask), ids, scored[:, 1:])
+        out._add(scorer.logprobs(ids, mask, scored[:, 1:].bool()), ids, scored[:, 1:])
     return out
 
 
@@ -157,14 +188,16 @@ def compare(
 ) -> Comparison:
     """KL(reference || candidate) and the candidate's likelihood on the texts' scored tokens, per text: the mean
     KL is ``sum(kl_sums) / sum(tokens)``; the per-text sums are what a paired comparison of two candidates
-    resamples (:func:`paired_ratio_ci`)."""
-    device = next(reference.parameters()).device
+    resamples (:func:`paired_ratio_ci`). Either model may be a :class:`Scorer` (the reference of many
+    candidates, its log-probabilities kept)."""
+    reference, candidate = _scorer(reference), _scorer(candidate)
+    device = next(reference.model.parameters()).device
     out = Comparison()
     for ids, mask, scored in _batches(tokenizer, texts, max_len, batch_size, device, score_from):
-        p, q = _logprobs(reference, ids, mask), _logprobs(candidate, ids, mask)
-        valid = out._add(q, ids, scored[:, 1:])
-        kl = (p.exp() * (p - q)).sum(-1) * valid
-        out.kl_sums += kl.double().sum(-1).tolist()
+        valid = scored[:, 1:].bool()
+        p, q = reference.logprobs(ids, mask, valid), candidate.logprobs(ids, mask, valid)
+        out._add(q, ids, scored[:, 1:])
+        out.kl_sums += _per_text((p.exp() * (p - q)).sum(-1), valid)
     return out
 
 
@@ -251,11 +284,40 @@ def task_hit(metric: str, continuation: str, answer: str) -> bool:
     raise ValueError(f"unknown task metric {metric!r}")
 
 
+def task_decided(metric: str, continuation: str, answer: str) -> bool:
+    """Whether :func:`task_hit`'s verdict on ``continuation`` holds for every longer continuation that starts with
+    it: generation can stop there."""
+    if metric == NEXT_LINE:  # a non-empty line after the prompt's line, and the newline that ends it
+        return any(line.strip() for line in continuation.split("\n")[1:-1])
+    if metric == FINAL_NUMBER:  # "answer is N" with something after N: the first statement is the one read
+        stated = re.search(r"answer is\s*\$?(-?\d+)", continuation)
+        return stated is not None and stated.end() < len(continuation)
+    if metric == TASK_EXACT_MATCH:  # past the answer, or off it
+        return len(continuation) > len(answer) or not answer.startswith(continuation)
+    raise ValueError(f"unknown task metric {metric!r}")
+
+
+def _stop_when_decided(tokenizer, metric: str, answers: Sequence[str], prompt_len: int):
+    """Stopping criteria for a greedy batch: a row stops once its verdict is decided (:func:`task_decided`), the
+    batch once every row's is; the longest reply a metric allows is rarely needed (a line of code, a worked
+    answer's last sentence)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList  # lazily: transformers takes a second
+
+    class Decided(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+            texts = tokenizer.batch_decode(input_ids[:, prompt_len:], skip_special_tokens=True)
+            done = [task_decided(metric, t, a) for t, a in zip(texts, answers, strict=True)]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Decided()])
+
+
 @torch.no_grad()
 def task_hits(model, tokenizer, tasks: Sequence[Task | tuple[str, str]], batch_size: int = 64) -> list[bool]:
     """Per task, in order, whether its greedy continuation hits the answer (:func:`task_hit`).
 
-    Prompts of one metric are generated together, left-padded, ``batch_size`` at a time.
+    Prompts of one metric are generated together, left-padded, ``batch_size`` at a time; a row stops once its
+    verdict can no longer change (:func:`task_decided`), so the verdicts are those of the longest replies.
     """
     if not tasks:
         raise ValueError("no (prompt, answer) pairs to score")
@@ -270,8 +332,15 @@ def task_hits(model, tokenizer, tasks: Sequence[Task | tuple[str, str]], batch_s
             for j in range(0, len(where), batch_size):
                 chunk = where[j : j + batch_size]
                 enc = tokenizer([tasks[i].prompt for i in chunk], return_tensors="pt", padding=True).to(device)
-                out = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS[metric], do_sample=False, pad_token_id=pad)
-                texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                start = enc["input_ids"].shape[1]
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=MAX_NEW_TOKENS[metric],
+                    do_sample=False,
+                    pad_token_id=pad,
+                    stopping_criteria=_stop_when_decided(tokenizer, metric, [tasks[i].answer for i in chunk], start),
+                )
+                texts = tokenizer.batch_decode(out[:, start:], skip_special_tokens=True)
                 for i, text in zip(chunk, texts, strict=True):
                     hits[i] = task_hit(metric, text, tasks[i].answer)
     finally:
