@@ -173,3 +173,16 @@ def test_a_verdict_is_decided_only_where_no_longer_reply_can_change_it(metric, r
     for p in prefixes:
         if task_decided(metric, p, answer):
             assert task_hit(metric, p, answer) == task_hit(metric, reply, answer), p
+
+
+def test_generation_waits_for_a_character_whose_bytes_have_not_all_come():
+    """A reply decoded mid-character ends in U+FFFD, which could still become a digit: "7" then an unfinished
+    character is no verdict yet for an exact-match answer "7"; "7" then a finished letter is."""
+    from meswitch.evaluation.metrics import _stop_when_decided
+
+    tok = ListTokenizer()
+    prompt = torch.tensor([[ord("q"), ord("1")]])
+    (stop,) = _stop_when_decided(tok, TASK_EXACT_MATCH, ["7"], prompt_len=2)
+    pending = torch.cat([prompt, torch.tensor([[ord("7"), 0xFFFD]])], dim=1)
+    assert stop(pending, None).tolist() == [False]
+    assert stop(torch.cat([prompt, torch.tensor([[ord("7"), ord("x")]])], dim=1), None).tolist() == [True]

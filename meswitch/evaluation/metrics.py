@@ -306,7 +306,8 @@ def _stop_when_decided(tokenizer, metric: str, answers: Sequence[str], prompt_le
     class Decided(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
             texts = tokenizer.batch_decode(input_ids[:, prompt_len:], skip_special_tokens=True)
-            done = [task_decided(metric, t, a) for t, a in zip(texts, answers, strict=True)]
+            # a character whose bytes have not all come decodes as U+FFFD for now: it may yet be a digit (fullwidth)
+            done = [task_decided(metric, t.rstrip("\ufffd"), a) for t, a in zip(texts, answers, strict=True)]
             return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([Decided()])
