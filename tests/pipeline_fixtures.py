@@ -8,6 +8,7 @@ MESWITCH_PIPELINE_FAMILY to a prebuilt one (same size and seed) to skip the buil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -214,6 +215,22 @@ def task_runs_since(t0: float) -> list[tuple[str, str]]:
         while page := client.read_task_runs(task_run_filter=flt, limit=200, offset=len(runs)):
             runs.extend(page)
     return [(r.name.rsplit("-", 1)[0], r.state.name if r.state else "?") for r in runs]
+
+
+def forget_served(*deployments: str, automations: str | None = None) -> None:
+    """Delete what a served pipeline registered in the session's Prefect API (its deployments, with their scheduled
+    runs, and the automations whose names start with ``automations``), so that no later test meets it: a later
+    ``pipeline serve`` of the same deployment would pick up the runs its schedule had made late."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for name in deployments:
+            with contextlib.suppress(ObjectNotFound):
+                client.delete_deployment(client.read_deployment_by_name(name).id)
+        for automation in client.read_automations() if automations else []:
+            if automation.name.startswith(automations):
+                client.delete_automation(automation.id)
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):

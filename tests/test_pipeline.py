@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from pipeline_fixtures import (
     add_bad_experts,
+    forget_served,
     make_inbox,
     rename_card,
     router_queries,
@@ -222,6 +223,7 @@ def test_submitted_new_domain_triggers_a_run_that_retrains_the_router(scenario, 
             runs = wait_for(finished, 420, "the on-arrival flow run", interval=3)
     finally:
         stop_group(server)
+        forget_served("expert-pipeline/on-arrival", "expert-pipeline/scheduled-scan", automations="expert arrived in")
     assert runs[0].state.is_completed(), (runs[0].state.message, log.read_text()[-4000:])
     assert "production" in reg.aliases("meswitch-expert-definitions")
     router = reg.get_version("meswitch-router", alias="production")

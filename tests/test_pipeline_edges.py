@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from pipeline_fixtures import (
+    forget_served,
     rename_card,
     use_registry,
     wait_for,
@@ -297,7 +298,7 @@ def test_pipeline_serve_prints_the_api_url_to_export(prefect_api, micro_family, 
         wait_for(lambda: _deployment_for(inbox) or proc.poll() is not None, 120, "the served deployment")
     finally:
         stop_group(proc, signal.SIGINT, timeout=20)
-        _delete_deployment("expert-pipeline/scheduled-scan")
+        forget_served("expert-pipeline/scheduled-scan")
     assert f"export PREFECT_API_URL={prefect_api}\n" in proc.stdout.read()
 
 
@@ -311,15 +312,6 @@ def _deployment_for(inbox: Path) -> bool:
         except ObjectNotFound:
             return False
     return deployment.parameters.get("inbox") == str(inbox.resolve())
-
-
-def _delete_deployment(name: str) -> None:
-    """What the served process registered in the session's Prefect API, so that no later test meets it."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound):
-        client.delete_deployment(client.read_deployment_by_name(name).id)
 
 
 # -- 8: submit --------------------------------------------------------------------------------------------------------
