@@ -136,11 +136,14 @@ class Scorer:
         self._bytes = 0
 
     def logprobs(self, ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        key = (tuple(ids.shape), ids.cpu().numpy().tobytes(), valid.cpu().numpy().tobytes())
-        if key in self._kept:
+        # a scorer that keeps nothing (every candidate) needs no key: building one copies the batch to the host
+        key = None
+        if self.keep_bytes:
+            key = (tuple(ids.shape), ids.cpu().numpy().tobytes(), valid.cpu().numpy().tobytes())
+        if key is not None and key in self._kept:
             return self._kept[key]
         out = F.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits[:, :-1][valid].float(), -1)
-        if self._bytes + out.nbytes <= self.keep_bytes:
+        if key is not None and self._bytes + out.nbytes <= self.keep_bytes:
             self._kept[key] = out
             self._bytes += out.nbytes
         return out
