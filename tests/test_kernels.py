@@ -734,3 +734,94 @@ def test_prefill_tiles_take_steps_in_the_epilogue_from_row_sums(block_m, split_k
     live = torch.tensor(ids, device=x.device) >= 0
     assert torch.isnan(got[~live]).all(), "a base-only row was written"
     assert _rel(got[live].float() - y0[live].float(), want[live] - y0[live].float()) < 1e-2
+
+
+# ------------------------------------------------------------------------- the base weight merged (prefill)
+
+
+@kernel
+@pytest.mark.parametrize(
+    "group,k,block_m,planes,shared", [(0, 512, 32, 2, True), (0, 1000, 64, 1, False), (128, 512, 32, 4, True),
+                                      (0, 1000, 32, 4, False)],
+)  # fmt: skip
+def test_a_launch_given_the_base_weight_writes_x_times_w_plus_the_delta(group, k, block_m, planes, shared):
+    """``launch(..., base=W)``: the tiles' rows of y become ``x · (W + Δ̂)ᵀ`` (W added to each plane in registers),
+    rows of no tile stay unwritten. The output within 1% of the fp32 reference's; its delta part within the rounding
+    of W + Δ̂ to x's dtype (W's last bit in bf16, 0.4% of W, is some 5% of this delta; fp16's an eighth of that)."""
+    from meswitch.kernels.launch_config import LaunchConfig
+    from meswitch.kernels.triton_delta import launch
+
+    dtype = torch.bfloat16 if CUDA else torch.float16  # the interpreter's bf16 dot is wrong
+    device = "cuda" if CUDA else "cpu"
+    bank = DeltaBank.random(3, (64, k), bits=2, group_size=group, salient=7,
+                            generator=torch.Generator().manual_seed(k)).to(device)  # fmt: skip
+    ids = _ids(150, 3, base_only_every=9, seed=k)
+    g = torch.Generator().manual_seed(block_m)
+    x = torch.randn(len(ids), k, generator=g).to(dtype).to(device)
+    w = (torch.randn(64, k, generator=g) * 0.02).to(dtype).to(device)
+    y = torch.full((len(ids), 64), float("nan"), dtype=dtype, device=device)
+    base = x.float() @ w.float().T
+    want = mixed_delta_reference(x.float(), bank, ids, base.clone())
+    cfg = LaunchConfig(block_n=32, block_m=block_m, num_warps=4, num_stages=2, epilogue_scale=False,
+                       merged_planes=planes, merged_shared=shared)  # fmt: skip
+    got = launch(x, bank, ExpertRows.from_ids(ids).tiles(block_m, x.device), y, cfg, base=w)
+    live = torch.tensor(ids, device=x.device) >= 0
+    assert torch.isnan(got[~live]).all(), "a row of no tile was written"
+    assert _rel(got[live].float(), want[live]) < 1e-2
+    assert _rel(got[live].float() - base[live], want[live] - base[live]) < 0.1
+    with pytest.raises(ValueError, match="registers and K unsplit"):
+        launch(x, bank, ExpertRows.from_ids(ids).tiles(block_m, x.device), y, replace(cfg, split_k=2), base=w)
+
+
+def test_mixed_linear_off_the_kernel_is_the_base_linear_plus_the_delta():
+    """On the CPU (and for layout-1 codes) ``mixed_linear`` is ``F.linear`` then ``mixed_delta``, bit for bit; a
+    base weight of the wrong shape or dtype is refused."""
+    from meswitch.kernels.ops import mixed_linear
+
+    bank = DeltaBank.random(3, (48, 256), salient=5, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(7, 256, generator=g), torch.randn(48, 256, generator=g), torch.randn(48, generator=g)
+    ids = [0, -1, 2, 2, 1, -1, 0]
+    want = mixed_delta_reference(x, bank, ids, torch.nn.functional.linear(x, w, b))
+    assert torch.equal(mixed_linear(x, w, b, bank, ids), want)
+    assert not torch.equal(want, torch.nn.functional.linear(x, w, b))  # the delta is there
+    with pytest.raises(ValueError, match="base weight must be"):
+        mixed_linear(x, w[:, :128], b, bank, ids)
+    with pytest.raises(ValueError, match="base weight must be"):
+        mixed_linear(x, w.double(), b, bank, ids)
+
+
+def test_the_base_merges_into_the_delta_where_asked_and_every_expert_holds_a_prefills_rows(monkeypatch):
+    from meswitch.kernels.launch_config import MERGE_FROM, merges_base
+
+    bank = DeltaBank.random(3, (64, 256))
+    long = ExpertRows.from_segments([0, MERGE_FROM, 2 * MERGE_FROM + 5], [0, 2])
+    assert not merges_base(bank, long)  # opt-in
+    monkeypatch.setenv("MESWITCH_MERGE_BASE", "1")
+    assert merges_base(bank, long)
+    assert not merges_base(bank, ExpertRows.from_segments([0, MERGE_FROM, 2 * MERGE_FROM - 1], [0, 2]))  # one short
+    assert not merges_base(DeltaBank.random(3, (64, 256), layout_version=LAYOUT_V1), long)
+    monkeypatch.setenv("MESWITCH_MERGE_BASE", "0")
+    assert not merges_base(bank, long)
+
+
+@gpu
+def test_mixed_linear_merges_on_the_gpu_beside_base_rows_with_a_bias_and_a_grouped_bank():
+    """The merged launch over a grouped bank whose boundary no 128-wide block divides (one launch a projection,
+    each with its block of W), rows of no expert through cuBLAS, and the bias added to every row."""
+    from meswitch.kernels.ops import mixed_linear
+
+    bank = DeltaBank.concat([DeltaBank.random(3, (96, 512), salient=5, device="cuda"),
+                             DeltaBank.random(3, (160, 512), salient=5, device="cuda")])  # fmt: skip
+    ids = _ids(700, 3, base_only_every=5, seed=4)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(len(ids), 512, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(256, 512, device="cuda", generator=g) * 0.02).bfloat16()
+    b = torch.randn(256, device="cuda", generator=g).bfloat16()
+    base = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    want = mixed_delta_reference(x.float(), bank, ids, base.clone())
+    got = mixed_linear(x, w, b, bank, ids).float()
+    live = torch.tensor(ids, device="cuda") >= 0
+    assert _rel(got[live], want[live]) < 1e-2
+    assert _rel(got[live] - base[live], want[live] - base[live]) < 0.1  # W + Δ̂ rounded to bf16 (the test above)
+    assert _rel(got[~live], base[~live]) < 1e-2
