@@ -605,16 +605,9 @@ def main(argv: list[str] | None = None) -> None:
         experts = [slots[i] for i in range(n_rows)]
         mixed = prefill_time(dec, experts, prompts)
         alone = prefill_time(dec, [None] * n_rows, prompts)
-        before = os.environ.get("MESWITCH_MERGE_BASE")
-        os.environ["MESWITCH_MERGE_BASE"] = "1"  # the opt-in merged product (launch_config.merges_base)
-        try:
-            merged = prefill_time(dec, experts, prompts)
-        finally:
-            os.environ.pop("MESWITCH_MERGE_BASE") if before is None else os.environ.update(MESWITCH_MERGE_BASE=before)
         prefill = {"tokens": args.prefill_tokens, "rows": n_rows, "experts": n_rows, "ms": mixed,
                    "base_alone_ms": alone, "ratio": round(mixed / alone, 3), "target_ratio": PREFILL_TARGET,
-                   "met": mixed / alone <= PREFILL_TARGET, "merged_base_ms": merged,
-                   "merged_base_ratio": round(merged / alone, 3)}  # fmt: skip
+                   "met": mixed / alone <= PREFILL_TARGET}  # fmt: skip
         print(f"prefill: {prefill}", flush=True)
     report["prefill"] = prefill
 

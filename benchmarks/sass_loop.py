@@ -31,16 +31,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from meswitch.kernels.launch_config import LaunchConfig
-from meswitch.kernels.triton_delta import SALIENT_BLOCK, _delta_v2_kernel, _merged_v2_kernel
+from meswitch.kernels.triton_delta import SALIENT_BLOCK, _delta_v2_kernel
 
 POINTERS = {"x_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*i16", "scale_ptr": "*fp16", "offset_ptr": "*fp16",
             "sidx_ptr": "*i32", "sval_ptr": "*fp16", "tiles_ptr": "*i32", "sums_ptr": "*fp32", "x8_ptr": "*fp8e4nv",
-            "r_ptr": "*fp32", "base_ptr": "*bf16"}  # fmt: skip
-# multiples of 16
-ALIGNED = {"N", "K", "stride_xm", "stride_ym", "stride_x8m", "stride_bn", "stride_we", "stride_wc", "B1", "B2"}
+            "r_ptr": "*fp32"}  # fmt: skip
+ALIGNED = {"N", "K", "stride_xm", "stride_ym", "stride_x8m", "stride_we", "stride_wc", "B1", "B2"}  # multiples of 16
 REGISTERS_PER_SM = 65536
 PREFILL = {"block_n": 256, "block_m": 128, "num_warps": 8}
-BASE = "base"  # a case's field that is no LaunchConfig's: the base weight merged (``launch(..., base=W)``)
 # (label, LaunchConfig fields, K splits): the decode cases of NOTES-kernels.md, then prefill tiles
 CASES = [
     ("sums in the loop", {}, 2),
@@ -63,54 +61,17 @@ CASES = [
     ("prefill, steps in registers (the default)", {**PREFILL, "epilogue_scale": False}, 1),
     ("prefill, steps in the epilogue, sums given", {**PREFILL, "x_sums": True}, 1),
     ("prefill, FP8 planes (e4m3)", {**PREFILL, "fp8_planes": True}, 1),
-    # the base weight merged into the planes (mixed_linear: W + Δ̂ in registers), prefill tiles, 1-4 planes a step,
-    # the weights the MMA's A operand in registers or (shared) its B operand from shared memory
-    *[
-        (
-            f"prefill merged with W, {bn} x {bm}, {nw} warps, {st} stages, {q} planes a step{', shared' * sh}",
-            {
-                **PREFILL,
-                "block_n": bn,
-                "block_m": bm,
-                "num_warps": nw,
-                "num_stages": st,
-                "merged_planes": q,
-                "merged_shared": sh,
-                "epilogue_scale": False,
-                BASE: True,
-            },
-            1,
-        )
-        for bn, bm, nw, st, q, sh in (
-            (256, 128, 8, 3, 2, False),
-            (128, 128, 4, 3, 2, False),
-            (128, 128, 8, 3, 4, False),
-            (256, 128, 8, 3, 2, True),
-            (256, 128, 8, 3, 1, True),
-            (128, 128, 4, 3, 2, True),
-            (128, 128, 8, 3, 2, True),
-            (128, 256, 8, 3, 2, True),
-            (256, 128, 8, 4, 1, True),
-        )
-    ],
 ]
 
 
-def compile_loop(cfg: LaunchConfig, splits: int, bits: int = 2, base: bool = False):
-    """The compiled kernel for ``cfg`` (per-channel steps, bf16 activations, K a whole number of chunks; ``base``:
-    ``_merged_v2_kernel``, the base weight merged into the planes)."""
-    if base:
-        kernel = _merged_v2_kernel
-        consts = dict(BITS=bits, GROUP=0, SYMMETRIC=False, EVEN_K=True, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
-                      SAL_BLOCK=SALIENT_BLOCK, PLANES=cfg.merged_planes,
-                      W_SHARED=cfg.merged_shared)  # fmt: skip
-    else:
-        kernel = _delta_v2_kernel
-        consts = dict(BITS=bits, GROUP=0, SYMMETRIC=False, EPILOGUE_SCALE=cfg.epilogue_scale, EVEN_K=True,
-                      SPLIT_K=splits, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SAL_BLOCK=SALIENT_BLOCK,
-                      PREFETCH_Y=cfg.prefetch_y, X_SUMS=cfg.x_sums or cfg.fp8_planes,
-                      PAIRED=cfg.x_sums and cfg.paired_planes, FP8=cfg.fp8_planes)  # fmt: skip
-    names = kernel.arg_names
+def compile_loop(cfg: LaunchConfig, splits: int, bits: int = 2):
+    """The compiled kernel for ``cfg`` (per-channel steps in the epilogue, bf16 activations, K a whole number of
+    chunks)."""
+    consts = dict(BITS=bits, GROUP=0, SYMMETRIC=False, EPILOGUE_SCALE=cfg.epilogue_scale, EVEN_K=True, SPLIT_K=splits,
+                  BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SAL_BLOCK=SALIENT_BLOCK, PREFETCH_Y=cfg.prefetch_y,
+                  X_SUMS=cfg.x_sums or cfg.fp8_planes, PAIRED=cfg.x_sums and cfg.paired_planes,
+                  FP8=cfg.fp8_planes)  # fmt: skip
+    names = _delta_v2_kernel.arg_names
     pointers = {**POINTERS, "w_ptr": "*i8"} if cfg.fp8_planes else POINTERS
     signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
     constexprs = {(i,): consts[n] for i, n in enumerate(names) if n in consts}
@@ -118,7 +79,7 @@ def compile_loop(cfg: LaunchConfig, splits: int, bits: int = 2, base: bool = Fal
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     if cfg.maxnreg:
         options["maxnreg"] = cfg.maxnreg
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    src = ASTSource(fn=_delta_v2_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 128), options=options)
 
 
@@ -189,9 +150,8 @@ def main_loop(instructions: list[str], labels: dict[str, int]) -> list[str]:
 
 
 def measure(label: str, fields: dict, splits: int) -> dict:
-    base = fields.get(BASE, False)
-    cfg = LaunchConfig(**{"num_stages": 3, **{k: v for k, v in fields.items() if k != BASE}})
-    kernel = compile_loop(cfg, splits, base=base)
+    cfg = LaunchConfig(**{"num_stages": 3, **fields})
+    kernel = compile_loop(cfg, splits)
     cubin = kernel.asm["cubin"]
     regs = registers(cubin)
     instructions, labels = sass_lines(cubin)
@@ -210,10 +170,9 @@ def measure(label: str, fields: dict, splits: int) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="JSON of every case")
-    ap.add_argument("--only", default="", help="the cases whose label holds this text (default: all)")
     args = ap.parse_args(argv)
     rows = []
-    for label, fields, splits in [c for c in CASES if args.only in c[0]]:
+    for label, fields, splits in CASES:
         row = measure(label, fields, splits)
         rows.append(row)
         print(f"{label:45s} loop {row['loop_instructions']:4d} instructions, {row['registers']:3d} registers "

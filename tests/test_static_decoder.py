@@ -97,32 +97,6 @@ def test_decoder_steps_equal_the_engine_forward_for_a_mixed_batch(packed):
     assert (logits[0] - logits[1]).abs().max() > 1e-2  # an expert row and a base row differ: the check has teeth
 
 
-def test_a_long_prefill_runs_each_banked_linear_as_one_merged_product_where_asked(packed, monkeypatch):
-    """``MESWITCH_MERGE_BASE=1`` and an expert holding ``MERGE_FROM`` rows of the prefill (two prompts of half that):
-    every banked linear goes through ``mixed_linear`` (on a GPU one launch with W added to the delta in registers; on
-    the CPU F.linear and the delta, so the logits equal the unmerged path's bit for bit); by default, or with
-    shorter prompts, none does."""
-    from meswitch.kernels import ops
-    from meswitch.kernels.launch_config import MERGE_FROM
-
-    eng, slots = packed
-    first = slots[sorted(slots)[0]]
-    rows = [first, None, first]  # one grid's expert on two rows, a base row between them
-    gen = torch.Generator().manual_seed(8)
-    prompts = [torch.randint(3, eng.base_vocab, (MERGE_FROM // 2,), generator=gen).tolist() for _ in rows]
-    calls, real = [], ops.mixed_linear
-    monkeypatch.setattr(ops, "mixed_linear", lambda *a, **k: calls.append(a[3].grid.shape) or real(*a, **k))
-    dec = StaticDecoder(eng, DecoderConfig(max_rows=4, max_len=MERGE_FROM // 2, buckets=(4,), min_len_bucket=16))
-    apart = dec.prefill(range(3), prompts, rows)
-    assert not calls
-    monkeypatch.setenv("MESWITCH_MERGE_BASE", "1")
-    assert torch.equal(dec.prefill(range(3), prompts, rows), apart)
-    assert len(calls) == 4 * len(dec.layers)  # q/k/v, o, gate/up and down of every layer
-    calls.clear()
-    dec.prefill(range(3), [p[: MERGE_FROM // 4] for p in prompts], rows)  # the expert's rows: half of MERGE_FROM
-    assert not calls
-
-
 def _prefill_and_step(eng, slots, **config) -> tuple[StaticDecoder, torch.Tensor, torch.Tensor]:
     """A 4-row decoder built with ``config``, its prefill logits for a batch mixing two experts and a base row,
     and the decode step's logits after it."""
@@ -474,19 +448,6 @@ def test_graph_replay_gives_the_eager_decoders_tokens_on_the_gpu(tmp_path, monke
     assert greedy(fp8_own, rows) == greedy(fp8, rows)
     torch.testing.assert_close(logits(fp8, rows, forced), logits(fp8_own, rows, forced), atol=5e-2, rtol=2e-2)
     monkeypatch.delenv("MESWITCH_DELTA_CONFIG")
-
-    # a prefill where an expert holds MERGE_FROM rows merges, where asked, the base weight into each banked linear's
-    # delta launch (one product with W + Δ̂ rounded to bf16): within rounding of the two products, not their bits
-    from meswitch.kernels.launch_config import MERGE_FROM
-
-    long = [torch.randint(3, eng.base_vocab, (MERGE_FROM // 2,), generator=gen).tolist() for _ in range(3)]
-    prefiller = StaticDecoder(eng, DecoderConfig(max_rows=4, max_len=MERGE_FROM // 2, buckets=(4,), graphs=False))
-    apart = prefiller.prefill(range(3), long, [slots[0], None, slots[0]]).float()
-    monkeypatch.setenv("MESWITCH_MERGE_BASE", "1")  # opt-in (launch_config.merges_base)
-    merged = prefiller.prefill(range(3), long, [slots[0], None, slots[0]]).float()
-    monkeypatch.delenv("MESWITCH_MERGE_BASE")
-    torch.testing.assert_close(merged, apart, atol=5e-2, rtol=2e-2)
-    assert not torch.equal(merged[0], apart[0])
 
     warm = StaticDecoder(eng, cfg)
     # base rows, and the one grid at each row block a bucket's batch can pick, at the spans 16 and 32 the answers reach

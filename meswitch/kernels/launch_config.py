@@ -42,10 +42,6 @@ class LaunchConfig:
     # salient columns take x): half the MMAs and unpacking of the bf16 planes, x in e4m3 from a kernel of its own.
     # Opt-in until measured (MESWITCH_DELTA_CONFIG='{"fp8_planes": true}': decode and prefill, where it fits)
     fp8_planes: bool = False
-    # the merged kernel (mixed_linear: W + Δ̂ formed in registers, prefill): planes (32 positions of K each) a loop
-    # step, and the weights the MMA's B operand from shared memory (else its A operand, in registers)
-    merged_planes: int = 2
-    merged_shared: bool = True
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -103,29 +99,6 @@ def choose_config(bank: DeltaBank, rows: ExpertRows, device: torch.device) -> La
         tiles = sum(-(-(b - a) // block_m) for a, b in itertools.pairwise(rows.seg_starts))
         cached = rows._tiles[key] = config_for(bank, block_m, tiles, device)
     return cached
-
-
-MERGE_FROM = 256  # rows of one expert from which a linear adds W to its delta in the kernel (merges_base)
-
-
-def merges_base(bank: DeltaBank, rows: ExpertRows) -> bool:
-    """Whether ``x · Wᵀ + x · Δ̂ᵀ`` runs as one product ``x · (W + Δ̂)ᵀ`` (:func:`~meswitch.kernels.ops.mixed_linear`):
-    layout-2 codes and every expert's rows at least :data:`MERGE_FROM`, where both products are bound by FLOPs
-    (prefill), so one of them is saved; with fewer, reading W once for the whole batch costs less than once a tile.
-    Opt-in (``MESWITCH_MERGE_BASE=1``): W + Δ̂ is rounded to bf16 as the MMA's operand, a cost in KL the two
-    products apart do not pay, for a prefill some 10% faster (NOTES-kernels.md)."""
-    shortest = min((b - a for a, b in itertools.pairwise(rows.seg_starts)), default=0)
-    wanted = os.environ.get("MESWITCH_MERGE_BASE", "0") == "1"
-    return wanted and bank.grid.layout_version == LAYOUT_V2 and shortest >= MERGE_FROM
-
-
-def merged_config(bank: DeltaBank) -> LaunchConfig:
-    """A launch that adds the base weight (:func:`merges_base`): 128 output channels by 256 rows a program, 8 warps,
-    two planes a loop step, the weights from shared memory, steps in registers, K unsplit (each program writes its
-    rows of y whole). The best of ten configs on every Mistral-7B shape with 8 experts of 256 rows on the H100, at
-    323-330 TFLOP/s (benchmarks/prefill_merged.py, NOTES-kernels.md)."""
-    return LaunchConfig(block_n=block_within(128, bank), block_m=256, num_warps=8, num_stages=3,
-                        epilogue_scale=False)  # fmt: skip
 
 
 def config_for(

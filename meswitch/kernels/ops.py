@@ -8,7 +8,6 @@ from functools import cache
 import torch
 
 from meswitch.kernels.bank import BankGrid, DeltaBank, ExpertRows
-from meswitch.kernels.layout import LAYOUT_V2
 from meswitch.kernels.reference import as_expert_rows, check_inputs, mixed_delta_reference
 
 BACKENDS = ("auto", "triton", "reference")
@@ -51,40 +50,6 @@ def mixed_delta(
 
         return mixed_delta_triton(x, bank, rows, y)
     return mixed_delta_reference(x, bank, rows, y)
-
-
-def mixed_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    bank: DeltaBank,
-    experts: ExpertRows | torch.Tensor | Sequence[int],
-    *,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """``x[m] · (W + Δ̂_{e(m)})ᵀ + b`` for each row m (expert -1: the base alone), a new tensor [M, N].
-
-    The base linear and the delta together: on CUDA with layout-2 codes one launch forms ``W + Δ̂`` in registers
-    and runs one product (the expert's weight rounded to x's dtype, as the expert stored in it would be), where
-    ``F.linear`` plus :func:`mixed_delta` run two; worth it where both are bound by FLOPs, a prefill's long
-    segments (:func:`~meswitch.kernels.launch_config.merges_base`). Elsewhere those two, which it equals to rounding.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    rows = as_expert_rows(experts)
-    n, k = bank.grid.shape
-    if tuple(weight.shape) != (n, k) or weight.dtype != x.dtype or weight.device != x.device:
-        raise ValueError(f"the base weight must be [{n}, {k}] of x's dtype and device, got {weight.dtype} "
-                         f"{list(weight.shape)} on {weight.device}")  # fmt: skip
-    fast = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and triton_available()
-    if bank.grid.layout_version == LAYOUT_V2 and (backend == "triton" or (backend == "auto" and fast)):
-        from meswitch.kernels.triton_delta import mixed_linear_triton
-
-        y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-        check_inputs(x, bank, rows, y)
-        y = mixed_linear_triton(x, weight, bank, rows, y)
-        return y if bias is None else y.add_(bias)
-    return mixed_delta(x, bank, rows, torch.nn.functional.linear(x, weight, bias), backend=backend)
 
 
 # ---- the device-tile op: what CUDA graphs and torch.compile hold -------------------------------

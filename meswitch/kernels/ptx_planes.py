@@ -98,29 +98,6 @@ def _scaled_asm(bits, p, is_bf16):
     )
 
 
-@constexpr_function
-def _shifted_asm(bits, is_bf16):
-    """Any plane: the word shifted right by the plane's ``bits * p`` (a register: the and keeps one half-word's
-    copy) brings its code pair to plane 0's place; then plane 0's lop3, bias removal and steps."""
-    mask2, magic2, neg2, _ = _plane_consts(bits, 0, is_bf16)
-    one2 = 0x3F803F80 if is_bf16 else 0x3C003C00
-    op = "bf16x2" if is_bf16 else "f16x2"
-    return (
-        "{ .reg .b32 t, n, one, nb; "
-        "and.b32 n, $2, 31; shr.u32 t, $1, n; "
-        f"lop3.b32 t, t, {mask2:#x}, {magic2:#x}, 0xEA; "
-        f"mov.b32 one, {one2:#x}; mov.b32 nb, {neg2:#x}; "
-        f"fma.rn.{op} t, t, one, nb; fma.rn.{op} $0, t, $3, $4; }}"
-    )
-
-
-@constexpr_function
-def _plus_asm(is_bf16):
-    """a + b, packed (``fma`` by one: ``add.bf16x2`` needs sm_90)."""
-    one2, op = (0x3F803F80, "bf16x2") if is_bf16 else (0x3C003C00, "f16x2")
-    return f"{{ .reg .b32 one; mov.b32 one, {one2:#x}; fma.rn.{op} $0, $1, one, $2; }}"
-
-
 @triton.jit
 def position_bias(kk, BITS: tl.constexpr, IS_BF16: tl.constexpr):
     """:func:`plane_bias` of each K position ``kk`` (its plane within its chunk of ``32 * 16 // BITS``), in fp32:
@@ -173,37 +150,6 @@ def plane_scaled(src, s, o, BITS: tl.constexpr, p: tl.constexpr, IS_BF16: tl.con
             _scaled_asm(BITS, p, False), "=r,r,r,r", [src, s, o], dtype=tl.float16, is_pure=True, pack=2
         )
     return w
-
-
-@triton.jit
-def plane_shifted(src, shift, s, o, BITS: tl.constexpr, IS_BF16: tl.constexpr):
-    """:func:`plane_scaled` for the plane whose codes sit ``shift`` (``BITS * p``, int16, the same in every element)
-    bits up each half-word: a plane chosen at run time (the merged kernel's loop steps through a chunk's planes)."""
-    if INTERPRET:
-        code = ((src.to(tl.int32) & 0xFFFF) >> shift.to(tl.int32)) & ((1 << BITS) - 1)
-        w = (code.to(tl.float32) * s.to(tl.float32) + o.to(tl.float32)).to(s.dtype)
-    elif IS_BF16:
-        w = tl.inline_asm_elementwise(
-            _shifted_asm(BITS, True), "=r,r,r,r,r", [src, shift, s, o], dtype=tl.bfloat16, is_pure=True, pack=2
-        )
-    else:
-        w = tl.inline_asm_elementwise(
-            _shifted_asm(BITS, False), "=r,r,r,r,r", [src, shift, s, o], dtype=tl.float16, is_pure=True, pack=2
-        )
-    return w
-
-
-@triton.jit
-def plane_plus(d, w, IS_BF16: tl.constexpr):
-    """``w + d`` in x's dtype, one rounding: the expert's weight W + Δ̂ formed in registers for one MMA (prefill),
-    rounded as the expert stored in that dtype would be."""
-    if INTERPRET:
-        out = (d.to(tl.float32) + w.to(tl.float32)).to(d.dtype)
-    elif IS_BF16:
-        out = tl.inline_asm_elementwise(_plus_asm(True), "=r,r,r", [d, w], dtype=tl.bfloat16, is_pure=True, pack=2)
-    else:
-        out = tl.inline_asm_elementwise(_plus_asm(False), "=r,r,r", [d, w], dtype=tl.float16, is_pure=True, pack=2)
-    return out
 
 
 # 0x50 as e4m3: exponent 10 (bias 7), so the low mantissa bits count whole units from 8

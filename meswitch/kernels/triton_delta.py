@@ -38,23 +38,14 @@ import triton
 import triton.language as tl
 
 from meswitch.kernels.bank import DeltaBank, ExpertRows
-from meswitch.kernels.launch_config import (
-    LaunchConfig,
-    check_device_inputs,
-    choose_config,
-    fp8_fits,
-    k_splits,
-    merged_config,
-)
+from meswitch.kernels.launch_config import LaunchConfig, check_device_inputs, choose_config, fp8_fits, k_splits
 from meswitch.kernels.layout import E4M3_BITS, LAYOUT_V1, LAYOUT_V2, v2_chunk
 from meswitch.kernels.ptx_planes import (
     E4M3_BIAS,
     plane_bias,
     plane_biased,
     plane_e4m3,
-    plane_plus,
     plane_scaled,
-    plane_shifted,
     plane_source,
     position_bias,
     to_e4m3,
@@ -64,9 +55,9 @@ SALIENT_BLOCK = 32
 
 
 @triton.jit
-def _tile_rows(tiles_ptr, tile, BLOCK_M: tl.constexpr):
-    """(expert, row count, rows, row mask) of row tile ``tile``: three independent loads."""
-    base = tiles_ptr + tile * (2 + BLOCK_M)
+def _tile_rows(tiles_ptr, BLOCK_M: tl.constexpr):
+    """(expert, row count, rows, row mask) of this program's row tile: three independent loads."""
+    base = tiles_ptr + tl.program_id(1) * (2 + BLOCK_M)
     offs_m = tl.arange(0, BLOCK_M)
     e = tl.load(base).to(tl.int64)
     count = tl.load(base + 1)
@@ -75,9 +66,10 @@ def _tile_rows(tiles_ptr, tile, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _salient_row(sidx_ptr, e, stride_ie, KMAX, B1, B2, n0):
-    """This program's salient input columns: its expert's, of the projection its N block (from ``n0``) lies in (a
-    grouped bank holds up to three, starting at 0, B1 and B2; a block never straddles two)."""
+def _salient_row(sidx_ptr, e, stride_ie, KMAX, B1, B2, BLOCK_N: tl.constexpr):
+    """This program's salient input columns: its expert's, of the projection its N block lies in (a grouped
+    bank holds up to three, starting at 0, B1 and B2; a block never straddles two)."""
+    n0 = tl.program_id(0) * BLOCK_N
     part = (n0 >= B1).to(tl.int64) + (n0 >= B2).to(tl.int64)
     return sidx_ptr + e * stride_ie + part * KMAX
 
@@ -100,12 +92,11 @@ def _prefetch(y_ptr, rows, stride_ym, offs_n, nmask, mmask, sidx_row, KMAX, SPLI
 @triton.jit
 def _salient_and_store(
     out, x_rows, mmask, y_ptrs, ymask, yv, idx, nmask, sidx_row, sval_rows, KMAX,
-    SPLIT_K: tl.constexpr, SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr, OVERWRITE: tl.constexpr,
+    SPLIT_K: tl.constexpr, SAL_BLOCK: tl.constexpr, PREFETCH_Y: tl.constexpr,
 ):  # fmt: skip
-    """Add x[:, idx] · corrections (tf32 MMA), then y += out, rounded once (``OVERWRITE``: y = out). The blocks of
-    salient columns are dealt round the K splits (split s takes blocks s, s + SPLIT_K, ...), so no split's program
-    carries them all after its share of the loop: with K split 4 ways, down's 5 blocks (143 columns) in 2 at most
-    instead of 5 in one."""
+    """Add x[:, idx] · corrections (tf32 MMA), then y += out, rounded once. The blocks of salient columns are dealt
+    round the K splits (split s takes blocks s, s + SPLIT_K, ...), so no split's program carries them all after
+    its share of the loop: with K split 4 ways, down's 5 blocks (143 columns) in 2 at most instead of 5 in one."""
     for s0 in range(tl.program_id(2) * SAL_BLOCK, KMAX, SPLIT_K * SAL_BLOCK):
         so = s0 + tl.arange(0, SAL_BLOCK)
         smask = so < KMAX
@@ -114,9 +105,7 @@ def _salient_and_store(
         nxt = so + SPLIT_K * SAL_BLOCK
         idx = tl.load(sidx_row + nxt, mask=nxt < KMAX, other=0)
         out = tl.dot(sv.to(tl.float32), xs.to(tl.float32), out, input_precision="tf32")
-    if OVERWRITE:
-        tl.store(y_ptrs, out.to(yv.dtype), mask=ymask)
-    elif SPLIT_K == 1:
+    if SPLIT_K == 1:
         if not PREFETCH_Y:
             yv = tl.load(y_ptrs, mask=ymask, other=0.0)
         tl.store(y_ptrs, (yv.to(tl.float32) + out).to(yv.dtype), mask=ymask)
@@ -225,7 +214,7 @@ def _delta_v2_kernel(
     DT: tl.constexpr = x_ptr.dtype.element_ty
     IS_BF16: tl.constexpr = tl.bfloat16 == DT
 
-    e, count, rows, mmask = _tile_rows(tiles_ptr, tl.program_id(1), BLOCK_M)
+    e, count, rows, mmask = _tile_rows(tiles_ptr, BLOCK_M)
     if count == 0:  # an unused tile of a fixed-size (device-built) table: nothing to do
         return
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -236,7 +225,7 @@ def _delta_v2_kernel(
     x_rows = x_ptr + rows[None, :] * stride_xm
     srow = scale_ptr + e * stride_se + offs_n * G
     orow = offset_ptr + e * stride_se + offs_n * G
-    sidx_row = _salient_row(sidx_ptr, e, stride_ie, KMAX, B1, B2, tl.program_id(0) * BLOCK_N)
+    sidx_row = _salient_row(sidx_ptr, e, stride_ie, KMAX, B1, B2, BLOCK_N)
     sval_rows = sval_ptr + e * stride_ve + offs_n * KMAX
     y_ptrs, ymask, yv, idx = _prefetch(y_ptr, rows, stride_ym, offs_n, nmask, mmask, sidx_row, KMAX, SPLIT_K,
                                        SAL_BLOCK, PREFETCH_Y)  # fmt: skip
@@ -301,95 +290,6 @@ def _delta_v2_kernel(
         out = acc
     _salient_and_store(
         out, x_rows, mmask, y_ptrs, ymask, yv, idx, nmask, sidx_row, sval_rows, KMAX, SPLIT_K, SAL_BLOCK, PREFETCH_Y,
-        False,
-    )  # fmt: skip
-
-
-@triton.jit
-def _plane_of(words, plane, srow, orow, s2, o2, nmask, BITS: tl.constexpr, GROUP: tl.constexpr,
-              SYMMETRIC: tl.constexpr, IS_BF16: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Δ̂ of K positions ``plane * 32 ..`` as a [BLOCK_N, 32] tile of x's dtype (plane counted from K's start; its
-    group's steps loaded here for per-group grids, else ``s2``, ``o2``)."""
-    HALF_LEVELS: tl.constexpr = ((1 << BITS) - 1) / 2
-    if GROUP > 0:
-        s2, o2 = _steps_2d(srow, orow, (plane * 32) // GROUP, nmask, SYMMETRIC, HALF_LEVELS, s2.dtype, BLOCK_N)
-    shift = (tl.zeros([BLOCK_N, 32], dtype=tl.int32) + (plane % (16 // BITS)) * BITS).to(tl.int16)
-    return plane_shifted(words, shift, s2, o2, BITS, IS_BF16)
-
-
-@triton.jit
-def _along_k(a, b, BLOCK_N: tl.constexpr):
-    """[BLOCK_N, W] tiles a then b as one [BLOCK_N, 2W] tile along K."""
-    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (BLOCK_N, 2 * a.shape[1]))
-
-
-@triton.jit
-def _merged_v2_kernel(
-    x_ptr, y_ptr, w_ptr, base_ptr, scale_ptr, offset_ptr, sidx_ptr, sval_ptr, tiles_ptr,
-    N, K, G, KMAX, n_steps, stride_xm, stride_ym, stride_bn, stride_we, stride_wc, stride_se, stride_ie, stride_ve,
-    B1, B2,
-    BITS: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, SAL_BLOCK: tl.constexpr, PLANES: tl.constexpr, W_SHARED: tl.constexpr,
-):  # fmt: skip
-    """``y = x · (W + Δ̂)ᵀ`` for the tiles' rows (layout-2 codes, steps in registers): the base weight ``base_ptr``
-    [N, K] added to the planes before their MMA (:func:`plane_plus`), one product where the base GEMM and the
-    delta's would each run the base's FLOPs. A loop step takes ``PLANES`` planes (32 positions of K each), not a
-    chunk: a pipeline stage then holds that much of W and x (a chunk's, 256 positions, took 64-128 KiB a stage,
-    past the SM's shared memory at any depth, compiled for sm_90), at the cost of reading a chunk's codes again
-    each step (from L2) and shifting them by the plane at run time. The grid is (row tiles, N blocks): the tiles
-    that read one N block of W run together and share it in L2. ``W_SHARED``: the product as ``x · (W + Δ̂)ᵀ``, the
-    weights the MMA's B operand, stored to shared memory, so both operands are there and the MMA can run
-    asynchronously beside the next step's unpacking; else ``(W + Δ̂) · xᵀ`` with the weights the A operand in
-    registers, as the delta kernel."""
-    P: tl.constexpr = 16 // BITS
-    STEP: tl.constexpr = 32 * PLANES
-    HALF_LEVELS: tl.constexpr = ((1 << BITS) - 1) / 2
-    DT: tl.constexpr = x_ptr.dtype.element_ty
-    IS_BF16: tl.constexpr = tl.bfloat16 == DT
-
-    e, count, rows, mmask = _tile_rows(tiles_ptr, tl.program_id(0), BLOCK_M)
-    if count == 0:
-        return
-    n0 = tl.program_id(1) * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
-    offs_t = tl.arange(0, 32)
-    offs_k = tl.arange(0, STEP)
-    w_tile = w_ptr + e * stride_we + offs_n[:, None] * 32 + offs_t[None, :]
-    base_rows = base_ptr + offs_n[:, None] * stride_bn
-    x_rows = x_ptr + rows[None, :] * stride_xm
-    srow = scale_ptr + e * stride_se + offs_n * G
-    orow = offset_ptr + e * stride_se + offs_n * G
-    sidx_row = _salient_row(sidx_ptr, e, stride_ie, KMAX, B1, B2, n0)
-    sval_rows = sval_ptr + e * stride_ve + offs_n * KMAX
-    y_ptrs, ymask, yv, idx = _prefetch(y_ptr, rows, stride_ym, offs_n, nmask, mmask, sidx_row, KMAX, 1, SAL_BLOCK,
-                                       False)  # fmt: skip
-    acc = tl.zeros([BLOCK_M, BLOCK_N] if W_SHARED else [BLOCK_N, BLOCK_M], dtype=tl.float32)
-    s2, o2 = _steps_2d(srow, orow, 0, nmask, SYMMETRIC, HALF_LEVELS, DT, BLOCK_N)
-    for it in range(0, n_steps):
-        kk = it * STEP + offs_k
-        words = tl.load(w_tile + ((it * PLANES) // P) * stride_wc, mask=nmask[:, None], other=0)
-        if EVEN_K:
-            wb = tl.load(base_rows + kk[None, :], mask=nmask[:, None], other=0.0)
-        else:
-            wb = tl.load(base_rows + kk[None, :], mask=nmask[:, None] & (kk[None, :] < K), other=0.0)
-        first = it * PLANES
-        d = _plane_of(words, first, srow, orow, s2, o2, nmask, BITS, GROUP, SYMMETRIC, IS_BF16, BLOCK_N)
-        if PLANES >= 2:
-            d1 = _plane_of(words, first + 1, srow, orow, s2, o2, nmask, BITS, GROUP, SYMMETRIC, IS_BF16, BLOCK_N)
-            d = _along_k(d, d1, BLOCK_N)
-        if PLANES == 4:
-            d2 = _plane_of(words, first + 2, srow, orow, s2, o2, nmask, BITS, GROUP, SYMMETRIC, IS_BF16, BLOCK_N)
-            d3 = _plane_of(words, first + 3, srow, orow, s2, o2, nmask, BITS, GROUP, SYMMETRIC, IS_BF16, BLOCK_N)
-            d = _along_k(d, _along_k(d2, d3, BLOCK_N), BLOCK_N)
-        if W_SHARED:
-            xa = tl.trans(_x_tile(x_rows, kk, mmask, K, EVEN_K))
-            acc = tl.dot(xa, tl.trans(plane_plus(d, wb, IS_BF16)), acc)
-        else:
-            acc = tl.dot(plane_plus(d, wb, IS_BF16), _x_tile(x_rows, kk, mmask, K, EVEN_K), acc)
-    out = tl.trans(acc) if W_SHARED else acc
-    _salient_and_store(
-        out, x_rows, mmask, y_ptrs, ymask, yv, idx, nmask, sidx_row, sval_rows, KMAX, 1, SAL_BLOCK, False, True,
     )  # fmt: skip
 
 
@@ -406,7 +306,7 @@ def _delta_v1_kernel(
     HALF_LEVELS: tl.constexpr = ((1 << BITS) - 1) / 2
     DT: tl.constexpr = x_ptr.dtype.element_ty
 
-    e, count, rows, mmask = _tile_rows(tiles_ptr, tl.program_id(1), BLOCK_M)
+    e, count, rows, mmask = _tile_rows(tiles_ptr, BLOCK_M)
     if count == 0:  # an unused tile of a fixed-size (device-built) table: nothing to do
         return
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -416,7 +316,7 @@ def _delta_v1_kernel(
     x_rows = x_ptr + rows[None, :] * stride_xm
     srow = scale_ptr + e * stride_se + offs_n * G
     orow = offset_ptr + e * stride_se + offs_n * G
-    sidx_row = _salient_row(sidx_ptr, e, stride_ie, KMAX, B1, B2, tl.program_id(0) * BLOCK_N)
+    sidx_row = _salient_row(sidx_ptr, e, stride_ie, KMAX, B1, B2, BLOCK_N)
     sval_rows = sval_ptr + e * stride_ve + offs_n * KMAX
     y_ptrs, ymask, yv, idx = _prefetch(y_ptr, rows, stride_ym, offs_n, nmask, mmask, sidx_row, KMAX, 1, SAL_BLOCK,
                                        False)  # fmt: skip
@@ -440,7 +340,7 @@ def _delta_v1_kernel(
         xk = tl.load(x_rows + kk[:, None], mask=kmask[:, None] & mmask[None, :], other=0.0)
         acc = tl.dot(w, xk, acc)
     _salient_and_store(
-        acc, x_rows, mmask, y_ptrs, ymask, yv, idx, nmask, sidx_row, sval_rows, KMAX, 1, SAL_BLOCK, False, False,
+        acc, x_rows, mmask, y_ptrs, ymask, yv, idx, nmask, sidx_row, sval_rows, KMAX, 1, SAL_BLOCK, False,
     )  # fmt: skip
 
 
@@ -460,30 +360,6 @@ def mixed_delta_triton(
     return launch(x, bank, rows.tiles(cfg.block_m, x.device), y, cfg)
 
 
-def mixed_linear_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bank: DeltaBank,
-    rows: ExpertRows,
-    y: torch.Tensor,
-    config: LaunchConfig | None = None,
-) -> torch.Tensor:
-    """``y[m] = x[m] · (W + Δ̂_{e(m)})ᵀ`` for every row (``W`` the base weight [N, K]; a row with no expert: ``x[m] ·
-    Wᵀ``, by cuBLAS); returns y. The rows with an expert take one launch that adds W to each plane of codes in
-    registers before its MMA, where the base GEMM and the delta's would each run the base's FLOPs."""
-    check_device_inputs(x, bank, y)
-    covered = rows.seg_starts[-1] if rows.num_segments else 0
-    if covered < x.shape[0]:  # rows in no segment: the base alone
-        alone = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        alone[rows.order.long()] = False
-        idx = alone.nonzero().flatten()
-        y[idx] = x[idx] @ weight.T
-    if covered:
-        cfg = config or merged_config(bank)
-        launch(x, bank, rows.tiles(cfg.block_m, x.device), y, cfg, base=weight)
-    return y
-
-
 def launch(
     x: torch.Tensor,
     bank: DeltaBank,
@@ -493,7 +369,6 @@ def launch(
     sums: torch.Tensor | None = None,
     x8: torch.Tensor | None = None,
     r: torch.Tensor | None = None,
-    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One launch over a tile table (:meth:`ExpertRows.tiles`, or :func:`~meswitch.kernels.bank.device_tiles`,
     whose unused tiles exit at once); no host read of the batch, so a CUDA graph can hold it.
@@ -503,13 +378,12 @@ def launch(
     row's scale and the sums of the rounded x (``x8``, ``r``, ``sums``: :func:`~meswitch.kernels.row_sums.
     e4m3_inputs`) where given, all three, else from ``_x_e4m3_kernel`` first. A grouped bank is one launch when
     ``cfg.block_n`` divides every projection boundary (each N block then reads one projection's salient columns),
-    else one launch per projection. ``base``: the base weight [N, K], and the tiles' rows of y are overwritten with
-    ``x · (W + Δ̂)ᵀ`` (:func:`mixed_linear_triton`)."""
+    else one launch per projection."""
     n, k = bank.grid.shape
     inner = bank.bounds[1:-1]
     if any(b % cfg.block_n for b in inner):
         for p, (a, b) in enumerate(itertools.pairwise(bank.bounds)):
-            launch(x, bank.part(p), tiles, y[:, a:b], cfg, sums, x8, r, None if base is None else base[a:b])
+            launch(x, bank.part(p), tiles, y[:, a:b], cfg, sums, x8, r)
         return y
     b1, b2 = (*inner, n, n)[:2]
     offset = bank.offset if bank.offset is not None else bank.scale  # never read when symmetric
@@ -522,20 +396,6 @@ def launch(
         splits, per_split = k_splits(chunks, cfg.split_k)
         grid = (triton.cdiv(n, cfg.block_n), tiles.shape[0], splits)
         fp8 = cfg.fp8_planes
-        if base is not None:
-            if cfg.epilogue_scale or fp8 or splits > 1:
-                raise ValueError(f"the base weight is added with steps in registers and K unsplit, not {cfg}")
-            _check_given(base, (n, k), x.dtype, x.device, "the base weight", row_major=True)
-            w = bank.packed.view(torch.int16)
-            _merged_v2_kernel[(tiles.shape[0], grid[0])](
-                x, y, w, base, bank.scale, offset, sidx, sval, tiles, n, k, bank.grid.groups, bank.kmax,
-                triton.cdiv(k, 32 * cfg.merged_planes), x.stride(0), y.stride(0), base.stride(0), w.stride(0),
-                w.stride(1), *strides, BITS=bank.grid.bits, GROUP=bank.grid.group_size, SYMMETRIC=bank.offset is None,
-                EVEN_K=k % (32 * cfg.merged_planes) == 0, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
-                SAL_BLOCK=SALIENT_BLOCK, PLANES=cfg.merged_planes, W_SHARED=cfg.merged_shared, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
-            )  # fmt: skip
-            return y
         if fp8 and not fp8_fits(bank, cfg):
             raise ValueError(
                 f"FP8 planes need {E4M3_BITS}-bit codes with per-channel steps in the epilogue and "
@@ -577,8 +437,6 @@ def launch(
             PREFETCH_Y=cfg.prefetch_y, X_SUMS=x_sums, PAIRED=x_sums and cfg.paired_planes and not fp8, FP8=fp8,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
         )  # fmt: skip
-    elif base is not None:
-        raise ValueError("the base weight is added to layout-2 codes only")
     elif bank.grid.layout_version == LAYOUT_V1:
         grid = (triton.cdiv(n, cfg.block_n), tiles.shape[0], 1)
         _delta_v1_kernel[grid](

@@ -98,9 +98,6 @@ class BatchExperts:
         ``apart``: return ``(y, deltas)`` with the deltas not added (None when there are none), for the caller to
         add inside a kernel it runs anyway (the residual add, SwiGLU); else ``y`` with them."""
         if not self.slots or (self.side is None and not apart):
-            merged = None if apart else self._merged(name, x, weight, bias)
-            if merged is not None:
-                return merged
             y = F.linear(x, weight, bias)
             self.banked(name, x, y, sums)
             return (y, None) if apart else y
@@ -117,35 +114,6 @@ class BatchExperts:
             main.wait_stream(self.side)
         return (y, deltas) if apart else y.add_(deltas)
 
-    def _merged(self, name: str | tuple[str, ...], x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor | None:
-        """Eagerly, where one grid's experts hold the rows in segments long enough
-        (:func:`~meswitch.kernels.launch_config.merges_base`: a prefill), the base linear and the deltas as one
-        product (:func:`~meswitch.kernels.ops.mixed_linear`); else None."""
-        if self.tiles or len(self._host) != 1:
-            return None
-        from meswitch.kernels.launch_config import merges_base
-        from meswitch.kernels.ops import mixed_linear
-
-        grid = next(iter(self._host))
-        bank = self.banks.grids[grid].bank(name)
-        if bank is None:
-            return None
-        rows = self._expert_rows(grid, x.shape[1] if x.dim() == 3 else 1)
-        if not merges_base(bank, rows):
-            return None
-        y = mixed_linear(x.reshape(-1, x.shape[-1]), weight, bias, bank, rows)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    def _expert_rows(self, grid, tokens: int):
-        """Eagerly: the batch's rows (each of ``tokens`` tokens) grouped by their slot in ``grid``, built once."""
-        from meswitch.kernels import ExpertRows
-
-        rows = self._rows.get((grid, tokens))
-        if rows is None:
-            ids = torch.tensor(self._host[grid]).repeat_interleave(tokens)
-            rows = self._rows[(grid, tokens)] = ExpertRows.from_ids(ids)
-        return rows
-
     def _zeros(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """Zeros of ``shape``: the next piece of ``scratch`` while it lasts, else a new tensor."""
         n = math.prod(shape)
@@ -161,7 +129,7 @@ class BatchExperts:
         :meth:`sums_plans` planned them (graph mode)."""
         if not self.slots:
             return
-        from meswitch.kernels import mixed_delta
+        from meswitch.kernels import ExpertRows, mixed_delta
         from meswitch.kernels.ops import mixed_delta_tiles
         from meswitch.kernels.row_sums import launch_args
 
@@ -175,7 +143,11 @@ class BatchExperts:
                 given = launch_args((sums or {}).get(grid), x2.shape[0])  # from the glue, read per row
                 mixed_delta_tiles(x2, bank, self.tiles[grid], y2, **given)
                 continue
-            mixed_delta(x2, bank, self._expert_rows(grid, tokens), y2)
+            rows = self._rows.get((grid, tokens))
+            if rows is None:
+                ids = torch.tensor(self._host[grid]).repeat_interleave(tokens)
+                rows = self._rows[(grid, tokens)] = ExpertRows.from_ids(ids)
+            mixed_delta(x2, bank, rows, y2)
 
     def sums_plans(self, name: str | tuple[str, ...], x: torch.Tensor) -> dict:
         """Graph mode where the Triton kernel runs: per grid of the step, the row sums of ``x`` [..., K] its launch
