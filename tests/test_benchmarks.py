@@ -101,3 +101,17 @@ def test_the_fp8_activation_benchmark_measures_the_rounding_on_a_tiny_expert(tmp
     assert report["tokens"] > 6 * 20 and all(v == v and v >= 0 for v in kl.values())
     assert kl["compressed_vs_e4m3"] > 0  # the rounding reached the logits
     assert abs(report["e4m3_adds_to_kl"]) < kl["expert_vs_compressed"]
+
+
+def test_the_merged_rounding_benchmark_scores_every_case_on_a_micro_family(micro_family, tmp_path):
+    """merged_rounding_kl.py on the micro family's math and code experts: a row a case with finite KLs for the fp32
+    reconstruction and for both roundings of it, which move the KL, bf16's (7 mantissa bits) more than fp16's (10)."""
+    out = tmp_path / "kl.json"
+    _load("merged_rounding_kl").main(["--family", str(micro_family), "--out", str(out), "--work", str(tmp_path / "w"),
+                                      "--texts", "3"])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["expert"], r["bits"]) for r in rows] == [("math", 2), ("code", 2), ("math", 1)]
+    kinds = ("kl_fp32_reconstruction", "kl_linears_rounded_to_bf16", "kl_linears_rounded_to_fp16")
+    assert all(0 <= r[k] < float("inf") for r in rows for k in kinds)
+    moved = {k: sum(abs(r[k] - r["kl_fp32_reconstruction"]) for r in rows) for k in kinds[1:]}
+    assert moved["kl_linears_rounded_to_bf16"] > moved["kl_linears_rounded_to_fp16"] > 0
