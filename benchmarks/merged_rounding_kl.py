@@ -34,7 +34,7 @@ CASES = (("math", 2, 0.01), ("code", 2, 0.01), ("math", 1, 0.0025))  # (expert, 
 
 
 def rounded_linears(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A copy with every linear's weight (the reconstruction W + Δ̂) rounded to ``dtype``, the tied LM head excepted."""
+    """A copy with every linear's weight (the reconstruction W + Δ̂) rounded to ``dtype``, the LM head excepted."""
     out = copy.deepcopy(model)
     head = out.get_output_embeddings()
     for m in out.modules():
