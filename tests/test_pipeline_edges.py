@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -287,20 +286,13 @@ def test_entries_sharing_a_name_each_report_their_own_fault(
 # -- 7: pipeline serve ---------------------------------------------------------------------------------------------
 
 
-# The command with Ctrl-C as a terminal delivers it: a suite started in the background (nohup, `&`) runs with SIGINT
-# ignored, which its children inherit, and a served process would sit out the test's SIGINT until stop_group's
-# SIGKILL (this test took 26.6 s in such a full run, 7 s alone)
-CTRL_C_BACK = (
-    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-    "from meswitch.cli import main; sys.exit(main())"
-)
-
-
 @pytest.mark.slow
 def test_pipeline_serve_prints_the_api_url_to_export_and_stops_on_ctrl_c(prefect_api, micro_family, tmp_path):
+    from servers import MESWITCH_CLI
+
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    cmd = [sys.executable, "-c", CTRL_C_BACK, "pipeline", "serve", "--inbox", str(inbox),
+    cmd = [*MESWITCH_CLI, "pipeline", "serve", "--inbox", str(inbox),
            "--base", str(micro_family / "base"), "--no-events", "--cron", "0 0 1 1 *"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:  # what it prints comes before it serves: once its deployment is registered, it has printed all of it

@@ -279,13 +279,11 @@ def test_meswitch_serve_command_serves_on_loopback(served_family, tmp_path):
     import os
     import signal
     import subprocess
-    import sys
 
-    from servers import free_ports
+    from servers import MESWITCH_CLI, free_ports
 
     port = free_ports(1)[0]
-    cli = "import sys; from meswitch.cli import main; sys.exit(main())"
-    cmd = [sys.executable, "-c", cli, "serve", "--base", str(served_family.base),
+    cmd = [*MESWITCH_CLI, "serve", "--base", str(served_family.base),
            "--experts", str(served_family.artifact_dir()), "--port", str(port), "--device", "cpu",
            "--threads", "1", "--api-key", KEY, "--reload-interval", "0"]  # fmt: skip
     log = tmp_path / "serve.log"
