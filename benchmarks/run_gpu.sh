@@ -4,7 +4,6 @@
 #   bash benchmarks/run_gpu.sh decode | speed | parity | ncu                    (one 10-minute call each)
 #   bash benchmarks/run_gpu.sh attention       (the decode attention kernel's launch sweep, about 3 minutes)
 #   bash benchmarks/run_gpu.sh fp8 | fp8-prefill   (FP8 planes against the default: roofline and step; prefill)
-#   bash benchmarks/run_gpu.sh gluon | gluon-prefill   (the Gluon prefill kernel: tests and launches; the whole prefill)
 #   AB_RUNS="TREE[+VAR=VALUE]..." bash benchmarks/run_gpu.sh ab   (the decode step, one process per tree, ABAB)
 # ROOFLINE_ARGS / NCU_ARGS pass arguments on (e.g. ROOFLINE_ARGS="--no-baselines"; the step's launches:
 # ROOFLINE_ARGS="--sums-given [--block-m 8]", NCU_ARGS="--sums-given --rows 1 32 64 --experts 1 4 16", about 5 minutes),
@@ -76,18 +75,6 @@ for step in $steps; do
       for cfg in '' '{"fp8_planes":true}'; do
         MESWITCH_DELTA_CONFIG=$cfg timeout 240 python3 benchmarks/decode_e2e.py --modes graph --experts-list 8 \
           --batches 32 --steps 16 --out "$OUT/decode-prefill${cfg:+-fp8}.json" 2>&1 | grep -E '"mode"|prefill'
-      done ;;
-    gluon) # the Gluon prefill kernel (sm_90): its GPU tests, then its launches against the Triton kernel and cuBLAS
-           # (benchmarks/prefill_gluon.py; GLUON_ARGS passes arguments on, e.g. --configs)
-      timeout 240 python3 -m pytest tests/test_kernels.py -q -x -p no:cacheprovider -k gluon 2>&1 | tail -n 30 \
-        | tee "$OUT/tests-gluon.log" || { status=1; break; }
-      timeout "${GLUON_TIMEOUT:-300}" python3 benchmarks/prefill_gluon.py --out "$OUT/prefill_gluon.json" $GLUON_ARGS \
-        2>&1 | tee "$OUT/prefill_gluon.log" ;;
-    gluon-prefill) # the 2,048-token prefill with 8 experts against the base alone, prefill tiles on the Gluon kernel
-                   # (MESWITCH_GLUON_PREFILL=1) and on the Triton one, one process each, in turn
-      for g in 1 0 1 0; do
-        MESWITCH_GLUON_PREFILL=$g timeout 200 python3 benchmarks/decode_e2e.py --modes graph --experts-list 8 \
-          --batches 32 --steps 16 --out "$OUT/decode-prefill-gluon$g.json" 2>&1 | grep -E '"mode"|prefill'
       done ;;
     ab) # one decode_e2e.py process per entry of AB_RUNS, in turn, AB_ROUNDS times (ABAB: machines and processes
         # differ by more than most changes buy). An entry is a tree, `.` or a copy of the repository carried along

@@ -35,8 +35,6 @@ CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA (runs on the GPU machine)")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 kernel = pytest.mark.skipif(not (CUDA or INTERPRET), reason="the Triton kernel: CUDA, or TRITON_INTERPRET=1 on the CPU")
-HOPPER = CUDA and torch.cuda.get_device_capability() == (9, 0)
-hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon prefill kernel: an sm_90 GPU (the GPU machine's H100/H200)")
 
 
 def _experts(num, n, k, config, seed):
@@ -419,55 +417,6 @@ def test_kernel_launch_variants(split_k, block_m, epilogue):
     bank = DeltaBank.random(8, (256, 2048), bits=2, salient=9, device="cuda")
     cfg = LaunchConfig(block_m=block_m, split_k=split_k, epilogue_scale=epilogue, num_stages=3)
     _check_kernel(bank, _ids(min(block_m, 40), 8, base_only_every=6, seed=block_m), config=cfg, seed=split_k)
-
-
-@hopper
-@pytest.mark.parametrize(
-    "bits,symmetric,n,k,salient,dtype,launch",
-    [
-        (2, False, 384, 1024, 9, torch.bfloat16, (256, 128, 2, 8, 1)),
-        (2, False, 384, 1024, 9, torch.bfloat16, (128, 64, 3, 4, 2)),
-        (2, True, 200, 1056, 5, torch.float16, (256, 128, 2, 8, 1)),  # K not a multiple of the chunk, N of the block
-        (2, True, 200, 1056, 5, torch.float16, (128, 64, 3, 4, 3)),
-        (1, False, 256, 512, 0, torch.bfloat16, (256, 64, 2, 8, 1)),  # no salient columns
-        (4, False, 256, 576, 40, torch.bfloat16, (256, 128, 2, 8, 2)),  # SmolLM2's K; two blocks of salient columns
-        (4, False, 256, 576, 40, torch.float16, (128, 64, 3, 4, 1)),
-    ],
-)
-def test_gluon_prefill_kernel_matches_the_reference(bits, symmetric, n, k, salient, dtype, launch):
-    """The Gluon prefill tile (async plane MMAs, steps in the epilogue from x's row sums): the reference's delta over
-    rows of four experts with base-only rows left alone, for each bits, K tail, salient count and K split."""
-    from meswitch.kernels.launch_config import LaunchConfig
-
-    block_n, block_m, stages, warps, split_k = launch
-    bank = DeltaBank.random(4, (n, k), bits=bits, salient=salient, symmetric=symmetric, device="cuda")
-    cfg = LaunchConfig(block_n=block_n, block_m=block_m, num_stages=stages, num_warps=warps, split_k=split_k,
-                       gluon=True)  # fmt: skip
-    _check_kernel(bank, _ids(300, 4, base_only_every=7, seed=bits + k), dtype=dtype, config=cfg, seed=n + k)
-
-
-@hopper
-def test_gluon_prefill_kernel_over_a_grouped_bank_and_a_device_tile_table():
-    """q/k/v as one grouped bank (each N block reads its projection's salient columns), launched over a fixed-size
-    tile table built on the device, whose unused tiles must write nothing."""
-    from meswitch.kernels.bank import device_tiles
-    from meswitch.kernels.launch_config import LaunchConfig
-    from meswitch.kernels.triton_delta import launch
-
-    parts = [DeltaBank.random(3, (w, 512), bits=2, salient=6, device="cuda") for w in (256, 128, 128)]
-    bank = DeltaBank.concat(parts)
-    ids = torch.tensor(_ids(200, 3, base_only_every=5, seed=2), device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(3)
-    x = torch.randn(len(ids), 512, device="cuda", generator=g).to(torch.bfloat16)
-    y0 = (torch.randn(len(ids), 512, device="cuda", generator=g) * 0.01).to(torch.bfloat16)
-    y0[ids < 0] = float("nan")
-    want = mixed_delta_reference(x.float(), bank, ids, y0.float().clone())
-    cfg = LaunchConfig(block_n=128, block_m=64, num_stages=3, num_warps=4, gluon=True)
-    got = launch(x, bank, device_tiles(ids, 64), y0.clone(), cfg)
-    torch.cuda.synchronize()
-    live = ids >= 0
-    assert torch.isnan(got[~live]).all(), "a base-only row was written"
-    assert _rel(got[live].float() - y0[live].float(), want[live] - y0[live].float()) < 1e-2
 
 
 @gpu

@@ -42,9 +42,6 @@ class LaunchConfig:
     # salient columns take x): half the MMAs and unpacking of the bf16 planes, x in e4m3 from a kernel of its own.
     # Opt-in until measured (MESWITCH_DELTA_CONFIG='{"fp8_planes": true}': decode and prefill, where it fits)
     fp8_planes: bool = False
-    # prefill tiles on Hopper (sm_90, opt-in): the Gluon kernel (kernels/gluon_prefill.py), whose plane MMAs run while
-    # the next plane is unpacked; per-channel steps in the epilogue from x's row sums, 16-bit planes
-    gluon: bool = False
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -55,26 +52,6 @@ def _sm_count(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
-
-
-_HOPPER: dict[int, bool] = {}
-GLUON_SHARED = 200 * 1024  # the Gluon prefill kernel's ring, at most (an SM holds 227 KiB; the epilogue takes some)
-
-
-def gluon_prefill_runs(device: torch.device) -> bool:
-    """Whether prefill tiles take the Gluon kernel here: asked for (``MESWITCH_GLUON_PREFILL=1``; opt-in: on the H100
-    it ties with the Triton kernel, NOTES-kernels.md), an sm_90 GPU (its wgmma) and Gluon importable."""
-    if device.type != "cuda" or os.environ.get("MESWITCH_GLUON_PREFILL", "0") != "1":
-        return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _HOPPER:
-        try:
-            import meswitch.kernels.gluon_prefill  # noqa: F401 (Triton 3.4 or newer)
-
-            _HOPPER[idx] = torch.cuda.get_device_capability(idx) == (9, 0)
-        except ImportError:
-            _HOPPER[idx] = False
-    return _HOPPER[idx]
 
 
 def fp8_fits(bank: DeltaBank, cfg: LaunchConfig) -> bool:
@@ -151,13 +128,6 @@ def config_for(
         programs = -(-n // block_n) * max(tiles, 1)
         split = max(1, min(4, -(-3 * sms // (2 * programs)), chunks // 4)) if programs < sms else 1
         split = 1 if torch.are_deterministic_algorithms_enabled() else split
-        if bank.grid.group_size == 0 and k % 32 == 0 and gluon_prefill_runs(device):
-            # a ring slot holds a chunk's codes (64 bytes a channel) and its planes of x (64 bytes a row each): two
-            # slots must fit the SM's 227 KiB, so 1-bit codes (16 planes) take 64-row tiles
-            while 2 * 64 * (block_n + 16 // bank.grid.bits * block_m) > GLUON_SHARED and block_m > 64:
-                block_m //= 2
-            return _overridden(bank, LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=8,
-                                                  num_stages=2, x_sums=True, gluon=True))  # fmt: skip
         return _overridden(bank, LaunchConfig(block_n=block_n, block_m=block_m, split_k=split, num_warps=8,
                                               num_stages=3, epilogue_scale=False))  # fmt: skip
     block_n = block_within(128, bank)
@@ -189,7 +159,7 @@ def _overridden(bank: DeltaBank, cfg: LaunchConfig) -> LaunchConfig:
     overrides = os.environ.get("MESWITCH_DELTA_CONFIG")
     cfg = replace(cfg, **_launch_fields(overrides)) if overrides else cfg
     if cfg.fp8_planes:
-        fp8 = replace(cfg, epilogue_scale=True, gluon=False)  # x's sums come with x8: any tile height scales there
+        fp8 = replace(cfg, epilogue_scale=True)  # x's sums come with x8, so any tile height scales there
         cfg = fp8 if fp8_fits(bank, fp8) else replace(cfg, fp8_planes=False)
     return cfg
 

@@ -32,7 +32,6 @@ grouped bank launches as a bank of its own.
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
 
 import torch
 import triton
@@ -407,12 +406,8 @@ def launch(
             raise ValueError("x in e4m3 (x8), its row scales (r) and their sums go together, to FP8 planes only")
         if fp8 and sums is not None and x8 is None:
             raise ValueError("FP8 planes take the sums of x in e4m3 with x8 and r (given alone: the bf16 planes')")
-        if cfg.gluon and (fp8 or not cfg.epilogue_scale):
-            raise ValueError(f"the Gluon prefill kernel takes 16-bit planes scaled in the epilogue, not {cfg}")
-        if cfg.gluon and (k % 32 or x.stride(0) % 16):  # its copies move 16 bytes: the Triton kernel, same epilogue
-            cfg = replace(cfg, gluon=False)
         w = bank.packed.view(torch.int8 if fp8 else torch.int16)
-        x_sums = fp8 or (cfg.x_sums and cfg.epilogue_scale) or cfg.gluon
+        x_sums = fp8 or (cfg.x_sums and cfg.epilogue_scale)
         m, chunk = x.shape[0], v2_chunk(bank.grid.bits)
         if fp8 and x8 is None:
             x8 = torch.empty((m, chunks * chunk), dtype=torch.float8_e4m3fn, device=x.device)
@@ -431,11 +426,6 @@ def launch(
             _x_sums_kernel[(x.shape[0], splits)](x, sums, k, per_split * v2_chunk(bank.grid.bits), x.stride(0),
                                                   BITS=bank.grid.bits, IS_BF16=x.dtype == torch.bfloat16,
                                                   BLOCK_K=512, num_warps=4)  # fmt: skip
-        if cfg.gluon:
-            from meswitch.kernels.gluon_prefill import launch_prefill  # Gluon: sm_90 only, never interpreted
-
-            launch_prefill(x, y, w, bank, offset, sidx, sval, tiles, sums, grid, per_split, strides, cfg)
-            return y
         x8, r = (x8, r) if fp8 else (tiles, tiles)  # never read without FP8
         _delta_v2_kernel[grid](
             x, y, w, bank.scale, offset, sidx, sval, tiles, sums if x_sums else tiles,  # never read without X_SUMS
