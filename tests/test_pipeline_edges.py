@@ -287,21 +287,33 @@ def test_entries_sharing_a_name_each_report_their_own_fault(
 
 
 @pytest.mark.slow
-def test_pipeline_serve_prints_the_api_url_to_export_and_stops_on_ctrl_c(prefect_api, micro_family, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_pipeline_serve_prints_the_api_url_to_export_and_stops_on_ctrl_c_or_sigterm(
+    prefect_api, micro_family, tmp_path, stop
+):
+    """Stopped by Ctrl-C or by SIGTERM (a supervisor's stop), the served pipeline exits with that signal's status
+    and says so; Prefect's runner, left to itself, exits 0 on SIGTERM with a coroutine it never awaited."""
     from servers import MESWITCH_CLI
 
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     cmd = [*MESWITCH_CLI, "pipeline", "serve", "--inbox", str(inbox),
            "--base", str(micro_family / "base"), "--no-events", "--cron", "0 0 1 1 *"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    try:  # what it prints comes before it serves: once its deployment is registered, it has printed all of it
-        wait_for(lambda: _deployment_for(inbox) or proc.poll() is not None, 120, "the served deployment")
-    finally:
-        stop_group(proc, signal.SIGINT, timeout=20)
-        forget_served("expert-pipeline/scheduled-scan")
-    assert f"export PREFECT_API_URL={prefect_api}\n" in proc.stdout.read()
-    assert proc.returncode == 130  # stopped by the Ctrl-C (128 + SIGINT), not killed after it
+    with (tmp_path / "stderr").open("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+        try:  # what it prints comes before it serves: once its deployment is registered, it has printed all of it
+            wait_for(lambda: _deployment_for(inbox) or proc.poll() is not None, 120, "the served deployment")
+        finally:
+            stop_group(proc, stop, timeout=20)
+            forget_served("expert-pipeline/scheduled-scan")
+        err.seek(0)
+        stderr = err.read()
+    out = proc.stdout.read()
+    assert f"export PREFECT_API_URL={prefect_api}\n" in out
+    assert "serving deployments: expert-pipeline/scheduled-scan\n" in out
+    assert proc.returncode == 128 + stop, stderr[-2000:]  # stopped by the signal, not killed after it
+    assert ("terminated" if stop == signal.SIGTERM else "interrupted") in stderr
+    assert "never awaited" not in stderr
 
 
 def _deployment_for(inbox: Path) -> bool:

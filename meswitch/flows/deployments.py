@@ -12,6 +12,8 @@ pool, the same two deployments are declared in ``prefect.yaml`` (see infra/k8s/R
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +64,41 @@ def build_deployments(parameters: dict[str, Any], cron: str | None = DEFAULT_CRO
 
 
 def serve_pipeline(parameters: dict[str, Any], cron: str | None = DEFAULT_CRON, on_arrival: bool = True) -> None:
-    """Serve the deployments until interrupted, one flow run at a time."""
-    from prefect import serve
+    """Serve the deployments until interrupted, one flow run at a time (``prefect.serve``'s runner, which pauses
+    their schedules as it shuts down). Ctrl-C and SIGTERM both stop it by raising where it waits, so whoever called
+    sees them: a command of ours exits 130 or 143 (:func:`meswitch.processes.exit_status_of`)."""
+    import asyncio
 
-    serve(*build_deployments(parameters, cron, on_arrival), limit=1)
+    deployments = build_deployments(parameters, cron, on_arrival)
+    runner = _pipeline_runner()(pause_on_shutdown=True, limit=1)
+    for deployment in deployments:
+        runner.add_deployment(deployment)
+    print("serving deployments: " + ", ".join(d.full_name for d in deployments), flush=True)
+    asyncio.run(runner.start())
+
+
+def _pipeline_runner() -> type:
+    """The runner class, made where it is used: Prefect is imported then, not with this module."""
+    from prefect.runner import Runner
+
+    class PipelineRunner(Runner):
+        """Prefect's runner with SIGTERM left to the handler in place before it started. Its own calls the async
+        ``stop`` without awaiting it, then ``sys.exit(0)``: a supervisor stopping ``meswitch pipeline serve`` saw a
+        RuntimeWarning and a success."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._sigterm_before = signal.getsignal(signal.SIGTERM)
+
+        def handle_sigterm(self, signum: int, frame: Any) -> None:
+            before = self._sigterm_before
+            if callable(before):  # a command's: raised as Ctrl-C is, so the runner shuts down as on Ctrl-C
+                before(signum, frame)
+            elif before != signal.SIG_IGN:  # the default: end the process as SIGTERM would have
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return PipelineRunner
 
 
 def emit_arrival(name: str, inbox: str | Path, uri: str) -> bool:
