@@ -217,9 +217,9 @@ def _watch(parent: int, pid: int) -> None:
 
 
 def stop_group(proc: subprocess.Popen, first: int = signal.SIGTERM, timeout: float = 30) -> None:
-    """Stop ``proc``'s process group: ``first`` (Prefect's runner lets go of SIGTERM slowly: SIGINT for it), then
-    SIGKILL to whatever of the group is left after ``timeout`` seconds. The leader's exit does not end the wait: a
-    worker that ignored ``first`` would outlive it. A group already gone is not an error."""
+    """Stop ``proc``'s process group: ``first``, then SIGKILL to whatever of the group is left after ``timeout``
+    seconds. The leader's exit does not end the wait: a worker that ignored ``first`` would outlive it. A group
+    already gone is not an error."""
     deadline = time.monotonic() + timeout
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, first)

@@ -291,8 +291,9 @@ def test_entries_sharing_a_name_each_report_their_own_fault(
 def test_pipeline_serve_prints_the_api_url_to_export_and_stops_on_ctrl_c_or_sigterm(
     prefect_api, micro_family, tmp_path, stop
 ):
-    """Stopped by Ctrl-C or by SIGTERM (a supervisor's stop), the served pipeline exits with that signal's status
-    and says so; Prefect's runner, left to itself, exits 0 on SIGTERM with a coroutine it never awaited."""
+    """Stopped by Ctrl-C or by SIGTERM (a supervisor's stop), the served pipeline pauses its schedule, exits with that
+    signal's status and says so; Prefect's runner, left to itself, exits 0 on SIGTERM with a coroutine it never
+    awaited."""
     from servers import MESWITCH_CLI
 
     inbox = tmp_path / "inbox"
@@ -303,6 +304,9 @@ def test_pipeline_serve_prints_the_api_url_to_export_and_stops_on_ctrl_c_or_sigt
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
         try:  # what it prints comes before it serves: once its deployment is registered, it has printed all of it
             wait_for(lambda: _deployment_for(inbox) or proc.poll() is not None, 120, "the served deployment")
+            assert not _deployment_paused()
+            stop_group(proc, stop, timeout=20)
+            assert _deployment_paused()  # the runner's own shutdown ran
         finally:
             stop_group(proc, stop, timeout=20)
             forget_served("expert-pipeline/scheduled-scan")
@@ -314,6 +318,13 @@ def test_pipeline_serve_prints_the_api_url_to_export_and_stops_on_ctrl_c_or_sigt
     assert proc.returncode == 128 + stop, stderr[-2000:]  # stopped by the signal, not killed after it
     assert ("terminated" if stop == signal.SIGTERM else "interrupted") in stderr
     assert "never awaited" not in stderr
+
+
+def _deployment_paused() -> bool:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_deployment_by_name("expert-pipeline/scheduled-scan").paused
 
 
 def _deployment_for(inbox: Path) -> bool:
