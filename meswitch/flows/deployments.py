@@ -12,7 +12,6 @@ pool, the same two deployments are declared in ``prefect.yaml`` (see infra/k8s/R
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -94,9 +93,8 @@ def _pipeline_runner() -> type:
             before = self._sigterm_before
             if callable(before):  # a command's: raised as Ctrl-C is, so the runner shuts down as on Ctrl-C
                 before(signum, frame)
-            elif before != signal.SIG_IGN:  # the default: end the process as SIGTERM would have
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                os.kill(os.getpid(), signal.SIGTERM)
+            elif before != signal.SIG_IGN:  # none: the runner shuts down, and the process exits as SIGTERM's would
+                raise SystemExit(128 + signum)
 
     return PipelineRunner
 
