@@ -300,19 +300,18 @@ def test_pipeline_serve_prints_the_api_url_to_export_and_stops_on_ctrl_c_or_sigt
     inbox.mkdir()
     cmd = [*MESWITCH_CLI, "pipeline", "serve", "--inbox", str(inbox),
            "--base", str(micro_family / "base"), "--no-events", "--cron", "0 0 1 1 *"]  # fmt: skip
-    with (tmp_path / "stderr").open("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
-        try:  # what it prints comes before it serves: once its deployment is registered, it has printed all of it
-            wait_for(lambda: _deployment_for(inbox) or proc.poll() is not None, 120, "the served deployment")
-            assert not _deployment_paused()
-            stop_group(proc, stop, timeout=20)
-            assert _deployment_paused()  # the runner's own shutdown ran
-        finally:
-            stop_group(proc, stop, timeout=20)
-            forget_served("expert-pipeline/scheduled-scan")
-        err.seek(0)
-        stderr = err.read()
-    out = proc.stdout.read()
+    out_file, err_file = tmp_path / "stdout", tmp_path / "stderr"
+    with out_file.open("w") as out, err_file.open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, start_new_session=True)
+    try:  # it names what it serves once its runner has started (from then on, a stop pauses the schedule)
+        wait_for(lambda: "serving deployments" in out_file.read_text() or proc.poll() is not None, 120, "the runner")
+        assert _deployment_for(inbox) and not _deployment_paused()
+        stop_group(proc, stop, timeout=20)
+        assert _deployment_paused()  # the runner's own shutdown ran
+    finally:
+        stop_group(proc, stop, timeout=20)
+        forget_served("expert-pipeline/scheduled-scan")
+    out, stderr = out_file.read_text(), err_file.read_text()
     assert f"export PREFECT_API_URL={prefect_api}\n" in out
     assert "serving deployments: expert-pipeline/scheduled-scan\n" in out
     assert proc.returncode == 128 + stop, stderr[-2000:]  # stopped by the signal, not killed after it

@@ -72,7 +72,7 @@ def serve_pipeline(parameters: dict[str, Any], cron: str | None = DEFAULT_CRON, 
     runner = _pipeline_runner()(pause_on_shutdown=True, limit=1)
     for deployment in deployments:
         runner.add_deployment(deployment)
-    print("serving deployments: " + ", ".join(d.full_name for d in deployments), flush=True)
+    runner.banner = "serving deployments: " + ", ".join(d.full_name for d in deployments)
     asyncio.run(runner.start())
 
 
@@ -85,9 +85,17 @@ def _pipeline_runner() -> type:
         ``stop`` without awaiting it, then ``sys.exit(0)``: a supervisor stopping ``meswitch pipeline serve`` saw a
         RuntimeWarning and a success."""
 
+        banner = ""  # printed once the runner has started: from then on a stop pauses the schedules
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._sigterm_before = signal.getsignal(signal.SIGTERM)
+
+        async def __aenter__(self) -> Any:
+            entered = await super().__aenter__()
+            if self.banner:
+                print(self.banner, flush=True)
+            return entered
 
         def handle_sigterm(self, signum: int, frame: Any) -> None:
             before = self._sigterm_before
