@@ -305,9 +305,10 @@ def test_pipeline_serve_prints_the_api_url_to_export_and_stops_on_ctrl_c_or_sigt
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, start_new_session=True)
     try:  # it names what it serves once its runner has started (from then on, a stop pauses the schedule)
         wait_for(lambda: "serving deployments" in out_file.read_text() or proc.poll() is not None, 120, "the runner")
-        assert _deployment_for(inbox) and not _deployment_paused()
+        served = _served_deployment()
+        assert served and served.parameters.get("inbox") == str(inbox.resolve()) and not served.paused
         stop_group(proc, stop, timeout=20)
-        assert _deployment_paused()  # the runner's own shutdown ran
+        assert _served_deployment().paused  # the runner's own shutdown ran
     finally:
         stop_group(proc, stop, timeout=20)
         forget_served("expert-pipeline/scheduled-scan")
@@ -319,23 +320,16 @@ def test_pipeline_serve_prints_the_api_url_to_export_and_stops_on_ctrl_c_or_sigt
     assert "never awaited" not in stderr
 
 
-def _deployment_paused() -> bool:
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return client.read_deployment_by_name("expert-pipeline/scheduled-scan").paused
-
-
-def _deployment_for(inbox: Path) -> bool:
+def _served_deployment():
+    """The served scheduled-scan deployment as the Prefect API has it, or None."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
-            deployment = client.read_deployment_by_name("expert-pipeline/scheduled-scan")
+            return client.read_deployment_by_name("expert-pipeline/scheduled-scan")
         except ObjectNotFound:
-            return False
-    return deployment.parameters.get("inbox") == str(inbox.resolve())
+            return None
 
 
 # -- 8: submit --------------------------------------------------------------------------------------------------------
