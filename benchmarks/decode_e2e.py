@@ -605,9 +605,19 @@ def main(argv: list[str] | None = None) -> None:
         experts = [slots[i] for i in range(n_rows)]
         mixed = prefill_time(dec, experts, prompts)
         alone = prefill_time(dec, [None] * n_rows, prompts)
+        # the products apart (base GEMM, then the delta kernel): what the default replaces where it merges
+        before = os.environ.get("MESWITCH_MERGED_PREFILL")
+        os.environ["MESWITCH_MERGED_PREFILL"] = "0"
+        try:
+            apart = prefill_time(dec, experts, prompts)
+        finally:
+            os.environ.pop("MESWITCH_MERGED_PREFILL") if before is None else os.environ.update(
+                MESWITCH_MERGED_PREFILL=before
+            )
         prefill = {"tokens": args.prefill_tokens, "rows": n_rows, "experts": n_rows, "ms": mixed,
                    "base_alone_ms": alone, "ratio": round(mixed / alone, 3), "target_ratio": PREFILL_TARGET,
-                   "met": mixed / alone <= PREFILL_TARGET}  # fmt: skip
+                   "met": mixed / alone <= PREFILL_TARGET, "apart_ms": apart,
+                   "apart_ratio": round(apart / alone, 3)}  # fmt: skip
         print(f"prefill: {prefill}", flush=True)
     report["prefill"] = prefill
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime as dt
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -35,6 +36,8 @@ from meswitch.synthetic import mistral_7b_config
 def kind(name: str) -> str:
     """A coarse class of a kernel, by its name."""
     n = name.lower()
+    if "_merged_kernel" in n or "_prepare_kernel" in n:
+        return "merged product (prefill)"
     if "delta" in n or "x_sums" in n:
         return "delta kernel"
     if n.startswith("triton_"):  # Inductor's (the compiled glue: norms with their slot-table gathers, SwiGLU)
@@ -60,6 +63,45 @@ def profile_step(dec: StaticDecoder, rows: list, prompt: int, gen: torch.Generat
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         dec.decode(last, [prompt + 3] * b, rows)
         torch.cuda.synchronize()
+    return by_kernel(prof)
+
+
+def profile_prefill(dec: StaticDecoder, rows: list, prompt: int, gen: torch.Generator) -> dict:
+    """One eager prefill of ``len(rows)`` prompts of ``prompt`` tokens: its kernels, and its wall time beside their
+    sum (where the wall time is longer, the GPU waited for the host)."""
+    b = len(rows)
+    prompts = torch.randint(3, dec.engine.base_vocab, (b, prompt), generator=gen, device=gen.device).tolist()
+    dec.prefill(range(b), prompts, rows)  # compiles, builds the tables
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    dec.prefill(range(b), prompts, rows)
+    end.record()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        dec.prefill(range(b), prompts, rows)
+        torch.cuda.synchronize()
+    return {"wall_ms": round(start.elapsed_time(end), 2), **by_kernel(prof), "idle_before": idle_before(prof)}
+
+
+def idle_before(prof) -> dict:
+    """GPU idle time (us) between consecutive kernels, by the kind of the kernel that waited: where the GPU waited
+    for the host to launch it."""
+    kernels = sorted(
+        (ev.time_range.start, ev.time_range.end, ev.name)
+        for ev in prof.events()
+        if ev.device_type == torch.autograd.DeviceType.CUDA
+    )
+    idle: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    for (_, end, _), (start, _, name) in itertools.pairwise(kernels):
+        if start > end:
+            idle[kind(name)][0] += 1
+            idle[kind(name)][1] += start - end
+    return {k: {"gaps": c, "us": round(us, 1)} for k, (c, us) in sorted(idle.items(), key=lambda kv: -kv[1][1])}
+
+
+def by_kernel(prof) -> dict:
+    """The profiled kernels by name and by :func:`kind`: count and GPU time."""
     per_name: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
@@ -86,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--configs", default="0x32,8x32,16x64", help="EXPERTSxBATCH, comma-separated")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--prefill", action="store_true", help="profile a prefill of BATCH prompts of --prompt tokens")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
@@ -103,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
               "synthetic": True, "steps": []}  # fmt: skip
     for experts, batch in configs:
         rows = [None] * batch if experts == 0 else [slots[i * experts // batch] for i in range(batch)]
-        r = {"experts": experts, "batch": batch, **profile_step(dec, rows, args.prompt, gen)}
+        profile = profile_prefill if args.prefill else profile_step
+        r = {"experts": experts, "batch": batch, "prefill": args.prefill, **profile(dec, rows, args.prompt, gen)}
         report["steps"].append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "top"}), flush=True)
         for t in r["top"][:12]:

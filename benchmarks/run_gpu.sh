@@ -4,6 +4,7 @@
 #   bash benchmarks/run_gpu.sh decode | speed | parity | ncu                    (one 10-minute call each)
 #   bash benchmarks/run_gpu.sh attention       (the decode attention kernel's launch sweep, about 3 minutes)
 #   bash benchmarks/run_gpu.sh fp8 | fp8-prefill   (FP8 planes against the default: roofline and step; prefill)
+#   bash benchmarks/run_gpu.sh merged prefill    (the merged prefill product's linears; the whole prefill A/B)
 #   AB_RUNS="TREE[+VAR=VALUE]..." bash benchmarks/run_gpu.sh ab   (the decode step, one process per tree, ABAB)
 # ROOFLINE_ARGS / NCU_ARGS pass arguments on (e.g. ROOFLINE_ARGS="--no-baselines"; the step's launches:
 # ROOFLINE_ARGS="--sums-given [--block-m 8]", NCU_ARGS="--sums-given --rows 1 32 64 --experts 1 4 16", about 5 minutes),
@@ -39,7 +40,7 @@ for step in $steps; do
   echo "=== $step ($(date +%T))"
   case $step in
     tests) timeout 300 python3 -m pytest tests/test_kernels.py tests/test_grouped_delta.py tests/test_decode_attention.py \
-             tests/test_static_decoder.py -q -x -p no:cacheprovider -k "kernel_ or fp8 or dispatches or on_the_gpu or deltas_of_q_k_v or precomputed_row_sums" \
+             tests/test_static_decoder.py tests/test_merged_prefill.py -q -x -p no:cacheprovider -k "kernel_ or fp8 or dispatches or on_the_gpu or deltas_of_q_k_v or precomputed_row_sums" \
              2>&1 | tail -n 40 | tee "$OUT/tests.log" || { status=1; break; } ;;
     sweep) timeout "${SWEEP_TIMEOUT:-420}" python3 benchmarks/kernel_sweep.py --out "$OUT/kernel_sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
     roofline) timeout "${ROOFLINE_TIMEOUT:-420}" python3 benchmarks/kernel_roofline.py \
@@ -76,6 +77,11 @@ for step in $steps; do
         MESWITCH_DELTA_CONFIG=$cfg timeout 240 python3 benchmarks/decode_e2e.py --modes graph --experts-list 8 \
           --batches 32 --steps 16 --out "$OUT/decode-prefill${cfg:+-fp8}.json" 2>&1 | grep -E '"mode"|prefill'
       done ;;
+    merged) # the merged prefill product against cuBLAS and the products apart, Mistral-7B's shapes (about a minute)
+      timeout 240 python3 benchmarks/prefill_ws_merged.py --out "$OUT/prefill-merged.json" 2>&1 | tail -n 8 ;;
+    prefill) # the 2,048-token prefill with 8 experts: merged (the default on sm_90), apart, and the base alone
+      timeout 300 python3 benchmarks/decode_e2e.py --modes graph --experts-list 8 --batches 32 --steps 16 \
+        --out "$OUT/decode-prefill-merged.json" 2>&1 | grep -E '"mode"|prefill' ;;
     ab) # one decode_e2e.py process per entry of AB_RUNS, in turn, AB_ROUNDS times (ABAB: machines and processes
         # differ by more than most changes buy). An entry is a tree, `.` or a copy of the repository carried along
         # (`git archive REV meswitch benchmarks/decode_e2e.py | tar -x -C .ab/REV`; git ignores .ab/: carry it), with

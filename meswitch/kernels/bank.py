@@ -456,6 +456,22 @@ class ExpertRows:
             self._tiles[key] = t.to(device)
         return self._tiles[key]
 
+    def merged_tables(self, block_m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(``order``, each sorted row's expert, tiles ``[T, 3]``: expert, first row in sorted order, rows) on
+        ``device`` for the merged prefill product (:mod:`meswitch.kernels.gluon_merged`), built once and cached."""
+        key = ("merged", block_m, str(device))
+        if key not in self._tiles:
+            spans = list(itertools.pairwise(self.seg_starts))
+            experts = [e for e, (a, b) in zip(self.seg_experts, spans, strict=True) for _ in range(b - a)]
+            tiles = [(e, s, min(block_m, b - s)) for e, (a, b) in zip(self.seg_experts, spans, strict=True)
+                     for s in range(a, b, block_m)]  # fmt: skip
+            self._tiles[key] = (
+                self.order.to(device),
+                torch.tensor(experts, dtype=torch.int32, device=device),
+                torch.tensor(tiles, dtype=torch.int32, device=device).reshape(-1, 3),
+            )
+        return self._tiles[key]
+
 
 def device_tiles(slots: torch.Tensor, block_m: int) -> torch.Tensor:
     """The kernel's tile table built on the device from per-row bank indices (-1: base only).

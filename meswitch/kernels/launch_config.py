@@ -207,6 +207,56 @@ def block_within(want: int, bank: DeltaBank) -> int:
     return want
 
 
+@dataclass(frozen=True)
+class MergedConfig:
+    """Launch of the merged prefill product (:mod:`meswitch.kernels.gluon_merged`): rows and channels a program,
+    slots of its rings of x, W and merged planes, the transform warp groups' registers and the kernel's cap (13 warps
+    share 64K registers; the MMA warp groups get the rest). The defaults: the best of three on Mistral-7B's four
+    shapes on the H100 (benchmarks/prefill_ws_merged.py, NOTES-kernels.md)."""
+
+    block_m: int = 256
+    block_n: int = 128
+    x_slots: int = 6
+    w_slots: int = 6
+    merged_slots: int = 4
+    transform_regs: int = 64
+    maxnreg: int = 96
+
+
+MERGE_FROM = 256  # rows of every expert from which a prefill linear runs as one merged product (merges_prefill)
+
+
+def merges_prefill(bank: DeltaBank, rows: ExpertRows, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``F.linear`` plus the delta run as one product ``x · (W + Δ̂)ᵀ`` (:func:`~meswitch.kernels.ops.
+    merged_linear`): on an sm_90 GPU, bf16 x and W, K a multiple of 8 (TMA's 16-byte rows), layout-2 codes with
+    per-channel steps, every row on an expert and each expert's rows at least :data:`MERGE_FROM` (a prefill: there
+    both products are bound by FLOPs, and one is saved; with fewer rows a tile, W's transform is paid for few).
+    ``MESWITCH_MERGED_PREFILL=0`` turns it off: W + Δ̂ enters the MMA rounded to fp16, which the products apart do
+    not do (README: what it costs in KL)."""
+    if os.environ.get("MESWITCH_MERGED_PREFILL", "1") == "0" or not x.is_cuda:
+        return False
+    if torch.cuda.get_device_capability(x.device) != (9, 0):
+        return False
+    grid, k = bank.grid, bank.grid.shape[1]
+    shortest = min((b - a for a, b in itertools.pairwise(rows.seg_starts)), default=0)
+    return (
+        x.dtype == weight.dtype == torch.bfloat16
+        and weight.is_contiguous()
+        and x.stride(-1) == 1
+        and k % 8 == 0
+        and grid.layout_version == LAYOUT_V2
+        and grid.group_size == 0
+        and grid.bits in (1, 2, 4)
+        and len(rows.order) == rows.num_rows
+        and shortest >= MERGE_FROM
+    )
+
+
+def merged_config(bank: DeltaBank) -> MergedConfig:
+    """:class:`MergedConfig` with N blocks that never straddle a grouped bank's projections."""
+    return MergedConfig(block_n=block_within(128, bank))
+
+
 def check_device_inputs(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor) -> None:
     if not x.is_cuda:
         raise ValueError("the Triton delta kernel needs CUDA tensors; use the reference on the CPU")

@@ -98,6 +98,9 @@ class BatchExperts:
         ``apart``: return ``(y, deltas)`` with the deltas not added (None when there are none), for the caller to
         add inside a kernel it runs anyway (the residual add, SwiGLU); else ``y`` with them."""
         if not self.slots or (self.side is None and not apart):
+            merged = None if apart else self._merged(name, x, weight, bias)
+            if merged is not None:
+                return merged
             y = F.linear(x, weight, bias)
             self.banked(name, x, y, sums)
             return (y, None) if apart else y
@@ -129,7 +132,7 @@ class BatchExperts:
         :meth:`sums_plans` planned them (graph mode)."""
         if not self.slots:
             return
-        from meswitch.kernels import ExpertRows, mixed_delta
+        from meswitch.kernels import mixed_delta
         from meswitch.kernels.ops import mixed_delta_tiles
         from meswitch.kernels.row_sums import launch_args
 
@@ -143,11 +146,36 @@ class BatchExperts:
                 given = launch_args((sums or {}).get(grid), x2.shape[0])  # from the glue, read per row
                 mixed_delta_tiles(x2, bank, self.tiles[grid], y2, **given)
                 continue
-            rows = self._rows.get((grid, tokens))
-            if rows is None:
-                ids = torch.tensor(self._host[grid]).repeat_interleave(tokens)
-                rows = self._rows[(grid, tokens)] = ExpertRows.from_ids(ids)
-            mixed_delta(x2, bank, rows, y2)
+            mixed_delta(x2, bank, self._expert_rows(grid, tokens), y2)
+
+    def _expert_rows(self, grid, tokens: int):
+        """Eager: the batch's rows on ``grid``'s experts, each batch row's ``tokens`` rows in a row (cached)."""
+        from meswitch.kernels import ExpertRows
+
+        rows = self._rows.get((grid, tokens))
+        if rows is None:
+            ids = torch.tensor(self._host[grid]).repeat_interleave(tokens)
+            rows = self._rows[(grid, tokens)] = ExpertRows.from_ids(ids)
+        return rows
+
+    def _merged(self, name: str | tuple[str, ...], x: torch.Tensor, weight: torch.Tensor, bias):
+        """Eager, every row on one grid's experts: the linear as one product ``x · (W + Δ̂)ᵀ`` where
+        :func:`~meswitch.kernels.launch_config.merges_prefill` holds (a prefill's long prompts on an sm_90 GPU);
+        None elsewhere."""
+        if self.tiles or len(self.slots) != 1:
+            return None
+        from meswitch.kernels.launch_config import merges_prefill
+        from meswitch.kernels.ops import merged_linear, triton_available
+
+        grid = next(iter(self.slots))
+        bank = self.banks.grids[grid].bank(name)
+        if bank is None:
+            return None
+        x2 = x.reshape(-1, x.shape[-1])
+        rows = self._expert_rows(grid, x.shape[1] if x.dim() == 3 else 1)
+        if not (merges_prefill(bank, rows, x2, weight) and triton_available()):
+            return None
+        return merged_linear(x2, weight, bias, bank, rows).view(*x.shape[:-1], -1)
 
     def sums_plans(self, name: str | tuple[str, ...], x: torch.Tensor) -> dict:
         """Graph mode where the Triton kernel runs: per grid of the step, the row sums of ``x`` [..., K] its launch
