@@ -36,7 +36,11 @@ from meswitch.kernels.launch_config import merged_config
 from meswitch.kernels.reference import mixed_delta_reference
 
 SHAPE_NAMES = ("q/k/v grouped 6144x4096", "q/o 4096x4096", "gate/up grouped 28672x4096", "down 4096x14336")
-CONFIGS = [{}, {"x_slots": 4, "w_slots": 4, "transform_regs": 64}]  # fields of MergedConfig over merged_config's
+CONFIGS = [  # fields of MergedConfig over merged_config's
+    {},
+    {"planes_per_step": 2, "x_slots": 3, "w_slots": 4, "merged_slots": 3},
+    {"planes_per_step": 2, "x_slots": 4, "w_slots": 3, "merged_slots": 2},
+]
 
 
 def bench_case(name: str, rows: int, experts: int, configs: list[dict]) -> dict:

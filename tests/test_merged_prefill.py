@@ -58,7 +58,8 @@ def test_merged_linear_is_the_base_linear_plus_the_delta_where_it_does_not_merge
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET), reason="Triton: CUDA, or TRITON_INTERPRET=1")
-def test_x_enters_in_expert_order_in_fp16_scaled_into_range_with_its_salient_columns():
+@pytest.mark.parametrize("block_k", [64, 128])  # the row in two passes, and in registers
+def test_x_enters_in_expert_order_in_fp16_scaled_into_range_with_its_salient_columns(block_k):
     """The kernel before the product: each row in expert order, divided by the least power of two that brings it
     under 2^15 (exact), and each projection's salient columns of it zero-padded to whole planes."""
     from meswitch.kernels.gluon_merged import _prepare_kernel
@@ -76,7 +77,7 @@ def test_x_enters_in_expert_order_in_fp16_scaled_into_range_with_its_salient_col
     xs = torch.empty(parts * r, ks, dtype=torch.float16, device=device)
     rs = torch.empty(r, device=device)
     _prepare_kernel[(r,)](x, order, experts, sidx, x16, xs, rs, k, ks, kmax, r, x.stride(0), sidx.stride(0),
-                          sidx.stride(1), PARTS=parts, BLOCK_K=64, BLOCK_S=32)  # fmt: skip
+                          sidx.stride(1), PARTS=parts, BLOCK_K=block_k, ONE_PASS=block_k >= k, BLOCK_S=32)  # fmt: skip
     assert rs.tolist() == [1.0, 1.0, 1.0, 1.0, 2.0]
     xo = x[order.long()].float()
     assert torch.equal(x16.float() * rs[:, None], xo)

@@ -44,8 +44,17 @@ FP16_ROOM = tl.constexpr(14)  # a row's largest |x| is brought under 2^(FP16_ROO
 
 
 @triton.jit
+def _inverse_scale(top, rs_at):
+    """``1 / s`` for the least power of two ``s`` with ``top / s < 2^(FP16_ROOM + 1)``; stores ``s`` at ``rs_at``."""
+    exponent = ((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2(top)) for a normal top
+    shift = tl.maximum(exponent - FP16_ROOM, 0)
+    tl.store(rs_at, ((127 + shift) << 23).to(tl.float32, bitcast=True))
+    return ((127 - shift) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _prepare_kernel(x_ptr, order_ptr, expert_ptr, sidx_ptr, x16_ptr, xs_ptr, rs_ptr, K, KS, KMAX, R, stride_xm,
-                    stride_ie, stride_ip, PARTS: tl.constexpr, BLOCK_K: tl.constexpr,
+                    stride_ie, stride_ip, PARTS: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
                     BLOCK_S: tl.constexpr):  # fmt: skip
     """Row r of x in expert order (``order[r]``) as fp16 divided by ``rs[r]``, the least power of two that brings its
     largest |value| under 2^15 (1 for every usual row); and for each projection ``part`` its salient columns
@@ -54,26 +63,27 @@ def _prepare_kernel(x_ptr, order_ptr, expert_ptr, sidx_ptr, x16_ptr, xs_ptr, rs_
     src = tl.load(order_ptr + r).to(tl.int64)
     row = x_ptr + src * stride_xm
     offs = tl.arange(0, BLOCK_K)
-    amax = tl.zeros([BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        v = tl.load(row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v))
-    top = tl.max(amax, axis=0)
-    exponent = ((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2(top)) for a normal top
-    shift = tl.maximum(exponent - FP16_ROOM, 0)
-    inv = ((127 - shift) << 23).to(tl.float32, bitcast=True)
-    tl.store(rs_ptr + r, ((127 + shift) << 23).to(tl.float32, bitcast=True))
     out = x16_ptr + r.to(tl.int64) * K
-    for k0 in range(0, K, BLOCK_K):
-        v = tl.load(row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        tl.store(out + k0 + offs, (v * inv).to(tl.float16), mask=k0 + offs < K)
+    if ONE_PASS:  # the row in registers: one read
+        v = tl.load(row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        inv = _inverse_scale(tl.max(tl.abs(v), axis=0), rs_ptr + r)
+        tl.store(out + offs, (v * inv).to(tl.float16), mask=offs < K)
+    else:
+        amax = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            v = tl.load(row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+        inv = _inverse_scale(tl.max(amax, axis=0), rs_ptr + r)
+        for k0 in range(0, K, BLOCK_K):
+            v = tl.load(row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            tl.store(out + k0 + offs, (v * inv).to(tl.float16), mask=k0 + offs < K)
     if KS > 0:
         e = tl.load(expert_ptr + r).to(tl.int64)
         j = tl.arange(0, BLOCK_S)
         for part in tl.static_range(PARTS):
             idx = tl.load(sidx_ptr + e * stride_ie + part * stride_ip + j, mask=j < KMAX, other=0)
-            v = tl.load(row + idx, mask=j < KMAX, other=0.0).to(tl.float32)
-            tl.store(xs_ptr + (part * R + r).to(tl.int64) * KS + j, (v * inv).to(tl.float16), mask=j < KS)
+            g = tl.load(row + idx, mask=j < KMAX, other=0.0).to(tl.float32)
+            tl.store(xs_ptr + (part * R + r).to(tl.int64) * KS + j, (g * inv).to(tl.float16), mask=j < KS)
 
 
 @constexpr_function
@@ -100,38 +110,47 @@ def _merge(wv, words, s2, o2, BITS: gl.constexpr, p: gl.constexpr):
 
 
 @gluon.jit
-def _loader(x_desc, xs_desc, w_desc, x_smem, w_smem, bars, row0, xs_row0, n0, n_planes, n_sal):
-    """One warp: TMA copies of each plane's x and W (then of the salient planes' x) into their rings."""
+def _loader(x_desc, xs_desc, w_desc, x_smem, w_smem, bars, row0, xs_row0, n0, n_steps, n_sal_steps,
+            PS: gl.constexpr):  # fmt: skip
+    """One warp: TMA copies of each step's ``PS`` planes of x and W (then the salient steps' x) into their rings."""
     x_ready, x_empty, w_ready, w_empty, _, _ = bars
-    XS: gl.constexpr = x_smem.type.shape[0]
-    WS: gl.constexpr = w_smem.type.shape[0]
-    for i in range(n_planes):
+    XS: gl.constexpr = x_smem.type.shape[0] // PS
+    WS: gl.constexpr = w_smem.type.shape[0] // PS
+    for i in range(n_steps):
         xs = i % XS
         mbarrier.wait(x_empty.index(xs), ((i // XS) & 1) ^ 1)
-        mbarrier.expect(x_ready.index(xs), x_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(x_desc, [row0, i * PLANE], x_ready.index(xs), x_smem.index(xs))
+        mbarrier.expect(x_ready.index(xs), PS * x_desc.block_type.nbytes)
+        for h in gl.static_range(PS):
+            tma.async_copy_global_to_shared(x_desc, [row0, (i * PS + h) * PLANE], x_ready.index(xs),
+                                            x_smem.index(xs * PS + h))  # fmt: skip
         ws = i % WS
         mbarrier.wait(w_empty.index(ws), ((i // WS) & 1) ^ 1)
-        mbarrier.expect(w_ready.index(ws), w_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(w_desc, [n0, i * PLANE], w_ready.index(ws), w_smem.index(ws))
-    for j in range(n_sal):
-        i = n_planes + j
+        mbarrier.expect(w_ready.index(ws), PS * w_desc.block_type.nbytes)
+        for h in gl.static_range(PS):
+            tma.async_copy_global_to_shared(w_desc, [n0, (i * PS + h) * PLANE], w_ready.index(ws),
+                                            w_smem.index(ws * PS + h))  # fmt: skip
+    for j in range(n_sal_steps):
+        i = n_steps + j
         xs = i % XS
         mbarrier.wait(x_empty.index(xs), ((i // XS) & 1) ^ 1)
-        mbarrier.expect(x_ready.index(xs), xs_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(xs_desc, [xs_row0, j * PLANE], x_ready.index(xs), x_smem.index(xs))
+        mbarrier.expect(x_ready.index(xs), PS * xs_desc.block_type.nbytes)
+        for h in gl.static_range(PS):
+            tma.async_copy_global_to_shared(xs_desc, [xs_row0, (j * PS + h) * PLANE], x_ready.index(xs),
+                                            x_smem.index(xs * PS + h))  # fmt: skip
 
 
 @gluon.jit
-def _transform(w_smem, m_smem, bars, codes_ptr, scale_ptr, offset_ptr, sval_ptr, e, n0, N, n_planes, n_sal, KMAX,
-               stride_we, stride_wc, stride_se, stride_ve, stride_vn, BITS: gl.constexpr, SYMMETRIC: gl.constexpr,
-               T: gl.constexpr):  # fmt: skip
-    """One of two warp groups: planes ``p`` of each chunk with ``p % 2 == T``, then salient planes ``j % 2 == T``."""
+def _transform(w_smem, m_smem, bars, codes_ptr, scale_ptr, offset_ptr, sval_ptr, e, n0, N, n_steps, n_sal_steps,
+               KMAX, stride_we, stride_wc, stride_se, stride_ve, stride_vn, BITS: gl.constexpr,
+               SYMMETRIC: gl.constexpr, PS: gl.constexpr, T: gl.constexpr):  # fmt: skip
+    """One of two warp groups: the steps (``PS`` planes each) of every chunk whose index within the chunk is ``T``
+    modulo 2, then the salient steps ``j % 2 == T``."""
     _, _, w_ready, w_empty, m_ready, m_empty = bars
     P: gl.constexpr = 16 // BITS
+    WS: gl.constexpr = w_smem.type.shape[0] // PS
     BLOCK_N: gl.constexpr = w_smem.type.shape[1]
-    WS: gl.constexpr = w_smem.type.shape[0]
-    MS: gl.constexpr = m_smem.type.shape[0]
+    MS: gl.constexpr = m_smem.type.shape[0] // PS
+    SPC: gl.constexpr = P // PS  # steps a chunk (even: the two warp groups alternate within it)
     L: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
     offs_n = n0 + gl.arange(0, BLOCK_N, gl.SliceLayout(1, L))
     nmask = offs_n < N
@@ -146,40 +165,42 @@ def _transform(w_smem, m_smem, bars, codes_ptr, scale_ptr, offset_ptr, sval_ptr,
     o2, _ = gl.broadcast((o - s * (1 << BITS)).to(gl.float16), zeros)
     codes = codes_ptr + e * stride_we + offs_n[:, None] * PLANE + t[None, :]  # int16 [E, chunks, N, 32]
     cmask = nmask[:, None] & (t >= 0)[None, :]
-    for c in range(gl.cdiv(n_planes, P)):
+    for c in range(gl.cdiv(n_steps, SPC)):
         words = gl.load(codes + c * stride_wc, mask=cmask, other=0)
-        for pp in gl.static_range(P // 2):
-            i = c * P + 2 * pp + T
-            if i < n_planes:
+        for ss in gl.static_range(SPC // 2):
+            i = c * SPC + 2 * ss + T
+            if i < n_steps:
                 ws = i % WS
                 mbarrier.wait(w_ready.index(ws), (i // WS) & 1)
-                merged = _merge(w_smem.index(ws).load(L), words, s2, o2, BITS, 2 * pp + T)
-                mbarrier.arrive(w_empty.index(ws), count=1)
                 ms = i % MS
                 mbarrier.wait(m_empty.index(ms), ((i // MS) & 1) ^ 1)
-                m_smem.index(ms).store(merged)
+                for h in gl.static_range(PS):
+                    merged = _merge(w_smem.index(ws * PS + h).load(L), words, s2, o2, BITS, (2 * ss + T) * PS + h)
+                    m_smem.index(ms * PS + h).store(merged)
+                mbarrier.arrive(w_empty.index(ws), count=1)
                 fence_async_shared()
                 mbarrier.arrive(m_ready.index(ms), count=1)
     vrows = sval_ptr + e * stride_ve + offs_n[:, None] * stride_vn
-    for j in range(T, n_sal, 2):  # the salient columns' corrections, exact in fp16
-        i = n_planes + j
-        col = j * PLANE + t
-        corr = gl.load(vrows + col[None, :], mask=nmask[:, None] & (col < KMAX)[None, :], other=0.0)
+    for j in range(T, n_sal_steps, 2):  # the salient columns' corrections, exact in fp16
+        i = n_steps + j
         ms = i % MS
         mbarrier.wait(m_empty.index(ms), ((i // MS) & 1) ^ 1)
-        m_smem.index(ms).store(corr.to(gl.float16))
+        for h in gl.static_range(PS):
+            col = (j * PS + h) * PLANE + t
+            corr = gl.load(vrows + col[None, :], mask=nmask[:, None] & (col < KMAX)[None, :], other=0.0)
+            m_smem.index(ms * PS + h).store(corr.to(gl.float16))
         fence_async_shared()
         mbarrier.arrive(m_ready.index(ms), count=1)
 
 
 @gluon.jit
 def _mma(x_smem, m_smem, bars, y_ptr, order_ptr, rs_ptr, row0, count, n0, N, stride_y, n_steps,
-         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-    """The default partition: ``acc += x_plane · merged_planeᵀ`` with one wgmma in flight; then each row, times its
-    scale, into its place in y."""
+         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """The default partition: ``acc += x_plane · merged_planeᵀ`` for each plane of a step, one step's MMAs in flight
+    while it waits for the next; then each row, times its scale, into its place in y."""
     x_ready, x_empty, _, _, m_ready, m_empty = bars
-    XS: gl.constexpr = x_smem.type.shape[0]
-    MS: gl.constexpr = m_smem.type.shape[0]
+    XS: gl.constexpr = x_smem.type.shape[0] // PS
+    MS: gl.constexpr = m_smem.type.shape[0] // PS
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                     instr_shape=[16, BLOCK_N, 16])  # fmt: skip
     acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
@@ -188,9 +209,11 @@ def _mma(x_smem, m_smem, bars, y_ptr, order_ptr, rs_ptr, row0, count, n0, N, str
         ms = i % MS
         mbarrier.wait(x_ready.index(xs), (i // XS) & 1)
         mbarrier.wait(m_ready.index(ms), (i // MS) & 1)
-        acc = warpgroup_mma(x_smem.index(xs), m_smem.index(ms).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(1, deps=[acc])
-        prev = gl.maximum(i - 1, 0)  # step i - 1's MMA has retired: its slots go back
+        for h in gl.static_range(PS):
+            acc = warpgroup_mma(x_smem.index(xs * PS + h), m_smem.index(ms * PS + h).permute((1, 0)), acc,
+                                is_async=True)  # fmt: skip
+        acc = warpgroup_mma_wait(PS, deps=[acc])
+        prev = gl.maximum(i - 1, 0)  # step i - 1's MMAs have retired: its slots go back
         mbarrier.arrive(x_empty.index(prev % XS), count=1, pred=i > 0)
         mbarrier.arrive(m_empty.index(prev % MS), count=1, pred=i > 0)
     acc = warpgroup_mma_wait(0, deps=[acc])
@@ -208,7 +231,7 @@ def _mma(x_smem, m_smem, bars, y_ptr, order_ptr, rs_ptr, row0, count, n0, N, str
 def _merged_kernel(x_desc, xs_desc, w_desc, y_ptr, order_ptr, rs_ptr, tiles_ptr, codes_ptr, scale_ptr, offset_ptr,
                    sval_ptr, N, K, R, KMAX, n_sal, num_m_tiles, stride_y, stride_we, stride_wc, stride_se, stride_ve,
                    stride_vn, B1, B2, BITS: gl.constexpr, SYMMETRIC: gl.constexpr, BLOCK_M: gl.constexpr,
-                   BLOCK_N: gl.constexpr, XS: gl.constexpr, WS: gl.constexpr, MS: gl.constexpr,
+                   BLOCK_N: gl.constexpr, PS: gl.constexpr, XS: gl.constexpr, WS: gl.constexpr, MS: gl.constexpr,
                    TRANSFORM_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """One tile: up to ``BLOCK_M`` rows of one expert (``tiles_ptr``: int32 [tiles, 3] expert, first row in expert
     order, rows) x ``BLOCK_N`` output channels of one projection (a grouped bank's part from ``B1``, ``B2``). The row
@@ -220,12 +243,13 @@ def _merged_kernel(x_desc, xs_desc, w_desc, y_ptr, order_ptr, rs_ptr, tiles_ptr,
     row0 = gl.load(tiles_ptr + m_tile * 3 + 1)
     count = gl.load(tiles_ptr + m_tile * 3 + 2)
     part = (n0 >= B1).to(gl.int32) + (n0 >= B2).to(gl.int32)
-    n_planes = gl.cdiv(K, PLANE)
+    n_steps = gl.cdiv(K, PS * PLANE)
+    n_sal_steps = gl.cdiv(n_sal, PS)
 
-    x_smem = gl.allocate_shared_memory(x_desc.dtype, [XS, BLOCK_M, PLANE], x_desc.layout)
-    w_smem = gl.allocate_shared_memory(w_desc.dtype, [WS, BLOCK_N, PLANE], w_desc.layout)
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [XS * PS, BLOCK_M, PLANE], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [WS * PS, BLOCK_N, PLANE], w_desc.layout)
     m_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, PLANE], gl.float16)
-    m_smem = gl.allocate_shared_memory(gl.float16, [MS, BLOCK_N, PLANE], m_layout)
+    m_smem = gl.allocate_shared_memory(gl.float16, [MS * PS, BLOCK_N, PLANE], m_layout)
     x_ready = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
     x_empty = gl.allocate_shared_memory(gl.int64, [XS, 1], mbarrier.MBarrierLayout())
     w_ready = gl.allocate_shared_memory(gl.int64, [WS, 1], mbarrier.MBarrierLayout())
@@ -245,13 +269,16 @@ def _merged_kernel(x_desc, xs_desc, w_desc, y_ptr, order_ptr, rs_ptr, tiles_ptr,
 
     gl.warp_specialize(
         [
-            (_mma, (x_smem, m_smem, bars, y_ptr, order_ptr, rs_ptr, row0, count, n0, N, stride_y, n_planes + n_sal,
-                    BLOCK_M, BLOCK_N, num_warps)),
-            (_loader, (x_desc, xs_desc, w_desc, x_smem, w_smem, bars, row0, part * R + row0, n0, n_planes, n_sal)),
-            (_transform, (w_smem, m_smem, bars, codes_ptr, scale_ptr, offset_ptr, sval_ptr, e, n0, N, n_planes,
-                          n_sal, KMAX, stride_we, stride_wc, stride_se, stride_ve, stride_vn, BITS, SYMMETRIC, 0)),
-            (_transform, (w_smem, m_smem, bars, codes_ptr, scale_ptr, offset_ptr, sval_ptr, e, n0, N, n_planes,
-                          n_sal, KMAX, stride_we, stride_wc, stride_se, stride_ve, stride_vn, BITS, SYMMETRIC, 1)),
+            (_mma, (x_smem, m_smem, bars, y_ptr, order_ptr, rs_ptr, row0, count, n0, N, stride_y,
+                    n_steps + n_sal_steps, BLOCK_M, BLOCK_N, PS, num_warps)),
+            (_loader, (x_desc, xs_desc, w_desc, x_smem, w_smem, bars, row0, part * R + row0, n0, n_steps,
+                       n_sal_steps, PS)),
+            (_transform, (w_smem, m_smem, bars, codes_ptr, scale_ptr, offset_ptr, sval_ptr, e, n0, N, n_steps,
+                          n_sal_steps, KMAX, stride_we, stride_wc, stride_se, stride_ve, stride_vn, BITS, SYMMETRIC,
+                          PS, 0)),
+            (_transform, (w_smem, m_smem, bars, codes_ptr, scale_ptr, offset_ptr, sval_ptr, e, n0, N, n_steps,
+                          n_sal_steps, KMAX, stride_we, stride_wc, stride_se, stride_ve, stride_vn, BITS, SYMMETRIC,
+                          PS, 1)),
         ],
         [1, 4, 4],
         [24, TRANSFORM_REGS, TRANSFORM_REGS],
@@ -283,7 +310,8 @@ def merged_linear_gluon(
     rs = torch.empty(r, dtype=torch.float32, device=device)
     _prepare_kernel[(r,)](
         x, order, experts, sidx, x16, xs, rs, k, ks, kmax, r, x.stride(0), sidx.stride(0), sidx.stride(1),
-        PARTS=parts, BLOCK_K=min(4096, triton.next_power_of_2(k)), BLOCK_S=max(16, triton.next_power_of_2(ks)),
+        PARTS=parts, BLOCK_K=min(16384, triton.next_power_of_2(k)), ONE_PASS=k <= 16384,
+        BLOCK_S=max(16, triton.next_power_of_2(ks)), num_warps=8,
     )  # fmt: skip
     codes = bank.packed.view(torch.int16)  # int32 [E, chunks, N, 16] -> int16 [E, chunks, N, 32]
     bounds = (*bank.bounds[1:-1], n, n)
@@ -294,7 +322,7 @@ def merged_linear_gluon(
         order, rs, tiles, codes, bank.scale, offset, bank.salient_val, n, k, r, kmax, n_sal, tiles.shape[0],
         y.stride(0), codes.stride(0), codes.stride(1), bank.scale.stride(0), bank.salient_val.stride(0),
         bank.salient_val.stride(1), bounds[0], bounds[1], BITS=bank.grid.bits, SYMMETRIC=bank.offset is None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, XS=cfg.x_slots, WS=cfg.w_slots, MS=cfg.merged_slots,
-        TRANSFORM_REGS=cfg.transform_regs, num_warps=8, maxnreg=cfg.maxnreg,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PS=cfg.planes_per_step, XS=cfg.x_slots, WS=cfg.w_slots,
+        MS=cfg.merged_slots, TRANSFORM_REGS=cfg.transform_regs, num_warps=8, maxnreg=cfg.maxnreg,
     )  # fmt: skip
     return y

@@ -216,6 +216,7 @@ class MergedConfig:
 
     block_m: int = 256
     block_n: int = 128
+    planes_per_step: int = 1  # 32 positions of K each: one wait of the MMA warp groups for this many planes
     x_slots: int = 6
     w_slots: int = 6
     merged_slots: int = 4
