@@ -219,12 +219,20 @@ def _mma(x_smem, m_smem, bars, y_ptr, order_ptr, rs_ptr, row0, count, n0, N, str
     acc = warpgroup_mma_wait(0, deps=[acc])
 
     offs_m = gl.arange(0, BLOCK_M, gl.SliceLayout(1, acc_l))
-    offs_n = n0 + gl.arange(0, BLOCK_N, gl.SliceLayout(0, acc_l))
+    scale = gl.load(rs_ptr + row0 + offs_m, mask=offs_m < count, other=1.0)
+    out = (acc * scale[:, None]).to(y_ptr.dtype.element_ty)
+    # through shared memory (the x ring, whose MMAs have all retired) into rows of 8 consecutive outputs a thread:
+    # 16-byte stores where the accumulator's layout gives 2-byte ones
+    TPW_N: gl.constexpr = BLOCK_N // 8
+    store_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_N, TPW_N], [num_warps, 1], [1, 0])
+    stage = x_smem._reinterpret(out.dtype, [BLOCK_M, BLOCK_N], gl.SwizzledSharedLayout(8, 1, 8, [1, 0]))
+    stage.store(out)
+    out = stage.load(store_l)
+    offs_m = gl.arange(0, BLOCK_M, gl.SliceLayout(1, store_l))
+    offs_n = n0 + gl.arange(0, BLOCK_N, gl.SliceLayout(0, store_l))
     mmask = offs_m < count
     rows = gl.load(order_ptr + row0 + offs_m, mask=mmask, other=0).to(gl.int64)
-    scale = gl.load(rs_ptr + row0 + offs_m, mask=mmask, other=1.0)
-    ptrs = y_ptr + rows[:, None] * stride_y + offs_n[None, :]
-    gl.store(ptrs, (acc * scale[:, None]).to(y_ptr.dtype.element_ty), mask=mmask[:, None] & (offs_n < N)[None, :])
+    gl.store(y_ptr + rows[:, None] * stride_y + offs_n[None, :], out, mask=mmask[:, None] & (offs_n < N)[None, :])
 
 
 @gluon.jit
@@ -298,6 +306,8 @@ def merged_linear_gluon(
     x, W and y bf16, W ``[N, K]`` contiguous; ``bank`` layout 2 with per-channel steps (checked by the caller,
     :func:`~meswitch.kernels.launch_config.merges_prefill`)."""
     n, k = bank.grid.shape
+    if cfg.x_slots * cfg.planes_per_step * PLANE.value < cfg.block_n:
+        raise ValueError(f"the x ring ({cfg.x_slots} slots) is too small to stage a tile's {cfg.block_n} outputs")
     order, experts, tiles = rows.merged_tables(cfg.block_m, x.device)
     r, device = order.shape[0], x.device
     kmax = bank.kmax

@@ -216,7 +216,9 @@ class MergedConfig:
 
     block_m: int = 256
     block_n: int = 128
-    planes_per_step: int = 1  # 32 positions of K each: one wait of the MMA warp groups for this many planes
+    # planes (32 positions of K each) the MMA warp groups take a wait: 2 measured 5-10% slower on every shape (the
+    # transform warp groups spill at 64 registers; benchmarks/NOTES-kernels.md)
+    planes_per_step: int = 1
     x_slots: int = 6
     w_slots: int = 6
     merged_slots: int = 4
