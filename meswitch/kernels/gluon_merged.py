@@ -110,33 +110,26 @@ def _merge(wv, words, s2, o2, BITS: gl.constexpr, p: gl.constexpr):
 
 
 @gluon.jit
+def _fill(desc, row, k0, ready, empty, smem, i, PS: gl.constexpr):
+    """Step i of a ring: wait until its slot is free, then TMA-copy the ``PS`` planes from column ``k0`` on."""
+    SLOTS: gl.constexpr = smem.type.shape[0] // PS
+    slot = i % SLOTS
+    mbarrier.wait(empty.index(slot), ((i // SLOTS) & 1) ^ 1)
+    mbarrier.expect(ready.index(slot), PS * desc.block_type.nbytes)
+    for h in gl.static_range(PS):
+        tma.async_copy_global_to_shared(desc, [row, k0 + h * PLANE], ready.index(slot), smem.index(slot * PS + h))
+
+
+@gluon.jit
 def _loader(x_desc, xs_desc, w_desc, x_smem, w_smem, bars, row0, xs_row0, n0, n_steps, n_sal_steps,
             PS: gl.constexpr):  # fmt: skip
     """One warp: TMA copies of each step's ``PS`` planes of x and W (then the salient steps' x) into their rings."""
     x_ready, x_empty, w_ready, w_empty, _, _ = bars
-    XS: gl.constexpr = x_smem.type.shape[0] // PS
-    WS: gl.constexpr = w_smem.type.shape[0] // PS
     for i in range(n_steps):
-        xs = i % XS
-        mbarrier.wait(x_empty.index(xs), ((i // XS) & 1) ^ 1)
-        mbarrier.expect(x_ready.index(xs), PS * x_desc.block_type.nbytes)
-        for h in gl.static_range(PS):
-            tma.async_copy_global_to_shared(x_desc, [row0, (i * PS + h) * PLANE], x_ready.index(xs),
-                                            x_smem.index(xs * PS + h))  # fmt: skip
-        ws = i % WS
-        mbarrier.wait(w_empty.index(ws), ((i // WS) & 1) ^ 1)
-        mbarrier.expect(w_ready.index(ws), PS * w_desc.block_type.nbytes)
-        for h in gl.static_range(PS):
-            tma.async_copy_global_to_shared(w_desc, [n0, (i * PS + h) * PLANE], w_ready.index(ws),
-                                            w_smem.index(ws * PS + h))  # fmt: skip
+        _fill(x_desc, row0, i * PS * PLANE, x_ready, x_empty, x_smem, i, PS)
+        _fill(w_desc, n0, i * PS * PLANE, w_ready, w_empty, w_smem, i, PS)
     for j in range(n_sal_steps):
-        i = n_steps + j
-        xs = i % XS
-        mbarrier.wait(x_empty.index(xs), ((i // XS) & 1) ^ 1)
-        mbarrier.expect(x_ready.index(xs), PS * xs_desc.block_type.nbytes)
-        for h in gl.static_range(PS):
-            tma.async_copy_global_to_shared(xs_desc, [xs_row0, (j * PS + h) * PLANE], x_ready.index(xs),
-                                            x_smem.index(xs * PS + h))  # fmt: skip
+        _fill(xs_desc, xs_row0, j * PS * PLANE, x_ready, x_empty, x_smem, n_steps + j, PS)
 
 
 @gluon.jit
