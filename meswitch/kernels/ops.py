@@ -52,24 +52,32 @@ def mixed_delta(
     return mixed_delta_reference(x, bank, rows, y)
 
 
+def merged_product(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bank: DeltaBank, rows: ExpertRows
+) -> torch.Tensor | None:
+    """``x · (W + Δ̂)ᵀ + b`` as one launch (:mod:`meswitch.kernels.gluon_merged`) where
+    :func:`~meswitch.kernels.launch_config.merges_prefill` holds (a prefill's long segments on an sm_90 GPU), a new
+    tensor; None elsewhere, for the caller to run the base GEMM and :func:`mixed_delta`."""
+    from meswitch.kernels.launch_config import merged_config, merges_prefill
+
+    if not (merges_prefill(bank, rows, x, weight) and triton_available()):
+        return None
+    from meswitch.kernels.gluon_merged import merged_linear_gluon
+
+    y = torch.empty((x.shape[0], bank.grid.shape[0]), dtype=x.dtype, device=x.device)
+    check_inputs(x, bank, rows, y)
+    merged_linear_gluon(x, weight, bank, rows, y, merged_config(bank))
+    return y if bias is None else y.add_(bias)
+
+
 def merged_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bank: DeltaBank, rows: ExpertRows
 ) -> torch.Tensor:
-    """``x[m] · (W + Δ̂_{e(m)})ᵀ + b`` for each row m of ``x`` [M, K] (expert -1: the base alone), a new tensor.
-
-    Where :func:`~meswitch.kernels.launch_config.merges_prefill` holds (a prefill's long segments on an sm_90 GPU),
-    one launch makes ``W + Δ̂`` in fp16 and runs one product (:mod:`meswitch.kernels.gluon_merged`), where the base
-    GEMM plus :func:`mixed_delta` run the FLOPs twice; elsewhere those two, which it equals to fp16 rounding."""
-    from meswitch.kernels.launch_config import merged_config, merges_prefill
-
-    if merges_prefill(bank, rows, x, weight) and triton_available():
-        from meswitch.kernels.gluon_merged import merged_linear_gluon
-
-        y = torch.empty((x.shape[0], bank.grid.shape[0]), dtype=x.dtype, device=x.device)
-        check_inputs(x, bank, rows, y)
-        merged_linear_gluon(x, weight, bank, rows, y, merged_config(bank))
-        return y if bias is None else y.add_(bias)
-    return mixed_delta(x, bank, rows, torch.nn.functional.linear(x, weight, bias))
+    """``x[m] · (W + Δ̂_{e(m)})ᵀ + b`` for each row m of ``x`` [M, K] (expert -1: the base alone), a new tensor:
+    one product where :func:`merged_product` runs (the base GEMM plus :func:`mixed_delta` run the FLOPs twice),
+    elsewhere those two, which it equals to fp16 rounding."""
+    y = merged_product(x, weight, bias, bank, rows)
+    return mixed_delta(x, bank, rows, torch.nn.functional.linear(x, weight, bias)) if y is None else y
 
 
 # ---- the device-tile op: what CUDA graphs and torch.compile hold -------------------------------

@@ -164,18 +164,15 @@ class BatchExperts:
         None elsewhere."""
         if self.tiles or len(self.slots) != 1:
             return None
-        from meswitch.kernels.launch_config import merges_prefill
-        from meswitch.kernels.ops import merged_linear, triton_available
+        from meswitch.kernels.ops import merged_product
 
         grid = next(iter(self.slots))
         bank = self.banks.grids[grid].bank(name)
         if bank is None:
             return None
-        x2 = x.reshape(-1, x.shape[-1])
         rows = self._expert_rows(grid, x.shape[1] if x.dim() == 3 else 1)
-        if not (merges_prefill(bank, rows, x2, weight) and triton_available()):
-            return None
-        return merged_linear(x2, weight, bias, bank, rows).view(*x.shape[:-1], -1)
+        y = merged_product(x.reshape(-1, x.shape[-1]), weight, bias, bank, rows)
+        return None if y is None else y.view(*x.shape[:-1], -1)
 
     def sums_plans(self, name: str | tuple[str, ...], x: torch.Tensor) -> dict:
         """Graph mode where the Triton kernel runs: per grid of the step, the row sums of ``x`` [..., K] its launch
