@@ -46,6 +46,7 @@ import argparse
 import contextlib
 import datetime as dt
 import functools
+import gc
 import itertools
 import json
 import os
@@ -199,33 +200,58 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 class Timer:
-    """Per step: wall time synchronised (``ms``), time until the call returns (``host_ms``) and the
-    GPU time between CUDA events around it (``gpu_ms``)."""
+    """Per step: wall time synchronised (``ms``), time until the call returns (``host_ms``), the GPU time between
+    CUDA events around it (``gpu_ms``) and the time Python's garbage collector ran inside it (``gc_ms``, with the
+    collections by generation): an eager step whose host falls behind the GPU shows ``ms`` above ``gpu_ms``."""
 
     def __init__(self, device: torch.device):
-        self.device, self.ms, self.host, self.gpu = device, [], [], []
+        self.device, self.ms, self.host, self.gpu, self.gc = device, [], [], [], []
+        self.collections = [0, 0, 0]
 
     def __call__(self, step, timed: bool):
         cuda = self.device.type == "cuda"
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-        t0 = time.perf_counter()
-        out = step()
-        t1 = time.perf_counter()
+        with GcClock() as clock:
+            t0 = time.perf_counter()
+            out = step()
+            t1 = time.perf_counter()
         if cuda:
             end.record()
         sync(self.device)
         if timed:
             self.ms.append(time.perf_counter() - t0)
             self.host.append(t1 - t0)
+            self.gc.append(clock.seconds)
+            self.collections = [a + b for a, b in zip(self.collections, clock.collections, strict=True)]
             if cuda:
                 self.gpu.append(start.elapsed_time(end) / 1e3)
         return out
 
     def result(self) -> dict:
         med = lambda v: round(1e3 * statistics.median(v), 3) if v else None
-        return {"ms": med(self.ms), "host_ms": med(self.host), "gpu_ms": med(self.gpu)}
+        return {"ms": med(self.ms), "host_ms": med(self.host), "gpu_ms": med(self.gpu), "gc_ms": med(self.gc),
+                "gc_collections": self.collections}  # fmt: skip
+
+
+class GcClock:
+    """Seconds spent in Python's garbage collector while the block runs, and its collections by generation."""
+
+    def __enter__(self) -> GcClock:
+        self.seconds, self.collections, self._t0 = 0.0, [0, 0, 0], 0.0
+        gc.callbacks.append(self._event)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._event)
+
+    def _event(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._t0
+            self.collections[info["generation"]] += 1
 
 
 def engine_eager(eng: InMemoryEngine, rows: list, prompt: int, warmup: int, steps: int, gen) -> dict:
@@ -390,12 +416,12 @@ TARGETS = [  # issue 13: fraction of the bytes floor, CUDA-graph decode (graph-c
 PREFILL_TARGET = 1.3  # prefill with 8 experts within 1.3x of the base alone
 
 
-def prefill_time(dec: StaticDecoder, rows: list, prompts: list, repeats: int = 3) -> float:
-    """Median ms of one eager prefill of ``prompts`` into ``rows``."""
+def prefill_time(dec: StaticDecoder, rows: list, prompts: list, repeats: int = 5) -> dict:
+    """One eager prefill of ``prompts`` into ``rows``: :class:`Timer`'s medians over ``repeats`` after a warm-up."""
     timer = Timer(dec.engine.device)
     for t in range(repeats + 1):
         timer(lambda: dec.prefill(range(len(rows)), prompts, rows), t > 0)
-    return timer.result()["ms"]
+    return timer.result()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -614,10 +640,13 @@ def main(argv: list[str] | None = None) -> None:
             os.environ.pop("MESWITCH_MERGED_PREFILL") if before is None else os.environ.update(
                 MESWITCH_MERGED_PREFILL=before
             )
-        prefill = {"tokens": args.prefill_tokens, "rows": n_rows, "experts": n_rows, "ms": mixed,
-                   "base_alone_ms": alone, "ratio": round(mixed / alone, 3), "target_ratio": PREFILL_TARGET,
-                   "met": mixed / alone <= PREFILL_TARGET, "apart_ms": apart,
-                   "apart_ratio": round(apart / alone, 3)}  # fmt: skip
+        ms, base = mixed["ms"], alone["ms"]
+        prefill = {"tokens": args.prefill_tokens, "rows": n_rows, "experts": n_rows, "ms": ms,
+                   "base_alone_ms": base, "ratio": round(ms / base, 3), "target_ratio": PREFILL_TARGET,
+                   "met": ms / base <= PREFILL_TARGET, "apart_ms": apart["ms"],
+                   "apart_ratio": round(apart["ms"] / base, 3),
+                   "gpu_ratio": round(mixed["gpu_ms"] / alone["gpu_ms"], 3) if mixed["gpu_ms"] else None,
+                   "timings": {"experts": mixed, "base_alone": alone, "apart": apart}}  # fmt: skip
         print(f"prefill: {prefill}", flush=True)
     report["prefill"] = prefill
 

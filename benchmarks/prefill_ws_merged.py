@@ -38,8 +38,8 @@ from meswitch.kernels.reference import mixed_delta_reference
 SHAPE_NAMES = ("q/k/v grouped 6144x4096", "q/o 4096x4096", "gate/up grouped 28672x4096", "down 4096x14336")
 CONFIGS = [  # fields of MergedConfig over merged_config's
     {},
-    {"planes_per_step": 2, "x_slots": 3, "w_slots": 4, "merged_slots": 3},
-    {"planes_per_step": 2, "x_slots": 4, "w_slots": 3, "merged_slots": 2},
+    {"register_a": True, "maxnreg": 232, "w_slots": 8},
+    {"register_a": True, "maxnreg": 232, "x_slots": 8, "w_slots": 8},
 ]
 
 

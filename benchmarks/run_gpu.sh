@@ -40,7 +40,7 @@ for step in $steps; do
   echo "=== $step ($(date +%T))"
   case $step in
     tests) timeout 300 python3 -m pytest tests/test_kernels.py tests/test_grouped_delta.py tests/test_decode_attention.py \
-             tests/test_static_decoder.py tests/test_merged_prefill.py -q -x -p no:cacheprovider -k "kernel_ or fp8 or dispatches or on_the_gpu or deltas_of_q_k_v or precomputed_row_sums" \
+             tests/test_static_decoder.py tests/test_merged_prefill.py tests/test_direct_launch.py -q -x -p no:cacheprovider -k "kernel_ or fp8 or dispatches or on_the_gpu or deltas_of_q_k_v or precomputed_row_sums or direct_launch" \
              2>&1 | tail -n 40 | tee "$OUT/tests.log" || { status=1; break; } ;;
     sweep) timeout "${SWEEP_TIMEOUT:-420}" python3 benchmarks/kernel_sweep.py --out "$OUT/kernel_sweep.json" 2>&1 | tee "$OUT/sweep.log" ;;
     roofline) timeout "${ROOFLINE_TIMEOUT:-420}" python3 benchmarks/kernel_roofline.py \

@@ -8,6 +8,7 @@ the decoder's prefill merged against the products apart.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -102,7 +103,8 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
         (2, False, None, 576, 6, (576, 192, 192)),  # a grouped q/k/v bank: 64-channel blocks
     ],
 )
-def test_the_merged_kernel_equals_the_reference_on_the_gpu(bits, symmetric, n, k, salient, widths):
+@pytest.mark.parametrize("register_a", [False, True])
+def test_the_merged_kernel_equals_the_reference_on_the_gpu(bits, symmetric, n, k, salient, widths, register_a):
     from meswitch.kernels.gluon_merged import merged_linear_gluon
 
     gen = torch.Generator(device="cuda").manual_seed(bits)
@@ -122,7 +124,10 @@ def test_the_merged_kernel_equals_the_reference_on_the_gpu(bits, symmetric, n, k
     w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
     want = mixed_delta_reference(x.float(), bank, rows, x.float() @ w.float().T)
     y = torch.full((853, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-    merged_linear_gluon(x, w, bank, rows, y, lc.merged_config(bank))
+    cfg = lc.merged_config(bank)
+    if register_a:
+        cfg = dataclasses.replace(cfg, register_a=True, maxnreg=232, w_slots=8)
+    merged_linear_gluon(x, w, bank, rows, y, cfg)
     assert _relative(y, want) < 1e-2
     assert _relative(y[5], want[5]) < 1e-2 and torch.isfinite(y).all()
     delta = want - x.float() @ w.float().T  # the delta itself survives the fp16 rounding of W + Δ̂

@@ -164,16 +164,16 @@ def _overridden(bank: DeltaBank, cfg: LaunchConfig) -> LaunchConfig:
     return cfg
 
 
-def _launch_fields(text: str) -> dict:
-    """``MESWITCH_DELTA_CONFIG`` read as LaunchConfig fields; anything else is one error naming the variable, here
-    rather than as a TypeError inside a served step."""
+def _launch_fields(text: str, cls: type = LaunchConfig, variable: str = "MESWITCH_DELTA_CONFIG") -> dict:
+    """``variable`` (JSON) read as fields of ``cls``; anything else is one error naming the variable, here rather
+    than as a TypeError inside a served step."""
     try:
         fields = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"MESWITCH_DELTA_CONFIG is not JSON ({e}): {text!r}") from None
-    known = LaunchConfig.__dataclass_fields__
+        raise ValueError(f"{variable} is not JSON ({e}): {text!r}") from None
+    known = cls.__dataclass_fields__
     if not isinstance(fields, dict) or set(fields) - set(known):
-        raise ValueError(f"MESWITCH_DELTA_CONFIG must be a JSON object of launch fields ({', '.join(known)}): {text!r}")
+        raise ValueError(f"{variable} must be a JSON object of launch fields ({', '.join(known)}): {text!r}")
     return fields
 
 
@@ -224,6 +224,9 @@ class MergedConfig:
     merged_slots: int = 4
     transform_regs: int = 64
     maxnreg: int = 96
+    # the merged plane as wgmma's register operand, made by the MMA warp groups (no transform partition, no ring of
+    # merged planes: a third of the shared-memory traffic a plane less), the tile transposed
+    register_a: bool = False
 
 
 MERGE_FROM = 256  # rows of every expert from which a prefill linear runs as one merged product (merges_prefill)
@@ -256,8 +259,11 @@ def merges_prefill(bank: DeltaBank, rows: ExpertRows, x: torch.Tensor, weight: t
 
 
 def merged_config(bank: DeltaBank) -> MergedConfig:
-    """:class:`MergedConfig` with N blocks that never straddle a grouped bank's projections."""
-    return MergedConfig(block_n=block_within(128, bank))
+    """:class:`MergedConfig` with N blocks that never straddle a grouped bank's projections; ``MESWITCH_MERGED_CONFIG``
+    (its fields as JSON) over it, for an A/B of a whole prefill."""
+    overrides = os.environ.get("MESWITCH_MERGED_CONFIG")
+    fields = _launch_fields(overrides, MergedConfig, "MESWITCH_MERGED_CONFIG") if overrides else {}
+    return MergedConfig(**{"block_n": block_within(128, bank), **fields})
 
 
 def check_device_inputs(x: torch.Tensor, bank: DeltaBank, y: torch.Tensor) -> None:
