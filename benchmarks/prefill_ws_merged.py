@@ -89,9 +89,19 @@ def bench_case(name: str, rows: int, experts: int, configs: list[dict]) -> dict:
     return row
 
 
+class _Jit:
+    """A DirectLauncher's call made through Triton's JIT every time: what the launch cost before it."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __call__(self, grid: int, args: tuple, constexprs: dict, **options) -> None:
+        self.fn[(grid,)](*args, **constexprs, **options)
+
+
 def host_us(rows: int, experts: int, calls: int = 200) -> dict:
     """Host time per call (us, no synchronisation inside the loop) of the launch path's parts, on q/o's shape: what an
-    eager prefill pays per linear beside the GPU's time."""
+    eager prefill pays per linear beside the GPU's time; the launches direct (the product) and through the JIT."""
     import time
 
     from meswitch.kernels import gluon_merged as gm
@@ -106,10 +116,22 @@ def host_us(rows: int, experts: int, calls: int = 200) -> dict:
     y = torch.empty(rows, n, device="cuda", dtype=torch.bfloat16)
     cfg = merged_config(bank)
     x16 = torch.empty(rows, k, dtype=torch.float16, device="cuda")
+    direct = (gm._PREPARE, gm._MERGED)
+    jit = (_Jit(gm._prepare_kernel), _Jit(gm._merged_kernel))
+
+    def through(launchers):
+        gm._PREPARE, gm._MERGED = launchers
+        try:
+            merged_linear_gluon(x, w, bank, er, y, cfg)
+        finally:
+            gm._PREPARE, gm._MERGED = direct
+
     parts = {
+        "torch.mm (cuBLAS, for scale)": lambda: torch.mm(x, w.T, out=y),
         "merges_prefill": lambda: merges_prefill(bank, er, x, w),
         "three TMA descriptors": lambda: (gm._descriptor(x16, 256), gm._descriptor(x16, 256), gm._descriptor(w, 128)),
-        "merged_linear_gluon (both launches)": lambda: merged_linear_gluon(x, w, bank, er, y, cfg),
+        "merged_linear_gluon, launches direct": lambda: merged_linear_gluon(x, w, bank, er, y, cfg),
+        "merged_linear_gluon, launches through the JIT": lambda: through(jit),
         "merged_linear (the op)": lambda: merged_linear(x, w, None, bank, er),
     }
     out = {}
