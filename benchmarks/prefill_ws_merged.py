@@ -38,8 +38,8 @@ from meswitch.kernels.reference import mixed_delta_reference
 SHAPE_NAMES = ("q/k/v grouped 6144x4096", "q/o 4096x4096", "gate/up grouped 28672x4096", "down 4096x14336")
 CONFIGS = [  # fields of MergedConfig over merged_config's
     {},
-    {"register_a": True, "maxnreg": 232, "w_slots": 8},
-    {"register_a": True, "maxnreg": 232, "x_slots": 8, "w_slots": 8},
+    {"register_a": True, "w_slots": 8},
+    {"register_a": True, "x_slots": 8, "w_slots": 8},
 ]
 
 

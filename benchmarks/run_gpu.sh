@@ -84,7 +84,7 @@ for step in $steps; do
       timeout 300 python3 benchmarks/decode_e2e.py --modes graph --experts-list 8 --batches 32 --steps 16 \
         --out "$OUT/decode-prefill-merged.json" 2>&1 | grep -E '"mode"|prefill' ;;
     prefill-ab) # the whole prefill with the merged kernel's defaults against MERGED_AB (MergedConfig fields as JSON,
-                # e.g. '{"register_a": true, "maxnreg": 232, "w_slots": 8}'), one process each in turn, AB_ROUNDS times
+                # e.g. '{"register_a": true, "w_slots": 8}'), one process each in turn, AB_ROUNDS times
       for round in $(seq "${AB_ROUNDS:-2}"); do
         for cfg in '' "${MERGED_AB:?MergedConfig fields as JSON}"; do
           MESWITCH_MERGED_CONFIG=$cfg timeout 240 python3 benchmarks/decode_e2e.py --modes graph --experts-list 8 \

@@ -223,9 +223,9 @@ class MergedConfig:
     w_slots: int = 6
     merged_slots: int = 4
     transform_regs: int = 64
-    maxnreg: int = 96
+    maxnreg: int | None = None  # None: 96 for 13 warps (the transform kernel), 232 for 9 (the register-operand one)
     # the merged plane as wgmma's register operand, made by the MMA warp groups (no transform partition, no ring of
-    # merged planes: a third of the shared-memory traffic a plane less), the tile transposed
+    # merged planes: 64 KB of shared-memory traffic a plane, not 88), the tile transposed; opt-in until measured
     register_a: bool = False
 
 
