@@ -68,9 +68,10 @@ def operand_hazards(instructions: list[str], labels: dict[str, int]) -> list[tup
     return found
 
 
-def compile_register_a(bits: int, block_n: int, symmetric: bool) -> tuple[list[str], dict[str, int]]:
+def compile_register_a(bits: int, block_n: int, symmetric: bool) -> tuple[list[str], dict[str, int], int]:
     """The register-operand merged kernel (``gluon_merged._merged_rs_kernel``) compiled for sm_90 as a launch on
-    Mistral-7B's gate/up shape would be (divisibility hints included): its SASS instructions and labels."""
+    Mistral-7B's gate/up shape would be (divisibility hints included): its SASS instructions and labels, and the
+    registers its launch asks of the SM (warps, padded to warp groups, x 32 x the launch's register cap)."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -101,17 +102,17 @@ def compile_register_a(bits: int, block_n: int, symmetric: bool) -> tuple[list[s
                                                                   if a in consts},
         attrs={(i,): [["tt.divisibility", 16]] for i, a in enumerate(names) if a in aligned},
     )  # fmt: skip
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": block_n // 16,
-                                                                              "maxnreg": 232})  # fmt: skip
-    return sass_lines(kernel.asm["cubin"])
+    options = {"num_warps": block_n // 16, "maxnreg": cfg.launch_maxnreg}
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=options)
+    return (*sass_lines(kernel.asm["cubin"]), kernel.metadata.num_warps * 32 * cfg.launch_maxnreg)
 
 
 def main() -> None:
     for bits, block_n, symmetric in ((1, 128, False), (2, 128, False), (4, 128, True), (2, 64, False)):
-        sass, labels = compile_register_a(bits, block_n, symmetric)
+        sass, labels, registers = compile_register_a(bits, block_n, symmetric)
         hgmma = sum(s.startswith("HGMMA") for s in sass)
         print(f"{bits}-bit, {block_n} channels, symmetric {symmetric}: {hgmma} HGMMA, "
-              f"hazards {operand_hazards(sass, labels)}")  # fmt: skip
+              f"hazards {operand_hazards(sass, labels)}, {registers} registers a block (64K on sm_90)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -475,9 +475,9 @@ def merged_linear_gluon(
         if cfg.block_n not in (64, 128):
             raise ValueError(f"the register-operand kernel takes 64 or 128 channels a program, not {cfg.block_n}")
         _MERGED_RS(grid, args, {**head, "XS": cfg.x_slots, "WS": cfg.w_slots, "num_warps": cfg.block_n // 16},
-                   maxnreg=cfg.maxnreg or 232)  # fmt: skip
+                   maxnreg=cfg.launch_maxnreg)  # fmt: skip
     else:
         _MERGED(grid, args, {**head, "PS": cfg.planes_per_step, "XS": cfg.x_slots, "WS": cfg.w_slots,
                              "MS": cfg.merged_slots, "TRANSFORM_REGS": cfg.transform_regs, "num_warps": 8},
-                maxnreg=cfg.maxnreg or 96)  # fmt: skip
+                maxnreg=cfg.launch_maxnreg)  # fmt: skip
     return y
