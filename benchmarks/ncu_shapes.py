@@ -8,17 +8,23 @@ duration, DRAM throughput (% of peak and bytes), SM and memory-pipe utilisation,
 registers per thread, and the top warp-stall reasons: what bounds the shape (latency, issue or bandwidth),
 named in each case's ``limit`` by the rule of :func:`limit`.
 
+``--merged FIELDS`` profiles the merged prefill product instead (``gluon_merged.merged_linear_gluon``, sm_90; the
+rows a prefill's, e.g. ``--rows 2048 --experts 8``), with MergedConfig fields as JSON over ``merged_config``'s (``{}``:
+the default kernel; ``{"register_a": true, "w_slots": 8}``: the register-operand one).
+
 ``--sums-given`` profiles the launch as the decode step makes it (x's row sums given with x, tiles of 8, 16 or
 64 rows as the step picks them: ``kernel_roofline.step_launch``), where the default profiles the library path
 (``mixed_delta_triton``: one tile per segment, row sums in the loop or from a kernel of their own).
 
     python benchmarks/ncu_shapes.py --out ncu.json [--sums-given] [--rows 1 8 32 64] [--experts 1 4 16]
+    python benchmarks/ncu_shapes.py --out ncu-merged.json --merged '{}' --rows 2048 --experts 8
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -37,6 +43,7 @@ from kernel_roofline import SHAPES
 # the delta launches of a decode step: q/k/v's and gate/up's grouped, o and down alone
 STEP_SHAPES = ("q/k/v grouped 6144x4096", "q/o 4096x4096", "gate/up grouped 28672x4096", "down 4096x14336")
 KERNEL = "regex:_delta_v2_"  # the delta kernel, as the launch rules configure it
+MERGED_KERNEL = "regex:_merged_(rs_)?kernel"  # the merged prefill product's kernel (not its prepare kernel)
 METRICS = {
     "gpu__time_duration.sum": "duration_ns",
     "dram__throughput.avg.pct_of_peak_sustained_elapsed": "dram_pct_of_peak",
@@ -85,7 +92,14 @@ def target(args) -> None:
     er, segs = rows_for(rows, experts, 0)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     y = torch.zeros(rows, n, device="cuda", dtype=torch.bfloat16)
-    if args.sums_given:
+    if args.merged is not None:
+        from meswitch.kernels.gluon_merged import merged_linear_gluon
+        from meswitch.kernels.launch_config import merged_config
+
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        cfg = dataclasses.replace(merged_config(bank), **json.loads(args.merged))
+        run = lambda: merged_linear_gluon(x, w, bank, er, y, cfg)
+    elif args.sums_given:
         cfg, tiles, given = step_launch(bank, er, segs, x, args.block_m)
         run = lambda: launch(x, bank, tiles, y, cfg, **given)
     else:
@@ -150,10 +164,12 @@ def drive(args) -> None:
     results = []
     for shape, rows, experts in cases(args):
         cmd = [
-            str(ncu), "--clock-control", "none", "--csv", "--page", "raw", "-k", KERNEL, "--launch-skip", "3",
+            str(ncu), "--clock-control", "none", "--csv", "--page", "raw", "-k",
+            KERNEL if args.merged is None else MERGED_KERNEL, "--launch-skip", "3",
             "--launch-count", "1", *sections, "--metrics", ",".join(METRICS), sys.executable, __file__, "--target",
             "--shapes", shape, "--rows", str(rows), "--experts", str(experts),
             *(["--sums-given"] if args.sums_given else []), *(["--block-m", str(args.block_m)] if args.block_m else []),
+            *(["--merged", args.merged] if args.merged is not None else []),
         ]  # fmt: skip
         run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if run.returncode != 0 or '"ID"' not in run.stdout:
@@ -162,11 +178,12 @@ def drive(args) -> None:
         r = {"shape": shape, "rows": rows, "experts": experts, "launch": cfg, **parse(run.stdout)}
         r["limit"] = limit(r)
         results.append(r)
-        print(shape, rows, experts, f"bm={cfg['block_m']} split={cfg['split_k']}", r["duration_ns"],
+        print(shape, rows, experts, f"bm={cfg['block_m']} split={cfg.get('split_k')}", r["duration_ns"],
               r["dram_pct_of_peak"], r.get("issue_active_pct"), r["limit"], r["top_stalls"], flush=True)  # fmt: skip
         report = {"date": dt.date.today().isoformat(), "device": device, "versions": versions,
                   "command": " ".join(["python", *sys.argv]), "ncu": " ".join(cmd[:12]), "host": platform.node(),
-                  "sums_given": args.sums_given, "note": "SYNTHETIC 2-bit deltas, Mistral-7B shapes; one launch each",
+                  "sums_given": args.sums_given, "merged": args.merged,
+                  "note": "SYNTHETIC 2-bit deltas, Mistral-7B shapes; one launch each",
                   "results": results}  # fmt: skip
         args.out.write_text(json.dumps(report, indent=2) + "\n")  # after every case: a cut run keeps the rest
 
@@ -180,9 +197,12 @@ def main(argv=None) -> None:
     ap.add_argument("--experts", type=int, nargs="*", default=[1, 4, 16])
     ap.add_argument("--sums-given", action="store_true", help="profile the launch as the decode step makes it")
     ap.add_argument("--block-m", type=int, help="with --sums-given: rows a tile (default: the step's choice)")
+    ap.add_argument("--merged", metavar="FIELDS", help="profile the merged prefill kernel: MergedConfig fields as JSON")
     args = ap.parse_args(argv)
     if args.block_m and not args.sums_given:
         ap.error("--block-m needs --sums-given (the step's launch)")
+    if args.merged is not None and args.sums_given:
+        ap.error("--merged profiles the prefill product: --sums-given is the decode kernel's")
     if args.target:
         target(args)
     elif args.out:

@@ -58,7 +58,9 @@ def bench_case(name: str, rows: int, experts: int, configs: list[dict]) -> dict:
         mixed_delta(x, bank, er, y)
 
     apart_ms = graph_ms(apart, [None] * 4)
-    want = mixed_delta_reference(x.float(), bank, er, x.float() @ w.float().T)
+    dense = x.float() @ w.float().T
+    want = mixed_delta_reference(x.float(), bank, er, dense)
+    delta = want - dense  # the delta's share, checked apart: it is a small part of y
     apart(None)
     row = {"shape": name, "n": n, "k": k, "rows": rows, "experts": experts, "cublas_ms": round(base, 4),
            "cublas_tflops": round(flop / base / 1e9, 1), "apart_ms": round(apart_ms, 4),
@@ -69,6 +71,7 @@ def bench_case(name: str, rows: int, experts: int, configs: list[dict]) -> dict:
         out = torch.full_like(y, float("nan"))
         merged_linear_gluon(x, w, bank, er, out, cfg)
         err = float((out.float() - want).norm() / want.norm())
+        delta_err = float((out.float() - dense - delta).norm() / delta.norm())
         ms = graph_ms(lambda _, c=cfg, o=out: merged_linear_gluon(x, w, bank, er, o, c), [None] * 4)
         entry = {
             "launch": dataclasses.asdict(cfg),
@@ -77,6 +80,7 @@ def bench_case(name: str, rows: int, experts: int, configs: list[dict]) -> dict:
             "vs_cublas": round(ms / base, 3),
             "vs_apart": round(ms / apart_ms, 3),
             "error": round(err, 5),
+            "delta_error": round(delta_err, 5),
         }
         row["merged"].append(entry)
     best = min(row["merged"], key=lambda m: m["ms"])
@@ -100,8 +104,10 @@ class _Jit:
 
 
 def host_us(rows: int, experts: int, calls: int = 200) -> dict:
-    """Host time per call (us, no synchronisation inside the loop) of the launch path's parts, on q/o's shape: what an
-    eager prefill pays per linear beside the GPU's time; the launches direct (the product) and through the JIT."""
+    """Host time per call (us, the median of calls each made with the GPU idle; a loop of calls would time the GPU
+    once its queue fills) of the launch path's parts, on q/o's shape: what an eager prefill pays per linear beside
+    the GPU's time; the launches direct (the product) and through the JIT."""
+    import statistics
     import time
 
     from meswitch.kernels import gluon_merged as gm
@@ -137,12 +143,14 @@ def host_us(rows: int, experts: int, calls: int = 200) -> dict:
     out = {}
     for name, fn in parts.items():
         fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
+        times = []
+        for _ in range(calls):  # each call timed alone, the GPU idle before it: the host's time, not the queue's
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
             fn()
-        out[name] = round((time.perf_counter() - t0) / calls * 1e6, 1)
-        torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        out[name] = round(statistics.median(times) * 1e6, 1)
+    torch.cuda.synchronize()
     return out
 
 
