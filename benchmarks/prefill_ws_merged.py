@@ -59,7 +59,7 @@ def bench_case(name: str, rows: int, experts: int, configs: list[dict]) -> dict:
 
     apart_ms = graph_ms(apart, [None] * 4)
     dense = x.float() @ w.float().T
-    want = mixed_delta_reference(x.float(), bank, er, dense)
+    want = mixed_delta_reference(x.float(), bank, er, dense.clone())  # (it adds into its y)
     delta = want - dense  # the delta's share, checked apart: it is a small part of y
     apart(None)
     row = {"shape": name, "n": n, "k": k, "rows": rows, "experts": experts, "cublas_ms": round(base, 4),

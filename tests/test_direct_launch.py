@@ -16,7 +16,7 @@ import torch
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from meswitch.kernels.direct_launch import DirectLauncher, _spec  # noqa: E402
+from meswitch.kernels.direct_launch import DirectLauncher, _spec, hooked  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
@@ -67,14 +67,34 @@ def _axpy(x_ptr, y_ptr, a, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, tl.load(y_ptr + offs, mask=mask) + a * tl.load(x_ptr + offs, mask=mask), mask=mask)
 
 
+def test_a_launch_hook_is_seen_only_when_one_is_set():
+    """Triton 3.6 keeps an empty hook chain where no hook is set: read as none (else every call took the JIT)."""
+    from triton import knobs
+
+    assert not hooked()
+    hook = lambda metadata: None
+    chain = knobs.runtime.launch_enter_hook
+    if hasattr(chain, "add"):
+        chain.add(hook)
+        try:
+            assert hooked()
+        finally:
+            chain.remove(hook)
+    assert not hooked()
+
+
 @needs_kernels
-def test_launches_equal_the_jits_and_a_new_specialization_compiles_anew():
+def test_launches_equal_the_jits_and_a_new_specialization_compiles_anew(monkeypatch):
     launch = DirectLauncher(_axpy)
     x = torch.arange(1000, dtype=torch.float32, device=DEVICE)
     y = torch.zeros(1001, dtype=torch.float32, device=DEVICE)
+    jit_calls = []
+    jit_run = type(_axpy).run
+    monkeypatch.setattr(type(_axpy), "run", lambda self, *a, **k: jit_calls.append(1) or jit_run(self, *a, **k))
     for _ in range(3):  # the first call compiles through the JIT; the others launch the kept kernel
         launch(triton.cdiv(1000, 128), (x, y, 2.0, 1000), {"BLOCK": 128}, num_warps=4)
     assert torch.equal(y[:1000], 6 * x) and y[1000] == 0
+    assert len(jit_calls) == (3 if INTERPRET else 1)
     assert len(launch.kernels) == 1
     kept = next(iter(launch.kernels.values()))
     assert (kept is False) == INTERPRET  # the interpreter compiles nothing: every call goes through it

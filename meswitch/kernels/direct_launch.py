@@ -35,6 +35,12 @@ def _spec(arg: Any) -> Any:
     raise TypeError(f"no direct launch for an argument of type {type(arg).__name__}")
 
 
+def hooked() -> bool:
+    """Whether a launch hook is set (a profiler's): Triton 3.6 keeps an empty ``HookChain`` there, not None."""
+    hook = knobs.runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 class DirectLauncher:
     """``launcher(grid, args, constexprs, **options)`` launches ``fn[(grid,)](*args, **constexprs, **options)``.
 
@@ -48,7 +54,7 @@ class DirectLauncher:
     def __call__(self, grid: int, args: tuple, constexprs: dict[str, Any], **options: Any) -> None:
         key = (tuple(constexprs.values()), tuple(options.items()), tuple(_spec(a) for a in args))
         kernel = self.kernels.get(key)
-        if kernel is None or knobs.runtime.launch_enter_hook is not None:
+        if kernel is None or hooked():
             compiled = self.fn[(grid,)](*args, **constexprs, **options)
             if kernel is None:
                 if list(constexprs) != self.fn.arg_names[len(args) :]:
