@@ -10,7 +10,7 @@ named in each case's ``limit`` by the rule of :func:`limit`.
 
 ``--merged FIELDS`` profiles the merged prefill product instead (``gluon_merged.merged_linear_gluon``, sm_90; the
 rows a prefill's, e.g. ``--rows 2048 --experts 8``), with MergedConfig fields as JSON over ``merged_config``'s (``{}``:
-the default kernel; ``{"register_a": true, "w_slots": 8}``: the register-operand one).
+the default launch).
 
 ``--sums-given`` profiles the launch as the decode step makes it (x's row sums given with x, tiles of 8, 16 or
 64 rows as the step picks them: ``kernel_roofline.step_launch``), where the default profiles the library path

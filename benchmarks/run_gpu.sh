@@ -5,7 +5,7 @@
 #   bash benchmarks/run_gpu.sh attention       (the decode attention kernel's launch sweep, about 3 minutes)
 #   bash benchmarks/run_gpu.sh fp8 | fp8-prefill   (FP8 planes against the default: roofline and step; prefill)
 #   bash benchmarks/run_gpu.sh merged prefill    (the merged prefill product's linears; the whole prefill A/B)
-#   MERGED_AB='{"register_a": true, ...}' bash benchmarks/run_gpu.sh prefill-ab   (whole prefills, ABAB processes)
+#   MERGED_AB='{"x_slots": 8, ...}' bash benchmarks/run_gpu.sh prefill-ab   (whole prefills, ABAB processes)
 #   AB_RUNS="TREE[+VAR=VALUE]..." bash benchmarks/run_gpu.sh ab   (the decode step, one process per tree, ABAB)
 # ROOFLINE_ARGS / NCU_ARGS pass arguments on (e.g. ROOFLINE_ARGS="--no-baselines"; the step's launches:
 # ROOFLINE_ARGS="--sums-given [--block-m 8]", NCU_ARGS="--sums-given --rows 1 32 64 --experts 1 4 16", about 5 minutes),
@@ -84,7 +84,7 @@ for step in $steps; do
       timeout 300 python3 benchmarks/decode_e2e.py --modes graph --experts-list 8 --batches 32 --steps 16 \
         --out "$OUT/decode-prefill-merged.json" 2>&1 | grep -E '"mode"|prefill' ;;
     prefill-ab) # the whole prefill with the merged kernel's defaults against MERGED_AB (MergedConfig fields as JSON,
-                # e.g. '{"register_a": true, "w_slots": 8}'), one process each in turn, AB_ROUNDS times
+                # e.g. '{"x_slots": 8}'), one process each in turn, AB_ROUNDS times
       for round in $(seq "${AB_ROUNDS:-2}"); do
         for cfg in '' "${MERGED_AB:?MergedConfig fields as JSON}"; do
           MESWITCH_MERGED_CONFIG=$cfg timeout 240 python3 benchmarks/decode_e2e.py --modes graph --experts-list 8 \

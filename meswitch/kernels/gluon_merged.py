@@ -306,125 +306,8 @@ def _merged_kernel(x_desc, xs_desc, w_desc, y_ptr, order_ptr, rs_ptr, tiles_ptr,
     )  # fmt: skip
 
 
-@gluon.jit
-def _mma_rs(x_smem, w_smem, bars, y_ptr, order_ptr, rs_ptr, codes_ptr, scale_ptr, offset_ptr, sval_ptr, e, row0,
-            count, n0, N, stride_y, n_steps, n_sal_steps, KMAX, stride_we, stride_wc, stride_se, stride_ve, stride_vn,
-            BITS: gl.constexpr, SYMMETRIC: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-            num_warps: gl.constexpr):  # fmt: skip
-    """The default partition of the register-operand kernel: the transposed tile ``accᵀ[n, m] += (W + Δ̂)[n, plane] ·
-    x[m, plane]ᵀ``, the merged plane made in registers as wgmma's A operand (each warp group its 64 channels: W's
-    plane by ldmatrix, the codes from global) while the previous plane's MMA runs; x's plane is B, from shared
-    memory. Then each row, times its scale, into its place in y."""
-    x_ready, x_empty, w_ready, w_empty, _, _ = bars
-    XS: gl.constexpr = x_smem.type.shape[0]
-    P: gl.constexpr = 16 // BITS
-    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                    instr_shape=[16, BLOCK_M, 16])  # fmt: skip
-    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-    offs_n, nmask, t, s2, o2, codes, cmask = _channel_constants(
-        scale_ptr, offset_ptr, codes_ptr, e, n0, N, stride_we, stride_se, BITS, SYMMETRIC, BLOCK_N, a_l
-    )
-
-    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_l)
-    # Planes in pairs, the even plane's operand in a0 and the odd one's in a1: an operand's registers are written
-    # only once the MMA that read them two planes before has retired (wgmma reads them while it runs). No branch
-    # between the MMAs (ptxas would serialize them): the steps are padded to even (a plane past K is zeros).
-    a0 = gl.zeros([BLOCK_N, PLANE], gl.float16, a_l)
-    a1 = gl.zeros([BLOCK_N, PLANE], gl.float16, a_l)
-    words = gl.load(codes, mask=cmask, other=0)
-    ahead = words
-    for i in range(0, n_steps, 2):
-        p = i % P
-        if p == 0:  # the chunk's code words, one chunk ahead
-            words = ahead
-            ahead = gl.load(codes + (i // P + 1) * stride_wc, mask=cmask & (i + P < n_steps), other=0)
-        a0 = _merged_plane(w_smem, w_ready, w_empty, words, s2, o2, i, p, BITS, a_l)
-        acc, a1 = _rs_step(x_smem, x_ready, x_empty, a0, a1, acc, i, XS)
-        a1 = _merged_plane(w_smem, w_ready, w_empty, words, s2, o2, i + 1, p + 1, BITS, a_l)
-        acc, a0 = _rs_step(x_smem, x_ready, x_empty, a1, a0, acc, i + 1, XS)
-    vrows = sval_ptr + e * stride_ve + offs_n[:, None] * stride_vn
-    for j in range(0, n_sal_steps, 2):  # the salient columns' corrections, exact in fp16, straight from global memory
-        a0 = gl.load(vrows + (j * PLANE + t)[None, :], mask=nmask[:, None] & (j * PLANE + t < KMAX)[None, :],
-                     other=0.0)  # fmt: skip
-        acc, a1 = _rs_step(x_smem, x_ready, x_empty, a0, a1, acc, n_steps + j, XS)
-        a1 = gl.load(vrows + ((j + 1) * PLANE + t)[None, :],
-                     mask=nmask[:, None] & ((j + 1) * PLANE + t < KMAX)[None, :], other=0.0)  # fmt: skip
-        acc, a0 = _rs_step(x_smem, x_ready, x_empty, a1, a0, acc, n_steps + j + 1, XS)
-    acc = warpgroup_mma_wait(0, deps=[acc])
-
-    offs_m = gl.arange(0, BLOCK_M, gl.SliceLayout(0, acc_l))
-    scale = gl.load(rs_ptr + row0 + offs_m, mask=offs_m < count, other=1.0)
-    out = gl.permute((acc * scale[None, :]).to(y_ptr.dtype.element_ty), [1, 0])  # [BLOCK_M, BLOCK_N]
-    TPW_N: gl.constexpr = BLOCK_N // 8
-    store_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_N, TPW_N], [num_warps, 1], [1, 0])
-    stage = x_smem._reinterpret(out.dtype, [BLOCK_M, BLOCK_N], gl.SwizzledSharedLayout(8, 1, 8, [1, 0]))
-    stage.store(out)
-    out = stage.load(store_l)
-    offs_m = gl.arange(0, BLOCK_M, gl.SliceLayout(1, store_l))
-    offs_n = n0 + gl.arange(0, BLOCK_N, gl.SliceLayout(0, store_l))
-    mmask = offs_m < count
-    rows = gl.load(order_ptr + row0 + offs_m, mask=mmask, other=0).to(gl.int64)
-    gl.store(y_ptr + rows[:, None] * stride_y + offs_n[None, :], out, mask=mmask[:, None] & (offs_n < N)[None, :])
-
-
-@gluon.jit
-def _merged_plane(w_smem, w_ready, w_empty, words, s2, o2, i, p, BITS: gl.constexpr, a_l: gl.constexpr):
-    """Plane i (the p-th of its chunk) of ``W + Δ̂`` in registers, as wgmma's A operand; W's slot goes back."""
-    WS: gl.constexpr = w_smem.type.shape[0]
-    ws = i % WS
-    mbarrier.wait(w_ready.index(ws), (i // WS) & 1)
-    a = _merge(w_smem.index(ws).load(a_l), words >> (BITS * p).to(gl.int16), s2, o2, BITS, 0)
-    mbarrier.arrive(w_empty.index(ws), count=1)
-    return a
-
-
-@gluon.jit
-def _rs_step(x_smem, x_ready, x_empty, a, keep, acc, i, XS: gl.constexpr):
-    """Issue plane i's MMA (A ``a`` in registers, B x's plane i), then wait for plane i - 1's, whose x slot goes back
-    and whose operand ``keep`` is kept alive until then."""
-    xs = i % XS
-    mbarrier.wait(x_ready.index(xs), (i // XS) & 1)
-    acc = warpgroup_mma(a, x_smem.index(xs).permute((1, 0)), acc, is_async=True)
-    acc, keep = warpgroup_mma_wait(1, deps=[acc, keep])
-    prev = gl.maximum(i - 1, 0)
-    mbarrier.arrive(x_empty.index(prev % XS), count=1, pred=i > 0)
-    return acc, keep
-
-
-@gluon.jit
-def _merged_rs_kernel(x_desc, xs_desc, w_desc, y_ptr, order_ptr, rs_ptr, tiles_ptr, codes_ptr, scale_ptr, offset_ptr,
-                      sval_ptr, N, K, R, KMAX, n_sal, num_m_tiles, stride_y, stride_we, stride_wc, stride_se,
-                      stride_ve, stride_vn, B1, B2, BITS: gl.constexpr, SYMMETRIC: gl.constexpr,
-                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, XS: gl.constexpr, WS: gl.constexpr,
-                      num_warps: gl.constexpr):  # fmt: skip
-    """:func:`_merged_kernel`'s tile with the merged plane as a register operand (:func:`_mma_rs`): no transform
-    partition and no ring of merged planes, the loader warp as before (one plane a step)."""
-    e, row0, count, n0, part = _tile(tiles_ptr, num_m_tiles, B1, B2, BLOCK_N)
-    n_steps = 2 * gl.cdiv(K, 2 * PLANE)  # even (:func:`_mma_rs`)
-    n_sal_steps = 2 * gl.cdiv(n_sal, 2)
-
-    x_smem = gl.allocate_shared_memory(x_desc.dtype, [XS, BLOCK_M, PLANE], x_desc.layout)
-    w_smem = gl.allocate_shared_memory(w_desc.dtype, [WS, BLOCK_N, PLANE], w_desc.layout)
-    x_ready, x_empty = _ring_barriers(XS)
-    w_ready, w_empty = _ring_barriers(WS)
-    bars = (x_ready, x_empty, w_ready, w_empty, x_ready, x_empty)
-
-    gl.warp_specialize(
-        [
-            (_mma_rs, (x_smem, w_smem, bars, y_ptr, order_ptr, rs_ptr, codes_ptr, scale_ptr, offset_ptr, sval_ptr, e,
-                       row0, count, n0, N, stride_y, n_steps, n_sal_steps, KMAX, stride_we, stride_wc, stride_se,
-                       stride_ve, stride_vn, BITS, SYMMETRIC, BLOCK_M, BLOCK_N, num_warps)),
-            (_loader, (x_desc, xs_desc, w_desc, x_smem, w_smem, bars, row0, part * R + row0, n0, n_steps,
-                       n_sal_steps, 1)),
-        ],
-        [1],
-        [24],
-    )  # fmt: skip
-
-
 _PREPARE = DirectLauncher(_prepare_kernel)
 _MERGED = DirectLauncher(_merged_kernel)
-_MERGED_RS = DirectLauncher(_merged_rs_kernel)
 
 
 @functools.cache
@@ -471,13 +354,7 @@ def merged_linear_gluon(
             bank.salient_val.stride(1), bounds[0], bounds[1])  # fmt: skip
     grid = tiles.shape[0] * triton.cdiv(n, cfg.block_n)
     head = {"BITS": bank.grid.bits, "SYMMETRIC": bank.offset is None, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
-    if cfg.register_a:
-        if cfg.block_n not in (64, 128):
-            raise ValueError(f"the register-operand kernel takes 64 or 128 channels a program, not {cfg.block_n}")
-        _MERGED_RS(grid, args, {**head, "XS": cfg.x_slots, "WS": cfg.w_slots, "num_warps": cfg.block_n // 16},
-                   maxnreg=cfg.launch_maxnreg)  # fmt: skip
-    else:
-        _MERGED(grid, args, {**head, "PS": cfg.planes_per_step, "XS": cfg.x_slots, "WS": cfg.w_slots,
-                             "MS": cfg.merged_slots, "TRANSFORM_REGS": cfg.transform_regs, "num_warps": 8},
-                maxnreg=cfg.launch_maxnreg)  # fmt: skip
+    _MERGED(grid, args, {**head, "PS": cfg.planes_per_step, "XS": cfg.x_slots, "WS": cfg.w_slots,
+                         "MS": cfg.merged_slots, "TRANSFORM_REGS": cfg.transform_regs, "num_warps": 8},
+            maxnreg=cfg.maxnreg)  # fmt: skip
     return y

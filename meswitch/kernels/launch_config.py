@@ -223,17 +223,9 @@ class MergedConfig:
     w_slots: int = 6
     merged_slots: int = 4
     transform_regs: int = 64
-    # the launch's registers a thread: the kernel's warps padded to warp groups must fit 64K (the register-operand
-    # kernel's 8 + 1 warps run as 12, so 168; its MMA warps then take 240 by setmaxnreg, the loader 24). None: 96 for
-    # the transform kernel's 13 warps (16), 168 for the register-operand one
-    maxnreg: int | None = None
-    # the merged plane as wgmma's register operand, made by the MMA warp groups (no transform partition, no ring of
-    # merged planes: 64 KB of shared-memory traffic a plane, not 88), the tile transposed; opt-in until measured
-    register_a: bool = False
-
-    @property
-    def launch_maxnreg(self) -> int:
-        return self.maxnreg or (168 if self.register_a else 96)
+    # the launch's registers a thread: the kernel's 13 warps run as 16 (whole warp groups) and must fit 64K; the MMA
+    # warp groups then take the rest by setmaxnreg
+    maxnreg: int = 96
 
 
 MERGE_FROM = 256  # rows of every expert from which a prefill linear runs as one merged product (merges_prefill)
