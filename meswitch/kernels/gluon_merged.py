@@ -113,27 +113,6 @@ def _merge(wv, words, s2, o2, BITS: gl.constexpr, p: gl.constexpr):
 
 
 @gluon.jit
-def _channel_constants(scale_ptr, offset_ptr, codes_ptr, e, n0, N, stride_we, stride_se, BITS: gl.constexpr,
-                       SYMMETRIC: gl.constexpr, BLOCK_N: gl.constexpr, layout: gl.constexpr):  # fmt: skip
-    """A tile's channels in ``layout`` [BLOCK_N, 32]: (their indices, which exist, the plane's positions, ``s' =
-    s·2^bits`` and ``o' = o - s'`` as f16 (:func:`_merge_asm`), the chunk-0 code pointers, their mask)."""
-    offs_n = n0 + gl.arange(0, BLOCK_N, gl.SliceLayout(1, layout))
-    nmask = offs_n < N
-    t = gl.arange(0, PLANE, gl.SliceLayout(0, layout))
-    s = gl.load(scale_ptr + e * stride_se + offs_n, mask=nmask, other=0.0).to(gl.float32)[:, None]
-    if SYMMETRIC:
-        o = -s * (((1 << BITS) - 1) / 2)
-    else:
-        o = gl.load(offset_ptr + e * stride_se + offs_n, mask=nmask, other=0.0).to(gl.float32)[:, None]
-    zeros = gl.zeros([BLOCK_N, PLANE], gl.float32, layout)
-    s2, _ = gl.broadcast((s * (1 << BITS)).to(gl.float16), zeros)
-    o2, _ = gl.broadcast((o - s * (1 << BITS)).to(gl.float16), zeros)
-    codes = codes_ptr + e * stride_we + offs_n[:, None] * PLANE + t[None, :]  # int16 [E, chunks, N, 32]
-    cmask = nmask[:, None] & (t >= 0)[None, :]
-    return offs_n, nmask, t, s2, o2, codes, cmask
-
-
-@gluon.jit
 def _fill(desc, row, k0, ready, empty, smem, i, PS: gl.constexpr):
     """Step i of a ring: wait until its slot is free, then TMA-copy the ``PS`` planes from column ``k0`` on."""
     SLOTS: gl.constexpr = smem.type.shape[0] // PS
@@ -169,9 +148,19 @@ def _transform(w_smem, m_smem, bars, codes_ptr, scale_ptr, offset_ptr, sval_ptr,
     MS: gl.constexpr = m_smem.type.shape[0] // PS
     SPC: gl.constexpr = P // PS  # steps a chunk (even: the two warp groups alternate within it)
     L: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
-    offs_n, nmask, t, s2, o2, codes, cmask = _channel_constants(
-        scale_ptr, offset_ptr, codes_ptr, e, n0, N, stride_we, stride_se, BITS, SYMMETRIC, BLOCK_N, L
-    )
+    offs_n = n0 + gl.arange(0, BLOCK_N, gl.SliceLayout(1, L))
+    nmask = offs_n < N
+    t = gl.arange(0, PLANE, gl.SliceLayout(0, L))
+    s = gl.load(scale_ptr + e * stride_se + offs_n, mask=nmask, other=0.0).to(gl.float32)[:, None]
+    if SYMMETRIC:
+        o = -s * (((1 << BITS) - 1) / 2)
+    else:
+        o = gl.load(offset_ptr + e * stride_se + offs_n, mask=nmask, other=0.0).to(gl.float32)[:, None]
+    zeros = gl.zeros([BLOCK_N, PLANE], gl.float32, L)
+    s2, _ = gl.broadcast((s * (1 << BITS)).to(gl.float16), zeros)
+    o2, _ = gl.broadcast((o - s * (1 << BITS)).to(gl.float16), zeros)
+    codes = codes_ptr + e * stride_we + offs_n[:, None] * PLANE + t[None, :]  # int16 [E, chunks, N, 32]
+    cmask = nmask[:, None] & (t >= 0)[None, :]
     for c in range(gl.cdiv(n_steps, SPC)):
         words = gl.load(codes + c * stride_wc, mask=cmask, other=0)
         for ss in gl.static_range(SPC // 2):
