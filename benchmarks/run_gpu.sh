@@ -78,8 +78,10 @@ for step in $steps; do
         MESWITCH_DELTA_CONFIG=$cfg timeout 240 python3 benchmarks/decode_e2e.py --modes graph --experts-list 8 \
           --batches 32 --steps 16 --out "$OUT/decode-prefill${cfg:+-fp8}.json" 2>&1 | grep -E '"mode"|prefill'
       done ;;
-    merged) # the merged prefill product against cuBLAS and the products apart, Mistral-7B's shapes (about a minute)
-      timeout 240 python3 benchmarks/prefill_ws_merged.py --host --out "$OUT/prefill-merged.json" 2>&1 | tail -n 9 ;;
+    merged) # the merged prefill product against cuBLAS and the products apart, Mistral-7B's shapes (about a minute);
+            # MERGED_CONFIGS: a JSON list of MergedConfig fields, each timed beside the others
+      timeout 240 python3 benchmarks/prefill_ws_merged.py --host --out "$OUT/prefill-merged.json" \
+        ${MERGED_CONFIGS:+--configs "$MERGED_CONFIGS"} 2>&1 | tail -n 9 ;;
     prefill) # the 2,048-token prefill with 8 experts: merged (the default on sm_90), apart, and the base alone
       timeout 300 python3 benchmarks/decode_e2e.py --modes graph --experts-list 8 --batches 32 --steps 16 \
         --out "$OUT/decode-prefill-merged.json" 2>&1 | grep -E '"mode"|prefill' ;;

@@ -8,6 +8,7 @@ the decoder's prefill merged against the products apart.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -94,15 +95,16 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @hopper
 @pytest.mark.parametrize(
-    ("bits", "symmetric", "n", "k", "salient", "widths"),
+    ("bits", "symmetric", "n", "k", "salient", "widths", "part"),
     [
-        (2, False, 384, 4096, 41, None),
-        (1, True, 200, 1056, 40, None),  # N past the last block, K past the last chunk
-        (4, False, 256, 576, 0, None),  # SmolLM2's hidden width: a chunk and a quarter
-        (2, False, None, 576, 6, (576, 192, 192)),  # a grouped q/k/v bank: 64-channel blocks
+        (2, False, 384, 4096, 41, None, None),
+        (1, True, 200, 1056, 40, None, None),  # N past the last block, K past the last chunk
+        (4, False, 256, 576, 0, None, None),  # SmolLM2's hidden width: a chunk and a quarter
+        (2, False, None, 576, 6, (576, 192, 192), None),  # a grouped q/k/v bank: 64-channel blocks
+        (2, False, None, 576, 6, (576, 192, 192), 1),  # its k part, a view: the codes' chunks strided past N
     ],
 )
-def test_the_merged_kernel_equals_the_reference_on_the_gpu(bits, symmetric, n, k, salient, widths):
+def test_the_merged_kernel_equals_the_reference_on_the_gpu(bits, symmetric, n, k, salient, widths, part):
     from meswitch.kernels.gluon_merged import merged_linear_gluon
 
     gen = torch.Generator(device="cuda").manual_seed(bits)
@@ -110,6 +112,8 @@ def test_the_merged_kernel_equals_the_reference_on_the_gpu(bits, symmetric, n, k
         parts = [DeltaBank.random(3, (w, k), bits=bits, salient=salient, device="cuda", generator=gen) for w in widths]
         bank = DeltaBank.concat(parts)
         n = sum(widths)
+        if part is not None:
+            bank, n = bank.part(part), widths[part]
     else:
         bank = DeltaBank.random(3, (n, k), bits=bits, salient=salient, symmetric=symmetric, device="cuda",
                                 generator=gen)  # fmt: skip
@@ -130,7 +134,8 @@ def test_the_merged_kernel_equals_the_reference_on_the_gpu(bits, symmetric, n, k
 
 
 @hopper
-def test_the_merged_kernel_on_a_prefills_geometry_keeps_the_delta_on_the_gpu():
+@pytest.mark.parametrize("fields", [{}, {"codes_slots": 2}, {"mma_groups": 2}])  # the A/B of 2026-12-07
+def test_the_merged_kernel_on_a_prefills_geometry_keeps_the_delta_on_the_gpu(fields):
     """Mistral-7B's o projection, 8 experts of 256 rows (full tiles, every expert): the geometry where the removed
     register-operand kernel was 8% off while the small cases above passed. The delta, a small part of y, is checked
     apart: W + Δ̂ rounded to fp16 keeps it within 2.2% here (prefill_ws_merged.py, H100 and H200)."""
@@ -144,7 +149,7 @@ def test_the_merged_kernel_on_a_prefills_geometry_keeps_the_delta_on_the_gpu():
     dense = x.float() @ w.float().T
     want = mixed_delta_reference(x.float(), bank, rows, dense.clone())
     y = torch.full((2048, 4096), float("nan"), device="cuda", dtype=torch.bfloat16)
-    merged_linear_gluon(x, w, bank, rows, y, lc.merged_config(bank))
+    merged_linear_gluon(x, w, bank, rows, y, dataclasses.replace(lc.merged_config(bank), **fields))
     assert _relative(y, want) < 5e-3
     assert _relative(y.float() - dense, want - dense) < 0.05
 
