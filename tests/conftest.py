@@ -73,14 +73,22 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory, s3_server):
-    """``mlflow server`` on a free port: SQLite backend, default artifact root ``s3://meswitch/mlflow-artifacts``."""
+def mlflow_server_starting(tmp_path_factory, s3_server):
+    """``mlflow server`` spawned, not yet answering: a fixture that asks for it ahead of another slow start (the
+    Prefect API's) has the two servers start at once on the two cores, some 10 s sooner than one after the other."""
     pytest.importorskip("mlflow")
     from servers import MlflowServer
 
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), s3=s3_server).start()
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), s3=s3_server).start(wait=False)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_starting):
+    """``mlflow server`` on a free port: SQLite backend, default artifact root ``s3://meswitch/mlflow-artifacts``."""
+    mlflow_server_starting.wait_ready()
+    return mlflow_server_starting
 
 
 @pytest.fixture

@@ -338,7 +338,8 @@ class MlflowServer(_Process):
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def start(self, timeout: float = 120.0) -> MlflowServer:
+    def start(self, timeout: float = 120.0, wait: bool = True) -> MlflowServer:
+        """Spawn the server and wait until it answers (``wait=False``: spawn it only; ``wait_ready`` later)."""
         env = {**os.environ, **NO_TELEMETRY, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         if self.s3 is not None:
             env.update({k: v for k, v in self.s3.env().items() if k != "MESWITCH_ARTIFACT_URI"})
@@ -350,7 +351,8 @@ class MlflowServer(_Process):
             "--no-serve-artifacts",
         ]  # fmt: skip
         self._spawn(cmd, env=env)
-        self.wait_ready(timeout)
+        if wait:
+            self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float = 120.0) -> None:
