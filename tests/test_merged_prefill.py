@@ -49,6 +49,22 @@ def test_merges_prefill_only_where_the_kernel_runs(monkeypatch):
         assert not lc.merges_prefill(bank, rows, xc, wc)
 
 
+def test_the_codes_descriptor_reads_a_grouped_banks_part_in_place():
+    """The kernel's TMA copies a chunk's code words through this descriptor: for a grouped bank's part (a view, its
+    chunks strided past its own N) it must start at the part's first channel and stop at its last (zeros past it)."""
+    pytest.importorskip("triton.experimental.gluon", reason="Gluon comes with Triton 3.4 or later")
+    from meswitch.kernels.gluon_merged import _codes_descriptor
+
+    bank = DeltaBank.concat([DeltaBank.random(3, (w, 576), bits=2) for w in (576, 192, 192)])
+    part = bank.part(1)
+    desc = _codes_descriptor(part, 64)
+    chunks = bank.packed.shape[1]
+    assert list(desc.shape) == [3 * chunks, 192, 32] and list(desc.block_shape) == [1, 64, 32]
+    assert list(desc.strides) == [(576 + 384) * 32, 32, 1]
+    first = bank.packed.view(torch.int16)[2, 1, 576]  # expert 2, chunk 1, the part's first channel
+    assert desc.base[2 * chunks + 1, 0].data_ptr() == first.data_ptr()
+
+
 def test_merged_linear_is_the_base_linear_plus_the_delta_where_it_does_not_merge():
     gen = torch.Generator().manual_seed(0)
     bank = DeltaBank.random(3, (48, 96), bits=2, salient=4, generator=gen)

@@ -351,14 +351,24 @@ _MERGED = DirectLauncher(_merged_kernel)
 
 
 @functools.cache
-def _plane_layout(rows: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
-    """The swizzled layout of a ``[rows, 32]`` plane (cached: making one takes about 10 us of Python a call)."""
-    return gl.NVMMASharedLayout.get_default_for([rows, PLANE.value], {torch.float16: gl.float16,
-                                                                      torch.bfloat16: gl.bfloat16}[dtype])  # fmt: skip
+def _plane_layout(block: tuple[int, ...], dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    """The swizzled layout of a ``block`` ending in a plane's 32 positions (cached: making one takes about 10 us of
+    Python a call)."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16,
+                                                              torch.int16: gl.int16}[dtype])  # fmt: skip
 
 
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
-    return TensorDescriptor.from_tensor(t, [rows, PLANE.value], _plane_layout(rows, t.dtype))
+    """A plane of ``rows`` rows of a 2-D tensor."""
+    return TensorDescriptor.from_tensor(t, [rows, PLANE.value], _plane_layout((rows, PLANE.value), t.dtype))
+
+
+def _codes_descriptor(bank: DeltaBank, block_n: int) -> TensorDescriptor:
+    """A chunk's code words for ``block_n`` channels: int16 ``[1, block_n, 32]`` of the codes seen as ``[experts x
+    chunks, N, 32]`` (a view: banks are views along experts and output channels only; past N, zeros)."""
+    codes = bank.packed.view(torch.int16).flatten(0, 1)
+    block = (1, block_n, PLANE.value)
+    return TensorDescriptor.from_tensor(codes, list(block), _plane_layout(block, torch.int16))
 
 
 def merged_linear_gluon(
@@ -386,15 +396,12 @@ def merged_linear_gluon(
          "BLOCK_S": max(16, triton.next_power_of_2(ks))}, num_warps=8,
     )  # fmt: skip
     codes = bank.packed.view(torch.int16)  # int32 [E, chunks, N, 16] -> int16 [E, chunks, N, 32]
-    chunk_planes = codes.flatten(0, 1)  # a view: banks are views along experts and output channels only
-    c_layout = gl.NVMMASharedLayout.get_default_for([1, cfg.block_n, PLANE.value], gl.int16)
-    c_desc = TensorDescriptor.from_tensor(chunk_planes, [1, cfg.block_n, PLANE.value], c_layout)
     bounds = (*bank.bounds[1:-1], n, n)
     offset = bank.scale if bank.offset is None else bank.offset
-    args = (_descriptor(x16, cfg.block_m), _descriptor(xs, cfg.block_m), _descriptor(weight, cfg.block_n), c_desc, y,
-            order, rs, tiles, codes, bank.scale, offset, bank.salient_val, n, k, r, kmax, n_sal, tiles.shape[0],
-            y.stride(0), codes.stride(0), codes.stride(1), bank.scale.stride(0), bank.salient_val.stride(0),
-            bank.salient_val.stride(1), bounds[0], bounds[1], codes.shape[1])  # fmt: skip
+    args = (_descriptor(x16, cfg.block_m), _descriptor(xs, cfg.block_m), _descriptor(weight, cfg.block_n),
+            _codes_descriptor(bank, cfg.block_n), y, order, rs, tiles, codes, bank.scale, offset, bank.salient_val, n,
+            k, r, kmax, n_sal, tiles.shape[0], y.stride(0), codes.stride(0), codes.stride(1), bank.scale.stride(0),
+            bank.salient_val.stride(0), bank.salient_val.stride(1), bounds[0], bounds[1], codes.shape[1])  # fmt: skip
     grid = tiles.shape[0] * triton.cdiv(n, cfg.block_n)
     head = {"BITS": bank.grid.bits, "SYMMETRIC": bank.offset is None, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
     _MERGED(grid, args, {**head, "PS": cfg.planes_per_step, "XS": cfg.x_slots, "WS": cfg.w_slots,
