@@ -155,6 +155,21 @@ def host_us(rows: int, experts: int, calls: int = 200) -> dict:
     return out
 
 
+def best_config(rows: list[dict], max_error: float = 5e-3) -> dict:
+    """The config whose layer (the rows' linears, one launch each) is fastest among those within ``max_error`` of the
+    reference on every shape, as its fields apart from the first config's (the baseline the A/B runs against)."""
+    first = rows[0]["merged"][0]["launch"]
+    ok = [j for j in range(len(rows[0]["merged"])) if all(r["merged"][j]["error"] < max_error for r in rows)]
+    if not ok:
+        return {"fields": None, "note": f"no config within {max_error} of the reference on every shape"}
+    layer = {j: sum(r["merged"][j]["ms"] for r in rows) for j in ok}
+    j = min(layer, key=layer.get)
+    launch = rows[0]["merged"][j]["launch"]
+    base = sum(r["merged"][0]["ms"] for r in rows)
+    return {"fields": {k: v for k, v in launch.items() if first[k] != v}, "layer_ms": round(layer[j], 4),
+            "vs_first": round(layer[j] / base, 4)}  # fmt: skip
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="JSON report")
@@ -183,6 +198,7 @@ def main(argv=None) -> None:
             "apart": round(sum(r["apart_ms"] for r in rows) / cublas, 3),
         },
         "rows": rows,
+        "best_config": best_config(rows),
     }
     if args.host:
         report["host_us_per_call"] = host_us(args.rows, args.experts)

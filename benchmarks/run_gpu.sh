@@ -5,7 +5,8 @@
 #   bash benchmarks/run_gpu.sh attention       (the decode attention kernel's launch sweep, about 3 minutes)
 #   bash benchmarks/run_gpu.sh fp8 | fp8-prefill   (FP8 planes against the default: roofline and step; prefill)
 #   bash benchmarks/run_gpu.sh merged prefill    (the merged prefill product's linears; the whole prefill A/B)
-#   MERGED_AB='{"x_slots": 8, ...}' bash benchmarks/run_gpu.sh prefill-ab   (whole prefills, ABAB processes)
+#   MERGED_AB='{"x_slots": 8, ...}' bash benchmarks/run_gpu.sh prefill-ab   (whole prefills, ABAB processes;
+#   MERGED_AB=best after `merged`: its report's fastest correct config)
 #   AB_RUNS="TREE[+VAR=VALUE]..." bash benchmarks/run_gpu.sh ab   (the decode step, one process per tree, ABAB)
 # ROOFLINE_ARGS / NCU_ARGS pass arguments on (e.g. ROOFLINE_ARGS="--no-baselines"; the step's launches:
 # ROOFLINE_ARGS="--sums-given [--block-m 8]", NCU_ARGS="--sums-given --rows 1 32 64 --experts 1 4 16", about 5 minutes),
@@ -86,9 +87,17 @@ for step in $steps; do
       timeout 300 python3 benchmarks/decode_e2e.py --modes graph --experts-list 8 --batches 32 --steps 16 \
         --out "$OUT/decode-prefill-merged.json" 2>&1 | grep -E '"mode"|prefill' ;;
     prefill-ab) # the whole prefill with the merged kernel's defaults against MERGED_AB (MergedConfig fields as JSON,
-                # e.g. '{"x_slots": 8}'), one process each in turn, AB_ROUNDS times
+                # e.g. '{"x_slots": 8}'; `best`: the best_config of the `merged` step's report, run before it), one
+                # process each in turn, AB_ROUNDS times
+      ab=${MERGED_AB:?MergedConfig fields as JSON, or best}
+      if [ "$ab" = best ]; then
+        ab=$(python3 -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1]))["best_config"]["fields"]))' \
+          "$OUT/prefill-merged.json")
+        echo "best config of the merged step: $ab"
+        case $ab in '{}'|null|'') echo "no config to A/B against the default"; continue ;; esac
+      fi
       for round in $(seq "${AB_ROUNDS:-2}"); do
-        for cfg in '' "${MERGED_AB:?MergedConfig fields as JSON}"; do
+        for cfg in '' "$ab"; do
           MESWITCH_MERGED_CONFIG=$cfg timeout 240 python3 benchmarks/decode_e2e.py --modes graph --experts-list 8 \
             --batches 32 --steps 16 --out "$OUT/decode-prefill-$round${cfg:+-ab}.json" 2>&1 | grep -E 'prefill'
         done
