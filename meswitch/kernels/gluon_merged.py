@@ -124,18 +124,11 @@ def _fill(desc, row, k0, ready, empty, smem, i, PS: gl.constexpr):
 
 
 @gluon.jit
-def _loader(x_desc, xs_desc, w_desc, c_desc, x_smem, w_smem, c_smem, bars, row0, xs_row0, n0, chunk0, n_steps,
-            n_sal_steps, PS: gl.constexpr, SPC: gl.constexpr, CS: gl.constexpr):  # fmt: skip
-    """One warp: TMA copies of each step's ``PS`` planes of x and W (then the salient steps' x) into their rings, and
-    ahead of each chunk's first step its code words (``[BLOCK_N, 32]`` int16) into theirs."""
-    x_ready, x_empty, w_ready, w_empty, _, _, c_ready, c_empty = bars
+def _loader(x_desc, xs_desc, w_desc, x_smem, w_smem, bars, row0, xs_row0, n0, n_steps, n_sal_steps,
+            PS: gl.constexpr):  # fmt: skip
+    """One warp: TMA copies of each step's ``PS`` planes of x and W (then the salient steps' x) into their rings."""
+    x_ready, x_empty, w_ready, w_empty, _, _ = bars
     for i in range(n_steps):
-        if CS > 0 and i % SPC == 0:
-            c = i // SPC
-            slot = c % CS
-            mbarrier.wait(c_empty.index(slot), ((c // CS) & 1) ^ 1)
-            mbarrier.expect(c_ready.index(slot), c_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(c_desc, [chunk0 + c, n0, 0], c_ready.index(slot), c_smem.index(slot))
         _fill(x_desc, row0, i * PS * PLANE, x_ready, x_empty, x_smem, i, PS)
         _fill(w_desc, n0, i * PS * PLANE, w_ready, w_empty, w_smem, i, PS)
     for j in range(n_sal_steps):
@@ -143,12 +136,12 @@ def _loader(x_desc, xs_desc, w_desc, c_desc, x_smem, w_smem, c_smem, bars, row0,
 
 
 @gluon.jit
-def _transform(w_smem, m_smem, c_smem, bars, codes_ptr, scale_ptr, offset_ptr, sval_ptr, e, n0, N, n_steps, n_sal_steps,
+def _transform(w_smem, m_smem, bars, codes_ptr, scale_ptr, offset_ptr, sval_ptr, e, n0, N, n_steps, n_sal_steps,
                KMAX, stride_we, stride_wc, stride_se, stride_ve, stride_vn, BITS: gl.constexpr,
-               SYMMETRIC: gl.constexpr, PS: gl.constexpr, CS: gl.constexpr, T: gl.constexpr):  # fmt: skip
+               SYMMETRIC: gl.constexpr, PS: gl.constexpr, T: gl.constexpr):  # fmt: skip
     """One of two warp groups: the steps (``PS`` planes each) of every chunk whose index within the chunk is ``T``
     modulo 2, then the salient steps ``j % 2 == T``."""
-    _, _, w_ready, w_empty, m_ready, m_empty, c_ready, c_empty = bars
+    _, _, w_ready, w_empty, m_ready, m_empty = bars
     P: gl.constexpr = 16 // BITS
     WS: gl.constexpr = w_smem.type.shape[0] // PS
     BLOCK_N: gl.constexpr = w_smem.type.shape[1]
@@ -169,13 +162,7 @@ def _transform(w_smem, m_smem, c_smem, bars, codes_ptr, scale_ptr, offset_ptr, s
     codes = codes_ptr + e * stride_we + offs_n[:, None] * PLANE + t[None, :]  # int16 [E, chunks, N, 32]
     cmask = nmask[:, None] & (t >= 0)[None, :]
     for c in range(gl.cdiv(n_steps, SPC)):
-        if CS > 0:
-            cs = c % CS
-            mbarrier.wait(c_ready.index(cs), (c // CS) & 1)
-            words = c_smem.index(cs).reshape([BLOCK_N, PLANE]).load(L)
-            mbarrier.arrive(c_empty.index(cs), count=1)
-        else:
-            words = gl.load(codes + c * stride_wc, mask=cmask, other=0)
+        words = gl.load(codes + c * stride_wc, mask=cmask, other=0)
         for ss in gl.static_range(SPC // 2):
             i = c * SPC + 2 * ss + T
             if i < n_steps:
@@ -204,67 +191,54 @@ def _transform(w_smem, m_smem, c_smem, bars, codes_ptr, scale_ptr, offset_ptr, s
 
 @gluon.jit
 def _mma(x_smem, m_smem, bars, y_ptr, order_ptr, rs_ptr, row0, count, n0, N, stride_y, n_steps,
-         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PS: gl.constexpr, GROUPS: gl.constexpr, G: gl.constexpr,
-         num_warps: gl.constexpr):  # fmt: skip
-    """An MMA partition (``G`` of ``GROUPS``, each the tile's ``BLOCK_M // GROUPS`` rows from ``G`` on):
-    ``acc += x_plane · merged_planeᵀ`` for each plane of a step, one step's MMAs in flight while it waits for the
-    next; then each row, times its scale, into its place in y."""
-    x_ready, x_empty, _, _, m_ready, m_empty, _, _ = bars
+         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """The default partition: ``acc += x_plane · merged_planeᵀ`` for each plane of a step, one step's MMAs in flight
+    while it waits for the next; then each row, times its scale, into its place in y."""
+    x_ready, x_empty, _, _, m_ready, m_empty = bars
     XS: gl.constexpr = x_smem.type.shape[0] // PS
     MS: gl.constexpr = m_smem.type.shape[0] // PS
-    MH: gl.constexpr = BLOCK_M // GROUPS
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                     instr_shape=[16, BLOCK_N, 16])  # fmt: skip
-    acc = gl.zeros([MH, BLOCK_N], gl.float32, acc_l)
+    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
     for i in range(n_steps):
         xs = i % XS
         ms = i % MS
         mbarrier.wait(x_ready.index(xs), (i // XS) & 1)
         mbarrier.wait(m_ready.index(ms), (i // MS) & 1)
         for h in gl.static_range(PS):
-            a = x_smem.index(xs * PS + h)
-            if GROUPS > 1:
-                a = a.slice(G * MH, MH)
-            acc = warpgroup_mma(a, m_smem.index(ms * PS + h).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(x_smem.index(xs * PS + h), m_smem.index(ms * PS + h).permute((1, 0)), acc,
+                                is_async=True)  # fmt: skip
         acc = warpgroup_mma_wait(PS, deps=[acc])
         prev = gl.maximum(i - 1, 0)  # step i - 1's MMAs have retired: its slots go back
         mbarrier.arrive(x_empty.index(prev % XS), count=1, pred=i > 0)
         mbarrier.arrive(m_empty.index(prev % MS), count=1, pred=i > 0)
     acc = warpgroup_mma_wait(0, deps=[acc])
 
-    r0 = row0 + G * MH
-    left = count - G * MH
-    if GROUPS == 1:
-        offs_m = gl.arange(0, MH, gl.SliceLayout(1, acc_l))
-        scale = gl.load(rs_ptr + r0 + offs_m, mask=offs_m < left, other=1.0)
-        out = (acc * scale[:, None]).to(y_ptr.dtype.element_ty)
-        # through shared memory (the x ring, whose MMAs have all retired) into rows of 8 consecutive outputs a
-        # thread: 16-byte stores where the accumulator's layout gives 2-byte ones
-        TPW_N: gl.constexpr = BLOCK_N // 8
-        store_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_N, TPW_N], [num_warps, 1], [1, 0])
-        stage = x_smem._reinterpret(out.dtype, [MH, BLOCK_N], gl.SwizzledSharedLayout(8, 1, 8, [1, 0]))
-        stage.store(out)
-        out = stage.load(store_l)
-        offs_m = gl.arange(0, MH, gl.SliceLayout(1, store_l))
-        offs_n = n0 + gl.arange(0, BLOCK_N, gl.SliceLayout(0, store_l))
-    else:  # the other group may still read the x ring: straight from the accumulator's layout
-        offs_m = gl.arange(0, MH, gl.SliceLayout(1, acc_l))
-        scale = gl.load(rs_ptr + r0 + offs_m, mask=offs_m < left, other=1.0)
-        out = (acc * scale[:, None]).to(y_ptr.dtype.element_ty)
-        offs_n = n0 + gl.arange(0, BLOCK_N, gl.SliceLayout(0, acc_l))
-    mmask = offs_m < left
-    rows = gl.load(order_ptr + r0 + offs_m, mask=mmask, other=0).to(gl.int64)
+    offs_m = gl.arange(0, BLOCK_M, gl.SliceLayout(1, acc_l))
+    scale = gl.load(rs_ptr + row0 + offs_m, mask=offs_m < count, other=1.0)
+    out = (acc * scale[:, None]).to(y_ptr.dtype.element_ty)
+    # through shared memory (the x ring, whose MMAs have all retired) into rows of 8 consecutive outputs a thread:
+    # 16-byte stores where the accumulator's layout gives 2-byte ones
+    TPW_N: gl.constexpr = BLOCK_N // 8
+    store_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_N, TPW_N], [num_warps, 1], [1, 0])
+    stage = x_smem._reinterpret(out.dtype, [BLOCK_M, BLOCK_N], gl.SwizzledSharedLayout(8, 1, 8, [1, 0]))
+    stage.store(out)
+    out = stage.load(store_l)
+    offs_m = gl.arange(0, BLOCK_M, gl.SliceLayout(1, store_l))
+    offs_n = n0 + gl.arange(0, BLOCK_N, gl.SliceLayout(0, store_l))
+    mmask = offs_m < count
+    rows = gl.load(order_ptr + row0 + offs_m, mask=mmask, other=0).to(gl.int64)
     gl.store(y_ptr + rows[:, None] * stride_y + offs_n[None, :], out, mask=mmask[:, None] & (offs_n < N)[None, :])
 
 
 @gluon.jit
-def _ring_barriers(SLOTS: gl.constexpr, CONSUMERS: gl.constexpr = 1):
-    """(ready, empty): an mbarrier each per slot of a ring, one arrival a phase (``CONSUMERS`` to free a slot)."""
-    ready = gl.allocate_shared_memory(gl.int64, [max(SLOTS, 1), 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [max(SLOTS, 1), 1], mbarrier.MBarrierLayout())
+def _ring_barriers(SLOTS: gl.constexpr):
+    """(ready, empty): an mbarrier each per slot of a ring, one arrival a phase."""
+    ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     for j in gl.static_range(SLOTS):
         mbarrier.init(ready.index(j), count=1)
-        mbarrier.init(empty.index(j), count=CONSUMERS)
+        mbarrier.init(empty.index(j), count=1)
     return ready, empty
 
 
@@ -283,12 +257,11 @@ def _tile(tiles_ptr, num_m_tiles, B1, B2, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _merged_kernel(x_desc, xs_desc, w_desc, c_desc, y_ptr, order_ptr, rs_ptr, tiles_ptr, codes_ptr, scale_ptr,
-                   offset_ptr, sval_ptr, N, K, R, KMAX, n_sal, num_m_tiles, stride_y, stride_we, stride_wc, stride_se,
-                   stride_ve, stride_vn, B1, B2, chunks, BITS: gl.constexpr, SYMMETRIC: gl.constexpr,
-                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PS: gl.constexpr, XS: gl.constexpr, WS: gl.constexpr,
-                   MS: gl.constexpr, CS: gl.constexpr, TRANSFORM_REGS: gl.constexpr, GROUPS: gl.constexpr,
-                   MMA_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+def _merged_kernel(x_desc, xs_desc, w_desc, y_ptr, order_ptr, rs_ptr, tiles_ptr, codes_ptr, scale_ptr, offset_ptr,
+                   sval_ptr, N, K, R, KMAX, n_sal, num_m_tiles, stride_y, stride_we, stride_wc, stride_se, stride_ve,
+                   stride_vn, B1, B2, BITS: gl.constexpr, SYMMETRIC: gl.constexpr, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr, PS: gl.constexpr, XS: gl.constexpr, WS: gl.constexpr, MS: gl.constexpr,
+                   TRANSFORM_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """One tile: up to ``BLOCK_M`` rows of one expert (``tiles_ptr``: int32 [tiles, 3] expert, first row in expert
     order, rows) x ``BLOCK_N`` output channels of one projection (a grouped bank's part from ``B1``, ``B2``)."""
     e, row0, count, n0, part = _tile(tiles_ptr, num_m_tiles, B1, B2, BLOCK_N)
@@ -299,51 +272,27 @@ def _merged_kernel(x_desc, xs_desc, w_desc, c_desc, y_ptr, order_ptr, rs_ptr, ti
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [WS * PS, BLOCK_N, PLANE], w_desc.layout)
     m_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, PLANE], gl.float16)
     m_smem = gl.allocate_shared_memory(gl.float16, [MS * PS, BLOCK_N, PLANE], m_layout)
-    x_ready, x_empty = _ring_barriers(XS, GROUPS)
+    x_ready, x_empty = _ring_barriers(XS)
     w_ready, w_empty = _ring_barriers(WS)
-    m_ready, m_empty = _ring_barriers(MS, GROUPS)
-    c_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, BLOCK_N, PLANE], gl.int16)
-    c_smem = gl.allocate_shared_memory(gl.int16, [max(CS, 1), 1, BLOCK_N, PLANE], c_layout)
-    c_ready, c_empty = _ring_barriers(CS, 2)  # both transform warp groups read each chunk's words
-    bars = (x_ready, x_empty, w_ready, w_empty, m_ready, m_empty, c_ready, c_empty)
+    m_ready, m_empty = _ring_barriers(MS)
+    bars = (x_ready, x_empty, w_ready, w_empty, m_ready, m_empty)
 
-    # (constexprs in a tuple built here lose their constexpr: every partition's arguments are written out)
-    if GROUPS == 1:
-        gl.warp_specialize(
-            [
-                (_mma, (x_smem, m_smem, bars, y_ptr, order_ptr, rs_ptr, row0, count, n0, N, stride_y,
-                        n_steps + n_sal_steps, BLOCK_M, BLOCK_N, PS, 1, 0, num_warps)),
-                (_loader, (x_desc, xs_desc, w_desc, c_desc, x_smem, w_smem, c_smem, bars, row0, part * R + row0, n0,
-                           (e * chunks).to(gl.int32), n_steps, n_sal_steps, PS, (16 // BITS) // PS, CS)),
-                (_transform, (w_smem, m_smem, c_smem, bars, codes_ptr, scale_ptr, offset_ptr, sval_ptr, e, n0, N,
-                              n_steps, n_sal_steps, KMAX, stride_we, stride_wc, stride_se, stride_ve, stride_vn, BITS,
-                              SYMMETRIC, PS, CS, 0)),
-                (_transform, (w_smem, m_smem, c_smem, bars, codes_ptr, scale_ptr, offset_ptr, sval_ptr, e, n0, N,
-                              n_steps, n_sal_steps, KMAX, stride_we, stride_wc, stride_se, stride_ve, stride_vn, BITS,
-                              SYMMETRIC, PS, CS, 1)),
-            ],
-            [1, 4, 4],
-            [24, TRANSFORM_REGS, TRANSFORM_REGS],
-        )  # fmt: skip
-    else:  # each MMA warp group a partition of its own: no barrier of one partition ties the two together
-        gl.warp_specialize(
-            [
-                (_mma, (x_smem, m_smem, bars, y_ptr, order_ptr, rs_ptr, row0, count, n0, N, stride_y,
-                        n_steps + n_sal_steps, BLOCK_M, BLOCK_N, PS, GROUPS, 0, num_warps)),
-                (_loader, (x_desc, xs_desc, w_desc, c_desc, x_smem, w_smem, c_smem, bars, row0, part * R + row0, n0,
-                           (e * chunks).to(gl.int32), n_steps, n_sal_steps, PS, (16 // BITS) // PS, CS)),
-                (_transform, (w_smem, m_smem, c_smem, bars, codes_ptr, scale_ptr, offset_ptr, sval_ptr, e, n0, N,
-                              n_steps, n_sal_steps, KMAX, stride_we, stride_wc, stride_se, stride_ve, stride_vn, BITS,
-                              SYMMETRIC, PS, CS, 0)),
-                (_transform, (w_smem, m_smem, c_smem, bars, codes_ptr, scale_ptr, offset_ptr, sval_ptr, e, n0, N,
-                              n_steps, n_sal_steps, KMAX, stride_we, stride_wc, stride_se, stride_ve, stride_vn, BITS,
-                              SYMMETRIC, PS, CS, 1)),
-                (_mma, (x_smem, m_smem, bars, y_ptr, order_ptr, rs_ptr, row0, count, n0, N, stride_y,
-                        n_steps + n_sal_steps, BLOCK_M, BLOCK_N, PS, GROUPS, 1, num_warps)),
-            ],
-            [1, 4, 4, 4],
-            [24, TRANSFORM_REGS, TRANSFORM_REGS, MMA_REGS],
-        )  # fmt: skip
+    gl.warp_specialize(
+        [
+            (_mma, (x_smem, m_smem, bars, y_ptr, order_ptr, rs_ptr, row0, count, n0, N, stride_y,
+                    n_steps + n_sal_steps, BLOCK_M, BLOCK_N, PS, num_warps)),
+            (_loader, (x_desc, xs_desc, w_desc, x_smem, w_smem, bars, row0, part * R + row0, n0, n_steps,
+                       n_sal_steps, PS)),
+            (_transform, (w_smem, m_smem, bars, codes_ptr, scale_ptr, offset_ptr, sval_ptr, e, n0, N, n_steps,
+                          n_sal_steps, KMAX, stride_we, stride_wc, stride_se, stride_ve, stride_vn, BITS, SYMMETRIC,
+                          PS, 0)),
+            (_transform, (w_smem, m_smem, bars, codes_ptr, scale_ptr, offset_ptr, sval_ptr, e, n0, N, n_steps,
+                          n_sal_steps, KMAX, stride_we, stride_wc, stride_se, stride_ve, stride_vn, BITS, SYMMETRIC,
+                          PS, 1)),
+        ],
+        [1, 4, 4],
+        [24, TRANSFORM_REGS, TRANSFORM_REGS],
+    )  # fmt: skip
 
 
 _PREPARE = DirectLauncher(_prepare_kernel)
@@ -351,24 +300,15 @@ _MERGED = DirectLauncher(_merged_kernel)
 
 
 @functools.cache
-def _plane_layout(block: tuple[int, ...], dtype: torch.dtype) -> gl.NVMMASharedLayout:
-    """The swizzled layout of a ``block`` ending in a plane's 32 positions (cached: making one takes about 10 us of
-    Python a call)."""
-    return gl.NVMMASharedLayout.get_default_for(list(block), {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16,
-                                                              torch.int16: gl.int16}[dtype])  # fmt: skip
+def _plane_layout(rows: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    """The swizzled layout of a ``[rows, 32]`` plane (cached: making one takes about 10 us of Python a call)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, PLANE.value], {torch.float16: gl.float16,
+                                                                      torch.bfloat16: gl.bfloat16}[dtype])  # fmt: skip
 
 
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     """A plane of ``rows`` rows of a 2-D tensor."""
-    return TensorDescriptor.from_tensor(t, [rows, PLANE.value], _plane_layout((rows, PLANE.value), t.dtype))
-
-
-def _codes_descriptor(bank: DeltaBank, block_n: int) -> TensorDescriptor:
-    """A chunk's code words for ``block_n`` channels: int16 ``[1, block_n, 32]`` of the codes seen as ``[experts x
-    chunks, N, 32]`` (a view: banks are views along experts and output channels only; past N, zeros)."""
-    codes = bank.packed.view(torch.int16).flatten(0, 1)
-    block = (1, block_n, PLANE.value)
-    return TensorDescriptor.from_tensor(codes, list(block), _plane_layout(block, torch.int16))
+    return TensorDescriptor.from_tensor(t, [rows, PLANE.value], _plane_layout(rows, t.dtype))
 
 
 def merged_linear_gluon(
@@ -398,14 +338,13 @@ def merged_linear_gluon(
     codes = bank.packed.view(torch.int16)  # int32 [E, chunks, N, 16] -> int16 [E, chunks, N, 32]
     bounds = (*bank.bounds[1:-1], n, n)
     offset = bank.scale if bank.offset is None else bank.offset
-    args = (_descriptor(x16, cfg.block_m), _descriptor(xs, cfg.block_m), _descriptor(weight, cfg.block_n),
-            _codes_descriptor(bank, cfg.block_n), y, order, rs, tiles, codes, bank.scale, offset, bank.salient_val, n,
-            k, r, kmax, n_sal, tiles.shape[0], y.stride(0), codes.stride(0), codes.stride(1), bank.scale.stride(0),
-            bank.salient_val.stride(0), bank.salient_val.stride(1), bounds[0], bounds[1], codes.shape[1])  # fmt: skip
+    args = (_descriptor(x16, cfg.block_m), _descriptor(xs, cfg.block_m), _descriptor(weight, cfg.block_n), y, order,
+            rs, tiles, codes, bank.scale, offset, bank.salient_val, n, k, r, kmax, n_sal, tiles.shape[0], y.stride(0),
+            codes.stride(0), codes.stride(1), bank.scale.stride(0), bank.salient_val.stride(0),
+            bank.salient_val.stride(1), bounds[0], bounds[1])  # fmt: skip
     grid = tiles.shape[0] * triton.cdiv(n, cfg.block_n)
     head = {"BITS": bank.grid.bits, "SYMMETRIC": bank.offset is None, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
     _MERGED(grid, args, {**head, "PS": cfg.planes_per_step, "XS": cfg.x_slots, "WS": cfg.w_slots,
-                         "MS": cfg.merged_slots, "CS": cfg.codes_slots, "TRANSFORM_REGS": cfg.transform_regs,
-                         "GROUPS": cfg.mma_groups, "MMA_REGS": cfg.mma_regs, "num_warps": 8 // cfg.mma_groups},
+                         "MS": cfg.merged_slots, "TRANSFORM_REGS": cfg.transform_regs, "num_warps": 8},
             maxnreg=cfg.maxnreg)  # fmt: skip
     return y

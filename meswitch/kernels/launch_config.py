@@ -222,13 +222,7 @@ class MergedConfig:
     x_slots: int = 6
     w_slots: int = 6
     merged_slots: int = 4
-    # slots of the ring of code chunks the loader's TMA fills ahead of the transform warp groups (0: they load each
-    # chunk's words from global memory as they reach it)
-    codes_slots: int = 0
     transform_regs: int = 64
-    # MMA partitions: 1 (two warp groups, one partition) or 2 (a warp group each: the second's registers mma_regs)
-    mma_groups: int = 1
-    mma_regs: int = 168
     # the launch's registers a thread: the kernel's 13 warps run as 16 (whole warp groups) and must fit 64K; the MMA
     # warp groups then take the rest by setmaxnreg
     maxnreg: int = 96
