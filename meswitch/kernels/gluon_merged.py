@@ -295,8 +295,186 @@ def _merged_kernel(x_desc, xs_desc, w_desc, y_ptr, order_ptr, rs_ptr, tiles_ptr,
     )  # fmt: skip
 
 
+@gluon.jit
+def _load_x(x_desc, xs_desc, x_smem, x_ready, row0, xs_row0, i, n_steps, pred):
+    """Step i's ``PS`` planes of x (of the salient columns past ``n_steps``) into its slot, where ``pred``."""
+    PS: gl.constexpr = x_smem.type.shape[0] // x_ready.type.shape[0]
+    slot = i % x_ready.type.shape[0]
+    mbarrier.expect(x_ready.index(slot), PS * x_desc.block_type.nbytes, pred=pred)
+    for h in gl.static_range(PS):
+        dst = x_smem.index(slot * PS + h)
+        tma.async_copy_global_to_shared(x_desc, [row0, (i * PS + h) * PLANE], x_ready.index(slot), dst,
+                                        pred=pred & (i < n_steps))  # fmt: skip
+        tma.async_copy_global_to_shared(xs_desc, [xs_row0, ((i - n_steps) * PS + h) * PLANE], x_ready.index(slot),
+                                        dst, pred=pred & (i >= n_steps))  # fmt: skip
+
+
+@gluon.jit
+def _wide_mma(x_desc, xs_desc, w_desc, x_smem, w_smem, m_smem, x_ready, w_ready, m_ready, m_empty, y_ptr, order_ptr,
+              rs_ptr, row0, xs_row0, count, n0, N, stride_y, n_steps, n_sal_steps, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, PS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """The default partition of the wide kernel: the TMA copies of x's planes (each slot refilled once its MMAs
+    retire) and W's (each slot refilled once the step's merged plane is ready: the transform has read it),
+    ``accᵀ += merged_plane · x_planeᵀ`` one step in flight, then each row times its scale into y."""
+    XS: gl.constexpr = x_ready.type.shape[0]
+    WS: gl.constexpr = w_ready.type.shape[0]
+    MS: gl.constexpr = m_ready.type.shape[0]
+    WM: gl.constexpr = BLOCK_N // 16  # warps along the channels: a warp group's four cover 64
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WM, num_warps // WM],
+                                                    instr_shape=[16, BLOCK_M * WM // num_warps, 16])  # fmt: skip
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_l)
+    total = n_steps + n_sal_steps
+    for j in gl.static_range(XS):
+        _load_x(x_desc, xs_desc, x_smem, x_ready, row0, xs_row0, j, n_steps, j < total)
+    for j in gl.static_range(WS):
+        _fill_w(w_desc, w_smem, w_ready, n0, j, j < n_steps)
+    for i in range(total):
+        xs = i % XS
+        ms = i % MS
+        mbarrier.wait(x_ready.index(xs), (i // XS) & 1)
+        mbarrier.wait(m_ready.index(ms), (i // MS) & 1)
+        _fill_w(w_desc, w_smem, w_ready, n0, i + WS, i + WS < n_steps)
+        for h in gl.static_range(PS):
+            acc = warpgroup_mma(m_smem.index(ms * PS + h), x_smem.index(xs * PS + h).permute((1, 0)), acc,
+                                is_async=True)  # fmt: skip
+        acc = warpgroup_mma_wait(PS, deps=[acc])
+        prev = gl.maximum(i - 1, 0)  # step i - 1's MMAs have retired: its merged slot goes back, its x slot refills
+        mbarrier.arrive(m_empty.index(prev % MS), count=1, pred=i > 0)
+        _load_x(x_desc, xs_desc, x_smem, x_ready, row0, xs_row0, prev + XS, n_steps, (i > 0) & (prev + XS < total))
+    acc = warpgroup_mma_wait(0, deps=[acc])
+
+    offs_m = gl.arange(0, BLOCK_M, gl.SliceLayout(0, acc_l))
+    scale = gl.load(rs_ptr + row0 + offs_m, mask=offs_m < count, other=1.0)
+    dtype: gl.constexpr = y_ptr.dtype.element_ty
+    # transposed through shared memory (the x ring: every copy into it has landed and its MMAs retired) into rows of
+    # 8 consecutive outputs a thread, 16-byte stores
+    stage = x_smem._reinterpret(dtype, [BLOCK_N, BLOCK_M], gl.SwizzledSharedLayout(8, 1, 8, [0, 1]))
+    stage.store((acc * scale[None, :]).to(dtype))
+    TPW_N: gl.constexpr = BLOCK_N // 8
+    store_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_N, TPW_N], [num_warps, 1], [1, 0])
+    out = stage.permute((1, 0)).load(store_l)
+    offs_m = gl.arange(0, BLOCK_M, gl.SliceLayout(1, store_l))
+    offs_n = n0 + gl.arange(0, BLOCK_N, gl.SliceLayout(0, store_l))
+    mmask = offs_m < count
+    rows = gl.load(order_ptr + row0 + offs_m, mask=mmask, other=0).to(gl.int64)
+    gl.store(y_ptr + rows[:, None] * stride_y + offs_n[None, :], out, mask=mmask[:, None] & (offs_n < N)[None, :])
+
+
+@gluon.jit
+def _wide_transform(w_smem, m_smem, w_ready, m_ready, m_empty, codes_ptr, scale_ptr, offset_ptr, sval_ptr, e, n0, N,
+                    n_steps, n_sal_steps, KMAX, stride_we, stride_wc, stride_se, stride_ve, stride_vn,
+                    BITS: gl.constexpr, SYMMETRIC: gl.constexpr, PS: gl.constexpr):  # fmt: skip
+    """The wide kernel's one transform warp group: every step's merged planes (the next chunk's code words loaded
+    while this chunk's are used), then the salient steps'."""
+    P: gl.constexpr = 16 // BITS
+    WS: gl.constexpr = w_ready.type.shape[0]
+    MS: gl.constexpr = m_ready.type.shape[0]
+    BLOCK_N: gl.constexpr = w_smem.type.shape[1]
+    SPC: gl.constexpr = P // PS
+    L: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
+    offs_n = n0 + gl.arange(0, BLOCK_N, gl.SliceLayout(1, L))
+    nmask = offs_n < N
+    t = gl.arange(0, PLANE, gl.SliceLayout(0, L))
+    s = gl.load(scale_ptr + e * stride_se + offs_n, mask=nmask, other=0.0).to(gl.float32)[:, None]
+    if SYMMETRIC:
+        o = -s * (((1 << BITS) - 1) / 2)
+    else:
+        o = gl.load(offset_ptr + e * stride_se + offs_n, mask=nmask, other=0.0).to(gl.float32)[:, None]
+    zeros = gl.zeros([BLOCK_N, PLANE], gl.float32, L)
+    s2, _ = gl.broadcast((s * (1 << BITS)).to(gl.float16), zeros)
+    o2, _ = gl.broadcast((o - s * (1 << BITS)).to(gl.float16), zeros)
+    codes = codes_ptr + e * stride_we + offs_n[:, None] * PLANE + t[None, :]  # int16 [E, chunks, N, 32]
+    cmask = nmask[:, None] & (t >= 0)[None, :]
+    n_chunks = gl.cdiv(n_steps, SPC)
+    ahead = gl.load(codes, mask=cmask & (n_chunks > 0), other=0)
+    for c in range(n_chunks):
+        words = ahead
+        ahead = gl.load(codes + (c + 1) * stride_wc, mask=cmask & (c + 1 < n_chunks), other=0)
+        for ss in gl.static_range(SPC):
+            i = c * SPC + ss
+            if i < n_steps:
+                ws = i % WS
+                mbarrier.wait(w_ready.index(ws), (i // WS) & 1)
+                ms = i % MS
+                mbarrier.wait(m_empty.index(ms), ((i // MS) & 1) ^ 1)
+                for h in gl.static_range(PS):
+                    merged = _merge(w_smem.index(ws * PS + h).load(L), words, s2, o2, BITS, ss * PS + h)
+                    m_smem.index(ms * PS + h).store(merged)
+                fence_async_shared()
+                mbarrier.arrive(m_ready.index(ms), count=1)
+    vrows = sval_ptr + e * stride_ve + offs_n[:, None] * stride_vn
+    for j in range(n_sal_steps):  # the salient columns' corrections, exact in fp16
+        i = n_steps + j
+        ms = i % MS
+        mbarrier.wait(m_empty.index(ms), ((i // MS) & 1) ^ 1)
+        for h in gl.static_range(PS):
+            col = (j * PS + h) * PLANE + t
+            corr = gl.load(vrows + col[None, :], mask=nmask[:, None] & (col < KMAX)[None, :], other=0.0)
+            m_smem.index(ms * PS + h).store(corr.to(gl.float16))
+        fence_async_shared()
+        mbarrier.arrive(m_ready.index(ms), count=1)
+
+
+@gluon.jit
+def _fill_w(w_desc, w_smem, w_ready, n0, i, pred):
+    """Step i's ``PS`` planes of W into its slot, where ``pred``."""
+    PS: gl.constexpr = w_smem.type.shape[0] // w_ready.type.shape[0]
+    slot = i % w_ready.type.shape[0]
+    mbarrier.expect(w_ready.index(slot), PS * w_desc.block_type.nbytes, pred=pred)
+    for h in gl.static_range(PS):
+        tma.async_copy_global_to_shared(w_desc, [n0, (i * PS + h) * PLANE], w_ready.index(slot),
+                                        w_smem.index(slot * PS + h), pred=pred)  # fmt: skip
+
+
+@gluon.jit
+def _barriers(SLOTS: gl.constexpr):
+    """An mbarrier per slot of a ring, one arrival a phase."""
+    bars = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(SLOTS):
+        mbarrier.init(bars.index(j), count=1)
+    return bars
+
+
+@gluon.jit
+def _wide_kernel(x_desc, xs_desc, w_desc, y_ptr, order_ptr, rs_ptr, tiles_ptr, codes_ptr, scale_ptr, offset_ptr,
+                 sval_ptr, N, K, R, KMAX, n_sal, num_m_tiles, stride_y, stride_we, stride_wc, stride_se, stride_ve,
+                 stride_vn, B1, B2, BITS: gl.constexpr, SYMMETRIC: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, PS: gl.constexpr, XS: gl.constexpr, WS: gl.constexpr, MS: gl.constexpr,
+                 TRANSFORM_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    """:func:`_merged_kernel`'s tile transposed, in 12 warps: the MMA warp groups issue ``m64n256k16`` with the
+    merged plane as A and x's as B (shared memory reads x's plane once per warp group and the merged plane once:
+    40 KB a plane of a 256 x 128 tile, where ``m64n128k16`` reads 48), whose 128-register accumulator needs a cap of
+    154 registers a thread: so no loader warp (13 warps run as 16, 128 registers at most); the MMA warp groups issue
+    the copies, and the one transform warp group only makes merged planes."""
+    e, row0, count, n0, part = _tile(tiles_ptr, num_m_tiles, B1, B2, BLOCK_N)
+    n_steps = gl.cdiv(K, PS * PLANE)
+    n_sal_steps = gl.cdiv(n_sal, PS)
+
+    x_smem = gl.allocate_shared_memory(x_desc.dtype, [XS * PS, BLOCK_M, PLANE], x_desc.layout)
+    w_smem = gl.allocate_shared_memory(w_desc.dtype, [WS * PS, BLOCK_N, PLANE], w_desc.layout)
+    m_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, PLANE], gl.float16)
+    m_smem = gl.allocate_shared_memory(gl.float16, [MS * PS, BLOCK_N, PLANE], m_layout)
+    x_ready = _barriers(XS)
+    w_ready = _barriers(WS)
+    m_ready, m_empty = _ring_barriers(MS)
+
+    gl.warp_specialize(
+        [
+            (_wide_mma, (x_desc, xs_desc, w_desc, x_smem, w_smem, m_smem, x_ready, w_ready, m_ready, m_empty, y_ptr,
+                         order_ptr, rs_ptr, row0, part * R + row0, count, n0, N, stride_y, n_steps, n_sal_steps,
+                         BLOCK_M, BLOCK_N, PS, num_warps)),
+            (_wide_transform, (w_smem, m_smem, w_ready, m_ready, m_empty, codes_ptr, scale_ptr, offset_ptr, sval_ptr,
+                               e, n0, N, n_steps, n_sal_steps, KMAX, stride_we, stride_wc, stride_se, stride_ve,
+                               stride_vn, BITS, SYMMETRIC, PS)),
+        ],
+        [4],
+        [TRANSFORM_REGS],
+    )  # fmt: skip
+
+
 _PREPARE = DirectLauncher(_prepare_kernel)
 _MERGED = DirectLauncher(_merged_kernel)
+_WIDE = DirectLauncher(_wide_kernel)
 
 
 @functools.cache
@@ -344,7 +522,9 @@ def merged_linear_gluon(
             bank.salient_val.stride(1), bounds[0], bounds[1])  # fmt: skip
     grid = tiles.shape[0] * triton.cdiv(n, cfg.block_n)
     head = {"BITS": bank.grid.bits, "SYMMETRIC": bank.offset is None, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
-    _MERGED(grid, args, {**head, "PS": cfg.planes_per_step, "XS": cfg.x_slots, "WS": cfg.w_slots,
-                         "MS": cfg.merged_slots, "TRANSFORM_REGS": cfg.transform_regs, "num_warps": 8},
-            maxnreg=cfg.maxnreg)  # fmt: skip
+    wide = cfg.wide and cfg.block_n >= 64
+    (_WIDE if wide else _MERGED)(grid, args, {**head, "PS": cfg.planes_per_step, "XS": cfg.x_slots,
+                                              "WS": cfg.w_slots, "MS": cfg.merged_slots,
+                                              "TRANSFORM_REGS": cfg.transform_regs, "num_warps": 8},
+                                 maxnreg=cfg.maxnreg)  # fmt: skip
     return y
