@@ -43,7 +43,7 @@ from kernel_roofline import SHAPES
 # the delta launches of a decode step: q/k/v's and gate/up's grouped, o and down alone
 STEP_SHAPES = ("q/k/v grouped 6144x4096", "q/o 4096x4096", "gate/up grouped 28672x4096", "down 4096x14336")
 KERNEL = "regex:_delta_v2_"  # the delta kernel, as the launch rules configure it
-MERGED_KERNEL = "regex:_merged_kernel|_wide_kernel"  # the merged prefill product's kernels (not its prepare kernel)
+MERGED_KERNEL = "regex:_merged_kernel"  # the merged prefill product's kernel (not its prepare kernel)
 METRICS = {
     "gpu__time_duration.sum": "duration_ns",
     "dram__throughput.avg.pct_of_peak_sustained_elapsed": "dram_pct_of_peak",

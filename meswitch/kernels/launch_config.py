@@ -226,9 +226,6 @@ class MergedConfig:
     # the launch's registers a thread: the kernel's 13 warps run as 16 (whole warp groups) and must fit 64K; the MMA
     # warp groups then take the rest by setmaxnreg
     maxnreg: int = 96
-    # The wide kernel (gluon_merged._wide_kernel): accᵀ += merged · xᵀ in m64n256k16 MMAs, 12 warps (blocks of 64
-    # channels or more; the others take the default)
-    wide: bool = False
 
 
 MERGE_FROM = 256  # rows of every expert from which a prefill linear runs as one merged product (merges_prefill)
